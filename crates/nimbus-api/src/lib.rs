@@ -1,0 +1,66 @@
+//! Nimbus HTTP API (`/api/v1`, JSON). Handlers stay thin: parse the request, call the
+//! engine, map the result; [`error::ApiError`] owns the mapping to status and error code.
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod functions;
+pub mod invoke;
+pub mod ops;
+pub mod views;
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{middleware, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use nimbus_engine::Engine;
+
+pub use auth::ApiKeys;
+use error::ApiError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The engine.
+    pub engine: Arc<Engine>,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState, keys: ApiKeys) -> Router {
+    let api = Router::new()
+        .route("/functions", post(functions::create).get(functions::list))
+        .route(
+            "/functions/{id}",
+            get(functions::get)
+                .put(functions::update)
+                .delete(functions::delete),
+        )
+        .route("/functions/{id}/invoke", post(invoke::invoke))
+        .route("/functions/{id}/async", post(invoke::invoke_async))
+        .route("/functions/{id}/invocations", get(invoke::list_invocations))
+        .route("/invocations/{request_id}", get(invoke::get_invocation))
+        .route("/openapi.json", get(ops::openapi));
+    let protected = Router::new()
+        .nest("/api/v1", api)
+        .route("/metrics", get(ops::metrics))
+        .layer(middleware::from_fn_with_state(keys, auth::require_key));
+    Router::new()
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready))
+        .merge(protected)
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such endpoint")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            )
+        })
+        .with_state(state)
+}

@@ -1,0 +1,343 @@
+//! Code bundles: the files of a function, how they arrive (inline or archive) and how they are hashed.
+//!
+//! The normalized encoding is the bundle's identity: files sorted by path, each written as
+//! `path NUL length(u64 BE) bytes`. `code_hash` is `sha256:` of it and stores keep it as is.
+
+use std::collections::BTreeMap;
+use std::io::{Cursor, Read};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::ValidationError;
+use crate::function::{Handler, Runtime};
+use crate::limits::{MAX_CODE_BYTES, MAX_CODE_FILES};
+
+const MAGIC: &[u8; 8] = b"NIMBUS1\0";
+
+/// The source files of a function, by relative path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CodeBundle {
+    files: BTreeMap<String, Vec<u8>>,
+}
+
+impl CodeBundle {
+    /// A bundle of one file holding `source`, named after the handler's module (`handler.handle` → `handler.py`).
+    pub fn from_inline(
+        source: &str,
+        handler: &Handler,
+        runtime: Runtime,
+    ) -> Result<Self, ValidationError> {
+        let mut bundle = CodeBundle::default();
+        bundle.insert(
+            &handler.module_file(runtime),
+            source.as_bytes().to_vec(),
+            "code",
+        )?;
+        Ok(bundle)
+    }
+
+    /// A bundle from a zip, tar or tar.gz archive (detected by its magic bytes).
+    pub fn from_archive(bytes: &[u8]) -> Result<Self, ValidationError> {
+        let bad = |why: String| ValidationError::new("code_archive", why);
+        if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
+            Self::from_zip(bytes).map_err(bad)
+        } else if bytes.starts_with(&[0x1f, 0x8b]) {
+            let decoder = flate2::read::GzDecoder::new(bytes);
+            Self::from_tar(decoder.take(MAX_CODE_BYTES as u64 * 2)).map_err(bad)
+        } else if bytes.len() >= 262 && &bytes[257..262] == b"ustar" {
+            Self::from_tar(bytes).map_err(bad)
+        } else {
+            Err(bad("not a zip, tar or tar.gz archive".into()))
+        }
+    }
+
+    fn from_zip(bytes: &[u8]) -> Result<Self, String> {
+        let mut archive =
+            zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| format!("invalid zip: {e}"))?;
+        let mut bundle = CodeBundle::default();
+        for i in 0..archive.len() {
+            let mut entry = archive
+                .by_index(i)
+                .map_err(|e| format!("invalid zip entry: {e}"))?;
+            if entry.is_dir() {
+                continue;
+            }
+            if entry.is_symlink() {
+                return Err(format!("{}: symbolic links are not allowed", entry.name()));
+            }
+            let name = entry.name().to_string();
+            let mut data = Vec::new();
+            (&mut entry)
+                .take(MAX_CODE_BYTES as u64 + 1)
+                .read_to_end(&mut data)
+                .map_err(|e| format!("{name}: {e}"))?;
+            bundle
+                .insert(&name, data, "code_archive")
+                .map_err(|e| e.message)?;
+        }
+        bundle.check_not_empty().map_err(|e| e.message)?;
+        Ok(bundle)
+    }
+
+    fn from_tar(reader: impl Read) -> Result<Self, String> {
+        let mut archive = tar::Archive::new(reader);
+        let mut bundle = CodeBundle::default();
+        for entry in archive.entries().map_err(|e| format!("invalid tar: {e}"))? {
+            let mut entry = entry.map_err(|e| format!("invalid tar entry: {e}"))?;
+            let kind = entry.header().entry_type();
+            let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            if kind.is_dir() || kind.is_pax_global_extensions() || kind.is_pax_local_extensions() {
+                continue;
+            }
+            if !kind.is_file() {
+                return Err(format!(
+                    "{name}: only regular files and directories are allowed"
+                ));
+            }
+            let mut data = Vec::new();
+            (&mut entry)
+                .take(MAX_CODE_BYTES as u64 + 1)
+                .read_to_end(&mut data)
+                .map_err(|e| format!("{name}: {e}"))?;
+            bundle
+                .insert(&name, data, "code_archive")
+                .map_err(|e| e.message)?;
+        }
+        bundle.check_not_empty().map_err(|e| e.message)?;
+        Ok(bundle)
+    }
+
+    fn check_not_empty(&self) -> Result<(), ValidationError> {
+        if self.files.is_empty() {
+            return Err(ValidationError::new(
+                "code_archive",
+                "the archive contains no files",
+            ));
+        }
+        Ok(())
+    }
+
+    fn insert(
+        &mut self,
+        raw_path: &str,
+        data: Vec<u8>,
+        field: &str,
+    ) -> Result<(), ValidationError> {
+        let path = normalize_path(raw_path).ok_or_else(|| {
+            ValidationError::new(field, format!("{raw_path:?} is not a safe relative path"))
+        })?;
+        if self.files.len() >= MAX_CODE_FILES {
+            return Err(ValidationError::new(
+                field,
+                format!("more than {MAX_CODE_FILES} files"),
+            ));
+        }
+        let total: usize = self.total_bytes() + data.len();
+        if total > MAX_CODE_BYTES {
+            return Err(ValidationError::new(
+                field,
+                format!("code is larger than {} MiB unpacked", MAX_CODE_BYTES >> 20),
+            ));
+        }
+        if self.files.insert(path.clone(), data).is_some() {
+            return Err(ValidationError::new(field, format!("{path} appears twice")));
+        }
+        Ok(())
+    }
+
+    /// Checks that the handler's module file is in the bundle.
+    pub fn check_handler(
+        &self,
+        handler: &Handler,
+        runtime: Runtime,
+    ) -> Result<(), ValidationError> {
+        let file = handler.module_file(runtime);
+        if self.files.contains_key(&file) {
+            return Ok(());
+        }
+        let mut listed: Vec<&str> = self.files.keys().map(String::as_str).take(10).collect();
+        if self.files.len() > 10 {
+            listed.push("…");
+        }
+        Err(ValidationError::new(
+            "handler",
+            format!(
+                "handler {handler} needs {file}, which the code does not contain (files: {})",
+                listed.join(", ")
+            ),
+        ))
+    }
+
+    /// The files, by normalized relative path.
+    pub fn files(&self) -> &BTreeMap<String, Vec<u8>> {
+        &self.files
+    }
+
+    /// Sum of the file sizes.
+    pub fn total_bytes(&self) -> usize {
+        self.files.values().map(Vec::len).sum()
+    }
+
+    /// The normalized encoding (see the module doc).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(MAGIC.len() + self.total_bytes() + self.files.len() * 32);
+        out.extend_from_slice(MAGIC);
+        for (path, data) in &self.files {
+            out.extend_from_slice(path.as_bytes());
+            out.push(0);
+            out.extend_from_slice(&(data.len() as u64).to_be_bytes());
+            out.extend_from_slice(data);
+        }
+        out
+    }
+
+    /// Reads a bundle written by [`CodeBundle::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, ValidationError> {
+        let corrupt = || ValidationError::new("code", "stored code bundle is corrupt");
+        let mut rest = bytes.strip_prefix(MAGIC.as_slice()).ok_or_else(corrupt)?;
+        let mut files = BTreeMap::new();
+        while !rest.is_empty() {
+            let nul = rest.iter().position(|&b| b == 0).ok_or_else(corrupt)?;
+            let path = std::str::from_utf8(&rest[..nul])
+                .map_err(|_| corrupt())?
+                .to_string();
+            rest = &rest[nul + 1..];
+            let len_bytes: [u8; 8] = rest
+                .get(..8)
+                .ok_or_else(corrupt)?
+                .try_into()
+                .map_err(|_| corrupt())?;
+            let len = u64::from_be_bytes(len_bytes) as usize;
+            let data = rest.get(8..8 + len).ok_or_else(corrupt)?.to_vec();
+            rest = &rest[8 + len..];
+            files.insert(path, data);
+        }
+        Ok(CodeBundle { files })
+    }
+
+    /// `sha256:<hex>` of the normalized encoding.
+    pub fn hash(&self) -> String {
+        let digest = Sha256::digest(self.encode());
+        let mut out = String::with_capacity(7 + 64);
+        out.push_str("sha256:");
+        for byte in digest {
+            out.push_str(&format!("{byte:02x}"));
+        }
+        out
+    }
+}
+
+/// `./a//b.py` → `a/b.py`; `None` for absolute paths, `..`, empty names or NUL bytes.
+fn normalize_path(raw: &str) -> Option<String> {
+    if raw.starts_with('/') || raw.contains('\0') || raw.contains('\\') {
+        return None;
+    }
+    let parts: Vec<&str> = raw
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    if parts.is_empty() || parts.contains(&"..") {
+        return None;
+    }
+    Some(parts.join("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn handler() -> Handler {
+        Handler::default()
+    }
+
+    #[test]
+    fn inline_code_is_stored_as_the_handler_module() {
+        let b = CodeBundle::from_inline("def handle(e): return e", &handler(), Runtime::Python311)
+            .unwrap();
+        assert_eq!(b.files().keys().collect::<Vec<_>>(), vec!["handler.py"]);
+        b.check_handler(&handler(), Runtime::Python311).unwrap();
+        let other: Handler = "main.run".parse().unwrap();
+        let err = b.check_handler(&other, Runtime::Python311).unwrap_err();
+        assert!(err.message.contains("main.py"), "{}", err.message);
+    }
+
+    #[test]
+    fn encoding_round_trips_and_hash_is_stable() {
+        let a = CodeBundle::from_inline("x = 1\n", &handler(), Runtime::Python311).unwrap();
+        let b = CodeBundle::decode(&a.encode()).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.hash(), b.hash());
+        assert!(a.hash().starts_with("sha256:") && a.hash().len() == 71);
+        let c = CodeBundle::from_inline("x = 2\n", &handler(), Runtime::Python311).unwrap();
+        assert_ne!(a.hash(), c.hash());
+        assert!(CodeBundle::decode(b"garbage").is_err());
+        let mut truncated = a.encode();
+        truncated.pop();
+        assert!(CodeBundle::decode(&truncated).is_err());
+    }
+
+    fn zip_of(files: &[(&str, &str)]) -> Vec<u8> {
+        let mut buf = Cursor::new(Vec::new());
+        let mut w = zip::ZipWriter::new(&mut buf);
+        for (name, body) in files {
+            w.start_file(*name, zip::write::SimpleFileOptions::default())
+                .unwrap();
+            w.write_all(body.as_bytes()).unwrap();
+        }
+        w.finish().unwrap();
+        buf.into_inner()
+    }
+
+    fn tar_of(files: &[(&str, &str)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, body) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(body.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, body.as_bytes()).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn archives_of_every_format_give_the_same_bundle() {
+        let files = [
+            ("handler.py", "import lib\n"),
+            ("lib/__init__.py", "X = 1\n"),
+        ];
+        let from_zip = CodeBundle::from_archive(&zip_of(&files)).unwrap();
+        let tar = tar_of(&files);
+        let from_tar = CodeBundle::from_archive(&tar).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        let from_tgz = CodeBundle::from_archive(&gz.finish().unwrap()).unwrap();
+        assert_eq!(from_zip, from_tar);
+        assert_eq!(from_tar, from_tgz);
+        assert_eq!(from_zip.hash(), from_tgz.hash());
+        assert_eq!(from_zip.files().len(), 2);
+    }
+
+    #[test]
+    fn unsafe_or_bad_archives_are_rejected() {
+        let e = CodeBundle::from_archive(&zip_of(&[("../evil.py", "x")])).unwrap_err();
+        assert!(e.message.contains("safe relative path"), "{}", e.message);
+        assert!(CodeBundle::from_archive(&zip_of(&[("/abs.py", "x")])).is_err());
+        assert!(CodeBundle::from_archive(b"hello world")
+            .unwrap_err()
+            .message
+            .contains("not a zip"));
+        assert!(CodeBundle::from_archive(&zip_of(&[]))
+            .unwrap_err()
+            .message
+            .contains("no files"));
+    }
+
+    #[test]
+    fn paths_are_normalized() {
+        assert_eq!(normalize_path("./a//b.py").as_deref(), Some("a/b.py"));
+        assert_eq!(normalize_path("a/../b"), None);
+        assert_eq!(normalize_path(""), None);
+    }
+}

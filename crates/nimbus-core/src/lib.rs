@@ -1,0 +1,25 @@
+//! Nimbus domain model: the types every other crate speaks, and their validation.
+//!
+//! This crate performs no I/O. Stores, drivers and the HTTP layer depend on it,
+//! never the other way round.
+
+pub mod alias;
+pub mod code;
+pub mod error;
+pub mod function;
+pub mod ids;
+pub mod invocation;
+pub mod limits;
+
+pub use alias::{FunctionAlias, RoutingConfig, WeightedVersion, LATEST_ALIAS};
+pub use code::CodeBundle;
+pub use error::ValidationError;
+pub use function::{Function, FunctionConfig, FunctionStatus, FunctionVersion, Handler, Runtime};
+pub use invocation::{Invocation, InvocationError, InvocationStatus, StartType, Trigger};
+
+/// Current wall-clock time, truncated to milliseconds (the precision every store keeps).
+pub fn now() -> time::OffsetDateTime {
+    let now = time::OffsetDateTime::now_utc();
+    let millis = now.unix_timestamp_nanos() / 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(millis * 1_000_000).expect("valid timestamp")
+}

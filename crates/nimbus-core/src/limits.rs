@@ -1,0 +1,24 @@
+//! Documented limits and defaults of the platform (see `docs/LIMITS.md`).
+
+/// Largest invocation event accepted (bytes).
+pub const MAX_EVENT_BYTES: usize = 6 * 1024 * 1024;
+/// Largest management request body (function create/update with code), bytes.
+pub const MAX_API_BODY_BYTES: usize = 64 * 1024 * 1024;
+/// Largest unpacked code bundle (sum of file sizes), bytes.
+pub const MAX_CODE_BYTES: usize = 50 * 1024 * 1024;
+/// Most files in one code bundle.
+pub const MAX_CODE_FILES: usize = 5_000;
+/// Logs kept per invocation record (tail of stdout/stderr), bytes.
+pub const MAX_LOG_BYTES: usize = 4 * 1024;
+/// Memory limit bounds and default (MiB).
+pub const MEMORY_MB: (u32, u32, u32) = (64, 4096, 256);
+/// Timeout bounds and default (seconds).
+pub const TIMEOUT_SEC: (u32, u32, u32) = (1, 900, 30);
+/// Max instances bounds and default.
+pub const MAX_INSTANCES: (u32, u32, u32) = (1, 1000, 50);
+/// Longest description, characters.
+pub const MAX_DESCRIPTION_CHARS: usize = 1024;
+/// Most environment variables per function.
+pub const MAX_ENV_VARS: usize = 128;
+/// Largest environment variable value, bytes.
+pub const MAX_ENV_VALUE_BYTES: usize = 4096;

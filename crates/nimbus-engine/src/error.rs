@@ -1,0 +1,109 @@
+//! The engine's error type: everything that stops a request before user code runs.
+//!
+//! Failures of user code (exceptions, timeouts, crashes) are not errors of the engine:
+//! they are outcomes of an invocation, carried in [`crate::InvokeResponse`].
+
+use nimbus_core::ValidationError;
+use nimbus_runtime::protocol::ErrorPayload;
+use nimbus_store::StoreError;
+
+/// What a request can fail with before (or instead of) running user code.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Input breaks a rule.
+    #[error("{0}")]
+    Validation(#[from] ValidationError),
+    /// The request body is not what the endpoint takes (bad JSON, unknown field, wrong type).
+    #[error("{0}")]
+    BadRequest(String),
+    /// A named thing does not exist.
+    #[error("{message}")]
+    NotFound {
+        /// Stable error code (`function_not_found`, `version_not_found`, …).
+        code: &'static str,
+        /// Names what was not found.
+        message: String,
+    },
+    /// A uniqueness or state rule prevents the change.
+    #[error("{message}")]
+    Conflict {
+        /// Stable error code (`function_exists`, …).
+        code: &'static str,
+        /// Names the conflict.
+        message: String,
+    },
+    /// The function's code failed to load when validated at deploy time.
+    #[error("the function's code failed to load: {}: {}", .error.error_type, .error.message)]
+    InvalidCode {
+        /// The exception raised while loading.
+        error: ErrorPayload,
+        /// What the code printed while loading.
+        logs: String,
+    },
+    /// The function's runtime cannot run on this server.
+    #[error("{0}")]
+    RuntimeUnavailable(String),
+    /// No capacity within the queue bound or timeout.
+    #[error("{0}")]
+    Throttled(String),
+    /// The metadata store is unreachable.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The server is shutting down.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// A bug or corrupt data.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl EngineError {
+    /// A `function_not_found` error naming the reference.
+    pub fn function_not_found(reference: &str) -> Self {
+        EngineError::NotFound {
+            code: "function_not_found",
+            message: format!("function {reference:?} not found"),
+        }
+    }
+}
+
+impl From<StoreError> for EngineError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(message) => EngineError::Conflict {
+                code: "conflict",
+                message,
+            },
+            StoreError::NotFound(message) => EngineError::NotFound {
+                code: "not_found",
+                message,
+            },
+            StoreError::Backend(message) => {
+                EngineError::Unavailable(format!("metadata store unavailable: {message}"))
+            }
+            StoreError::Corrupt(message) => {
+                EngineError::Internal(format!("corrupt metadata: {message}"))
+            }
+        }
+    }
+}
+
+/// Result of engine calls.
+pub type EngineResult<T> = Result<T, EngineError>;
+
+impl EngineError {
+    /// The stable error code of the API (`{"error":{"code":…}}`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            EngineError::Validation(_) => "validation_error",
+            EngineError::BadRequest(_) => "invalid_request",
+            EngineError::NotFound { code, .. } | EngineError::Conflict { code, .. } => code,
+            EngineError::InvalidCode { .. } => "function_init_failed",
+            EngineError::RuntimeUnavailable(_) => "runtime_unavailable",
+            EngineError::Throttled(_) => "throttled",
+            EngineError::Unavailable(_) => "service_unavailable",
+            EngineError::ShuttingDown => "shutting_down",
+            EngineError::Internal(_) => "internal",
+        }
+    }
+}

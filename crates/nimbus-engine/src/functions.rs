@@ -1,0 +1,336 @@
+//! Deploying and managing functions: create, update (publishing versions), read, delete.
+//! New code is loaded once in a real worker before anything is stored, so a broken import or
+//! a missing handler is reported at deploy time and nothing half-made is kept.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use nimbus_core::function::{check_range, validate_description, validate_function_name};
+use nimbus_core::{
+    ids, limits, now, CodeBundle, Function, FunctionConfig, FunctionStatus, FunctionVersion,
+    Handler, Runtime, LATEST_ALIAS,
+};
+use nimbus_runtime::protocol::ErrorPayload;
+use nimbus_store::Page;
+use serde::Deserialize;
+
+use crate::catalog::VersionEntry;
+use crate::error::{EngineError, EngineResult};
+use crate::pool::StartError;
+use crate::{metrics, Engine};
+
+/// Body of `POST /functions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewFunction {
+    /// Unique name.
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// Runtime (default `python3.11`).
+    #[serde(default)]
+    pub runtime: Option<String>,
+    /// Handler (default `handler.handle`).
+    #[serde(default)]
+    pub handler: Option<String>,
+    /// Source of a single-file function.
+    #[serde(default)]
+    pub code: Option<String>,
+    /// Base64 zip, tar or tar.gz of several files.
+    #[serde(default)]
+    pub code_archive: Option<String>,
+    /// Memory limit, MiB (default 256).
+    #[serde(default)]
+    pub memory_mb: Option<u32>,
+    /// Timeout, seconds (default 30).
+    #[serde(default)]
+    pub timeout_sec: Option<u32>,
+    /// Environment variables.
+    #[serde(default)]
+    pub env_vars: BTreeMap<String, String>,
+    /// Instance limit (default 50).
+    #[serde(default)]
+    pub max_instances: Option<u32>,
+}
+
+/// Body of `PUT /functions/{id}`: every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionPatch {
+    /// New description.
+    pub description: Option<String>,
+    /// New runtime.
+    pub runtime: Option<String>,
+    /// New handler.
+    pub handler: Option<String>,
+    /// New single-file source.
+    pub code: Option<String>,
+    /// New archive.
+    pub code_archive: Option<String>,
+    /// New memory limit.
+    pub memory_mb: Option<u32>,
+    /// New timeout.
+    pub timeout_sec: Option<u32>,
+    /// Replaces all environment variables.
+    pub env_vars: Option<BTreeMap<String, String>>,
+    /// New instance limit.
+    pub max_instances: Option<u32>,
+    /// Publish the result as a new version and move `latest` (default true).
+    pub publish: Option<bool>,
+}
+
+/// What an update did.
+#[derive(Debug)]
+pub struct Updated {
+    /// The function after the update.
+    pub function: Function,
+    /// The version published by it, if any.
+    pub published_version: Option<u32>,
+}
+
+impl Engine {
+    /// Creates a function and publishes version 1 behind alias `latest`.
+    pub async fn create_function(&self, req: NewFunction, actor: &str) -> EngineResult<Function> {
+        validate_function_name(&req.name)?;
+        validate_description(&req.description)?;
+        let runtime: Runtime = req.runtime.as_deref().unwrap_or("python3.11").parse()?;
+        let handler: Handler = match &req.handler {
+            Some(h) => h.parse()?,
+            None => Handler::default(),
+        };
+        let code = match (&req.code, &req.code_archive) {
+            (Some(_), Some(_)) => {
+                return Err(EngineError::BadRequest(
+                    "give either code or code_archive, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(EngineError::BadRequest(
+                    "code or code_archive is required".into(),
+                ))
+            }
+            (Some(source), None) => CodeBundle::from_inline(source, &handler, runtime)?,
+            (None, Some(archive)) => CodeBundle::from_archive(&decode_archive(archive)?)?,
+        };
+        let max_instances = req.max_instances.unwrap_or(limits::MAX_INSTANCES.2);
+        check_range("max_instances", max_instances, limits::MAX_INSTANCES)?;
+        let config = FunctionConfig {
+            runtime,
+            handler,
+            code_hash: code.hash(),
+            env_vars: req.env_vars,
+            memory_mb: req.memory_mb.unwrap_or(limits::MEMORY_MB.2),
+            timeout_sec: req.timeout_sec.unwrap_or(limits::TIMEOUT_SEC.2),
+        };
+        config.validate()?;
+        code.check_handler(&config.handler, runtime)?;
+        if self.store.get_function(&req.name).await?.is_some() {
+            return Err(function_exists(&req.name));
+        }
+        self.load_once(&req.name, &config, &code).await?;
+
+        let at = now();
+        let function = Function {
+            id: ids::function_id(),
+            name: req.name,
+            description: req.description,
+            config,
+            code,
+            max_instances,
+            status: FunctionStatus::Active,
+            latest_version: 1,
+            created_at: at,
+            updated_at: at,
+        };
+        let first = FunctionVersion {
+            function_id: function.id.clone(),
+            version: 1,
+            description: function.description.clone(),
+            config: function.config.clone(),
+            code: function.code.clone(),
+            created_at: at,
+            created_by: actor.to_owned(),
+        };
+        self.store
+            .create_function(&function, &first)
+            .await
+            .map_err(|e| match e {
+                nimbus_store::StoreError::Conflict(_) => function_exists(&function.name),
+                other => other.into(),
+            })?;
+        metrics::version_published();
+        tracing::info!(function = %function.name, id = %function.id, "function created");
+        Ok(function)
+    }
+
+    /// Applies a partial update; a change of code or configuration publishes a new version
+    /// and moves `latest`, unless `publish` is false.
+    pub async fn update_function(
+        &self,
+        reference: &str,
+        patch: FunctionPatch,
+        actor: &str,
+    ) -> EngineResult<Updated> {
+        let mut function = self.get_function(reference).await?;
+        let before = function.clone();
+        if let Some(description) = patch.description {
+            validate_description(&description)?;
+            function.description = description;
+        }
+        if let Some(runtime) = &patch.runtime {
+            function.config.runtime = runtime.parse()?;
+        }
+        if let Some(handler) = &patch.handler {
+            function.config.handler = handler.parse()?;
+        }
+        let (runtime, handler) = (function.config.runtime, function.config.handler.clone());
+        match (&patch.code, &patch.code_archive) {
+            (Some(_), Some(_)) => {
+                return Err(EngineError::BadRequest(
+                    "give either code or code_archive, not both".into(),
+                ))
+            }
+            (Some(source), None) => {
+                function.code = CodeBundle::from_inline(source, &handler, runtime)?
+            }
+            (None, Some(archive)) => {
+                function.code = CodeBundle::from_archive(&decode_archive(archive)?)?
+            }
+            (None, None) => {}
+        }
+        function.config.code_hash = function.code.hash();
+        if let Some(memory_mb) = patch.memory_mb {
+            function.config.memory_mb = memory_mb;
+        }
+        if let Some(timeout_sec) = patch.timeout_sec {
+            function.config.timeout_sec = timeout_sec;
+        }
+        if let Some(env_vars) = patch.env_vars {
+            function.config.env_vars = env_vars;
+        }
+        if let Some(max_instances) = patch.max_instances {
+            check_range("max_instances", max_instances, limits::MAX_INSTANCES)?;
+            function.max_instances = max_instances;
+        }
+        function.config.validate()?;
+        function
+            .code
+            .check_handler(&function.config.handler, runtime)?;
+
+        let config_changed = function.config != before.config;
+        if config_changed {
+            self.load_once(&function.name, &function.config, &function.code)
+                .await?;
+        }
+        function.updated_at = now();
+        let latest = self
+            .store
+            .get_version(&function.id, function.latest_version)
+            .await?;
+        let differs_from_latest = latest.is_none_or(|v| v.config != function.config);
+        let published_version = if patch.publish.unwrap_or(true) && differs_from_latest {
+            let version = self
+                .store
+                .publish_version(&function, &function.description, actor, &[LATEST_ALIAS])
+                .await?;
+            metrics::version_published();
+            function.latest_version = version.version;
+            tracing::info!(function = %function.name, version = version.version, "version published");
+            Some(version.version)
+        } else {
+            self.store.update_function(&function).await?;
+            None
+        };
+        self.catalog.invalidate(&function.id);
+        Ok(Updated {
+            function,
+            published_version,
+        })
+    }
+
+    /// A function by id or name, with its draft code.
+    pub async fn get_function(&self, reference: &str) -> EngineResult<Function> {
+        self.store
+            .get_function(reference)
+            .await?
+            .ok_or_else(|| EngineError::function_not_found(reference))
+    }
+
+    /// Functions by name.
+    pub async fn list_functions(&self, limit: u32, offset: u32) -> EngineResult<Page<Function>> {
+        Ok(self.store.list_functions(limit, offset).await?)
+    }
+
+    /// Deletes a function with its versions, aliases and records, and stops its instances.
+    pub async fn delete_function(&self, reference: &str) -> EngineResult<Function> {
+        let function = self.get_function(reference).await?;
+        if !self.store.delete_function(&function.id).await? {
+            return Err(EngineError::function_not_found(reference));
+        }
+        self.catalog.remove(&function.id);
+        self.pools.remove_function(&function.id);
+        tracing::info!(function = %function.name, id = %function.id, "function deleted");
+        Ok(function)
+    }
+
+    /// Loads the code in a throwaway worker to prove the handler imports.
+    async fn load_once(
+        &self,
+        name: &str,
+        config: &FunctionConfig,
+        code: &CodeBundle,
+    ) -> EngineResult<()> {
+        let cache = self.code.clone();
+        let bundle = code.clone();
+        let code_dir = tokio::task::spawn_blocking(move || cache.materialize(&bundle))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(|e| EngineError::Internal(format!("unpacking code: {e}")))?;
+        let probe = Arc::new(VersionEntry {
+            function_id: format!("deploy:{name}"),
+            function_name: name.to_owned(),
+            version: 0,
+            config: config.clone(),
+            code_dir,
+        });
+        let failed = |error_type: &str, message: String| EngineError::InvalidCode {
+            error: ErrorPayload {
+                error_type: error_type.into(),
+                message,
+                traceback: String::new(),
+            },
+            logs: String::new(),
+        };
+        match self.pools.start(&probe).await {
+            Ok(instance) => {
+                instance.kill().await;
+                Ok(())
+            }
+            Err(StartError::Init { error, logs }) => Err(EngineError::InvalidCode { error, logs }),
+            Err(StartError::Crashed(message)) => Err(failed("InstanceCrashed", message)),
+            Err(StartError::Timeout(limit)) => Err(failed(
+                "InitTimeout",
+                format!(
+                    "the handler did not finish loading within {} s",
+                    limit.as_secs()
+                ),
+            )),
+            Err(StartError::Platform(e)) => Err(e),
+        }
+    }
+}
+
+fn decode_archive(archive: &str) -> EngineResult<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD
+        .decode(archive.trim())
+        .map_err(|e| EngineError::BadRequest(format!("code_archive is not valid base64: {e}")))
+}
+
+fn function_exists(name: &str) -> EngineError {
+    EngineError::Conflict {
+        code: "function_exists",
+        message: format!("a function named {name:?} already exists"),
+    }
+}

@@ -1,0 +1,367 @@
+//! The invoke path, top to bottom: resolve the target version, check out an instance,
+//! run the event on it under the function's timeout, classify the outcome, return the
+//! instance, record the invocation.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nimbus_core::invocation::{log_tail, InvocationError};
+use nimbus_core::{
+    ids, limits, now, Invocation, InvocationStatus, StartType, Trigger, LATEST_ALIAS,
+};
+use nimbus_runtime::protocol::ErrorPayload;
+use nimbus_runtime::WorkerError;
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+
+use crate::catalog::{FunctionEntry, VersionEntry};
+use crate::error::{EngineError, EngineResult};
+use crate::pool::{Lease, StartError};
+use crate::{metrics, router, Engine};
+
+/// One invocation request.
+#[derive(Debug)]
+pub struct InvokeRequest {
+    /// Function id or name.
+    pub function: String,
+    /// Explicit version (wins over the alias).
+    pub version: Option<u32>,
+    /// Alias to route through (default `latest`).
+    pub alias: Option<String>,
+    /// Session key, for sticky routing.
+    pub session_key: Option<String>,
+    /// The event, already validated JSON.
+    pub event: Box<RawValue>,
+    /// How it was triggered.
+    pub trigger: Trigger,
+}
+
+/// What an invocation produced. User-code failures are in `outcome`, not errors.
+#[derive(Debug)]
+pub struct InvokeResponse {
+    /// `inv_…`.
+    pub request_id: String,
+    /// Function id.
+    pub function_id: String,
+    /// Version that ran.
+    pub version: u32,
+    /// Alias the version was chosen through.
+    pub alias_used: Option<String>,
+    /// Session key given.
+    pub session_key: Option<String>,
+    /// How the instance started.
+    pub start_type: StartType,
+    /// Instance that served it (absent if none could be started).
+    pub instance_id: Option<String>,
+    /// Wall time, ms.
+    pub duration_ms: f64,
+    /// The handler's return value, or why there is none.
+    pub outcome: Result<Box<RawValue>, InvocationError>,
+}
+
+/// A resolved invocation target.
+struct Target {
+    function: Arc<FunctionEntry>,
+    version: Arc<VersionEntry>,
+    alias_used: Option<String>,
+}
+
+/// What running the event on an instance gave.
+struct Execution {
+    start_type: StartType,
+    instance_id: Option<String>,
+    outcome: Result<Box<RawValue>, InvocationError>,
+    logs: String,
+    max_rss_kb: Option<u64>,
+}
+
+impl Engine {
+    /// Runs an invocation to completion. The work runs in its own task, so a caller that
+    /// goes away does not cut an invocation short.
+    pub async fn invoke(self: &Arc<Self>, req: InvokeRequest) -> EngineResult<InvokeResponse> {
+        let target = self.resolve(&req).await?;
+        let this = self.clone();
+        let request_id = ids::request_id();
+        tokio::spawn(async move { this.execute(&target, &req, request_id).await })
+            .await
+            .map_err(|e| EngineError::Internal(format!("invocation task failed: {e}")))?
+    }
+
+    /// Accepts an invocation to run in the background; returns its request id at once.
+    pub async fn invoke_async(self: &Arc<Self>, mut req: InvokeRequest) -> EngineResult<String> {
+        req.trigger = Trigger::Async;
+        let target = self.resolve(&req).await?;
+        let request_id = ids::request_id();
+        self.recorder.record(Invocation {
+            status: InvocationStatus::Pending,
+            ..self.record_base(&target, &req, &request_id, now())
+        });
+        let this = self.clone();
+        let id = request_id.clone();
+        tokio::spawn(async move {
+            let started_at = now();
+            if let Err(e) = this.execute(&target, &req, id.clone()).await {
+                tracing::warn!(request_id = %id, error = %e, "async invocation failed before running");
+                // An accepted async invocation always ends with a record, even if it never ran.
+                this.recorder.record(Invocation {
+                    status: InvocationStatus::Error,
+                    error: Some(InvocationError {
+                        code: e.code().into(),
+                        message: e.to_string(),
+                        error_type: None,
+                        traceback: None,
+                    }),
+                    completed_at: Some(now()),
+                    ..this.record_base(&target, &req, &id, started_at)
+                });
+            }
+        });
+        Ok(request_id)
+    }
+
+    /// Explicit version > alias > `latest`.
+    async fn resolve(&self, req: &InvokeRequest) -> EngineResult<Target> {
+        let function = self.catalog.function(&req.function).await?;
+        let (number, alias_used) = match (req.version, &req.alias) {
+            (Some(n), _) => (n, None),
+            (None, alias) => {
+                let alias = alias.as_deref().unwrap_or(LATEST_ALIAS);
+                let routing = self.catalog.alias(&function, alias).await?;
+                let n =
+                    router::pick_version(&routing, &function.id, alias, req.session_key.as_deref());
+                (n, Some(alias.to_owned()))
+            }
+        };
+        let version = self.catalog.version(&function, number).await?;
+        Ok(Target {
+            function,
+            version,
+            alias_used,
+        })
+    }
+
+    async fn execute(
+        &self,
+        target: &Target,
+        req: &InvokeRequest,
+        request_id: String,
+    ) -> EngineResult<InvokeResponse> {
+        let started_at = now();
+        let clock = Instant::now();
+        let runtime = target.version.config.runtime;
+        let lease = match self
+            .pools
+            .acquire(&target.version, target.function.max_instances)
+            .await
+        {
+            Ok(lease) => lease,
+            Err(e) => {
+                if matches!(e, EngineError::Throttled(_)) {
+                    metrics::invocation(&target.function.name, runtime, "throttled");
+                }
+                return Err(e);
+            }
+        };
+        let execution = match lease {
+            Ok(lease) => self.run_on(lease, target, &request_id, &req.event).await,
+            Err(StartError::Platform(e)) => return Err(e),
+            Err(failure) => Execution {
+                start_type: StartType::Cold,
+                instance_id: None,
+                outcome: Err(start_failure(failure)),
+                logs: String::new(),
+                max_rss_kb: None,
+            },
+        };
+        let duration_ms = clock.elapsed().as_secs_f64() * 1000.0;
+
+        let status = match &execution.outcome {
+            Ok(_) => InvocationStatus::Success,
+            Err(e) if e.code == "function_timeout" => InvocationStatus::Timeout,
+            Err(_) => InvocationStatus::Error,
+        };
+        metrics::invocation(&target.function.name, runtime, status.as_str());
+        metrics::invocation_start(runtime, execution.start_type, duration_ms);
+
+        let limit = self.config.record_payload_limit;
+        let event_text = req.event.get();
+        self.recorder.record(Invocation {
+            status,
+            input: (event_text.len() <= limit).then(|| event_text.to_owned()),
+            output: execution
+                .outcome
+                .as_ref()
+                .ok()
+                .map(|b| b.get())
+                .filter(|b| b.len() <= limit)
+                .map(str::to_owned),
+            error: execution.outcome.as_ref().err().cloned(),
+            start_type: Some(execution.start_type),
+            instance_id: execution.instance_id.clone(),
+            completed_at: Some(now()),
+            duration_ms: Some(duration_ms),
+            memory_used_mb: execution.max_rss_kb.map(|kb| kb.div_ceil(1024) as u32),
+            logs: log_tail(&execution.logs, limits::MAX_LOG_BYTES).to_owned(),
+            ..self.record_base(target, req, &request_id, started_at)
+        });
+
+        Ok(InvokeResponse {
+            request_id,
+            function_id: target.function.id.clone(),
+            version: target.version.version,
+            alias_used: target.alias_used.clone(),
+            session_key: req.session_key.clone(),
+            start_type: execution.start_type,
+            instance_id: execution.instance_id,
+            duration_ms,
+            outcome: execution.outcome,
+        })
+    }
+
+    /// Runs the event on a checked-out instance and gives the instance back (or disposes of it).
+    async fn run_on(
+        &self,
+        mut lease: Lease,
+        target: &Target,
+        request_id: &str,
+        event: &RawValue,
+    ) -> Execution {
+        let start_type = lease.start_type;
+        let timeout = Duration::from_secs(u64::from(target.version.config.timeout_sec));
+        let instance = lease.instance();
+        let instance_id = Some(instance.id.clone());
+        let failed = |code: &str, message: String| Execution {
+            start_type,
+            instance_id: instance_id.clone(),
+            outcome: Err(InvocationError {
+                code: code.into(),
+                message,
+                error_type: None,
+                traceback: None,
+            }),
+            logs: String::new(),
+            max_rss_kb: None,
+        };
+        match tokio::time::timeout(timeout, instance.conn.invoke(request_id, event)).await {
+            Ok(Ok(done)) => {
+                self.pools.release(lease);
+                let outcome = match done.result {
+                    Ok(body) if body.get().len() > limits::MAX_EVENT_BYTES => {
+                        Err(InvocationError {
+                            code: "response_too_large".into(),
+                            message: format!(
+                                "the handler returned {} bytes; the limit is {} bytes",
+                                body.get().len(),
+                                limits::MAX_EVENT_BYTES
+                            ),
+                            error_type: None,
+                            traceback: None,
+                        })
+                    }
+                    Ok(body) => Ok(body),
+                    Err(raised) => Err(function_error(raised)),
+                };
+                Execution {
+                    start_type,
+                    instance_id,
+                    outcome,
+                    logs: done.logs,
+                    max_rss_kb: done.max_rss_kb,
+                }
+            }
+            Ok(Err(WorkerError::Closed)) => {
+                let mut instance = lease.retire();
+                let how = match instance.exit_info().await {
+                    Some(exit) => exit.to_string(),
+                    None => "closed its connection".into(),
+                };
+                tokio::spawn(instance.kill());
+                failed(
+                    "instance_crashed",
+                    format!("the instance {how} during the invocation"),
+                )
+            }
+            Ok(Err(e)) => {
+                tokio::spawn(lease.retire().kill());
+                failed("instance_crashed", format!("the instance failed: {e}"))
+            }
+            Err(_) => {
+                tokio::spawn(lease.retire().kill());
+                failed(
+                    "function_timeout",
+                    format!(
+                        "the invocation did not finish within the function's timeout of {} s",
+                        timeout.as_secs()
+                    ),
+                )
+            }
+        }
+    }
+
+    fn record_base(
+        &self,
+        target: &Target,
+        req: &InvokeRequest,
+        request_id: &str,
+        started_at: OffsetDateTime,
+    ) -> Invocation {
+        Invocation {
+            request_id: request_id.to_owned(),
+            function_id: target.function.id.clone(),
+            function_name: target.function.name.clone(),
+            version: target.version.version,
+            alias_used: target.alias_used.clone(),
+            session_key: req.session_key.clone(),
+            trigger: req.trigger,
+            status: InvocationStatus::Running,
+            input: None,
+            output: None,
+            error: None,
+            start_type: None,
+            instance_id: None,
+            started_at,
+            completed_at: None,
+            duration_ms: None,
+            memory_used_mb: None,
+            logs: String::new(),
+        }
+    }
+}
+
+fn function_error(raised: ErrorPayload) -> InvocationError {
+    InvocationError {
+        code: "function_error".into(),
+        message: format!("{}: {}", raised.error_type, raised.message),
+        error_type: Some(raised.error_type),
+        traceback: Some(raised.traceback),
+    }
+}
+
+fn start_failure(failure: StartError) -> InvocationError {
+    let plain = |code: &str, message: String| InvocationError {
+        code: code.into(),
+        message,
+        error_type: None,
+        traceback: None,
+    };
+    match failure {
+        StartError::Init { error, .. } => InvocationError {
+            code: "function_init_error".into(),
+            message: format!(
+                "the handler failed to load: {}: {}",
+                error.error_type, error.message
+            ),
+            error_type: Some(error.error_type),
+            traceback: Some(error.traceback),
+        },
+        StartError::Crashed(message) => plain("instance_crashed", message),
+        StartError::Timeout(limit) => plain(
+            "function_timeout",
+            format!(
+                "the instance did not finish loading the handler within {} s",
+                limit.as_secs()
+            ),
+        ),
+        StartError::Platform(e) => plain("internal", e.to_string()),
+    }
+}

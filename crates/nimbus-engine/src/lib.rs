@@ -1,0 +1,138 @@
+//! Nimbus engine: the one place where API requests turn into work.
+//!
+//! Request path: [`Engine::invoke`] → [`catalog`] (function, alias, version; cached) →
+//! [`router`] (alias → version) → [`pool`] (warm instance or a new one) → the worker
+//! protocol (`nimbus_runtime::WorkerConn`) → outcome → [`recorder`] (write-behind).
+//! Function management ([`functions`]) validates, loads new code once, and writes the store.
+
+pub mod catalog;
+pub mod code_cache;
+pub mod config;
+pub mod error;
+pub mod functions;
+pub mod invoke;
+pub mod metrics;
+pub mod pool;
+pub mod recorder;
+pub mod router;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nimbus_core::Invocation;
+use nimbus_runtime::Runtimes;
+use nimbus_sandbox::Driver;
+use nimbus_store::{InvocationFilter, MetadataStore};
+
+pub use config::EngineConfig;
+pub use error::{EngineError, EngineResult};
+pub use functions::{FunctionPatch, NewFunction, Updated};
+pub use invoke::{InvokeRequest, InvokeResponse};
+
+use catalog::Catalog;
+use code_cache::CodeCache;
+use pool::Pools;
+use recorder::Recorder;
+
+/// The engine: metadata, pools and recording behind one handle.
+pub struct Engine {
+    config: Arc<EngineConfig>,
+    store: Arc<dyn MetadataStore>,
+    catalog: Catalog,
+    pools: Pools,
+    recorder: Recorder,
+    code: CodeCache,
+    driver_name: &'static str,
+}
+
+impl Engine {
+    /// Starts the engine and its background tasks (recorder, idle reaper).
+    pub fn start(
+        config: EngineConfig,
+        store: Arc<dyn MetadataStore>,
+        driver: Arc<dyn Driver>,
+        runtimes: Runtimes,
+    ) -> Arc<Engine> {
+        let config = Arc::new(config);
+        let code = CodeCache::new(config.data_dir.join("code"));
+        let (recorder, _task) = Recorder::start(store.clone());
+        let engine = Arc::new(Engine {
+            catalog: Catalog::new(store.clone(), code.clone(), config.cache_ttl),
+            driver_name: driver.name(),
+            pools: Pools::new(config.clone(), driver, runtimes),
+            recorder,
+            code,
+            store,
+            config,
+        });
+        metrics::describe();
+        let weak = Arc::downgrade(&engine);
+        let every = (engine.config.idle_timeout / 10)
+            .clamp(Duration::from_millis(100), Duration::from_secs(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let Some(engine) = weak.upgrade() else { break };
+                let reaped = engine.pools.reap_idle();
+                if reaped > 0 {
+                    tracing::debug!(reaped, "stopped idle instances");
+                }
+            }
+        });
+        engine
+    }
+
+    /// The engine's settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Name of the sandbox driver in use.
+    pub fn driver_name(&self) -> &'static str {
+        self.driver_name
+    }
+
+    /// Whether the metadata store answers.
+    pub async fn ready(&self) -> EngineResult<()> {
+        Ok(self.store.ping().await?)
+    }
+
+    /// One invocation record. Records are written behind; a miss waits for pending writes.
+    pub async fn get_invocation(&self, request_id: &str) -> EngineResult<Invocation> {
+        if let Some(found) = self.store.get_invocation(request_id).await? {
+            return Ok(found);
+        }
+        self.recorder.flush().await;
+        self.store
+            .get_invocation(request_id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound {
+                code: "invocation_not_found",
+                message: format!("invocation {request_id:?} not found"),
+            })
+    }
+
+    /// A function's invocation records, newest first, including ones not yet written.
+    pub async fn list_invocations(
+        &self,
+        function: &str,
+        filter: &InvocationFilter,
+    ) -> EngineResult<Vec<Invocation>> {
+        let function = self.get_function(function).await?;
+        self.recorder.flush().await;
+        Ok(self.store.list_invocations(&function.id, filter).await?)
+    }
+
+    /// Instances alive for a function on this server.
+    pub fn live_instances(&self, function_id: &str) -> u32 {
+        self.pools.live_instances(function_id)
+    }
+
+    /// Stops every instance and writes every pending record. Call after in-flight requests
+    /// have drained.
+    pub async fn shutdown(&self) {
+        self.pools.shutdown();
+        self.recorder.flush().await;
+    }
+}

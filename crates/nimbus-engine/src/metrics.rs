@@ -1,0 +1,91 @@
+//! The engine's Prometheus metrics. Names and labels are part of the product contract
+//! (SPEC §8); the exporter is installed by the binary.
+
+use metrics::{counter, gauge, histogram};
+use nimbus_core::{Runtime, StartType};
+
+/// `nimbus_invocations_total{function,runtime,status}`.
+pub const INVOCATIONS_TOTAL: &str = "nimbus_invocations_total";
+/// `nimbus_invocation_duration_ms{start_type}` (histogram).
+pub const INVOCATION_DURATION_MS: &str = "nimbus_invocation_duration_ms";
+/// `nimbus_cold_starts_total{runtime,start_type}`.
+pub const COLD_STARTS_TOTAL: &str = "nimbus_cold_starts_total";
+/// `nimbus_pool_instances{runtime,state}` (gauge; state is `starting|idle|busy`).
+pub const POOL_INSTANCES: &str = "nimbus_pool_instances";
+/// `nimbus_version_publish_total`.
+pub const VERSION_PUBLISH_TOTAL: &str = "nimbus_version_publish_total";
+
+/// Registers descriptions so `/metrics` documents each series.
+pub fn describe() {
+    metrics::describe_counter!(
+        INVOCATIONS_TOTAL,
+        "Invocations by function, runtime and final status."
+    );
+    metrics::describe_histogram!(
+        INVOCATION_DURATION_MS,
+        metrics::Unit::Milliseconds,
+        "Invocation wall time, by how the instance started."
+    );
+    metrics::describe_counter!(
+        COLD_STARTS_TOTAL,
+        "Invocations that did not find a warm instance."
+    );
+    metrics::describe_gauge!(POOL_INSTANCES, "Instances by runtime and state.");
+    metrics::describe_counter!(VERSION_PUBLISH_TOTAL, "Versions published.");
+}
+
+/// Counts one finished (or throttled) invocation.
+pub fn invocation(function: &str, runtime: Runtime, status: &'static str) {
+    counter!(INVOCATIONS_TOTAL, "function" => function.to_owned(), "runtime" => runtime.as_str(), "status" => status)
+        .increment(1);
+}
+
+/// Observes an invocation's duration and, when it was not warm, counts the cold start.
+pub fn invocation_start(runtime: Runtime, start_type: StartType, duration_ms: f64) {
+    histogram!(INVOCATION_DURATION_MS, "start_type" => start_type.as_str()).record(duration_ms);
+    if start_type != StartType::Warm {
+        counter!(COLD_STARTS_TOTAL, "runtime" => runtime.as_str(), "start_type" => start_type.as_str()).increment(1);
+    }
+}
+
+/// Instance states tracked by `nimbus_pool_instances`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceState {
+    /// Loading its handler.
+    Starting,
+    /// Waiting for work.
+    Idle,
+    /// Serving an invocation.
+    Busy,
+}
+
+impl InstanceState {
+    fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Starting => "starting",
+            InstanceState::Idle => "idle",
+            InstanceState::Busy => "busy",
+        }
+    }
+}
+
+/// Moves one instance between states (`None` = not alive).
+pub fn instance_transition(
+    runtime: Runtime,
+    from: Option<InstanceState>,
+    to: Option<InstanceState>,
+) {
+    if let Some(from) = from {
+        gauge!(POOL_INSTANCES, "runtime" => runtime.as_str(), "state" => from.as_str())
+            .decrement(1.0);
+    }
+    if let Some(to) = to {
+        gauge!(POOL_INSTANCES, "runtime" => runtime.as_str(), "state" => to.as_str())
+            .increment(1.0);
+    }
+}
+
+/// Counts a published version.
+pub fn version_published() {
+    counter!(VERSION_PUBLISH_TOTAL).increment(1);
+}

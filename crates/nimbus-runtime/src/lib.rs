@@ -1,0 +1,86 @@
+//! Nimbus runtimes: the host↔worker protocol and the code that runs inside a worker.
+//!
+//! - [`protocol`]: length-prefixed JSON frames (u32 big-endian length, then JSON) and the
+//!   message types both sides exchange.
+//! - [`worker`]: the host's end of one worker connection: handshake, invoke.
+//! - [`python`]: the Python worker bootstrap and the resolution of the real interpreter.
+//! - [`Runtimes`]: which runtimes this host can run, and the command that starts each.
+
+pub mod protocol;
+pub mod python;
+pub mod worker;
+
+use std::path::{Path, PathBuf};
+
+use nimbus_core::Runtime;
+
+pub use worker::{InvokeOutcome, WorkerConn, WorkerError};
+
+/// How to start a worker process for one runtime (before the sandbox wraps it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeCommand {
+    /// Absolute path of the real interpreter (never a shim).
+    pub program: PathBuf,
+    /// Arguments after the program.
+    pub args: Vec<String>,
+    /// Environment the runtime itself needs (the function's variables are added by the engine).
+    pub env: Vec<(String, String)>,
+}
+
+/// Runtime settings from the server configuration.
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeSettings {
+    /// Python interpreter to use; when unset, the real interpreter is resolved.
+    pub python: Option<PathBuf>,
+}
+
+/// A runtime this host cannot run.
+#[derive(Debug, thiserror::Error)]
+#[error("runtime {runtime} is not available on this server: {reason}")]
+pub struct RuntimeUnavailable {
+    /// The runtime asked for.
+    pub runtime: Runtime,
+    /// Why it is not available.
+    pub reason: String,
+}
+
+/// The runtimes this host can run, discovered once at start.
+#[derive(Debug, Clone)]
+pub struct Runtimes {
+    python: Result<python::PythonRuntime, String>,
+}
+
+impl Runtimes {
+    /// Resolves interpreters and installs the bootstrap files under `data_dir/runtime/`.
+    pub fn discover(settings: &RuntimeSettings, data_dir: &Path) -> Self {
+        Runtimes {
+            python: python::PythonRuntime::discover(settings.python.as_deref(), data_dir),
+        }
+    }
+
+    /// The command that starts a worker for `runtime`.
+    pub fn command(&self, runtime: Runtime) -> Result<RuntimeCommand, RuntimeUnavailable> {
+        match runtime {
+            Runtime::Python311 => self
+                .python
+                .as_ref()
+                .map(python::PythonRuntime::command)
+                .map_err(|reason| RuntimeUnavailable {
+                    runtime,
+                    reason: reason.clone(),
+                }),
+            Runtime::NodeJs20 => Err(RuntimeUnavailable {
+                runtime,
+                reason: "the Node.js runtime is not implemented yet".into(),
+            }),
+        }
+    }
+
+    /// One line per runtime for the start-up banner (`python3.11: /usr/bin/python3.11 (3.11.2)`).
+    pub fn describe(&self) -> Vec<String> {
+        vec![match &self.python {
+            Ok(p) => format!("python3.11: {}", p.describe()),
+            Err(e) => format!("python3.11: unavailable ({e})"),
+        }]
+    }
+}

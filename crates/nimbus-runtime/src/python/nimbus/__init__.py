@@ -1,0 +1,82 @@
+"""Nimbus: the API that Python functions running on Nimbus can import.
+
+    import nimbus
+
+    def handle(event, state):
+        try:
+            count = state.incr("visits")
+        except nimbus.StateNotEnabled:
+            count = None
+        return {"request_id": nimbus.current_request_id(), "visits": count}
+
+This package is installed by the Nimbus server next to its Python worker and is importable
+by every function (a module of the same name in the function's own code takes precedence).
+"""
+
+__all__ = ["NimbusError", "StateNotEnabled", "current_request_id"]
+
+# Set by the worker before each invocation.
+_request_id = None
+
+
+class NimbusError(Exception):
+    """Base class of the errors raised by the Nimbus runtime API."""
+
+
+class StateNotEnabled(NimbusError):
+    """The function used `state` but state is not enabled for it."""
+
+
+def current_request_id():
+    """The request id (`inv_...`) of the invocation being served, or None outside one."""
+    return _request_id
+
+
+_STATE_NOT_ENABLED = (
+    "state is not enabled for this function "
+    "(enable it in the function's state_config to use the state API)"
+)
+
+
+class _DisabledState:
+    """The `state` argument of a function whose state is not enabled.
+
+    Any use raises StateNotEnabled. It is falsy, so `if state:` tells whether state is
+    available without raising.
+    """
+
+    __slots__ = ()
+
+    def __getattr__(self, name):
+        raise StateNotEnabled(_STATE_NOT_ENABLED)
+
+    def __call__(self, *args, **kwargs):
+        raise StateNotEnabled(_STATE_NOT_ENABLED)
+
+    def __getitem__(self, key):
+        raise StateNotEnabled(_STATE_NOT_ENABLED)
+
+    def __setitem__(self, key, value):
+        raise StateNotEnabled(_STATE_NOT_ENABLED)
+
+    def __delitem__(self, key):
+        raise StateNotEnabled(_STATE_NOT_ENABLED)
+
+    def __contains__(self, key):
+        raise StateNotEnabled(_STATE_NOT_ENABLED)
+
+    def __iter__(self):
+        raise StateNotEnabled(_STATE_NOT_ENABLED)
+
+    def __len__(self):
+        raise StateNotEnabled(_STATE_NOT_ENABLED)
+
+    def __bool__(self):
+        return False
+
+    def __repr__(self):
+        return "<nimbus state: not enabled for this function>"
+
+
+# The `state` the worker passes while state is not enabled.
+_DISABLED_STATE = _DisabledState()

@@ -1,0 +1,544 @@
+"""Nimbus Python worker: loads one function's handler, then serves invocations.
+
+Started by the Nimbus server as `python -I -S -B nimbus_worker.py` with the function's code
+directory as working directory and the host connection on file descriptor 3. Frames are a
+u32 big-endian length followed by that many bytes of JSON (see the nimbus-runtime crate):
+
+    host -> worker   invoke {id, request_id, event}      ping {id}
+    worker -> host   ready {pid, runtime, init_ms, logs}  init_error {error, logs}
+                     result {id, ok, body | error, logs, max_rss_kb}   pong {id}
+
+Environment: NIMBUS_HANDLER=module.function (dotted packages allowed), plus the function's
+own variables. The worker exits 0 when the host closes the connection, 1 when the handler
+cannot be loaded.
+
+Start-up time and idle memory matter: only C modules are imported here (`_socket` and
+`_json` rather than `socket` and `json`, which pull in `re`, `enum`, `selectors`, ...);
+`traceback` is imported on the first error only.
+"""
+
+from time import perf_counter
+
+_T0 = perf_counter()
+
+import _json
+import _socket
+import gc
+import io
+import posix
+import sys
+
+from resource import RUSAGE_SELF, getrusage
+
+# Tail of stdout/stderr kept per invocation, in UTF-8 bytes.
+_LOG_TAIL_BYTES = 4096
+# Captured text is compacted to its tail once it grows past this many characters.
+_LOG_COMPACT_CHARS = 1 << 16
+# Largest frame the host accepts (MAX_FRAME_BYTES in protocol.rs).
+_MAX_FRAME_BYTES = 16 * 1024 * 1024
+# Error messages and tracebacks are cut to these many characters.
+_MAX_MESSAGE_CHARS = 8192
+_MAX_TRACEBACK_CHARS = 32768
+_SOCKET_FD = 3
+_DEFAULT_HANDLER = "handler.handle"
+
+_CO_VARARGS = 0x04
+_SELF_FILE = __file__
+_RUNTIME_DIR = __file__.rpartition("/")[0] or "."
+
+
+# --- logs -------------------------------------------------------------------------------
+
+
+class _Sink:
+    """What the function printed since the last `take`, bounded to a tail."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self):
+        self.parts = []
+        self.size = 0
+
+    def add(self, text):
+        self.parts.append(text)
+        self.size += len(text)
+        if self.size > _LOG_COMPACT_CHARS:
+            # A character is at least one byte: the last 4096 characters hold the byte tail.
+            tail = "".join(self.parts)[-_LOG_TAIL_BYTES:]
+            self.parts[:] = (tail,)
+            self.size = len(tail)
+
+    def clear(self):
+        if self.parts:
+            self.parts.clear()
+            self.size = 0
+
+    def take(self):
+        """The tail (at most 4096 UTF-8 bytes, cut on a character boundary) and reset."""
+        parts = self.parts
+        if not parts:
+            return ""
+        text = "".join(parts)
+        parts.clear()
+        self.size = 0
+        if text.isascii():
+            return text[-_LOG_TAIL_BYTES:] if len(text) > _LOG_TAIL_BYTES else text
+        data = text.encode("utf-8", "replace")
+        if len(data) > _LOG_TAIL_BYTES:
+            data = data[-_LOG_TAIL_BYTES:]
+        # "ignore" drops only the partial character at the cut.
+        return data.decode("utf-8", "ignore")
+
+
+class _BinaryWriter:
+    """`sys.stdout.buffer`: bytes written here are decoded into the logs."""
+
+    __slots__ = ("_sink",)
+
+    def __init__(self, sink):
+        self._sink = sink
+
+    def write(self, data):
+        self._sink.add(bytes(data).decode("utf-8", "replace"))
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def writable(self):
+        return True
+
+    def isatty(self):
+        return False
+
+
+class _Capture(io.TextIOBase):
+    """Replaces sys.stdout and sys.stderr for the worker's whole life."""
+
+    encoding = "utf-8"
+    errors = "strict"
+    newlines = None
+    line_buffering = False
+    write_through = True
+    mode = "w"
+
+    def __init__(self, name, sink):
+        super().__init__()
+        self.name = name
+        self.buffer = _BinaryWriter(sink)
+        self._add = sink.add
+
+    def write(self, text):
+        if text.__class__ is not str:
+            if not isinstance(text, str):
+                raise TypeError("write() argument must be str, not " + type(text).__name__)
+            text = str(text)
+        if text:
+            self._add(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+    def writable(self):
+        return True
+
+    def isatty(self):
+        return False
+
+    def reconfigure(self, **kwargs):
+        pass
+
+
+# --- JSON (the C accelerators of the json package, without importing it) -------------------
+
+
+class _DecodeContext:
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = float
+
+
+def _not_serializable(value):
+    if hasattr(value, "__await__"):
+        raise TypeError(
+            "Object of type %s is not JSON serializable (an awaitable: await it, or make "
+            "the handler `async def`)" % type(value).__name__
+        )
+    raise TypeError("Object of type %s is not JSON serializable" % type(value).__name__)
+
+
+_scan = _json.make_scanner(_DecodeContext())
+_markers = {}
+# Like json.dumps(..., separators=(",", ":"), allow_nan=False): ASCII output, no NaN.
+_encode = _json.make_encoder(
+    _markers, _not_serializable, _json.encode_basestring_ascii, None, ":", ",", False, False, False
+)
+
+
+def _clean(text, limit, tail=False):
+    """`text` as valid Unicode (no lone surrogates), cut to `limit` characters."""
+    if not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    if len(text) > limit:
+        text = ("...\n" + text[-limit:]) if tail else (text[:limit] + "...")
+    return text
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+def _user_traceback(tb):
+    """`tb` without the worker's own frames and the import machinery's."""
+    kept = []
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if name != _SELF_FILE and not name.startswith("<frozen importlib"):
+            kept.append(tb)
+        tb = tb.tb_next
+    out = None
+    for entry in reversed(kept):
+        out = type(entry)(out, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return out
+
+
+def _error(exc, message=None, type_name=None):
+    """The `{type, message, traceback}` payload of an exception."""
+    if message is None:
+        try:
+            message = str(exc)
+        except BaseException:
+            message = "<exception str() failed>"
+    try:
+        import traceback
+
+        text = "".join(
+            traceback.format_exception(type(exc), exc, _user_traceback(exc.__traceback__))
+        )
+    except BaseException as failure:
+        text = "(traceback unavailable: %s)" % type(failure).__name__
+    return {
+        "type": type_name or type(exc).__qualname__,
+        "message": _clean(message, _MAX_MESSAGE_CHARS),
+        "traceback": _clean(text, _MAX_TRACEBACK_CHARS, tail=True),
+    }
+
+
+# --- loading the handler ----------------------------------------------------------------
+
+
+class _InitFailure(Exception):
+    def __init__(self, payload):
+        super().__init__(payload["message"])
+        self.payload = payload
+
+
+def _simple_error(type_name, message):
+    return {"type": type_name, "message": message, "traceback": ""}
+
+
+def _load(spec):
+    """Imports the handler named by `spec` (`module.function`) and returns the callable."""
+    module_name, _, func_name = spec.rpartition(".")
+    if not module_name or not func_name or "" in module_name.split("."):
+        raise _InitFailure(
+            _simple_error(
+                "InvalidHandler",
+                "handler %r must be 'module.function' (e.g. 'handler.handle' or "
+                "'pkg.mod.run')" % spec,
+            )
+        )
+    try:
+        __import__(module_name)
+        module = sys.modules[module_name]
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing == module_name or module_name.startswith(missing + "."):
+            path = module_name.replace(".", "/")
+            raise _InitFailure(
+                _error(
+                    exc,
+                    "handler module '%s' not found: the function's code has no %s.py "
+                    "(nor a %s/ package)" % (module_name, path, path),
+                )
+            ) from None
+        raise _InitFailure(
+            _error(exc, "error while importing handler module '%s': %s" % (module_name, exc))
+        ) from None
+    except BaseException as exc:
+        try:
+            detail = str(exc)
+        except BaseException:
+            detail = ""
+        message = "error while importing handler module '%s'" % module_name
+        if detail:
+            message += ": " + detail
+        raise _InitFailure(_error(exc, message)) from None
+
+    try:
+        fn = getattr(module, func_name)
+    except AttributeError:
+        names = sorted(
+            name
+            for name, value in vars(module).items()
+            if not name.startswith("_") and callable(value) and not isinstance(value, type)
+        )
+        message = "handler function '%s' not found in module '%s'" % (func_name, module_name)
+        if names:
+            message += " (it defines: %s)" % ", ".join(names[:10])
+        raise _InitFailure(_simple_error("AttributeError", message)) from None
+    if not callable(fn):
+        raise _InitFailure(
+            _simple_error(
+                "TypeError",
+                "handler '%s' is not callable (it is a %s)" % (spec, type(fn).__name__),
+            )
+        )
+    return fn
+
+
+def _takes_state(fn):
+    """Whether the handler accepts a second positional argument (`handle(event, state)`).
+
+    Looks at the code object rather than importing `inspect` (slow and heavy): follows
+    `functools.wraps` chains, discounts the bound `self` of methods and of callable
+    instances, and treats `*args` as accepting state. Callables without a Python code
+    object (builtins, partials) get the event only.
+    """
+    bound = 0
+    if isinstance(fn, type):
+        fn = fn.__init__
+        bound = 1
+    else:
+        func = getattr(fn, "__func__", None)
+        if func is not None:
+            # A bound method: its function takes `self` first.
+            if getattr(fn, "__self__", None) is not None:
+                bound = 1
+            fn = func
+        elif getattr(fn, "__code__", None) is None:
+            # A callable instance.
+            fn = getattr(type(fn), "__call__", None)
+            bound = 1
+    for _ in range(100):
+        wrapped = getattr(fn, "__wrapped__", None)
+        if wrapped is None:
+            break
+        fn = wrapped
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return False
+    if code.co_flags & _CO_VARARGS:
+        return True
+    return code.co_argcount - bound >= 2
+
+
+# --- serving ----------------------------------------------------------------------------
+
+
+class _ProtocolError(Exception):
+    pass
+
+
+class _Host:
+    """The worker's end of the host connection."""
+
+    def __init__(self):
+        self.sock = _socket.socket(fileno=_SOCKET_FD)
+        self.reader = io.open(_SOCKET_FD, "rb", buffering=1 << 16, closefd=False)
+
+    def read(self):
+        """The next message, or None at end of stream."""
+        read = self.reader.read
+        head = read(4)
+        if len(head) < 4:
+            return None
+        size = int.from_bytes(head, "big")
+        data = read(size)
+        if len(data) < size:
+            return None
+        try:
+            return _scan(data.decode("utf-8"), 0)[0]
+        except (StopIteration, ValueError) as exc:
+            raise _ProtocolError("invalid frame from the host: %r" % (exc,)) from None
+
+    def send(self, message):
+        payload = "".join(_encode(message, 0)).encode("ascii")
+        self.send_raw(payload)
+
+    def send_raw(self, payload):
+        self.sock.sendall(len(payload).to_bytes(4, "big") + payload)
+
+
+def _exit(code):
+    # Skips waiting for non-daemon threads the function may have started.
+    posix._exit(code)
+
+
+def _run_coroutine(coro):
+    """Runs a coroutine returned by the handler on the worker's (lazily created) event loop."""
+    global _loop
+    if _loop is None:
+        import asyncio
+
+        _loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(_loop)
+    return _loop.run_until_complete(coro)
+
+
+_loop = None
+
+
+def _result_error(msg_id, payload, sink):
+    return {
+        "type": "result",
+        "id": msg_id,
+        "ok": False,
+        "error": payload,
+        "logs": sink.take(),
+        "max_rss_kb": getrusage(RUSAGE_SELF).ru_maxrss,
+    }
+
+
+def _serve(host, handler, takes_state, state, api, sink):
+    read = host.read
+    send = host.send
+    send_raw = host.send_raw
+    encode = _encode
+    join = "".join
+    take = sink.take
+    clear = sink.clear
+    coroutine_type = _coroutine_type
+    while True:
+        msg = read()
+        if msg is None:
+            return
+        kind = msg["type"]
+        if kind == "invoke":
+            msg_id = msg["id"]
+            clear()  # anything printed between invocations belongs to none
+            api._request_id = msg.get("request_id")
+            try:
+                if takes_state:
+                    value = handler(msg["event"], state)
+                else:
+                    value = handler(msg["event"])
+                if value.__class__ is coroutine_type:
+                    value = _run_coroutine(value)
+            except BaseException as exc:
+                send(_result_error(msg_id, _error(exc), sink))
+                if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+                    _exit(1)
+                continue
+            finally:
+                api._request_id = None
+            out = {
+                "type": "result",
+                "id": msg_id,
+                "ok": True,
+                "body": value,
+                "logs": take(),
+                "max_rss_kb": getrusage(RUSAGE_SELF).ru_maxrss,
+            }
+            try:
+                payload = join(encode(out, 0)).encode("ascii")
+            except BaseException as exc:
+                _markers.clear()  # the encoder leaves entries behind when it fails
+                del out["body"]
+                out["ok"] = False
+                out["error"] = {
+                    "type": "TypeError",
+                    "message": _clean(
+                        "the handler's return value is not JSON-serializable: %s" % (exc,),
+                        _MAX_MESSAGE_CHARS,
+                    ),
+                    "traceback": "",
+                }
+                payload = join(encode(out, 0)).encode("ascii")
+            if len(payload) > _MAX_FRAME_BYTES - 64:
+                del out["body"]
+                out["ok"] = False
+                out["error"] = {
+                    "type": "ResultTooLarge",
+                    "message": "the handler's return value is %d bytes of JSON, over the "
+                    "%d-byte limit" % (len(payload), _MAX_FRAME_BYTES - 64),
+                    "traceback": "",
+                }
+                payload = join(encode(out, 0)).encode("ascii")
+            send_raw(payload)
+        elif kind == "ping":
+            send({"type": "pong", "id": msg["id"]})
+        # Other messages (from newer hosts) are ignored.
+
+
+async def _probe_coroutine():
+    pass
+
+
+_probe = _probe_coroutine()
+_coroutine_type = type(_probe)
+_probe.close()
+del _probe
+
+
+def main():
+    try:
+        host = _Host()
+    except OSError as exc:
+        posix.write(
+            2, ("nimbus_worker: fd %d is not the host socket: %s\n" % (_SOCKET_FD, exc)).encode()
+        )
+        _exit(2)
+
+    sink = _Sink()
+    sys.stdout = _Capture("<stdout>", sink)
+    sys.stderr = _Capture("<stderr>", sink)
+    # The function's code first, then the runtime's `nimbus` package, then the stdlib.
+    sys.path[0:0] = [posix.getcwd(), _RUNTIME_DIR]
+
+    spec = posix.environ.get(b"NIMBUS_HANDLER", b"").decode("utf-8", "surrogateescape").strip()
+    loaded = perf_counter()
+    try:
+        try:
+            import nimbus as api
+        except BaseException as exc:
+            raise _InitFailure(_error(exc, "the runtime's nimbus package failed to load: %s" % exc))
+        handler = _load(spec or _DEFAULT_HANDLER)
+        takes_state = _takes_state(handler)
+    except _InitFailure as failure:
+        host.send({"type": "init_error", "error": failure.payload, "logs": sink.take()})
+        _exit(1)
+    except BaseException as exc:
+        host.send({"type": "init_error", "error": _error(exc), "logs": sink.take()})
+        _exit(1)
+    now = perf_counter()
+    host.send(
+        {
+            "type": "ready",
+            "pid": posix.getpid(),
+            "runtime": "python%d.%d" % sys.version_info[:2],
+            "init_ms": round((now - loaded) * 1000.0, 3),
+            "start_ms": round((now - _T0) * 1000.0, 3),
+            "logs": sink.take(),
+        }
+    )
+    gc.collect()
+    gc.freeze()
+    try:
+        _serve(host, handler, takes_state, api._DISABLED_STATE, api, sink)
+    except OSError:
+        pass  # the host went away mid-write
+    except _ProtocolError as exc:
+        posix.write(2, ("nimbus_worker: %s\n" % exc).encode("utf-8", "replace"))
+        _exit(2)
+    _exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+//! Nimbus sandbox drivers: start one worker, isolated, connected to the host by a socket.
+//!
+//! A [`Driver`] turns a [`LaunchSpec`] (program, arguments, environment, code directory,
+//! limits) into a running [`Sandbox`] plus the host end of its socket. The worker finds its
+//! end of the socket on file descriptor [`WORKER_SOCKET_FD`]. The driver knows nothing of
+//! languages or the protocol; the runtime and engine crates do.
+//!
+//! Drivers: [`process::ProcessDriver`] (child processes). A microVM driver implements the
+//! same trait, exposing the guest's vsock as a host Unix socket.
+
+pub mod process;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use tokio::net::UnixStream;
+
+pub use process::ProcessDriver;
+
+/// File descriptor on which a worker finds its end of the host connection.
+pub const WORKER_SOCKET_FD: i32 = 3;
+
+/// Everything a driver needs to start one worker.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// Instance id, for logs and resource names.
+    pub instance_id: String,
+    /// Absolute path of the program to run.
+    pub program: PathBuf,
+    /// Arguments after the program.
+    pub args: Vec<String>,
+    /// The complete environment of the worker (nothing is inherited from the server).
+    pub env: Vec<(String, String)>,
+    /// Working directory: the function's unpacked code.
+    pub workdir: PathBuf,
+    /// Memory limit, MiB.
+    pub memory_mb: u32,
+}
+
+/// How a sandboxed worker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Exit code, if it exited.
+    pub code: Option<i32>,
+    /// Signal number, if a signal killed it.
+    pub signal: Option<i32>,
+}
+
+impl fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "exited with code {code}"),
+            (None, Some(signal)) => {
+                let name = nix::sys::signal::Signal::try_from(signal)
+                    .map(|s| s.as_str())
+                    .unwrap_or("unknown");
+                write!(f, "killed by signal {signal} ({name})")
+            }
+            (None, None) => f.write_str("ended for an unknown reason"),
+        }
+    }
+}
+
+/// A running sandboxed worker. Dropping it kills the worker and everything it started.
+#[async_trait]
+pub trait Sandbox: Send + Sync + fmt::Debug {
+    /// Host pid of the worker's main process.
+    fn pid(&self) -> u32;
+    /// Kills the worker and every process it started. Idempotent.
+    fn kill(&mut self);
+    /// How the worker ended, if it has ended (non-blocking).
+    fn try_exit(&mut self) -> Option<ExitInfo>;
+    /// Waits until the worker has ended.
+    async fn wait(&mut self) -> ExitInfo;
+}
+
+/// A started worker: its sandbox and the host end of its socket.
+#[derive(Debug)]
+pub struct Launched {
+    /// The host end of the worker's connection.
+    pub stream: UnixStream,
+    /// The worker itself.
+    pub sandbox: Box<dyn Sandbox>,
+}
+
+/// A worker that could not be started.
+#[derive(Debug, thiserror::Error)]
+#[error("could not start worker {instance_id}: {message}")]
+pub struct DriverError {
+    /// The instance that failed.
+    pub instance_id: String,
+    /// Why.
+    pub message: String,
+}
+
+/// A way of starting isolated workers.
+#[async_trait]
+pub trait Driver: Send + Sync + 'static {
+    /// Driver name (`process`, `firecracker`), recorded with snapshots and shown at start.
+    fn name(&self) -> &'static str;
+    /// Starts a worker.
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, DriverError>;
+}

@@ -1,0 +1,252 @@
+//! The process driver: each worker is a child process in its own process group, tied to
+//! the server's life (it gets SIGKILL if the server dies), with a clean environment and the
+//! host connection on fd 3.
+//!
+//! Namespaces, cgroups and seccomp are added here by the isolation work; the driver's
+//! contract does not change.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::Stdio;
+
+use async_trait::async_trait;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+
+use crate::{Driver, DriverError, ExitInfo, LaunchSpec, Launched, Sandbox, WORKER_SOCKET_FD};
+
+/// Starts workers as plain child processes.
+#[derive(Debug, Default, Clone)]
+pub struct ProcessDriver;
+
+impl ProcessDriver {
+    /// A process driver.
+    pub fn new() -> Self {
+        ProcessDriver
+    }
+}
+
+#[async_trait]
+impl Driver for ProcessDriver {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, DriverError> {
+        let fail = |message: String| DriverError {
+            instance_id: spec.instance_id.clone(),
+            message,
+        };
+        let (host, worker) =
+            std::os::unix::net::UnixStream::pair().map_err(|e| fail(format!("socketpair: {e}")))?;
+        host.set_nonblocking(true)
+            .map_err(|e| fail(format!("socket: {e}")))?;
+        let worker_fd: OwnedFd = worker.into();
+        let raw = worker_fd.as_raw_fd();
+
+        let mut cmd = Command::new(&spec.program);
+        cmd.args(&spec.args)
+            .env_clear()
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&spec.workdir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        // SAFETY: the closure runs in the forked child before exec and only makes
+        // async-signal-safe system calls (setsid, prctl, dup2, fcntl).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if raw == WORKER_SOCKET_FD {
+                    // dup2 onto itself keeps FD_CLOEXEC set; clear it instead.
+                    if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(raw, WORKER_SOCKET_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| fail(format!("spawn {}: {e}", spec.program.display())))?;
+        drop(worker_fd);
+        let stream = UnixStream::from_std(host).map_err(|e| fail(format!("socket: {e}")))?;
+        let pid = child.id().unwrap_or(0);
+        Ok(Launched {
+            stream,
+            sandbox: Box::new(ProcessSandbox {
+                child,
+                pid,
+                exit: None,
+            }),
+        })
+    }
+}
+
+/// A worker running as a child process group.
+#[derive(Debug)]
+struct ProcessSandbox {
+    child: Child,
+    pid: u32,
+    exit: Option<ExitInfo>,
+}
+
+impl ProcessSandbox {
+    fn kill_group(&self) {
+        if self.pid > 0 {
+            // The worker leads its own process group (setsid): this also kills what it spawned.
+            let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+fn exit_info(status: std::process::ExitStatus) -> ExitInfo {
+    use std::os::unix::process::ExitStatusExt;
+    ExitInfo {
+        code: status.code(),
+        signal: status.signal(),
+    }
+}
+
+#[async_trait]
+impl Sandbox for ProcessSandbox {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn kill(&mut self) {
+        self.kill_group();
+        let _ = self.child.start_kill();
+    }
+
+    fn try_exit(&mut self) -> Option<ExitInfo> {
+        if self.exit.is_none() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.exit = Some(exit_info(status));
+            }
+        }
+        self.exit
+    }
+
+    async fn wait(&mut self) -> ExitInfo {
+        if let Some(exit) = self.exit {
+            return exit;
+        }
+        let exit = match self.child.wait().await {
+            Ok(status) => exit_info(status),
+            Err(_) => ExitInfo {
+                code: None,
+                signal: None,
+            },
+        };
+        self.exit = Some(exit);
+        exit
+    }
+}
+
+impl Drop for ProcessSandbox {
+    fn drop(&mut self) {
+        // Leftover children of the worker die with its group even if the worker itself exited.
+        self.kill_group();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn spec(script: &str) -> LaunchSpec {
+        LaunchSpec {
+            instance_id: "i_test".into(),
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: vec![("GREETING".into(), "hello".into())],
+            workdir: std::env::temp_dir(),
+            memory_mb: 128,
+        }
+    }
+
+    #[tokio::test]
+    async fn worker_gets_the_socket_on_fd_3_and_only_the_given_env() {
+        let driver = ProcessDriver::new();
+        let mut launched = driver
+            .launch(&spec(
+                "printf '%s:%s' \"$GREETING\" \"${HOME:-none}\" >&3; cat <&3 >&3",
+            ))
+            .await
+            .unwrap();
+        let mut got = [0u8; 11];
+        launched.stream.read_exact(&mut got).await.unwrap();
+        assert_eq!(
+            &got,
+            b"hello:none\0"[..11].as_ref().try_into().unwrap_or(&got)
+        );
+        assert_eq!(&got[..10], b"hello:none");
+        launched.stream.write_all(b"echo").await.unwrap();
+        let mut echo = [0u8; 4];
+        launched.stream.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"echo");
+        launched.sandbox.kill();
+        let exit = launched.sandbox.wait().await;
+        assert_eq!(exit.signal, Some(libc::SIGKILL), "{exit}");
+        assert_eq!(exit.to_string(), "killed by signal 9 (SIGKILL)");
+    }
+
+    #[tokio::test]
+    async fn exit_status_is_reported() {
+        let driver = ProcessDriver::new();
+        let mut launched = driver.launch(&spec("exit 7")).await.unwrap();
+        let exit = launched.sandbox.wait().await;
+        assert_eq!(exit.code, Some(7));
+        assert_eq!(launched.sandbox.try_exit(), Some(exit));
+    }
+
+    #[tokio::test]
+    async fn kill_takes_the_whole_process_group() {
+        let driver = ProcessDriver::new();
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("bg.pid");
+        let script = format!(
+            "sleep 300 & echo $! > {}; echo x >&3; wait",
+            pidfile.display()
+        );
+        let mut launched = driver.launch(&spec(&script)).await.unwrap();
+        let mut byte = [0u8; 2];
+        launched.stream.read_exact(&mut byte).await.unwrap();
+        let bg: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        drop(launched);
+        // The background sleep must be gone (or a zombie awaiting its reaper).
+        for _ in 0..100 {
+            let alive = std::fs::read_to_string(format!("/proc/{bg}/stat"))
+                .map(|s| !s.contains(") Z "))
+                .unwrap_or(false);
+            if !alive {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("background process {bg} survived its sandbox");
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_a_clear_error() {
+        let mut s = spec("");
+        s.program = "/nonexistent/python".into();
+        let err = ProcessDriver::new().launch(&s).await.unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/python"), "{err}");
+    }
+}

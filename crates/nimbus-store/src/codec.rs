@@ -1,0 +1,201 @@
+//! Conversions between domain values and database columns.
+//!
+//! Timestamps are unix milliseconds (BIGINT), unsigned numbers are BIGINT, enums are their
+//! `as_str()` text, maps and routing tables are JSON text, code is the normalized
+//! [`CodeBundle`] encoding. A stored value that does not read back is
+//! [`StoreError::Corrupt`], naming its column.
+
+use std::fmt::Display;
+use std::str::FromStr;
+
+use nimbus_core::{
+    CodeBundle, Function, FunctionAlias, FunctionConfig, FunctionVersion, Invocation,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use time::OffsetDateTime;
+
+use crate::{StoreError, StoreResult};
+
+/// A timestamp as unix milliseconds (sub-millisecond precision is dropped).
+pub(crate) fn millis(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// A value as JSON text.
+pub(crate) fn to_json<T: Serialize>(what: &str, value: &T) -> StoreResult<String> {
+    serde_json::to_string(value)
+        .map_err(|e| StoreError::Backend(format!("cannot encode {what} as JSON: {e}")))
+}
+
+fn corrupt(column: &str, why: impl Display) -> StoreError {
+    StoreError::Corrupt(format!("{column}: {why}"))
+}
+
+fn text(row: &AnyRow, column: &str) -> StoreResult<String> {
+    Ok(row.try_get(column)?)
+}
+
+fn optional_text(row: &AnyRow, column: &str) -> StoreResult<Option<String>> {
+    Ok(row.try_get(column)?)
+}
+
+fn parsed<T: FromStr>(row: &AnyRow, column: &str) -> StoreResult<T>
+where
+    T::Err: Display,
+{
+    text(row, column)?.parse().map_err(|e| corrupt(column, e))
+}
+
+fn optional_parsed<T: FromStr>(row: &AnyRow, column: &str) -> StoreResult<Option<T>>
+where
+    T::Err: Display,
+{
+    optional_text(row, column)?
+        .map(|s| s.parse().map_err(|e| corrupt(column, e)))
+        .transpose()
+}
+
+fn json<T: DeserializeOwned>(row: &AnyRow, column: &str) -> StoreResult<T> {
+    serde_json::from_str(&text(row, column)?).map_err(|e| corrupt(column, e))
+}
+
+fn optional_json<T: DeserializeOwned>(row: &AnyRow, column: &str) -> StoreResult<Option<T>> {
+    optional_text(row, column)?
+        .map(|s| serde_json::from_str(&s).map_err(|e| corrupt(column, e)))
+        .transpose()
+}
+
+fn to_u32(column: &str, value: i64) -> StoreResult<u32> {
+    u32::try_from(value).map_err(|_| corrupt(column, format!("{value} is out of range")))
+}
+
+fn unsigned(row: &AnyRow, column: &str) -> StoreResult<u32> {
+    to_u32(column, row.try_get(column)?)
+}
+
+fn optional_unsigned(row: &AnyRow, column: &str) -> StoreResult<Option<u32>> {
+    let value: Option<i64> = row.try_get(column)?;
+    value.map(|v| to_u32(column, v)).transpose()
+}
+
+/// A count column (`COUNT(*)`) as `u64`.
+pub(crate) fn count(row: &AnyRow, column: &str) -> StoreResult<u64> {
+    let value: i64 = row.try_get(column)?;
+    u64::try_from(value).map_err(|_| corrupt(column, format!("{value} is negative")))
+}
+
+fn to_timestamp(column: &str, ms: i64) -> StoreResult<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map_err(|e| corrupt(column, e))
+}
+
+fn timestamp(row: &AnyRow, column: &str) -> StoreResult<OffsetDateTime> {
+    to_timestamp(column, row.try_get(column)?)
+}
+
+fn optional_timestamp(row: &AnyRow, column: &str) -> StoreResult<Option<OffsetDateTime>> {
+    let value: Option<i64> = row.try_get(column)?;
+    value.map(|ms| to_timestamp(column, ms)).transpose()
+}
+
+fn code(row: &AnyRow) -> StoreResult<CodeBundle> {
+    let bytes: Vec<u8> = row.try_get("code")?;
+    CodeBundle::decode(&bytes).map_err(|e| corrupt("code", e))
+}
+
+/// The configuration columns shared by `functions` and `function_versions`.
+fn config(row: &AnyRow) -> StoreResult<FunctionConfig> {
+    Ok(FunctionConfig {
+        runtime: parsed(row, "runtime")?,
+        handler: parsed(row, "handler")?,
+        code_hash: text(row, "code_hash")?,
+        env_vars: json(row, "env_vars")?,
+        memory_mb: unsigned(row, "memory_mb")?,
+        timeout_sec: unsigned(row, "timeout_sec")?,
+    })
+}
+
+/// A `functions` row, code included.
+pub(crate) fn function(row: &AnyRow) -> StoreResult<Function> {
+    Ok(Function {
+        id: text(row, "id")?,
+        name: text(row, "name")?,
+        description: text(row, "description")?,
+        config: config(row)?,
+        code: code(row)?,
+        max_instances: unsigned(row, "max_instances")?,
+        status: parsed(row, "status")?,
+        latest_version: unsigned(row, "latest_version")?,
+        created_at: timestamp(row, "created_at")?,
+        updated_at: timestamp(row, "updated_at")?,
+    })
+}
+
+/// A `function_versions` row; with an empty code bundle unless `with_code` (the row must
+/// then carry the `code` column).
+pub(crate) fn version(row: &AnyRow, with_code: bool) -> StoreResult<FunctionVersion> {
+    Ok(FunctionVersion {
+        function_id: text(row, "function_id")?,
+        version: unsigned(row, "version")?,
+        description: text(row, "description")?,
+        config: config(row)?,
+        code: if with_code {
+            code(row)?
+        } else {
+            CodeBundle::default()
+        },
+        created_at: timestamp(row, "created_at")?,
+        created_by: text(row, "created_by")?,
+    })
+}
+
+/// A `function_aliases` row.
+pub(crate) fn alias(row: &AnyRow) -> StoreResult<FunctionAlias> {
+    Ok(FunctionAlias {
+        function_id: text(row, "function_id")?,
+        name: text(row, "name")?,
+        description: text(row, "description")?,
+        routing: json(row, "routing_config")?,
+        created_at: timestamp(row, "created_at")?,
+        updated_at: timestamp(row, "updated_at")?,
+    })
+}
+
+/// An `invocations` row.
+pub(crate) fn invocation(row: &AnyRow) -> StoreResult<Invocation> {
+    Ok(Invocation {
+        request_id: text(row, "request_id")?,
+        function_id: text(row, "function_id")?,
+        function_name: text(row, "function_name")?,
+        version: unsigned(row, "version")?,
+        alias_used: optional_text(row, "alias_used")?,
+        session_key: optional_text(row, "session_key")?,
+        trigger: parsed(row, "trigger_kind")?,
+        status: parsed(row, "status")?,
+        input: optional_text(row, "input")?,
+        output: optional_text(row, "output")?,
+        error: optional_json(row, "error")?,
+        start_type: optional_parsed(row, "start_type")?,
+        instance_id: optional_text(row, "instance_id")?,
+        started_at: timestamp(row, "started_at")?,
+        completed_at: optional_timestamp(row, "completed_at")?,
+        duration_ms: row.try_get("duration_ms")?,
+        memory_used_mb: optional_unsigned(row, "memory_used_mb")?,
+        logs: text(row, "logs")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn millis_round_trip_at_millisecond_precision() {
+        let t = nimbus_core::now();
+        assert_eq!(to_timestamp("t", millis(t)).unwrap(), t);
+        assert!(matches!(to_u32("v", -1), Err(StoreError::Corrupt(m)) if m.contains("v:")));
+    }
+}

@@ -1,0 +1,608 @@
+//! The one implementation of [`MetadataStore`], over sqlx's `Any` driver.
+//!
+//! Every statement is SQL that SQLite and PostgreSQL both accept (`$n` placeholders,
+//! `ON CONFLICT … DO UPDATE`, `RETURNING`), so each method is written once for both
+//! backends; the [`Dialect`] only chooses the migrations, the bind-parameter limit and the
+//! placeholders of the one generated statement (the multi-row invocation upsert).
+//! Column values are converted by [`crate::codec`].
+//!
+//! SQLite takes its write lock at a transaction's first write, so every writing
+//! transaction here starts with its write: concurrent writers then wait on the busy
+//! timeout instead of failing on a lock upgrade.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use nimbus_core::{
+    CodeBundle, Function, FunctionAlias, FunctionConfig, FunctionVersion, Invocation,
+    RoutingConfig, LATEST_ALIAS,
+};
+use sqlx::any::AnyArguments;
+use sqlx::query::Query;
+use sqlx::{Any, AnyConnection, AnyPool, Row};
+
+use crate::backend::{self, Dialect};
+use crate::codec::{self, millis, to_json};
+use crate::{InvocationFilter, MetadataStore, Page, StoreError, StoreResult, DEFAULT_LIST_LIMIT};
+
+type AnyQuery<'q> = Query<'q, Any, AnyArguments<'q>>;
+
+/// Columns of `functions`, as selected.
+macro_rules! function_columns {
+    () => {
+        "id, name, description, runtime, handler, code_hash, env_vars, memory_mb, \
+         timeout_sec, code, max_instances, status, latest_version, created_at, updated_at"
+    };
+}
+
+/// Columns of `function_versions` except `code`, as selected.
+macro_rules! version_columns {
+    () => {
+        "function_id, version, description, runtime, handler, code_hash, env_vars, \
+         memory_mb, timeout_sec, created_at, created_by"
+    };
+}
+
+/// Columns of `function_aliases`, as selected.
+macro_rules! alias_columns {
+    () => {
+        "function_id, name, description, routing_config, created_at, updated_at"
+    };
+}
+
+/// Columns of `invocations`, in the order [`bind_invocation`] binds them.
+macro_rules! invocation_columns {
+    () => {
+        "request_id, function_id, function_name, version, alias_used, session_key, \
+         trigger_kind, status, input, output, error, start_type, instance_id, started_at, \
+         completed_at, duration_ms, memory_used_mb, logs"
+    };
+}
+
+/// `$1` id, then the draft in [`bind_draft`] order (`$2`–`$12`), then name, latest
+/// version and creation time.
+const INSERT_FUNCTION: &str = "INSERT INTO functions (id, description, runtime, handler, \
+     code_hash, env_vars, memory_mb, timeout_sec, code, max_instances, status, updated_at, \
+     name, latest_version, created_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
+
+/// Saves the draft bound by [`bind_draft`].
+const UPDATE_DRAFT: &str = "UPDATE functions SET description = $2, runtime = $3, \
+     handler = $4, code_hash = $5, env_vars = $6, memory_mb = $7, timeout_sec = $8, \
+     code = $9, max_instances = $10, status = $11, updated_at = $12 WHERE id = $1";
+
+/// [`UPDATE_DRAFT`] that also allocates the next version number under the row lock.
+const PUBLISH_DRAFT: &str = "UPDATE functions SET description = $2, runtime = $3, \
+     handler = $4, code_hash = $5, env_vars = $6, memory_mb = $7, timeout_sec = $8, \
+     code = $9, max_instances = $10, status = $11, updated_at = $12, \
+     latest_version = latest_version + 1 WHERE id = $1 RETURNING latest_version";
+
+/// Function id, version and description, the configuration in [`bind_config`] order
+/// (`$4`–`$10`), then creation time and author.
+const INSERT_VERSION: &str = "INSERT INTO function_versions (function_id, version, \
+     description, runtime, handler, code_hash, env_vars, memory_mb, timeout_sec, code, \
+     created_at, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+
+/// Creates an alias (empty description) or repoints an existing one, keeping its
+/// description and creation time.
+const UPSERT_ALIAS: &str = "INSERT INTO function_aliases (function_id, name, description, \
+     routing_config, created_at, updated_at) VALUES ($1, $2, '', $3, $4, $4) \
+     ON CONFLICT (function_id, name) DO UPDATE SET \
+     routing_config = excluded.routing_config, updated_at = excluded.updated_at";
+
+const SELECT_FUNCTION_BY_ID: &str = concat!(
+    "SELECT ",
+    function_columns!(),
+    " FROM functions WHERE id = $1"
+);
+const SELECT_FUNCTION_BY_NAME: &str = concat!(
+    "SELECT ",
+    function_columns!(),
+    " FROM functions WHERE name = $1"
+);
+const LIST_FUNCTIONS: &str = concat!(
+    "SELECT ",
+    function_columns!(),
+    " FROM functions ORDER BY name LIMIT $1 OFFSET $2"
+);
+
+const SELECT_VERSION: &str = concat!(
+    "SELECT ",
+    version_columns!(),
+    ", code FROM function_versions WHERE function_id = $1 AND version = $2"
+);
+const LIST_VERSIONS: &str = concat!(
+    "SELECT ",
+    version_columns!(),
+    " FROM function_versions WHERE function_id = $1 ORDER BY version DESC LIMIT $2 OFFSET $3"
+);
+
+const SELECT_ALIAS: &str = concat!(
+    "SELECT ",
+    alias_columns!(),
+    " FROM function_aliases WHERE function_id = $1 AND name = $2"
+);
+const LIST_ALIASES: &str = concat!(
+    "SELECT ",
+    alias_columns!(),
+    " FROM function_aliases WHERE function_id = $1 ORDER BY name"
+);
+
+const SELECT_INVOCATION: &str = concat!(
+    "SELECT ",
+    invocation_columns!(),
+    " FROM invocations WHERE request_id = $1"
+);
+const LIST_INVOCATIONS: &str = concat!(
+    "SELECT ",
+    invocation_columns!(),
+    " FROM invocations WHERE function_id = $1 \
+     ORDER BY started_at DESC, request_id DESC LIMIT $2"
+);
+const LIST_INVOCATIONS_WITH_STATUS: &str = concat!(
+    "SELECT ",
+    invocation_columns!(),
+    " FROM invocations WHERE function_id = $1 AND status = $3 \
+     ORDER BY started_at DESC, request_id DESC LIMIT $2"
+);
+
+/// A [`MetadataStore`] on a SQLite or PostgreSQL connection pool.
+pub(crate) struct SqlStore {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+impl SqlStore {
+    /// Connects to `url` and applies pending migrations.
+    pub(crate) async fn open(url: &str) -> StoreResult<Self> {
+        let (dialect, pool) = backend::connect(url).await?;
+        tracing::debug!(backend = dialect.name(), "metadata store opened");
+        Ok(SqlStore { pool, dialect })
+    }
+}
+
+/// Binds the configuration a version freezes and its code, in the column order
+/// `runtime, handler, code_hash, env_vars, memory_mb, timeout_sec, code`.
+fn bind_config<'q>(
+    query: AnyQuery<'q>,
+    config: &'q FunctionConfig,
+    code: &CodeBundle,
+) -> StoreResult<AnyQuery<'q>> {
+    Ok(query
+        .bind(config.runtime.as_str())
+        .bind(config.handler.to_string())
+        .bind(config.code_hash.as_str())
+        .bind(to_json("env_vars", &config.env_vars)?)
+        .bind(i64::from(config.memory_mb))
+        .bind(i64::from(config.timeout_sec))
+        .bind(code.encode()))
+}
+
+/// Binds a function's id and draft as `$1`–`$12`: id, description, the configuration and
+/// code (see [`bind_config`]), max_instances, status, updated_at.
+fn bind_draft<'q>(query: AnyQuery<'q>, function: &'q Function) -> StoreResult<AnyQuery<'q>> {
+    let query = query
+        .bind(function.id.as_str())
+        .bind(function.description.as_str());
+    Ok(bind_config(query, &function.config, &function.code)?
+        .bind(i64::from(function.max_instances))
+        .bind(function.status.as_str())
+        .bind(millis(function.updated_at)))
+}
+
+/// Binds one record in the order of `invocation_columns!`.
+fn bind_invocation<'q>(query: AnyQuery<'q>, record: &'q Invocation) -> StoreResult<AnyQuery<'q>> {
+    let error = record
+        .error
+        .as_ref()
+        .map(|e| to_json("invocation error", e))
+        .transpose()?;
+    Ok(query
+        .bind(record.request_id.as_str())
+        .bind(record.function_id.as_str())
+        .bind(record.function_name.as_str())
+        .bind(i64::from(record.version))
+        .bind(record.alias_used.as_deref())
+        .bind(record.session_key.as_deref())
+        .bind(record.trigger.as_str())
+        .bind(record.status.as_str())
+        .bind(record.input.as_deref())
+        .bind(record.output.as_deref())
+        .bind(error)
+        .bind(record.start_type.map(|s| s.as_str()))
+        .bind(record.instance_id.as_deref())
+        .bind(millis(record.started_at))
+        .bind(record.completed_at.map(millis))
+        .bind(record.duration_ms)
+        .bind(record.memory_used_mb.map(i64::from))
+        .bind(record.logs.as_str()))
+}
+
+fn invocation_columns() -> impl Iterator<Item = &'static str> + Clone {
+    invocation_columns!().split(',').map(str::trim)
+}
+
+/// `INSERT INTO invocations … VALUES (…), (…) … ON CONFLICT (request_id) DO UPDATE` for
+/// `rows` records, every column replaced on conflict.
+fn upsert_invocations_sql(dialect: Dialect, rows: usize) -> String {
+    let columns = invocation_columns().count();
+    let mut sql = String::with_capacity(800 + rows * columns * 7);
+    sql.push_str(concat!(
+        "INSERT INTO invocations (",
+        invocation_columns!(),
+        ") VALUES "
+    ));
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for column in 0..columns {
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            dialect.push_placeholder(&mut sql, row * columns + column + 1);
+        }
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT (request_id) DO UPDATE SET ");
+    let updates: Vec<String> = invocation_columns()
+        .skip(1)
+        .map(|column| format!("{column} = excluded.{column}"))
+        .collect();
+    sql.push_str(&updates.join(", "));
+    sql
+}
+
+/// The last record of each request id, in batch order: one statement may not upsert the
+/// same row twice (PostgreSQL refuses), and the last write is the one that must win.
+fn last_per_request(records: &[Invocation]) -> Vec<&Invocation> {
+    let last: HashMap<&str, usize> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.request_id.as_str(), i))
+        .collect();
+    records
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| last[r.request_id.as_str()] == *i)
+        .map(|(_, r)| r)
+        .collect()
+}
+
+/// Whether `error` is the unique violation of the function name.
+fn is_name_taken(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            db.constraint() == Some("functions_name_key") || db.message().contains("functions.name")
+        }
+        _ => false,
+    }
+}
+
+/// The row limit of a listing: `requested`, or [`DEFAULT_LIST_LIMIT`] for 0.
+fn page_size(requested: u32) -> i64 {
+    i64::from(if requested == 0 {
+        DEFAULT_LIST_LIMIT
+    } else {
+        requested
+    })
+}
+
+fn function_not_found(id: &str) -> StoreError {
+    StoreError::NotFound(format!("function {id:?} not found"))
+}
+
+/// Inserts `version` under `function_id`.
+async fn insert_version(
+    conn: &mut AnyConnection,
+    function_id: &str,
+    version: &FunctionVersion,
+) -> StoreResult<()> {
+    let query = sqlx::query(INSERT_VERSION)
+        .bind(function_id)
+        .bind(i64::from(version.version))
+        .bind(version.description.as_str());
+    bind_config(query, &version.config, &version.code)?
+        .bind(millis(version.created_at))
+        .bind(version.created_by.as_str())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Points alias `name` at `version` alone, creating it if it does not exist.
+async fn point_alias(
+    conn: &mut AnyConnection,
+    function_id: &str,
+    name: &str,
+    version: u32,
+    at: time::OffsetDateTime,
+) -> StoreResult<()> {
+    sqlx::query(UPSERT_ALIAS)
+        .bind(function_id)
+        .bind(name)
+        .bind(to_json("routing_config", &RoutingConfig::single(version))?)
+        .bind(millis(at))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl MetadataStore for SqlStore {
+    fn backend(&self) -> &'static str {
+        self.dialect.name()
+    }
+
+    /// The function row records `first.version` as its latest version; `first` is stored
+    /// under `function.id`.
+    async fn create_function(
+        &self,
+        function: &Function,
+        first: &FunctionVersion,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = bind_draft(sqlx::query(INSERT_FUNCTION), function)?
+            .bind(function.name.as_str())
+            .bind(i64::from(first.version))
+            .bind(millis(function.created_at))
+            .execute(&mut *tx)
+            .await;
+        match inserted {
+            Err(e) if is_name_taken(&e) => {
+                return Err(StoreError::Conflict(format!(
+                    "function name {:?} already exists",
+                    function.name
+                )))
+            }
+            other => other?,
+        };
+        insert_version(&mut tx, &function.id, first).await?;
+        point_alias(
+            &mut tx,
+            &function.id,
+            LATEST_ALIAS,
+            first.version,
+            function.created_at,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_function(&self, id_or_name: &str) -> StoreResult<Option<Function>> {
+        let sql = if id_or_name.starts_with("fn_") {
+            SELECT_FUNCTION_BY_ID
+        } else {
+            SELECT_FUNCTION_BY_NAME
+        };
+        let row = sqlx::query(sql)
+            .bind(id_or_name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(codec::function).transpose()
+    }
+
+    async fn list_functions(&self, limit: u32, offset: u32) -> StoreResult<Page<Function>> {
+        let mut tx = self.pool.begin().await?;
+        let total = sqlx::query("SELECT COUNT(*) AS total FROM functions")
+            .fetch_one(&mut *tx)
+            .await?;
+        let rows = sqlx::query(LIST_FUNCTIONS)
+            .bind(page_size(limit))
+            .bind(i64::from(offset))
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Page {
+            items: rows
+                .iter()
+                .map(codec::function)
+                .collect::<StoreResult<_>>()?,
+            total: codec::count(&total, "total")?,
+        })
+    }
+
+    async fn update_function(&self, function: &Function) -> StoreResult<()> {
+        let result = bind_draft(sqlx::query(UPDATE_DRAFT), function)?
+            .execute(&self.pool)
+            .await?;
+        if result.rows_affected() == 0 {
+            return Err(function_not_found(&function.id));
+        }
+        Ok(())
+    }
+
+    async fn publish_version(
+        &self,
+        function: &Function,
+        description: &str,
+        created_by: &str,
+        move_aliases: &[&str],
+    ) -> StoreResult<FunctionVersion> {
+        let mut tx = self.pool.begin().await?;
+        let row = bind_draft(sqlx::query(PUBLISH_DRAFT), function)?
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| function_not_found(&function.id))?;
+        let number: i64 = row.try_get("latest_version")?;
+        let number = u32::try_from(number).map_err(|_| {
+            StoreError::Corrupt(format!("latest_version: {number} is out of range"))
+        })?;
+        let version = FunctionVersion {
+            function_id: function.id.clone(),
+            version: number,
+            description: description.to_string(),
+            config: function.config.clone(),
+            code: function.code.clone(),
+            created_at: nimbus_core::now(),
+            created_by: created_by.to_string(),
+        };
+        insert_version(&mut tx, &function.id, &version).await?;
+        let mut moved: Vec<&str> = Vec::with_capacity(move_aliases.len());
+        for &name in move_aliases {
+            if !moved.contains(&name) {
+                point_alias(&mut tx, &function.id, name, number, version.created_at).await?;
+                moved.push(name);
+            }
+        }
+        tx.commit().await?;
+        Ok(version)
+    }
+
+    async fn delete_function(&self, function_id: &str) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        // The foreign keys cascade too; deleting explicitly does not depend on them being on.
+        for sql in [
+            "DELETE FROM invocations WHERE function_id = $1",
+            "DELETE FROM function_aliases WHERE function_id = $1",
+            "DELETE FROM function_versions WHERE function_id = $1",
+        ] {
+            sqlx::query(sql).bind(function_id).execute(&mut *tx).await?;
+        }
+        let deleted = sqlx::query("DELETE FROM functions WHERE id = $1")
+            .bind(function_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(deleted > 0)
+    }
+
+    async fn get_version(
+        &self,
+        function_id: &str,
+        version: u32,
+    ) -> StoreResult<Option<FunctionVersion>> {
+        let row = sqlx::query(SELECT_VERSION)
+            .bind(function_id)
+            .bind(i64::from(version))
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| codec::version(&row, true)).transpose()
+    }
+
+    async fn list_versions(
+        &self,
+        function_id: &str,
+        limit: u32,
+        offset: u32,
+    ) -> StoreResult<Page<FunctionVersion>> {
+        let mut tx = self.pool.begin().await?;
+        let total =
+            sqlx::query("SELECT COUNT(*) AS total FROM function_versions WHERE function_id = $1")
+                .bind(function_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        let rows = sqlx::query(LIST_VERSIONS)
+            .bind(function_id)
+            .bind(page_size(limit))
+            .bind(i64::from(offset))
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Page {
+            items: rows
+                .iter()
+                .map(|row| codec::version(row, false))
+                .collect::<StoreResult<_>>()?,
+            total: codec::count(&total, "total")?,
+        })
+    }
+
+    async fn get_alias(&self, function_id: &str, name: &str) -> StoreResult<Option<FunctionAlias>> {
+        let row = sqlx::query(SELECT_ALIAS)
+            .bind(function_id)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(codec::alias).transpose()
+    }
+
+    async fn list_aliases(&self, function_id: &str) -> StoreResult<Vec<FunctionAlias>> {
+        let rows = sqlx::query(LIST_ALIASES)
+            .bind(function_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(codec::alias).collect()
+    }
+
+    async fn record_invocations(&self, records: &[Invocation]) -> StoreResult<()> {
+        let records = last_per_request(records);
+        if records.is_empty() {
+            return Ok(());
+        }
+        let per_statement = self.dialect.max_bind_params() / invocation_columns().count();
+        let mut tx = self.pool.begin().await?;
+        for chunk in records.chunks(per_statement) {
+            let sql = upsert_invocations_sql(self.dialect, chunk.len());
+            // Batch sizes vary, so these statements are not worth a slot in the statement cache.
+            let mut query = sqlx::query(&sql).persistent(false);
+            for &record in chunk {
+                query = bind_invocation(query, record)?;
+            }
+            query.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_invocation(&self, request_id: &str) -> StoreResult<Option<Invocation>> {
+        let row = sqlx::query(SELECT_INVOCATION)
+            .bind(request_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(codec::invocation).transpose()
+    }
+
+    async fn list_invocations(
+        &self,
+        function_id: &str,
+        filter: &InvocationFilter,
+    ) -> StoreResult<Vec<Invocation>> {
+        let query = match filter.status {
+            None => sqlx::query(LIST_INVOCATIONS)
+                .bind(function_id)
+                .bind(page_size(filter.limit)),
+            Some(status) => sqlx::query(LIST_INVOCATIONS_WITH_STATUS)
+                .bind(function_id)
+                .bind(page_size(filter.limit))
+                .bind(status.as_str()),
+        };
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(codec::invocation).collect()
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upsert_sql_binds_every_column_of_every_row() {
+        let sql = upsert_invocations_sql(Dialect::Postgres, 2);
+        let first: Vec<String> = (1..=18).map(|n| format!("${n}")).collect();
+        let second: Vec<String> = (19..=36).map(|n| format!("${n}")).collect();
+        let values = format!("VALUES ({}), ({}) ON", first.join(", "), second.join(", "));
+        assert!(sql.contains(&values), "{sql}");
+        assert!(sql.ends_with(
+            "ON CONFLICT (request_id) DO UPDATE SET function_id = excluded.function_id, \
+             function_name = excluded.function_name, version = excluded.version, \
+             alias_used = excluded.alias_used, session_key = excluded.session_key, \
+             trigger_kind = excluded.trigger_kind, status = excluded.status, \
+             input = excluded.input, output = excluded.output, error = excluded.error, \
+             start_type = excluded.start_type, instance_id = excluded.instance_id, \
+             started_at = excluded.started_at, completed_at = excluded.completed_at, \
+             duration_ms = excluded.duration_ms, memory_used_mb = excluded.memory_used_mb, \
+             logs = excluded.logs"
+        ));
+
+        let sql = upsert_invocations_sql(Dialect::Sqlite, 2);
+        let row = format!("({})", vec!["?"; 18].join(", "));
+        assert!(sql.contains(&format!("VALUES {row}, {row} ON")), "{sql}");
+        assert!(!sql.contains('$'));
+    }
+}

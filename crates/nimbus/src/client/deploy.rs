@@ -1,0 +1,347 @@
+//! `nimbus deploy <path>`: creates a function, or publishes a new version of an existing one.
+//!
+//! A file is sent inline as `code` (stored as the handler's module); a directory is packed
+//! into a deterministic tar.gz (sorted paths, zero mtimes, no `__pycache__`, `.git` or
+//! `*.pyc`) and sent base64-encoded as `code_archive`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use base64::Engine as _;
+use clap::Args;
+use reqwest::Method;
+use serde_json::{json, Map, Value};
+
+use super::http::segment;
+use super::{print_json, text, CliError, Client, Connection, Output};
+
+/// Flags of `nimbus deploy`.
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// A source file (deployed as the handler's module) or a directory (deployed as an archive).
+    pub path: PathBuf,
+    /// Function name (`[a-z0-9][a-z0-9-_]{0,63}`); an existing function gets a new version.
+    #[arg(long)]
+    pub name: String,
+    /// Runtime [server default: python3.11].
+    #[arg(long)]
+    pub runtime: Option<String>,
+    /// Handler as `module.function` [server default: handler.handle].
+    #[arg(long)]
+    pub handler: Option<String>,
+    /// Memory limit in MiB [server default: 256].
+    #[arg(long, value_name = "MB")]
+    pub memory: Option<u32>,
+    /// Timeout in seconds [server default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u32>,
+    /// Environment variable (repeatable). On an update the given set replaces all variables;
+    /// without --env they are kept.
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env_pair)]
+    pub env: Vec<(String, String)>,
+    /// Description.
+    #[arg(long)]
+    pub description: Option<String>,
+    /// Most instances running at once [server default: 50].
+    #[arg(long, value_name = "N")]
+    pub max_instances: Option<u32>,
+    /// Stage the change on an existing function without publishing a version.
+    #[arg(long)]
+    pub no_publish: bool,
+    // Server, API key and output format.
+    #[command(flatten)]
+    pub conn: Connection,
+}
+
+/// Parses one `--env KEY=VALUE`.
+pub fn parse_env_pair(s: &str) -> Result<(String, String), String> {
+    let Some((key, value)) = s.split_once('=') else {
+        return Err(format!(
+            "expected KEY=VALUE (e.g. --env LOG_LEVEL=debug), got {s:?}"
+        ));
+    };
+    let mut chars = key.chars();
+    let valid = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!(
+            "{key:?} is not a valid variable name: use letters, digits and _, not starting with a digit"
+        ));
+    }
+    if key.starts_with("NIMBUS_") {
+        return Err(format!(
+            "{key:?}: the NIMBUS_ prefix is reserved for the platform"
+        ));
+    }
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+/// Runs `nimbus deploy`.
+pub async fn run(args: DeployArgs) -> Result<(), CliError> {
+    let client = Client::from_connection(&args.conn)?;
+    let fields = request_fields(&args)?;
+    let name = segment(&args.name);
+    let existing = match client.get(&format!("/functions/{name}"), &[]).await {
+        Ok(f) => Some(f),
+        Err(CliError::Api { status: 404, .. }) => None,
+        Err(e) => return Err(e),
+    };
+    match existing {
+        None => {
+            if args.no_publish {
+                return Err(CliError::Usage(format!(
+                    "function {:?} does not exist yet: --no-publish applies only to updates",
+                    args.name
+                )));
+            }
+            let mut body = fields;
+            body.insert("name".into(), json!(args.name));
+            let created = client
+                .call(Method::POST, "/functions", &Value::Object(body))
+                .await?;
+            if args.conn.output == Output::Json {
+                print_json(&created);
+            } else {
+                println!(
+                    "created function {} ({}), version {}",
+                    text(&created["name"]),
+                    text(&created["id"]),
+                    text(&created["version"])
+                );
+            }
+        }
+        Some(before) => {
+            let mut body = fields;
+            if args.no_publish {
+                body.insert("publish".into(), json!(false));
+            }
+            let updated = client
+                .call(
+                    Method::PUT,
+                    &format!("/functions/{name}"),
+                    &Value::Object(body),
+                )
+                .await?;
+            if args.conn.output == Output::Json {
+                print_json(&updated);
+            } else if let Some(v) = updated["published_version"].as_u64() {
+                println!(
+                    "updated function {}, published version {v}",
+                    text(&updated["name"])
+                );
+            } else if args.no_publish && updated["code_hash"] != before["code_hash"] {
+                println!(
+                    "updated function {}: staged, not published",
+                    text(&updated["name"])
+                );
+            } else {
+                println!(
+                    "function {}: no change (latest version {})",
+                    text(&updated["name"]),
+                    text(&updated["latest_version"])
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The create/update body without the name: code plus the flags that were given.
+fn request_fields(args: &DeployArgs) -> anyhow::Result<Map<String, Value>> {
+    let mut body = Map::new();
+    let meta = std::fs::metadata(&args.path)
+        .with_context(|| format!("cannot read {}", args.path.display()))?;
+    if meta.is_dir() {
+        let archive = pack_dir(&args.path)?;
+        body.insert(
+            "code_archive".into(),
+            json!(base64::engine::general_purpose::STANDARD.encode(archive)),
+        );
+    } else {
+        let bytes = std::fs::read(&args.path)
+            .with_context(|| format!("reading {}", args.path.display()))?;
+        let source = String::from_utf8(bytes).map_err(|_| {
+            anyhow::anyhow!(
+                "{} is not UTF-8 text; deploy a directory to ship other files",
+                args.path.display()
+            )
+        })?;
+        body.insert("code".into(), json!(source));
+    }
+    let mut optional = |key: &str, value: Option<Value>| {
+        if let Some(v) = value {
+            body.insert(key.into(), v);
+        }
+    };
+    optional("runtime", args.runtime.as_ref().map(|v| json!(v)));
+    optional("handler", args.handler.as_ref().map(|v| json!(v)));
+    optional("memory_mb", args.memory.map(|v| json!(v)));
+    optional("timeout_sec", args.timeout.map(|v| json!(v)));
+    optional("description", args.description.as_ref().map(|v| json!(v)));
+    optional("max_instances", args.max_instances.map(|v| json!(v)));
+    if !args.env.is_empty() {
+        let env: BTreeMap<String, String> = args.env.iter().cloned().collect();
+        nimbus_core::function::validate_env_vars(&env)
+            .map_err(|e| anyhow::anyhow!("--env: {}", e.message))?;
+        body.insert("env_vars".into(), json!(env));
+    }
+    Ok(body)
+}
+
+/// Directory and file names never deployed.
+fn skipped(name: &str, is_dir: bool) -> bool {
+    if is_dir {
+        name == "__pycache__" || name == ".git"
+    } else {
+        name.ends_with(".pyc")
+    }
+}
+
+/// Packs the files under `dir` into a tar.gz whose bytes depend only on the paths and contents.
+pub fn pack_dir(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let mut files = Vec::new();
+    collect(dir, "", &mut files)?;
+    files.sort();
+    if files.is_empty() {
+        bail!("{} holds no files to deploy", dir.display());
+    }
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut builder = tar::Builder::new(gz);
+    for (relative, path, executable) in files {
+        let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_size(data.len() as u64);
+        header.set_mode(if executable { 0o755 } else { 0o644 });
+        header.set_mtime(0);
+        builder
+            .append_data(&mut header, &relative, data.as_slice())
+            .with_context(|| format!("packing {relative}"))?;
+    }
+    let gz = builder.into_inner().context("packing the archive")?;
+    gz.finish().context("compressing the archive")
+}
+
+/// Appends `(relative path, path, executable)` of every regular file under `dir`.
+fn collect(dir: &Path, prefix: &str, out: &mut Vec<(String, PathBuf, bool)>) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("reading directory {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading directory {}", dir.display()))?;
+        let path = entry.path();
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            bail!("{}: file names must be UTF-8", path.display());
+        };
+        let relative = format!("{prefix}{name}");
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            if !skipped(&name, true) {
+                collect(&path, &format!("{relative}/"), out)?;
+            }
+            continue;
+        }
+        // Symbolic links to files are followed; links to directories are not (no cycles).
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(_) if kind.is_symlink() => {
+                eprintln!(
+                    "warning: skipping dangling symbolic link {}",
+                    path.display()
+                );
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        if meta.is_dir() {
+            eprintln!(
+                "warning: skipping symbolic link to a directory {}",
+                path.display()
+            );
+        } else if meta.is_file() && !skipped(&name, false) {
+            out.push((relative, path, meta.permissions().mode() & 0o111 != 0));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn env_pairs_are_checked() {
+        assert_eq!(parse_env_pair("A=1").unwrap(), ("A".into(), "1".into()));
+        assert_eq!(
+            parse_env_pair("_X=a=b").unwrap(),
+            ("_X".into(), "a=b".into())
+        );
+        assert_eq!(
+            parse_env_pair("EMPTY=").unwrap(),
+            ("EMPTY".into(), String::new())
+        );
+        assert!(parse_env_pair("novalue").unwrap_err().contains("KEY=VALUE"));
+        assert!(parse_env_pair("1X=1")
+            .unwrap_err()
+            .contains("not a valid variable name"));
+        assert!(parse_env_pair("=1").is_err());
+        assert!(parse_env_pair("A-B=1").is_err());
+        assert!(parse_env_pair("NIMBUS_X=1")
+            .unwrap_err()
+            .contains("reserved"));
+    }
+
+    fn unpack(archive: &[u8]) -> Vec<(String, Vec<u8>, u32)> {
+        let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(archive));
+        tar.entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let path = e.path().unwrap().to_string_lossy().into_owned();
+                let mode = e.header().mode().unwrap();
+                let mut data = Vec::new();
+                e.read_to_end(&mut data).unwrap();
+                (path, data, mode)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn directories_pack_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(root.join("handler.py"), "from lib.util import f\n").unwrap();
+        std::fs::create_dir_all(root.join("lib/__pycache__")).unwrap();
+        std::fs::write(root.join("lib/util.py"), "def f(): return 1\n").unwrap();
+        std::fs::write(root.join("lib/util.pyc"), b"\0\0").unwrap();
+        std::fs::write(root.join("lib/__pycache__/util.cpython-311.pyc"), b"\0").unwrap();
+        std::fs::create_dir_all(root.join(".git")).unwrap();
+        std::fs::write(root.join(".git/HEAD"), "ref").unwrap();
+        std::fs::write(root.join("run.sh"), "#!/bin/sh\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(root.join("run.sh"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+
+        let archive = pack_dir(root).unwrap();
+        let entries = unpack(&archive);
+        let names: Vec<&str> = entries.iter().map(|(p, _, _)| p.as_str()).collect();
+        assert_eq!(names, ["handler.py", "lib/util.py", "run.sh"]);
+        assert_eq!(entries[1].1, b"def f(): return 1\n");
+        assert_eq!(entries[0].2, 0o644);
+        assert_eq!(entries[2].2, 0o755);
+        // Deterministic: same tree, same bytes; and the server can read it.
+        assert_eq!(pack_dir(root).unwrap(), archive);
+        let bundle = nimbus_core::CodeBundle::from_archive(&archive).unwrap();
+        assert_eq!(bundle.files().len(), 3);
+    }
+
+    #[test]
+    fn empty_directories_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("__pycache__")).unwrap();
+        let err = pack_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("no files"), "{err}");
+    }
+}

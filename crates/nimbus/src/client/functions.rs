@@ -1,0 +1,231 @@
+//! `nimbus fn list|get|delete`: the functions on a server.
+
+use std::io::{BufRead, IsTerminal, Write};
+
+use clap::{Args, Subcommand};
+use reqwest::Method;
+use serde_json::Value;
+
+use super::http::segment;
+use super::table::{details, Table};
+use super::{print_json, text, CliError, Client, Connection, Output};
+
+/// `nimbus fn …`.
+#[derive(Debug, Args)]
+pub struct FnArgs {
+    // Server, API key and output format (accepted after the subcommand too).
+    #[command(flatten)]
+    pub conn: Connection,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: FnCommand,
+}
+
+/// The subcommands of `nimbus fn`.
+#[derive(Debug, Subcommand)]
+pub enum FnCommand {
+    /// List functions.
+    List {
+        /// Most functions shown.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Functions skipped first.
+        #[arg(long, default_value_t = 0)]
+        offset: u32,
+    },
+    /// Show one function.
+    Get {
+        /// Function name or id.
+        function: String,
+    },
+    /// Delete a function with all its versions and aliases.
+    Delete {
+        /// Function name or id.
+        function: String,
+        /// Do not ask for confirmation (required when stdin is not a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+}
+
+/// Runs `nimbus fn …`.
+pub async fn run(args: FnArgs) -> Result<(), CliError> {
+    let client = Client::from_connection(&args.conn)?;
+    let json = args.conn.output == Output::Json;
+    match args.command {
+        FnCommand::List { limit, offset } => {
+            let page = client
+                .get(
+                    "/functions",
+                    &[("limit", limit.to_string()), ("offset", offset.to_string())],
+                )
+                .await?;
+            if json {
+                print_json(&page);
+            } else {
+                list_table(&page);
+            }
+        }
+        FnCommand::Get { function } => {
+            let f = client
+                .get(&format!("/functions/{}", segment(&function)), &[])
+                .await?;
+            if json {
+                print_json(&f);
+            } else {
+                print!("{}", function_details(&f));
+            }
+        }
+        FnCommand::Delete { function, yes } => {
+            if !yes
+                && !confirm(&format!(
+                    "Delete function {function:?} with all its versions and aliases?"
+                ))?
+            {
+                return Err(CliError::Usage(
+                    "aborted: the function was not deleted".into(),
+                ));
+            }
+            let deleted = client
+                .send(
+                    Method::DELETE,
+                    &format!("/functions/{}", segment(&function)),
+                    &[],
+                    None,
+                )
+                .await?
+                .into_result()?;
+            if json {
+                print_json(&deleted);
+            } else {
+                println!(
+                    "deleted function {} ({})",
+                    text(&deleted["name"]),
+                    text(&deleted["id"])
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Asks on the terminal; without one, refuses and says to pass `--yes`.
+fn confirm(question: &str) -> Result<bool, CliError> {
+    if !std::io::stdin().is_terminal() {
+        return Err(CliError::Usage(
+            "refusing to delete without confirmation: stdin is not a terminal; pass --yes".into(),
+        ));
+    }
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush().ok();
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .map_err(|e| CliError::Usage(format!("reading the answer: {e}")))?;
+    Ok(matches!(
+        answer.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
+}
+
+fn list_table(page: &Value) {
+    let mut table = Table::new(&[
+        "name", "id", "runtime", "version", "memory", "timeout", "status", "updated",
+    ]);
+    let functions = page["functions"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for f in functions {
+        table.row([
+            text(&f["name"]),
+            text(&f["id"]),
+            text(&f["runtime"]),
+            text(&f["latest_version"]),
+            format!("{} MB", text(&f["memory_mb"])),
+            format!("{} s", text(&f["timeout_sec"])),
+            text(&f["status"]),
+            text(&f["updated_at"]),
+        ]);
+    }
+    if table.is_empty() {
+        println!("no functions");
+    } else {
+        print!("{}", table.render());
+    }
+    let offset = page["offset"].as_u64().unwrap_or(0);
+    let total = page["total"].as_u64().unwrap_or(0);
+    let shown = functions.len() as u64;
+    if shown > 0 && shown < total {
+        eprintln!("showing {}–{} of {total}", offset + 1, offset + shown);
+    }
+}
+
+/// The details view of one function.
+fn function_details(f: &Value) -> String {
+    let files = f["files"]
+        .as_array()
+        .map(|files| {
+            files
+                .iter()
+                .map(|file| format!("{} ({} B)", text(&file["path"]), text(&file["size"])))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    let env = f["env_vars"]
+        .as_object()
+        .map(|vars| {
+            vars.iter()
+                .map(|(k, v)| format!("{k}={}", text(v)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    details(&[
+        ("name", text(&f["name"])),
+        ("id", text(&f["id"])),
+        ("description", text(&f["description"])),
+        ("runtime", text(&f["runtime"])),
+        ("handler", text(&f["handler"])),
+        ("status", text(&f["status"])),
+        ("latest version", text(&f["latest_version"])),
+        ("memory", format!("{} MB", text(&f["memory_mb"]))),
+        ("timeout", format!("{} s", text(&f["timeout_sec"]))),
+        ("max instances", text(&f["max_instances"])),
+        (
+            "code",
+            format!("{} ({} B)", text(&f["code_hash"]), text(&f["code_size"])),
+        ),
+        ("files", if files.is_empty() { "-".into() } else { files }),
+        ("env", if env.is_empty() { "-".into() } else { env }),
+        ("created", text(&f["created_at"])),
+        ("updated", text(&f["updated_at"])),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn details_show_files_and_env() {
+        let f = json!({
+            "name": "hello", "id": "fn_1", "description": "", "runtime": "python3.11",
+            "handler": "handler.handle", "status": "active", "latest_version": 2,
+            "memory_mb": 256, "timeout_sec": 30, "max_instances": 50,
+            "code_hash": "sha256:ab", "code_size": 12,
+            "files": [{"path": "handler.py", "size": 12}],
+            "env_vars": {"A": "1"}, "created_at": "t0", "updated_at": "t1"
+        });
+        let text = function_details(&f);
+        assert!(text.contains("description:    -\n"), "{text}");
+        assert!(
+            text.contains("files:          handler.py (12 B)\n"),
+            "{text}"
+        );
+        assert!(text.contains("env:            A=1\n"), "{text}");
+    }
+}

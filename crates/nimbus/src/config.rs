@@ -1,0 +1,231 @@
+//! Server configuration: one typed struct with defaults, read from an optional
+//! `nimbus.toml`, then environment variables and flags (which win), printed on start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use nimbus_engine::EngineConfig;
+use serde::{Deserialize, Serialize};
+
+/// Flags of `nimbus server` (each also readable from its environment variable).
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Configuration file (TOML); defaults to `<data-dir>/nimbus.toml` when that exists.
+    #[arg(long, env = "NIMBUS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "NIMBUS_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for local state: SQLite database, code cache, runtime files.
+    #[arg(long, env = "NIMBUS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Metadata store: `sqlite:<path>` (default `<data-dir>/nimbus.db`) or `postgres://…`.
+    #[arg(long, env = "NIMBUS_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// API key accepted as `Authorization: Bearer <key>` (`name:secret` or `secret`; repeatable).
+    #[arg(long = "api-key", env = "NIMBUS_API_KEYS", value_delimiter = ',')]
+    pub api_keys: Vec<String>,
+    /// Python interpreter for the python3.11 runtime (default: the real python3 on this host).
+    #[arg(long, env = "NIMBUS_PYTHON")]
+    pub python: Option<PathBuf>,
+    /// Seconds an idle instance is kept [default: 300].
+    #[arg(long, env = "NIMBUS_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<u64>,
+    /// Deploy the bundled example function `hello` at start (if it does not exist yet).
+    #[arg(long)]
+    pub example: bool,
+}
+
+/// The server's settings. Field names are the keys of `nimbus.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Local state directory.
+    pub data_dir: PathBuf,
+    /// Metadata store URL.
+    pub database_url: String,
+    /// API keys.
+    pub api_keys: Vec<String>,
+    /// Python interpreter override.
+    pub python: Option<PathBuf>,
+    /// Seconds an idle instance is kept.
+    pub idle_timeout_sec: u64,
+    /// Invocations an instance serves before it is replaced.
+    pub max_invocations: u64,
+    /// Seconds an instance lives before it is replaced.
+    pub max_age_sec: u64,
+    /// Invocations of one function that may wait for capacity.
+    pub queue_depth: usize,
+    /// Milliseconds an invocation may wait for capacity before 429.
+    pub queue_timeout_ms: u64,
+    /// Seconds a new instance may take to load its handler.
+    pub start_timeout_sec: u64,
+    /// Milliseconds cached metadata is trusted (bounds cross-server staleness).
+    pub cache_ttl_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let data_dir = dirs::data_dir()
+            .unwrap_or_else(|| PathBuf::from("."))
+            .join("nimbus");
+        let engine = EngineConfig::new(data_dir.clone());
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database_url: String::new(),
+            data_dir,
+            api_keys: Vec::new(),
+            python: None,
+            idle_timeout_sec: engine.idle_timeout.as_secs(),
+            max_invocations: engine.max_invocations,
+            max_age_sec: engine.max_age.as_secs(),
+            queue_depth: engine.queue_depth,
+            queue_timeout_ms: engine.queue_timeout.as_millis() as u64,
+            start_timeout_sec: engine.start_timeout.as_secs(),
+            cache_ttl_ms: engine.cache_ttl.as_millis() as u64,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Defaults, then the config file, then flags and environment.
+    pub fn load(args: &ServerArgs) -> anyhow::Result<Self> {
+        let data_dir_hint = args
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| ServerConfig::default().data_dir);
+        let file = args.config.clone().or_else(|| {
+            let candidate = data_dir_hint.join("nimbus.toml");
+            candidate.exists().then_some(candidate)
+        });
+        let mut config = match &file {
+            Some(path) => Self::from_file(path)?,
+            None => ServerConfig::default(),
+        };
+        if let Some(listen) = args.listen {
+            config.listen = listen;
+        }
+        if let Some(dir) = &args.data_dir {
+            config.data_dir = dir.clone();
+        }
+        if let Some(url) = &args.database_url {
+            config.database_url = url.clone();
+        }
+        if !args.api_keys.is_empty() {
+            config.api_keys = args.api_keys.clone();
+        }
+        if let Some(python) = &args.python {
+            config.python = Some(python.clone());
+        }
+        if let Some(idle) = args.idle_timeout {
+            config.idle_timeout_sec = idle;
+        }
+        if config.database_url.is_empty() {
+            config.database_url = format!("sqlite:{}", config.data_dir.join("nimbus.db").display());
+        }
+        Ok(config)
+    }
+
+    fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text)
+            .with_context(|| format!("invalid configuration in {}", path.display()))
+    }
+
+    /// The engine's part of the configuration.
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            idle_timeout: Duration::from_secs(self.idle_timeout_sec),
+            max_invocations: self.max_invocations,
+            max_age: Duration::from_secs(self.max_age_sec),
+            queue_depth: self.queue_depth,
+            queue_timeout: Duration::from_millis(self.queue_timeout_ms),
+            start_timeout: Duration::from_secs(self.start_timeout_sec),
+            cache_ttl: Duration::from_millis(self.cache_ttl_ms),
+            ..EngineConfig::new(self.data_dir.clone())
+        }
+    }
+
+    /// The configuration as TOML with secrets masked, for the start-up log.
+    pub fn redacted(&self) -> String {
+        let mut shown = self.clone();
+        shown.api_keys = shown
+            .api_keys
+            .iter()
+            .map(|_| "********".to_owned())
+            .collect();
+        shown.database_url = redact_url(&shown.database_url);
+        toml::to_string(&shown).unwrap_or_default()
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:********@host/db`.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:********@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_masked() {
+        assert_eq!(
+            redact_url("postgres://u:pw@h:5432/db"),
+            "postgres://u:********@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite:/x/nimbus.db"), "sqlite:/x/nimbus.db");
+    }
+
+    #[test]
+    fn file_values_apply_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nimbus.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\nidle_timeout_sec = 5\nqueue_depth = 7\n",
+        )
+        .unwrap();
+        let args = ServerArgs {
+            config: Some(path),
+            listen: None,
+            data_dir: Some(dir.path().to_path_buf()),
+            database_url: None,
+            api_keys: vec![],
+            python: None,
+            idle_timeout: Some(9),
+            example: false,
+        };
+        let c = ServerConfig::load(&args).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.queue_depth, 7);
+        assert_eq!(c.idle_timeout_sec, 9);
+        assert_eq!(
+            c.database_url,
+            format!("sqlite:{}", dir.path().join("nimbus.db").display())
+        );
+        std::fs::write(dir.path().join("bad.toml"), "listn = 1").unwrap();
+        let bad = ServerArgs {
+            config: Some(dir.path().join("bad.toml")),
+            ..args
+        };
+        let err = format!("{:#}", ServerConfig::load(&bad).unwrap_err());
+        assert!(err.contains("listn"), "{err}");
+    }
+}

@@ -1,0 +1,61 @@
+//! `nimbus`: the server, the command-line client and the benchmark harness in one binary.
+
+mod bench;
+mod client;
+mod config;
+mod server;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Nimbus: a self-hosted serverless function platform.
+#[derive(Debug, Parser)]
+#[command(name = "nimbus", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (embedded defaults: SQLite in the data directory, 127.0.0.1:8080).
+    Server(config::ServerArgs),
+    /// Deploy a function from a file or a directory: create it, or publish a new version.
+    Deploy(client::deploy::DeployArgs),
+    /// List, show and delete functions.
+    #[command(name = "fn")]
+    Fn(client::functions::FnArgs),
+    /// Invoke a function and print what it returned.
+    Invoke(client::invoke::InvokeArgs),
+    /// List a function's recent invocations, or show one (`inv_…`) with its logs.
+    Invocations(client::invoke::InvocationsArgs),
+    /// Measure warm latency, throughput, a process-per-invocation baseline and idle memory.
+    Bench(bench::BenchArgs),
+}
+
+fn init_logging(default: &str) {
+    let filter = EnvFilter::try_from_env("NIMBUS_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    // The server logs its work; client commands only warnings, so their output stays clean.
+    let server = matches!(cli.command, Command::Server(_));
+    init_logging(if server { "info" } else { "warn" });
+    let result = match cli.command {
+        Command::Server(args) => return server::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Deploy(args) => client::deploy::run(args).await,
+        Command::Fn(args) => client::functions::run(args).await,
+        Command::Invoke(args) => client::invoke::run_invoke(args).await,
+        Command::Invocations(args) => client::invoke::run_invocations(args).await,
+        Command::Bench(args) => bench::run(args).await,
+    };
+    Ok(client::finish(result))
+}

@@ -1,0 +1,139 @@
+//! `nimbus server`: wires the store, runtimes, sandbox driver, engine and HTTP API together,
+//! serves until SIGINT/SIGTERM, then drains in-flight requests and writes pending records.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use nimbus_api::{ApiKeys, AppState};
+use nimbus_engine::{Engine, NewFunction};
+use nimbus_runtime::{RuntimeSettings, Runtimes};
+use nimbus_sandbox::ProcessDriver;
+
+use crate::config::{ServerArgs, ServerConfig};
+
+const EXAMPLE_NAME: &str = "hello";
+const EXAMPLE_CODE: &str = include_str!("../../../examples/hello/handler.py");
+
+/// Runs the server until a shutdown signal.
+pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    let config = ServerConfig::load(&args)?;
+    let keys = ApiKeys::new(&config.api_keys);
+    if keys.is_empty() && !config.listen.ip().is_loopback() {
+        bail!(
+            "refusing to listen on {} without an API key: pass --api-key or set NIMBUS_API_KEYS \
+             (authentication may be off only on a loopback address)",
+            config.listen
+        );
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    tracing::info!("configuration:\n{}", config.redacted());
+
+    let metrics = install_metrics()?;
+    let store = nimbus_store::open(&config.database_url)
+        .await
+        .with_context(|| "opening the metadata store")?;
+    let runtimes = Runtimes::discover(
+        &RuntimeSettings {
+            python: config.python.clone(),
+        },
+        &config.data_dir,
+    );
+    for line in runtimes.describe() {
+        tracing::info!("runtime {line}");
+    }
+    let engine = Engine::start(
+        config.engine(),
+        store,
+        Arc::new(ProcessDriver::new()),
+        runtimes,
+    );
+    tracing::info!(store = %config.database_url.split(':').next().unwrap_or(""), driver = engine.driver_name(), "engine started");
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    if args.example {
+        deploy_example(&engine).await?;
+        println!("Nimbus is listening on http://{addr}");
+        println!("Try the example function:");
+        println!("  curl -s -X POST http://{addr}/api/v1/functions/{EXAMPLE_NAME}/invoke -d '{{\"name\":\"Nimbus\"}}'");
+    }
+    tracing::info!(%addr, "listening");
+
+    let app = nimbus_api::router(
+        AppState {
+            engine: engine.clone(),
+            metrics,
+        },
+        keys,
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    tracing::info!("draining: stopping instances and writing pending records");
+    engine.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn deploy_example(engine: &Engine) -> anyhow::Result<()> {
+    match engine.get_function(EXAMPLE_NAME).await {
+        Ok(_) => return Ok(()),
+        Err(nimbus_engine::EngineError::NotFound { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let example = NewFunction {
+        name: EXAMPLE_NAME.into(),
+        description: "The bundled example function".into(),
+        runtime: Some("python3.11".into()),
+        handler: None,
+        code: Some(EXAMPLE_CODE.into()),
+        code_archive: None,
+        memory_mb: None,
+        timeout_sec: None,
+        env_vars: Default::default(),
+        max_instances: None,
+    };
+    engine
+        .create_function(example, "nimbus")
+        .await
+        .context("deploying the example function")?;
+    Ok(())
+}
+
+/// Installs the Prometheus recorder with the duration buckets the product documents.
+fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    let buckets = [
+        0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0,
+        5000.0, 10000.0, 30000.0,
+    ];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_ms".into()), &buckets)?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Makes sure the services the test suite talks to are up on this machine:
+# PostgreSQL on 127.0.0.1:5432 (database `test`). Starts a local cluster if one is installed
+# but stopped. Installs nothing that a developer machine of this project lacks by default.
+set -euo pipefail
+
+pg_up() { pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; }
+
+if ! command -v pg_isready >/dev/null 2>&1; then
+  echo "ensure-services: PostgreSQL client tools not found; installing postgresql" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
+
+if ! pg_up; then
+  echo "ensure-services: starting PostgreSQL" >&2
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  for _ in $(seq 1 30); do pg_up && break; sleep 1; done
+fi
+pg_up || { echo "ensure-services: PostgreSQL is not reachable on 127.0.0.1:5432" >&2; exit 1; }
+
+# The tests connect as postgres to database `test` with trust auth on the loopback address.
+if ! psql -h 127.0.0.1 -U postgres -d test -Atc 'select 1' >/dev/null 2>&1; then
+  su postgres -c "psql -Atc 'create database test'" >/dev/null 2>&1 || true
+fi
+psql -h 127.0.0.1 -U postgres -d test -Atc 'select 1' >/dev/null
+echo "ensure-services: PostgreSQL ready" >&2
