@@ -126,7 +126,7 @@ pub struct WorkerMessage<'a> {
     /// Whether the handler returned (`result`).
     #[serde(default)]
     pub ok: Option<bool>,
-    /// The handler's return value, raw JSON (`result` with ok).
+    /// The handler's return value, raw JSON (`result` with ok); a JSON `null` reads as `None`.
     #[serde(default, borrow)]
     pub body: Option<&'a RawValue>,
     /// The exception (`result` without ok, `init_error`).

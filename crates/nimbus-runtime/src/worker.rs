@@ -141,7 +141,8 @@ impl WorkerConn {
             )));
         }
         let result = match (msg.ok, msg.body, msg.error) {
-            (Some(true), Some(body), _) => Ok(body.to_owned()),
+            // A `null` body deserializes as `None`: the handler returned None/null.
+            (Some(true), body, _) => Ok(body.map_or_else(json_null, RawValue::to_owned)),
             (Some(false), _, Some(error)) => Err(error),
             _ => return Err(WorkerError::Protocol("result without body or error".into())),
         };
@@ -178,6 +179,10 @@ impl WorkerConn {
         self.next_id += 1;
         id
     }
+}
+
+fn json_null() -> Box<RawValue> {
+    RawValue::from_string("null".to_owned()).expect("null is JSON")
 }
 
 fn parse(buf: &[u8]) -> Result<WorkerMessage<'_>, WorkerError> {

@@ -1,7 +1,9 @@
 """Nimbus Python worker: loads one function's handler, then serves invocations.
 
-Started by the Nimbus server as `python -I -S -B nimbus_worker.py` with the function's code
-directory as working directory and the host connection on file descriptor 3. Frames are a
+Started by the Nimbus server as `python -I -S -B nimbus_boot.py` (which imports this module,
+so that its byte code is cached, and calls `main`; running this file directly works too),
+with the function's code directory as working directory and the host connection on file
+descriptor 3. Frames are a
 u32 big-endian length followed by that many bytes of JSON (see the nimbus-runtime crate):
 
     host -> worker   invoke {id, request_id, event}      ping {id}
@@ -45,6 +47,7 @@ _DEFAULT_HANDLER = "handler.handle"
 _CO_VARARGS = 0x04
 _SELF_FILE = __file__
 _RUNTIME_DIR = __file__.rpartition("/")[0] or "."
+_API_DIR = _RUNTIME_DIR + "/nimbus/"
 
 
 # --- logs -------------------------------------------------------------------------------
@@ -195,11 +198,13 @@ def _clean(text, limit, tail=False):
 
 
 def _user_traceback(tb):
-    """`tb` without the worker's own frames and the import machinery's."""
+    """`tb` without the frames of the worker, the nimbus package and the import machinery."""
     kept = []
     while tb is not None:
         name = tb.tb_frame.f_code.co_filename
-        if name != _SELF_FILE and not name.startswith("<frozen importlib"):
+        if not (
+            name == _SELF_FILE or name.startswith(_API_DIR) or name.startswith("<frozen importlib")
+        ):
             kept.append(tb)
         tb = tb.tb_next
     out = None
@@ -343,7 +348,16 @@ def _takes_state(fn):
 
 
 class _ProtocolError(Exception):
-    pass
+    """The host sent something the worker cannot understand: the worker exits."""
+
+
+class _BadEvent(Exception):
+    """An invoke frame whose event cannot be decoded (e.g. an integer over Python's digit
+    limit, or nesting deeper than the recursion limit): answered with an error result."""
+
+    def __init__(self, msg_id, message):
+        super().__init__(message)
+        self.msg_id = msg_id
 
 
 class _Host:
@@ -363,10 +377,21 @@ class _Host:
         data = read(size)
         if len(data) < size:
             return None
+        text = ""
         try:
-            return _scan(data.decode("utf-8"), 0)[0]
-        except (StopIteration, ValueError) as exc:
-            raise _ProtocolError("invalid frame from the host: %r" % (exc,)) from None
+            text = data.decode("utf-8")
+            return _scan(text, 0)[0]
+        except Exception as exc:
+            failure = exc
+        # Frames start `{"type":"invoke","id":N,`: find the id to answer with an error.
+        msg_id = None
+        if text.startswith('{"type":"invoke","id":'):
+            digits = text[22:].partition(",")[0]
+            if digits.isdigit():
+                msg_id = int(digits)
+        if msg_id is None:
+            raise _ProtocolError("invalid frame from the host: %r" % (failure,))
+        raise _BadEvent(msg_id, "the event could not be decoded: %s" % (failure,))
 
     def send(self, message):
         payload = "".join(_encode(message, 0)).encode("ascii")
@@ -416,7 +441,11 @@ def _serve(host, handler, takes_state, state, api, sink):
     clear = sink.clear
     coroutine_type = _coroutine_type
     while True:
-        msg = read()
+        try:
+            msg = read()
+        except _BadEvent as bad:
+            send(_result_error(bad.msg_id, _simple_error("InvalidEvent", str(bad)), sink))
+            continue
         if msg is None:
             return
         kind = msg["type"]
@@ -432,8 +461,13 @@ def _serve(host, handler, takes_state, state, api, sink):
                 if value.__class__ is coroutine_type:
                     value = _run_coroutine(value)
             except BaseException as exc:
+                if isinstance(exc, SystemExit):
+                    # The function asked the process to end: report it, then do so.
+                    message = "the handler called sys.exit(%r); the instance stops" % (exc.code,)
+                    send(_result_error(msg_id, _error(exc, message), sink))
+                    _exit(1)
                 send(_result_error(msg_id, _error(exc), sink))
-                if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+                if isinstance(exc, KeyboardInterrupt):
                     _exit(1)
                 continue
             finally:
@@ -499,16 +533,21 @@ def main():
     sink = _Sink()
     sys.stdout = _Capture("<stdout>", sink)
     sys.stderr = _Capture("<stderr>", sink)
-    # The function's code first, then the runtime's `nimbus` package, then the stdlib.
-    sys.path[0:0] = [posix.getcwd(), _RUNTIME_DIR]
+    if sys.path and sys.path[0] == _RUNTIME_DIR:
+        del sys.path[0]  # put there by nimbus_boot.py
 
     spec = posix.environ.get(b"NIMBUS_HANDLER", b"").decode("utf-8", "surrogateescape").strip()
     loaded = perf_counter()
     try:
+        # The runtime's `nimbus` package is imported before the function's code is on the
+        # path: `import nimbus` always means the platform's API.
+        sys.path.insert(0, _RUNTIME_DIR)
         try:
             import nimbus as api
         except BaseException as exc:
             raise _InitFailure(_error(exc, "the runtime's nimbus package failed to load: %s" % exc))
+        # The function's code first, then the runtime directory, then the stdlib.
+        sys.path[0:1] = [posix.getcwd(), _RUNTIME_DIR]
         handler = _load(spec or _DEFAULT_HANDLER)
         takes_state = _takes_state(handler)
     except _InitFailure as failure:

@@ -1,0 +1,600 @@
+//! The Python worker end to end: the real interpreter, started by the process driver, spoken
+//! to over its socket with [`WorkerConn`].
+
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nimbus_runtime::protocol::ErrorPayload;
+use nimbus_runtime::python::PythonRuntime;
+use nimbus_runtime::{InvokeOutcome, WorkerConn, WorkerError};
+use nimbus_sandbox::{Driver, LaunchSpec, ProcessDriver, Sandbox};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+/// One discovery per test binary; the data directory is shared and idempotent.
+fn runtime() -> &'static PythonRuntime {
+    static RUNTIME: OnceLock<PythonRuntime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        let data = Path::new(env!("CARGO_TARGET_TMPDIR")).join("nimbus-runtime-python-tests");
+        PythonRuntime::discover(None, &data).expect("a Python 3.8+ interpreter on this host")
+    })
+}
+
+/// A started worker and what keeps it alive.
+struct Worker {
+    conn: WorkerConn,
+    sandbox: Box<dyn Sandbox>,
+    _code: TempDir,
+}
+
+/// Writes `files` into a fresh code directory and starts a worker on it (without handshake).
+async fn launch(files: &[(&str, &str)], handler: &str, env: &[(&str, &str)]) -> Worker {
+    let code = tempfile::tempdir().unwrap();
+    for (name, content) in files {
+        let path = code.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+    }
+    let command = runtime().command();
+    let mut vars = command.env;
+    vars.extend([
+        ("NIMBUS_HANDLER".to_owned(), handler.to_owned()),
+        ("NIMBUS_FUNCTION_NAME".to_owned(), "test-fn".to_owned()),
+        ("NIMBUS_FUNCTION_VERSION".to_owned(), "3".to_owned()),
+        ("NIMBUS_MEMORY_MB".to_owned(), "128".to_owned()),
+    ]);
+    vars.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    let spec = LaunchSpec {
+        instance_id: "i_test".into(),
+        program: command.program,
+        args: command.args,
+        env: vars,
+        workdir: code.path().to_owned(),
+        memory_mb: 128,
+    };
+    let launched = ProcessDriver::new().launch(&spec).await.unwrap();
+    Worker {
+        conn: WorkerConn::new(launched.stream),
+        sandbox: launched.sandbox,
+        _code: code,
+    }
+}
+
+/// Starts a worker on a single-file `handler.py` and completes the handshake.
+async fn start(source: &str) -> Worker {
+    start_with(&[("handler.py", source)], "handler.handle", &[]).await
+}
+
+async fn start_with(files: &[(&str, &str)], handler: &str, env: &[(&str, &str)]) -> Worker {
+    let mut worker = launch(files, handler, env).await;
+    let ready = worker.conn.handshake().await.expect("handshake");
+    assert!(ready.pid > 0);
+    assert!(ready.init_ms >= 0.0);
+    worker
+}
+
+/// Starts a worker that must fail to load; returns the init error and its logs.
+async fn init_error(files: &[(&str, &str)], handler: &str) -> (ErrorPayload, String) {
+    let mut worker = launch(files, handler, &[]).await;
+    let err = worker.conn.handshake().await.unwrap_err();
+    let exit = tokio::time::timeout(Duration::from_secs(10), worker.sandbox.wait())
+        .await
+        .expect("the worker exits after an init error");
+    assert_eq!(exit.code, Some(1), "{exit}");
+    match err {
+        WorkerError::Init { error, logs } => (error, logs),
+        other => panic!("expected an init error, got {other:?}"),
+    }
+}
+
+async fn invoke(worker: &mut Worker, event: Value) -> InvokeOutcome {
+    let raw = RawValue::from_string(event.to_string()).unwrap();
+    worker.conn.invoke("inv_test", &raw).await.expect("invoke")
+}
+
+fn body(outcome: &InvokeOutcome) -> Value {
+    match &outcome.result {
+        Ok(raw) => serde_json::from_str(raw.get()).unwrap(),
+        Err(e) => panic!("function error: {e:?}\nlogs: {}", outcome.logs),
+    }
+}
+
+fn error(outcome: &InvokeOutcome) -> &ErrorPayload {
+    match &outcome.result {
+        Ok(raw) => panic!("expected a function error, got {}", raw.get()),
+        Err(e) => e,
+    }
+}
+
+const ECHO: &str = "def handle(event):\n    return event\n";
+
+#[tokio::test]
+async fn handshake_then_the_event_comes_back_as_the_body() {
+    let mut w = start(ECHO).await;
+    let event =
+        json!({"a": [1, 2.5, "é ✓ 🎉"], "b": null, "c": {"nested": true}, "n": -12345678901234i64});
+    let out = invoke(&mut w, event.clone()).await;
+    assert_eq!(body(&out), event);
+    assert_eq!(out.logs, "");
+    assert!(out.max_rss_kb.unwrap() > 1000, "{:?}", out.max_rss_kb);
+    // Scalars are events too.
+    let out = invoke(&mut w, json!("just a string")).await;
+    assert_eq!(body(&out), json!("just a string"));
+    let out = invoke(&mut w, json!(null)).await;
+    assert_eq!(body(&out), json!(null));
+}
+
+#[tokio::test]
+async fn a_two_argument_handler_gets_a_state_that_refuses_use() {
+    let source = r#"
+import nimbus
+
+def handle(event, state):
+    if event.get("touch"):
+        return state.get("cart")
+    if event.get("catch"):
+        try:
+            state.set("cart", 1)
+        except nimbus.StateNotEnabled as e:
+            return {"caught": str(e)}
+    return {"truthy": bool(state), "repr": repr(state)}
+"#;
+    let mut w = start(source).await;
+    let out = invoke(&mut w, json!({})).await;
+    assert_eq!(body(&out)["truthy"], json!(false));
+    let out = invoke(&mut w, json!({"touch": true})).await;
+    let e = error(&out);
+    assert_eq!(e.error_type, "StateNotEnabled");
+    assert!(
+        e.message.contains("state is not enabled for this function"),
+        "{e:?}"
+    );
+    assert!(
+        e.traceback.contains("return state.get(\"cart\")"),
+        "{}",
+        e.traceback
+    );
+    assert!(!e.traceback.contains("nimbus_worker"), "{}", e.traceback);
+    let out = invoke(&mut w, json!({"catch": true})).await;
+    assert!(body(&out)["caught"]
+        .as_str()
+        .unwrap()
+        .contains("not enabled"));
+}
+
+#[tokio::test]
+async fn arity_is_detected_for_methods_callables_wrappers_and_varargs() {
+    let source = r#"
+import functools
+
+class Service:
+    def one(self, event):
+        return "one"
+    def two(self, event, state):
+        return "two:" + repr(state)
+
+class Callable:
+    def __call__(self, event):
+        return "callable"
+
+def logged(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+    return wrapper
+
+@logged
+def wrapped(event):
+    return "wrapped"
+
+def varargs(*args):
+    return len(args)
+
+def defaults(event, state=None, extra=None):
+    return state is not None
+
+service = Service()
+one = service.one
+two = service.two
+call = Callable()
+"#;
+    let files = [("handler.py", source)];
+    for (handler, expected) in [
+        ("handler.one", json!("one")),
+        (
+            "handler.two",
+            json!("two:<nimbus state: not enabled for this function>"),
+        ),
+        ("handler.call", json!("callable")),
+        ("handler.wrapped", json!("wrapped")),
+        ("handler.varargs", json!(2)),
+        ("handler.defaults", json!(true)),
+    ] {
+        let mut w = start_with(&files, handler, &[]).await;
+        let out = invoke(&mut w, json!({})).await;
+        assert_eq!(body(&out), expected, "{handler}");
+    }
+}
+
+#[tokio::test]
+async fn a_handler_exception_reports_type_message_and_the_users_traceback() {
+    let source = "def helper(x):\n    raise ValueError(f'bad input: {x}')\n\ndef handle(event):\n    return helper(event['x'])\n";
+    let mut w = start(source).await;
+    let out = invoke(&mut w, json!({"x": 42})).await;
+    let e = error(&out);
+    assert_eq!(e.error_type, "ValueError");
+    assert_eq!(e.message, "bad input: 42");
+    assert!(
+        e.traceback
+            .starts_with("Traceback (most recent call last):"),
+        "{}",
+        e.traceback
+    );
+    assert!(
+        e.traceback.contains("handler.py\", line 2, in helper"),
+        "{}",
+        e.traceback
+    );
+    assert!(
+        e.traceback.contains("handler.py\", line 5, in handle"),
+        "{}",
+        e.traceback
+    );
+    assert!(
+        e.traceback
+            .trim_end()
+            .ends_with("ValueError: bad input: 42"),
+        "{}",
+        e.traceback
+    );
+    assert!(!e.traceback.contains("nimbus_worker"), "{}", e.traceback);
+    // The worker carries on.
+    let out = invoke(&mut w, json!({"x": 1})).await;
+    assert_eq!(error(&out).message, "bad input: 1");
+}
+
+#[tokio::test]
+async fn printed_output_goes_to_that_invocations_logs_only() {
+    let source = r#"
+import logging, sys
+log = logging.getLogger("fn")
+log.addHandler(logging.StreamHandler())  # bound to sys.stderr at import time
+
+def handle(event):
+    if event.get("say"):
+        print("hello", event["say"])
+        print("to stderr", file=sys.stderr)
+        log.warning("logged %s", event["say"])
+        sys.stdout.write("no newline")
+        sys.stdout.flush()
+    return None
+"#;
+    let mut w = start(source).await;
+    let out = invoke(&mut w, json!({"say": "wörld"})).await;
+    assert_eq!(body(&out), Value::Null);
+    assert_eq!(out.logs, "hello wörld\nto stderr\nlogged wörld\nno newline");
+    let out = invoke(&mut w, json!({})).await;
+    assert_eq!(out.logs, "");
+}
+
+#[tokio::test]
+async fn logs_over_4_kib_keep_their_tail_on_a_character_boundary() {
+    let source = r#"
+def handle(event):
+    if event["kind"] == "ascii":
+        for i in range(2000):
+            print("line", i)
+        print("END")
+    else:
+        print("é" * 5000 + "END")
+    return event["kind"]
+"#;
+    let mut w = start(source).await;
+    let out = invoke(&mut w, json!({"kind": "ascii"})).await;
+    assert!(out.logs.len() <= 4096, "{}", out.logs.len());
+    assert!(out.logs.len() > 4000, "{}", out.logs.len());
+    assert!(
+        out.logs.ends_with("line 1999\nEND\n"),
+        "{}",
+        &out.logs[out.logs.len() - 40..]
+    );
+    let out = invoke(&mut w, json!({"kind": "multibyte"})).await;
+    assert!(
+        out.logs.len() <= 4096 && out.logs.len() > 4090,
+        "{}",
+        out.logs.len()
+    );
+    assert!(out.logs.ends_with("ééEND\n"));
+    assert!(out.logs.starts_with('é'));
+}
+
+#[tokio::test]
+async fn a_return_value_that_is_not_json_is_a_type_error() {
+    let source = r#"
+import datetime
+shared = []
+
+def handle(event):
+    kind = event["kind"]
+    if kind == "set":
+        return {"items": {1, 2}}
+    if kind == "nan":
+        return float("nan")
+    if kind == "date":
+        return [datetime.date(2024, 1, 1)]
+    if kind == "circular":
+        shared.append(shared)
+        return shared
+    if kind == "reuse":
+        shared.clear()
+        return shared
+    return "fine"
+"#;
+    let mut w = start(source).await;
+    for kind in ["set", "nan", "date", "circular"] {
+        let out = invoke(&mut w, json!({"kind": kind})).await;
+        let e = error(&out);
+        assert_eq!(e.error_type, "TypeError", "{kind}");
+        assert!(
+            e.message.contains("return value is not JSON-serializable"),
+            "{kind}: {e:?}"
+        );
+    }
+    // A failed encoding leaves nothing behind: the same list encodes fine afterwards.
+    let out = invoke(&mut w, json!({"kind": "reuse"})).await;
+    assert_eq!(body(&out), json!([]));
+}
+
+#[tokio::test]
+async fn import_errors_are_init_errors_with_clear_messages() {
+    let (e, _) = init_error(
+        &[("handler.py", "import does_not_exist\n")],
+        "handler.handle",
+    )
+    .await;
+    assert_eq!(e.error_type, "ModuleNotFoundError");
+    assert!(
+        e.message
+            .contains("error while importing handler module 'handler'"),
+        "{e:?}"
+    );
+    assert!(e.message.contains("does_not_exist"), "{e:?}");
+    assert!(
+        e.traceback.contains("handler.py\", line 1"),
+        "{}",
+        e.traceback
+    );
+    assert!(!e.traceback.contains("importlib"), "{}", e.traceback);
+    assert!(!e.traceback.contains("nimbus_worker"), "{}", e.traceback);
+
+    let (e, _) = init_error(&[("handler.py", ECHO)], "missing.handle").await;
+    assert_eq!(e.error_type, "ModuleNotFoundError");
+    assert!(
+        e.message.contains("handler module 'missing' not found"),
+        "{e:?}"
+    );
+    assert!(e.message.contains("missing.py"), "{e:?}");
+
+    let (e, _) = init_error(&[("handler.py", "x = 1\n")], "handler").await;
+    assert_eq!(e.error_type, "InvalidHandler");
+    assert!(e.message.contains("module.function"), "{e:?}");
+}
+
+#[tokio::test]
+async fn a_syntax_error_names_the_file_and_line() {
+    let source = "def handle(event):\n    return event\n\ndef broken(:\n    pass\n";
+    let (e, _) = init_error(&[("handler.py", source)], "handler.handle").await;
+    assert_eq!(e.error_type, "SyntaxError");
+    assert!(e.message.contains("handler.py, line 4"), "{e:?}");
+    assert!(e.traceback.contains("def broken(:"), "{}", e.traceback);
+}
+
+#[tokio::test]
+async fn a_missing_or_uncallable_handler_function_is_named() {
+    let source = "def main(event):\n    return 1\n\nhandle_count = 3\n";
+    let (e, _) = init_error(&[("handler.py", source)], "handler.handle").await;
+    assert_eq!(e.error_type, "AttributeError");
+    assert!(
+        e.message
+            .starts_with("handler function 'handle' not found in module 'handler'"),
+        "{e:?}"
+    );
+    assert!(e.message.contains("main"), "{e:?}");
+
+    let (e, _) = init_error(&[("handler.py", source)], "handler.handle_count").await;
+    assert_eq!(e.error_type, "TypeError");
+    assert!(e.message.contains("is not callable"), "{e:?}");
+}
+
+#[tokio::test]
+async fn output_and_exceptions_during_init_are_reported() {
+    let source = "print('loading config')\nimport sys\nprint('oops', file=sys.stderr)\nraise RuntimeError('boom at init')\n";
+    let (e, logs) = init_error(&[("handler.py", source)], "handler.handle").await;
+    assert_eq!(e.error_type, "RuntimeError");
+    assert!(e.message.contains("boom at init"), "{e:?}");
+    assert!(
+        e.traceback.contains("handler.py\", line 4, in <module>"),
+        "{}",
+        e.traceback
+    );
+    assert_eq!(logs, "loading config\noops\n");
+}
+
+#[tokio::test]
+async fn a_dotted_handler_in_a_package_loads() {
+    let files = [
+        ("pkg/__init__.py", ""),
+        ("pkg/helpers.py", "def double(x):\n    return 2 * x\n"),
+        (
+            "pkg/mod.py",
+            "from .helpers import double\n\ndef run(event):\n    return double(event['n'])\n",
+        ),
+    ];
+    let mut w = start_with(&files, "pkg.mod.run", &[]).await;
+    let out = invoke(&mut w, json!({"n": 21})).await;
+    assert_eq!(body(&out), json!(42));
+}
+
+#[tokio::test]
+async fn the_functions_environment_and_request_id_are_visible() {
+    let source = r#"
+import os, sys, nimbus
+
+def handle(event):
+    return {
+        "greeting": os.environ.get("GREETING"),
+        "name": os.environ.get("NIMBUS_FUNCTION_NAME"),
+        "version": os.environ.get("NIMBUS_FUNCTION_VERSION"),
+        "pythonpath": os.environ.get("PYTHONPATH"),
+        "cwd_first": sys.path[0] == os.getcwd(),
+        "request_id": nimbus.current_request_id(),
+    }
+"#;
+    let mut w = start_with(
+        &[("handler.py", source)],
+        "handler.handle",
+        &[("GREETING", "hi there")],
+    )
+    .await;
+    let out = invoke(&mut w, json!({})).await;
+    assert_eq!(
+        body(&out),
+        json!({"greeting": "hi there", "name": "test-fn", "version": "3", "pythonpath": null,
+               "cwd_first": true, "request_id": "inv_test"})
+    );
+}
+
+#[tokio::test]
+async fn an_async_handler_is_awaited() {
+    let source = "import asyncio\n\nasync def handle(event):\n    await asyncio.sleep(0)\n    return {'async': event}\n";
+    let mut w = start(source).await;
+    for i in 0..3 {
+        let out = invoke(&mut w, json!(i)).await;
+        assert_eq!(body(&out), json!({"async": i}));
+    }
+}
+
+#[tokio::test]
+async fn an_event_python_cannot_decode_is_an_error_result_not_a_crash() {
+    let mut w = start(ECHO).await;
+    // Python refuses to parse integers of more than 4300 digits.
+    let huge = format!(r#"{{"n":{}}}"#, "7".repeat(5000));
+    let raw = RawValue::from_string(huge).unwrap();
+    let out = w.conn.invoke("inv_big", &raw).await.unwrap();
+    let e = error(&out);
+    assert_eq!(e.error_type, "InvalidEvent");
+    assert!(e.message.contains("could not be decoded"), "{e:?}");
+    let out = invoke(&mut w, json!({"after": 1})).await;
+    assert_eq!(body(&out), json!({"after": 1}));
+}
+
+#[tokio::test]
+async fn import_nimbus_is_always_the_platform_api() {
+    let files = [
+        (
+            "nimbus.py",
+            "raise RuntimeError(\"the function's own nimbus.py must not load\")\n",
+        ),
+        ("handler.py", "import nimbus\n\ndef handle(event):\n    return issubclass(nimbus.StateNotEnabled, nimbus.NimbusError)\n"),
+    ];
+    let mut w = start_with(&files, "handler.handle", &[]).await;
+    let out = invoke(&mut w, json!({})).await;
+    assert_eq!(body(&out), json!(true));
+}
+
+#[tokio::test]
+async fn ping_is_answered() {
+    let mut w = start(ECHO).await;
+    w.conn.ping().await.unwrap();
+    let out = invoke(&mut w, json!(1)).await;
+    assert_eq!(body(&out), json!(1));
+    w.conn.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_thousand_sequential_invocations_succeed() {
+    let source = "count = 0\n\ndef handle(event):\n    global count\n    count += 1\n    return {'i': event['i'], 'count': count}\n";
+    let mut w = start(source).await;
+    for i in 1..=1000 {
+        let out = invoke(&mut w, json!({"i": i})).await;
+        assert_eq!(body(&out), json!({"i": i, "count": i}));
+    }
+}
+
+#[tokio::test]
+async fn the_worker_exits_when_the_host_end_is_dropped() {
+    let mut w = start(ECHO).await;
+    let out = invoke(&mut w, json!(1)).await;
+    assert_eq!(body(&out), json!(1));
+    let Worker {
+        conn,
+        mut sandbox,
+        _code,
+    } = w;
+    drop(conn);
+    let exit = tokio::time::timeout(Duration::from_secs(10), sandbox.wait())
+        .await
+        .expect("the worker exits once the host hangs up");
+    assert_eq!(exit.code, Some(0), "{exit}");
+}
+
+#[tokio::test]
+async fn an_idle_worker_stays_under_15_mib() {
+    let mut w = start(ECHO).await;
+    let out = invoke(&mut w, json!({"warm": true})).await;
+    assert_eq!(body(&out), json!({"warm": true}));
+    let rss_kb = vm_rss_kb(w.sandbox.pid());
+    assert!(rss_kb <= 15 * 1024, "idle worker RSS {rss_kb} KiB");
+}
+
+fn vm_rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Start-up time, idle memory and no-op round trips; run with
+/// `cargo test --release -p nimbus-runtime --test python_worker -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "measurement, not a check"]
+async fn measure_start_memory_and_round_trips() {
+    let source = "def handle(event):\n    return None\n";
+    let mut starts = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let mut w = launch(&[("handler.py", source)], "handler.handle", &[]).await;
+        w.conn.handshake().await.unwrap();
+        starts.push(t.elapsed());
+    }
+    starts.sort();
+    println!(
+        "start to ready: p50 {:?}, min {:?}",
+        starts[starts.len() / 2],
+        starts[0]
+    );
+
+    let mut w = start(source).await;
+    println!("idle RSS: {} KiB", vm_rss_kb(w.sandbox.pid()));
+    let event = RawValue::from_string(r#"{"path":"/","n":1}"#.into()).unwrap();
+    for _ in 0..1000 {
+        w.conn.invoke("inv_x", &event).await.unwrap();
+    }
+    let mut times = Vec::with_capacity(10_000);
+    let all = Instant::now();
+    for _ in 0..10_000 {
+        let t = Instant::now();
+        w.conn.invoke("inv_x", &event).await.unwrap();
+        times.push(t.elapsed());
+    }
+    let total = all.elapsed();
+    times.sort();
+    println!(
+        "no-op invoke round trip over 10k: p50 {:?}, p99 {:?}, {:.0}/s",
+        times[times.len() / 2],
+        times[times.len() * 99 / 100],
+        10_000.0 / total.as_secs_f64()
+    );
+    println!("RSS after 10k: {} KiB", vm_rss_kb(w.sandbox.pid()));
+}
