@@ -82,7 +82,8 @@ impl Engine {
         let target = self.resolve(&req).await?;
         let this = self.clone();
         let request_id = ids::request_id();
-        tokio::spawn(async move { this.execute(&target, &req, request_id).await })
+        self.inflight
+            .spawn(async move { this.execute(&target, &req, request_id).await })
             .await
             .map_err(|e| EngineError::Internal(format!("invocation task failed: {e}")))?
     }
@@ -98,7 +99,7 @@ impl Engine {
         });
         let this = self.clone();
         let id = request_id.clone();
-        tokio::spawn(async move {
+        self.inflight.spawn(async move {
             let started_at = now();
             if let Err(e) = this.execute(&target, &req, id.clone()).await {
                 tracing::warn!(request_id = %id, error = %e, "async invocation failed before running");

@@ -23,6 +23,7 @@ use nimbus_core::Invocation;
 use nimbus_runtime::Runtimes;
 use nimbus_sandbox::Driver;
 use nimbus_store::{InvocationFilter, MetadataStore};
+use tokio_util::task::TaskTracker;
 
 pub use config::EngineConfig;
 pub use error::{EngineError, EngineResult};
@@ -43,6 +44,8 @@ pub struct Engine {
     recorder: Recorder,
     code: CodeCache,
     driver_name: &'static str,
+    /// Every running invocation task, so shutdown can wait for them.
+    inflight: TaskTracker,
 }
 
 impl Engine {
@@ -64,6 +67,7 @@ impl Engine {
             code,
             store,
             config,
+            inflight: TaskTracker::new(),
         });
         metrics::describe();
         let weak = Arc::downgrade(&engine);
@@ -129,9 +133,19 @@ impl Engine {
         self.pools.live_instances(function_id)
     }
 
-    /// Stops every instance and writes every pending record. Call after in-flight requests
-    /// have drained.
-    pub async fn shutdown(&self) {
+    /// Waits (up to `grace`) for running invocations, synchronous and asynchronous, then
+    /// stops every instance and writes every pending record.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inflight.close();
+        if tokio::time::timeout(grace, self.inflight.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = self.inflight.len(),
+                "invocations still running at shutdown are cut short"
+            );
+        }
         self.pools.shutdown();
         self.recorder.flush().await;
     }

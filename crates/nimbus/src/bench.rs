@@ -163,7 +163,8 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
     let duration = Duration::from_secs_f64(args.duration);
     for &clients in &args.concurrency {
         progress(format!(
-            "warming up {clients} clients, then measuring for {:.1} s",
+            "warming up {}, then measuring for {:.1} s",
+            clients_text(clients),
             args.duration
         ));
         warm_up(&target, clients, args.warmup.max(clients as u64 * 10)).await?;
@@ -590,7 +591,7 @@ impl Latency {
 // --- baseline: a fresh process per invocation ------------------------------------------
 
 /// The Python interpreter of the baseline: `--python`, `NIMBUS_PYTHON`, the executable of a
-/// running worker (what the server resolved), then the system interpreter (never a shim).
+/// running worker (what the server resolved), else the runtime's own resolution (never a shim).
 fn baseline_python(
     explicit: Option<&Path>,
     worker_pids: Option<&[u32]>,
@@ -612,16 +613,15 @@ fn baseline_python(
             }
         }
     }
-    [
-        "/usr/bin/python3.11",
-        "/usr/bin/python3",
-        "/usr/local/bin/python3.11",
-        "/usr/local/bin/python3",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.is_file())
-    .context("no Python interpreter found for the baseline; pass --python")
+    // Resolve exactly as the server's Python runtime does (its files go to a scratch dir).
+    let scratch = tempfile::Builder::new()
+        .prefix("nimbus-bench-python-")
+        .tempdir()?;
+    nimbus_runtime::python::PythonRuntime::discover(None, scratch.path())
+        .map(|runtime| runtime.interpreter().to_path_buf())
+        .map_err(|why| {
+            anyhow::anyhow!("no Python interpreter for the baseline ({why}); pass --python")
+        })
 }
 
 /// `Python 3.11.2` of an interpreter.
@@ -757,11 +757,15 @@ fn idle_memory(server_pid: Option<u32>) -> Option<IdleMemory> {
                 .iter()
                 .map(|&(pid, _)| pid)
                 .filter(|pid| {
-                    std::fs::read(format!("/proc/{pid}/cmdline"))
-                        .is_ok_and(|c| contains(&c, b"nimbus_worker"))
+                    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                        contains(&c, b"nimbus_boot.py") || contains(&c, b"nimbus_worker.py")
+                    })
                 })
                 .collect();
-            ("processes running nimbus_worker.py".to_owned(), pids)
+            (
+                "processes running the Nimbus Python worker".to_owned(),
+                pids,
+            )
         }
     };
     let rss: Vec<(u32, u64)> = pids
@@ -1031,6 +1035,15 @@ fn targets(r: &Report) -> Vec<TargetCheck> {
     ]
 }
 
+/// `1 client`, `32 clients`.
+fn clients_text(n: usize) -> String {
+    if n == 1 {
+        "1 client".to_owned()
+    } else {
+        format!("{n} clients")
+    }
+}
+
 /// `212 µs`, `1.25 ms`, `2.10 s`.
 fn fmt_us(us: f64) -> String {
     if us < 1000.0 {
@@ -1148,6 +1161,7 @@ fn human_report(r: &Report) -> String {
         )),
         None => out.push_str("Idle workers: none found\n\n"),
     }
+    out.push_str("Targets:\n");
     let mut table = Table::new(&["target", "promise", "measured", "result"]);
     for t in &r.targets {
         let result = match t.met {
@@ -1217,8 +1231,8 @@ fn markdown_report(r: &Report, args: &BenchArgs) -> String {
             ("–".to_owned(), "–")
         };
         out.push_str(&format!(
-            "| Throughput, {} clients ({:.0} s) | {target} | {} inv/s (p50 {}, p99 {}, {} errors) | {ok} |\n",
-            t.clients,
+            "| Throughput, {} ({:.0} s) | {target} | {} inv/s (p50 {}, p99 {}, {} errors) | {ok} |\n",
+            clients_text(t.clients),
             t.duration_s,
             fmt_count(t.invocations_per_sec),
             fmt_us(t.latency.p50_us),

@@ -67,6 +67,8 @@ pub struct ServerConfig {
     pub start_timeout_sec: u64,
     /// Milliseconds cached metadata is trusted (bounds cross-server staleness).
     pub cache_ttl_ms: u64,
+    /// Seconds a stopping server waits for running invocations before stopping instances.
+    pub shutdown_grace_sec: u64,
 }
 
 impl Default for ServerConfig {
@@ -88,6 +90,7 @@ impl Default for ServerConfig {
             queue_timeout_ms: engine.queue_timeout.as_millis() as u64,
             start_timeout_sec: engine.start_timeout.as_secs(),
             cache_ttl_ms: engine.cache_ttl.as_millis() as u64,
+            shutdown_grace_sec: 30,
         }
     }
 }

@@ -76,7 +76,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .await
         .context("serving HTTP")?;
     tracing::info!("draining: stopping instances and writing pending records");
-    engine.shutdown().await;
+    engine
+        .shutdown(Duration::from_secs(config.shutdown_grace_sec))
+        .await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -682,3 +682,30 @@ async fn metrics_and_ops_endpoints() {
         "route_not_found"
     );
 }
+
+#[tokio::test]
+async fn shutdown_waits_for_running_invocations() {
+    let mut s = Server::start(Backend::Sqlite).await;
+    s.deploy(
+        "slow",
+        "import time\ndef handle(e):\n    time.sleep(1)\n    return 'done'\n",
+        json!({}),
+    )
+    .await;
+    let resp = s
+        .auth(s.http.post(s.url("/functions/slow/async")))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let id = resp.json::<Value>().await.unwrap()["request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.restart().await;
+    let (status, record) = s.call("GET", &format!("/invocations/{id}"), None).await;
+    assert_eq!(status, StatusCode::OK, "{record}");
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(record["output"], "done");
+}

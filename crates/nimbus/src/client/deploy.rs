@@ -49,7 +49,7 @@ pub struct DeployArgs {
     /// Stage the change on an existing function without publishing a version.
     #[arg(long)]
     pub no_publish: bool,
-    // Server, API key and output format.
+    /// Server, API key and output format.
     #[command(flatten)]
     pub conn: Connection,
 }

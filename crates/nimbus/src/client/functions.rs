@@ -13,7 +13,7 @@ use super::{print_json, text, CliError, Client, Connection, Output};
 /// `nimbus fn …`.
 #[derive(Debug, Args)]
 pub struct FnArgs {
-    // Server, API key and output format (accepted after the subcommand too).
+    /// Server, API key and output format (accepted after the subcommand too).
     #[command(flatten)]
     pub conn: Connection,
     /// What to do.

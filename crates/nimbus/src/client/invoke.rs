@@ -31,7 +31,7 @@ pub struct InvokeArgs {
     /// Queue the invocation and print its request id instead of waiting for the result.
     #[arg(long = "async")]
     pub asynchronous: bool,
-    // Server, API key and output format.
+    /// Server, API key and output format.
     #[command(flatten)]
     pub conn: Connection,
 }
@@ -47,7 +47,7 @@ pub struct InvocationsArgs {
     /// Only records with this status (pending, running, success, error, timeout).
     #[arg(long)]
     pub status: Option<String>,
-    // Server, API key and output format.
+    /// Server, API key and output format.
     #[command(flatten)]
     pub conn: Connection,
 }
