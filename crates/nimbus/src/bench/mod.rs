@@ -1,0 +1,236 @@
+//! `nimbus bench`: deploys a no-op Python function and measures, over real HTTP on
+//! 127.0.0.1, warm invocation latency (one client), throughput (N concurrent clients), the
+//! naive design for comparison (a fresh Python process per invocation) and the resident
+//! memory of idle workers; then reports against the product's targets.
+//!
+//! By default it starts its own server (this binary, `server` on a free port with a
+//! temporary data directory) and stops it at the end, also on error or Ctrl-C. The load
+//! generator is a bare hyper HTTP/1 client with one keep-alive connection per virtual
+//! client, so the client's own overhead stays small. Every loop is bounded by a count and
+//! a deadline.
+
+mod baseline;
+mod load;
+mod memory;
+mod render;
+mod report;
+mod server;
+mod stats;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::bail;
+use bytes::Bytes;
+use clap::Args;
+use reqwest::Method;
+use serde_json::json;
+
+use crate::client::{CliError, Client, Output};
+
+use self::baseline::{baseline_python, python_version, run_baseline};
+use self::load::{run_phase, warm_up, LoadTarget};
+use self::memory::idle_memory;
+use self::render::{clients_text, human_report, markdown_report};
+use self::report::{targets, LatencyPhase, Machine, Report, ThroughputPhase};
+use self::server::{loopback_addr, ServerProcess};
+
+/// Name of the function the benchmark deploys.
+pub const FUNCTION_NAME: &str = "bench-noop";
+/// Its code: returns the event.
+const CODE: &str = "def handle(event):\n    return event\n";
+/// The event sent with every invocation.
+const EVENT: &[u8] = br#"{"ping":1}"#;
+/// Upper bound on any single measuring loop.
+const MAX_PHASE: Duration = Duration::from_secs(300);
+
+/// Flags of `nimbus bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Benchmark this running server (loopback only) instead of starting one.
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
+    /// API key for --server, sent as `Authorization: Bearer <key>`.
+    #[arg(long, env = "NIMBUS_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Requests of the single-client latency phase.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub requests: u64,
+    /// Seconds of each throughput phase.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub duration: f64,
+    /// Concurrent clients of the throughput phases (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    pub concurrency: Vec<usize>,
+    /// Warm-up invocations before measuring (split between the clients of a phase).
+    #[arg(long, default_value_t = 300)]
+    pub warmup: u64,
+    /// Runs of the spawn-a-process-per-invocation baseline (0 skips it).
+    #[arg(long, default_value_t = 50)]
+    pub baseline_runs: u32,
+    /// Python interpreter of the baseline [default: the one the server's workers run].
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+    /// Also print a Markdown section for docs/BENCHMARKS.md.
+    #[arg(long)]
+    pub markdown: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// Runs `nimbus bench`, stopping its server on Ctrl-C too.
+pub async fn run(args: BenchArgs) -> Result<(), CliError> {
+    let report = tokio::select! {
+        r = measure(&args) => r?,
+        _ = tokio::signal::ctrl_c() => return Err(CliError::Usage("interrupted".into())),
+    };
+    if args.output == Output::Json {
+        crate::client::print_json(&serde_json::to_value(&report).map_err(anyhow::Error::from)?);
+    } else {
+        print!("{}", human_report(&report));
+        if args.markdown {
+            println!();
+            print!("{}", markdown_report(&report, &args));
+        }
+    }
+    Ok(())
+}
+
+fn progress(message: impl std::fmt::Display) {
+    eprintln!("bench: {message}");
+}
+
+async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
+    if !(args.duration > 0.0 && args.duration <= MAX_PHASE.as_secs_f64()) {
+        bail!(
+            "--duration must be more than 0 and at most {} seconds",
+            MAX_PHASE.as_secs()
+        );
+    }
+    if args.concurrency.is_empty() || args.concurrency.iter().any(|&c| c == 0 || c > 1024) {
+        bail!("--concurrency takes client counts from 1 to 1024, e.g. 1,32");
+    }
+    if cfg!(debug_assertions) {
+        progress(
+            "warning: this is a debug build; measure with `cargo run --release -p nimbus -- bench`",
+        );
+    }
+    let (mut server, url) = match &args.server {
+        Some(url) => (None, url.clone()),
+        None => {
+            let (process, url) = ServerProcess::start()?;
+            (Some(process), url)
+        }
+    };
+    let (addr, authority) = loopback_addr(&url)?;
+    let api_key = if server.is_some() {
+        None
+    } else {
+        args.api_key.clone()
+    };
+    let client = Client::new(&url, api_key.clone())?;
+    if let Some(process) = &mut server {
+        progress(format!("started server pid {} at {url}", process.pid()));
+        process.wait_healthy(&client).await?;
+    }
+
+    let created = deploy(&client).await?;
+    let target = Arc::new(LoadTarget {
+        addr,
+        authority,
+        path: format!("/api/v1/functions/{FUNCTION_NAME}/invoke"),
+        auth: api_key.map(|k| format!("Bearer {k}")),
+        event: Bytes::from_static(EVENT),
+    });
+
+    progress(format!(
+        "warming up, then {} requests with 1 client",
+        args.requests
+    ));
+    warm_up(&target, 1, args.warmup).await?;
+    let phase = run_phase(&target, 1, Some(args.requests), MAX_PHASE).await?;
+    let warm_latency = LatencyPhase::from_run(1, phase);
+
+    let mut throughput = Vec::new();
+    let duration = Duration::from_secs_f64(args.duration);
+    for &clients in &args.concurrency {
+        progress(format!(
+            "warming up {}, then measuring for {:.1} s",
+            clients_text(clients),
+            args.duration
+        ));
+        warm_up(&target, clients, args.warmup.max(clients as u64 * 10)).await?;
+        let phase = run_phase(&target, clients, None, duration).await?;
+        throughput.push(ThroughputPhase::from_run(clients, phase));
+    }
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_memory = idle_memory(server.as_ref().map(ServerProcess::pid));
+
+    let baseline = if args.baseline_runs > 0 {
+        let python = baseline_python(
+            args.python.as_deref(),
+            idle_memory.as_ref().map(|m| m.pids.as_slice()),
+        )?;
+        progress(format!(
+            "baseline: {} runs of a fresh {} per invocation",
+            args.baseline_runs,
+            python.display()
+        ));
+        Some(run_baseline(&python, args.baseline_runs, warm_latency.latency.p50_us).await?)
+    } else {
+        None
+    };
+
+    if created && server.is_none() {
+        let _ = client
+            .send(
+                Method::DELETE,
+                &format!("/functions/{FUNCTION_NAME}"),
+                &[],
+                None,
+            )
+            .await;
+    }
+    if let Some(mut process) = server.take() {
+        process.stop();
+    }
+
+    let python_version = baseline
+        .as_ref()
+        .and_then(|b| python_version(Path::new(&b.python)));
+    let mut report = Report {
+        machine: Machine::detect(python_version),
+        server: url,
+        spawned_server: args.server.is_none(),
+        warm_latency,
+        throughput,
+        baseline,
+        idle_memory,
+        targets: Vec::new(),
+    };
+    report.targets = targets(&report);
+    Ok(report)
+}
+
+/// Creates (or updates) the benchmark function; true if it was created.
+async fn deploy(client: &Client) -> anyhow::Result<bool> {
+    let body = json!({ "name": FUNCTION_NAME, "code": CODE, "description": "nimbus bench: returns its event" });
+    match client.call(Method::POST, "/functions", &body).await {
+        Ok(_) => Ok(true),
+        Err(CliError::Api { code, .. }) if code == "function_exists" => {
+            client
+                .call(
+                    Method::PUT,
+                    &format!("/functions/{FUNCTION_NAME}"),
+                    &json!({ "code": CODE }),
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("updating {FUNCTION_NAME}: {e}"))?;
+            Ok(false)
+        }
+        Err(e) => bail!("deploying {FUNCTION_NAME}: {e}"),
+    }
+}

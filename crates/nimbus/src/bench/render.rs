@@ -1,0 +1,255 @@
+//! Rendering a report for people: the text summary and the Markdown section for
+//! docs/BENCHMARKS.md.
+
+use crate::client::table::Table;
+
+use super::report::{
+    Machine, Report, TARGET_P50_US, TARGET_RATIO, TARGET_RPS, TARGET_RPS_CLIENTS, TARGET_RSS_MIB,
+};
+use super::BenchArgs;
+
+/// `1 client`, `32 clients`.
+pub(super) fn clients_text(n: usize) -> String {
+    if n == 1 {
+        "1 client".to_owned()
+    } else {
+        format!("{n} clients")
+    }
+}
+
+/// `212 µs`, `1.25 ms`, `2.10 s`.
+pub(super) fn fmt_us(us: f64) -> String {
+    if us < 1000.0 {
+        format!("{us:.0} µs")
+    } else if us < 1_000_000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{:.2} s", us / 1_000_000.0)
+    }
+}
+
+/// `6,412`.
+pub(super) fn fmt_count(v: f64) -> String {
+    let digits = format!("{:.0}", v.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn machine_line(m: &Machine) -> String {
+    format!(
+        "{} CPUs ({}), {}, {}, nimbus {} ({} build)",
+        m.cpus,
+        m.cpu_model,
+        m.kernel,
+        m.python.as_deref().unwrap_or("Python unknown"),
+        m.nimbus_version,
+        m.build
+    )
+}
+
+pub(super) fn human_report(r: &Report) -> String {
+    let mut out = format!(
+        "Nimbus benchmark, {}\nMachine: {}\n",
+        r.machine.date,
+        machine_line(&r.machine)
+    );
+    out.push_str(&format!(
+        "Server:  {} ({})\n\n",
+        r.server,
+        if r.spawned_server {
+            "started by bench"
+        } else {
+            "external"
+        }
+    ));
+    let w = &r.warm_latency;
+    out.push_str(&format!(
+        "Warm latency, 1 client, {} requests: p50 {}  p90 {}  p99 {}  mean {}  ({} errors, {} not warm)\n\n",
+        w.latency.samples,
+        fmt_us(w.latency.p50_us),
+        fmt_us(w.latency.p90_us),
+        fmt_us(w.latency.p99_us),
+        fmt_us(w.latency.mean_us),
+        w.errors,
+        w.non_warm
+    ));
+    let mut table = Table::new(&[
+        "clients",
+        "seconds",
+        "invocations",
+        "inv/s",
+        "p50",
+        "p99",
+        "errors",
+        "not warm",
+    ]);
+    for t in &r.throughput {
+        table.row([
+            t.clients.to_string(),
+            format!("{:.1}", t.duration_s),
+            t.latency.samples.to_string(),
+            fmt_count(t.invocations_per_sec),
+            fmt_us(t.latency.p50_us),
+            fmt_us(t.latency.p99_us),
+            t.errors.to_string(),
+            t.non_warm.to_string(),
+        ]);
+    }
+    out.push_str("Throughput:\n");
+    out.push_str(&table.render());
+    for t in r.throughput.iter().filter_map(|t| t.first_error.as_ref()) {
+        out.push_str(&format!("  first error: {t}\n"));
+    }
+    if let Some(e) = &w.first_error {
+        out.push_str(&format!("  first error (latency phase): {e}\n"));
+    }
+    out.push('\n');
+    match &r.baseline {
+        Some(b) => out.push_str(&format!(
+            "Spawn-per-invocation baseline ({}, {} runs): p50 {}  p99 {}  → warm is {:.0}× faster\n",
+            b.python,
+            b.runs,
+            fmt_us(b.latency.p50_us),
+            fmt_us(b.latency.p99_us),
+            b.ratio_to_warm_p50
+        )),
+        None => out.push_str("Spawn-per-invocation baseline: skipped\n"),
+    }
+    match &r.idle_memory {
+        Some(m) => out.push_str(&format!(
+            "Idle workers ({} processes, {}): max RSS {:.1} MiB, avg RSS {:.1} MiB{}\n\n",
+            m.processes,
+            m.basis,
+            m.max_rss_mib,
+            m.avg_rss_mib,
+            m.avg_pss_mib
+                .map(|p| format!(", avg PSS {p:.1} MiB"))
+                .unwrap_or_default()
+        )),
+        None => out.push_str("Idle workers: none found\n\n"),
+    }
+    out.push_str("Targets:\n");
+    let mut table = Table::new(&["target", "promise", "measured", "result"]);
+    for t in &r.targets {
+        let result = match t.met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "not measured",
+        };
+        table.row([
+            t.name.clone(),
+            t.target.clone(),
+            t.measured.clone(),
+            result.to_owned(),
+        ]);
+    }
+    out.push_str(&table.render());
+    out
+}
+
+pub(super) fn markdown_report(r: &Report, args: &BenchArgs) -> String {
+    let m = &r.machine;
+    let mut out = format!("## {} — {} CPUs, {}\n\n", m.date, m.cpus, m.cpu_model);
+    out.push_str(&format!(
+        "Machine: `nproc` {}, {}, {}, {}; nimbus {} ({} build), process driver.\n\n",
+        m.cpus,
+        m.cpu_model,
+        m.kernel,
+        m.python.as_deref().unwrap_or("Python unknown"),
+        m.nimbus_version,
+        m.build
+    ));
+    let concurrency: Vec<String> = args.concurrency.iter().map(ToString::to_string).collect();
+    out.push_str(&format!(
+        "Command: `nimbus bench --requests {} --duration {} --concurrency {} --baseline-runs {}`\n\n",
+        args.requests,
+        args.duration,
+        concurrency.join(","),
+        args.baseline_runs
+    ));
+    out.push_str("| Measurement | Target | Result | Met |\n|---|---|---|---|\n");
+    let w = &r.warm_latency.latency;
+    let met = |name: &str| match r
+        .targets
+        .iter()
+        .find(|t| t.name.starts_with(name))
+        .and_then(|t| t.met)
+    {
+        Some(true) => "yes",
+        Some(false) => "**no**",
+        None => "–",
+    };
+    out.push_str(&format!(
+        "| Warm latency, 1 client ({} requests) | p50 ≤ {} | p50 {}, p90 {}, p99 {} | {} |\n",
+        w.samples,
+        fmt_us(TARGET_P50_US),
+        fmt_us(w.p50_us),
+        fmt_us(w.p90_us),
+        fmt_us(w.p99_us),
+        met("warm p50")
+    ));
+    for t in &r.throughput {
+        let (target, ok) = if t.clients == TARGET_RPS_CLIENTS {
+            (
+                format!("≥ {} inv/s", fmt_count(TARGET_RPS)),
+                met("throughput"),
+            )
+        } else {
+            ("–".to_owned(), "–")
+        };
+        out.push_str(&format!(
+            "| Throughput, {} ({:.0} s) | {target} | {} inv/s (p50 {}, p99 {}, {} errors) | {ok} |\n",
+            clients_text(t.clients),
+            t.duration_s,
+            fmt_count(t.invocations_per_sec),
+            fmt_us(t.latency.p50_us),
+            fmt_us(t.latency.p99_us),
+            t.errors
+        ));
+    }
+    if let Some(b) = &r.baseline {
+        out.push_str(&format!(
+            "| Fresh Python process per invocation ({} runs) | – | p50 {}, p99 {} | – |\n",
+            b.runs,
+            fmt_us(b.latency.p50_us),
+            fmt_us(b.latency.p99_us)
+        ));
+        out.push_str(&format!(
+            "| Warm vs process per invocation (p50) | ≥ {TARGET_RATIO:.0}× | {:.0}× | {} |\n",
+            b.ratio_to_warm_p50,
+            met("warm vs")
+        ));
+    }
+    if let Some(i) = &r.idle_memory {
+        out.push_str(&format!(
+            "| Idle warm instance RSS (max of {}) | ≤ {TARGET_RSS_MIB} MiB | {:.1} MiB (avg {:.1}{}) | {} |\n",
+            i.processes,
+            i.max_rss_mib,
+            i.avg_rss_mib,
+            i.avg_pss_mib.map(|p| format!(", PSS {p:.1}")).unwrap_or_default(),
+            met("idle")
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_formatted_for_people() {
+        assert_eq!(fmt_us(212.4), "212 µs");
+        assert_eq!(fmt_us(1250.0), "1.25 ms");
+        assert_eq!(fmt_us(2_100_000.0), "2.10 s");
+        assert_eq!(fmt_count(6412.3), "6,412");
+        assert_eq!(fmt_count(999.0), "999");
+        assert_eq!(fmt_count(1_234_567.0), "1,234,567");
+    }
+}

@@ -1,0 +1,227 @@
+//! The report of one run: what was measured, on which machine, and the target checks.
+
+use serde::Serialize;
+
+use super::baseline::Baseline;
+use super::load::PhaseRun;
+use super::memory::IdleMemory;
+use super::render::{fmt_count, fmt_us};
+use super::stats::Latency;
+
+/// The product's targets.
+pub(super) const TARGET_P50_US: f64 = 300.0;
+pub(super) const TARGET_RPS: f64 = 6000.0;
+pub(super) const TARGET_RPS_CLIENTS: usize = 32;
+pub(super) const TARGET_RATIO: f64 = 100.0;
+pub(super) const TARGET_RSS_MIB: f64 = 15.0;
+
+/// Everything one run measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Where it ran.
+    pub machine: Machine,
+    /// URL of the server measured.
+    pub server: String,
+    /// Whether the benchmark started that server itself.
+    pub spawned_server: bool,
+    /// One client, a fixed number of requests.
+    pub warm_latency: LatencyPhase,
+    /// One entry per `--concurrency` value.
+    pub throughput: Vec<ThroughputPhase>,
+    /// The spawn-per-invocation baseline.
+    pub baseline: Option<Baseline>,
+    /// Idle worker memory after the load.
+    pub idle_memory: Option<IdleMemory>,
+    /// The product's targets and whether they were met.
+    pub targets: Vec<TargetCheck>,
+}
+
+/// The machine and build.
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    /// UTC date of the run.
+    pub date: String,
+    /// CPUs available (`nproc`).
+    pub cpus: usize,
+    /// CPU model from /proc/cpuinfo.
+    pub cpu_model: String,
+    /// Kernel (`uname -sr`).
+    pub kernel: String,
+    /// Python version of the baseline interpreter.
+    pub python: Option<String>,
+    /// Nimbus version.
+    pub nimbus_version: String,
+    /// `release` or `debug`.
+    pub build: String,
+}
+
+impl Machine {
+    pub(super) fn detect(python: Option<String>) -> Self {
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        };
+        let cpu_model = read("/proc/cpuinfo")
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let date = time::OffsetDateTime::now_utc().date();
+        Machine {
+            date: format!(
+                "{:04}-{:02}-{:02}",
+                date.year(),
+                u8::from(date.month()),
+                date.day()
+            ),
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            cpu_model,
+            kernel: format!(
+                "{} {}",
+                read("/proc/sys/kernel/ostype"),
+                read("/proc/sys/kernel/osrelease")
+            ),
+            python,
+            nimbus_version: env!("CARGO_PKG_VERSION").to_owned(),
+            build: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }
+            .to_owned(),
+        }
+    }
+}
+
+/// The single-client latency phase.
+#[derive(Debug, Serialize)]
+pub struct LatencyPhase {
+    /// Concurrent clients (1).
+    pub clients: usize,
+    /// Failed invocations.
+    pub errors: u64,
+    /// Successful invocations not served by a warm instance.
+    pub non_warm: u64,
+    /// Latency of the successful invocations.
+    #[serde(flatten)]
+    pub latency: Latency,
+    /// The first failure seen, if any.
+    pub first_error: Option<String>,
+}
+
+impl LatencyPhase {
+    pub(super) fn from_run(clients: usize, mut phase: PhaseRun) -> Self {
+        LatencyPhase {
+            clients,
+            errors: phase.run.errors,
+            non_warm: phase.run.non_warm,
+            latency: Latency::from_ns(&mut phase.run.latencies_ns),
+            first_error: phase.run.first_error,
+        }
+    }
+}
+
+/// One throughput phase.
+#[derive(Debug, Serialize)]
+pub struct ThroughputPhase {
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Seconds measured.
+    pub duration_s: f64,
+    /// Successful invocations per second.
+    pub invocations_per_sec: f64,
+    /// Failed invocations.
+    pub errors: u64,
+    /// Successful invocations not served by a warm instance.
+    pub non_warm: u64,
+    /// Latency of the successful invocations.
+    #[serde(flatten)]
+    pub latency: Latency,
+    /// The first failure seen, if any.
+    pub first_error: Option<String>,
+}
+
+impl ThroughputPhase {
+    pub(super) fn from_run(clients: usize, mut phase: PhaseRun) -> Self {
+        let seconds = phase.elapsed.as_secs_f64();
+        let ok = phase.run.latencies_ns.len() as f64;
+        ThroughputPhase {
+            clients,
+            duration_s: seconds,
+            invocations_per_sec: if seconds > 0.0 { ok / seconds } else { 0.0 },
+            errors: phase.run.errors,
+            non_warm: phase.run.non_warm,
+            latency: Latency::from_ns(&mut phase.run.latencies_ns),
+            first_error: phase.run.first_error,
+        }
+    }
+}
+
+/// One target and the measurement it is judged on.
+#[derive(Debug, Serialize)]
+pub struct TargetCheck {
+    /// What is measured.
+    pub name: String,
+    /// The promise, as text.
+    pub target: String,
+    /// The measurement, as text (`n/a` when not measured).
+    pub measured: String,
+    /// Whether it was met (`null` when not measured).
+    pub met: Option<bool>,
+}
+
+pub(super) fn targets(r: &Report) -> Vec<TargetCheck> {
+    let check = |name: &str, target: String, measured: Option<(String, bool)>| TargetCheck {
+        name: name.to_owned(),
+        target,
+        measured: measured
+            .as_ref()
+            .map(|m| m.0.clone())
+            .unwrap_or_else(|| "n/a".into()),
+        met: measured.map(|m| m.1),
+    };
+    let p50 = r.warm_latency.latency.p50_us;
+    let rps = r
+        .throughput
+        .iter()
+        .find(|t| t.clients == TARGET_RPS_CLIENTS)
+        .map(|t| t.invocations_per_sec);
+    vec![
+        check(
+            "warm p50 latency, 1 client",
+            format!("≤ {}", fmt_us(TARGET_P50_US)),
+            (r.warm_latency.latency.samples > 0).then(|| (fmt_us(p50), p50 <= TARGET_P50_US)),
+        ),
+        check(
+            &format!("throughput, {TARGET_RPS_CLIENTS} clients"),
+            format!("≥ {} inv/s", fmt_count(TARGET_RPS)),
+            rps.map(|v| (format!("{} inv/s", fmt_count(v)), v >= TARGET_RPS)),
+        ),
+        check(
+            "warm vs spawn-per-invocation",
+            format!("≥ {TARGET_RATIO:.0}× faster"),
+            r.baseline.as_ref().map(|b| {
+                (
+                    format!("{:.0}×", b.ratio_to_warm_p50),
+                    b.ratio_to_warm_p50 >= TARGET_RATIO,
+                )
+            }),
+        ),
+        check(
+            "idle warm instance RSS",
+            format!("≤ {TARGET_RSS_MIB} MiB"),
+            r.idle_memory.as_ref().map(|m| {
+                (
+                    format!("{:.1} MiB", m.max_rss_mib),
+                    m.max_rss_mib <= TARGET_RSS_MIB,
+                )
+            }),
+        ),
+    ]
+}

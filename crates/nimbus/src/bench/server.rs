@@ -1,0 +1,159 @@
+//! The server under test: a `nimbus server` child on a free loopback port, and the
+//! loopback-only check of a `--server` URL.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use reqwest::Method;
+
+use crate::client::Client;
+
+/// A `nimbus server` child with its own temporary data directory, stopped on drop.
+pub(super) struct ServerProcess {
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ServerProcess {
+    /// Starts `<this binary> server` on a free loopback port; returns it and its URL.
+    pub(super) fn start() -> anyhow::Result<(Self, String)> {
+        let exe = std::env::current_exe().context("locating the nimbus binary")?;
+        let dir = tempfile::Builder::new().prefix("nimbus-bench-").tempdir()?;
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let listen = format!("127.0.0.1:{port}");
+        let log = dir.path().join("server.log");
+        let log_file = std::fs::File::create(&log)?;
+        let child = std::process::Command::new(exe)
+            .args(["server", "--listen", &listen, "--data-dir"])
+            .arg(dir.path().join("data"))
+            .env("NIMBUS_LOG", "warn")
+            .env_remove("NIMBUS_CONFIG")
+            .env_remove("NIMBUS_LISTEN")
+            .env_remove("NIMBUS_DATA_DIR")
+            .env_remove("NIMBUS_DATABASE_URL")
+            .env_remove("NIMBUS_API_KEYS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .context("starting the server")?;
+        Ok((
+            ServerProcess {
+                child,
+                log,
+                _dir: dir,
+            },
+            format!("http://{listen}"),
+        ))
+    }
+
+    pub(super) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Waits (at most 30 s) until `GET /health` answers.
+    pub(super) async fn wait_healthy(&mut self, client: &Client) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "the server exited ({status}) before it was ready:\n{}",
+                    self.log_tail()
+                );
+            }
+            if let Ok(reply) = client.send_raw(Method::GET, "/health", &[], None).await {
+                if reply.status.is_success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the server did not answer /health within 30 s:\n{}",
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, up to 5 s to drain, then SIGKILL.
+    pub(super) fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The socket address and `Host` of a loopback `http://` URL; anything else is refused.
+pub(super) fn loopback_addr(url: &str) -> anyhow::Result<(SocketAddr, String)> {
+    let url = crate::client::http::normalize_server(url).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let Some(rest) = url.strip_prefix("http://") else {
+        bail!("bench needs an http:// server URL, got {url}");
+    };
+    let authority = rest.split('/').next().unwrap_or_default().to_owned();
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (
+            host,
+            port.parse::<u16>()
+                .with_context(|| format!("invalid port in {url}"))?,
+        ),
+        _ => (authority.as_str(), 80),
+    };
+    let ip = match host {
+        "127.0.0.1" | "localhost" => [127, 0, 0, 1].into(),
+        "[::1]" => std::net::Ipv6Addr::LOCALHOST.into(),
+        _ => bail!("bench only targets a server on this machine (127.0.0.1, localhost or [::1]), got {host}"),
+    };
+    Ok((SocketAddr::new(ip, port), authority))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_servers_are_benchmarked() {
+        let (addr, host) = loopback_addr("http://127.0.0.1:8080/").unwrap();
+        assert_eq!(addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(host, "127.0.0.1:8080");
+        assert_eq!(
+            loopback_addr("localhost:9").unwrap().0.to_string(),
+            "127.0.0.1:9"
+        );
+        assert_eq!(
+            loopback_addr("http://[::1]:81").unwrap().0.to_string(),
+            "[::1]:81"
+        );
+        assert!(loopback_addr("http://example.com:80").is_err());
+        assert!(loopback_addr("http://10.0.0.1:8080").is_err());
+    }
+}
