@@ -87,11 +87,6 @@ impl Engine {
         engine
     }
 
-    /// The engine's settings.
-    pub fn config(&self) -> &EngineConfig {
-        &self.config
-    }
-
     /// Name of the sandbox driver in use.
     pub fn driver_name(&self) -> &'static str {
         self.driver_name

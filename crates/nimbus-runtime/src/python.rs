@@ -117,29 +117,6 @@ impl PythonRuntime {
         }
     }
 
-    /// A command that writes the byte code of the Python files under `code_dir` into their
-    /// `__pycache__`, so that workers (which never write byte code) start faster. Meant to be
-    /// run once when a version's code is unpacked; it only compiles (no user code runs), and
-    /// its failure is not fatal (a file that does not compile is reported when it is loaded).
-    pub fn precompile_command(&self, code_dir: &Path) -> RuntimeCommand {
-        RuntimeCommand {
-            program: self.interpreter.clone(),
-            args: vec![
-                "-I".into(),
-                "-S".into(),
-                "-m".into(),
-                "compileall".into(),
-                "-q".into(),
-                code_dir.to_string_lossy().into_owned(),
-            ],
-            env: WORKER_ENV
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .filter(|(k, _)| k != "PYTHONDONTWRITEBYTECODE")
-                .collect(),
-        }
-    }
-
     /// `/usr/bin/python3.11 (3.11.2)`.
     pub fn describe(&self) -> String {
         format!("{} ({})", self.interpreter.display(), self.version)
@@ -451,40 +428,6 @@ mod tests {
             .unwrap();
         assert_eq!(before, after);
         assert_eq!(again.interpreter(), rt.interpreter());
-    }
-
-    #[test]
-    fn precompile_command_writes_byte_code_for_the_functions_code() {
-        let data = tempfile::tempdir().unwrap();
-        let rt = PythonRuntime::discover(None, data.path()).unwrap();
-        let code = tempfile::tempdir().unwrap();
-        std::fs::create_dir(code.path().join("pkg")).unwrap();
-        std::fs::write(
-            code.path().join("handler.py"),
-            "def handle(e):\n    return e\n",
-        )
-        .unwrap();
-        std::fs::write(code.path().join("pkg/mod.py"), "X = 1\n").unwrap();
-        let cmd = rt.precompile_command(code.path());
-        let status = Command::new(&cmd.program)
-            .args(&cmd.args)
-            .env_clear()
-            .envs(cmd.env)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        assert!(
-            std::fs::read_dir(code.path().join("__pycache__"))
-                .unwrap()
-                .count()
-                == 1
-        );
-        assert!(
-            std::fs::read_dir(code.path().join("pkg/__pycache__"))
-                .unwrap()
-                .count()
-                == 1
-        );
     }
 
     #[test]
