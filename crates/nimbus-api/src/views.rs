@@ -6,12 +6,20 @@ use nimbus_core::{
 };
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use time::format_description::well_known::Rfc3339;
+use time::format_description::BorrowedFormatItem;
+use time::macros::format_description;
 use time::OffsetDateTime;
 
-/// RFC 3339 text of a timestamp.
+/// RFC 3339 in UTC with exactly three fractional digits (the precision stored), so
+/// timestamps have one width and sort as text.
+const TIMESTAMP: &[BorrowedFormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+
+/// RFC 3339 text of a timestamp, e.g. `2026-11-28T03:19:35.340Z`.
 pub fn timestamp(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
+    t.to_offset(time::UtcOffset::UTC)
+        .format(TIMESTAMP)
+        .unwrap_or_default()
 }
 
 /// The files of a code bundle: path and size, and with `contents` the text of each UTF-8
@@ -150,4 +158,21 @@ pub fn invocation(i: &Invocation) -> Value {
         "memory_used_mb": i.memory_used_mb,
         "logs": i.logs,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use time::macros::datetime;
+
+    #[test]
+    fn timestamps_have_millisecond_precision_and_one_width() {
+        assert_eq!(
+            super::timestamp(datetime!(2026-11-28 03:19:35.34 UTC)),
+            "2026-11-28T03:19:35.340Z"
+        );
+        assert_eq!(
+            super::timestamp(datetime!(2026-11-28 05:19:35 +02:00)),
+            "2026-11-28T03:19:35.000Z"
+        );
+    }
 }
