@@ -306,6 +306,26 @@ fn bench_smoke_run_reports_sane_numbers() {
     let latency = &report["warm_latency"];
     assert_eq!(latency["samples"], 200, "{report}");
     assert!(latency["p50_us"].as_f64().unwrap() > 0.0, "{report}");
+    let routing = &report["routing"];
+    assert_eq!(routing["alias"], "bench-canary", "{report}");
+    assert_eq!(routing["stable_version"], 1, "{report}");
+    assert_eq!(routing["canary_version"], 2, "{report}");
+    assert_eq!(routing["rounds"], 10, "{report}");
+    let p50 = |phase: &str| routing[phase]["p50_us"].as_f64().unwrap();
+    for phase in ["pinned", "latest", "weighted"] {
+        assert_eq!(routing[phase]["samples"], 200, "{phase}: {report}");
+        assert_eq!(routing[phase]["errors"], 0, "{phase}: {report}");
+        assert!(p50(phase) > 0.0, "{phase}: {report}");
+    }
+    let overhead = |key: &str| routing[key].as_f64().unwrap();
+    assert_eq!(
+        overhead("latest_overhead_us"),
+        p50("latest") - p50("pinned")
+    );
+    assert_eq!(
+        overhead("weighted_overhead_us"),
+        p50("weighted") - p50("pinned")
+    );
     let phases = report["throughput"].as_array().unwrap();
     assert_eq!(phases.len(), 2, "{report}");
     for phase in phases {
@@ -323,5 +343,14 @@ fn bench_smoke_run_reports_sane_numbers() {
         report["idle_memory"]["max_rss_mib"].as_f64().unwrap() > 0.0,
         "{report}"
     );
-    assert_eq!(report["targets"].as_array().unwrap().len(), 4);
+    let targets = report["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 5, "{report}");
+    assert!(
+        targets.iter().any(|t| t["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("alias routing overhead")
+            && t["met"].is_boolean()),
+        "{report}"
+    );
 }

@@ -17,12 +17,23 @@ use super::MAX_PHASE;
 const WARM_MARKER: &[u8] = br#""start_type":"warm""#;
 
 /// Where and what the virtual clients send.
+#[derive(Clone)]
 pub(super) struct LoadTarget {
     pub(super) addr: SocketAddr,
     pub(super) authority: String,
     pub(super) path: String,
     pub(super) auth: Option<String>,
     pub(super) event: Bytes,
+}
+
+impl LoadTarget {
+    /// The same request to another path (and query) of the same server.
+    pub(super) fn with_path(&self, path: String) -> Self {
+        LoadTarget {
+            path,
+            ..self.clone()
+        }
+    }
 }
 
 type Sender = SendRequest<Full<Bytes>>;
@@ -81,10 +92,11 @@ impl ClientRun {
     }
 }
 
-/// One virtual client: sequential invocations on one connection until `count` or `deadline`.
+/// One virtual client: sequential invocations on one connection until `count` or
+/// `deadline`. A broken connection is replaced in `sender`.
 async fn virtual_client(
-    t: Arc<LoadTarget>,
-    mut sender: Sender,
+    t: &LoadTarget,
+    sender: &mut Sender,
     count: Option<u64>,
     deadline: Instant,
 ) -> ClientRun {
@@ -94,7 +106,7 @@ async fn virtual_client(
     while done < limit && Instant::now() < deadline {
         done += 1;
         let start = Instant::now();
-        match call(&mut sender, &t).await {
+        match call(sender, t).await {
             Ok((200, body)) => {
                 run.latencies_ns.push(start.elapsed().as_nanos() as u64);
                 if !contains(&body, WARM_MARKER) {
@@ -107,8 +119,8 @@ async fn virtual_client(
             }
             Err(e) => {
                 run.fail(format!("{e:#}"));
-                match connect(&t).await {
-                    Ok(s) => sender = s,
+                match connect(t).await {
+                    Ok(s) => *sender = s,
                     Err(e) => {
                         run.fail(format!("{e:#}"));
                         break;
@@ -129,6 +141,7 @@ pub(super) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 /// The result of one phase and how long it took.
+#[derive(Default)]
 pub(super) struct PhaseRun {
     pub(super) run: ClientRun,
     pub(super) elapsed: Duration,
@@ -149,7 +162,10 @@ pub(super) async fn run_phase(
     let deadline = start + duration.min(MAX_PHASE);
     let tasks: Vec<_> = senders
         .into_iter()
-        .map(|s| tokio::spawn(virtual_client(t.clone(), s, count, deadline)))
+        .map(|mut s| {
+            let t = t.clone();
+            tokio::spawn(async move { virtual_client(&t, &mut s, count, deadline).await })
+        })
         .collect();
     let mut run = ClientRun::default();
     for task in tasks {
@@ -159,6 +175,33 @@ pub(super) async fn run_phase(
         run,
         elapsed: start.elapsed(),
     })
+}
+
+/// One client on one connection runs `rounds` rounds of `per_round` requests to each of
+/// `targets` (paths of one server), starting each round one target later, so that drifting
+/// machine noise falls on all targets alike. One result per target, in the order given.
+pub(super) async fn run_rounds<const N: usize>(
+    targets: &[Arc<LoadTarget>; N],
+    rounds: usize,
+    per_round: u64,
+    duration: Duration,
+) -> anyhow::Result<[PhaseRun; N]> {
+    let Some(first) = targets.first() else {
+        bail!("no targets to measure");
+    };
+    let mut sender = connect(first).await?;
+    let mut runs: [PhaseRun; N] = std::array::from_fn(|_| PhaseRun::default());
+    let deadline = Instant::now() + duration.min(MAX_PHASE);
+    for round in 0..rounds {
+        for i in 0..N {
+            let k = (round + i) % N;
+            let start = Instant::now();
+            let run = virtual_client(&targets[k], &mut sender, Some(per_round), deadline).await;
+            runs[k].run.merge(run);
+            runs[k].elapsed += start.elapsed();
+        }
+    }
+    Ok(runs)
 }
 
 /// Invokes with `clients` clients until a round is served entirely by warm instances (at most 5 rounds).

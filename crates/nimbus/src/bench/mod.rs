@@ -1,7 +1,8 @@
 //! `nimbus bench`: deploys a no-op Python function and measures, over real HTTP on
-//! 127.0.0.1, warm invocation latency (one client), throughput (N concurrent clients), the
-//! naive design for comparison (a fresh Python process per invocation) and the resident
-//! memory of idle workers; then reports against the product's targets.
+//! 127.0.0.1, warm invocation latency (one client), what routing through an alias adds to
+//! it, throughput (N concurrent clients), the naive design for comparison (a fresh Python
+//! process per invocation) and the resident memory of idle workers; then reports against
+//! the product's targets.
 //!
 //! By default it starts its own server (this binary, `server` on a free port with a
 //! temporary data directory) and stops it at the end, also on error or Ctrl-C. The load
@@ -14,6 +15,7 @@ mod load;
 mod memory;
 mod render;
 mod report;
+mod routing;
 mod server;
 mod stats;
 
@@ -21,11 +23,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::Args;
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::client::{CliError, Client, Output};
 
@@ -34,6 +36,7 @@ use self::load::{run_phase, warm_up, LoadTarget};
 use self::memory::idle_memory;
 use self::render::{clients_text, human_report, markdown_report};
 use self::report::{targets, LatencyPhase, Machine, Report, ThroughputPhase};
+use self::routing::{measure_routing, prepare_canary};
 use self::server::{loopback_addr, ServerProcess};
 
 /// Name of the function the benchmark deploys.
@@ -153,6 +156,10 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
     let phase = run_phase(&target, 1, Some(args.requests), MAX_PHASE).await?;
     let warm_latency = LatencyPhase::from_run(1, phase);
 
+    progress("publishing a canary behind a split alias, then measuring routing");
+    let canary = prepare_canary(&client).await?;
+    let routing = measure_routing(&target, canary, args.requests, args.warmup).await?;
+
     let mut throughput = Vec::new();
     let duration = Duration::from_secs_f64(args.duration);
     for &clients in &args.concurrency {
@@ -206,6 +213,7 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
         server: url,
         spawned_server: args.server.is_none(),
         warm_latency,
+        routing,
         throughput,
         baseline,
         idle_memory,
@@ -218,19 +226,37 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
 /// Creates (or updates) the benchmark function; true if it was created.
 async fn deploy(client: &Client) -> anyhow::Result<bool> {
     let body = json!({ "name": FUNCTION_NAME, "code": CODE, "description": "nimbus bench: returns its event" });
-    match client.call(Method::POST, "/functions", &body).await {
+    create_or_update(
+        client,
+        "/functions",
+        &body,
+        "function_exists",
+        &format!("/functions/{FUNCTION_NAME}"),
+        &json!({ "code": CODE }),
+    )
+    .await
+    .with_context(|| format!("deploying {FUNCTION_NAME}"))
+}
+
+/// POSTs `body` to `collection`; if that answers `exists_code` (left from an earlier run
+/// on this server), PUTs `update` to `item` instead. True if it was created.
+async fn create_or_update(
+    client: &Client,
+    collection: &str,
+    body: &Value,
+    exists_code: &str,
+    item: &str,
+    update: &Value,
+) -> anyhow::Result<bool> {
+    match client.call(Method::POST, collection, body).await {
         Ok(_) => Ok(true),
-        Err(CliError::Api { code, .. }) if code == "function_exists" => {
+        Err(CliError::Api { code, .. }) if code == exists_code => {
             client
-                .call(
-                    Method::PUT,
-                    &format!("/functions/{FUNCTION_NAME}"),
-                    &json!({ "code": CODE }),
-                )
+                .call(Method::PUT, item, update)
                 .await
-                .map_err(|e| anyhow::anyhow!("updating {FUNCTION_NAME}: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("updating {item}: {e}"))?;
             Ok(false)
         }
-        Err(e) => bail!("deploying {FUNCTION_NAME}: {e}"),
+        Err(e) => Err(e.into()),
     }
 }

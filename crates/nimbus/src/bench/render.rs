@@ -4,8 +4,10 @@
 use crate::client::table::Table;
 
 use super::report::{
-    Machine, Report, TARGET_P50_US, TARGET_RATIO, TARGET_RPS, TARGET_RPS_CLIENTS, TARGET_RSS_MIB,
+    LatencyPhase, Machine, Report, TARGET_P50_US, TARGET_RATIO, TARGET_ROUTING_US, TARGET_RPS,
+    TARGET_RPS_CLIENTS, TARGET_RSS_MIB,
 };
+use super::routing::RoutingPhase;
 use super::BenchArgs;
 
 /// `1 client`, `32 clients`.
@@ -28,6 +30,11 @@ pub(super) fn fmt_us(us: f64) -> String {
     }
 }
 
+/// `+4.2 µs`, `-0.8 µs`: a difference of latencies.
+pub(super) fn fmt_delta_us(us: f64) -> String {
+    format!("{us:+.1} µs")
+}
+
 /// `6,412`.
 pub(super) fn fmt_count(v: f64) -> String {
     let digits = format!("{:.0}", v.max(0.0));
@@ -39,6 +46,35 @@ pub(super) fn fmt_count(v: f64) -> String {
         out.push(c);
     }
     out
+}
+
+/// The routing phase's targets: what was invoked, its latency, and its p50 over the pinned
+/// version's.
+fn routing_targets(p: &RoutingPhase) -> [(String, &LatencyPhase, Option<f64>); 3] {
+    [
+        (
+            format!("version {} (no alias)", p.stable_version),
+            &p.pinned,
+            None,
+        ),
+        (
+            format!("alias latest (v{} only)", p.canary_version),
+            &p.latest,
+            Some(p.latest_overhead_us),
+        ),
+        (
+            format!(
+                "alias {} (v{} {}% / v{} {}%)",
+                p.alias,
+                p.stable_version,
+                100 - p.canary_weight,
+                p.canary_version,
+                p.canary_weight
+            ),
+            &p.weighted,
+            Some(p.weighted_overhead_us),
+        ),
+    ]
 }
 
 fn machine_line(m: &Machine) -> String {
@@ -79,6 +115,41 @@ pub(super) fn human_report(r: &Report) -> String {
         w.errors,
         w.non_warm
     ));
+    out.push_str(&format!(
+        "Routing, 1 client, {} interleaved rounds on one connection:\n",
+        r.routing.rounds
+    ));
+    let mut table = Table::new(&[
+        "invoked",
+        "requests",
+        "p50",
+        "p90",
+        "p99",
+        "errors",
+        "not warm",
+        "p50 over version",
+    ]);
+    let routing = routing_targets(&r.routing);
+    for (name, phase, overhead) in &routing {
+        let l = &phase.latency;
+        table.row([
+            name.clone(),
+            l.samples.to_string(),
+            fmt_us(l.p50_us),
+            fmt_us(l.p90_us),
+            fmt_us(l.p99_us),
+            phase.errors.to_string(),
+            phase.non_warm.to_string(),
+            overhead.map(fmt_delta_us).unwrap_or_default(),
+        ]);
+    }
+    out.push_str(&table.render());
+    for (name, phase, _) in &routing {
+        if let Some(e) = &phase.first_error {
+            out.push_str(&format!("  first error ({name}): {e}\n"));
+        }
+    }
+    out.push('\n');
     let mut table = Table::new(&[
         "clients",
         "seconds",
@@ -194,6 +265,28 @@ pub(super) fn markdown_report(r: &Report, args: &BenchArgs) -> String {
         fmt_us(w.p99_us),
         met("warm p50")
     ));
+    for (name, phase, overhead) in routing_targets(&r.routing) {
+        let l = &phase.latency;
+        out.push_str(&format!(
+            "| Warm latency, {name}, 1 client ({} requests, interleaved) | – | p50 {}, p90 {}, p99 {}{} | – |\n",
+            l.samples,
+            fmt_us(l.p50_us),
+            fmt_us(l.p90_us),
+            fmt_us(l.p99_us),
+            overhead
+                .map(|o| format!(" ({} over version)", fmt_delta_us(o)))
+                .unwrap_or_default()
+        ));
+    }
+    out.push_str(&format!(
+        "| Alias routing overhead (p50, alias {} − version {}) | ≤ {} | {} (latest: {}) | {} |\n",
+        r.routing.alias,
+        r.routing.stable_version,
+        fmt_us(TARGET_ROUTING_US),
+        fmt_delta_us(r.routing.weighted_overhead_us),
+        fmt_delta_us(r.routing.latest_overhead_us),
+        met("alias routing")
+    ));
     for t in &r.throughput {
         let (target, ok) = if t.clients == TARGET_RPS_CLIENTS {
             (
@@ -248,6 +341,8 @@ mod tests {
         assert_eq!(fmt_us(212.4), "212 µs");
         assert_eq!(fmt_us(1250.0), "1.25 ms");
         assert_eq!(fmt_us(2_100_000.0), "2.10 s");
+        assert_eq!(fmt_delta_us(4.24), "+4.2 µs");
+        assert_eq!(fmt_delta_us(-0.8), "-0.8 µs");
         assert_eq!(fmt_count(6412.3), "6,412");
         assert_eq!(fmt_count(999.0), "999");
         assert_eq!(fmt_count(1_234_567.0), "1,234,567");

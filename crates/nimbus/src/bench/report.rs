@@ -5,7 +5,8 @@ use serde::Serialize;
 use super::baseline::Baseline;
 use super::load::PhaseRun;
 use super::memory::IdleMemory;
-use super::render::{fmt_count, fmt_us};
+use super::render::{fmt_count, fmt_delta_us, fmt_us};
+use super::routing::RoutingPhase;
 use super::stats::Latency;
 
 /// The product's targets.
@@ -14,6 +15,7 @@ pub(super) const TARGET_RPS: f64 = 6000.0;
 pub(super) const TARGET_RPS_CLIENTS: usize = 32;
 pub(super) const TARGET_RATIO: f64 = 100.0;
 pub(super) const TARGET_RSS_MIB: f64 = 15.0;
+pub(super) const TARGET_ROUTING_US: f64 = 20.0;
 
 /// Everything one run measured.
 #[derive(Debug, Serialize)]
@@ -26,6 +28,8 @@ pub struct Report {
     pub spawned_server: bool,
     /// One client, a fixed number of requests.
     pub warm_latency: LatencyPhase,
+    /// One client, with and without an alias, interleaved.
+    pub routing: RoutingPhase,
     /// One entry per `--concurrency` value.
     pub throughput: Vec<ThroughputPhase>,
     /// The spawn-per-invocation baseline.
@@ -187,6 +191,8 @@ pub(super) fn targets(r: &Report) -> Vec<TargetCheck> {
         met: measured.map(|m| m.1),
     };
     let p50 = r.warm_latency.latency.p50_us;
+    let routing = &r.routing;
+    let overhead = routing.weighted_overhead_us;
     let rps = r
         .throughput
         .iter()
@@ -197,6 +203,12 @@ pub(super) fn targets(r: &Report) -> Vec<TargetCheck> {
             "warm p50 latency, 1 client",
             format!("≤ {}", fmt_us(TARGET_P50_US)),
             (r.warm_latency.latency.samples > 0).then(|| (fmt_us(p50), p50 <= TARGET_P50_US)),
+        ),
+        check(
+            "alias routing overhead (p50), 1 client",
+            format!("≤ {}", fmt_us(TARGET_ROUTING_US)),
+            (routing.pinned.latency.samples > 0 && routing.weighted.latency.samples > 0)
+                .then(|| (fmt_delta_us(overhead), overhead <= TARGET_ROUTING_US)),
         ),
         check(
             &format!("throughput, {TARGET_RPS_CLIENTS} clients"),
