@@ -27,6 +27,8 @@ enum Command {
     /// List, show and delete functions.
     #[command(name = "fn")]
     Fn(client::functions::FnArgs),
+    /// Publish, list, show and delete a function's immutable versions.
+    Version(client::versions::VersionArgs),
     /// Invoke a function and print what it returned.
     Invoke(client::invoke::InvokeArgs),
     /// List a function's recent invocations, or show one (`inv_…`) with its logs.
@@ -53,9 +55,20 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Server(args) => return server::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Deploy(args) => client::deploy::run(args).await,
         Command::Fn(args) => client::functions::run(args).await,
+        Command::Version(args) => client::versions::run(args).await,
         Command::Invoke(args) => client::invoke::run_invoke(args).await,
         Command::Invocations(args) => client::invoke::run_invocations(args).await,
         Command::Bench(args) => bench::run(args).await,
     };
     Ok(client::finish(result))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -1,9 +1,9 @@
-//! The command-line client: `deploy`, `fn`, `invoke` and `invocations` against a Nimbus
-//! server's REST API (`/api/v1`), with human-readable tables by default and `--output json`
-//! for scripts.
+//! The command-line client: `deploy`, `fn`, `version`, `invoke` and `invocations` against a
+//! Nimbus server's REST API (`/api/v1`), with human-readable tables by default and
+//! `--output json` for scripts.
 //!
 //! - [`http`]: the HTTP wrapper and the mapping of failures to [`CliError`].
-//! - [`deploy`], [`functions`], [`invoke`]: one module per command group.
+//! - [`deploy`], [`functions`], [`versions`], [`invoke`]: one module per command group.
 //! - [`table`]: the aligned-column printer.
 
 pub mod deploy;
@@ -11,6 +11,7 @@ pub mod functions;
 pub mod http;
 pub mod invoke;
 pub mod table;
+pub mod versions;
 
 use std::process::ExitCode;
 
