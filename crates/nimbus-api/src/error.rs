@@ -44,7 +44,7 @@ impl From<EngineError> for ApiError {
             | EngineError::InvalidCode { .. } => StatusCode::BAD_REQUEST,
             EngineError::RuntimeUnavailable(_) => StatusCode::BAD_REQUEST,
             EngineError::NotFound { .. } => StatusCode::NOT_FOUND,
-            EngineError::Conflict { .. } => StatusCode::CONFLICT,
+            EngineError::Conflict { .. } | EngineError::VersionInUse { .. } => StatusCode::CONFLICT,
             EngineError::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
             EngineError::Unavailable(_) | EngineError::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -57,6 +57,9 @@ impl From<EngineError> for ApiError {
         let mut err = ApiError::new(status, e.code(), e.to_string());
         if let EngineError::Validation(v) = &e {
             err.details.insert("field".into(), json!(v.field));
+        }
+        if let EngineError::VersionInUse { aliases, .. } = &e {
+            err.details.insert("aliases".into(), json!(aliases));
         }
         if let EngineError::InvalidCode { error, logs } = e {
             err.details.insert("type".into(), json!(error.error_type));

@@ -5,6 +5,8 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
 
 use crate::error::ApiError;
 
@@ -21,10 +23,29 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 "the request body is empty; a JSON object is required",
             ));
         }
-        serde_json::from_slice(&bytes)
-            .map(ApiJson)
-            .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+        parse_json(&bytes).map(ApiJson)
     }
+}
+
+/// A JSON body parsed as `T` like [`ApiJson`], or `T::default()` when the body is empty
+/// (for endpoints whose every field is optional, such as publishing a version).
+pub struct ApiJsonOrDefault<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for ApiJsonOrDefault<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = read_body(req.into_body(), nimbus_core::limits::MAX_API_BODY_BYTES).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(ApiJsonOrDefault(T::default()));
+        }
+        parse_json(&bytes).map(ApiJsonOrDefault)
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
 /// Reads a whole body, answering 413 `payload_too_large` past `limit` bytes.
@@ -55,5 +76,31 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
         serde_urlencoded::from_str(query)
             .map(ApiQuery)
             .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))
+    }
+}
+
+/// `?limit=&offset=` of a listing: limit 1–1000 (default 20), offset default 0.
+#[derive(Debug, Deserialize)]
+pub struct Paging {
+    #[serde(default = "default_limit")]
+    limit: u32,
+    /// Items skipped first.
+    #[serde(default)]
+    pub offset: u32,
+}
+
+fn default_limit() -> u32 {
+    20
+}
+
+impl Paging {
+    /// The page size asked for, within 1–1000.
+    pub fn limit(&self) -> u32 {
+        self.limit.clamp(1, 1000)
+    }
+
+    /// `{"<key>": items, "total", "limit", "offset"}`.
+    pub fn page(&self, key: &str, items: Vec<Value>, total: u64) -> Value {
+        json!({ key: items, "total": total, "limit": self.limit(), "offset": self.offset })
     }
 }

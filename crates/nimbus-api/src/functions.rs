@@ -4,12 +4,11 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use nimbus_engine::{FunctionPatch, NewFunction};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
 use crate::error::ApiResult;
-use crate::extract::{ApiJson, ApiQuery};
+use crate::extract::{ApiJson, ApiQuery, Paging};
 use crate::{views, AppState};
 
 /// `POST /functions`.
@@ -24,33 +23,17 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(body)))
 }
 
-/// Paging parameters.
-#[derive(Debug, Deserialize)]
-pub struct Paging {
-    #[serde(default = "default_limit")]
-    limit: u32,
-    #[serde(default)]
-    offset: u32,
-}
-
-fn default_limit() -> u32 {
-    20
-}
-
 /// `GET /functions?limit=&offset=`.
 pub async fn list(
     State(state): State<AppState>,
     ApiQuery(paging): ApiQuery<Paging>,
 ) -> ApiResult<Json<Value>> {
-    let limit = paging.limit.clamp(1, 1000);
-    let page = state.engine.list_functions(limit, paging.offset).await?;
+    let page = state
+        .engine
+        .list_functions(paging.limit(), paging.offset)
+        .await?;
     let functions: Vec<Value> = page.items.iter().map(views::function).collect();
-    Ok(Json(json!({
-        "functions": functions,
-        "total": page.total,
-        "limit": limit,
-        "offset": paging.offset,
-    })))
+    Ok(Json(paging.page("functions", functions, page.total)))
 }
 
 /// `GET /functions/{id}`.

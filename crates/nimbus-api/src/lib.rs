@@ -1,12 +1,14 @@
 //! Nimbus HTTP API (`/api/v1`, JSON). Handlers stay thin: parse the request, call the
 //! engine, map the result; [`error::ApiError`] owns the mapping to status and error code.
 
+pub mod aliases;
 pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod functions;
 pub mod invoke;
 pub mod ops;
+pub mod versions;
 pub mod views;
 
 use std::sync::Arc;
@@ -38,6 +40,32 @@ pub fn router(state: AppState, keys: ApiKeys) -> Router {
             get(functions::get)
                 .put(functions::update)
                 .delete(functions::delete),
+        )
+        .route(
+            "/functions/{id}/versions",
+            post(versions::publish).get(versions::list),
+        )
+        .route(
+            "/functions/{id}/versions/{n}",
+            get(versions::get).delete(versions::delete),
+        )
+        .route(
+            "/functions/{id}/aliases",
+            post(aliases::create).get(aliases::list),
+        )
+        .route(
+            "/functions/{id}/aliases/{name}",
+            get(aliases::get)
+                .put(aliases::update)
+                .delete(aliases::delete),
+        )
+        .route(
+            "/functions/{id}/aliases/{name}/history",
+            get(aliases::history),
+        )
+        .route(
+            "/functions/{id}/aliases/{name}/rollback",
+            post(aliases::rollback),
         )
         .route("/functions/{id}/invoke", post(invoke::invoke))
         .route("/functions/{id}/async", post(invoke::invoke_async))

@@ -1,6 +1,9 @@
 //! JSON shapes of the API's resources.
 
-use nimbus_core::{Function, Invocation};
+use base64::Engine as _;
+use nimbus_core::{
+    AliasRevision, CodeBundle, Function, FunctionAlias, FunctionVersion, Invocation,
+};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
@@ -11,14 +14,30 @@ pub fn timestamp(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_default()
 }
 
+/// The files of a code bundle: path and size, and with `contents` the text of each UTF-8
+/// file (`content`) or the base64 of each other one (`content_base64`).
+fn files(code: &CodeBundle, contents: bool) -> Vec<Value> {
+    code.files()
+        .iter()
+        .map(|(path, data)| {
+            let mut file = json!({ "path": path, "size": data.len() });
+            if contents {
+                match std::str::from_utf8(data) {
+                    Ok(text) => file["content"] = json!(text),
+                    Err(_) => {
+                        file["content_base64"] =
+                            json!(base64::engine::general_purpose::STANDARD.encode(data))
+                    }
+                }
+            }
+            file
+        })
+        .collect()
+}
+
 /// A function, without its code contents (file names and sizes only).
 pub fn function(f: &Function) -> Value {
-    let files: Vec<Value> = f
-        .code
-        .files()
-        .iter()
-        .map(|(path, data)| json!({ "path": path, "size": data.len() }))
-        .collect();
+    let files = files(&f.code, false);
     json!({
         "id": f.id,
         "name": f.name,
@@ -36,6 +55,64 @@ pub fn function(f: &Function) -> Value {
         "latest_version": f.latest_version,
         "created_at": timestamp(f.created_at),
         "updated_at": timestamp(f.updated_at),
+    })
+}
+
+/// A version without its code; `aliases` names the aliases whose routing includes it.
+pub fn version(v: &FunctionVersion, aliases: &[FunctionAlias]) -> Value {
+    let routed_by: Vec<&str> = aliases
+        .iter()
+        .filter(|a| a.routing.versions().any(|n| n == v.version))
+        .map(|a| a.name.as_str())
+        .collect();
+    json!({
+        "function_id": v.function_id,
+        "version": v.version,
+        "description": v.description,
+        "runtime": v.config.runtime,
+        "handler": v.config.handler,
+        "code_hash": v.config.code_hash,
+        "memory_mb": v.config.memory_mb,
+        "timeout_sec": v.config.timeout_sec,
+        "env_vars": v.config.env_vars,
+        "created_at": timestamp(v.created_at),
+        "created_by": v.created_by,
+        "aliases": routed_by,
+    })
+}
+
+/// A version with its files: their contents too when `contents`.
+pub fn version_with_code(v: &FunctionVersion, aliases: &[FunctionAlias], contents: bool) -> Value {
+    let mut body = version(v, aliases);
+    body["code_size"] = json!(v.code.total_bytes());
+    body["files"] = json!(files(&v.code, contents));
+    body
+}
+
+/// An alias.
+pub fn alias(a: &FunctionAlias) -> Value {
+    json!({
+        "function_id": a.function_id,
+        "name": a.name,
+        "description": a.description,
+        "routing_config": a.routing,
+        "revision": a.revision,
+        "created_at": timestamp(a.created_at),
+        "updated_at": timestamp(a.updated_at),
+    })
+}
+
+/// One entry of an alias's history.
+pub fn alias_revision(r: &AliasRevision) -> Value {
+    json!({
+        "revision": r.revision,
+        "action": r.action,
+        "routing_config": r.routing,
+        "previous_routing_config": r.previous_routing,
+        "description": r.description,
+        "restored_revision": r.restored_revision,
+        "changed_by": r.changed_by,
+        "changed_at": timestamp(r.changed_at),
     })
 }
 

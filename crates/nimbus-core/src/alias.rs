@@ -15,6 +15,7 @@ pub const MAX_ROUTES: usize = 10;
 
 /// One entry of a routing table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WeightedVersion {
     /// Version number.
     pub version: u32,
@@ -23,7 +24,13 @@ pub struct WeightedVersion {
 }
 
 /// `{"weights":[{"version":2,"weight":90},{"version":3,"weight":10}]}`.
+///
+/// Buckets 0–99 are laid out over the entries in the order of the table, which
+/// [`RoutingConfig::normalized`] makes ascending by version: older versions hold the low
+/// buckets, so shifting weight from an old version to a newer one moves sessions only in
+/// that direction, whatever order the weights were written in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RoutingConfig {
     /// The versions and their shares; the shares sum to 100.
     pub weights: Vec<WeightedVersion>,
@@ -38,6 +45,17 @@ impl RoutingConfig {
                 weight: 100,
             }],
         }
+    }
+
+    /// The same table with its entries in ascending version order (the stored form).
+    pub fn normalized(mut self) -> Self {
+        self.weights.sort_by_key(|w| w.version);
+        self
+    }
+
+    /// The versions the table names, including those with weight 0.
+    pub fn versions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.weights.iter().map(|w| w.version)
     }
 
     /// 1–10 entries, weights 0–100 summing to exactly 100, distinct versions ≥ 1.
@@ -115,10 +133,51 @@ pub struct FunctionAlias {
     pub description: String,
     /// Where its traffic goes.
     pub routing: RoutingConfig,
+    /// Number of the alias's latest change (1 at creation); see [`AliasRevision`].
+    pub revision: u32,
     /// Creation time.
     pub created_at: OffsetDateTime,
     /// Last change.
     pub updated_at: OffsetDateTime,
+}
+
+string_enum!(
+    /// What made an alias change.
+    AliasAction {
+        /// The alias was created.
+        Create => "create",
+        /// Its routing or description was set.
+        Update => "update",
+        /// Publishing a version moved it.
+        Publish => "publish",
+        /// It was rolled back to an earlier revision.
+        Rollback => "rollback",
+    }
+);
+
+/// One change of an alias, kept so any earlier routing can be restored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AliasRevision {
+    /// Owning function.
+    pub function_id: String,
+    /// The alias.
+    pub alias: String,
+    /// 1 for the creation, then one more per change.
+    pub revision: u32,
+    /// What made the change.
+    pub action: AliasAction,
+    /// Routing after the change.
+    pub routing: RoutingConfig,
+    /// Routing before the change (none for a creation).
+    pub previous_routing: Option<RoutingConfig>,
+    /// Description after the change.
+    pub description: String,
+    /// For a rollback, the revision whose routing was restored.
+    pub restored_revision: Option<u32>,
+    /// Who made the change (API key name).
+    pub changed_by: String,
+    /// When.
+    pub changed_at: OffsetDateTime,
 }
 
 /// Alias names are `[a-z][a-z0-9-_]{0,63}`.
@@ -162,6 +221,25 @@ mod tests {
         assert_eq!(counts, 10);
         assert!(t.routes_to(3) && !t.routes_to(4));
         table(&[(1, 0), (2, 100)]).validate().unwrap();
+    }
+
+    #[test]
+    fn normalized_tables_give_old_versions_the_low_buckets() {
+        let t = table(&[(3, 10), (2, 90)]).normalized();
+        assert_eq!(t, table(&[(2, 90), (3, 10)]));
+        assert_eq!(t.versions().collect::<Vec<_>>(), vec![2, 3]);
+        // Shifting weight to the newer version moves buckets only towards it.
+        let shifted = table(&[(3, 20), (2, 80)]).normalized();
+        for bucket in 0..100 {
+            let (before, after) = (
+                t.version_for_bucket(bucket),
+                shifted.version_for_bucket(bucket),
+            );
+            assert!(
+                before == after || (before, after) == (2, 3),
+                "bucket {bucket}"
+            );
+        }
     }
 
     #[test]

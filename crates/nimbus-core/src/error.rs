@@ -18,4 +18,12 @@ impl ValidationError {
             message: message.into(),
         }
     }
+
+    /// The same error reported against `field` (a rule shared by several fields).
+    pub fn in_field(self, field: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            ..self
+        }
+    }
 }

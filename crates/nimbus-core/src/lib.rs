@@ -3,6 +3,9 @@
 //! This crate performs no I/O. Stores, drivers and the HTTP layer depend on it,
 //! never the other way round.
 
+#[macro_use]
+mod string_enum;
+
 pub mod alias;
 pub mod code;
 pub mod error;
@@ -11,7 +14,9 @@ pub mod ids;
 pub mod invocation;
 pub mod limits;
 
-pub use alias::{FunctionAlias, RoutingConfig, WeightedVersion, LATEST_ALIAS};
+pub use alias::{
+    AliasAction, AliasRevision, FunctionAlias, RoutingConfig, WeightedVersion, LATEST_ALIAS,
+};
 pub use code::CodeBundle;
 pub use error::ValidationError;
 pub use function::{Function, FunctionConfig, FunctionStatus, FunctionVersion, Handler, Runtime};

@@ -1,16 +1,18 @@
 //! The in-memory view of the metadata the invoke path needs: functions, aliases and
 //! versions, read from the store on a miss and kept for `cache_ttl`.
 //!
-//! Versions are immutable, so they are kept until their function goes away. Functions and
-//! aliases are re-read after `cache_ttl`, which bounds how stale a change made on another
-//! server can look; changes made through this server invalidate at once.
+//! Versions are immutable, so they are kept until they or their function go away. Functions
+//! and aliases are re-read after `cache_ttl`, which bounds how stale a change made on
+//! another server can look; changes made through this server invalidate at once. A read
+//! that raced with an invalidation is not cached: it may predate the change.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use nimbus_core::{Function, FunctionConfig, RoutingConfig};
+use nimbus_core::{FunctionConfig, RoutingConfig};
 use nimbus_store::MetadataStore;
 
 use crate::code_cache::CodeCache;
@@ -44,16 +46,8 @@ pub struct VersionEntry {
 
 struct Timed<T> {
     value: Arc<T>,
+    /// When the store read began: the value is at least this fresh.
     fetched: Instant,
-}
-
-impl<T> Timed<T> {
-    fn new(value: Arc<T>) -> Self {
-        Timed {
-            value,
-            fetched: Instant::now(),
-        }
-    }
 }
 
 /// Cached metadata in front of the store.
@@ -67,6 +61,9 @@ pub struct Catalog {
     aliases: RwLock<HashMap<(String, String), Timed<RoutingConfig>>>,
     /// By (function id, version).
     versions: RwLock<HashMap<(String, u32), Arc<VersionEntry>>>,
+    /// Bumped by every invalidation; a store read started under an older generation is
+    /// returned but not cached.
+    generation: AtomicU64,
 }
 
 impl Catalog {
@@ -79,6 +76,7 @@ impl Catalog {
             functions: RwLock::default(),
             aliases: RwLock::default(),
             versions: RwLock::default(),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -87,25 +85,27 @@ impl Catalog {
         if let Some(hit) = fresh(&self.functions, reference, self.ttl) {
             return Ok(hit);
         }
+        let (generation, fetched) = (self.generation.load(Ordering::Acquire), Instant::now());
         let function = self
             .store
             .get_function(reference)
             .await?
             .ok_or_else(|| EngineError::function_not_found(reference))?;
-        Ok(self.put_function(&function))
-    }
-
-    /// Caches `function` under its id and name, replacing older entries.
-    pub fn put_function(&self, function: &Function) -> Arc<FunctionEntry> {
         let entry = Arc::new(FunctionEntry {
             id: function.id.clone(),
             name: function.name.clone(),
             max_instances: function.max_instances,
         });
         let mut map = self.functions.write().expect("catalog lock");
-        map.insert(function.id.clone(), Timed::new(entry.clone()));
-        map.insert(function.name.clone(), Timed::new(entry.clone()));
-        entry
+        if self.generation.load(Ordering::Acquire) == generation {
+            let timed = || Timed {
+                value: entry.clone(),
+                fetched,
+            };
+            map.insert(function.id, timed());
+            map.insert(function.name, timed());
+        }
+        Ok(entry)
     }
 
     /// An alias's routing table.
@@ -118,6 +118,7 @@ impl Catalog {
         if let Some(hit) = fresh(&self.aliases, &key, self.ttl) {
             return Ok(hit);
         }
+        let (generation, fetched) = (self.generation.load(Ordering::Acquire), Instant::now());
         let alias = self
             .store
             .get_alias(&function.id, name)
@@ -127,10 +128,16 @@ impl Catalog {
                 message: format!("function {:?} has no alias {name:?}", function.name),
             })?;
         let routing = Arc::new(alias.routing);
-        self.aliases
-            .write()
-            .expect("catalog lock")
-            .insert(key, Timed::new(routing.clone()));
+        let mut map = self.aliases.write().expect("catalog lock");
+        if self.generation.load(Ordering::Acquire) == generation {
+            map.insert(
+                key,
+                Timed {
+                    value: routing.clone(),
+                    fetched,
+                },
+            );
+        }
         Ok(routing)
     }
 
@@ -174,8 +181,11 @@ impl Catalog {
         Ok(entry)
     }
 
-    /// Forgets everything cached about a function (after a change or deletion).
+    /// Forgets everything cached about a function's draft and aliases (after a change).
     pub fn invalidate(&self, function_id: &str) {
+        // Bumped before the entries go: a read that began earlier either sees the new
+        // generation (and does not cache) or cached before the removal below.
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.functions
             .write()
             .expect("catalog lock")
@@ -184,6 +194,14 @@ impl Catalog {
             .write()
             .expect("catalog lock")
             .retain(|(id, _), _| id != function_id);
+    }
+
+    /// Forgets a deleted version.
+    pub fn forget_version(&self, function_id: &str, version: u32) {
+        self.versions
+            .write()
+            .expect("catalog lock")
+            .remove(&(function_id.to_owned(), version));
     }
 
     /// Forgets a deleted function's versions too.

@@ -32,6 +32,14 @@ pub enum EngineError {
         /// Names the conflict.
         message: String,
     },
+    /// A version cannot be deleted while aliases route to it.
+    #[error("version {version} cannot be deleted: alias(es) {} route to it; change their routing first", .aliases.join(", "))]
+    VersionInUse {
+        /// The version.
+        version: u32,
+        /// The aliases whose routing names it.
+        aliases: Vec<String>,
+    },
     /// The function's code failed to load when validated at deploy time.
     #[error("the function's code failed to load: {}: {}", .error.error_type, .error.message)]
     InvalidCode {
@@ -84,6 +92,25 @@ impl From<StoreError> for EngineError {
             StoreError::Corrupt(message) => {
                 EngineError::Internal(format!("corrupt metadata: {message}"))
             }
+            StoreError::AliasNotFound { .. } => EngineError::NotFound {
+                code: "alias_not_found",
+                message: e.to_string(),
+            },
+            StoreError::RevisionNotFound { .. } => EngineError::NotFound {
+                code: "revision_not_found",
+                message: e.to_string(),
+            },
+            StoreError::MissingVersions(_) => EngineError::Validation(ValidationError::new(
+                "routing_config.weights",
+                e.to_string(),
+            )),
+            StoreError::VersionInUse { version, aliases } => {
+                EngineError::VersionInUse { version, aliases }
+            }
+            StoreError::NothingToRollBack(message) => EngineError::Conflict {
+                code: "nothing_to_roll_back",
+                message,
+            },
         }
     }
 }
@@ -98,6 +125,7 @@ impl EngineError {
             EngineError::Validation(_) => "validation_error",
             EngineError::BadRequest(_) => "invalid_request",
             EngineError::NotFound { code, .. } | EngineError::Conflict { code, .. } => code,
+            EngineError::VersionInUse { .. } => "version_in_use",
             EngineError::InvalidCode { .. } => "function_init_failed",
             EngineError::RuntimeUnavailable(_) => "runtime_unavailable",
             EngineError::Throttled(_) => "throttled",

@@ -160,13 +160,15 @@ impl Engine {
                 nimbus_store::StoreError::Conflict(_) => function_exists(&function.name),
                 other => other.into(),
             })?;
-        metrics::version_published();
+        metrics::version_published(&function.name);
+        metrics::alias_updated(&function.name, LATEST_ALIAS, "create");
         tracing::info!(function = %function.name, id = %function.id, "function created");
         Ok(function)
     }
 
     /// Applies a partial update; a change of code or configuration publishes a new version
-    /// and moves `latest`, unless `publish` is false.
+    /// and moves `latest`, unless `publish` is false. When the result equals the newest
+    /// version, no version is published.
     pub async fn update_function(
         &self,
         reference: &str,
@@ -219,30 +221,25 @@ impl Engine {
             .code
             .check_handler(&function.config.handler, runtime)?;
 
-        let config_changed = function.config != before.config;
-        if config_changed {
+        if function.config != before.config {
             self.load_once(&function.name, &function.config, &function.code)
                 .await?;
         }
         function.updated_at = now();
-        let latest = self
-            .store
-            .get_version(&function.id, function.latest_version)
-            .await?;
-        let differs_from_latest = latest.is_none_or(|v| v.config != function.config);
-        let published_version = if patch.publish.unwrap_or(true) && differs_from_latest {
-            let version = self
+        let published_version = if patch.publish.unwrap_or(true) {
+            let published = self
                 .store
                 .publish_version(&function, &function.description, actor, &[LATEST_ALIAS])
                 .await?;
-            metrics::version_published();
-            function.latest_version = version.version;
-            tracing::info!(function = %function.name, version = version.version, "version published");
-            Some(version.version)
+            self.published(&function, &published);
+            published.created.then_some(published.version.version)
         } else {
             self.store.update_function(&function).await?;
             None
         };
+        if let Some(version) = published_version {
+            function.latest_version = version;
+        }
         self.catalog.invalidate(&function.id);
         Ok(Updated {
             function,

@@ -182,6 +182,11 @@ impl Engine {
             Err(_) => InvocationStatus::Error,
         };
         metrics::invocation(&target.function.name, runtime, status.as_str());
+        metrics::invocation_by_version(
+            &target.function.name,
+            target.version.version,
+            target.alias_used.as_deref(),
+        );
         metrics::invocation_start(runtime, execution.start_type, duration_ms);
 
         let limit = self.config.record_payload_limit;

@@ -3,8 +3,10 @@
 //! Request path: [`Engine::invoke`] → [`catalog`] (function, alias, version; cached) →
 //! [`router`] (alias → version) → [`pool`] (warm instance or a new one) → the worker
 //! protocol (`nimbus_runtime::WorkerConn`) → outcome → [`recorder`] (write-behind).
-//! Function management ([`functions`]) validates, loads new code once, and writes the store.
+//! Function management ([`functions`]) validates, loads new code once, and writes the store;
+//! [`versions`] publishes and deletes versions, [`aliases`] manages the routing tables.
 
+pub mod aliases;
 pub mod catalog;
 pub mod code_cache;
 pub mod config;
@@ -15,6 +17,7 @@ pub mod metrics;
 pub mod pool;
 pub mod recorder;
 pub mod router;
+pub mod versions;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,10 +28,12 @@ use nimbus_sandbox::Driver;
 use nimbus_store::{InvocationFilter, MetadataStore};
 use tokio_util::task::TaskTracker;
 
+pub use aliases::{AliasPatch, NewAlias, RollbackRequest};
 pub use config::EngineConfig;
 pub use error::{EngineError, EngineResult};
 pub use functions::{FunctionPatch, NewFunction, Updated};
 pub use invoke::{InvokeRequest, InvokeResponse};
+pub use versions::PublishRequest;
 
 use catalog::Catalog;
 use code_cache::CodeCache;

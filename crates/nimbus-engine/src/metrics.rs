@@ -12,8 +12,14 @@ pub const INVOCATION_DURATION_MS: &str = "nimbus_invocation_duration_ms";
 pub const COLD_STARTS_TOTAL: &str = "nimbus_cold_starts_total";
 /// `nimbus_pool_instances{runtime,state}` (gauge; state is `starting|idle|busy`).
 pub const POOL_INSTANCES: &str = "nimbus_pool_instances";
-/// `nimbus_version_publish_total`.
+/// `nimbus_version_publish_total{function}`.
 pub const VERSION_PUBLISH_TOTAL: &str = "nimbus_version_publish_total";
+/// `nimbus_alias_update_total{function,alias,action}` (action: create, update, publish,
+/// rollback, delete).
+pub const ALIAS_UPDATE_TOTAL: &str = "nimbus_alias_update_total";
+/// `nimbus_invocation_by_version_total{function,version,alias}` (alias empty when the
+/// version was named explicitly).
+pub const INVOCATION_BY_VERSION_TOTAL: &str = "nimbus_invocation_by_version_total";
 
 /// Registers descriptions so `/metrics` documents each series.
 pub fn describe() {
@@ -32,6 +38,14 @@ pub fn describe() {
     );
     metrics::describe_gauge!(POOL_INSTANCES, "Instances by runtime and state.");
     metrics::describe_counter!(VERSION_PUBLISH_TOTAL, "Versions published.");
+    metrics::describe_counter!(
+        ALIAS_UPDATE_TOTAL,
+        "Alias changes by function, alias and action."
+    );
+    metrics::describe_counter!(
+        INVOCATION_BY_VERSION_TOTAL,
+        "Invocations by function, the version that ran and the alias that chose it."
+    );
 }
 
 /// Counts one finished (or throttled) invocation.
@@ -86,6 +100,23 @@ pub fn instance_transition(
 }
 
 /// Counts a published version.
-pub fn version_published() {
-    counter!(VERSION_PUBLISH_TOTAL).increment(1);
+pub fn version_published(function: &str) {
+    counter!(VERSION_PUBLISH_TOTAL, "function" => function.to_owned()).increment(1);
+}
+
+/// Counts one change of an alias.
+pub fn alias_updated(function: &str, alias: &str, action: &'static str) {
+    counter!(ALIAS_UPDATE_TOTAL, "function" => function.to_owned(), "alias" => alias.to_owned(), "action" => action)
+        .increment(1);
+}
+
+/// Counts an invocation that ran on `version`, chosen through `alias` (if any).
+pub fn invocation_by_version(function: &str, version: u32, alias: Option<&str>) {
+    counter!(
+        INVOCATION_BY_VERSION_TOTAL,
+        "function" => function.to_owned(),
+        "version" => version.to_string(),
+        "alias" => alias.unwrap_or_default().to_owned()
+    )
+    .increment(1);
 }

@@ -422,14 +422,7 @@ impl Pools {
                 state.live -= expired.len() as u32;
             }
             reaped += expired.len();
-            for instance in expired {
-                metrics::instance_transition(
-                    instance.version.config.runtime,
-                    Some(InstanceState::Idle),
-                    None,
-                );
-                drop(instance);
-            }
+            stop_idle(expired);
         }
         reaped
     }
@@ -437,6 +430,25 @@ impl Pools {
     fn expired(&self, instance: &Instance) -> bool {
         instance.last_used.elapsed() >= self.config.idle_timeout
             || instance.started.elapsed() >= self.config.max_age
+    }
+
+    /// Stops the idle instances of a deleted version; busy ones age out after they finish,
+    /// since nothing routes to the version any more.
+    pub fn retire_version(&self, function_id: &str, version: u32) {
+        let pool = self
+            .functions
+            .lock()
+            .expect("pools lock")
+            .get(function_id)
+            .cloned();
+        let Some(pool) = pool else { return };
+        let idle = {
+            let mut state = pool.state.lock().expect("pool lock");
+            let idle = state.idle.remove(&version).unwrap_or_default();
+            state.live -= idle.len() as u32;
+            idle
+        };
+        stop_idle(idle);
     }
 
     /// Stops every idle instance of a function and makes its busy ones stop when released.
@@ -486,7 +498,12 @@ fn close(pool: &FunctionPool) {
         state.live -= idle.len() as u32;
         idle
     };
-    for instance in idle {
+    stop_idle(idle);
+}
+
+/// Stops instances taken out of the idle lists (their sandboxes kill them when dropped).
+fn stop_idle(instances: Vec<Instance>) {
+    for instance in instances {
         metrics::instance_transition(
             instance.version.config.runtime,
             Some(InstanceState::Idle),

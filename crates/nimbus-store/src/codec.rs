@@ -9,7 +9,7 @@ use std::fmt::Display;
 use std::str::FromStr;
 
 use nimbus_core::{
-    CodeBundle, Function, FunctionAlias, FunctionConfig, FunctionVersion, Invocation,
+    AliasRevision, CodeBundle, Function, FunctionAlias, FunctionConfig, FunctionVersion, Invocation,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -159,8 +159,25 @@ pub(crate) fn alias(row: &AnyRow) -> StoreResult<FunctionAlias> {
         name: text(row, "name")?,
         description: text(row, "description")?,
         routing: json(row, "routing_config")?,
+        revision: unsigned(row, "revision")?,
         created_at: timestamp(row, "created_at")?,
         updated_at: timestamp(row, "updated_at")?,
+    })
+}
+
+/// An `alias_history` row.
+pub(crate) fn alias_revision(row: &AnyRow) -> StoreResult<AliasRevision> {
+    Ok(AliasRevision {
+        function_id: text(row, "function_id")?,
+        alias: text(row, "alias")?,
+        revision: unsigned(row, "revision")?,
+        action: parsed(row, "action")?,
+        routing: json(row, "routing_config")?,
+        previous_routing: optional_json(row, "previous_routing_config")?,
+        description: text(row, "description")?,
+        restored_revision: optional_unsigned(row, "restored_revision")?,
+        changed_by: text(row, "changed_by")?,
+        changed_at: timestamp(row, "changed_at")?,
     })
 }
 

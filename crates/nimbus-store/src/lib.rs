@@ -18,7 +18,10 @@ mod sql;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use nimbus_core::{Function, FunctionAlias, FunctionVersion, Invocation, InvocationStatus};
+use nimbus_core::{
+    AliasRevision, Function, FunctionAlias, FunctionVersion, Invocation, InvocationStatus,
+    RoutingConfig,
+};
 
 /// Rows a listing returns when it is asked for a limit of 0.
 pub const DEFAULT_LIST_LIMIT: u32 = 100;
@@ -52,6 +55,43 @@ pub enum StoreError {
     /// The database failed or is unreachable.
     #[error("database error: {0}")]
     Backend(String),
+    /// The alias a change names does not exist.
+    #[error("alias {alias:?} not found")]
+    AliasNotFound {
+        /// The alias.
+        alias: String,
+    },
+    /// A rollback named a revision the alias's history does not have.
+    #[error("alias {alias:?} has no revision {revision}")]
+    RevisionNotFound {
+        /// The alias.
+        alias: String,
+        /// The revision asked for.
+        revision: u32,
+    },
+    /// A routing table names versions that do not exist (never published, or deleted).
+    #[error("{}", missing_versions_message(.0))]
+    MissingVersions(Vec<u32>),
+    /// A version cannot be deleted while aliases route to it.
+    #[error("version {version} is routed by alias(es) {}", .aliases.join(", "))]
+    VersionInUse {
+        /// The version.
+        version: u32,
+        /// The aliases whose tables name it, by name.
+        aliases: Vec<String>,
+    },
+    /// A rollback would change nothing: there is no earlier revision, or the routing asked
+    /// for is the current one.
+    #[error("{0}")]
+    NothingToRollBack(String),
+}
+
+fn missing_versions_message(versions: &[u32]) -> String {
+    let list: Vec<String> = versions.iter().map(u32::to_string).collect();
+    match versions {
+        [one] => format!("version {one} does not exist"),
+        _ => format!("versions {} do not exist", list.join(", ")),
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -80,6 +120,27 @@ pub struct Page<T> {
     pub items: Vec<T>,
     /// Items across all pages.
     pub total: u64,
+}
+
+/// What [`MetadataStore::publish_version`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Published {
+    /// The new version, or the newest existing one when nothing changed since it (its code
+    /// is then the function's draft code, which has the same hash).
+    pub version: FunctionVersion,
+    /// False when nothing changed since the newest version, so no version was added.
+    pub created: bool,
+    /// The aliases of `move_aliases` that changed (those not already routing there alone).
+    pub moved: Vec<String>,
+}
+
+/// A change of an alias's routing and/or description.
+#[derive(Debug, Clone, Default)]
+pub struct AliasChange {
+    /// New routing table (validated and normalized by the caller).
+    pub routing: Option<RoutingConfig>,
+    /// New description.
+    pub description: Option<String>,
 }
 
 /// Filter for invocation listings.
@@ -115,19 +176,23 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// updated_at) without publishing. `NotFound` if it is gone.
     async fn update_function(&self, function: &Function) -> StoreResult<()>;
 
-    /// Saves the function's draft and publishes it as the next version in one transaction:
-    /// allocates the number (`latest_version + 1`, never reused), inserts the version built
-    /// from the draft with `description` and `created_by`, points each alias in `move_aliases`
-    /// at it alone (creating an alias that does not exist), and returns the new version.
+    /// Saves the function's draft and publishes it, in one transaction: unless the draft's
+    /// configuration and code equal the newest existing version's (then that version
+    /// stands, `created: false`), allocates the next number (`latest_version + 1`, never
+    /// reused) and inserts the version with `description` and `created_by`. Either way each
+    /// alias in `move_aliases` is pointed at the version alone (a `publish` revision in its
+    /// history unless it already pointed there). `AliasNotFound` if one of them does not
+    /// exist, and then nothing is written.
     async fn publish_version(
         &self,
         function: &Function,
         description: &str,
         created_by: &str,
         move_aliases: &[&str],
-    ) -> StoreResult<FunctionVersion>;
+    ) -> StoreResult<Published>;
 
-    /// Deletes the function with its versions, aliases and invocation records. False if absent.
+    /// Deletes the function with its versions, aliases (and their history) and invocation
+    /// records. False if absent.
     async fn delete_function(&self, function_id: &str) -> StoreResult<bool>;
 
     /// One version, code included.
@@ -144,6 +209,55 @@ pub trait MetadataStore: Send + Sync + 'static {
         limit: u32,
         offset: u32,
     ) -> StoreResult<Page<FunctionVersion>>;
+
+    /// Deletes a version. `VersionInUse` naming the aliases whose tables include it (even
+    /// at weight 0); false if it does not exist. Its number is never given out again.
+    async fn delete_version(&self, function_id: &str, version: u32) -> StoreResult<bool>;
+
+    /// Creates an alias at revision 1 (its `revision`, `created_at` and `updated_at` are
+    /// set by the store) and returns it as stored. `Conflict` if the function has an alias
+    /// of that name, `MissingVersions` if the routing names versions that do not exist,
+    /// `NotFound` if the function is gone.
+    async fn create_alias(
+        &self,
+        alias: &FunctionAlias,
+        created_by: &str,
+    ) -> StoreResult<FunctionAlias>;
+
+    /// Applies `change` to an alias as its next revision (an `update` in its history) and
+    /// returns the alias as it is now. `AliasNotFound`, `MissingVersions` as above.
+    async fn update_alias(
+        &self,
+        function_id: &str,
+        name: &str,
+        change: &AliasChange,
+        changed_by: &str,
+    ) -> StoreResult<FunctionAlias>;
+
+    /// Restores the routing of revision `to_revision` (default: the revision before the
+    /// current one) as the alias's next revision (a `rollback` in its history) and returns
+    /// the alias as it is now. `AliasNotFound`, `RevisionNotFound`, `NothingToRollBack`
+    /// (no earlier revision, or that routing is the current one), `MissingVersions` (a
+    /// version it routed to was deleted since).
+    async fn rollback_alias(
+        &self,
+        function_id: &str,
+        name: &str,
+        to_revision: Option<u32>,
+        changed_by: &str,
+    ) -> StoreResult<FunctionAlias>;
+
+    /// Deletes an alias with its history. False if it does not exist.
+    async fn delete_alias(&self, function_id: &str, name: &str) -> StoreResult<bool>;
+
+    /// An alias's history, newest revision first.
+    async fn alias_history(
+        &self,
+        function_id: &str,
+        name: &str,
+        limit: u32,
+        offset: u32,
+    ) -> StoreResult<Page<AliasRevision>>;
 
     /// One alias.
     async fn get_alias(&self, function_id: &str, name: &str) -> StoreResult<Option<FunctionAlias>>;

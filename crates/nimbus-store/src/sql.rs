@@ -14,16 +14,20 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use nimbus_core::{
-    CodeBundle, Function, FunctionAlias, FunctionConfig, FunctionVersion, Invocation,
-    RoutingConfig, LATEST_ALIAS,
+    AliasAction, AliasRevision, CodeBundle, Function, FunctionAlias, FunctionConfig,
+    FunctionVersion, Invocation, RoutingConfig, LATEST_ALIAS,
 };
 use sqlx::any::AnyArguments;
 use sqlx::query::Query;
 use sqlx::{Any, AnyConnection, AnyPool, Row};
+use time::OffsetDateTime;
 
 use crate::backend::{self, Dialect};
 use crate::codec::{self, millis, to_json};
-use crate::{InvocationFilter, MetadataStore, Page, StoreError, StoreResult, DEFAULT_LIST_LIMIT};
+use crate::{
+    AliasChange, InvocationFilter, MetadataStore, Page, Published, StoreError, StoreResult,
+    DEFAULT_LIST_LIMIT,
+};
 
 type AnyQuery<'q> = Query<'q, Any, AnyArguments<'q>>;
 
@@ -46,7 +50,15 @@ macro_rules! version_columns {
 /// Columns of `function_aliases`, as selected.
 macro_rules! alias_columns {
     () => {
-        "function_id, name, description, routing_config, created_at, updated_at"
+        "function_id, name, description, routing_config, revision, created_at, updated_at"
+    };
+}
+
+/// Columns of `alias_history`, in the order [`insert_revision`] binds them.
+macro_rules! revision_columns {
+    () => {
+        "function_id, alias, revision, action, routing_config, previous_routing_config, \
+         description, restored_revision, changed_by, changed_at"
     };
 }
 
@@ -71,11 +83,14 @@ const UPDATE_DRAFT: &str = "UPDATE functions SET description = $2, runtime = $3,
      handler = $4, code_hash = $5, env_vars = $6, memory_mb = $7, timeout_sec = $8, \
      code = $9, max_instances = $10, status = $11, updated_at = $12 WHERE id = $1";
 
-/// [`UPDATE_DRAFT`] that also allocates the next version number under the row lock.
-const PUBLISH_DRAFT: &str = "UPDATE functions SET description = $2, runtime = $3, \
-     handler = $4, code_hash = $5, env_vars = $6, memory_mb = $7, timeout_sec = $8, \
-     code = $9, max_instances = $10, status = $11, updated_at = $12, \
-     latest_version = latest_version + 1 WHERE id = $1 RETURNING latest_version";
+/// Allocates the next version number under the function's row lock.
+const NEXT_VERSION: &str = "UPDATE functions SET latest_version = latest_version + 1 \
+     WHERE id = $1 RETURNING latest_version";
+
+/// Takes the function row's lock (PostgreSQL) and the write lock (SQLite) without changing
+/// anything. Every alias and version change starts with it, so such changes of one function
+/// are serialized: checks (a version exists, no alias routes to it) stay true until commit.
+const LOCK_FUNCTION: &str = "UPDATE functions SET latest_version = latest_version WHERE id = $1";
 
 /// Function id, version and description, the configuration in [`bind_config`] order
 /// (`$4`–`$10`), then creation time and author.
@@ -83,12 +98,21 @@ const INSERT_VERSION: &str = "INSERT INTO function_versions (function_id, versio
      description, runtime, handler, code_hash, env_vars, memory_mb, timeout_sec, code, \
      created_at, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
 
-/// Creates an alias (empty description) or repoints an existing one, keeping its
-/// description and creation time.
-const UPSERT_ALIAS: &str = "INSERT INTO function_aliases (function_id, name, description, \
-     routing_config, created_at, updated_at) VALUES ($1, $2, '', $3, $4, $4) \
-     ON CONFLICT (function_id, name) DO UPDATE SET \
-     routing_config = excluded.routing_config, updated_at = excluded.updated_at";
+const INSERT_ALIAS: &str = concat!(
+    "INSERT INTO function_aliases (",
+    alias_columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7)"
+);
+
+/// Writes an alias's next revision.
+const UPDATE_ALIAS: &str = "UPDATE function_aliases SET description = $3, \
+     routing_config = $4, revision = $5, updated_at = $6 WHERE function_id = $1 AND name = $2";
+
+const INSERT_REVISION: &str = concat!(
+    "INSERT INTO alias_history (",
+    revision_columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+);
 
 const SELECT_FUNCTION_BY_ID: &str = concat!(
     "SELECT ",
@@ -111,6 +135,12 @@ const SELECT_VERSION: &str = concat!(
     version_columns!(),
     ", code FROM function_versions WHERE function_id = $1 AND version = $2"
 );
+/// The newest existing version, without code.
+const NEWEST_VERSION: &str = concat!(
+    "SELECT ",
+    version_columns!(),
+    " FROM function_versions WHERE function_id = $1 ORDER BY version DESC LIMIT 1"
+);
 const LIST_VERSIONS: &str = concat!(
     "SELECT ",
     version_columns!(),
@@ -126,6 +156,18 @@ const LIST_ALIASES: &str = concat!(
     "SELECT ",
     alias_columns!(),
     " FROM function_aliases WHERE function_id = $1 ORDER BY name"
+);
+
+const SELECT_REVISION: &str = concat!(
+    "SELECT ",
+    revision_columns!(),
+    " FROM alias_history WHERE function_id = $1 AND alias = $2 AND revision = $3"
+);
+const LIST_REVISIONS: &str = concat!(
+    "SELECT ",
+    revision_columns!(),
+    " FROM alias_history WHERE function_id = $1 AND alias = $2 \
+     ORDER BY revision DESC LIMIT $3 OFFSET $4"
 );
 
 const SELECT_INVOCATION: &str = concat!(
@@ -308,22 +350,167 @@ async fn insert_version(
     Ok(())
 }
 
-/// Points alias `name` at `version` alone, creating it if it does not exist.
-async fn point_alias(
+/// Locks the function's row (see [`LOCK_FUNCTION`]); `NotFound` if it does not exist.
+async fn lock_function(conn: &mut AnyConnection, function_id: &str) -> StoreResult<()> {
+    let locked = sqlx::query(LOCK_FUNCTION)
+        .bind(function_id)
+        .execute(conn)
+        .await?
+        .rows_affected();
+    if locked == 0 {
+        return Err(function_not_found(function_id));
+    }
+    Ok(())
+}
+
+/// `MissingVersions` unless every version `routing` names exists.
+async fn check_versions_exist(
+    conn: &mut AnyConnection,
+    function_id: &str,
+    routing: &RoutingConfig,
+) -> StoreResult<()> {
+    let rows = sqlx::query("SELECT version FROM function_versions WHERE function_id = $1")
+        .bind(function_id)
+        .fetch_all(conn)
+        .await?;
+    let existing: Vec<i64> = rows
+        .iter()
+        .map(|row| row.try_get("version"))
+        .collect::<Result<_, _>>()?;
+    let missing: Vec<u32> = routing
+        .versions()
+        .filter(|v| !existing.contains(&i64::from(*v)))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(StoreError::MissingVersions(missing))
+    }
+}
+
+async fn select_alias(
     conn: &mut AnyConnection,
     function_id: &str,
     name: &str,
-    version: u32,
-    at: time::OffsetDateTime,
-) -> StoreResult<()> {
-    sqlx::query(UPSERT_ALIAS)
+) -> StoreResult<Option<FunctionAlias>> {
+    let row = sqlx::query(SELECT_ALIAS)
         .bind(function_id)
         .bind(name)
-        .bind(to_json("routing_config", &RoutingConfig::single(version))?)
-        .bind(millis(at))
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(codec::alias).transpose()
+}
+
+/// Appends `revision` to its alias's history.
+async fn insert_revision(conn: &mut AnyConnection, revision: &AliasRevision) -> StoreResult<()> {
+    let previous = revision
+        .previous_routing
+        .as_ref()
+        .map(|r| to_json("routing_config", r))
+        .transpose()?;
+    sqlx::query(INSERT_REVISION)
+        .bind(revision.function_id.as_str())
+        .bind(revision.alias.as_str())
+        .bind(i64::from(revision.revision))
+        .bind(revision.action.as_str())
+        .bind(to_json("routing_config", &revision.routing)?)
+        .bind(previous)
+        .bind(revision.description.as_str())
+        .bind(revision.restored_revision.map(i64::from))
+        .bind(revision.changed_by.as_str())
+        .bind(millis(revision.changed_at))
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Inserts a new alias at revision 1 with its `create` history entry; returns it as stored.
+async fn insert_alias(
+    conn: &mut AnyConnection,
+    alias: &FunctionAlias,
+    created_by: &str,
+    at: OffsetDateTime,
+) -> StoreResult<FunctionAlias> {
+    let stored = FunctionAlias {
+        revision: 1,
+        created_at: at,
+        updated_at: at,
+        ..alias.clone()
+    };
+    sqlx::query(INSERT_ALIAS)
+        .bind(stored.function_id.as_str())
+        .bind(stored.name.as_str())
+        .bind(stored.description.as_str())
+        .bind(to_json("routing_config", &stored.routing)?)
+        .bind(i64::from(stored.revision))
+        .bind(millis(at))
+        .bind(millis(at))
+        .execute(&mut *conn)
+        .await?;
+    insert_revision(
+        conn,
+        &AliasRevision {
+            function_id: stored.function_id.clone(),
+            alias: stored.name.clone(),
+            revision: 1,
+            action: AliasAction::Create,
+            routing: stored.routing.clone(),
+            previous_routing: None,
+            description: stored.description.clone(),
+            restored_revision: None,
+            changed_by: created_by.to_owned(),
+            changed_at: at,
+        },
+    )
+    .await?;
+    Ok(stored)
+}
+
+/// Moves `current` to its next revision with `routing` and `description`, recording the
+/// change in its history; returns the alias as it is now.
+async fn write_revision(
+    conn: &mut AnyConnection,
+    current: FunctionAlias,
+    routing: RoutingConfig,
+    description: String,
+    action: AliasAction,
+    restored_revision: Option<u32>,
+    changed_by: &str,
+) -> StoreResult<FunctionAlias> {
+    let at = nimbus_core::now();
+    let next = FunctionAlias {
+        revision: current.revision + 1,
+        routing,
+        description,
+        updated_at: at,
+        ..current
+    };
+    sqlx::query(UPDATE_ALIAS)
+        .bind(next.function_id.as_str())
+        .bind(next.name.as_str())
+        .bind(next.description.as_str())
+        .bind(to_json("routing_config", &next.routing)?)
+        .bind(i64::from(next.revision))
+        .bind(millis(at))
+        .execute(&mut *conn)
+        .await?;
+    insert_revision(
+        conn,
+        &AliasRevision {
+            function_id: next.function_id.clone(),
+            alias: next.name.clone(),
+            revision: next.revision,
+            action,
+            routing: next.routing.clone(),
+            previous_routing: Some(current.routing),
+            description: next.description.clone(),
+            restored_revision,
+            changed_by: changed_by.to_owned(),
+            changed_at: at,
+        },
+    )
+    .await?;
+    Ok(next)
 }
 
 #[async_trait]
@@ -356,14 +543,16 @@ impl MetadataStore for SqlStore {
             other => other?,
         };
         insert_version(&mut tx, &function.id, first).await?;
-        point_alias(
-            &mut tx,
-            &function.id,
-            LATEST_ALIAS,
-            first.version,
-            function.created_at,
-        )
-        .await?;
+        let latest = FunctionAlias {
+            function_id: function.id.clone(),
+            name: LATEST_ALIAS.to_owned(),
+            description: String::new(),
+            routing: RoutingConfig::single(first.version),
+            revision: 1,
+            created_at: function.created_at,
+            updated_at: function.created_at,
+        };
+        insert_alias(&mut tx, &latest, &first.created_by, function.created_at).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -417,35 +606,85 @@ impl MetadataStore for SqlStore {
         description: &str,
         created_by: &str,
         move_aliases: &[&str],
-    ) -> StoreResult<FunctionVersion> {
+    ) -> StoreResult<Published> {
         let mut tx = self.pool.begin().await?;
-        let row = bind_draft(sqlx::query(PUBLISH_DRAFT), function)?
+        let saved = bind_draft(sqlx::query(UPDATE_DRAFT), function)?
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if saved == 0 {
+            return Err(function_not_found(&function.id));
+        }
+        let newest = sqlx::query(NEWEST_VERSION)
+            .bind(function.id.as_str())
             .fetch_optional(&mut *tx)
             .await?
-            .ok_or_else(|| function_not_found(&function.id))?;
-        let number: i64 = row.try_get("latest_version")?;
-        let number = u32::try_from(number).map_err(|_| {
-            StoreError::Corrupt(format!("latest_version: {number} is out of range"))
-        })?;
-        let version = FunctionVersion {
-            function_id: function.id.clone(),
-            version: number,
-            description: description.to_string(),
-            config: function.config.clone(),
-            code: function.code.clone(),
-            created_at: nimbus_core::now(),
-            created_by: created_by.to_string(),
+            .map(|row| codec::version(&row, false))
+            .transpose()?;
+        let mut published = match newest {
+            Some(newest) if newest.config == function.config => Published {
+                version: FunctionVersion {
+                    code: function.code.clone(),
+                    ..newest
+                },
+                created: false,
+                moved: Vec::new(),
+            },
+            _ => {
+                let row = sqlx::query(NEXT_VERSION)
+                    .bind(function.id.as_str())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let number: i64 = row.try_get("latest_version")?;
+                let number = u32::try_from(number).map_err(|_| {
+                    StoreError::Corrupt(format!("latest_version: {number} is out of range"))
+                })?;
+                let version = FunctionVersion {
+                    function_id: function.id.clone(),
+                    version: number,
+                    description: description.to_string(),
+                    config: function.config.clone(),
+                    code: function.code.clone(),
+                    created_at: nimbus_core::now(),
+                    created_by: created_by.to_string(),
+                };
+                insert_version(&mut tx, &function.id, &version).await?;
+                Published {
+                    version,
+                    created: true,
+                    moved: Vec::new(),
+                }
+            }
         };
-        insert_version(&mut tx, &function.id, &version).await?;
-        let mut moved: Vec<&str> = Vec::with_capacity(move_aliases.len());
+        let target = RoutingConfig::single(published.version.version);
+        let mut seen: Vec<&str> = Vec::with_capacity(move_aliases.len());
         for &name in move_aliases {
-            if !moved.contains(&name) {
-                point_alias(&mut tx, &function.id, name, number, version.created_at).await?;
-                moved.push(name);
+            if seen.contains(&name) {
+                continue;
+            }
+            seen.push(name);
+            let current = select_alias(&mut tx, &function.id, name)
+                .await?
+                .ok_or_else(|| StoreError::AliasNotFound {
+                    alias: name.to_owned(),
+                })?;
+            if current.routing != target {
+                let description = current.description.clone();
+                write_revision(
+                    &mut tx,
+                    current,
+                    target.clone(),
+                    description,
+                    AliasAction::Publish,
+                    None,
+                    created_by,
+                )
+                .await?;
+                published.moved.push(name.to_owned());
             }
         }
         tx.commit().await?;
-        Ok(version)
+        Ok(published)
     }
 
     async fn delete_function(&self, function_id: &str) -> StoreResult<bool> {
@@ -453,6 +692,7 @@ impl MetadataStore for SqlStore {
         // The foreign keys cascade too; deleting explicitly does not depend on them being on.
         for sql in [
             "DELETE FROM invocations WHERE function_id = $1",
+            "DELETE FROM alias_history WHERE function_id = $1",
             "DELETE FROM function_aliases WHERE function_id = $1",
             "DELETE FROM function_versions WHERE function_id = $1",
         ] {
@@ -508,13 +748,206 @@ impl MetadataStore for SqlStore {
         })
     }
 
-    async fn get_alias(&self, function_id: &str, name: &str) -> StoreResult<Option<FunctionAlias>> {
-        let row = sqlx::query(SELECT_ALIAS)
+    async fn delete_version(&self, function_id: &str, version: u32) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        lock_function(&mut tx, function_id).await?;
+        let aliases = sqlx::query(LIST_ALIASES)
+            .bind(function_id)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut routing_to = Vec::new();
+        for row in &aliases {
+            let alias = codec::alias(row)?;
+            if alias.routing.versions().any(|v| v == version) {
+                routing_to.push(alias.name);
+            }
+        }
+        if !routing_to.is_empty() {
+            return Err(StoreError::VersionInUse {
+                version,
+                aliases: routing_to,
+            });
+        }
+        let deleted =
+            sqlx::query("DELETE FROM function_versions WHERE function_id = $1 AND version = $2")
+                .bind(function_id)
+                .bind(i64::from(version))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        tx.commit().await?;
+        Ok(deleted > 0)
+    }
+
+    async fn create_alias(
+        &self,
+        alias: &FunctionAlias,
+        created_by: &str,
+    ) -> StoreResult<FunctionAlias> {
+        let mut tx = self.pool.begin().await?;
+        lock_function(&mut tx, &alias.function_id).await?;
+        if select_alias(&mut tx, &alias.function_id, &alias.name)
+            .await?
+            .is_some()
+        {
+            return Err(StoreError::Conflict(format!(
+                "alias {:?} already exists",
+                alias.name
+            )));
+        }
+        check_versions_exist(&mut tx, &alias.function_id, &alias.routing).await?;
+        let stored = insert_alias(&mut tx, alias, created_by, nimbus_core::now()).await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    async fn update_alias(
+        &self,
+        function_id: &str,
+        name: &str,
+        change: &AliasChange,
+        changed_by: &str,
+    ) -> StoreResult<FunctionAlias> {
+        let mut tx = self.pool.begin().await?;
+        lock_function(&mut tx, function_id).await?;
+        let current = select_alias(&mut tx, function_id, name)
+            .await?
+            .ok_or_else(|| StoreError::AliasNotFound {
+                alias: name.to_owned(),
+            })?;
+        let routing = change
+            .routing
+            .clone()
+            .unwrap_or_else(|| current.routing.clone());
+        check_versions_exist(&mut tx, function_id, &routing).await?;
+        let description = change
+            .description
+            .clone()
+            .unwrap_or_else(|| current.description.clone());
+        let updated = write_revision(
+            &mut tx,
+            current,
+            routing,
+            description,
+            AliasAction::Update,
+            None,
+            changed_by,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
+    async fn rollback_alias(
+        &self,
+        function_id: &str,
+        name: &str,
+        to_revision: Option<u32>,
+        changed_by: &str,
+    ) -> StoreResult<FunctionAlias> {
+        let mut tx = self.pool.begin().await?;
+        lock_function(&mut tx, function_id).await?;
+        let current = select_alias(&mut tx, function_id, name)
+            .await?
+            .ok_or_else(|| StoreError::AliasNotFound {
+                alias: name.to_owned(),
+            })?;
+        let target = match to_revision {
+            Some(revision) => revision,
+            None if current.revision > 1 => current.revision - 1,
+            None => {
+                return Err(StoreError::NothingToRollBack(format!(
+                    "alias {name:?} has not changed since it was created; there is no earlier routing to restore"
+                )))
+            }
+        };
+        let restored = sqlx::query(SELECT_REVISION)
             .bind(function_id)
             .bind(name)
-            .fetch_optional(&self.pool)
+            .bind(i64::from(target))
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|row| codec::alias_revision(&row))
+            .transpose()?
+            .ok_or_else(|| StoreError::RevisionNotFound {
+                alias: name.to_owned(),
+                revision: target,
+            })?;
+        if restored.routing == current.routing {
+            return Err(StoreError::NothingToRollBack(format!(
+                "alias {name:?} already routes as it did at revision {target}"
+            )));
+        }
+        check_versions_exist(&mut tx, function_id, &restored.routing).await?;
+        let description = current.description.clone();
+        let rolled_back = write_revision(
+            &mut tx,
+            current,
+            restored.routing,
+            description,
+            AliasAction::Rollback,
+            Some(target),
+            changed_by,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(rolled_back)
+    }
+
+    async fn delete_alias(&self, function_id: &str, name: &str) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        lock_function(&mut tx, function_id).await?;
+        sqlx::query("DELETE FROM alias_history WHERE function_id = $1 AND alias = $2")
+            .bind(function_id)
+            .bind(name)
+            .execute(&mut *tx)
             .await?;
-        row.as_ref().map(codec::alias).transpose()
+        let deleted =
+            sqlx::query("DELETE FROM function_aliases WHERE function_id = $1 AND name = $2")
+                .bind(function_id)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        tx.commit().await?;
+        Ok(deleted > 0)
+    }
+
+    async fn alias_history(
+        &self,
+        function_id: &str,
+        name: &str,
+        limit: u32,
+        offset: u32,
+    ) -> StoreResult<Page<AliasRevision>> {
+        let mut tx = self.pool.begin().await?;
+        let total = sqlx::query(
+            "SELECT COUNT(*) AS total FROM alias_history WHERE function_id = $1 AND alias = $2",
+        )
+        .bind(function_id)
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await?;
+        let rows = sqlx::query(LIST_REVISIONS)
+            .bind(function_id)
+            .bind(name)
+            .bind(page_size(limit))
+            .bind(i64::from(offset))
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Page {
+            items: rows
+                .iter()
+                .map(codec::alias_revision)
+                .collect::<StoreResult<_>>()?,
+            total: codec::count(&total, "total")?,
+        })
+    }
+
+    async fn get_alias(&self, function_id: &str, name: &str) -> StoreResult<Option<FunctionAlias>> {
+        let mut conn = self.pool.acquire().await?;
+        select_alias(&mut conn, function_id, name).await
     }
 
     async fn list_aliases(&self, function_id: &str) -> StoreResult<Vec<FunctionAlias>> {

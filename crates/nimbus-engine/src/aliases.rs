@@ -1,0 +1,240 @@
+//! Aliases: named, weighted routing tables over a function's versions, with a history of
+//! every change and rollback to any earlier revision.
+//!
+//! Every change is validated here (name, 1–10 distinct entries, weights summing to 100),
+//! normalized (entries by ascending version, see [`RoutingConfig`]), checked against the
+//! versions that exist and written as the alias's next revision in one store transaction;
+//! then the routing cache is invalidated so this server routes by it at once (other servers
+//! within the cache TTL).
+
+use nimbus_core::alias::validate_alias_name;
+use nimbus_core::function::validate_description;
+use nimbus_core::{AliasRevision, Function, FunctionAlias, RoutingConfig, LATEST_ALIAS};
+use nimbus_store::{AliasChange, Page, StoreError};
+use serde::Deserialize;
+
+use crate::error::{EngineError, EngineResult};
+use crate::{metrics, Engine};
+
+/// Body of `POST /functions/{id}/aliases`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewAlias {
+    /// `[a-z][a-z0-9-_]{0,63}`.
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// Where its traffic goes.
+    pub routing_config: RoutingConfig,
+}
+
+/// Body of `PUT /functions/{id}/aliases/{name}`: at least one field.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AliasPatch {
+    /// New routing table.
+    pub routing_config: Option<RoutingConfig>,
+    /// New description.
+    pub description: Option<String>,
+}
+
+/// Body of `POST /functions/{id}/aliases/{name}/rollback`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// Revision whose routing to restore (default: the one before the current).
+    pub to_revision: Option<u32>,
+}
+
+impl Engine {
+    /// Creates an alias. `alias_exists` (409) if the function has one of that name.
+    pub async fn create_alias(
+        &self,
+        reference: &str,
+        req: NewAlias,
+        actor: &str,
+    ) -> EngineResult<FunctionAlias> {
+        validate_alias_name(&req.name)?;
+        validate_description(&req.description)?;
+        let routing = checked(req.routing_config)?;
+        let function = self.get_function(reference).await?;
+        let at = nimbus_core::now();
+        let alias = FunctionAlias {
+            function_id: function.id.clone(),
+            name: req.name,
+            description: req.description,
+            routing,
+            revision: 1,
+            created_at: at,
+            updated_at: at,
+        };
+        let created = match self.store.create_alias(&alias, actor).await {
+            Err(StoreError::Conflict(_)) => {
+                return Err(EngineError::Conflict {
+                    code: "alias_exists",
+                    message: format!(
+                        "function {:?} already has an alias {:?}",
+                        function.name, alias.name
+                    ),
+                })
+            }
+            other => other?,
+        };
+        self.alias_changed(&function, &created, "create");
+        Ok(created)
+    }
+
+    /// A function's aliases, by name.
+    pub async fn list_aliases(&self, reference: &str) -> EngineResult<Vec<FunctionAlias>> {
+        let function = self.get_function(reference).await?;
+        self.aliases_of(&function).await
+    }
+
+    /// One alias.
+    pub async fn get_alias(&self, reference: &str, name: &str) -> EngineResult<FunctionAlias> {
+        let function = self.get_function(reference).await?;
+        self.store
+            .get_alias(&function.id, name)
+            .await?
+            .ok_or_else(|| alias_not_found(&function, name))
+    }
+
+    /// Changes an alias's routing and/or description.
+    pub async fn update_alias(
+        &self,
+        reference: &str,
+        name: &str,
+        patch: AliasPatch,
+        actor: &str,
+    ) -> EngineResult<FunctionAlias> {
+        if patch.routing_config.is_none() && patch.description.is_none() {
+            return Err(EngineError::BadRequest(
+                "give routing_config and/or description to change".into(),
+            ));
+        }
+        if let Some(description) = &patch.description {
+            validate_description(description)?;
+        }
+        let change = AliasChange {
+            routing: patch.routing_config.map(checked).transpose()?,
+            description: patch.description,
+        };
+        let function = self.get_function(reference).await?;
+        let updated = self
+            .store
+            .update_alias(&function.id, name, &change, actor)
+            .await
+            .map_err(|e| in_alias(e, &function, name))?;
+        self.alias_changed(&function, &updated, "update");
+        Ok(updated)
+    }
+
+    /// Restores the routing of an earlier revision (default: the one before the last
+    /// change). Returns the alias as it is now and the revision restored.
+    pub async fn rollback_alias(
+        &self,
+        reference: &str,
+        name: &str,
+        req: RollbackRequest,
+        actor: &str,
+    ) -> EngineResult<(FunctionAlias, u32)> {
+        let function = self.get_function(reference).await?;
+        let rolled_back = match self
+            .store
+            .rollback_alias(&function.id, name, req.to_revision, actor)
+            .await
+        {
+            Err(StoreError::MissingVersions(missing)) => {
+                let target = req
+                    .to_revision
+                    .map_or("the previous revision".to_owned(), |r| {
+                        format!("revision {r}")
+                    });
+                return Err(EngineError::Conflict {
+                    code: "version_deleted",
+                    message: format!(
+                        "cannot roll back alias {name:?} to {target}: it routes to {}",
+                        StoreError::MissingVersions(missing)
+                    ),
+                });
+            }
+            other => other.map_err(|e| in_alias(e, &function, name))?,
+        };
+        self.alias_changed(&function, &rolled_back, "rollback");
+        // The default target is the revision before the one current when the call began.
+        let restored = req.to_revision.unwrap_or(rolled_back.revision - 2);
+        Ok((rolled_back, restored))
+    }
+
+    /// Deletes an alias and its history. `latest` cannot be deleted (409 `alias_protected`).
+    pub async fn delete_alias(&self, reference: &str, name: &str) -> EngineResult<()> {
+        let function = self.get_function(reference).await?;
+        if name == LATEST_ALIAS {
+            return Err(EngineError::Conflict {
+                code: "alias_protected",
+                message: format!(
+                    "alias {LATEST_ALIAS:?} cannot be deleted: every publish moves it, and \
+                     invocations without an alias or version use it"
+                ),
+            });
+        }
+        if !self.store.delete_alias(&function.id, name).await? {
+            return Err(alias_not_found(&function, name));
+        }
+        self.catalog.invalidate(&function.id);
+        metrics::alias_updated(&function.name, name, "delete");
+        tracing::info!(function = %function.name, alias = name, "alias deleted");
+        Ok(())
+    }
+
+    /// An alias's changes, newest first.
+    pub async fn alias_history(
+        &self,
+        reference: &str,
+        name: &str,
+        limit: u32,
+        offset: u32,
+    ) -> EngineResult<Page<AliasRevision>> {
+        let alias = self.get_alias(reference, name).await?;
+        Ok(self
+            .store
+            .alias_history(&alias.function_id, name, limit, offset)
+            .await?)
+    }
+
+    /// After an alias change: route by it from now on, count and log it.
+    fn alias_changed(&self, function: &Function, alias: &FunctionAlias, action: &'static str) {
+        self.catalog.invalidate(&function.id);
+        metrics::alias_updated(&function.name, &alias.name, action);
+        tracing::info!(
+            function = %function.name,
+            alias = %alias.name,
+            revision = alias.revision,
+            routing = ?alias.routing.weights,
+            action,
+            "alias changed"
+        );
+    }
+}
+
+/// A valid routing table in its stored (normalized) form.
+fn checked(routing: RoutingConfig) -> EngineResult<RoutingConfig> {
+    routing.validate()?;
+    Ok(routing.normalized())
+}
+
+fn alias_not_found(function: &Function, name: &str) -> EngineError {
+    EngineError::NotFound {
+        code: "alias_not_found",
+        message: format!("function {:?} has no alias {name:?}", function.name),
+    }
+}
+
+/// A store error of a change to alias `name`, with a message naming the function.
+fn in_alias(e: StoreError, function: &Function, name: &str) -> EngineError {
+    match e {
+        StoreError::AliasNotFound { .. } => alias_not_found(function, name),
+        other => other.into(),
+    }
+}

@@ -1,0 +1,114 @@
+//! Versions: publishing the draft as an immutable version, reading and deleting versions.
+//!
+//! Publishing is one store transaction (number allocated, version inserted, `latest` and
+//! the optional `publish_alias` moved); afterwards the routing cache is invalidated so the
+//! next invocation on this server routes by the new table.
+
+use nimbus_core::alias::validate_alias_name;
+use nimbus_core::function::validate_description;
+use nimbus_core::{Function, FunctionAlias, FunctionVersion, LATEST_ALIAS};
+use nimbus_store::{Page, Published};
+use serde::Deserialize;
+
+use crate::error::{EngineError, EngineResult};
+use crate::{metrics, Engine};
+
+/// Body of `POST /functions/{id}/versions`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    /// What changed in this version.
+    #[serde(default)]
+    pub description: String,
+    /// An existing alias to point at the new version alone, besides `latest`.
+    #[serde(default)]
+    pub publish_alias: Option<String>,
+}
+
+impl Engine {
+    /// Publishes the function's current code and configuration as its next version and
+    /// moves `latest` (and `publish_alias`) to it. When nothing changed since the newest
+    /// version, that version stands (`created: false`) and the aliases move to it.
+    pub async fn publish_version(
+        &self,
+        reference: &str,
+        req: PublishRequest,
+        actor: &str,
+    ) -> EngineResult<Published> {
+        validate_description(&req.description)?;
+        if let Some(alias) = &req.publish_alias {
+            validate_alias_name(alias).map_err(|e| e.in_field("publish_alias"))?;
+        }
+        let function = self.get_function(reference).await?;
+        let mut aliases = vec![LATEST_ALIAS];
+        aliases.extend(req.publish_alias.as_deref());
+        let published = self
+            .store
+            .publish_version(&function, &req.description, actor, &aliases)
+            .await?;
+        self.published(&function, &published);
+        self.catalog.invalidate(&function.id);
+        Ok(published)
+    }
+
+    /// Counts and logs what a publish did.
+    pub(crate) fn published(&self, function: &Function, published: &Published) {
+        let number = published.version.version;
+        if published.created {
+            metrics::version_published(&function.name);
+            tracing::info!(function = %function.name, version = number, "version published");
+        }
+        for alias in &published.moved {
+            metrics::alias_updated(&function.name, alias, "publish");
+            tracing::info!(function = %function.name, %alias, version = number, "alias moved by publish");
+        }
+    }
+
+    /// A function's versions, newest first, without code.
+    pub async fn list_versions(
+        &self,
+        reference: &str,
+        limit: u32,
+        offset: u32,
+    ) -> EngineResult<Page<FunctionVersion>> {
+        let function = self.get_function(reference).await?;
+        Ok(self
+            .store
+            .list_versions(&function.id, limit, offset)
+            .await?)
+    }
+
+    /// One version, with its code.
+    pub async fn get_version(&self, reference: &str, number: u32) -> EngineResult<FunctionVersion> {
+        let function = self.get_function(reference).await?;
+        self.store
+            .get_version(&function.id, number)
+            .await?
+            .ok_or_else(|| version_not_found(&function, number))
+    }
+
+    /// Deletes a version no alias routes to and stops its idle instances. Its number is
+    /// never given out again.
+    pub async fn delete_version(&self, reference: &str, number: u32) -> EngineResult<()> {
+        let function = self.get_function(reference).await?;
+        if !self.store.delete_version(&function.id, number).await? {
+            return Err(version_not_found(&function, number));
+        }
+        self.catalog.forget_version(&function.id, number);
+        self.pools.retire_version(&function.id, number);
+        tracing::info!(function = %function.name, version = number, "version deleted");
+        Ok(())
+    }
+
+    /// The function's aliases, by name (to show which route to a version).
+    pub async fn aliases_of(&self, function: &Function) -> EngineResult<Vec<FunctionAlias>> {
+        Ok(self.store.list_aliases(&function.id).await?)
+    }
+}
+
+fn version_not_found(function: &Function, number: u32) -> EngineError {
+    EngineError::NotFound {
+        code: "version_not_found",
+        message: format!("function {:?} has no version {number}", function.name),
+    }
+}

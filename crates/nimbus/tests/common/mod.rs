@@ -1,0 +1,233 @@
+//! The harness of the HTTP end-to-end tests: the real `nimbus` binary as a server on a free
+//! loopback port, on SQLite (a file in a temporary directory) or on the real PostgreSQL (a
+//! schema of its own, dropped afterwards), driven over HTTP as a user would.
+
+#![allow(dead_code)] // Each test crate uses a different part of the harness.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+pub const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub dir: tempfile::TempDir,
+    pub database_url: String,
+    pub schema: Option<String>,
+    pub key: Option<String>,
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn psql(sql: &str) {
+    let url = std::env::var("NIMBUS_TEST_DATABASE_URL").unwrap_or_else(|_| PG_URL.into());
+    let out = Command::new("psql")
+        .args([url.as_str(), "-qAtc", sql])
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Server {
+    pub async fn start(backend: Backend) -> Server {
+        Self::start_with(backend, "", &[]).await
+    }
+
+    pub async fn start_with(backend: Backend, toml: &str, args: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let (database_url, schema) = match backend {
+            Backend::Sqlite => (
+                format!("sqlite:{}", dir.path().join("nimbus.db").display()),
+                None,
+            ),
+            Backend::Postgres => {
+                let schema = format!(
+                    "nimbus_e2e_{}",
+                    ulid::Ulid::new().to_string().to_lowercase()
+                );
+                psql(&format!("create schema {schema}"));
+                let base =
+                    std::env::var("NIMBUS_TEST_DATABASE_URL").unwrap_or_else(|_| PG_URL.into());
+                (
+                    format!("{base}?options=-c%20search_path%3D{schema}"),
+                    Some(schema),
+                )
+            }
+        };
+        std::fs::write(dir.path().join("nimbus.toml"), toml).unwrap();
+        let mut server = Server {
+            child: Command::new("true").spawn().unwrap(),
+            base: String::new(),
+            http: reqwest::Client::new(),
+            dir,
+            database_url,
+            schema,
+            // `--api-key name:secret`: clients present the secret.
+            key: args
+                .windows(2)
+                .find(|w| w[0] == "--api-key")
+                .map(|w| w[1].rsplit(':').next().unwrap_or_default().to_owned()),
+        };
+        server.spawn(args).await;
+        server
+    }
+
+    /// A second server on the same metadata database (its own data directory), as another
+    /// node of a fleet. The schema stays owned by `self`.
+    pub async fn start_peer(&self) -> Server {
+        let mut peer = Server {
+            child: Command::new("true").spawn().unwrap(),
+            base: String::new(),
+            http: reqwest::Client::new(),
+            dir: tempfile::tempdir().unwrap(),
+            database_url: self.database_url.clone(),
+            schema: None,
+            key: self.key.clone(),
+        };
+        std::fs::write(peer.dir.path().join("nimbus.toml"), "").unwrap();
+        peer.spawn(&[]).await;
+        peer
+    }
+
+    pub async fn spawn(&mut self, args: &[&str]) {
+        let port = free_port();
+        self.child = Command::new(env!("CARGO_BIN_EXE_nimbus"))
+            .arg("server")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .arg("--database-url")
+            .arg(&self.database_url)
+            .args(args)
+            .env("NIMBUS_LOG", "warn")
+            .env_remove("NIMBUS_API_KEYS")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(r) = self.http.get(format!("{}/health", self.base)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("server did not come up");
+    }
+
+    /// SIGTERM, wait for a clean exit, start again on the same data.
+    pub async fn restart(&mut self) {
+        let pid = self.child.id() as i32;
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "server exited with {status}");
+        let key = self.key.clone();
+        let args: Vec<&str> = key.iter().flat_map(|k| ["--api-key", k.as_str()]).collect();
+        self.spawn(&args).await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/api/v1{path}", self.base)
+    }
+
+    pub fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.key {
+            Some(k) => req.bearer_auth(k),
+            None => req,
+        }
+    }
+
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let req = self.http.request(method.parse().unwrap(), self.url(path));
+        let req = match body {
+            Some(b) => req.json(&b),
+            None => req,
+        };
+        let resp = self.auth(req).send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn invoke_raw(&self, function: &str, query: &str, body: &str) -> (StatusCode, Value) {
+        let resp = self
+            .auth(
+                self.http
+                    .post(self.url(&format!("/functions/{function}/invoke{query}"))),
+            )
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap())
+    }
+
+    pub async fn deploy(&self, name: &str, code: &str, extra: Value) -> Value {
+        let mut body = json!({ "name": name, "code": code });
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().cloned().unwrap_or_default());
+        let (status, value) = self.call("POST", "/functions", Some(body)).await;
+        assert_eq!(status, StatusCode::CREATED, "{value}");
+        value
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(schema) = &self.schema {
+            psql(&format!("drop schema if exists {schema} cascade"));
+        }
+    }
+}
+
+pub fn code_of(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or_default()
+}
+
+/// One `#[tokio::test]` per backend for each scenario `async fn(Backend)`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),+ $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test] async fn $name() { super::$name(super::Backend::Sqlite).await })+
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $name() { super::$name(super::Backend::Postgres).await })+
+        }
+    };
+}
