@@ -83,7 +83,7 @@ pub async fn run(args: VersionArgs) -> Result<(), CliError> {
             if let Some(description) = description {
                 body["description"] = json!(description);
             }
-            if let Some(alias) = alias {
+            if let Some(alias) = &alias {
                 body["publish_alias"] = json!(alias);
             }
             let reply = client
@@ -95,7 +95,10 @@ pub async fn run(args: VersionArgs) -> Result<(), CliError> {
             if json {
                 print_json(&version);
             } else {
-                println!("{}", publish_summary(&function, &version, created));
+                println!(
+                    "{}",
+                    publish_summary(&function, &version, created, alias.as_deref())
+                );
             }
         }
         VersionCommand::List {
@@ -150,22 +153,20 @@ pub async fn run(args: VersionArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `published my-fn version 3 (latest → 3, prod → 3)`, or that nothing changed.
-fn publish_summary(function: &str, version: &Value, created: bool) -> String {
+/// `published my-fn version 3 (latest → 3, prod → 3)`, or that nothing changed. Either way
+/// the server has moved `latest` and the `--alias` to the version, so both are named.
+fn publish_summary(function: &str, version: &Value, created: bool, alias: Option<&str>) -> String {
     let number = text(&version["version"]);
-    if !created {
-        return format!(
-            "{function}: nothing changed since version {number}; no new version published"
-        );
-    }
-    let aliases = string_list(&version["aliases"]);
-    if aliases.is_empty() {
-        format!("published {function} version {number}")
+    let moved = std::iter::once(nimbus_core::LATEST_ALIAS)
+        .chain(alias)
+        .map(|a| format!("{a} → {number}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if created {
+        format!("published {function} version {number} ({moved})")
     } else {
-        let moved: Vec<String> = aliases.iter().map(|a| format!("{a} → {number}")).collect();
         format!(
-            "published {function} version {number} ({})",
-            moved.join(", ")
+            "{function}: nothing changed since version {number}; no new version published ({moved})"
         )
     }
 }
@@ -302,12 +303,12 @@ mod tests {
     #[test]
     fn publish_names_the_moved_aliases_or_that_nothing_changed() {
         assert_eq!(
-            publish_summary("my-fn", &version(), true),
+            publish_summary("my-fn", &version(), true, Some("prod")),
             "published my-fn version 3 (latest → 3, prod → 3)"
         );
         assert_eq!(
-            publish_summary("my-fn", &version(), false),
-            "my-fn: nothing changed since version 3; no new version published"
+            publish_summary("my-fn", &version(), false, None),
+            "my-fn: nothing changed since version 3; no new version published (latest → 3)"
         );
     }
 
