@@ -335,3 +335,61 @@ async fn deleting_a_function_stops_its_instances() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn alias_changes_keep_instances_and_deleting_a_version_stops_its_own() {
+    let h = harness(|_| {}).await;
+    let e = &h.engine;
+    e.create_function(new_function("multi", ECHO), "test")
+        .await
+        .unwrap();
+    let patch: FunctionPatch =
+        serde_json::from_value(serde_json::json!({ "env_vars": { "V": "2" } })).unwrap();
+    e.update_function("multi", patch, "test").await.unwrap();
+    let routing = |pairs: &[(u32, u32)]| {
+        let weights: Vec<_> = pairs
+            .iter()
+            .map(|(version, weight)| serde_json::json!({ "version": version, "weight": weight }))
+            .collect();
+        serde_json::json!({ "weights": weights })
+    };
+    let alias: nimbus_engine::NewAlias = serde_json::from_value(
+        serde_json::json!({ "name": "prod", "routing_config": routing(&[(1, 100)]) }),
+    )
+    .unwrap();
+    e.create_alias("multi", alias, "test").await.unwrap();
+    let on = |alias: &str| InvokeRequest {
+        alias: Some(alias.into()),
+        ..request("multi", "{}")
+    };
+    assert_eq!(e.invoke(on("prod")).await.unwrap().version, 1);
+    assert_eq!(e.invoke(on("latest")).await.unwrap().version, 2);
+    let function_id = e.get_function("multi").await.unwrap().id;
+    assert_eq!(e.live_instances(&function_id), 2);
+
+    // Moving prod off version 1 leaves its instance warm for a rollback.
+    let patch: nimbus_engine::AliasPatch =
+        serde_json::from_value(serde_json::json!({ "routing_config": routing(&[(2, 100)]) }))
+            .unwrap();
+    e.update_alias("multi", "prod", patch, "test")
+        .await
+        .unwrap();
+    assert_eq!(e.invoke(on("prod")).await.unwrap().version, 2);
+    assert_eq!(e.live_instances(&function_id), 2);
+
+    // Deleting version 1 stops its instance at once; version 2's stays.
+    e.delete_version("multi", 1).await.unwrap();
+    assert_eq!(e.live_instances(&function_id), 1);
+    let explicit = InvokeRequest {
+        version: Some(1),
+        ..request("multi", "{}")
+    };
+    match e.invoke(explicit).await {
+        Err(EngineError::NotFound { code, .. }) => assert_eq!(code, "version_not_found"),
+        other => panic!("expected version_not_found, got {other:?}"),
+    }
+    assert_eq!(
+        e.invoke(on("prod")).await.unwrap().start_type,
+        StartType::Warm
+    );
+}

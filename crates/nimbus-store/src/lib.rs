@@ -211,7 +211,8 @@ pub trait MetadataStore: Send + Sync + 'static {
     ) -> StoreResult<Page<FunctionVersion>>;
 
     /// Deletes a version. `VersionInUse` naming the aliases whose tables include it (even
-    /// at weight 0); false if it does not exist. Its number is never given out again.
+    /// at weight 0); false if the version does not exist, `NotFound` if the function does
+    /// not. Its number is never given out again.
     async fn delete_version(&self, function_id: &str, version: u32) -> StoreResult<bool>;
 
     /// Creates an alias at revision 1 (its `revision`, `created_at` and `updated_at` are
@@ -225,7 +226,8 @@ pub trait MetadataStore: Send + Sync + 'static {
     ) -> StoreResult<FunctionAlias>;
 
     /// Applies `change` to an alias as its next revision (an `update` in its history) and
-    /// returns the alias as it is now. `AliasNotFound`, `MissingVersions` as above.
+    /// returns the alias as it is now. `AliasNotFound`, `MissingVersions` as above,
+    /// `NotFound` if the function does not exist.
     async fn update_alias(
         &self,
         function_id: &str,
@@ -238,7 +240,7 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// current one) as the alias's next revision (a `rollback` in its history) and returns
     /// the alias as it is now. `AliasNotFound`, `RevisionNotFound`, `NothingToRollBack`
     /// (no earlier revision, or that routing is the current one), `MissingVersions` (a
-    /// version it routed to was deleted since).
+    /// version it routed to was deleted since), `NotFound` if the function does not exist.
     async fn rollback_alias(
         &self,
         function_id: &str,
@@ -247,7 +249,8 @@ pub trait MetadataStore: Send + Sync + 'static {
         changed_by: &str,
     ) -> StoreResult<FunctionAlias>;
 
-    /// Deletes an alias with its history. False if it does not exist.
+    /// Deletes an alias with its history. False if it does not exist, `NotFound` if the
+    /// function does not.
     async fn delete_alias(&self, function_id: &str, name: &str) -> StoreResult<bool>;
 
     /// An alias's history, newest revision first.

@@ -466,18 +466,31 @@ async fn insert_alias(
     Ok(stored)
 }
 
-/// Moves `current` to its next revision with `routing` and `description`, recording the
-/// change in its history; returns the alias as it is now.
-async fn write_revision(
-    conn: &mut AnyConnection,
-    current: FunctionAlias,
+/// What the next revision of an alias sets, and why.
+struct NextRevision<'a> {
     routing: RoutingConfig,
     description: String,
     action: AliasAction,
     restored_revision: Option<u32>,
-    changed_by: &str,
+    changed_by: &'a str,
+    at: OffsetDateTime,
+}
+
+/// Moves `current` to its next revision, recording the change in its history; returns the
+/// alias as it is now.
+async fn write_revision(
+    conn: &mut AnyConnection,
+    current: FunctionAlias,
+    change: NextRevision<'_>,
 ) -> StoreResult<FunctionAlias> {
-    let at = nimbus_core::now();
+    let NextRevision {
+        routing,
+        description,
+        action,
+        restored_revision,
+        changed_by,
+        at,
+    } = change;
     let next = FunctionAlias {
         revision: current.revision + 1,
         routing,
@@ -607,6 +620,8 @@ impl MetadataStore for SqlStore {
         created_by: &str,
         move_aliases: &[&str],
     ) -> StoreResult<Published> {
+        // One timestamp per publish: a new version's and its aliases' moves agree.
+        let at = nimbus_core::now();
         let mut tx = self.pool.begin().await?;
         let saved = bind_draft(sqlx::query(UPDATE_DRAFT), function)?
             .execute(&mut *tx)
@@ -645,7 +660,7 @@ impl MetadataStore for SqlStore {
                     description: description.to_string(),
                     config: function.config.clone(),
                     code: function.code.clone(),
-                    created_at: nimbus_core::now(),
+                    created_at: at,
                     created_by: created_by.to_string(),
                 };
                 insert_version(&mut tx, &function.id, &version).await?;
@@ -670,16 +685,15 @@ impl MetadataStore for SqlStore {
                 })?;
             if current.routing != target {
                 let description = current.description.clone();
-                write_revision(
-                    &mut tx,
-                    current,
-                    target.clone(),
+                let change = NextRevision {
+                    routing: target.clone(),
                     description,
-                    AliasAction::Publish,
-                    None,
-                    created_by,
-                )
-                .await?;
+                    action: AliasAction::Publish,
+                    restored_revision: None,
+                    changed_by: created_by,
+                    at,
+                };
+                write_revision(&mut tx, current, change).await?;
                 published.moved.push(name.to_owned());
             }
         }
@@ -824,16 +838,15 @@ impl MetadataStore for SqlStore {
             .description
             .clone()
             .unwrap_or_else(|| current.description.clone());
-        let updated = write_revision(
-            &mut tx,
-            current,
+        let change = NextRevision {
             routing,
             description,
-            AliasAction::Update,
-            None,
+            action: AliasAction::Update,
+            restored_revision: None,
             changed_by,
-        )
-        .await?;
+            at: nimbus_core::now(),
+        };
+        let updated = write_revision(&mut tx, current, change).await?;
         tx.commit().await?;
         Ok(updated)
     }
@@ -880,16 +893,15 @@ impl MetadataStore for SqlStore {
         }
         check_versions_exist(&mut tx, function_id, &restored.routing).await?;
         let description = current.description.clone();
-        let rolled_back = write_revision(
-            &mut tx,
-            current,
-            restored.routing,
+        let change = NextRevision {
+            routing: restored.routing,
             description,
-            AliasAction::Rollback,
-            Some(target),
+            action: AliasAction::Rollback,
+            restored_revision: Some(target),
             changed_by,
-        )
-        .await?;
+            at: nimbus_core::now(),
+        };
+        let rolled_back = write_revision(&mut tx, current, change).await?;
         tx.commit().await?;
         Ok(rolled_back)
     }

@@ -13,11 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nimbus_core::{
-    ids, CodeBundle, Function, FunctionAlias, FunctionConfig, FunctionStatus, FunctionVersion,
-    Handler, Invocation, InvocationError, InvocationStatus, RoutingConfig, Runtime, StartType,
-    Trigger,
+    ids, AliasAction, AliasRevision, CodeBundle, Function, FunctionAlias, FunctionConfig,
+    FunctionStatus, FunctionVersion, Handler, Invocation, InvocationError, InvocationStatus,
+    RoutingConfig, Runtime, StartType, Trigger, WeightedVersion,
 };
-use nimbus_store::{InvocationFilter, MetadataStore, Page, StoreError, DEFAULT_LIST_LIMIT};
+use nimbus_store::{
+    AliasChange, InvocationFilter, MetadataStore, Page, Published, StoreError, DEFAULT_LIST_LIMIT,
+};
 use sqlx::Connection;
 use time::OffsetDateTime;
 
@@ -148,6 +150,8 @@ conformance!(
         duplicate_name_is_a_conflict,
         update_replaces_the_draft_only,
         publish_numbers_versions_monotonically,
+        publish_without_changes_adds_no_version_but_saves_the_draft,
+        publish_to_a_missing_alias_writes_nothing,
         concurrent_publishes_get_distinct_consecutive_numbers,
         publish_moves_latest_and_prod_in_one_call,
         get_version_returns_the_saved_code,
@@ -156,7 +160,21 @@ conformance!(
         record_invocations_batch_then_get_and_list,
         record_invocations_crosses_statement_chunks,
         upsert_replaces_a_pending_record,
-        delete_cascades_to_versions_aliases_and_invocations,
+        delete_cascades_to_versions_aliases_history_and_invocations,
+        // Aliases and versions
+        create_alias_returns_the_alias_as_stored,
+        create_alias_refuses_taken_names_missing_versions_and_unknown_functions,
+        update_alias_sets_routing_description_or_both,
+        update_alias_refuses_unknown_aliases_and_missing_versions,
+        rollback_alias_restores_earlier_routings,
+        rollback_alias_refuses_what_it_cannot_do,
+        rollback_to_a_deleted_version_is_refused,
+        delete_alias_removes_it_with_its_history,
+        alias_history_pages_newest_first_per_function,
+        delete_version_refuses_versions_any_alias_names,
+        deleted_version_numbers_are_never_reused,
+        concurrent_alias_updates_get_consecutive_revisions,
+        deleting_a_version_never_strands_an_alias,
     ],
     with_url: [
         reopening_keeps_data_and_reapplies_nothing,
@@ -217,10 +235,51 @@ async fn create(store: &dyn MetadataStore, name: &str) -> (Function, FunctionVer
     (function, first)
 }
 
+/// Gives the draft new code (and its hash), so that publishing it adds a version.
+fn new_code(function: &mut Function, tag: &str) {
+    function.code = python(&format!("def handle(event):\n    return {tag:?}\n"));
+    function.config.code_hash = function.code.hash();
+}
+
+/// Publishes new code tagged `tag`, moving `aliases`; returns the version it added.
+async fn publish_new(
+    store: &dyn MetadataStore,
+    function: &mut Function,
+    tag: &str,
+    aliases: &[&str],
+) -> FunctionVersion {
+    new_code(function, tag);
+    let published = store
+        .publish_version(function, tag, "alice", aliases)
+        .await
+        .expect("publish");
+    assert!(published.created, "{tag}: new code added no version");
+    // A new version is routed by no alias yet, so every alias listed moves.
+    assert_eq!(published.moved, aliases, "{tag}");
+    published.version
+}
+
+/// All traffic to `version`.
+fn single(version: u32) -> RoutingConfig {
+    RoutingConfig::single(version)
+}
+
+/// A routing table of (version, weight) pairs, in the order given.
+fn table(pairs: &[(u32, u32)]) -> RoutingConfig {
+    RoutingConfig {
+        weights: pairs
+            .iter()
+            .map(|&(version, weight)| WeightedVersion { version, weight })
+            .collect(),
+    }
+}
+
+/// An alias of `function` as the store should hold it (empty description).
 fn alias(
     function: &Function,
     name: &str,
-    version: u32,
+    routing: RoutingConfig,
+    revision: u32,
     created: OffsetDateTime,
     updated: OffsetDateTime,
 ) -> FunctionAlias {
@@ -228,10 +287,105 @@ fn alias(
         function_id: function.id.clone(),
         name: name.to_string(),
         description: String::new(),
-        routing: RoutingConfig::single(version),
+        routing,
+        revision,
         created_at: created,
         updated_at: updated,
     }
+}
+
+/// An alias to hand to `create_alias`. Revision and timestamps are the store's to set, so
+/// they are deliberately wrong here.
+fn new_alias(
+    function: &Function,
+    name: &str,
+    routing: RoutingConfig,
+    description: &str,
+) -> FunctionAlias {
+    FunctionAlias {
+        description: description.to_string(),
+        ..alias(
+            function,
+            name,
+            routing,
+            0,
+            OffsetDateTime::UNIX_EPOCH,
+            OffsetDateTime::UNIX_EPOCH,
+        )
+    }
+}
+
+/// Creates alias `name` of `function` (empty description) as `ops`; returns it as stored.
+async fn create_alias(
+    store: &dyn MetadataStore,
+    function: &Function,
+    name: &str,
+    routing: RoutingConfig,
+) -> FunctionAlias {
+    store
+        .create_alias(&new_alias(function, name, routing, ""), "ops")
+        .await
+        .expect("create alias")
+}
+
+fn change(routing: Option<RoutingConfig>, description: Option<&str>) -> AliasChange {
+    AliasChange {
+        routing,
+        description: description.map(str::to_string),
+    }
+}
+
+async fn get_alias(store: &dyn MetadataStore, function: &Function, name: &str) -> FunctionAlias {
+    store
+        .get_alias(&function.id, name)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("alias {name} is missing"))
+}
+
+/// The whole history of an alias, newest first.
+async fn history(
+    store: &dyn MetadataStore,
+    function: &Function,
+    name: &str,
+) -> Page<AliasRevision> {
+    store.alias_history(&function.id, name, 0, 0).await.unwrap()
+}
+
+/// The history entry of the change that left `alias` as it is (as the call returned it).
+fn entry(
+    alias: &FunctionAlias,
+    action: AliasAction,
+    previous_routing: Option<RoutingConfig>,
+    restored_revision: Option<u32>,
+    changed_by: &str,
+) -> AliasRevision {
+    AliasRevision {
+        function_id: alias.function_id.clone(),
+        alias: alias.name.clone(),
+        revision: alias.revision,
+        action,
+        routing: alias.routing.clone(),
+        previous_routing,
+        description: alias.description.clone(),
+        restored_revision,
+        changed_by: changed_by.to_string(),
+        changed_at: alias.updated_at,
+    }
+}
+
+/// Fails unless `t` was set by the store during a call started at `before` (or later).
+fn assert_set_since(t: OffsetDateTime, before: OffsetDateTime) {
+    let after = nimbus_core::now();
+    assert!(
+        before <= t && t <= after,
+        "{t} is not in {before}..={after}"
+    );
+}
+
+/// Lets the clock pass a few milliseconds, so the next change has a later timestamp.
+async fn pause() {
+    tokio::time::sleep(Duration::from_millis(3)).await;
 }
 
 fn page<T>(items: Vec<T>, total: u64) -> Page<T> {
@@ -346,6 +500,7 @@ async fn create_then_get_by_id_and_by_name(store: &dyn MetadataStore) {
     let latest = alias(
         &function,
         "latest",
+        single(1),
         1,
         function.created_at,
         function.created_at,
@@ -356,7 +511,15 @@ async fn create_then_get_by_id_and_by_name(store: &dyn MetadataStore) {
     );
     assert_eq!(
         store.list_aliases(&function.id).await.unwrap(),
-        vec![latest]
+        vec![latest.clone()]
+    );
+    // `latest`'s history starts with its creation, by the author of version 1.
+    assert_eq!(
+        history(store, &function, "latest").await,
+        page(
+            vec![entry(&latest, AliasAction::Create, None, None, "tester")],
+            1
+        )
     );
 }
 
@@ -452,45 +615,60 @@ async fn update_replaces_the_draft_only(store: &dyn MetadataStore) {
 async fn publish_numbers_versions_monotonically(store: &dyn MetadataStore) {
     let (mut function, _) = create(store, "counter").await;
 
+    new_code(&mut function, "two");
     let v2 = store
         .publish_version(&function, "second", "alice", &["latest"])
         .await
         .unwrap();
-    assert_eq!(v2.version, 2);
+    assert_eq!(
+        (v2.version.version, v2.created, v2.moved),
+        (2, true, vec!["latest".to_string()])
+    );
     // The caller's copy still says latest_version 1: the store allocates, not the caller.
+    new_code(&mut function, "three");
     let v3 = store
         .publish_version(&function, "third", "bob", &["latest"])
         .await
         .unwrap();
-    assert_eq!(v3.version, 3);
-
     assert_eq!(
         v3,
-        FunctionVersion {
-            function_id: function.id.clone(),
-            version: 3,
-            description: "third".into(),
-            config: function.config.clone(),
-            code: function.code.clone(),
-            created_at: v3.created_at,
-            created_by: "bob".into(),
+        Published {
+            version: FunctionVersion {
+                function_id: function.id.clone(),
+                version: 3,
+                description: "third".into(),
+                config: function.config.clone(),
+                code: function.code.clone(),
+                created_at: v3.version.created_at,
+                created_by: "bob".into(),
+            },
+            created: true,
+            moved: vec!["latest".into()],
         }
     );
-    assert!(v3.created_at >= v2.created_at);
-    assert_eq!(store.get_version(&function.id, 2).await.unwrap(), Some(v2));
-    assert_eq!(store.get_version(&function.id, 3).await.unwrap(), Some(v3));
+    assert!(v3.version.created_at >= v2.version.created_at);
+    assert_eq!(
+        store.get_version(&function.id, 2).await.unwrap(),
+        Some(v2.version)
+    );
+    assert_eq!(
+        store.get_version(&function.id, 3).await.unwrap(),
+        Some(v3.version)
+    );
 
     // Publishing saves the draft in the same call.
     function.description = "draft four".into();
-    function.code = python("def handle(event):\n    return 4\n");
-    function.config.code_hash = function.code.hash();
+    new_code(&mut function, "four");
     function.updated_at = nimbus_core::now();
     let v4 = store
         .publish_version(&function, "fourth", "carol", &[])
         .await
         .unwrap();
-    assert_eq!(v4.version, 4);
-    assert_eq!(v4.code, function.code);
+    assert_eq!(
+        (v4.version.version, v4.created, v4.moved),
+        (4, true, vec![])
+    );
+    assert_eq!(v4.version.code, function.code);
     let stored = store.get_function(&function.id).await.unwrap().unwrap();
     assert_eq!(
         stored,
@@ -501,13 +679,8 @@ async fn publish_numbers_versions_monotonically(store: &dyn MetadataStore) {
     );
     // No alias listed: none moved.
     assert_eq!(
-        store
-            .get_alias(&function.id, "latest")
-            .await
-            .unwrap()
-            .unwrap()
-            .routing,
-        RoutingConfig::single(3)
+        get_alias(store, &function, "latest").await.routing,
+        single(3)
     );
 
     let (ghost, _) = new_function("ghost");
@@ -516,17 +689,192 @@ async fn publish_numbers_versions_monotonically(store: &dyn MetadataStore) {
         Err(StoreError::NotFound(_))
     ));
     // The failed publish consumed no number.
-    let v5 = store
-        .publish_version(&function, "fifth", "dave", &[])
+    let v5 = publish_new(store, &mut function, "five", &[]).await;
+    assert_eq!(v5.version, 5);
+}
+
+async fn publish_without_changes_adds_no_version_but_saves_the_draft(store: &dyn MetadataStore) {
+    let (mut function, first) = create(store, "steady").await;
+
+    // Description, max_instances and status are the draft's own, not part of a version.
+    function.description = "reworded".into();
+    function.max_instances = 3;
+    function.status = FunctionStatus::Building;
+    function.updated_at = nimbus_core::now() + Duration::from_secs(1);
+    let same = store
+        .publish_version(&function, "no-op", "alice", &["latest"])
         .await
         .unwrap();
-    assert_eq!(v5.version, 5);
+    assert_eq!(
+        same,
+        Published {
+            version: first.clone(),
+            created: false,
+            moved: vec![],
+        }
+    );
+    assert_eq!(
+        store.get_function(&function.id).await.unwrap(),
+        Some(function.clone())
+    );
+    assert_eq!(
+        store
+            .list_versions(&function.id, 10, 0)
+            .await
+            .unwrap()
+            .total,
+        1
+    );
+    // `latest` already routed to version 1 alone: no `publish` revision.
+    assert_eq!(get_alias(store, &function, "latest").await.revision, 1);
+    assert_eq!(history(store, &function, "latest").await.total, 1);
+
+    // Each field of the configuration is a change of its own.
+    type Edit = fn(&mut Function);
+    let changes: [(&str, Edit); 6] = [
+        ("runtime", |f| f.config.runtime = Runtime::NodeJs20),
+        ("handler", |f| {
+            f.config.handler = "main.run".parse().unwrap()
+        }),
+        ("code_hash", |f| new_code(f, "changed")),
+        ("env_vars", |f| {
+            f.config.env_vars.insert("MODE".into(), "fast".into());
+        }),
+        ("memory_mb", |f| f.config.memory_mb = 512),
+        ("timeout_sec", |f| f.config.timeout_sec = 60),
+    ];
+    for (number, (field, apply)) in (2..).zip(changes) {
+        apply(&mut function);
+        let published = store
+            .publish_version(&function, field, "alice", &[])
+            .await
+            .unwrap();
+        assert!(published.created && published.moved.is_empty(), "{field}");
+        assert_eq!(published.version.version, number, "{field}");
+        assert_eq!(published.version.config, function.config, "{field}");
+    }
+
+    // The draft is compared with the newest version only: going back to version 1's
+    // configuration is a change from version 7.
+    function.config = first.config.clone();
+    function.code = first.code.clone();
+    let v8 = store
+        .publish_version(&function, "back to one", "alice", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (v8.version.version, v8.created, v8.moved),
+        (8, true, vec![])
+    );
+    assert_eq!(v8.version.config, first.config);
+
+    // Unchanged again: version 8 stands, and aliases still move to it.
+    let prod = create_alias(store, &function, "prod", single(1)).await;
+    let again = store
+        .publish_version(&function, "again", "bob", &["prod"])
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        Published {
+            version: v8.version.clone(),
+            created: false,
+            moved: vec!["prod".into()],
+        }
+    );
+    assert_eq!(
+        store
+            .list_versions(&function.id, 10, 0)
+            .await
+            .unwrap()
+            .total,
+        8
+    );
+    let moved = get_alias(store, &function, "prod").await;
+    assert_eq!(
+        moved,
+        FunctionAlias {
+            routing: single(8),
+            revision: 2,
+            updated_at: moved.updated_at,
+            ..prod.clone()
+        }
+    );
+    assert_eq!(
+        history(store, &function, "prod").await.items[0],
+        entry(&moved, AliasAction::Publish, Some(single(1)), None, "bob")
+    );
+}
+
+async fn publish_to_a_missing_alias_writes_nothing(store: &dyn MetadataStore) {
+    let (function, first) = create(store, "careful").await;
+    let latest = get_alias(store, &function, "latest").await;
+    let mut draft = function.clone();
+    draft.description = "not saved".into();
+    new_code(&mut draft, "two");
+
+    let nothing_written = || async {
+        assert_eq!(
+            store.get_function(&function.id).await.unwrap(),
+            Some(function.clone())
+        );
+        assert_eq!(
+            store.list_versions(&function.id, 10, 0).await.unwrap(),
+            page(vec![without_code(first.clone())], 1)
+        );
+        assert_eq!(get_alias(store, &function, "latest").await, latest);
+        assert_eq!(history(store, &function, "latest").await.total, 1);
+        assert_eq!(store.get_alias(&function.id, "prod").await.unwrap(), None);
+    };
+
+    // `latest` comes first in the list and exists: it must not move either.
+    match store
+        .publish_version(&draft, "v2", "alice", &["latest", "prod"])
+        .await
+    {
+        Err(StoreError::AliasNotFound { alias }) => assert_eq!(alias, "prod"),
+        other => panic!("expected AliasNotFound, got {other:?}"),
+    }
+    nothing_written().await;
+
+    // Also when the draft would add no version: the draft is not saved.
+    let mut unchanged = function.clone();
+    unchanged.description = "not saved either".into();
+    match store
+        .publish_version(&unchanged, "none", "alice", &["prod"])
+        .await
+    {
+        Err(StoreError::AliasNotFound { alias }) => assert_eq!(alias, "prod"),
+        other => panic!("expected AliasNotFound, got {other:?}"),
+    }
+    nothing_written().await;
+
+    // Once `prod` exists the same publish works, and the failures consumed no number.
+    create_alias(store, &function, "prod", single(1)).await;
+    let v2 = store
+        .publish_version(&draft, "v2", "alice", &["latest", "prod"])
+        .await
+        .unwrap();
+    assert_eq!(
+        (v2.version.version, v2.created, v2.moved.clone()),
+        (2, true, vec!["latest".to_string(), "prod".to_string()])
+    );
+    assert_eq!(get_alias(store, &function, "prod").await.routing, single(2));
+    assert_eq!(
+        get_alias(store, &function, "latest").await.routing,
+        single(2)
+    );
 }
 
 async fn concurrent_publishes_get_distinct_consecutive_numbers(store: &dyn MetadataStore) {
     let (function, _) = create(store, "racy").await;
+    // Each racer's draft differs from every other, so every publish adds a version.
     let publishes = (0..10).map(|i| {
-        let function = function.clone();
+        let mut function = function.clone();
+        function
+            .config
+            .env_vars
+            .insert("RACER".into(), i.to_string());
         async move {
             store
                 .publish_version(&function, &format!("racer {i}"), "racer", &["latest"])
@@ -534,11 +882,9 @@ async fn concurrent_publishes_get_distinct_consecutive_numbers(store: &dyn Metad
                 .expect("concurrent publish")
         }
     });
-    let mut numbers: Vec<u32> = futures::future::join_all(publishes)
-        .await
-        .into_iter()
-        .map(|v| v.version)
-        .collect();
+    let published = futures::future::join_all(publishes).await;
+    assert!(published.iter().all(|p| p.created && p.moved == ["latest"]));
+    let mut numbers: Vec<u32> = published.iter().map(|p| p.version.version).collect();
     numbers.sort_unstable();
     assert_eq!(numbers, (2..=11).collect::<Vec<_>>());
 
@@ -555,46 +901,111 @@ async fn concurrent_publishes_get_distinct_consecutive_numbers(store: &dyn Metad
             .latest_version,
         11
     );
-    // Publishes are serialized on the function row, so `latest` ends on the highest number.
-    assert_eq!(
-        store
-            .get_alias(&function.id, "latest")
-            .await
-            .unwrap()
-            .unwrap()
-            .routing,
-        RoutingConfig::single(11)
-    );
+    // Publishes are serialized on the function row, so `latest` ends on the highest number,
+    // after one `publish` revision per racer.
+    let latest = get_alias(store, &function, "latest").await;
+    assert_eq!((latest.routing, latest.revision), (single(11), 11));
+    let revisions: Vec<u32> = history(store, &function, "latest")
+        .await
+        .items
+        .iter()
+        .map(|r| r.revision)
+        .collect();
+    assert_eq!(revisions, (1..=11).rev().collect::<Vec<_>>());
 }
 
 async fn publish_moves_latest_and_prod_in_one_call(store: &dyn MetadataStore) {
-    let (function, _) = create(store, "canary").await;
+    let (mut function, _) = create(store, "canary").await;
+    let prod = store
+        .create_alias(
+            &new_alias(&function, "prod", single(1), "production"),
+            "ops",
+        )
+        .await
+        .unwrap();
+
+    new_code(&mut function, "v2");
+    let before = nimbus_core::now();
+    // `prod` named twice is moved once.
     let v2 = store
         .publish_version(&function, "v2", "alice", &["latest", "prod", "prod"])
         .await
         .unwrap();
-    let t2 = v2.created_at;
+    assert_eq!(
+        (v2.version.version, v2.created, v2.moved.clone()),
+        (2, true, vec!["latest".to_string(), "prod".to_string()])
+    );
+    let latest2 = get_alias(store, &function, "latest").await;
+    let prod2 = get_alias(store, &function, "prod").await;
+    assert_set_since(v2.version.created_at, before);
+    // One publish, one timestamp: the version and the aliases it moved agree.
+    assert_eq!(latest2.updated_at, v2.version.created_at);
+    assert_eq!(prod2.updated_at, v2.version.created_at);
     assert_eq!(
         store.list_aliases(&function.id).await.unwrap(),
         vec![
-            alias(&function, "latest", 2, function.created_at, t2),
-            alias(&function, "prod", 2, t2, t2),
+            alias(
+                &function,
+                "latest",
+                single(2),
+                2,
+                function.created_at,
+                latest2.updated_at
+            ),
+            // The description is kept.
+            FunctionAlias {
+                routing: single(2),
+                revision: 2,
+                updated_at: prod2.updated_at,
+                ..prod.clone()
+            },
         ]
     );
+    assert_eq!(
+        history(store, &function, "prod").await,
+        page(
+            vec![
+                entry(&prod2, AliasAction::Publish, Some(single(1)), None, "alice"),
+                entry(&prod, AliasAction::Create, None, None, "ops"),
+            ],
+            2
+        )
+    );
+    assert_eq!(
+        history(store, &function, "latest").await.items[0],
+        entry(
+            &latest2,
+            AliasAction::Publish,
+            Some(single(1)),
+            None,
+            "alice"
+        )
+    );
 
+    new_code(&mut function, "v3");
     let v3 = store
         .publish_version(&function, "v3", "alice", &["latest"])
         .await
         .unwrap();
-    let t3 = v3.created_at;
     assert_eq!(
-        store.get_alias(&function.id, "latest").await.unwrap(),
-        Some(alias(&function, "latest", 3, function.created_at, t3))
+        (v3.version.version, v3.moved),
+        (3, vec!["latest".to_string()])
     );
+    let latest3 = get_alias(store, &function, "latest").await;
+    assert_eq!((latest3.routing.clone(), latest3.revision), (single(3), 3));
+    assert_eq!(get_alias(store, &function, "prod").await, prod2);
+
+    // Unchanged: version 3 stands, and `latest` already routes to it alone, so no revision.
+    let again = store
+        .publish_version(&function, "again", "bob", &["latest"])
+        .await
+        .unwrap();
     assert_eq!(
-        store.get_alias(&function.id, "prod").await.unwrap(),
-        Some(alias(&function, "prod", 2, t2, t2))
+        (again.version.version, again.created, again.moved),
+        (3, false, vec![])
     );
+    assert_eq!(get_alias(store, &function, "latest").await, latest3);
+    assert_eq!(history(store, &function, "latest").await.total, 3);
 }
 
 async fn get_version_returns_the_saved_code(store: &dyn MetadataStore) {
@@ -612,7 +1023,8 @@ async fn get_version_returns_the_saved_code(store: &dyn MetadataStore) {
     let v2 = store
         .publish_version(&function, "big", "alice", &["latest"])
         .await
-        .unwrap();
+        .unwrap()
+        .version;
     let stored = store.get_version(&function.id, 2).await.unwrap().unwrap();
     assert_eq!(stored.code, function.code);
     assert_eq!(stored.code.hash(), function.config.code_hash);
@@ -639,14 +1051,10 @@ async fn get_version_returns_the_saved_code(store: &dyn MetadataStore) {
 }
 
 async fn list_versions_is_newest_first_without_code(store: &dyn MetadataStore) {
-    let (function, first) = create(store, "history").await;
+    let (mut function, first) = create(store, "history").await;
     let mut versions = vec![first];
     for n in 2..=4 {
-        let v = store
-            .publish_version(&function, &format!("v{n}"), "alice", &["latest"])
-            .await
-            .unwrap();
-        versions.push(v);
+        versions.push(publish_new(store, &mut function, &format!("v{n}"), &["latest"]).await);
     }
     let expect = |range: std::ops::Range<usize>| -> Vec<FunctionVersion> {
         range
@@ -671,31 +1079,35 @@ async fn list_versions_is_newest_first_without_code(store: &dyn MetadataStore) {
 async fn aliases_get_and_list(store: &dyn MetadataStore) {
     let (a, _) = create(store, "first").await;
     let (b, _) = create(store, "second").await;
-    let v2 = store
-        .publish_version(&b, "v2", "alice", &["staging", "beta"])
-        .await
-        .unwrap();
+    let staging = create_alias(store, &b, "staging", single(1)).await;
+    let beta = create_alias(store, &b, "beta", single(1)).await;
 
     assert_eq!(store.get_alias(&a.id, "staging").await.unwrap(), None);
     assert_eq!(store.get_alias("fn_unknown", "latest").await.unwrap(), None);
     assert_eq!(store.list_aliases("fn_unknown").await.unwrap(), vec![]);
     assert_eq!(
         store.list_aliases(&a.id).await.unwrap(),
-        vec![alias(&a, "latest", 1, a.created_at, a.created_at)]
+        vec![alias(
+            &a,
+            "latest",
+            single(1),
+            1,
+            a.created_at,
+            a.created_at
+        )]
     );
     // By name.
-    let t = v2.created_at;
     assert_eq!(
         store.list_aliases(&b.id).await.unwrap(),
         vec![
-            alias(&b, "beta", 2, t, t),
-            alias(&b, "latest", 1, b.created_at, b.created_at),
-            alias(&b, "staging", 2, t, t),
+            beta,
+            alias(&b, "latest", single(1), 1, b.created_at, b.created_at),
+            staging.clone(),
         ]
     );
     assert_eq!(
         store.get_alias(&b.id, "staging").await.unwrap(),
-        Some(alias(&b, "staging", 2, t, t))
+        Some(staging)
     );
 }
 
@@ -853,13 +1265,11 @@ async fn upsert_replaces_a_pending_record(store: &dyn MetadataStore) {
     );
 }
 
-async fn delete_cascades_to_versions_aliases_and_invocations(store: &dyn MetadataStore) {
-    let (doomed, _) = create(store, "doomed").await;
+async fn delete_cascades_to_versions_aliases_history_and_invocations(store: &dyn MetadataStore) {
+    let (mut doomed, _) = create(store, "doomed").await;
     let (kept, kept_v1) = create(store, "kept").await;
-    store
-        .publish_version(&doomed, "v2", "alice", &["latest", "prod"])
-        .await
-        .unwrap();
+    create_alias(store, &doomed, "prod", single(1)).await;
+    publish_new(store, &mut doomed, "v2", &["latest", "prod"]).await;
     let base = nimbus_core::now();
     let doomed_calls: Vec<Invocation> = (0..10).map(|i| invocation(&doomed, i, base)).collect();
     let kept_calls: Vec<Invocation> = (0..4).map(|i| invocation(&kept, i, base)).collect();
@@ -878,6 +1288,8 @@ async fn delete_cascades_to_versions_aliases_and_invocations(store: &dyn Metadat
     );
     assert_eq!(store.get_alias(&doomed.id, "prod").await.unwrap(), None);
     assert_eq!(store.list_aliases(&doomed.id).await.unwrap(), vec![]);
+    assert_eq!(history(store, &doomed, "prod").await, page(vec![], 0));
+    assert_eq!(history(store, &doomed, "latest").await, page(vec![], 0));
     assert_eq!(
         store
             .get_invocation(&doomed_calls[0].request_id)
@@ -902,6 +1314,7 @@ async fn delete_cascades_to_versions_aliases_and_invocations(store: &dyn Metadat
     );
     assert_eq!(store.get_version(&kept.id, 1).await.unwrap(), Some(kept_v1));
     assert_eq!(store.list_aliases(&kept.id).await.unwrap().len(), 1);
+    assert_eq!(history(store, &kept, "latest").await.total, 1);
     assert_eq!(
         store
             .list_invocations(&kept.id, &filter(None, 100))
@@ -915,20 +1328,719 @@ async fn delete_cascades_to_versions_aliases_and_invocations(store: &dyn Metadat
     );
 
     // The name is free again; the new function starts its own numbering at 1.
-    let (reborn, _) = create(store, "doomed").await;
-    let v2 = store
-        .publish_version(&reborn, "v2", "alice", &["latest"])
-        .await
-        .unwrap();
+    let (mut reborn, _) = create(store, "doomed").await;
+    let v2 = publish_new(store, &mut reborn, "v2", &["latest"]).await;
     assert_eq!(v2.version, 2);
 }
 
-async fn reopening_keeps_data_and_reapplies_nothing(store: &dyn MetadataStore, url: &str) {
-    let (function, first) = create(store, "durable").await;
-    let v2 = store
-        .publish_version(&function, "v2", "alice", &["latest"])
+// ---------------------------------------------------------------------------------------
+// Checks: aliases, their history, and deleting versions
+// ---------------------------------------------------------------------------------------
+
+async fn create_alias_returns_the_alias_as_stored(store: &dyn MetadataStore) {
+    let (mut function, _) = create(store, "aliased").await;
+    publish_new(store, &mut function, "v2", &[]).await;
+
+    let wanted = new_alias(&function, "prod", table(&[(1, 90), (2, 10)]), "production");
+    let before = nimbus_core::now();
+    let prod = store.create_alias(&wanted, "ops").await.unwrap();
+    // Revision and timestamps are set by the store, whatever the caller passed.
+    assert_set_since(prod.created_at, before);
+    assert_eq!(
+        prod,
+        FunctionAlias {
+            revision: 1,
+            created_at: prod.created_at,
+            updated_at: prod.created_at,
+            ..wanted
+        }
+    );
+    assert_eq!(
+        store.get_alias(&function.id, "prod").await.unwrap(),
+        Some(prod.clone())
+    );
+    assert_eq!(
+        store.list_aliases(&function.id).await.unwrap(),
+        vec![
+            alias(
+                &function,
+                "latest",
+                single(1),
+                1,
+                function.created_at,
+                function.created_at
+            ),
+            prod.clone(),
+        ]
+    );
+    assert_eq!(
+        history(store, &function, "prod").await,
+        page(
+            vec![entry(&prod, AliasAction::Create, None, None, "ops")],
+            1
+        )
+    );
+
+    // Normalizing the table is the caller's job: the store keeps the order it is given.
+    let unsorted = table(&[(2, 10), (1, 90)]);
+    create_alias(store, &function, "unsorted", unsorted.clone()).await;
+    assert_eq!(
+        get_alias(store, &function, "unsorted").await.routing,
+        unsorted
+    );
+}
+
+async fn create_alias_refuses_taken_names_missing_versions_and_unknown_functions(
+    store: &dyn MetadataStore,
+) {
+    let (mut function, _) = create(store, "picky").await;
+    publish_new(store, &mut function, "v2", &[]).await;
+    let prod = create_alias(store, &function, "prod", single(1)).await;
+
+    // A taken name, even with another table; `latest` is taken from the start.
+    for name in ["prod", "latest"] {
+        let again = new_alias(&function, name, single(2), "second");
+        match store.create_alias(&again, "mallory").await {
+            Err(StoreError::Conflict(message)) => {
+                assert_eq!(message, format!("alias {name:?} already exists"))
+            }
+            other => panic!("{name}: expected a conflict, got {other:?}"),
+        }
+    }
+    assert_eq!(get_alias(store, &function, "prod").await, prod);
+    assert_eq!(history(store, &function, "prod").await.total, 1);
+    assert_eq!(history(store, &function, "latest").await.total, 1);
+
+    // Versions that do not exist, listed in table order; existing ones are not named.
+    let cases = [
+        (single(7), vec![7], "version 7 does not exist"),
+        (
+            table(&[(7, 50), (9, 50)]),
+            vec![7, 9],
+            "versions 7, 9 do not exist",
+        ),
+        (
+            table(&[(1, 50), (3, 50)]),
+            vec![3],
+            "version 3 does not exist",
+        ),
+    ];
+    for (routing, missing, message) in cases {
+        let canary = new_alias(&function, "canary", routing, "");
+        let error = store.create_alias(&canary, "ops").await.unwrap_err();
+        assert_eq!(error.to_string(), message);
+        assert!(
+            matches!(&error, StoreError::MissingVersions(v) if *v == missing),
+            "{error:?}"
+        );
+    }
+    assert_eq!(store.get_alias(&function.id, "canary").await.unwrap(), None);
+    assert_eq!(history(store, &function, "canary").await, page(vec![], 0));
+
+    let orphan = FunctionAlias {
+        function_id: ids::function_id(),
+        ..new_alias(&function, "prod", single(1), "")
+    };
+    assert!(matches!(
+        store.create_alias(&orphan, "ops").await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn update_alias_sets_routing_description_or_both(store: &dyn MetadataStore) {
+    let (mut function, _) = create(store, "tuned").await;
+    publish_new(store, &mut function, "v2", &[]).await;
+    publish_new(store, &mut function, "v3", &[]).await;
+    let r1 = store
+        .create_alias(&new_alias(&function, "prod", single(1), "stable"), "ops")
         .await
         .unwrap();
+    let update = |change: AliasChange, by: &'static str| {
+        let id = function.id.clone();
+        async move { store.update_alias(&id, "prod", &change, by).await.unwrap() }
+    };
+
+    pause().await;
+    let r2 = update(change(Some(single(2)), None), "alice").await;
+    assert_eq!(
+        r2,
+        FunctionAlias {
+            routing: single(2),
+            revision: 2,
+            updated_at: r2.updated_at,
+            ..r1.clone()
+        }
+    );
+    assert!(r2.updated_at > r1.updated_at);
+
+    pause().await;
+    let r3 = update(change(None, Some("bumped")), "bob").await;
+    assert_eq!(
+        r3,
+        FunctionAlias {
+            description: "bumped".into(),
+            revision: 3,
+            updated_at: r3.updated_at,
+            ..r2.clone()
+        }
+    );
+    assert!(r3.updated_at > r2.updated_at);
+
+    pause().await;
+    let canary = table(&[(2, 80), (3, 20)]);
+    let r4 = update(change(Some(canary.clone()), Some("canary")), "carol").await;
+    assert_eq!(
+        r4,
+        FunctionAlias {
+            routing: canary,
+            description: "canary".into(),
+            revision: 4,
+            updated_at: r4.updated_at,
+            ..r3.clone()
+        }
+    );
+    assert!(r4.updated_at > r3.updated_at);
+    assert_eq!(r4.created_at, r1.created_at);
+
+    assert_eq!(get_alias(store, &function, "prod").await, r4);
+    use AliasAction::{Create, Update};
+    assert_eq!(
+        history(store, &function, "prod").await,
+        page(
+            vec![
+                entry(&r4, Update, Some(single(2)), None, "carol"),
+                entry(&r3, Update, Some(single(2)), None, "bob"),
+                entry(&r2, Update, Some(single(1)), None, "alice"),
+                entry(&r1, Create, None, None, "ops"),
+            ],
+            4
+        )
+    );
+}
+
+async fn update_alias_refuses_unknown_aliases_and_missing_versions(store: &dyn MetadataStore) {
+    let (mut function, _) = create(store, "guarded").await;
+    publish_new(store, &mut function, "v2", &[]).await;
+    let prod = create_alias(store, &function, "prod", single(1)).await;
+
+    match store
+        .update_alias(
+            &function.id,
+            "nope",
+            &change(Some(single(1)), None),
+            "alice",
+        )
+        .await
+    {
+        Err(error @ StoreError::AliasNotFound { .. }) => {
+            assert_eq!(error.to_string(), "alias \"nope\" not found")
+        }
+        other => panic!("expected AliasNotFound, got {other:?}"),
+    }
+    assert_eq!(store.get_alias(&function.id, "nope").await.unwrap(), None);
+
+    // The description is not applied either: the change is refused whole.
+    let broken = change(Some(table(&[(2, 50), (4, 50)])), Some("broken"));
+    match store
+        .update_alias(&function.id, "prod", &broken, "alice")
+        .await
+    {
+        Err(StoreError::MissingVersions(missing)) => assert_eq!(missing, vec![4]),
+        other => panic!("expected MissingVersions, got {other:?}"),
+    }
+    assert_eq!(get_alias(store, &function, "prod").await, prod);
+    assert_eq!(history(store, &function, "prod").await.total, 1);
+}
+
+async fn rollback_alias_restores_earlier_routings(store: &dyn MetadataStore) {
+    let (mut function, _) = create(store, "undoable").await;
+    publish_new(store, &mut function, "v2", &[]).await;
+    publish_new(store, &mut function, "v3", &[]).await;
+    let half = table(&[(2, 50), (3, 50)]);
+    let r1 = store
+        .create_alias(&new_alias(&function, "prod", single(1), "stable"), "ops")
+        .await
+        .unwrap();
+    let r2 = store
+        .update_alias(
+            &function.id,
+            "prod",
+            &change(Some(single(2)), None),
+            "alice",
+        )
+        .await
+        .unwrap();
+    let r3 = store
+        .update_alias(
+            &function.id,
+            "prod",
+            &change(Some(half.clone()), Some("half")),
+            "bob",
+        )
+        .await
+        .unwrap();
+    let rollback = |to: Option<u32>, by: &'static str| {
+        let id = function.id.clone();
+        async move { store.rollback_alias(&id, "prod", to, by).await.unwrap() }
+    };
+
+    // By default, the routing of the revision before the current one; the description
+    // stays as it is now.
+    let r4 = rollback(None, "carol").await;
+    assert_eq!(
+        r4,
+        FunctionAlias {
+            routing: single(2),
+            revision: 4,
+            updated_at: r4.updated_at,
+            ..r3.clone()
+        }
+    );
+    // Rolling back the rollback undoes it: revision 3's table again.
+    let r5 = rollback(None, "carol").await;
+    assert_eq!((r5.routing.clone(), r5.revision), (half.clone(), 5));
+    // An explicit revision, however far back.
+    let r6 = rollback(Some(1), "dave").await;
+    assert_eq!(
+        r6,
+        FunctionAlias {
+            routing: single(1),
+            revision: 6,
+            updated_at: r6.updated_at,
+            ..r5.clone()
+        }
+    );
+    assert_eq!(r6.description, "half");
+
+    assert_eq!(get_alias(store, &function, "prod").await, r6);
+    use AliasAction::{Create, Rollback, Update};
+    assert_eq!(
+        history(store, &function, "prod").await,
+        page(
+            vec![
+                entry(&r6, Rollback, Some(half.clone()), Some(1), "dave"),
+                entry(&r5, Rollback, Some(single(2)), Some(3), "carol"),
+                entry(&r4, Rollback, Some(half), Some(2), "carol"),
+                entry(&r3, Update, Some(single(2)), None, "bob"),
+                entry(&r2, Update, Some(single(1)), None, "alice"),
+                entry(&r1, Create, None, None, "ops"),
+            ],
+            6
+        )
+    );
+}
+
+async fn rollback_alias_refuses_what_it_cannot_do(store: &dyn MetadataStore) {
+    let (mut function, _) = create(store, "stubborn").await;
+    publish_new(store, &mut function, "v2", &[]).await;
+    create_alias(store, &function, "prod", single(1)).await;
+    let rollback = |name: &'static str, to: Option<u32>| {
+        let id = function.id.clone();
+        async move { store.rollback_alias(&id, name, to, "alice").await }
+    };
+
+    // Nothing before the creation.
+    match rollback("prod", None).await {
+        Err(StoreError::NothingToRollBack(message)) => assert_eq!(
+            message,
+            "alias \"prod\" has not changed since it was created; there is no earlier \
+             routing to restore"
+        ),
+        other => panic!("expected NothingToRollBack, got {other:?}"),
+    }
+
+    // Revision 1 routes as revision 2 does (only the description changed), and revision 2
+    // is the current one: nothing to restore either way.
+    let r2 = store
+        .update_alias(&function.id, "prod", &change(None, Some("renamed")), "bob")
+        .await
+        .unwrap();
+    for (to, revision) in [(None, 1), (Some(1), 1), (Some(2), 2)] {
+        match rollback("prod", to).await {
+            Err(StoreError::NothingToRollBack(message)) => assert_eq!(
+                message,
+                format!("alias \"prod\" already routes as it did at revision {revision}")
+            ),
+            other => panic!("{to:?}: expected NothingToRollBack, got {other:?}"),
+        }
+    }
+
+    for revision in [0, 3, 99] {
+        match rollback("prod", Some(revision)).await {
+            Err(error @ StoreError::RevisionNotFound { .. }) => assert_eq!(
+                error.to_string(),
+                format!("alias \"prod\" has no revision {revision}")
+            ),
+            other => panic!("{revision}: expected RevisionNotFound, got {other:?}"),
+        }
+    }
+
+    for to in [None, Some(1)] {
+        match rollback("nope", to).await {
+            Err(StoreError::AliasNotFound { alias }) => assert_eq!(alias, "nope"),
+            other => panic!("{to:?}: expected AliasNotFound, got {other:?}"),
+        }
+    }
+
+    // Nothing was written by any of the refusals.
+    assert_eq!(get_alias(store, &function, "prod").await, r2);
+    assert_eq!(history(store, &function, "prod").await.total, 2);
+}
+
+async fn rollback_to_a_deleted_version_is_refused(store: &dyn MetadataStore) {
+    let (mut function, _) = create(store, "pruned").await;
+    publish_new(store, &mut function, "v2", &[]).await;
+    // `latest` moves past 2, so once `prod` does too, no alias routes to 2.
+    publish_new(store, &mut function, "v3", &["latest"]).await;
+    create_alias(store, &function, "prod", single(2)).await;
+    let r2 = store
+        .update_alias(
+            &function.id,
+            "prod",
+            &change(Some(single(3)), None),
+            "alice",
+        )
+        .await
+        .unwrap();
+    assert!(store.delete_version(&function.id, 2).await.unwrap());
+
+    // Revision 1 routed to the deleted version 2.
+    for to in [None, Some(1)] {
+        match store.rollback_alias(&function.id, "prod", to, "bob").await {
+            Err(error @ StoreError::MissingVersions(_)) => {
+                assert_eq!(error.to_string(), "version 2 does not exist");
+                assert!(matches!(&error, StoreError::MissingVersions(v) if *v == [2]));
+            }
+            other => panic!("{to:?}: expected MissingVersions, got {other:?}"),
+        }
+    }
+    assert_eq!(get_alias(store, &function, "prod").await, r2);
+    assert_eq!(history(store, &function, "prod").await.total, 2);
+}
+
+async fn delete_alias_removes_it_with_its_history(store: &dyn MetadataStore) {
+    let (mut function, _) = create(store, "trimmed").await;
+    publish_new(store, &mut function, "v2", &[]).await;
+    create_alias(store, &function, "prod", single(1)).await;
+    store
+        .update_alias(
+            &function.id,
+            "prod",
+            &change(Some(single(2)), None),
+            "alice",
+        )
+        .await
+        .unwrap();
+    let latest = get_alias(store, &function, "latest").await;
+
+    assert!(store.delete_alias(&function.id, "prod").await.unwrap());
+    assert_eq!(store.get_alias(&function.id, "prod").await.unwrap(), None);
+    assert_eq!(
+        store.list_aliases(&function.id).await.unwrap(),
+        vec![latest]
+    );
+    assert_eq!(history(store, &function, "prod").await, page(vec![], 0));
+    assert!(!store.delete_alias(&function.id, "prod").await.unwrap());
+    assert!(!store.delete_alias(&function.id, "never").await.unwrap());
+    // Other aliases keep their history.
+    assert_eq!(history(store, &function, "latest").await.total, 1);
+
+    // Re-created, it starts over at revision 1 with a history of one entry.
+    let again = create_alias(store, &function, "prod", single(2)).await;
+    assert_eq!((again.revision, again.routing.clone()), (1, single(2)));
+    assert_eq!(
+        history(store, &function, "prod").await,
+        page(
+            vec![entry(&again, AliasAction::Create, None, None, "ops")],
+            1
+        )
+    );
+}
+
+async fn alias_history_pages_newest_first_per_function(store: &dyn MetadataStore) {
+    let (function, _) = create(store, "chronicle").await;
+    let (other, _) = create(store, "bystander").await;
+    let created = create_alias(store, &function, "prod", single(1)).await;
+    let mut entries = vec![entry(&created, AliasAction::Create, None, None, "ops")];
+    for n in 2..=5 {
+        let by = format!("user{n}");
+        let description = format!("change {n}");
+        let changed = store
+            .update_alias(&function.id, "prod", &change(None, Some(&description)), &by)
+            .await
+            .unwrap();
+        entries.push(entry(
+            &changed,
+            AliasAction::Update,
+            Some(single(1)),
+            None,
+            &by,
+        ));
+    }
+    entries.reverse();
+
+    let id = function.id.as_str();
+    let listed = |limit: u32, offset: u32| async move {
+        store
+            .alias_history(id, "prod", limit, offset)
+            .await
+            .unwrap()
+    };
+    assert_eq!(listed(2, 0).await, page(entries[0..2].to_vec(), 5));
+    assert_eq!(listed(2, 2).await, page(entries[2..4].to_vec(), 5));
+    assert_eq!(listed(2, 4).await, page(entries[4..].to_vec(), 5));
+    assert_eq!(listed(2, 10).await, page(vec![], 5));
+    // A limit of 0 means the default page size.
+    assert_eq!(listed(0, 0).await, page(entries.clone(), 5));
+
+    // Another function's alias of the same name has a history of its own.
+    let theirs = create_alias(store, &other, "prod", single(1)).await;
+    assert_eq!(
+        history(store, &other, "prod").await,
+        page(
+            vec![entry(&theirs, AliasAction::Create, None, None, "ops")],
+            1
+        )
+    );
+    assert_eq!(history(store, &function, "prod").await, page(entries, 5));
+
+    assert_eq!(history(store, &function, "nope").await, page(vec![], 0));
+    assert_eq!(
+        store
+            .alias_history("fn_unknown", "prod", 0, 0)
+            .await
+            .unwrap(),
+        page(vec![], 0)
+    );
+}
+
+async fn delete_version_refuses_versions_any_alias_names(store: &dyn MetadataStore) {
+    let (mut function, _) = create(store, "referenced").await;
+    publish_new(store, &mut function, "v2", &[]).await;
+    publish_new(store, &mut function, "v3", &["latest"]).await;
+    // Weight 0 still names version 1: `prod` could be shifted back to it at any time.
+    create_alias(store, &function, "prod", table(&[(1, 0), (2, 100)])).await;
+    create_alias(store, &function, "beta", single(1)).await;
+    create_alias(store, &function, "alpha", table(&[(1, 50), (3, 50)])).await;
+
+    assert!(!store.delete_version(&function.id, 9).await.unwrap());
+
+    // Every alias naming the version, by name.
+    let cases: [(u32, &[&str], &str); 3] = [
+        (
+            1,
+            &["alpha", "beta", "prod"],
+            "version 1 is routed by alias(es) alpha, beta, prod",
+        ),
+        (2, &["prod"], "version 2 is routed by alias(es) prod"),
+        (
+            3,
+            &["alpha", "latest"],
+            "version 3 is routed by alias(es) alpha, latest",
+        ),
+    ];
+    for (version, aliases, message) in cases {
+        let error = store
+            .delete_version(&function.id, version)
+            .await
+            .unwrap_err();
+        assert_eq!(error.to_string(), message);
+        match error {
+            StoreError::VersionInUse {
+                version: refused,
+                aliases: named,
+            } => assert_eq!(
+                (refused, named),
+                (version, aliases.iter().map(|a| a.to_string()).collect())
+            ),
+            other => panic!("{version}: expected VersionInUse, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        store
+            .list_versions(&function.id, 10, 0)
+            .await
+            .unwrap()
+            .total,
+        3
+    );
+
+    // Once `prod` routes to 2 only, version 1 is still named by alpha and beta; once they
+    // are gone it can be deleted.
+    store
+        .update_alias(
+            &function.id,
+            "prod",
+            &change(Some(single(2)), None),
+            "alice",
+        )
+        .await
+        .unwrap();
+    match store.delete_version(&function.id, 1).await {
+        Err(StoreError::VersionInUse { aliases, .. }) => assert_eq!(aliases, ["alpha", "beta"]),
+        other => panic!("expected VersionInUse, got {other:?}"),
+    }
+    assert!(store.delete_alias(&function.id, "alpha").await.unwrap());
+    assert!(store.delete_alias(&function.id, "beta").await.unwrap());
+    assert!(store.delete_version(&function.id, 1).await.unwrap());
+    assert_eq!(store.get_version(&function.id, 1).await.unwrap(), None);
+    let listed = store.list_versions(&function.id, 10, 0).await.unwrap();
+    let numbers: Vec<u32> = listed.items.iter().map(|v| v.version).collect();
+    assert_eq!((numbers, listed.total), (vec![3, 2], 2));
+    assert!(!store.delete_version(&function.id, 1).await.unwrap());
+    // A deleted version cannot be routed to again.
+    let revived = new_alias(&function, "revived", single(1), "");
+    match store.create_alias(&revived, "ops").await {
+        Err(StoreError::MissingVersions(missing)) => assert_eq!(missing, vec![1]),
+        other => panic!("expected MissingVersions, got {other:?}"),
+    }
+}
+
+async fn deleted_version_numbers_are_never_reused(store: &dyn MetadataStore) {
+    let (mut function, _) = create(store, "renumbered").await;
+    publish_new(store, &mut function, "v2", &["latest"]).await;
+    publish_new(store, &mut function, "v3", &[]).await;
+
+    // The highest number, routed by no alias.
+    assert!(store.delete_version(&function.id, 3).await.unwrap());
+    assert_eq!(store.get_version(&function.id, 3).await.unwrap(), None);
+    let listed = store.list_versions(&function.id, 10, 0).await.unwrap();
+    let numbers: Vec<u32> = listed.items.iter().map(|v| v.version).collect();
+    assert_eq!((numbers, listed.total), (vec![2, 1], 2));
+
+    // The draft is still version 3's, which differs from version 2, now the newest: the
+    // publish adds a version, numbered after the deleted one.
+    let republished = store
+        .publish_version(&function, "again", "alice", &["latest"])
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            republished.version.version,
+            republished.created,
+            republished.moved
+        ),
+        (4, true, vec!["latest".to_string()])
+    );
+    assert_eq!(republished.version.config, function.config);
+    assert_eq!(
+        store
+            .get_function(&function.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .latest_version,
+        4
+    );
+    let v5 = publish_new(store, &mut function, "v5", &[]).await;
+    assert_eq!(v5.version, 5);
+}
+
+async fn concurrent_alias_updates_get_consecutive_revisions(store: &dyn MetadataStore) {
+    let (mut function, _) = create(store, "contended").await;
+    publish_new(store, &mut function, "v2", &[]).await;
+    create_alias(store, &function, "prod", single(1)).await;
+
+    // Writers alternate between two tables, so each entry's previous routing shows which
+    // state the writer saw.
+    let updates = (0..20u32).map(|i| {
+        let id = function.id.clone();
+        let routing = single(1 + i % 2);
+        async move {
+            let change = change(Some(routing), Some(&format!("writer {i}")));
+            store
+                .update_alias(&id, "prod", &change, &format!("writer{i}"))
+                .await
+                .expect("concurrent update")
+        }
+    });
+    let results = futures::future::join_all(updates).await;
+    let mut revisions: Vec<u32> = results.iter().map(|a| a.revision).collect();
+    revisions.sort_unstable();
+    assert_eq!(revisions, (2..=21).collect::<Vec<_>>());
+
+    let listed = history(store, &function, "prod").await;
+    assert_eq!(listed.total, 21);
+    let numbers: Vec<u32> = listed.items.iter().map(|r| r.revision).collect();
+    assert_eq!(numbers, (1..=21).rev().collect::<Vec<_>>());
+    // Each change saw the one before it.
+    for pair in listed.items.windows(2) {
+        assert_eq!(
+            pair[0].previous_routing.as_ref(),
+            Some(&pair[1].routing),
+            "revision {}",
+            pair[0].revision
+        );
+    }
+    // What each writer got back is what its history entry records.
+    for (i, changed) in results.iter().enumerate() {
+        let recorded = &listed.items[21 - changed.revision as usize];
+        assert_eq!(
+            recorded,
+            &entry(
+                changed,
+                AliasAction::Update,
+                recorded.previous_routing.clone(),
+                None,
+                &format!("writer{i}")
+            )
+        );
+        assert_eq!(changed.description, format!("writer {i}"));
+    }
+    let last = results.iter().find(|a| a.revision == 21).unwrap();
+    assert_eq!(&get_alias(store, &function, "prod").await, last);
+}
+
+async fn deleting_a_version_never_strands_an_alias(store: &dyn MetadataStore) {
+    for round in 0..10 {
+        let (mut function, _) = create(store, &format!("race-{round}")).await;
+        publish_new(store, &mut function, "v2", &[]).await;
+        create_alias(store, &function, "prod", single(1)).await;
+
+        let to_two = change(Some(single(2)), None);
+        let (deleted, updated) = tokio::join!(
+            store.delete_version(&function.id, 2),
+            store.update_alias(&function.id, "prod", &to_two, "alice"),
+        );
+        match (deleted, updated) {
+            // The delete went first; the update found version 2 gone.
+            (Ok(true), Err(StoreError::MissingVersions(missing))) => {
+                assert_eq!(missing, vec![2], "round {round}");
+                assert_eq!(get_alias(store, &function, "prod").await.routing, single(1));
+            }
+            // The update went first; the delete found `prod` routing to 2.
+            (Err(StoreError::VersionInUse { version, aliases }), Ok(prod)) => {
+                assert_eq!((version, aliases), (2, vec!["prod".to_string()]));
+                assert_eq!(prod.routing, single(2));
+            }
+            other => panic!("round {round}: {other:?}"),
+        }
+        // Whatever the order: version 2 exists, or no alias names it.
+        let exists = store.get_version(&function.id, 2).await.unwrap().is_some();
+        let named: Vec<String> = store
+            .list_aliases(&function.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|a| a.routing.versions().any(|v| v == 2))
+            .map(|a| a.name)
+            .collect();
+        assert!(
+            exists || named.is_empty(),
+            "round {round}: {named:?} route to deleted version 2"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Checks on the database itself (with its URL)
+// ---------------------------------------------------------------------------------------
+
+async fn reopening_keeps_data_and_reapplies_nothing(store: &dyn MetadataStore, url: &str) {
+    let (mut function, first) = create(store, "durable").await;
+    let v2 = publish_new(store, &mut function, "v2", &["latest"]).await;
+    let latest_history = history(store, &function, "latest").await;
+    assert_eq!(latest_history.total, 2);
 
     let reopened = nimbus_store::open(url).await.expect("reopen");
     assert_eq!(reopened.backend(), store.backend());
@@ -948,13 +2060,21 @@ async fn reopening_keeps_data_and_reapplies_nothing(store: &dyn MetadataStore, u
         reopened.get_version(&function.id, 2).await.unwrap(),
         Some(v2)
     );
+    assert_eq!(
+        reopened
+            .alias_history(&function.id, "latest", 0, 0)
+            .await
+            .unwrap(),
+        latest_history
+    );
 
     let mut conn = raw_connection(url).await;
     let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    assert_eq!(applied, 1);
+    // 0001_init and 0002_alias_history, each once.
+    assert_eq!(applied, 2);
 }
 
 async fn corrupt_rows_are_reported_as_corrupt(store: &dyn MetadataStore, url: &str) {
@@ -998,6 +2118,30 @@ async fn corrupt_rows_are_reported_as_corrupt(store: &dyn MetadataStore, url: &s
     expect_corrupt_result(
         store.get_alias(&function.id, "latest").await.map(drop),
         "routing_config",
+    );
+    tamper(
+        &mut conn,
+        "UPDATE function_aliases SET routing_config = '{\"weights\":[]}', revision = -1 \
+         WHERE function_id = $1",
+        &function.id,
+    )
+    .await;
+    expect_corrupt_result(
+        store.get_alias(&function.id, "latest").await.map(drop),
+        "revision",
+    );
+    tamper(
+        &mut conn,
+        "UPDATE alias_history SET action = 'renamed' WHERE function_id = $1",
+        &function.id,
+    )
+    .await;
+    expect_corrupt_result(
+        store
+            .alias_history(&function.id, "latest", 10, 0)
+            .await
+            .map(drop),
+        "action",
     );
 
     tamper(
@@ -1098,11 +2242,8 @@ async fn sqlite_creates_the_file_and_its_directory_in_wal_mode() {
 #[tokio::test]
 async fn sqlite_in_memory_works() {
     let store = nimbus_store::open("sqlite::memory:").await.unwrap();
-    let (function, _) = create(&*store, "ephemeral").await;
-    store
-        .publish_version(&function, "v2", "alice", &["latest"])
-        .await
-        .unwrap();
+    let (mut function, _) = create(&*store, "ephemeral").await;
+    publish_new(&*store, &mut function, "v2", &["latest"]).await;
     assert_eq!(
         store
             .list_versions(&function.id, 10, 0)

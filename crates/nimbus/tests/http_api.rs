@@ -476,7 +476,13 @@ async fn metrics_and_ops_endpoints() {
         .json()
         .await
         .unwrap();
-    assert!(openapi["paths"]["/functions/{id}/invoke"].is_object());
+    for path in [
+        "/functions/{id}/invoke",
+        "/functions/{id}/versions/{n}",
+        "/functions/{id}/aliases/{name}/rollback",
+    ] {
+        assert!(openapi["paths"][path].is_object(), "{path} undocumented");
+    }
     let r = s.http.get(format!("{}/nope", s.base)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     assert_eq!(
