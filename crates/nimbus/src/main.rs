@@ -27,6 +27,12 @@ enum Command {
     /// List, show and delete functions.
     #[command(name = "fn")]
     Fn(client::functions::FnArgs),
+    /// Publish, list, show and delete a function's immutable versions.
+    Version(client::versions::VersionArgs),
+    /// Manage aliases: named routes to one version or a weighted split (canary releases).
+    Alias(client::aliases::AliasArgs),
+    /// Undo an alias's last change, or route it entirely to one version with --to.
+    Rollback(client::aliases::RollbackArgs),
     /// Invoke a function and print what it returned.
     Invoke(client::invoke::InvokeArgs),
     /// List a function's recent invocations, or show one (`inv_…`) with its logs.
@@ -53,9 +59,22 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Server(args) => return server::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Deploy(args) => client::deploy::run(args).await,
         Command::Fn(args) => client::functions::run(args).await,
+        Command::Version(args) => client::versions::run(args).await,
+        Command::Alias(args) => client::aliases::run(args).await,
+        Command::Rollback(args) => client::aliases::run_rollback(args).await,
         Command::Invoke(args) => client::invoke::run_invoke(args).await,
         Command::Invocations(args) => client::invoke::run_invocations(args).await,
         Command::Bench(args) => bench::run(args).await,
     };
     Ok(client::finish(result))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -354,3 +354,219 @@ fn bench_smoke_run_reports_sane_numbers() {
         "{report}"
     );
 }
+
+/// The line of `text` whose first word is `first`.
+fn line_starting<'a>(text: &'a str, first: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(first))
+        .unwrap_or_else(|| panic!("no line starting with {first:?} in:\n{text}"))
+}
+
+#[test]
+fn versions_aliases_and_a_canary_rollout() {
+    let server = Server::start();
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("shop.py");
+    let file = file.to_str().unwrap();
+    let code = |tag: &str| {
+        std::fs::write(file, format!("def handle(event):\n    return \"{tag}\"\n")).unwrap()
+    };
+    let invoke = |args: &[&str]| -> String {
+        let out = server.run(&[&["invoke", "shop"], args].concat());
+        assert!(out.status.success(), "{}", describe(&out));
+        json(&String::from_utf8_lossy(&out.stdout))
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+
+    code("v1");
+    server.ok(&["deploy", file, "--name", "shop"]);
+
+    // Staged code becomes version 2 on publish; publishing again changes nothing.
+    code("v2");
+    let out = server.ok(&["deploy", file, "--name", "shop", "--no-publish"]);
+    assert!(out.contains("staged"), "{out}");
+    let out = server.ok(&["version", "publish", "shop", "--description", "second"]);
+    assert_eq!(out, "published shop version 2 (latest → 2)\n");
+    let out = server.ok(&["version", "publish", "shop"]);
+    assert_eq!(
+        out,
+        "shop: nothing changed since version 2; no new version published (latest → 2)\n"
+    );
+
+    let list = server.ok(&["version", "list", "shop"]);
+    assert!(
+        list.starts_with("VERSION  CREATED") && list.lines().count() == 3,
+        "{list}"
+    );
+    let page = json(&server.ok(&["version", "list", "shop", "--output", "json"]));
+    assert_eq!(page["total"], 2);
+    let hash = page["versions"][0]["code_hash"].as_str().unwrap();
+    let newest = line_starting(&list, "2");
+    assert!(
+        newest.contains(&hash[7..19])
+            && !newest.contains(&hash[7..20])
+            && newest.contains("latest")
+            && newest.ends_with("second"),
+        "{list}"
+    );
+    assert!(line_starting(&list, "1").contains("  -  "), "{list}");
+    let v1 = server.ok(&["version", "get", "shop", "1", "--code"]);
+    assert_eq!(line_starting(&v1, "version:"), "version:     1", "{v1}");
+    assert!(
+        v1.contains("\n==> handler.py <==\ndef handle(event):\n    return \"v1\"\n"),
+        "{v1}"
+    );
+
+    // A canary: prod on version 1, then 10% of its traffic to version 2.
+    let out = server.ok(&[
+        "alias",
+        "create",
+        "shop",
+        "prod",
+        "--version",
+        "1",
+        "--description",
+        "production",
+    ]);
+    assert!(
+        out.starts_with("created alias prod of shop (revision 1)\n")
+            && out.contains("\n1        100%    "),
+        "{out}"
+    );
+    let out = server.ok(&["alias", "set", "shop", "prod", "--weights", "1=90, 2=10"]);
+    assert!(
+        out.starts_with("updated alias prod (revision 2)\n"),
+        "{out}"
+    );
+    let details = server.ok(&["alias", "get", "shop", "prod"]);
+    let split = format!(
+        "VERSION  WEIGHT  SPLIT\n1        90%     {}\n2        10%     █████\n",
+        "█".repeat(45)
+    );
+    assert!(details.ends_with(&split), "{details}");
+    assert_eq!(
+        line_starting(&details, "description:"),
+        "description: production"
+    );
+    let aliases = server.ok(&["alias", "list", "shop"]);
+    assert!(
+        line_starting(&aliases, "prod").contains("v1 90% · v2 10%")
+            && line_starting(&aliases, "latest").contains("v2 100%"),
+        "{aliases}"
+    );
+    let alias = json(&server.ok(&["alias", "get", "shop", "prod", "--output", "json"]));
+    assert_eq!(
+        alias["routing_config"],
+        serde_json::json!({"weights": [{"version": 1, "weight": 90}, {"version": 2, "weight": 10}]})
+    );
+    for _ in 0..5 {
+        let tag = invoke(&["--alias", "prod"]);
+        assert!(tag == "v1" || tag == "v2", "{tag}");
+    }
+    // A session stays on one version while the weights stand.
+    let first = invoke(&["--alias", "prod", "--session", "cart-7"]);
+    for _ in 0..3 {
+        assert_eq!(invoke(&["--alias", "prod", "--session", "cart-7"]), first);
+    }
+
+    // Routed versions cannot be deleted; the server's validation messages come through.
+    let err = server.fails(&["version", "delete", "shop", "2"]);
+    assert!(
+        err.contains("prod") && err.contains("(version_in_use)"),
+        "{err}"
+    );
+    let err = server.fails(&["alias", "set", "shop", "prod", "--weights", "1=60,2=30"]);
+    assert!(
+        err.contains("sum to 90") && err.contains("(validation_error)"),
+        "{err}"
+    );
+    let err = server.fails(&["alias", "set", "shop", "prod", "--weights", "1=50,9=50"]);
+    assert!(
+        err.contains('9') && err.contains("(validation_error)"),
+        "{err}"
+    );
+    let out = server.run(&["alias", "set", "shop", "prod", "--weights", "1:100"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(r#""1:100" is not VERSION=WEIGHT"#), "{err}");
+
+    // The one-liner sends everything to version 2.
+    let out = server.ok(&["rollback", "shop", "--alias", "prod", "--to", "2"]);
+    assert!(
+        out.starts_with("prod of shop now routes all traffic to version 2 (revision 3)\n"),
+        "{out}"
+    );
+    assert_eq!(invoke(&["--alias", "prod"]), "v2");
+
+    let history = server.ok(&["alias", "history", "shop", "prod"]);
+    let newest = line_starting(&history, "3");
+    assert!(
+        newest.contains(" update  v2 100%  ") && newest.ends_with("  v1 90% · v2 10%"),
+        "{history}"
+    );
+    assert!(
+        line_starting(&history, "1").contains(" create ")
+            && line_starting(&history, "1").ends_with("  -"),
+        "{history}"
+    );
+
+    // Undo the last change, then go back to the first routing.
+    let out = server.ok(&["alias", "rollback", "shop", "prod"]);
+    assert!(
+        out.starts_with("prod rolled back to revision 2 (now revision 4)\n")
+            && out.ends_with(&split),
+        "{out}"
+    );
+    let rolled = json(&server.ok(&[
+        "alias",
+        "rollback",
+        "shop",
+        "prod",
+        "--to-revision",
+        "1",
+        "--output",
+        "json",
+    ]));
+    assert_eq!(rolled["restored_revision"], 1);
+    assert_eq!(rolled["revision"], 5);
+    let history = server.ok(&["alias", "history", "shop", "prod"]);
+    assert!(
+        line_starting(&history, "5").contains(" rollback to r1 "),
+        "{history}"
+    );
+    let page = json(&server.ok(&["alias", "history", "shop", "prod", "--output", "json"]));
+    assert_eq!(page["total"], 5);
+
+    // `nimbus rollback` without --to undoes the publish that moved latest.
+    let out = server.ok(&["rollback", "shop"]);
+    assert!(out.starts_with("latest rolled back to revision 1"), "{out}");
+    assert_eq!(invoke(&[]), "v1");
+
+    // Publishing with --alias moves that alias too; version 2 is then unrouted.
+    code("v3");
+    server.ok(&["deploy", file, "--name", "shop", "--no-publish"]);
+    let out = server.ok(&["version", "publish", "shop", "--alias", "prod"]);
+    assert_eq!(out, "published shop version 3 (latest → 3, prod → 3)\n");
+    assert_eq!(invoke(&["--alias", "prod"]), "v3");
+    let out = server.ok(&["version", "delete", "shop", "2"]);
+    assert_eq!(out, "deleted shop version 2\n");
+    let err = server.fails(&["version", "get", "shop", "2"]);
+    assert!(err.contains("(version_not_found)"), "{err}");
+    let page = json(&server.ok(&["version", "list", "shop", "--output", "json"]));
+    let numbers: Vec<u64> = page["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, [3, 1]);
+
+    let err = server.fails(&["alias", "delete", "shop", "latest"]);
+    assert!(err.contains("(alias_protected)"), "{err}");
+    let out = server.ok(&["alias", "delete", "shop", "prod"]);
+    assert_eq!(out, "deleted alias prod of shop\n");
+    let err = server.fails(&["alias", "get", "shop", "prod"]);
+    assert!(err.contains("(alias_not_found)"), "{err}");
+}

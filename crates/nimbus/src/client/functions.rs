@@ -3,11 +3,10 @@
 use std::io::{BufRead, IsTerminal, Write};
 
 use clap::{Args, Subcommand};
-use reqwest::Method;
 use serde_json::Value;
 
 use super::http::segment;
-use super::table::{details, Table};
+use super::table::{details, page_note, Table};
 use super::{print_json, text, CliError, Client, Connection, Output};
 
 /// `nimbus fn …`.
@@ -87,14 +86,8 @@ pub async fn run(args: FnArgs) -> Result<(), CliError> {
                 ));
             }
             let deleted = client
-                .send(
-                    Method::DELETE,
-                    &format!("/functions/{}", segment(&function)),
-                    &[],
-                    None,
-                )
-                .await?
-                .into_result()?;
+                .delete(&format!("/functions/{}", segment(&function)))
+                .await?;
             if json {
                 print_json(&deleted);
             } else {
@@ -154,11 +147,8 @@ fn list_table(page: &Value) {
     } else {
         print!("{}", table.render());
     }
-    let offset = page["offset"].as_u64().unwrap_or(0);
-    let total = page["total"].as_u64().unwrap_or(0);
-    let shown = functions.len() as u64;
-    if shown > 0 && shown < total {
-        eprintln!("showing {}–{} of {total}", offset + 1, offset + shown);
+    if let Some(note) = page_note(page, functions.len()) {
+        eprintln!("{note}");
     }
 }
 

@@ -186,11 +186,26 @@ impl Client {
             .into_result()
     }
 
-    /// A request with a JSON body, returning the body of a successful answer.
-    pub async fn call(&self, method: Method, path: &str, body: &Value) -> Result<Value, CliError> {
+    /// A request with a JSON body, returning whatever the server answered.
+    pub async fn send_json(
+        &self,
+        method: Method,
+        path: &str,
+        body: &Value,
+    ) -> Result<Reply, CliError> {
         let bytes = serde_json::to_vec(body)
             .map_err(|e| CliError::Usage(format!("encoding the request: {e}")))?;
-        self.send(method, path, &[], Some(bytes))
+        self.send(method, path, &[], Some(bytes)).await
+    }
+
+    /// A request with a JSON body, returning the body of a successful answer.
+    pub async fn call(&self, method: Method, path: &str, body: &Value) -> Result<Value, CliError> {
+        self.send_json(method, path, body).await?.into_result()
+    }
+
+    /// `DELETE` returning the body of a successful answer.
+    pub async fn delete(&self, path: &str) -> Result<Value, CliError> {
+        self.send(Method::DELETE, path, &[], None)
             .await?
             .into_result()
     }

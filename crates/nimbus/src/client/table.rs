@@ -75,6 +75,16 @@ pub fn details<K: AsRef<str>>(pairs: &[(K, String)]) -> String {
     out
 }
 
+/// `showing 21–40 of 57` when a page (`{"total","offset",…}`) of which `shown` items are
+/// printed leaves some out; `None` when everything is shown.
+pub fn page_note(page: &serde_json::Value, shown: usize) -> Option<String> {
+    let offset = page["offset"].as_u64().unwrap_or(0);
+    let total = page["total"].as_u64().unwrap_or(0);
+    let shown = shown as u64;
+    (shown > 0 && shown < total)
+        .then(|| format!("showing {}–{} of {total}", offset + 1, offset + shown))
+}
+
 /// One line of at most [`MAX_CELL_CHARS`] characters: control characters become spaces.
 fn clean(cell: &str) -> String {
     let flat: String = cell
@@ -121,6 +131,15 @@ mod tests {
             "{text}"
         );
         assert!(Table::new(&["a"]).is_empty());
+    }
+
+    #[test]
+    fn page_notes_appear_only_for_partial_pages() {
+        let page = serde_json::json!({"total": 57, "offset": 20, "limit": 20});
+        assert_eq!(page_note(&page, 20).as_deref(), Some("showing 21–40 of 57"));
+        let all = serde_json::json!({"total": 3, "offset": 0, "limit": 20});
+        assert_eq!(page_note(&all, 3), None);
+        assert_eq!(page_note(&page, 0), None);
     }
 
     #[test]
