@@ -121,12 +121,20 @@ impl Engine {
             description: patch.description,
         };
         let function = self.get_function(reference).await?;
+        let before = self
+            .store
+            .get_alias(&function.id, name)
+            .await?
+            .ok_or_else(|| alias_not_found(&function, name))?;
         let updated = self
             .store
             .update_alias(&function.id, name, &change, actor)
             .await
             .map_err(|e| in_alias(e, &function, name))?;
-        self.alias_changed(&function, &updated, "update");
+        // A change to what is already there writes no revision and counts as none.
+        if updated.revision != before.revision {
+            self.alias_changed(&function, &updated, "update");
+        }
         Ok(updated)
     }
 

@@ -226,7 +226,7 @@ pub trait MetadataStore: Send + Sync + 'static {
     ) -> StoreResult<FunctionAlias>;
 
     /// Applies `change` to an alias as its next revision (an `update` in its history) and
-    /// returns the alias as it is now. `AliasNotFound`, `MissingVersions` as above,
+    /// returns the alias as it is now; a change that changes nothing writes no revision. `AliasNotFound`, `MissingVersions` as above,
     /// `NotFound` if the function does not exist.
     async fn update_alias(
         &self,

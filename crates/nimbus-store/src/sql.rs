@@ -838,6 +838,10 @@ impl MetadataStore for SqlStore {
             .description
             .clone()
             .unwrap_or_else(|| current.description.clone());
+        if routing == current.routing && description == current.description {
+            // Nothing changes: no revision, so the history lists only real changes.
+            return Ok(current);
+        }
         let change = NextRevision {
             routing,
             description,

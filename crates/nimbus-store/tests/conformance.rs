@@ -1502,6 +1502,14 @@ async fn update_alias_sets_routing_description_or_both(store: &dyn MetadataStore
     assert!(r4.updated_at > r3.updated_at);
     assert_eq!(r4.created_at, r1.created_at);
 
+    // Setting what is already there changes nothing and writes no revision.
+    let same = update(
+        change(Some(table(&[(2, 80), (3, 20)])), Some("canary")),
+        "dave",
+    )
+    .await;
+    assert_eq!(same, r4);
+
     assert_eq!(get_alias(store, &function, "prod").await, r4);
     use AliasAction::{Create, Update};
     assert_eq!(
