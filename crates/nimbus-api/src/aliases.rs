@@ -72,25 +72,26 @@ pub async fn history(
 ) -> ApiResult<Json<Value>> {
     let page = state
         .engine
-        .alias_history(&id, &name, paging.limit(), paging.offset)
+        .alias_history(&id, &name, paging.limit(), paging.offset())
         .await?;
     let history: Vec<Value> = page.items.iter().map(views::alias_revision).collect();
     Ok(Json(paging.page("history", history, page.total)))
 }
 
-/// `POST /functions/{id}/aliases/{name}/rollback` (`{"to_revision"?}`): the alias as it is
-/// now, plus `restored_revision`.
+/// `POST /functions/{id}/aliases/{name}/rollback` (`{"to_revision"?, "to_version"?,
+/// "expected_revision"?}`): the alias as it is now, plus `restored_revision` (null for a
+/// rollback to a version).
 pub async fn rollback(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path((id, name)): Path<(String, String)>,
     ApiJsonOrDefault(req): ApiJsonOrDefault<RollbackRequest>,
 ) -> ApiResult<Json<Value>> {
-    let (alias, restored) = state
+    let rolled_back = state
         .engine
         .rollback_alias(&id, &name, req, &caller.0)
         .await?;
-    let mut body = views::alias(&alias);
-    body["restored_revision"] = json!(restored);
+    let mut body = views::alias(&rolled_back.alias);
+    body["restored_revision"] = json!(rolled_back.restored_revision);
     Ok(Json(body))
 }

@@ -84,9 +84,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
 pub struct Paging {
     #[serde(default = "default_limit")]
     limit: u32,
-    /// Items skipped first.
     #[serde(default)]
-    pub offset: u32,
+    offset: u32,
 }
 
 fn default_limit() -> u32 {
@@ -97,6 +96,11 @@ impl Paging {
     /// The page size asked for, within 1–1000.
     pub fn limit(&self) -> u32 {
         self.limit.clamp(1, 1000)
+    }
+
+    /// Items skipped first.
+    pub fn offset(&self) -> u32 {
+        self.offset
     }
 
     /// `{"<key>": items, "total", "limit", "offset"}`.

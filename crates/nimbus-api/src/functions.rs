@@ -30,7 +30,7 @@ pub async fn list(
 ) -> ApiResult<Json<Value>> {
     let page = state
         .engine
-        .list_functions(paging.limit(), paging.offset)
+        .list_functions(paging.limit(), paging.offset())
         .await?;
     let functions: Vec<Value> = page.items.iter().map(views::function).collect();
     Ok(Json(paging.page("functions", functions, page.total)))

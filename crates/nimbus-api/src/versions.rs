@@ -20,8 +20,10 @@ pub async fn publish(
     ApiJsonOrDefault(req): ApiJsonOrDefault<PublishRequest>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let published = state.engine.publish_version(&id, req, &caller.0).await?;
-    let function = state.engine.get_function(&id).await?;
-    let aliases = state.engine.aliases_of(&function).await?;
+    let aliases = state
+        .engine
+        .aliases_of(&published.version.function_id)
+        .await?;
     let mut body = views::version_with_code(&published.version, &aliases, false);
     body["created"] = json!(published.created);
     let status = if published.created {
@@ -41,9 +43,9 @@ pub async fn list(
     let function = state.engine.get_function(&id).await?;
     let page = state
         .engine
-        .list_versions(&function.id, paging.limit(), paging.offset)
+        .list_versions(&function.id, paging.limit(), paging.offset())
         .await?;
-    let aliases = state.engine.aliases_of(&function).await?;
+    let aliases = state.engine.aliases_of(&function.id).await?;
     let versions: Vec<Value> = page
         .items
         .iter()
@@ -60,7 +62,7 @@ pub async fn get(
     let number = version_number(&n)?;
     let function = state.engine.get_function(&id).await?;
     let version = state.engine.get_version(&function.id, number).await?;
-    let aliases = state.engine.aliases_of(&function).await?;
+    let aliases = state.engine.aliases_of(&function.id).await?;
     Ok(Json(views::version_with_code(&version, &aliases, true)))
 }
 

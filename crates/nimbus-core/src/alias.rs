@@ -113,13 +113,6 @@ impl RoutingConfig {
         // Only reachable for bucket >= 100; validated tables always sum to 100.
         self.weights.last().map(|w| w.version).unwrap_or(0)
     }
-
-    /// Whether the table sends any traffic to `version`.
-    pub fn routes_to(&self, version: u32) -> bool {
-        self.weights
-            .iter()
-            .any(|w| w.version == version && w.weight > 0)
-    }
 }
 
 /// A named routing table of a function.
@@ -219,7 +212,6 @@ mod tests {
         assert_eq!(t.version_for_bucket(99), 3);
         let counts = (0..100).filter(|&b| t.version_for_bucket(b) == 3).count();
         assert_eq!(counts, 10);
-        assert!(t.routes_to(3) && !t.routes_to(4));
         table(&[(1, 0), (2, 100)]).validate().unwrap();
     }
 

@@ -9,8 +9,10 @@
 
 use nimbus_core::alias::validate_alias_name;
 use nimbus_core::function::validate_description;
-use nimbus_core::{AliasRevision, Function, FunctionAlias, RoutingConfig, LATEST_ALIAS};
-use nimbus_store::{AliasChange, Page, StoreError};
+use nimbus_core::{
+    AliasRevision, Function, FunctionAlias, RoutingConfig, ValidationError, LATEST_ALIAS,
+};
+use nimbus_store::{AliasChange, Page, RollbackTarget, StoreError};
 use serde::Deserialize;
 
 use crate::error::{EngineError, EngineResult};
@@ -29,7 +31,7 @@ pub struct NewAlias {
     pub routing_config: RoutingConfig,
 }
 
-/// Body of `PUT /functions/{id}/aliases/{name}`: at least one field.
+/// Body of `PUT /functions/{id}/aliases/{name}`: a routing table and/or a description.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AliasPatch {
@@ -37,14 +39,29 @@ pub struct AliasPatch {
     pub routing_config: Option<RoutingConfig>,
     /// New description.
     pub description: Option<String>,
+    /// Apply only if the alias is still at this revision (409 `revision_mismatch`).
+    pub expected_revision: Option<u32>,
 }
 
-/// Body of `POST /functions/{id}/aliases/{name}/rollback`.
+/// Body of `POST /functions/{id}/aliases/{name}/rollback`: at most one target.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackRequest {
-    /// Revision whose routing to restore (default: the one before the current).
+    /// Revision whose routing to restore.
     pub to_revision: Option<u32>,
+    /// Version to send all traffic to.
+    pub to_version: Option<u32>,
+    /// Apply only if the alias is still at this revision (409 `revision_mismatch`).
+    pub expected_revision: Option<u32>,
+}
+
+/// What a rollback did.
+#[derive(Debug)]
+pub struct RolledBack {
+    /// The alias as it is now.
+    pub alias: FunctionAlias,
+    /// The revision whose routing was restored (none for a rollback to a version).
+    pub restored_revision: Option<u32>,
 }
 
 impl Engine {
@@ -88,7 +105,7 @@ impl Engine {
     /// A function's aliases, by name.
     pub async fn list_aliases(&self, reference: &str) -> EngineResult<Vec<FunctionAlias>> {
         let function = self.get_function(reference).await?;
-        self.aliases_of(&function).await
+        self.aliases_of(&function.id).await
     }
 
     /// One alias.
@@ -97,10 +114,11 @@ impl Engine {
         self.store
             .get_alias(&function.id, name)
             .await?
-            .ok_or_else(|| alias_not_found(&function, name))
+            .ok_or_else(|| EngineError::alias_not_found(&function.name, name))
     }
 
-    /// Changes an alias's routing and/or description.
+    /// Changes an alias's routing and/or description. A change that changes nothing
+    /// writes no revision.
     pub async fn update_alias(
         &self,
         reference: &str,
@@ -119,60 +137,69 @@ impl Engine {
         let change = AliasChange {
             routing: patch.routing_config.map(checked).transpose()?,
             description: patch.description,
+            expected_revision: patch.expected_revision,
         };
         let function = self.get_function(reference).await?;
-        let before = self
-            .store
-            .get_alias(&function.id, name)
-            .await?
-            .ok_or_else(|| alias_not_found(&function, name))?;
-        let updated = self
+        let written = self
             .store
             .update_alias(&function.id, name, &change, actor)
             .await
             .map_err(|e| in_alias(e, &function, name))?;
-        // A change to what is already there writes no revision and counts as none.
-        if updated.revision != before.revision {
-            self.alias_changed(&function, &updated, "update");
+        if written.changed {
+            self.alias_changed(&function, &written.alias, "update");
         }
-        Ok(updated)
+        Ok(written.alias)
     }
 
-    /// Restores the routing of an earlier revision (default: the one before the last
-    /// change). Returns the alias as it is now and the revision restored.
+    /// Restores an earlier routing: a revision's (`to_revision`), all traffic to one version
+    /// (`to_version`), or by default the routing before the last change of routing.
     pub async fn rollback_alias(
         &self,
         reference: &str,
         name: &str,
         req: RollbackRequest,
         actor: &str,
-    ) -> EngineResult<(FunctionAlias, u32)> {
+    ) -> EngineResult<RolledBack> {
+        let target = match (req.to_revision, req.to_version) {
+            (Some(_), Some(_)) => {
+                return Err(EngineError::BadRequest(
+                    "give to_revision or to_version, not both".into(),
+                ))
+            }
+            (Some(revision), None) => RollbackTarget::Revision(revision),
+            (None, Some(version)) => RollbackTarget::Version(version),
+            (None, None) => RollbackTarget::Previous,
+        };
         let function = self.get_function(reference).await?;
-        let rolled_back = match self
+        let written = match self
             .store
-            .rollback_alias(&function.id, name, req.to_revision, actor)
+            .rollback_alias(&function.id, name, target, req.expected_revision, actor)
             .await
         {
             Err(StoreError::MissingVersions(missing)) => {
-                let target = req
-                    .to_revision
-                    .map_or("the previous revision".to_owned(), |r| {
-                        format!("revision {r}")
-                    });
+                let what = match target {
+                    RollbackTarget::Version(_) => {
+                        let missing = StoreError::MissingVersions(missing).to_string();
+                        return Err(ValidationError::new("to_version", missing).into());
+                    }
+                    RollbackTarget::Previous => "the previous routing".to_owned(),
+                    RollbackTarget::Revision(r) => format!("revision {r}"),
+                };
                 return Err(EngineError::Conflict {
                     code: "version_deleted",
                     message: format!(
-                        "cannot roll back alias {name:?} to {target}: it routes to {}",
+                        "cannot roll back alias {name:?} to {what}: {}",
                         StoreError::MissingVersions(missing)
                     ),
                 });
             }
             other => other.map_err(|e| in_alias(e, &function, name))?,
         };
-        self.alias_changed(&function, &rolled_back, "rollback");
-        // The default target is the revision before the one current when the call began.
-        let restored = req.to_revision.unwrap_or(rolled_back.revision - 2);
-        Ok((rolled_back, restored))
+        self.alias_changed(&function, &written.alias, "rollback");
+        Ok(RolledBack {
+            alias: written.alias,
+            restored_revision: written.restored_revision,
+        })
     }
 
     /// Deletes an alias and its history. `latest` cannot be deleted (409 `alias_protected`).
@@ -188,7 +215,7 @@ impl Engine {
             });
         }
         if !self.store.delete_alias(&function.id, name).await? {
-            return Err(alias_not_found(&function, name));
+            return Err(EngineError::alias_not_found(&function.name, name));
         }
         self.catalog.invalidate(&function.id);
         metrics::alias_updated(&function.name, name, "delete");
@@ -232,17 +259,10 @@ fn checked(routing: RoutingConfig) -> EngineResult<RoutingConfig> {
     Ok(routing.normalized())
 }
 
-fn alias_not_found(function: &Function, name: &str) -> EngineError {
-    EngineError::NotFound {
-        code: "alias_not_found",
-        message: format!("function {:?} has no alias {name:?}", function.name),
-    }
-}
-
 /// A store error of a change to alias `name`, with a message naming the function.
 fn in_alias(e: StoreError, function: &Function, name: &str) -> EngineError {
     match e {
-        StoreError::AliasNotFound { .. } => alias_not_found(function, name),
+        StoreError::AliasNotFound { .. } => EngineError::alias_not_found(&function.name, name),
         other => other.into(),
     }
 }

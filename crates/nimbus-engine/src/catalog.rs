@@ -1,8 +1,9 @@
 //! The in-memory view of the metadata the invoke path needs: functions, aliases and
 //! versions, read from the store on a miss and kept for `cache_ttl`.
 //!
-//! Versions are immutable, so they are kept until they or their function go away. Functions
-//! and aliases are re-read after `cache_ttl`, which bounds how stale a change made on
+//! Versions are immutable, so they are kept (and only re-checked for deletion after
+//! `cache_ttl`) until they or their function go away. Functions and aliases are re-read
+//! after `cache_ttl`, which bounds how stale a change made on
 //! another server can look; changes made through this server invalidate at once. A read
 //! that raced with an invalidation is not cached: it may predate the change.
 
@@ -12,11 +13,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use nimbus_core::{FunctionConfig, RoutingConfig};
+use nimbus_core::FunctionConfig;
 use nimbus_store::MetadataStore;
 
 use crate::code_cache::CodeCache;
 use crate::error::{EngineError, EngineResult};
+use crate::router::Route;
 
 /// What the invoke path needs of a function.
 #[derive(Debug)]
@@ -58,9 +60,9 @@ pub struct Catalog {
     /// By id and by name.
     functions: RwLock<HashMap<String, Timed<FunctionEntry>>>,
     /// By (function id, alias name).
-    aliases: RwLock<HashMap<(String, String), Timed<RoutingConfig>>>,
+    aliases: RwLock<HashMap<(String, String), Timed<Route>>>,
     /// By (function id, version).
-    versions: RwLock<HashMap<(String, u32), Arc<VersionEntry>>>,
+    versions: RwLock<HashMap<(String, u32), Timed<VersionEntry>>>,
     /// Bumped by every invalidation; a store read started under an older generation is
     /// returned but not cached.
     generation: AtomicU64,
@@ -108,12 +110,9 @@ impl Catalog {
         Ok(entry)
     }
 
-    /// An alias's routing table.
-    pub async fn alias(
-        &self,
-        function: &FunctionEntry,
-        name: &str,
-    ) -> EngineResult<Arc<RoutingConfig>> {
+    /// An alias's routing table. A re-read that finds the routing unchanged keeps the
+    /// route's deck, so its rounds of draws stay whole.
+    pub async fn alias(&self, function: &FunctionEntry, name: &str) -> EngineResult<Arc<Route>> {
         let key = (function.id.clone(), name.to_owned());
         if let Some(hit) = fresh(&self.aliases, &key, self.ttl) {
             return Ok(hit);
@@ -123,62 +122,88 @@ impl Catalog {
             .store
             .get_alias(&function.id, name)
             .await?
-            .ok_or_else(|| EngineError::NotFound {
-                code: "alias_not_found",
-                message: format!("function {:?} has no alias {name:?}", function.name),
-            })?;
-        let routing = Arc::new(alias.routing);
+            .ok_or_else(|| EngineError::alias_not_found(&function.name, name))?;
         let mut map = self.aliases.write().expect("catalog lock");
+        let route = match map.get(&key) {
+            Some(old) if old.value.routing == alias.routing => old.value.clone(),
+            _ => Arc::new(Route::new(alias.routing)),
+        };
         if self.generation.load(Ordering::Acquire) == generation {
             map.insert(
                 key,
                 Timed {
-                    value: routing.clone(),
+                    value: route.clone(),
                     fetched,
                 },
             );
         }
-        Ok(routing)
+        Ok(route)
     }
 
     /// A version, with its code unpacked on disk.
+    ///
+    /// Versions never change, but they can be deleted (on another server too), so a cached
+    /// one is re-checked with a cheap existence query once it is older than the TTL.
     pub async fn version(
         &self,
         function: &FunctionEntry,
         version: u32,
     ) -> EngineResult<Arc<VersionEntry>> {
         let key = (function.id.clone(), version);
-        if let Some(hit) = self.versions.read().expect("catalog lock").get(&key) {
-            return Ok(hit.clone());
+        let cached = self
+            .versions
+            .read()
+            .expect("catalog lock")
+            .get(&key)
+            .map(|e| (e.value.clone(), e.fetched.elapsed() < self.ttl));
+        let (generation, fetched) = (self.generation.load(Ordering::Acquire), Instant::now());
+        let entry = match cached {
+            Some((entry, true)) => return Ok(entry),
+            Some((entry, false)) if self.store.has_version(&function.id, version).await? => entry,
+            Some((_, false)) => {
+                self.versions.write().expect("catalog lock").remove(&key);
+                return Err(EngineError::version_not_found(&function.name, version));
+            }
+            None => self.load_version(function, version).await?,
+        };
+        let mut map = self.versions.write().expect("catalog lock");
+        if self.generation.load(Ordering::Acquire) == generation {
+            map.insert(
+                key,
+                Timed {
+                    value: entry.clone(),
+                    fetched,
+                },
+            );
         }
+        Ok(entry)
+    }
+
+    /// Reads a version from the store and unpacks its code.
+    async fn load_version(
+        &self,
+        function: &FunctionEntry,
+        version: u32,
+    ) -> EngineResult<Arc<VersionEntry>> {
         let stored = self
             .store
             .get_version(&function.id, version)
             .await?
-            .ok_or_else(|| EngineError::NotFound {
-                code: "version_not_found",
-                message: format!("function {:?} has no version {version}", function.name),
-            })?;
+            .ok_or_else(|| EngineError::version_not_found(&function.name, version))?;
         let code = self.code.clone();
-        let code_dir = tokio::task::spawn_blocking(move || {
+        let (code_dir, stored) = tokio::task::spawn_blocking(move || {
             code.materialize(&stored.code).map(|dir| (dir, stored))
         })
         .await
         .map_err(|e| EngineError::Internal(format!("unpacking code: {e}")))?
         .map_err(|e| EngineError::Internal(format!("unpacking code: {e}")))?;
-        let (code_dir, stored) = code_dir;
-        let entry = Arc::new(VersionEntry {
+        Ok(Arc::new(VersionEntry {
             function_id: function.id.clone(),
             function_name: function.name.clone(),
             version,
             config: stored.config,
             code_dir,
-        });
-        self.versions
-            .write()
-            .expect("catalog lock")
-            .insert(key, entry.clone());
-        Ok(entry)
+        }))
     }
 
     /// Forgets everything cached about a function's draft and aliases (after a change).
@@ -198,6 +223,7 @@ impl Catalog {
 
     /// Forgets a deleted version.
     pub fn forget_version(&self, function_id: &str, version: u32) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.versions
             .write()
             .expect("catalog lock")

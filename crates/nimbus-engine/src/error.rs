@@ -33,7 +33,7 @@ pub enum EngineError {
         message: String,
     },
     /// A version cannot be deleted while aliases route to it.
-    #[error("version {version} cannot be deleted: alias(es) {} route to it; change their routing first", .aliases.join(", "))]
+    #[error("version {version} cannot be deleted: it is routed by {}; change that routing first", routed_by(.aliases))]
     VersionInUse {
         /// The version.
         version: u32,
@@ -66,12 +66,37 @@ pub enum EngineError {
 }
 
 impl EngineError {
+    /// A `version_not_found` error naming the function and version.
+    pub fn version_not_found(function: &str, version: u32) -> Self {
+        EngineError::NotFound {
+            code: "version_not_found",
+            message: format!("function {function:?} has no version {version}"),
+        }
+    }
+
+    /// An `alias_not_found` error naming the function and alias.
+    pub fn alias_not_found(function: &str, alias: &str) -> Self {
+        EngineError::NotFound {
+            code: "alias_not_found",
+            message: format!("function {function:?} has no alias {alias:?}"),
+        }
+    }
+
     /// A `function_not_found` error naming the reference.
     pub fn function_not_found(reference: &str) -> Self {
         EngineError::NotFound {
             code: "function_not_found",
             message: format!("function {reference:?} not found"),
         }
+    }
+}
+
+/// `alias "prod"` or `aliases "canary", "prod"`.
+fn routed_by(aliases: &[String]) -> String {
+    let quoted: Vec<String> = aliases.iter().map(|a| format!("{a:?}")).collect();
+    match quoted.as_slice() {
+        [one] => format!("alias {one}"),
+        _ => format!("aliases {}", quoted.join(", ")),
     }
 }
 
@@ -110,6 +135,10 @@ impl From<StoreError> for EngineError {
             StoreError::NothingToRollBack(message) => EngineError::Conflict {
                 code: "nothing_to_roll_back",
                 message,
+            },
+            StoreError::RevisionMismatch { .. } => EngineError::Conflict {
+                code: "revision_mismatch",
+                message: e.to_string(),
             },
         }
     }

@@ -66,6 +66,20 @@ struct Target {
     alias_used: Option<String>,
 }
 
+impl Target {
+    /// Counts one finished (or throttled) invocation of this target.
+    fn count(&self, status: &'static str) {
+        let runtime = self.version.config.runtime;
+        metrics::invocation(&self.function.name, runtime, status);
+        metrics::invocation_by_version(
+            &self.function.name,
+            self.version.version,
+            self.alias_used.as_deref(),
+            status,
+        );
+    }
+}
+
 /// What running the event on an instance gave.
 struct Execution {
     start_type: StartType,
@@ -127,9 +141,9 @@ impl Engine {
             (Some(n), _) => (n, None),
             (None, alias) => {
                 let alias = alias.as_deref().unwrap_or(LATEST_ALIAS);
-                let routing = self.catalog.alias(&function, alias).await?;
+                let route = self.catalog.alias(&function, alias).await?;
                 let n =
-                    router::pick_version(&routing, &function.id, alias, req.session_key.as_deref());
+                    router::pick_version(&route, &function.id, alias, req.session_key.as_deref());
                 (n, Some(alias.to_owned()))
             }
         };
@@ -158,7 +172,7 @@ impl Engine {
             Ok(lease) => lease,
             Err(e) => {
                 if matches!(e, EngineError::Throttled(_)) {
-                    metrics::invocation(&target.function.name, runtime, "throttled");
+                    target.count("throttled");
                 }
                 return Err(e);
             }
@@ -181,12 +195,7 @@ impl Engine {
             Err(e) if e.code == "function_timeout" => InvocationStatus::Timeout,
             Err(_) => InvocationStatus::Error,
         };
-        metrics::invocation(&target.function.name, runtime, status.as_str());
-        metrics::invocation_by_version(
-            &target.function.name,
-            target.version.version,
-            target.alias_used.as_deref(),
-        );
+        target.count(status.as_str());
         metrics::invocation_start(runtime, execution.start_type, duration_ms);
 
         let limit = self.config.record_payload_limit;

@@ -28,7 +28,7 @@ use nimbus_sandbox::Driver;
 use nimbus_store::{InvocationFilter, MetadataStore};
 use tokio_util::task::TaskTracker;
 
-pub use aliases::{AliasPatch, NewAlias, RollbackRequest};
+pub use aliases::{AliasPatch, NewAlias, RollbackRequest, RolledBack};
 pub use config::EngineConfig;
 pub use error::{EngineError, EngineResult};
 pub use functions::{FunctionPatch, NewFunction, Updated};

@@ -17,8 +17,9 @@ pub const VERSION_PUBLISH_TOTAL: &str = "nimbus_version_publish_total";
 /// `nimbus_alias_update_total{function,alias,action}` (action: create, update, publish,
 /// rollback, delete).
 pub const ALIAS_UPDATE_TOTAL: &str = "nimbus_alias_update_total";
-/// `nimbus_invocation_by_version_total{function,version,alias}` (alias empty when the
-/// version was named explicitly).
+/// `nimbus_invocation_by_version_total{function,version,alias,status}` (alias empty when the
+/// version was named explicitly; status as in `nimbus_invocations_total`), so a canary's
+/// error rate can be compared with the stable version's.
 pub const INVOCATION_BY_VERSION_TOTAL: &str = "nimbus_invocation_by_version_total";
 
 /// Registers descriptions so `/metrics` documents each series.
@@ -44,7 +45,7 @@ pub fn describe() {
     );
     metrics::describe_counter!(
         INVOCATION_BY_VERSION_TOTAL,
-        "Invocations by function, the version that ran and the alias that chose it."
+        "Invocations by function, version, the alias that chose it, and final status."
     );
 }
 
@@ -110,13 +111,19 @@ pub fn alias_updated(function: &str, alias: &str, action: &'static str) {
         .increment(1);
 }
 
-/// Counts an invocation that ran on `version`, chosen through `alias` (if any).
-pub fn invocation_by_version(function: &str, version: u32, alias: Option<&str>) {
+/// Counts an invocation of `version`, chosen through `alias` (if any), by final status.
+pub fn invocation_by_version(
+    function: &str,
+    version: u32,
+    alias: Option<&str>,
+    status: &'static str,
+) {
     counter!(
         INVOCATION_BY_VERSION_TOTAL,
         "function" => function.to_owned(),
         "version" => version.to_string(),
-        "alias" => alias.unwrap_or_default().to_owned()
+        "alias" => alias.unwrap_or_default().to_owned(),
+        "status" => status
     )
     .increment(1);
 }

@@ -6,8 +6,8 @@
 
 use nimbus_core::alias::validate_alias_name;
 use nimbus_core::function::validate_description;
-use nimbus_core::{Function, FunctionAlias, FunctionVersion, LATEST_ALIAS};
-use nimbus_store::{Page, Published};
+use nimbus_core::{Function, FunctionAlias, FunctionVersion, ValidationError, LATEST_ALIAS};
+use nimbus_store::{Page, Published, StoreError};
 use serde::Deserialize;
 
 use crate::error::{EngineError, EngineResult};
@@ -20,7 +20,8 @@ pub struct PublishRequest {
     /// What changed in this version.
     #[serde(default)]
     pub description: String,
-    /// An existing alias to point at the new version alone, besides `latest`.
+    /// An existing alias to point at the new version alone, besides `latest` (400
+    /// `validation_error` if it does not exist).
     #[serde(default)]
     pub publish_alias: Option<String>,
 }
@@ -42,10 +43,25 @@ impl Engine {
         let function = self.get_function(reference).await?;
         let mut aliases = vec![LATEST_ALIAS];
         aliases.extend(req.publish_alias.as_deref());
-        let published = self
+        // The stored draft is published as read inside the store's transaction, so a
+        // draft staged meanwhile is neither lost nor skipped.
+        let published = match self
             .store
-            .publish_version(&function, &req.description, actor, &aliases)
-            .await?;
+            .publish_draft(&function.id, &req.description, actor, &aliases)
+            .await
+        {
+            Err(StoreError::AliasNotFound { alias }) => {
+                return Err(ValidationError::new(
+                    "publish_alias",
+                    format!(
+                        "function {:?} has no alias {alias:?}; create it first",
+                        function.name
+                    ),
+                )
+                .into())
+            }
+            other => other?,
+        };
         self.published(&function, &published);
         self.catalog.invalidate(&function.id);
         Ok(published)
@@ -84,7 +100,7 @@ impl Engine {
         self.store
             .get_version(&function.id, number)
             .await?
-            .ok_or_else(|| version_not_found(&function, number))
+            .ok_or_else(|| EngineError::version_not_found(&function.name, number))
     }
 
     /// Deletes a version no alias routes to and stops its idle instances. Its number is
@@ -92,7 +108,7 @@ impl Engine {
     pub async fn delete_version(&self, reference: &str, number: u32) -> EngineResult<()> {
         let function = self.get_function(reference).await?;
         if !self.store.delete_version(&function.id, number).await? {
-            return Err(version_not_found(&function, number));
+            return Err(EngineError::version_not_found(&function.name, number));
         }
         self.catalog.forget_version(&function.id, number);
         self.pools.retire_version(&function.id, number);
@@ -100,15 +116,8 @@ impl Engine {
         Ok(())
     }
 
-    /// The function's aliases, by name (to show which route to a version).
-    pub async fn aliases_of(&self, function: &Function) -> EngineResult<Vec<FunctionAlias>> {
-        Ok(self.store.list_aliases(&function.id).await?)
-    }
-}
-
-fn version_not_found(function: &Function, number: u32) -> EngineError {
-    EngineError::NotFound {
-        code: "version_not_found",
-        message: format!("function {:?} has no version {number}", function.name),
+    /// The aliases of the function with this id, by name (to show which route to a version).
+    pub async fn aliases_of(&self, function_id: &str) -> EngineResult<Vec<FunctionAlias>> {
+        Ok(self.store.list_aliases(function_id).await?)
     }
 }

@@ -84,6 +84,16 @@ pub enum StoreError {
     /// for is the current one.
     #[error("{0}")]
     NothingToRollBack(String),
+    /// A guarded change found the alias at another revision than the caller expected.
+    #[error("alias {alias:?} is at revision {current}, not {expected}: it changed meanwhile")]
+    RevisionMismatch {
+        /// The alias.
+        alias: String,
+        /// The revision the caller expected.
+        expected: u32,
+        /// The revision it is at.
+        current: u32,
+    },
 }
 
 fn missing_versions_message(versions: &[u32]) -> String {
@@ -141,6 +151,30 @@ pub struct AliasChange {
     pub routing: Option<RoutingConfig>,
     /// New description.
     pub description: Option<String>,
+    /// Apply only if the alias is at this revision (`RevisionMismatch` otherwise).
+    pub expected_revision: Option<u32>,
+}
+
+/// What a rollback restores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RollbackTarget {
+    /// The routing before the last change of routing (description-only changes skipped).
+    Previous,
+    /// The routing of this revision of the alias's history.
+    Revision(u32),
+    /// All traffic to this version.
+    Version(u32),
+}
+
+/// What [`MetadataStore::update_alias`] and [`MetadataStore::rollback_alias`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AliasWrite {
+    /// The alias as it is now.
+    pub alias: FunctionAlias,
+    /// False when the change changed nothing, so no revision was written.
+    pub changed: bool,
+    /// For a rollback to an earlier revision, that revision.
+    pub restored_revision: Option<u32>,
 }
 
 /// Filter for invocation listings.
@@ -191,6 +225,18 @@ pub trait MetadataStore: Send + Sync + 'static {
         move_aliases: &[&str],
     ) -> StoreResult<Published>;
 
+    /// Publishes the function's stored draft, read under the row lock in the same
+    /// transaction (so a draft staged concurrently is never overwritten or skipped), with
+    /// the same rules and results as [`MetadataStore::publish_version`]. `NotFound` if the
+    /// function does not exist.
+    async fn publish_draft(
+        &self,
+        function_id: &str,
+        description: &str,
+        created_by: &str,
+        move_aliases: &[&str],
+    ) -> StoreResult<Published>;
+
     /// Deletes the function with its versions, aliases (and their history) and invocation
     /// records. False if absent.
     async fn delete_function(&self, function_id: &str) -> StoreResult<bool>;
@@ -210,6 +256,9 @@ pub trait MetadataStore: Send + Sync + 'static {
         offset: u32,
     ) -> StoreResult<Page<FunctionVersion>>;
 
+    /// Whether a version exists (a cheap check that loads no code).
+    async fn has_version(&self, function_id: &str, version: u32) -> StoreResult<bool>;
+
     /// Deletes a version. `VersionInUse` naming the aliases whose tables include it (even
     /// at weight 0); false if the version does not exist, `NotFound` if the function does
     /// not. Its number is never given out again.
@@ -225,29 +274,31 @@ pub trait MetadataStore: Send + Sync + 'static {
         created_by: &str,
     ) -> StoreResult<FunctionAlias>;
 
-    /// Applies `change` to an alias as its next revision (an `update` in its history) and
-    /// returns the alias as it is now; a change that changes nothing writes no revision. `AliasNotFound`, `MissingVersions` as above,
-    /// `NotFound` if the function does not exist.
+    /// Applies `change` to an alias as its next revision (an `update` in its history); a
+    /// change that changes nothing writes no revision (`changed: false`). `AliasNotFound`,
+    /// `MissingVersions` as above, `RevisionMismatch` if `expected_revision` is not the
+    /// current one, `NotFound` if the function does not exist.
     async fn update_alias(
         &self,
         function_id: &str,
         name: &str,
         change: &AliasChange,
         changed_by: &str,
-    ) -> StoreResult<FunctionAlias>;
+    ) -> StoreResult<AliasWrite>;
 
-    /// Restores the routing of revision `to_revision` (default: the revision before the
-    /// current one) as the alias's next revision (a `rollback` in its history) and returns
-    /// the alias as it is now. `AliasNotFound`, `RevisionNotFound`, `NothingToRollBack`
-    /// (no earlier revision, or that routing is the current one), `MissingVersions` (a
-    /// version it routed to was deleted since), `NotFound` if the function does not exist.
+    /// Restores a routing (see [`RollbackTarget`]) as the alias's next revision (a
+    /// `rollback` in its history). `AliasNotFound`, `RevisionNotFound`, `NothingToRollBack`
+    /// (no earlier routing, or the target is the current routing), `MissingVersions` (the
+    /// target routes to a version that does not exist, e.g. deleted since),
+    /// `RevisionMismatch`, `NotFound` if the function does not exist.
     async fn rollback_alias(
         &self,
         function_id: &str,
         name: &str,
-        to_revision: Option<u32>,
+        target: RollbackTarget,
+        expected_revision: Option<u32>,
         changed_by: &str,
-    ) -> StoreResult<FunctionAlias>;
+    ) -> StoreResult<AliasWrite>;
 
     /// Deletes an alias with its history. False if it does not exist, `NotFound` if the
     /// function does not.

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
+use futures::TryStreamExt;
 use nimbus_core::{
     AliasAction, AliasRevision, CodeBundle, Function, FunctionAlias, FunctionConfig,
     FunctionVersion, Invocation, RoutingConfig, LATEST_ALIAS,
@@ -25,8 +26,8 @@ use time::OffsetDateTime;
 use crate::backend::{self, Dialect};
 use crate::codec::{self, millis, to_json};
 use crate::{
-    AliasChange, InvocationFilter, MetadataStore, Page, Published, StoreError, StoreResult,
-    DEFAULT_LIST_LIMIT,
+    AliasChange, AliasWrite, InvocationFilter, MetadataStore, Page, Published, RollbackTarget,
+    StoreError, StoreResult, DEFAULT_LIST_LIMIT,
 };
 
 type AnyQuery<'q> = Query<'q, Any, AnyArguments<'q>>;
@@ -162,6 +163,13 @@ const SELECT_REVISION: &str = concat!(
     "SELECT ",
     revision_columns!(),
     " FROM alias_history WHERE function_id = $1 AND alias = $2 AND revision = $3"
+);
+/// Revisions before `$3`, newest first.
+const EARLIER_REVISIONS: &str = concat!(
+    "SELECT ",
+    revision_columns!(),
+    " FROM alias_history WHERE function_id = $1 AND alias = $2 AND revision < $3 \
+     ORDER BY revision DESC"
 );
 const LIST_REVISIONS: &str = concat!(
     "SELECT ",
@@ -401,6 +409,65 @@ async fn select_alias(
     row.as_ref().map(codec::alias).transpose()
 }
 
+/// Locks the function's row and reads the alias: `AliasNotFound` if it does not exist,
+/// `RevisionMismatch` if it is not at `expected_revision` (when given).
+async fn lock_alias(
+    conn: &mut AnyConnection,
+    function_id: &str,
+    name: &str,
+    expected_revision: Option<u32>,
+) -> StoreResult<FunctionAlias> {
+    lock_function(conn, function_id).await?;
+    let current = select_alias(conn, function_id, name)
+        .await?
+        .ok_or_else(|| StoreError::AliasNotFound {
+            alias: name.to_owned(),
+        })?;
+    match expected_revision {
+        Some(expected) if expected != current.revision => Err(StoreError::RevisionMismatch {
+            alias: name.to_owned(),
+            expected,
+            current: current.revision,
+        }),
+        _ => Ok(current),
+    }
+}
+
+async fn select_revision(
+    conn: &mut AnyConnection,
+    function_id: &str,
+    name: &str,
+    revision: u32,
+) -> StoreResult<Option<AliasRevision>> {
+    let row = sqlx::query(SELECT_REVISION)
+        .bind(function_id)
+        .bind(name)
+        .bind(i64::from(revision))
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(codec::alias_revision).transpose()
+}
+
+/// The newest revision before `current`'s whose routing differs from the current one
+/// (description-only changes are passed over), if any.
+async fn previous_routing(
+    conn: &mut AnyConnection,
+    current: &FunctionAlias,
+) -> StoreResult<Option<AliasRevision>> {
+    let mut rows = sqlx::query(EARLIER_REVISIONS)
+        .bind(current.function_id.as_str())
+        .bind(current.name.as_str())
+        .bind(i64::from(current.revision))
+        .fetch(conn);
+    while let Some(row) = rows.try_next().await? {
+        let revision = codec::alias_revision(&row)?;
+        if revision.routing != current.routing {
+            return Ok(Some(revision));
+        }
+    }
+    Ok(None)
+}
+
 /// Appends `revision` to its alias's history.
 async fn insert_revision(conn: &mut AnyConnection, revision: &AliasRevision) -> StoreResult<()> {
     let previous = revision
@@ -526,6 +593,87 @@ async fn write_revision(
     Ok(next)
 }
 
+/// Publishes `function`'s draft (saved and locked by the caller's transaction): see
+/// [`MetadataStore::publish_version`].
+async fn publish_locked(
+    tx: &mut AnyConnection,
+    function: &Function,
+    description: &str,
+    created_by: &str,
+    move_aliases: &[&str],
+) -> StoreResult<Published> {
+    // One timestamp per publish: a new version's and its aliases' moves agree.
+    let at = nimbus_core::now();
+    let newest = sqlx::query(NEWEST_VERSION)
+        .bind(function.id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|row| codec::version(&row, false))
+        .transpose()?;
+    let mut published = match newest {
+        Some(newest) if newest.config == function.config => Published {
+            version: FunctionVersion {
+                code: function.code.clone(),
+                ..newest
+            },
+            created: false,
+            moved: Vec::new(),
+        },
+        _ => {
+            let row = sqlx::query(NEXT_VERSION)
+                .bind(function.id.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+            let number: i64 = row.try_get("latest_version")?;
+            let number = u32::try_from(number).map_err(|_| {
+                StoreError::Corrupt(format!("latest_version: {number} is out of range"))
+            })?;
+            let version = FunctionVersion {
+                function_id: function.id.clone(),
+                version: number,
+                description: description.to_string(),
+                config: function.config.clone(),
+                code: function.code.clone(),
+                created_at: at,
+                created_by: created_by.to_string(),
+            };
+            insert_version(&mut *tx, &function.id, &version).await?;
+            Published {
+                version,
+                created: true,
+                moved: Vec::new(),
+            }
+        }
+    };
+    let target = RoutingConfig::single(published.version.version);
+    let mut seen: Vec<&str> = Vec::with_capacity(move_aliases.len());
+    for &name in move_aliases {
+        if seen.contains(&name) {
+            continue;
+        }
+        seen.push(name);
+        let current = select_alias(&mut *tx, &function.id, name)
+            .await?
+            .ok_or_else(|| StoreError::AliasNotFound {
+                alias: name.to_owned(),
+            })?;
+        if current.routing != target {
+            let description = current.description.clone();
+            let change = NextRevision {
+                routing: target.clone(),
+                description,
+                action: AliasAction::Publish,
+                restored_revision: None,
+                changed_by: created_by,
+                at,
+            };
+            write_revision(&mut *tx, current, change).await?;
+            published.moved.push(name.to_owned());
+        }
+    }
+    Ok(published)
+}
+
 #[async_trait]
 impl MetadataStore for SqlStore {
     fn backend(&self) -> &'static str {
@@ -620,8 +768,6 @@ impl MetadataStore for SqlStore {
         created_by: &str,
         move_aliases: &[&str],
     ) -> StoreResult<Published> {
-        // One timestamp per publish: a new version's and its aliases' moves agree.
-        let at = nimbus_core::now();
         let mut tx = self.pool.begin().await?;
         let saved = bind_draft(sqlx::query(UPDATE_DRAFT), function)?
             .execute(&mut *tx)
@@ -630,79 +776,40 @@ impl MetadataStore for SqlStore {
         if saved == 0 {
             return Err(function_not_found(&function.id));
         }
-        let newest = sqlx::query(NEWEST_VERSION)
-            .bind(function.id.as_str())
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|row| codec::version(&row, false))
-            .transpose()?;
-        let mut published = match newest {
-            Some(newest) if newest.config == function.config => Published {
-                version: FunctionVersion {
-                    code: function.code.clone(),
-                    ..newest
-                },
-                created: false,
-                moved: Vec::new(),
-            },
-            _ => {
-                let row = sqlx::query(NEXT_VERSION)
-                    .bind(function.id.as_str())
-                    .fetch_one(&mut *tx)
-                    .await?;
-                let number: i64 = row.try_get("latest_version")?;
-                let number = u32::try_from(number).map_err(|_| {
-                    StoreError::Corrupt(format!("latest_version: {number} is out of range"))
-                })?;
-                let version = FunctionVersion {
-                    function_id: function.id.clone(),
-                    version: number,
-                    description: description.to_string(),
-                    config: function.config.clone(),
-                    code: function.code.clone(),
-                    created_at: at,
-                    created_by: created_by.to_string(),
-                };
-                insert_version(&mut tx, &function.id, &version).await?;
-                Published {
-                    version,
-                    created: true,
-                    moved: Vec::new(),
-                }
-            }
-        };
-        let target = RoutingConfig::single(published.version.version);
-        let mut seen: Vec<&str> = Vec::with_capacity(move_aliases.len());
-        for &name in move_aliases {
-            if seen.contains(&name) {
-                continue;
-            }
-            seen.push(name);
-            let current = select_alias(&mut tx, &function.id, name)
-                .await?
-                .ok_or_else(|| StoreError::AliasNotFound {
-                    alias: name.to_owned(),
-                })?;
-            if current.routing != target {
-                let description = current.description.clone();
-                let change = NextRevision {
-                    routing: target.clone(),
-                    description,
-                    action: AliasAction::Publish,
-                    restored_revision: None,
-                    changed_by: created_by,
-                    at,
-                };
-                write_revision(&mut tx, current, change).await?;
-                published.moved.push(name.to_owned());
-            }
-        }
+        let published =
+            publish_locked(&mut tx, function, description, created_by, move_aliases).await?;
+        tx.commit().await?;
+        Ok(published)
+    }
+
+    async fn publish_draft(
+        &self,
+        function_id: &str,
+        description: &str,
+        created_by: &str,
+        move_aliases: &[&str],
+    ) -> StoreResult<Published> {
+        let mut tx = self.pool.begin().await?;
+        lock_function(&mut tx, function_id).await?;
+        let row = sqlx::query(SELECT_FUNCTION_BY_ID)
+            .bind(function_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let function = codec::function(&row)?;
+        let published =
+            publish_locked(&mut tx, &function, description, created_by, move_aliases).await?;
         tx.commit().await?;
         Ok(published)
     }
 
     async fn delete_function(&self, function_id: &str) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await?;
+        // Lock order as every other change of the function (row first), so a concurrent
+        // alias change waits instead of deadlocking.
+        match lock_function(&mut tx, function_id).await {
+            Err(StoreError::NotFound(_)) => return Ok(false),
+            other => other?,
+        }
         // The foreign keys cascade too; deleting explicitly does not depend on them being on.
         for sql in [
             "DELETE FROM invocations WHERE function_id = $1",
@@ -760,6 +867,17 @@ impl MetadataStore for SqlStore {
                 .collect::<StoreResult<_>>()?,
             total: codec::count(&total, "total")?,
         })
+    }
+
+    async fn has_version(&self, function_id: &str, version: u32) -> StoreResult<bool> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS found FROM function_versions WHERE function_id = $1 AND version = $2",
+        )
+        .bind(function_id)
+        .bind(i64::from(version))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(codec::count(&row, "found")? > 0)
     }
 
     async fn delete_version(&self, function_id: &str, version: u32) -> StoreResult<bool> {
@@ -821,27 +939,26 @@ impl MetadataStore for SqlStore {
         name: &str,
         change: &AliasChange,
         changed_by: &str,
-    ) -> StoreResult<FunctionAlias> {
+    ) -> StoreResult<AliasWrite> {
         let mut tx = self.pool.begin().await?;
-        lock_function(&mut tx, function_id).await?;
-        let current = select_alias(&mut tx, function_id, name)
-            .await?
-            .ok_or_else(|| StoreError::AliasNotFound {
-                alias: name.to_owned(),
-            })?;
+        let current = lock_alias(&mut tx, function_id, name, change.expected_revision).await?;
         let routing = change
             .routing
             .clone()
             .unwrap_or_else(|| current.routing.clone());
-        check_versions_exist(&mut tx, function_id, &routing).await?;
         let description = change
             .description
             .clone()
             .unwrap_or_else(|| current.description.clone());
         if routing == current.routing && description == current.description {
             // Nothing changes: no revision, so the history lists only real changes.
-            return Ok(current);
+            return Ok(AliasWrite {
+                alias: current,
+                changed: false,
+                restored_revision: None,
+            });
         }
+        check_versions_exist(&mut tx, function_id, &routing).await?;
         let change = NextRevision {
             routing,
             description,
@@ -850,64 +967,73 @@ impl MetadataStore for SqlStore {
             changed_by,
             at: nimbus_core::now(),
         };
-        let updated = write_revision(&mut tx, current, change).await?;
+        let alias = write_revision(&mut tx, current, change).await?;
         tx.commit().await?;
-        Ok(updated)
+        Ok(AliasWrite {
+            alias,
+            changed: true,
+            restored_revision: None,
+        })
     }
 
     async fn rollback_alias(
         &self,
         function_id: &str,
         name: &str,
-        to_revision: Option<u32>,
+        target: RollbackTarget,
+        expected_revision: Option<u32>,
         changed_by: &str,
-    ) -> StoreResult<FunctionAlias> {
+    ) -> StoreResult<AliasWrite> {
         let mut tx = self.pool.begin().await?;
-        lock_function(&mut tx, function_id).await?;
-        let current = select_alias(&mut tx, function_id, name)
-            .await?
-            .ok_or_else(|| StoreError::AliasNotFound {
-                alias: name.to_owned(),
-            })?;
-        let target = match to_revision {
-            Some(revision) => revision,
-            None if current.revision > 1 => current.revision - 1,
-            None => {
-                return Err(StoreError::NothingToRollBack(format!(
-                    "alias {name:?} has not changed since it was created; there is no earlier routing to restore"
-                )))
+        let current = lock_alias(&mut tx, function_id, name, expected_revision).await?;
+        let (routing, restored_revision) = match target {
+            RollbackTarget::Version(version) => (RoutingConfig::single(version), None),
+            RollbackTarget::Revision(revision) => {
+                let restored = select_revision(&mut tx, function_id, name, revision)
+                    .await?
+                    .ok_or_else(|| StoreError::RevisionNotFound {
+                        alias: name.to_owned(),
+                        revision,
+                    })?;
+                (restored.routing, Some(revision))
+            }
+            RollbackTarget::Previous => {
+                let previous = previous_routing(&mut tx, &current).await?.ok_or_else(|| {
+                    StoreError::NothingToRollBack(format!(
+                        "alias {name:?} has routed the same way since it was created; there is no earlier routing to restore"
+                    ))
+                })?;
+                (previous.routing, Some(previous.revision))
             }
         };
-        let restored = sqlx::query(SELECT_REVISION)
-            .bind(function_id)
-            .bind(name)
-            .bind(i64::from(target))
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|row| codec::alias_revision(&row))
-            .transpose()?
-            .ok_or_else(|| StoreError::RevisionNotFound {
-                alias: name.to_owned(),
-                revision: target,
-            })?;
-        if restored.routing == current.routing {
+        if routing == current.routing {
+            let already = match target {
+                RollbackTarget::Version(v) => format!("sends all traffic to version {v}"),
+                RollbackTarget::Revision(r) => format!("routes as it did at revision {r}"),
+                // Unreachable: the previous routing is by definition a different one.
+                RollbackTarget::Previous => "routes as it did before".to_owned(),
+            };
             return Err(StoreError::NothingToRollBack(format!(
-                "alias {name:?} already routes as it did at revision {target}"
+                "alias {name:?} already {already}"
             )));
         }
-        check_versions_exist(&mut tx, function_id, &restored.routing).await?;
+        check_versions_exist(&mut tx, function_id, &routing).await?;
         let description = current.description.clone();
         let change = NextRevision {
-            routing: restored.routing,
+            routing,
             description,
             action: AliasAction::Rollback,
-            restored_revision: Some(target),
+            restored_revision,
             changed_by,
             at: nimbus_core::now(),
         };
-        let rolled_back = write_revision(&mut tx, current, change).await?;
+        let alias = write_revision(&mut tx, current, change).await?;
         tx.commit().await?;
-        Ok(rolled_back)
+        Ok(AliasWrite {
+            alias,
+            changed: true,
+            restored_revision,
+        })
     }
 
     async fn delete_alias(&self, function_id: &str, name: &str) -> StoreResult<bool> {

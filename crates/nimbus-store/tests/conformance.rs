@@ -18,7 +18,8 @@ use nimbus_core::{
     RoutingConfig, Runtime, StartType, Trigger, WeightedVersion,
 };
 use nimbus_store::{
-    AliasChange, InvocationFilter, MetadataStore, Page, Published, StoreError, DEFAULT_LIST_LIMIT,
+    AliasChange, AliasWrite, InvocationFilter, MetadataStore, Page, Published, RollbackTarget,
+    StoreError, DEFAULT_LIST_LIMIT,
 };
 use sqlx::Connection;
 use time::OffsetDateTime;
@@ -154,6 +155,8 @@ conformance!(
         publish_to_a_missing_alias_writes_nothing,
         concurrent_publishes_get_distinct_consecutive_numbers,
         publish_moves_latest_and_prod_in_one_call,
+        publish_draft_publishes_the_stored_draft,
+        has_version_tells_whether_a_version_exists,
         get_version_returns_the_saved_code,
         list_versions_is_newest_first_without_code,
         aliases_get_and_list,
@@ -175,6 +178,12 @@ conformance!(
         deleted_version_numbers_are_never_reused,
         concurrent_alias_updates_get_consecutive_revisions,
         deleting_a_version_never_strands_an_alias,
+        update_alias_that_changes_nothing_writes_no_revision,
+        guarded_alias_changes_refuse_a_stale_revision,
+        concurrent_guarded_updates_let_one_writer_through,
+        rollback_to_previous_skips_description_only_changes,
+        rollback_to_a_version_routes_all_traffic_to_it,
+        deleting_a_function_while_its_aliases_change_never_deadlocks,
     ],
     with_url: [
         reopening_keeps_data_and_reapplies_nothing,
@@ -328,10 +337,38 @@ async fn create_alias(
         .expect("create alias")
 }
 
+/// An unguarded change (no expected revision).
 fn change(routing: Option<RoutingConfig>, description: Option<&str>) -> AliasChange {
     AliasChange {
         routing,
         description: description.map(str::to_string),
+        expected_revision: None,
+    }
+}
+
+/// `change`, applied only if the alias is at revision `expected`.
+fn guarded(change: AliasChange, expected: u32) -> AliasChange {
+    AliasChange {
+        expected_revision: Some(expected),
+        ..change
+    }
+}
+
+/// What a write that changed the alias to `alias` returns.
+fn written(alias: &FunctionAlias, restored_revision: Option<u32>) -> AliasWrite {
+    AliasWrite {
+        alias: alias.clone(),
+        changed: true,
+        restored_revision,
+    }
+}
+
+/// What a change that changed nothing returns: the alias as it is.
+fn unchanged(alias: &FunctionAlias) -> AliasWrite {
+    AliasWrite {
+        alias: alias.clone(),
+        changed: false,
+        restored_revision: None,
     }
 }
 
@@ -1008,6 +1045,180 @@ async fn publish_moves_latest_and_prod_in_one_call(store: &dyn MetadataStore) {
     assert_eq!(history(store, &function, "latest").await.total, 3);
 }
 
+async fn publish_draft_publishes_the_stored_draft(store: &dyn MetadataStore) {
+    let (function, first) = create(store, "staged").await;
+    // Staged with `update_function`; the caller's copy is never handed to the publish.
+    let mut draft = function.clone();
+    draft.description = "staged words".into();
+    new_code(&mut draft, "two");
+    draft.config.memory_mb = 512;
+    draft.updated_at = nimbus_core::now() + Duration::from_secs(1);
+    store.update_function(&draft).await.unwrap();
+
+    let before = nimbus_core::now();
+    let v2 = store
+        .publish_draft(&function.id, "v2", "alice", &["latest"])
+        .await
+        .unwrap();
+    assert_set_since(v2.version.created_at, before);
+    assert_eq!(
+        v2,
+        Published {
+            version: FunctionVersion {
+                function_id: function.id.clone(),
+                version: 2,
+                description: "v2".into(),
+                config: draft.config.clone(),
+                code: draft.code.clone(),
+                created_at: v2.version.created_at,
+                created_by: "alice".into(),
+            },
+            created: true,
+            moved: vec!["latest".into()],
+        }
+    );
+    assert_eq!(
+        store.get_version(&function.id, 2).await.unwrap(),
+        Some(v2.version.clone())
+    );
+    // The draft stays as staged; only the version counter moved.
+    assert_eq!(
+        store.get_function(&function.id).await.unwrap(),
+        Some(Function {
+            latest_version: 2,
+            ..draft.clone()
+        })
+    );
+    let latest = get_alias(store, &function, "latest").await;
+    assert_eq!(
+        latest,
+        alias(
+            &function,
+            "latest",
+            single(2),
+            2,
+            function.created_at,
+            v2.version.created_at
+        )
+    );
+    assert_eq!(
+        history(store, &function, "latest").await.items[0],
+        entry(
+            &latest,
+            AliasAction::Publish,
+            Some(single(1)),
+            None,
+            "alice"
+        )
+    );
+
+    // Nothing staged since: version 2 stands, and `latest` already routes to it alone.
+    let again = store
+        .publish_draft(&function.id, "again", "bob", &["latest"])
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        Published {
+            version: v2.version.clone(),
+            created: false,
+            moved: vec![],
+        }
+    );
+    assert_eq!(
+        store
+            .list_versions(&function.id, 10, 0)
+            .await
+            .unwrap()
+            .total,
+        2
+    );
+    assert_eq!(get_alias(store, &function, "latest").await, latest);
+    assert_eq!(history(store, &function, "latest").await.total, 2);
+
+    let ghost = ids::function_id();
+    match store.publish_draft(&ghost, "v1", "alice", &[]).await {
+        Err(StoreError::NotFound(message)) => {
+            assert_eq!(message, format!("function {ghost:?} not found"))
+        }
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+
+    // A missing alias, even listed after one that exists: nothing is written.
+    new_code(&mut draft, "three");
+    store.update_function(&draft).await.unwrap();
+    let staged = store.get_function(&function.id).await.unwrap().unwrap();
+    match store
+        .publish_draft(&function.id, "v3", "alice", &["latest", "prod"])
+        .await
+    {
+        Err(StoreError::AliasNotFound { alias }) => assert_eq!(alias, "prod"),
+        other => panic!("expected AliasNotFound, got {other:?}"),
+    }
+    assert_eq!(
+        store.get_function(&function.id).await.unwrap(),
+        Some(staged)
+    );
+    assert_eq!(
+        store
+            .list_versions(&function.id, 10, 0)
+            .await
+            .unwrap()
+            .total,
+        2
+    );
+    assert_eq!(get_alias(store, &function, "latest").await, latest);
+    assert_eq!(history(store, &function, "latest").await.total, 2);
+
+    // Once `prod` exists the same publish works, and the failure consumed no number.
+    create_alias(store, &function, "prod", single(1)).await;
+    let v3 = store
+        .publish_draft(&function.id, "v3", "alice", &["latest", "prod"])
+        .await
+        .unwrap();
+    assert_eq!(
+        (v3.version.version, v3.created, v3.moved),
+        (3, true, vec!["latest".to_string(), "prod".to_string()])
+    );
+    assert_eq!(
+        (v3.version.config, v3.version.code),
+        (draft.config.clone(), draft.code.clone())
+    );
+    assert_eq!(
+        store.get_version(&function.id, 1).await.unwrap(),
+        Some(first)
+    );
+}
+
+async fn has_version_tells_whether_a_version_exists(store: &dyn MetadataStore) {
+    let (mut function, _) = create(store, "present").await;
+    let (other, _) = create(store, "absent").await;
+    let has = |function_id: String, version: u32| async move {
+        store.has_version(&function_id, version).await.unwrap()
+    };
+
+    assert!(has(function.id.clone(), 1).await);
+    assert!(!has(function.id.clone(), 0).await);
+    assert!(!has(function.id.clone(), 2).await);
+    publish_new(store, &mut function, "v2", &[]).await;
+    publish_new(store, &mut function, "v3", &["latest"]).await;
+    assert!(has(function.id.clone(), 2).await);
+    assert!(has(function.id.clone(), 3).await);
+    // Another function's numbers are its own.
+    assert!(!has(other.id.clone(), 2).await);
+    assert!(!has(ids::function_id(), 1).await);
+
+    assert!(store.delete_version(&function.id, 2).await.unwrap());
+    assert!(!has(function.id.clone(), 2).await);
+    assert!(has(function.id.clone(), 1).await);
+    assert!(has(function.id.clone(), 3).await);
+
+    assert!(store.delete_function(&function.id).await.unwrap());
+    assert!(!has(function.id.clone(), 1).await);
+    assert!(!has(function.id.clone(), 3).await);
+    assert!(has(other.id.clone(), 1).await);
+}
+
 async fn get_version_returns_the_saved_code(store: &dyn MetadataStore) {
     let (mut function, first) = create(store, "bulky").await;
     // ~600 KiB of source with multi-byte characters and every byte value in a comment.
@@ -1306,6 +1517,7 @@ async fn delete_cascades_to_versions_aliases_history_and_invocations(store: &dyn
     );
 
     assert!(!store.delete_function(&doomed.id).await.unwrap());
+    assert!(!store.delete_function(&ids::function_id()).await.unwrap());
 
     // The other function is untouched.
     assert_eq!(
@@ -1461,44 +1673,41 @@ async fn update_alias_sets_routing_description_or_both(store: &dyn MetadataStore
     };
 
     pause().await;
-    let r2 = update(change(Some(single(2)), None), "alice").await;
-    assert_eq!(
-        r2,
-        FunctionAlias {
-            routing: single(2),
-            revision: 2,
-            updated_at: r2.updated_at,
-            ..r1.clone()
-        }
-    );
+    let w2 = update(change(Some(single(2)), None), "alice").await;
+    let r2 = w2.alias.clone();
+    let expected = FunctionAlias {
+        routing: single(2),
+        revision: 2,
+        updated_at: r2.updated_at,
+        ..r1.clone()
+    };
+    assert_eq!(w2, written(&expected, None));
     assert!(r2.updated_at > r1.updated_at);
 
     pause().await;
-    let r3 = update(change(None, Some("bumped")), "bob").await;
-    assert_eq!(
-        r3,
-        FunctionAlias {
-            description: "bumped".into(),
-            revision: 3,
-            updated_at: r3.updated_at,
-            ..r2.clone()
-        }
-    );
+    let w3 = update(change(None, Some("bumped")), "bob").await;
+    let r3 = w3.alias.clone();
+    let expected = FunctionAlias {
+        description: "bumped".into(),
+        revision: 3,
+        updated_at: r3.updated_at,
+        ..r2.clone()
+    };
+    assert_eq!(w3, written(&expected, None));
     assert!(r3.updated_at > r2.updated_at);
 
     pause().await;
     let canary = table(&[(2, 80), (3, 20)]);
-    let r4 = update(change(Some(canary.clone()), Some("canary")), "carol").await;
-    assert_eq!(
-        r4,
-        FunctionAlias {
-            routing: canary,
-            description: "canary".into(),
-            revision: 4,
-            updated_at: r4.updated_at,
-            ..r3.clone()
-        }
-    );
+    let w4 = update(change(Some(canary.clone()), Some("canary")), "carol").await;
+    let r4 = w4.alias.clone();
+    let expected = FunctionAlias {
+        routing: canary,
+        description: "canary".into(),
+        revision: 4,
+        updated_at: r4.updated_at,
+        ..r3.clone()
+    };
+    assert_eq!(w4, written(&expected, None));
     assert!(r4.updated_at > r3.updated_at);
     assert_eq!(r4.created_at, r1.created_at);
 
@@ -1508,7 +1717,7 @@ async fn update_alias_sets_routing_description_or_both(store: &dyn MetadataStore
         "dave",
     )
     .await;
-    assert_eq!(same, r4);
+    assert_eq!(same, unchanged(&r4));
 
     assert_eq!(get_alias(store, &function, "prod").await, r4);
     use AliasAction::{Create, Update};
@@ -1558,6 +1767,17 @@ async fn update_alias_refuses_unknown_aliases_and_missing_versions(store: &dyn M
     }
     assert_eq!(get_alias(store, &function, "prod").await, prod);
     assert_eq!(history(store, &function, "prod").await.total, 1);
+
+    let ghost = ids::function_id();
+    match store
+        .update_alias(&ghost, "prod", &change(Some(single(1)), None), "alice")
+        .await
+    {
+        Err(StoreError::NotFound(message)) => {
+            assert_eq!(message, format!("function {ghost:?} not found"))
+        }
+        other => panic!("expected NotFound, got {other:?}"),
+    }
 }
 
 async fn rollback_alias_restores_earlier_routings(store: &dyn MetadataStore) {
@@ -1577,7 +1797,8 @@ async fn rollback_alias_restores_earlier_routings(store: &dyn MetadataStore) {
             "alice",
         )
         .await
-        .unwrap();
+        .unwrap()
+        .alias;
     let r3 = store
         .update_alias(
             &function.id,
@@ -1586,38 +1807,51 @@ async fn rollback_alias_restores_earlier_routings(store: &dyn MetadataStore) {
             "bob",
         )
         .await
-        .unwrap();
-    let rollback = |to: Option<u32>, by: &'static str| {
+        .unwrap()
+        .alias;
+    let rollback = |to: RollbackTarget, by: &'static str| {
         let id = function.id.clone();
-        async move { store.rollback_alias(&id, "prod", to, by).await.unwrap() }
+        async move {
+            store
+                .rollback_alias(&id, "prod", to, None, by)
+                .await
+                .unwrap()
+        }
     };
 
-    // By default, the routing of the revision before the current one; the description
-    // stays as it is now.
-    let r4 = rollback(None, "carol").await;
-    assert_eq!(
-        r4,
-        FunctionAlias {
-            routing: single(2),
-            revision: 4,
-            updated_at: r4.updated_at,
-            ..r3.clone()
-        }
-    );
+    // `Previous`: the routing of the revision before the current one (it routes
+    // differently); the description stays as it is now.
+    let w4 = rollback(RollbackTarget::Previous, "carol").await;
+    let r4 = w4.alias.clone();
+    let expected = FunctionAlias {
+        routing: single(2),
+        revision: 4,
+        updated_at: r4.updated_at,
+        ..r3.clone()
+    };
+    assert_eq!(w4, written(&expected, Some(2)));
     // Rolling back the rollback undoes it: revision 3's table again.
-    let r5 = rollback(None, "carol").await;
-    assert_eq!((r5.routing.clone(), r5.revision), (half.clone(), 5));
-    // An explicit revision, however far back.
-    let r6 = rollback(Some(1), "dave").await;
+    let w5 = rollback(RollbackTarget::Previous, "carol").await;
+    let r5 = w5.alias.clone();
     assert_eq!(
-        r6,
-        FunctionAlias {
-            routing: single(1),
-            revision: 6,
-            updated_at: r6.updated_at,
-            ..r5.clone()
-        }
+        (
+            r5.routing.clone(),
+            r5.revision,
+            w5.changed,
+            w5.restored_revision
+        ),
+        (half.clone(), 5, true, Some(3))
     );
+    // An explicit revision, however far back.
+    let w6 = rollback(RollbackTarget::Revision(1), "dave").await;
+    let r6 = w6.alias.clone();
+    let expected = FunctionAlias {
+        routing: single(1),
+        revision: 6,
+        updated_at: r6.updated_at,
+        ..r5.clone()
+    };
+    assert_eq!(w6, written(&expected, Some(1)));
     assert_eq!(r6.description, "half");
 
     assert_eq!(get_alias(store, &function, "prod").await, r6);
@@ -1639,42 +1873,54 @@ async fn rollback_alias_restores_earlier_routings(store: &dyn MetadataStore) {
 }
 
 async fn rollback_alias_refuses_what_it_cannot_do(store: &dyn MetadataStore) {
+    use RollbackTarget::{Previous, Revision, Version};
     let (mut function, _) = create(store, "stubborn").await;
     publish_new(store, &mut function, "v2", &[]).await;
     create_alias(store, &function, "prod", single(1)).await;
-    let rollback = |name: &'static str, to: Option<u32>| {
+    let rollback = |name: &'static str, to: RollbackTarget| {
         let id = function.id.clone();
-        async move { store.rollback_alias(&id, name, to, "alice").await }
+        async move { store.rollback_alias(&id, name, to, None, "alice").await }
     };
+    let no_earlier_routing = "alias \"prod\" has routed the same way since it was created; \
+                              there is no earlier routing to restore";
 
     // Nothing before the creation.
-    match rollback("prod", None).await {
-        Err(StoreError::NothingToRollBack(message)) => assert_eq!(
-            message,
-            "alias \"prod\" has not changed since it was created; there is no earlier \
-             routing to restore"
-        ),
+    match rollback("prod", Previous).await {
+        Err(StoreError::NothingToRollBack(message)) => assert_eq!(message, no_earlier_routing),
         other => panic!("expected NothingToRollBack, got {other:?}"),
     }
 
     // Revision 1 routes as revision 2 does (only the description changed), and revision 2
-    // is the current one: nothing to restore either way.
+    // is the current one: nothing to restore, whichever way it is asked for.
     let r2 = store
         .update_alias(&function.id, "prod", &change(None, Some("renamed")), "bob")
         .await
-        .unwrap();
-    for (to, revision) in [(None, 1), (Some(1), 1), (Some(2), 2)] {
+        .unwrap()
+        .alias;
+    let cases = [
+        (Previous, no_earlier_routing.to_string()),
+        (
+            Revision(1),
+            "alias \"prod\" already routes as it did at revision 1".to_string(),
+        ),
+        (
+            Revision(2),
+            "alias \"prod\" already routes as it did at revision 2".to_string(),
+        ),
+        (
+            Version(1),
+            "alias \"prod\" already sends all traffic to version 1".to_string(),
+        ),
+    ];
+    for (to, expected) in cases {
         match rollback("prod", to).await {
-            Err(StoreError::NothingToRollBack(message)) => assert_eq!(
-                message,
-                format!("alias \"prod\" already routes as it did at revision {revision}")
-            ),
+            Err(StoreError::NothingToRollBack(message)) => assert_eq!(message, expected),
             other => panic!("{to:?}: expected NothingToRollBack, got {other:?}"),
         }
     }
 
     for revision in [0, 3, 99] {
-        match rollback("prod", Some(revision)).await {
+        match rollback("prod", Revision(revision)).await {
             Err(error @ StoreError::RevisionNotFound { .. }) => assert_eq!(
                 error.to_string(),
                 format!("alias \"prod\" has no revision {revision}")
@@ -1683,11 +1929,31 @@ async fn rollback_alias_refuses_what_it_cannot_do(store: &dyn MetadataStore) {
         }
     }
 
-    for to in [None, Some(1)] {
+    // A version that was never published.
+    match rollback("prod", Version(9)).await {
+        Err(error @ StoreError::MissingVersions(_)) => {
+            assert_eq!(error.to_string(), "version 9 does not exist");
+            assert!(matches!(&error, StoreError::MissingVersions(v) if *v == [9]));
+        }
+        other => panic!("expected MissingVersions, got {other:?}"),
+    }
+
+    for to in [Previous, Revision(1), Version(2)] {
         match rollback("nope", to).await {
             Err(StoreError::AliasNotFound { alias }) => assert_eq!(alias, "nope"),
             other => panic!("{to:?}: expected AliasNotFound, got {other:?}"),
         }
+    }
+
+    let ghost = ids::function_id();
+    match store
+        .rollback_alias(&ghost, "prod", Version(2), None, "alice")
+        .await
+    {
+        Err(StoreError::NotFound(message)) => {
+            assert_eq!(message, format!("function {ghost:?} not found"))
+        }
+        other => panic!("expected NotFound, got {other:?}"),
     }
 
     // Nothing was written by any of the refusals.
@@ -1709,12 +1975,20 @@ async fn rollback_to_a_deleted_version_is_refused(store: &dyn MetadataStore) {
             "alice",
         )
         .await
-        .unwrap();
+        .unwrap()
+        .alias;
     assert!(store.delete_version(&function.id, 2).await.unwrap());
 
-    // Revision 1 routed to the deleted version 2.
-    for to in [None, Some(1)] {
-        match store.rollback_alias(&function.id, "prod", to, "bob").await {
+    // Revision 1 routed to the deleted version 2; `Version(2)` names it directly.
+    for to in [
+        RollbackTarget::Previous,
+        RollbackTarget::Revision(1),
+        RollbackTarget::Version(2),
+    ] {
+        match store
+            .rollback_alias(&function.id, "prod", to, None, "bob")
+            .await
+        {
             Err(error @ StoreError::MissingVersions(_)) => {
                 assert_eq!(error.to_string(), "version 2 does not exist");
                 assert!(matches!(&error, StoreError::MissingVersions(v) if *v == [2]));
@@ -1776,7 +2050,8 @@ async fn alias_history_pages_newest_first_per_function(store: &dyn MetadataStore
         let changed = store
             .update_alias(&function.id, "prod", &change(None, Some(&description)), &by)
             .await
-            .unwrap();
+            .unwrap()
+            .alias;
         entries.push(entry(
             &changed,
             AliasAction::Update,
@@ -1963,6 +2238,11 @@ async fn concurrent_alias_updates_get_consecutive_revisions(store: &dyn Metadata
         }
     });
     let results = futures::future::join_all(updates).await;
+    // Every writer's description differs from the one before it, so each one wrote.
+    assert!(results
+        .iter()
+        .all(|w| w.changed && w.restored_revision.is_none()));
+    let results: Vec<FunctionAlias> = results.into_iter().map(|w| w.alias).collect();
     let mut revisions: Vec<u32> = results.iter().map(|a| a.revision).collect();
     revisions.sort_unstable();
     assert_eq!(revisions, (2..=21).collect::<Vec<_>>());
@@ -2019,7 +2299,7 @@ async fn deleting_a_version_never_strands_an_alias(store: &dyn MetadataStore) {
             // The update went first; the delete found `prod` routing to 2.
             (Err(StoreError::VersionInUse { version, aliases }), Ok(prod)) => {
                 assert_eq!((version, aliases), (2, vec!["prod".to_string()]));
-                assert_eq!(prod.routing, single(2));
+                assert_eq!((prod.alias.routing, prod.changed), (single(2), true));
             }
             other => panic!("round {round}: {other:?}"),
         }
@@ -2037,6 +2317,391 @@ async fn deleting_a_version_never_strands_an_alias(store: &dyn MetadataStore) {
             exists || named.is_empty(),
             "round {round}: {named:?} route to deleted version 2"
         );
+    }
+}
+
+async fn update_alias_that_changes_nothing_writes_no_revision(store: &dyn MetadataStore) {
+    let (mut function, _) = create(store, "idle").await;
+    publish_new(store, &mut function, "v2", &[]).await;
+    let canary = table(&[(1, 90), (2, 10)]);
+    let r1 = store
+        .create_alias(
+            &new_alias(&function, "prod", canary.clone(), "canary"),
+            "ops",
+        )
+        .await
+        .unwrap();
+    let created = history(store, &function, "prod").await;
+    let update = |change: AliasChange, by: &'static str| {
+        let id = function.id.clone();
+        async move { store.update_alias(&id, "prod", &change, by).await.unwrap() }
+    };
+
+    // What is there already, field by field, both, guarded, or nothing at all.
+    pause().await;
+    for same in [
+        change(None, None),
+        change(Some(table(&[(1, 90), (2, 10)])), None),
+        change(None, Some("canary")),
+        change(Some(canary.clone()), Some("canary")),
+        guarded(change(Some(canary.clone()), Some("canary")), 1),
+    ] {
+        assert_eq!(
+            update(same.clone(), "alice").await,
+            unchanged(&r1),
+            "{same:?}"
+        );
+    }
+    // Revision and timestamp stay, and the history lists no change.
+    assert_eq!(get_alias(store, &function, "prod").await, r1);
+    assert_eq!(history(store, &function, "prod").await, created);
+
+    // The same routing with a new description is a change.
+    pause().await;
+    let w2 = update(change(Some(canary.clone()), Some("steady")), "bob").await;
+    let r2 = FunctionAlias {
+        description: "steady".into(),
+        revision: 2,
+        updated_at: w2.alias.updated_at,
+        ..r1.clone()
+    };
+    assert_eq!(w2, written(&r2, None));
+    assert!(r2.updated_at > r1.updated_at);
+    assert_eq!(get_alias(store, &function, "prod").await, r2);
+    assert_eq!(
+        history(store, &function, "prod").await,
+        page(
+            vec![
+                entry(&r2, AliasAction::Update, Some(canary), None, "bob"),
+                created.items[0].clone(),
+            ],
+            2
+        )
+    );
+}
+
+/// Fails unless `outcome` is the `RevisionMismatch` of alias `prod`, which the caller
+/// expected at revision `expected` but is at `current`.
+fn expect_mismatch(
+    outcome: Result<AliasWrite, StoreError>,
+    expected: u32,
+    current: u32,
+    what: &str,
+) {
+    let error = match outcome {
+        Err(error) => error,
+        Ok(write) => panic!("{what}: expected RevisionMismatch, got {write:?}"),
+    };
+    match &error {
+        StoreError::RevisionMismatch {
+            alias,
+            expected: e,
+            current: c,
+        } => assert_eq!(
+            (alias.as_str(), *e, *c),
+            ("prod", expected, current),
+            "{what}"
+        ),
+        other => panic!("{what}: expected RevisionMismatch, got {other:?}"),
+    }
+    assert_eq!(
+        error.to_string(),
+        format!("alias \"prod\" is at revision {current}, not {expected}: it changed meanwhile"),
+        "{what}"
+    );
+}
+
+async fn guarded_alias_changes_refuse_a_stale_revision(store: &dyn MetadataStore) {
+    use RollbackTarget::{Previous, Revision, Version};
+    let (mut function, _) = create(store, "optimistic").await;
+    publish_new(store, &mut function, "v2", &[]).await;
+    publish_new(store, &mut function, "v3", &[]).await;
+    let r1 = create_alias(store, &function, "prod", single(1)).await;
+    let id = function.id.as_str();
+
+    // At the expected revision, the change applies.
+    let w2 = store
+        .update_alias(
+            id,
+            "prod",
+            &guarded(change(Some(single(2)), None), 1),
+            "alice",
+        )
+        .await
+        .unwrap();
+    let r2 = FunctionAlias {
+        routing: single(2),
+        revision: 2,
+        updated_at: w2.alias.updated_at,
+        ..r1.clone()
+    };
+    assert_eq!(w2, written(&r2, None));
+    let at_r2 = history(store, &function, "prod").await;
+
+    // A writer that last saw revision 1 (or one not yet written) is refused, even when its
+    // change would change nothing, so it learns that it acted on a stale view.
+    let stale_updates = [
+        (change(Some(single(3)), Some("mine")), 1),
+        (change(Some(single(2)), None), 1),
+        (change(None, Some("ahead")), 3),
+    ];
+    for (stale, expected) in stale_updates {
+        let outcome = store
+            .update_alias(id, "prod", &guarded(stale.clone(), expected), "bob")
+            .await;
+        expect_mismatch(outcome, expected, 2, &format!("update {stale:?}"));
+    }
+    for target in [Previous, Revision(1), Version(3)] {
+        let outcome = store
+            .rollback_alias(id, "prod", target, Some(1), "bob")
+            .await;
+        expect_mismatch(outcome, 1, 2, &format!("rollback {target:?}"));
+    }
+    // Nothing was written by any of the refusals.
+    assert_eq!(get_alias(store, &function, "prod").await, r2);
+    assert_eq!(history(store, &function, "prod").await, at_r2);
+
+    // A rollback guarded by the current revision applies, and then guards on 2 are stale.
+    let w3 = store
+        .rollback_alias(id, "prod", Previous, Some(2), "carol")
+        .await
+        .unwrap();
+    let r3 = FunctionAlias {
+        routing: single(1),
+        revision: 3,
+        updated_at: w3.alias.updated_at,
+        ..r2.clone()
+    };
+    assert_eq!(w3, written(&r3, Some(1)));
+    let outcome = store
+        .update_alias(id, "prod", &guarded(change(None, Some("late")), 2), "dave")
+        .await;
+    expect_mismatch(outcome, 2, 3, "update after the rollback");
+    assert_eq!(get_alias(store, &function, "prod").await, r3);
+    assert_eq!(history(store, &function, "prod").await.total, 3);
+}
+
+async fn concurrent_guarded_updates_let_one_writer_through(store: &dyn MetadataStore) {
+    let (mut function, _) = create(store, "contested").await;
+    publish_new(store, &mut function, "v2", &[]).await;
+    create_alias(store, &function, "prod", single(1)).await;
+    // Every writer saw revision 1. The guard is checked under the function's lock, so the
+    // first to get it writes revision 2 and every other one finds revision 2.
+    let writers = (0..6u32).map(|i| {
+        let id = function.id.clone();
+        async move {
+            let routing = single(1 + i % 2);
+            let change = guarded(change(Some(routing), Some(&format!("writer {i}"))), 1);
+            store
+                .update_alias(&id, "prod", &change, &format!("writer{i}"))
+                .await
+        }
+    });
+    let mut winners = Vec::new();
+    for (i, outcome) in futures::future::join_all(writers)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        match outcome {
+            Ok(write) => winners.push((i, write)),
+            refused => expect_mismatch(refused, 1, 2, &format!("writer {i}")),
+        }
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let (i, write) = &winners[0];
+    assert_eq!(
+        (
+            write.changed,
+            write.alias.revision,
+            write.alias.description.as_str()
+        ),
+        (true, 2, format!("writer {i}").as_str())
+    );
+    assert_eq!(get_alias(store, &function, "prod").await, write.alias);
+    assert_eq!(history(store, &function, "prod").await.total, 2);
+}
+
+async fn rollback_to_previous_skips_description_only_changes(store: &dyn MetadataStore) {
+    let (mut function, _) = create(store, "reworded").await;
+    publish_new(store, &mut function, "v2", &[]).await;
+    create_alias(store, &function, "prod", single(1)).await;
+    let update = |change: AliasChange| {
+        let id = function.id.clone();
+        async move {
+            let write = store.update_alias(&id, "prod", &change, "alice").await;
+            write.unwrap().alias
+        }
+    };
+    let previous = |by: &'static str| {
+        let id = function.id.clone();
+        async move {
+            store
+                .rollback_alias(&id, "prod", RollbackTarget::Previous, None, by)
+                .await
+                .unwrap()
+        }
+    };
+    update(change(Some(single(2)), Some("moved"))).await;
+    update(change(None, Some("reworded"))).await;
+    let r4 = update(change(None, Some("reworded again"))).await;
+
+    // Revisions 3 and 2 route as revision 4 does: the last change of routing was revision
+    // 2's, so `Previous` restores revision 1's routing (keeping the current description).
+    let w5 = previous("bob").await;
+    let r5 = FunctionAlias {
+        routing: single(1),
+        revision: 5,
+        updated_at: w5.alias.updated_at,
+        ..r4.clone()
+    };
+    assert_eq!(w5, written(&r5, Some(1)));
+    assert_eq!(
+        history(store, &function, "prod").await.items[0],
+        entry(&r5, AliasAction::Rollback, Some(single(2)), Some(1), "bob")
+    );
+
+    // A description-only change after the rollback is passed over too: `Previous` now
+    // undoes the rollback, restoring revision 4's routing.
+    let r6 = update(change(None, Some("after the rollback"))).await;
+    let w7 = previous("carol").await;
+    let r7 = FunctionAlias {
+        routing: single(2),
+        revision: 7,
+        updated_at: w7.alias.updated_at,
+        ..r6.clone()
+    };
+    assert_eq!(w7, written(&r7, Some(4)));
+    assert_eq!(get_alias(store, &function, "prod").await, r7);
+    assert_eq!(
+        history(store, &function, "prod").await.items[0],
+        entry(
+            &r7,
+            AliasAction::Rollback,
+            Some(single(1)),
+            Some(4),
+            "carol"
+        )
+    );
+    assert_eq!(history(store, &function, "prod").await.total, 7);
+}
+
+async fn rollback_to_a_version_routes_all_traffic_to_it(store: &dyn MetadataStore) {
+    use RollbackTarget::Version;
+    let (mut function, _) = create(store, "pinned").await;
+    publish_new(store, &mut function, "v2", &[]).await;
+    publish_new(store, &mut function, "v3", &[]).await;
+    let canary = table(&[(1, 90), (2, 10)]);
+    let r1 = store
+        .create_alias(
+            &new_alias(&function, "prod", canary.clone(), "canary"),
+            "ops",
+        )
+        .await
+        .unwrap();
+    let rollback = |to: RollbackTarget, expected: Option<u32>, by: &'static str| {
+        let id = function.id.clone();
+        async move { store.rollback_alias(&id, "prod", to, expected, by).await }
+    };
+
+    // Out of a canary, all traffic to one of its versions; the description stays. The
+    // routing is named, not taken from the history, so no revision is restored.
+    pause().await;
+    let w2 = rollback(Version(1), Some(1), "carol").await.unwrap();
+    let r2 = FunctionAlias {
+        routing: single(1),
+        revision: 2,
+        updated_at: w2.alias.updated_at,
+        ..r1.clone()
+    };
+    assert_eq!(w2, written(&r2, None));
+    assert!(r2.updated_at > r1.updated_at);
+    // Also to a version the alias never routed to.
+    let w3 = rollback(Version(3), None, "dave").await.unwrap();
+    let r3 = FunctionAlias {
+        routing: single(3),
+        revision: 3,
+        updated_at: w3.alias.updated_at,
+        ..r2.clone()
+    };
+    assert_eq!(w3, written(&r3, None));
+
+    match rollback(Version(3), None, "erin").await {
+        Err(StoreError::NothingToRollBack(message)) => assert_eq!(
+            message,
+            "alias \"prod\" already sends all traffic to version 3"
+        ),
+        other => panic!("expected NothingToRollBack, got {other:?}"),
+    }
+    // Never published (9), or deleted since (2: only the history still names it).
+    assert!(store.delete_version(&function.id, 2).await.unwrap());
+    for version in [9, 2] {
+        match rollback(Version(version), None, "erin").await {
+            Err(error @ StoreError::MissingVersions(_)) => {
+                assert_eq!(
+                    error.to_string(),
+                    format!("version {version} does not exist")
+                );
+                assert!(matches!(&error, StoreError::MissingVersions(v) if *v == [version]));
+            }
+            other => panic!("{version}: expected MissingVersions, got {other:?}"),
+        }
+    }
+
+    assert_eq!(get_alias(store, &function, "prod").await, r3);
+    use AliasAction::{Create, Rollback};
+    assert_eq!(
+        history(store, &function, "prod").await,
+        page(
+            vec![
+                entry(&r3, Rollback, Some(single(1)), None, "dave"),
+                entry(&r2, Rollback, Some(canary), None, "carol"),
+                entry(&r1, Create, None, None, "ops"),
+            ],
+            3
+        )
+    );
+}
+
+async fn deleting_a_function_while_its_aliases_change_never_deadlocks(store: &dyn MetadataStore) {
+    // Before `delete_function` locked the function row first, it took the alias rows before
+    // the function row while alias changes take them the other way round: on PostgreSQL
+    // the two deadlocked, and one failed with a `Backend` error.
+    for round in 0..10 {
+        let (mut function, _) = create(store, &format!("doomed-{round}")).await;
+        publish_new(store, &mut function, "v2", &[]).await;
+        create_alias(store, &function, "prod", single(1)).await;
+        let updates = (0..4u32).map(|i| {
+            let id = function.id.clone();
+            async move {
+                let name = if i % 2 == 0 { "prod" } else { "latest" };
+                let change = change(Some(single(1 + i % 2)), Some(&format!("writer {i}")));
+                store.update_alias(&id, name, &change, "alice").await
+            }
+        });
+        let (updated, deleted) = tokio::join!(
+            futures::future::join_all(updates),
+            store.delete_function(&function.id),
+        );
+        match deleted {
+            Ok(true) => {}
+            other => panic!("round {round}: delete_function: {other:?}"),
+        }
+        for (i, outcome) in updated.into_iter().enumerate() {
+            match outcome {
+                // Before the delete: each writer's description is new, so it wrote.
+                Ok(write) => assert!(write.changed, "round {round}, writer {i}"),
+                // After it.
+                Err(StoreError::NotFound(_) | StoreError::AliasNotFound { .. }) => {}
+                Err(other) => panic!("round {round}, writer {i}: {other:?}"),
+            }
+        }
+        // Nothing of the function is left, whatever the order.
+        assert_eq!(store.get_function(&function.id).await.unwrap(), None);
+        assert_eq!(store.list_aliases(&function.id).await.unwrap(), vec![]);
+        for name in ["prod", "latest"] {
+            assert_eq!(history(store, &function, name).await, page(vec![], 0));
+        }
     }
 }
 

@@ -31,7 +31,7 @@ enum Command {
     Version(client::versions::VersionArgs),
     /// Manage aliases: named routes to one version or a weighted split (canary releases).
     Alias(client::aliases::AliasArgs),
-    /// Undo an alias's last change, or route it entirely to one version with --to.
+    /// Undo an alias's last routing change, or route it entirely to one version with --to.
     Rollback(client::aliases::RollbackArgs),
     /// Invoke a function and print what it returned.
     Invoke(client::invoke::InvokeArgs),

@@ -56,9 +56,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    // On stdout, so a supervisor or test that listens on port 0 learns the real address.
+    println!("Nimbus is listening on http://{addr}");
     if args.example {
         deploy_example(&engine).await?;
-        println!("Nimbus is listening on http://{addr}");
         println!("Try the example function:");
         println!("  curl -s -X POST http://{addr}/api/v1/functions/{EXAMPLE_NAME}/invoke -d '{{\"name\":\"Nimbus\"}}'");
     }

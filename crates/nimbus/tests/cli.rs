@@ -2,10 +2,11 @@
 //! runs as a server on a free loopback port with a temporary data directory, and the CLI
 //! commands run against it as subprocesses, as a user would run them.
 
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -21,39 +22,35 @@ struct Server {
 impl Server {
     fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let listen = format!("127.0.0.1:{port}");
-        let child = Command::new(BIN)
-            .args(["server", "--listen", &listen, "--data-dir"])
+        let mut child = Command::new(BIN)
+            .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path().join("data"))
             .env("NIMBUS_LOG", "warn")
             .env_remove("NIMBUS_API_KEYS")
             .env_remove("NIMBUS_CONFIG")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut server = Server {
+        // The server prints the address the kernel gave it once it listens; reading it
+        // cannot race with another test for a port. The reader keeps draining stdout so
+        // the server never blocks on a full pipe.
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("Nimbus is listening on ") {
+                    let _ = tx.send(url.to_owned());
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the server did not listen within 30 s");
+        Server {
             child,
-            url: format!("http://{listen}"),
+            url,
             _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(&listen).is_err() {
-            assert!(
-                server.child.try_wait().unwrap().is_none(),
-                "the server exited early"
-            );
-            assert!(
-                Instant::now() < deadline,
-                "the server did not listen within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
         }
-        server
     }
 
     /// Runs `nimbus <args>` against this server.
@@ -495,7 +492,7 @@ fn versions_aliases_and_a_canary_rollout() {
     // The one-liner sends everything to version 2.
     let out = server.ok(&["rollback", "shop", "--alias", "prod", "--to", "2"]);
     assert!(
-        out.starts_with("prod of shop now routes all traffic to version 2 (revision 3)\n"),
+        out.starts_with("prod of shop rolled back to version 2 (now revision 3)\n"),
         "{out}"
     );
     assert_eq!(invoke(&["--alias", "prod"]), "v2");
@@ -503,7 +500,7 @@ fn versions_aliases_and_a_canary_rollout() {
     let history = server.ok(&["alias", "history", "shop", "prod"]);
     let newest = line_starting(&history, "3");
     assert!(
-        newest.contains(" update  v2 100%  ") && newest.ends_with("  v1 90% · v2 10%"),
+        newest.contains(" rollback  v2 100%  ") && newest.ends_with("  v1 90% · v2 10%"),
         "{history}"
     );
     assert!(
@@ -515,7 +512,7 @@ fn versions_aliases_and_a_canary_rollout() {
     // Undo the last change, then go back to the first routing.
     let out = server.ok(&["alias", "rollback", "shop", "prod"]);
     assert!(
-        out.starts_with("prod rolled back to revision 2 (now revision 4)\n")
+        out.starts_with("prod of shop rolled back to the routing of revision 2 (now revision 4)\n")
             && out.ends_with(&split),
         "{out}"
     );
@@ -541,7 +538,10 @@ fn versions_aliases_and_a_canary_rollout() {
 
     // `nimbus rollback` without --to undoes the publish that moved latest.
     let out = server.ok(&["rollback", "shop"]);
-    assert!(out.starts_with("latest rolled back to revision 1"), "{out}");
+    assert!(
+        out.starts_with("latest of shop rolled back to the routing of revision 1"),
+        "{out}"
+    );
     assert_eq!(invoke(&[]), "v1");
 
     // Publishing with --alias moves that alias too; version 2 is then unrouted.
@@ -565,6 +565,9 @@ fn versions_aliases_and_a_canary_rollout() {
 
     let err = server.fails(&["alias", "delete", "shop", "latest"]);
     assert!(err.contains("(alias_protected)"), "{err}");
+    // A dot segment would address another resource once the URL is resolved.
+    let err = server.fails(&["alias", "delete", "shop", ".."]);
+    assert!(err.contains(r#"".." is not a valid name"#), "{err}");
     let out = server.ok(&["alias", "delete", "shop", "prod"]);
     assert_eq!(out, "deleted alias prod of shop\n");
     let err = server.fails(&["alias", "get", "shop", "prod"]);

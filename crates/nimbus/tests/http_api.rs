@@ -453,7 +453,7 @@ async fn metrics_and_ops_endpoints() {
         r#"nimbus_pool_instances{runtime="python3.11",state="idle"} 1"#,
         r#"nimbus_invocation_duration_ms_bucket{start_type="warm",le="#,
         r#"nimbus_version_publish_total{function="m"} 1"#,
-        r#"nimbus_invocation_by_version_total{function="m",version="1",alias="latest"} 2"#,
+        r#"nimbus_invocation_by_version_total{function="m",version="1",alias="latest",status="success"} 2"#,
     ] {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }

@@ -64,6 +64,9 @@ pub enum AliasCommand {
         /// New description.
         #[arg(long, value_name = "TEXT")]
         description: Option<String>,
+        /// Apply only if the alias is still at this revision (nobody changed it meanwhile).
+        #[arg(long, value_name = "N")]
+        expected_revision: Option<u32>,
     },
     /// Delete an alias (`latest` cannot be deleted).
     Delete {
@@ -85,7 +88,8 @@ pub enum AliasCommand {
         #[arg(long, default_value_t = 0)]
         offset: u32,
     },
-    /// Restore an earlier routing: the one before the last change, or a given revision's.
+    /// Restore an earlier routing: the one before the last routing change, or a given
+    /// revision's.
     Rollback {
         /// Function name or id.
         function: String,
@@ -94,6 +98,9 @@ pub enum AliasCommand {
         /// Restore the routing of this revision (see `nimbus alias history`).
         #[arg(long, value_name = "N")]
         to_revision: Option<u32>,
+        /// Apply only if the alias is still at this revision (nobody changed it meanwhile).
+        #[arg(long, value_name = "N")]
+        expected_revision: Option<u32>,
     },
 }
 
@@ -105,9 +112,13 @@ pub struct RollbackArgs {
     /// The alias to roll back.
     #[arg(long, value_name = "NAME", default_value = nimbus_core::LATEST_ALIAS)]
     pub alias: String,
-    /// Route the alias entirely to this version [default: undo the alias's last change].
+    /// Route the alias entirely to this version [default: undo the alias's last routing
+    /// change].
     #[arg(long, value_name = "VERSION")]
     pub to: Option<u32>,
+    /// Apply only if the alias is still at this revision (nobody changed it meanwhile).
+    #[arg(long, value_name = "N")]
+    pub expected_revision: Option<u32>,
     /// Server, API key and output format.
     #[command(flatten)]
     pub conn: Connection,
@@ -173,8 +184,12 @@ pub async fn run(args: AliasArgs) -> Result<(), CliError> {
             name,
             routing,
             description,
+            expected_revision,
         } => {
             let mut body = json!({});
+            if let Some(revision) = expected_revision {
+                body["expected_revision"] = json!(revision);
+            }
             if let Some(routing) = routing.routing() {
                 body["routing_config"] = json!(routing);
             }
@@ -229,40 +244,23 @@ pub async fn run(args: AliasArgs) -> Result<(), CliError> {
             function,
             name,
             to_revision,
+            expected_revision,
         } => {
-            let body = match to_revision {
-                Some(n) => json!({ "to_revision": n }),
-                None => json!({}),
-            };
+            let body =
+                json!({ "to_revision": to_revision, "expected_revision": expected_revision });
             roll_back(&client, &function, &name, &body, json).await?;
         }
     }
     Ok(())
 }
 
-/// Runs `nimbus rollback`: routes the alias entirely to `--to`, or undoes its last change.
+/// Runs `nimbus rollback`: routes the alias entirely to `--to`, or undoes its last routing
+/// change.
 pub async fn run_rollback(args: RollbackArgs) -> Result<(), CliError> {
     let client = Client::from_connection(&args.conn)?;
     let json = args.conn.output == Output::Json;
-    let Some(version) = args.to else {
-        return roll_back(&client, &args.function, &args.alias, &json!({}), json).await;
-    };
-    let body = json!({ "routing_config": nimbus_core::RoutingConfig::single(version) });
-    let alias = client
-        .call(Method::PUT, &alias_path(&args.function, &args.alias), &body)
-        .await?;
-    if json {
-        print_json(&alias);
-    } else {
-        let headline = format!(
-            "{} of {} now routes all traffic to version {version} (revision {})",
-            text(&alias["name"]),
-            args.function,
-            text(&alias["revision"])
-        );
-        print!("{}", change_text(&headline, &alias));
-    }
-    Ok(())
+    let body = json!({ "to_version": args.to, "expected_revision": args.expected_revision });
+    roll_back(&client, &args.function, &args.alias, &body, json).await
 }
 
 /// `POST …/rollback` and what the alias routes to afterwards.
@@ -283,10 +281,17 @@ async fn roll_back(
     if json {
         print_json(&alias);
     } else {
+        // A rollback restores a revision's routing, or sends everything to one version.
+        let to = match alias["restored_revision"].as_u64() {
+            Some(revision) => format!("the routing of revision {revision}"),
+            None => format!(
+                "version {}",
+                text(&alias["routing_config"]["weights"][0]["version"])
+            ),
+        };
         let headline = format!(
-            "{} rolled back to revision {} (now revision {})",
+            "{} of {function} rolled back to {to} (now revision {})",
             text(&alias["name"]),
-            text(&alias["restored_revision"]),
             text(&alias["revision"])
         );
         print!("{}", change_text(&headline, &alias));

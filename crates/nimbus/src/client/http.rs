@@ -130,6 +130,11 @@ impl Client {
         query: &[(&str, String)],
         body: Option<Vec<u8>>,
     ) -> Result<Reply, CliError> {
+        // URLs resolve `.` and `..` segments, so such a name would address another
+        // resource (`alias delete shop ..` would become `DELETE /functions/shop/`).
+        if let Some(dots) = path.split('/').find(|s| matches!(*s, "." | "..")) {
+            return Err(CliError::Usage(format!("{dots:?} is not a valid name")));
+        }
         self.send_raw(method, &format!("/api/v1{path}"), query, body)
             .await
     }

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)] // Each test crate uses a different part of the harness.
 
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -27,14 +27,6 @@ pub struct Server {
     pub database_url: String,
     pub schema: Option<String>,
     pub key: Option<String>,
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 pub fn psql(sql: &str) {
@@ -111,12 +103,12 @@ impl Server {
         peer
     }
 
+    /// Starts the server on a port the kernel picks and waits until it answers.
     pub async fn spawn(&mut self, args: &[&str]) {
-        let port = free_port();
         self.child = Command::new(env!("CARGO_BIN_EXE_nimbus"))
             .arg("server")
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(self.dir.path())
             .arg("--database-url")
@@ -124,10 +116,28 @@ impl Server {
             .args(args)
             .env("NIMBUS_LOG", "warn")
             .env_remove("NIMBUS_API_KEYS")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        self.base = format!("http://127.0.0.1:{port}");
+        // The server prints the address it bound; reading it (rather than picking a free
+        // port first) cannot race with another test for the same port.
+        let stdout = self.child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("Nimbus is listening on ") {
+                    if !sent {
+                        let _ = tx.send(url.to_owned());
+                        sent = true;
+                    }
+                }
+            }
+        });
+        self.base = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+            .await
+            .unwrap()
+            .expect("the server did not report its address within 30 s");
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(r) = self.http.get(format!("{}/health", self.base)).send().await {
