@@ -286,15 +286,15 @@ impl Engine {
             }
             Ok(Err(WorkerError::Closed)) => {
                 let mut instance = lease.retire();
-                let how = match instance.exit_info().await {
-                    Some(exit) => exit.to_string(),
-                    None => "closed its connection".into(),
-                };
+                let exit = instance.exit_info().await;
                 tokio::spawn(instance.kill());
-                failed(
-                    "instance_crashed",
-                    format!("the instance {how} during the invocation"),
-                )
+                let how = exit.map_or("closed its connection".into(), |e| e.to_string());
+                let code = if exit.is_some_and(|e| e.out_of_memory) {
+                    "out_of_memory"
+                } else {
+                    "instance_crashed"
+                };
+                failed(code, format!("the instance {how} during the invocation"))
             }
             Ok(Err(e)) => {
                 tokio::spawn(lease.retire().kill());

@@ -357,6 +357,7 @@ impl Pools {
             args: command.args,
             env,
             workdir: version.code_dir.clone(),
+            visible: command.visible,
             memory_mb: config.memory_mb,
         };
         let launched = self

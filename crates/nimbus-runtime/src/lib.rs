@@ -25,6 +25,9 @@ pub struct RuntimeCommand {
     pub args: Vec<String>,
     /// Environment the runtime itself needs (the function's variables are added by the engine).
     pub env: Vec<(String, String)>,
+    /// Host paths the worker reads besides the function's code and the shared libraries: the
+    /// interpreter, its standard library, the worker's own files. A sandbox shows only these.
+    pub visible: Vec<PathBuf>,
 }
 
 /// Runtime settings from the server configuration.

@@ -114,7 +114,21 @@ impl PythonRuntime {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            visible: self.visible(),
         }
+    }
+
+    /// The interpreter, the worker's files, and the installation prefix when it is not the
+    /// system's (`/usr/lib/python3.11` is among the shared libraries a sandbox shows anyway;
+    /// an interpreter under `/opt/python` needs `/opt/python`).
+    fn visible(&self) -> Vec<PathBuf> {
+        let mut visible = vec![self.interpreter.clone(), self.runtime_dir.clone()];
+        if let Some(prefix) = self.interpreter.parent().and_then(Path::parent) {
+            if prefix != Path::new("/usr") && prefix != Path::new("/") {
+                visible.push(prefix.to_path_buf());
+            }
+        }
+        visible
     }
 
     /// `/usr/bin/python3.11 (3.11.2)`.

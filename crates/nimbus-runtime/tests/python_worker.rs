@@ -52,6 +52,7 @@ async fn launch(files: &[(&str, &str)], handler: &str, env: &[(&str, &str)]) -> 
         args: command.args,
         env: vars,
         workdir: code.path().to_owned(),
+        visible: command.visible,
         memory_mb: 128,
     };
     let launched = ProcessDriver::new().launch(&spec).await.unwrap();

@@ -8,7 +8,11 @@
 //! Drivers: [`process::ProcessDriver`] (child processes). A microVM driver implements the
 //! same trait, exposing the guest's vsock as a host Unix socket.
 
+pub mod cgroup;
+pub mod init;
+pub mod isolation;
 pub mod process;
+pub mod seccomp;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -34,6 +38,9 @@ pub struct LaunchSpec {
     pub env: Vec<(String, String)>,
     /// Working directory: the function's unpacked code.
     pub workdir: PathBuf,
+    /// Host paths the worker must be able to read besides its code (the runtime's files);
+    /// an isolating driver shows it nothing else of the host.
+    pub visible: Vec<PathBuf>,
     /// Memory limit, MiB.
     pub memory_mb: u32,
 }
@@ -45,10 +52,15 @@ pub struct ExitInfo {
     pub code: Option<i32>,
     /// Signal number, if a signal killed it.
     pub signal: Option<i32>,
+    /// The kernel killed it for exceeding its memory limit.
+    pub out_of_memory: bool,
 }
 
 impl fmt::Display for ExitInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.out_of_memory {
+            return f.write_str("was killed for exceeding its memory limit");
+        }
         match (self.code, self.signal) {
             (Some(code), _) => write!(f, "exited with code {code}"),
             (None, Some(signal)) => {

@@ -1,29 +1,46 @@
 //! The process driver: each worker is a child process in its own process group, tied to
-//! the server's life (it gets SIGKILL if the server dies), with a clean environment and the
-//! host connection on fd 3.
+//! the server's life (it gets SIGKILL if the server dies), with the host connection on fd 3.
 //!
-//! Namespaces, cgroups and seccomp are added here by the isolation work; the driver's
-//! contract does not change.
+//! Isolated (the default of the server), the child is the sandbox [`init`](crate::init),
+//! started inside the instance's cgroup slot (joined before exec, so everything it starts is
+//! in it from its first instruction), which builds the namespaces, mounts and identity and
+//! execs the worker. Without isolation (`--insecure-no-isolation`, and tests of the driver
+//! itself) the worker is started directly with a clean environment.
 
+use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Stdio;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
+use crate::cgroup::CgroupSlot;
+use crate::isolation::Isolation;
 use crate::{Driver, DriverError, ExitInfo, LaunchSpec, Launched, Sandbox, WORKER_SOCKET_FD};
 
-/// Starts workers as plain child processes.
+/// Starts workers as child processes, isolated or not.
 #[derive(Debug, Default, Clone)]
-pub struct ProcessDriver;
+pub struct ProcessDriver {
+    isolation: Option<Arc<Isolation>>,
+}
 
 impl ProcessDriver {
-    /// A process driver.
+    /// A driver that starts workers as plain child processes: no namespaces, cgroups or
+    /// seccomp. For trusted code only.
     pub fn new() -> Self {
-        ProcessDriver
+        ProcessDriver { isolation: None }
+    }
+
+    /// A driver that starts every worker in its own sandbox.
+    pub fn isolated(isolation: Arc<Isolation>) -> Self {
+        ProcessDriver {
+            isolation: Some(isolation),
+        }
     }
 }
 
@@ -45,17 +62,42 @@ impl Driver for ProcessDriver {
         let worker_fd: OwnedFd = worker.into();
         let raw = worker_fd.as_raw_fd();
 
-        let mut cmd = Command::new(&spec.program);
-        cmd.args(&spec.args)
-            .env_clear()
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(&spec.workdir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
+        let (mut cmd, slot, init_spec) = match &self.isolation {
+            Some(isolation) => {
+                let slot = isolation
+                    .slot(spec.memory_mb)
+                    .map_err(|e| fail(format!("cgroup: {e}")))?;
+                let init_spec = serde_json::to_vec(&isolation.init_spec(spec, &slot))
+                    .map_err(|e| fail(format!("encoding the sandbox spec: {e}")))?;
+                let (program, args) = isolation.init_command();
+                let mut cmd = Command::new(program);
+                // The worker's environment travels in the spec, not in the init's.
+                cmd.args(args)
+                    .env_clear()
+                    .current_dir("/")
+                    .stdin(Stdio::piped());
+                (cmd, Some(slot), Some(init_spec))
+            }
+            None => {
+                let mut cmd = Command::new(&spec.program);
+                cmd.args(&spec.args)
+                    .env_clear()
+                    .envs(spec.env.iter().map(|(k, v)| (k, v)))
+                    .current_dir(&spec.workdir)
+                    .stdin(Stdio::null());
+                (cmd, None, None)
+            }
+        };
+        cmd.stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
+        let join: Vec<CString> = slot
+            .as_ref()
+            .map(|s| s.procs_files().to_vec())
+            .unwrap_or_default();
         // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe system calls (setsid, prctl, dup2, fcntl).
+        // async-signal-safe system calls (setsid, prctl, dup2, fcntl, open, write, close)
+        // on data prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setsid() < 0 {
@@ -72,13 +114,28 @@ impl Driver for ProcessDriver {
                 } else if libc::dup2(raw, WORKER_SOCKET_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // Join the instance's cgroups ("0" is the writer itself).
+                for procs in &join {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                }
                 Ok(())
             });
         }
-        let child = cmd
+        let program = cmd.as_std().get_program().to_owned();
+        let mut child = cmd
             .spawn()
-            .map_err(|e| fail(format!("spawn {}: {e}", spec.program.display())))?;
+            .map_err(|e| fail(format!("spawn {}: {e}", program.to_string_lossy())))?;
         drop(worker_fd);
+        if let (Some(init_spec), Some(mut stdin)) = (init_spec, child.stdin.take()) {
+            stdin
+                .write_all(&init_spec)
+                .await
+                .map_err(|e| fail(format!("sending the sandbox spec: {e}")))?;
+        }
         let stream = UnixStream::from_std(host).map_err(|e| fail(format!("socket: {e}")))?;
         let pid = child.id().unwrap_or(0);
         Ok(Launched {
@@ -87,33 +144,37 @@ impl Driver for ProcessDriver {
                 child,
                 pid,
                 exit: None,
+                slot,
             }),
         })
     }
 }
 
-/// A worker running as a child process group.
+/// A worker running as a child process group (and, isolated, in its cgroup slot).
 #[derive(Debug)]
 struct ProcessSandbox {
     child: Child,
     pid: u32,
     exit: Option<ExitInfo>,
+    /// Dropped with the sandbox: whatever is left in it is killed and the slot reused.
+    slot: Option<CgroupSlot>,
 }
 
 impl ProcessSandbox {
     fn kill_group(&self) {
         if self.pid > 0 {
-            // The worker leads its own process group (setsid): this also kills what it spawned.
+            // The child leads its own process group (setsid): this also kills what it spawned.
             let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
         }
     }
-}
 
-fn exit_info(status: std::process::ExitStatus) -> ExitInfo {
-    use std::os::unix::process::ExitStatusExt;
-    ExitInfo {
-        code: status.code(),
-        signal: status.signal(),
+    fn exit_info(&self, status: std::process::ExitStatus) -> ExitInfo {
+        use std::os::unix::process::ExitStatusExt;
+        ExitInfo {
+            code: status.code(),
+            signal: status.signal(),
+            out_of_memory: self.slot.as_ref().is_some_and(CgroupSlot::oom_killed),
+        }
     }
 }
 
@@ -126,12 +187,16 @@ impl Sandbox for ProcessSandbox {
     fn kill(&mut self) {
         self.kill_group();
         let _ = self.child.start_kill();
+        if let Some(slot) = &self.slot {
+            // Whatever left the process group is still in the cgroup.
+            slot.kill_all();
+        }
     }
 
     fn try_exit(&mut self) -> Option<ExitInfo> {
         if self.exit.is_none() {
             if let Ok(Some(status)) = self.child.try_wait() {
-                self.exit = Some(exit_info(status));
+                self.exit = Some(self.exit_info(status));
             }
         }
         self.exit
@@ -142,10 +207,11 @@ impl Sandbox for ProcessSandbox {
             return exit;
         }
         let exit = match self.child.wait().await {
-            Ok(status) => exit_info(status),
+            Ok(status) => self.exit_info(status),
             Err(_) => ExitInfo {
                 code: None,
                 signal: None,
+                out_of_memory: false,
             },
         };
         self.exit = Some(exit);
@@ -172,6 +238,7 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             env: vec![("GREETING".into(), "hello".into())],
             workdir: std::env::temp_dir(),
+            visible: vec![],
             memory_mb: 128,
         }
     }

@@ -37,6 +37,10 @@ pub struct ServerArgs {
     /// Deploy the bundled example function `hello` at start (if it does not exist yet).
     #[arg(long)]
     pub example: bool,
+    /// Run functions as plain processes of the server's user, without namespaces, cgroups
+    /// or seccomp. Only for trusted code on hosts that cannot isolate (see docs/SECURITY.md).
+    #[arg(long, env = "NIMBUS_INSECURE_NO_ISOLATION")]
+    pub insecure_no_isolation: bool,
 }
 
 /// The server's settings. Field names are the keys of `nimbus.toml`.
@@ -214,6 +218,7 @@ mod tests {
             python: None,
             idle_timeout: Some(9),
             example: false,
+            insecure_no_isolation: false,
         };
         let c = ServerConfig::load(&args).unwrap();
         assert_eq!(c.listen.port(), 9000);

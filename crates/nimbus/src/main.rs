@@ -49,8 +49,22 @@ fn init_logging(default: &str) {
         .init();
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<ExitCode> {
+fn main() -> anyhow::Result<ExitCode> {
+    // The sandbox init is this binary re-executed by the server for each instance. It must
+    // stay single-threaded, so it branches off before the async runtime starts.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == server::SANDBOX_INIT)
+    {
+        nimbus_sandbox::init::main();
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     // The server logs its work; client commands only warnings, so their output stays clean.
     let server = matches!(cli.command, Command::Server(_));

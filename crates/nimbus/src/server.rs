@@ -9,9 +9,13 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use nimbus_api::{ApiKeys, AppState};
 use nimbus_engine::{Engine, NewFunction};
 use nimbus_runtime::{RuntimeSettings, Runtimes};
+use nimbus_sandbox::isolation::{Isolation, IsolationSettings};
 use nimbus_sandbox::ProcessDriver;
 
 use crate::config::{ServerArgs, ServerConfig};
+
+/// First argument that makes this binary the sandbox init (see `nimbus_sandbox::init`).
+pub const SANDBOX_INIT: &str = "__sandbox-init";
 
 const EXAMPLE_NAME: &str = "hello";
 const EXAMPLE_CODE: &str = include_str!("../../../examples/hello/handler.py");
@@ -44,12 +48,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     for line in runtimes.describe() {
         tracing::info!("runtime {line}");
     }
-    let engine = Engine::start(
-        config.engine(),
-        store,
-        Arc::new(ProcessDriver::new()),
-        runtimes,
-    );
+    let isolation = open_isolation(&args, &config)?;
+    let driver = match &isolation {
+        Some(isolation) => ProcessDriver::isolated(isolation.clone()),
+        None => ProcessDriver::new(),
+    };
+    let engine = Engine::start(config.engine(), store, Arc::new(driver), runtimes);
     tracing::info!(store = %config.database_url.split(':').next().unwrap_or(""), driver = engine.driver_name(), "engine started");
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -80,6 +84,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     engine
         .shutdown(Duration::from_secs(config.shutdown_grace_sec))
         .await;
+    if let Some(isolation) = &isolation {
+        isolation.shutdown();
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -107,6 +114,47 @@ async fn deploy_example(engine: &Engine) -> anyhow::Result<()> {
         .await
         .context("deploying the example function")?;
     Ok(())
+}
+
+/// The sandboxes' isolation, or none when `--insecure-no-isolation` says so. A host that
+/// cannot isolate is refused with what is missing.
+fn open_isolation(
+    args: &ServerArgs,
+    config: &ServerConfig,
+) -> anyhow::Result<Option<Arc<Isolation>>> {
+    if args.insecure_no_isolation {
+        tracing::warn!(
+            "isolation is OFF (--insecure-no-isolation): functions run as plain processes \
+             of the server's user and can read what it reads"
+        );
+        return Ok(None);
+    }
+    let init = (
+        std::env::current_exe().context("locating this binary to start sandboxes")?,
+        vec![SANDBOX_INIT.to_owned()],
+    );
+    let mut settings = IsolationSettings::new(init);
+    // One cgroup per data directory: servers on one host stay apart, and a restart on the
+    // same data cleans up exactly what its predecessor left.
+    settings.cgroup_name = format!(
+        "nimbus-{:016x}",
+        fnv1a(config.data_dir.as_os_str().as_encoded_bytes())
+    );
+    let isolation = Isolation::open(settings).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot isolate functions on this host: {e}\n(see docs/SECURITY.md; to run \
+             trusted code without isolation, pass --insecure-no-isolation)"
+        )
+    })?;
+    tracing::info!("isolation: {}", isolation.describe());
+    Ok(Some(Arc::new(isolation)))
+}
+
+/// FNV-1a, for a short stable name derived from a path.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// Installs the Prometheus recorder with the duration buckets the product documents.

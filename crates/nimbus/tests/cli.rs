@@ -2,6 +2,8 @@
 //! runs as a server on a free loopback port with a temporary data directory, and the CLI
 //! commands run against it as subprocesses, as a user would run them.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::Path;
@@ -97,8 +99,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        common::stop(&mut self.child);
     }
 }
 

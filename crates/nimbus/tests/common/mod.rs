@@ -215,10 +215,26 @@ impl Server {
     }
 }
 
+/// Stops a server as an operator would (SIGTERM), so it removes its sandboxes' cgroups;
+/// SIGKILL if it has not exited within 5 s.
+pub fn stop(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop(&mut self.child);
         if let Some(schema) = &self.schema {
             psql(&format!("drop schema if exists {schema} cascade"));
         }

@@ -1,0 +1,163 @@
+//! What the process driver needs to isolate workers: the cgroups, how to start the sandbox
+//! [`init`](crate::init), and the per-instance settings it hands the init.
+//!
+//! Set up once at server start ([`Isolation::open`]): cgroups detected (v1 or v2) with
+//! leftovers of a killed server removed, the empty mount point of sandbox roots created.
+//! Per instance only a reused cgroup slot is taken and the init started.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::cgroup::{CgroupError, CgroupSlot, Cgroups, Limits};
+use crate::init::InitSpec;
+use crate::LaunchSpec;
+
+/// Host paths every worker may read besides its runtime and code: the shared libraries,
+/// the dynamic loader's cache, time zones and TLS roots. Missing ones are skipped.
+pub const SHARED_VISIBLE: &[&str] = &[
+    "/usr/lib",
+    "/usr/lib64",
+    "/lib",
+    "/lib64",
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/usr/share/zoneinfo",
+    "/etc/ssl/certs",
+    "/usr/share/ca-certificates",
+];
+
+/// First host uid of sandboxes: slot `n` runs as `UID_BASE + 2n` (root inside) and
+/// `UID_BASE + 2n + 1` (the worker). Far above any account a host creates.
+pub const UID_BASE: u32 = 1_800_000_000;
+
+/// Tunables of isolation, with the defaults of the product.
+#[derive(Debug, Clone)]
+pub struct IsolationSettings {
+    /// Program that runs the sandbox init, and its leading arguments.
+    pub init: (PathBuf, Vec<String>),
+    /// Name of Nimbus's cgroup in each hierarchy (`nimbus`).
+    pub cgroup_name: String,
+    /// Empty directory every sandbox mounts its new root on, inside its own mount
+    /// namespace (the host sees nothing there). Every user must be able to enter its path,
+    /// since the sandbox's root is an unprivileged host user.
+    pub root_dir: PathBuf,
+    /// Size of each worker's `/tmp`, MiB.
+    pub tmp_mb: u32,
+    /// Most processes (and threads) of one instance.
+    pub pids_max: u32,
+    /// Most open files of one worker.
+    pub max_open_files: u64,
+}
+
+impl IsolationSettings {
+    /// The defaults: roots on `/run/nimbus/sandbox-root`, `/tmp` of 64 MiB, 64 processes,
+    /// 1024 open files.
+    pub fn new(init: (PathBuf, Vec<String>)) -> Self {
+        IsolationSettings {
+            init,
+            cgroup_name: "nimbus".into(),
+            root_dir: PathBuf::from("/run/nimbus/sandbox-root"),
+            tmp_mb: 64,
+            pids_max: 64,
+            max_open_files: 1024,
+        }
+    }
+}
+
+/// Why isolation cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum IsolationError {
+    /// No usable cgroup controllers.
+    #[error(transparent)]
+    Cgroups(#[from] CgroupError),
+    /// A file-system step failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Isolation, ready to start sandboxes.
+#[derive(Debug)]
+pub struct Isolation {
+    settings: IsolationSettings,
+    cgroups: Arc<Cgroups>,
+    root_dir: PathBuf,
+}
+
+impl Isolation {
+    /// Detects cgroups, removes what a killed server left behind, and prepares the root
+    /// mount point.
+    pub fn open(settings: IsolationSettings) -> Result<Isolation, IsolationError> {
+        let cgroups = Cgroups::open(&settings.cgroup_name)?;
+        match cgroups.clean_leftovers() {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(groups = n, "removed sandboxes left by an earlier server"),
+            Err(e) => tracing::warn!("could not clean up earlier sandboxes: {e}"),
+        }
+        let root_dir = settings.root_dir.clone();
+        let io = |e: std::io::Error| IsolationError::Io(format!("{}: {e}", root_dir.display()));
+        std::fs::create_dir_all(&root_dir).map_err(io)?;
+        for dir in [Some(root_dir.as_path()), root_dir.parent()]
+            .into_iter()
+            .flatten()
+        {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
+        }
+        Ok(Isolation {
+            settings,
+            cgroups,
+            root_dir,
+        })
+    }
+
+    /// One line for the start-up log.
+    pub fn describe(&self) -> String {
+        format!(
+            "namespaces + seccomp + {}, /tmp {} MiB, {} processes",
+            self.cgroups.describe(),
+            self.settings.tmp_mb,
+            self.settings.pids_max
+        )
+    }
+
+    /// The program and arguments that start the init.
+    pub(crate) fn init_command(&self) -> &(PathBuf, Vec<String>) {
+        &self.settings.init
+    }
+
+    /// A cgroup slot with the instance's limits: memory as configured, CPU weight in
+    /// proportion to memory (like the big platforms), and the process bound.
+    pub(crate) fn slot(&self, memory_mb: u32) -> std::io::Result<CgroupSlot> {
+        let limits = Limits {
+            memory_bytes: u64::from(memory_mb) << 20,
+            cpu_weight: (memory_mb * 100 / 1024).clamp(1, 10_000),
+            pids_max: self.settings.pids_max,
+        };
+        self.cgroups.acquire(&limits)
+    }
+
+    /// What the init needs to build the sandbox of `spec` in `slot`.
+    pub(crate) fn init_spec(&self, spec: &LaunchSpec, slot: &CgroupSlot) -> InitSpec {
+        let mut visible: Vec<PathBuf> = SHARED_VISIBLE.iter().map(PathBuf::from).collect();
+        visible.extend(spec.visible.iter().cloned());
+        InitSpec {
+            program: spec.program.clone(),
+            args: spec.args.clone(),
+            env: spec.env.clone(),
+            workdir: spec.workdir.clone(),
+            visible,
+            host_id: UID_BASE + 2 * slot.index(),
+            root_dir: self.root_dir.clone(),
+            tmp_mb: self.settings.tmp_mb,
+            max_open_files: self.settings.max_open_files,
+            max_processes: u64::from(self.settings.pids_max),
+        }
+    }
+
+    /// Kills and removes every sandbox's cgroups (server shutdown).
+    pub fn shutdown(&self) {
+        if let Err(e) = self.cgroups.remove_all() {
+            tracing::warn!("removing the sandboxes' cgroups: {e}");
+        }
+    }
+}

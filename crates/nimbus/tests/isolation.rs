@@ -1,0 +1,435 @@
+//! Hostile functions against the real sandbox: each test deploys a function that attacks
+//! the host, the network, the platform or another function through the real server
+//! (isolation on, as by default), asserts that the attack fails, and that the platform
+//! keeps serving. Runs on the real kernel as root, as CI does.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use common::{code_of, Backend, Server};
+
+/// Deploys `code` as `name` (with extra fields) and invokes it with `event`.
+async fn run(
+    s: &Server,
+    name: &str,
+    code: &str,
+    extra: Value,
+    event: Value,
+) -> (StatusCode, Value) {
+    s.deploy(name, code, extra).await;
+    s.invoke_raw(name, "", &event.to_string()).await
+}
+
+/// Invokes and returns the handler's result, which must be a success.
+async fn result(s: &Server, name: &str, code: &str, event: Value) -> Value {
+    let (status, body) = run(s, name, code, json!({}), event).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["body"].clone()
+}
+
+/// Name of the server's cgroup, as the server derives it from its data directory.
+fn cgroup_name(s: &Server) -> String {
+    let hash = s
+        .dir
+        .path()
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    format!("nimbus-{hash:016x}")
+}
+
+/// Host pids of live processes in the server's sandboxes (by cgroup, so the sandboxes of
+/// other tests running at the same time do not count).
+fn sandboxed_pids(s: &Server) -> Vec<u32> {
+    let marker = format!("/{}/", cgroup_name(s));
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let (Ok(cgroups), Ok(stat)) = (
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup")),
+            std::fs::read_to_string(format!("/proc/{pid}/stat")),
+        ) else {
+            continue;
+        };
+        let zombie = stat
+            .rsplit(") ")
+            .next()
+            .is_some_and(|rest| rest.starts_with('Z'));
+        if !zombie && cgroups.contains(&marker) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Waits (up to 5 s) until `pids` are all gone (or zombies awaiting their reaper).
+async fn gone(pids: &[u32]) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let alive = pids.iter().any(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| !stat.rsplit(") ").next().is_some_and(|r| r.starts_with('Z')))
+        });
+        if !alive {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+const PROBE_FILES: &str = r#"
+import os
+def handle(event):
+    out = {}
+    for path in event["paths"]:
+        try:
+            with open(path, "rb") as f:
+                out[path] = "read %d bytes" % len(f.read())
+        except OSError as e:
+            out[path] = type(e).__name__
+    return out
+"#;
+
+#[tokio::test]
+async fn host_files_and_the_data_directory_are_invisible() {
+    let s = Server::start(Backend::Sqlite).await;
+    let data = s.dir.path().display().to_string();
+    let paths = [
+        "/etc/shadow".to_owned(),
+        "/etc/passwd".to_owned(),
+        "/root/.bashrc".to_owned(),
+        format!("{data}/nimbus.db"),
+        format!("{data}/nimbus.toml"),
+    ];
+    let got = result(&s, "snoop", PROBE_FILES, json!({ "paths": paths })).await;
+    assert_eq!(got["/etc/shadow"], "FileNotFoundError", "{got}");
+    assert_eq!(got["/root/.bashrc"], "FileNotFoundError", "{got}");
+    assert_eq!(
+        got[format!("{data}/nimbus.db")],
+        "FileNotFoundError",
+        "{got}"
+    );
+    assert_eq!(
+        got[format!("{data}/nimbus.toml")],
+        "FileNotFoundError",
+        "{got}"
+    );
+    // /etc/passwd inside is the sandbox's own, naming no host account.
+    assert!(
+        got["/etc/passwd"].as_str().unwrap().starts_with("read"),
+        "{got}"
+    );
+}
+
+#[tokio::test]
+async fn writes_outside_tmp_fail_and_tmp_is_bounded() {
+    let s = Server::start(Backend::Sqlite).await;
+    let code = r#"
+import os
+def handle(event):
+    out = {}
+    for path in ["/code.txt", "/tmp/ok.txt", "/usr/lib/evil.so", os.getcwd() + "/x.py", "/etc/hosts"]:
+        try:
+            with open(path, "w") as f:
+                f.write("x")
+            out[path] = "written"
+        except OSError as e:
+            out[path] = e.strerror
+    # Fill /tmp past its size.
+    written = 0
+    try:
+        with open("/tmp/fill", "wb") as f:
+            while written < 512 * 1024 * 1024:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+                written += 1 << 20
+        out["fill"] = "no limit"
+    except OSError as e:
+        out["fill"] = e.strerror
+    out["fill_mb"] = written >> 20
+    os.remove("/tmp/fill")
+    return out
+"#;
+    let got = result(&s, "writer", code, json!({})).await;
+    assert_eq!(got["/tmp/ok.txt"], "written", "{got}");
+    for path in ["/code.txt", "/usr/lib/evil.so", "/etc/hosts"] {
+        assert_eq!(got[path], "Read-only file system", "{path}: {got}");
+    }
+    assert_eq!(got["fill"], "No space left on device", "{got}");
+    assert!(got["fill_mb"].as_u64().unwrap() <= 64, "{got}");
+}
+
+#[tokio::test]
+async fn host_processes_are_invisible_and_unsignalable() {
+    let s = Server::start(Backend::Sqlite).await;
+    let code = r#"
+import os, signal
+def handle(event):
+    pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    try:
+        os.kill(event["server_pid"], signal.SIGKILL)
+        killed = "killed"
+    except OSError as e:
+        killed = type(e).__name__
+    status = open("/proc/self/status").read()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return {
+        "pids": pids,
+        "kill": killed,
+        "uid": os.getuid(),
+        "pid": os.getpid(),
+        "hostname": os.uname().nodename,
+        "cap_eff": fields["CapEff"].strip(),
+        "cap_bnd": fields["CapBnd"].strip(),
+        "no_new_privs": fields["NoNewPrivs"].strip(),
+        "seccomp": fields["Seccomp"].strip(),
+    }
+"#;
+    let server_pid = s.child.id();
+    let got = result(&s, "ps", code, json!({ "server_pid": server_pid })).await;
+    assert_eq!(
+        got["pid"], 1,
+        "the worker is PID 1 of its own pid namespace: {got}"
+    );
+    assert_eq!(got["pids"], json!([1]), "{got}");
+    assert_eq!(got["kill"], "ProcessLookupError", "{got}");
+    assert_eq!(got["uid"], 1000, "{got}");
+    assert_eq!(got["hostname"], "nimbus", "{got}");
+    assert_eq!(got["cap_eff"], "0000000000000000", "{got}");
+    assert_eq!(got["cap_bnd"], "0000000000000000", "{got}");
+    assert_eq!(got["no_new_privs"], "1", "{got}");
+    assert_eq!(got["seccomp"], "2", "{got}");
+    assert!(std::path::Path::new(&format!("/proc/{server_pid}")).exists());
+}
+
+#[tokio::test]
+async fn the_network_is_unreachable_without_the_network_option() {
+    let s = Server::start(Backend::Sqlite).await;
+    let code = r#"
+import socket
+def handle(event):
+    out = {}
+    for host, port in [("127.0.0.1", 5432), ("127.0.0.1", 6379), ("1.1.1.1", 53), ("10.0.0.1", 80)]:
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+            out[f"{host}:{port}"] = "connected"
+        except OSError as e:
+            out[f"{host}:{port}"] = type(e).__name__
+    return out
+"#;
+    let got = result(&s, "net", code, json!({})).await;
+    for (target, outcome) in got.as_object().unwrap() {
+        assert_ne!(outcome, "connected", "{target}: {got}");
+        assert_ne!(
+            outcome, "TimeoutError",
+            "{target} should fail at once: {got}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn dangerous_system_calls_are_refused() {
+    let s = Server::start(Backend::Sqlite).await;
+    let code = r#"
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def errno_of(result):
+    return 0 if result == 0 else ctypes.get_errno()
+def handle(event):
+    return {
+        "ptrace": errno_of(libc.ptrace(16, 1, 0, 0)),          # PTRACE_ATTACH to PID 1
+        "mount": errno_of(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)),
+        "unshare": errno_of(libc.unshare(0x10000000)),          # CLONE_NEWUSER
+        "init_module": errno_of(libc.syscall(175, None, 0, b"")),
+        "setuid0": errno_of(libc.setuid(0)),
+    }
+"#;
+    let got = result(&s, "syscalls", code, json!({})).await;
+    for call in ["ptrace", "mount", "unshare", "init_module", "setuid0"] {
+        assert_eq!(got[call], 1, "{call} must fail with EPERM: {got}");
+    }
+}
+
+#[tokio::test]
+async fn exceeding_memory_is_out_of_memory_and_the_host_is_fine() {
+    let s = Server::start(Backend::Sqlite).await;
+    // Bytes that are written, so the pages are really used (a zeroed allocation is not).
+    let code =
+        "def handle(event):\n    hog = b'\\x01' * (2 * 1024 * 1024 * 1024)\n    return len(hog)\n";
+    let (status, body) = run(&s, "hog", code, json!({ "memory_mb": 128 }), json!({})).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(code_of(&body), "out_of_memory", "{body}");
+    // The next invocation gets a fresh instance and fails the same way, not worse.
+    let (status, body) = s.invoke_raw("hog", "", "{}").await;
+    assert_eq!(
+        (status, code_of(&body)),
+        (StatusCode::BAD_GATEWAY, "out_of_memory")
+    );
+    assert_eq!(
+        result(&s, "fine", "def handle(e):\n    return 'ok'\n", json!({})).await,
+        "ok"
+    );
+}
+
+#[tokio::test]
+async fn a_fork_bomb_is_contained() {
+    let s = Server::start(Backend::Sqlite).await;
+    let code = r#"
+import os, time
+def handle(event):
+    children = 0
+    try:
+        while children < 10000:
+            if os.fork() == 0:
+                time.sleep(60)
+                os._exit(0)
+            children += 1
+        return {"children": children, "stopped": "never"}
+    except OSError as e:
+        return {"children": children, "stopped": type(e).__name__}
+"#;
+    let got = result(&s, "bomb", code, json!({})).await;
+    assert_eq!(got["stopped"], "BlockingIOError", "{got}");
+    assert!(got["children"].as_u64().unwrap() < 64, "{got}");
+    // The platform keeps serving other functions meanwhile.
+    assert_eq!(
+        result(&s, "calm", "def handle(e):\n    return 'ok'\n", json!({})).await,
+        "ok"
+    );
+    // Deleting the function ends the instance and every process it forked.
+    let left = sandboxed_pids(&s);
+    assert!(left.len() >= got["children"].as_u64().unwrap() as usize);
+    let (status, _) = s.call("DELETE", "/functions/bomb", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = s.call("DELETE", "/functions/calm", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        gone(&left).await,
+        "forked processes survived their instance"
+    );
+}
+
+#[tokio::test]
+async fn a_timeout_kills_the_whole_instance_tree() {
+    let s = Server::start(Backend::Sqlite).await;
+    let code = r#"
+import os
+def handle(event):
+    if os.fork() == 0:
+        os.setsid()
+        while True:
+            pass
+    while True:
+        pass
+"#;
+    s.deploy("spin", code, json!({ "timeout_sec": 1 })).await;
+    let s = std::sync::Arc::new(s);
+    let call = {
+        let s = s.clone();
+        tokio::spawn(async move { s.invoke_raw("spin", "", "{}").await })
+    };
+    // Mid-invocation: the worker, its init and the escaped spinner are all running.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let spinning = sandboxed_pids(&s);
+    assert!(spinning.len() >= 3, "{spinning:?}");
+    let (status, body) = call.await.unwrap();
+    assert_eq!(
+        (status, code_of(&body)),
+        (StatusCode::GATEWAY_TIMEOUT, "function_timeout"),
+        "{body}"
+    );
+    assert!(
+        gone(&spinning).await,
+        "spinning processes survived the timeout: {spinning:?}"
+    );
+}
+
+#[tokio::test]
+async fn background_processes_end_with_their_instance() {
+    let s = Server::start(Backend::Sqlite).await;
+    let code = r#"
+import os, time
+def handle(event):
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            time.sleep(3600)
+        os._exit(0)
+    return "returned"
+"#;
+    assert_eq!(result(&s, "daemon", code, json!({})).await, "returned");
+    let left = sandboxed_pids(&s);
+    assert!(!left.is_empty());
+    let (status, _) = s.call("DELETE", "/functions/daemon", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        gone(&left).await,
+        "a background process outlived its instance"
+    );
+}
+
+#[tokio::test]
+async fn two_functions_cannot_see_each_other() {
+    let s = Server::start(Backend::Sqlite).await;
+    let writer = r#"
+import os
+def handle(event):
+    with open("/tmp/secret", "w") as f:
+        f.write("mine")
+    return {"cwd": os.getcwd(), "code": sorted(os.listdir("."))}
+"#;
+    let a = result(&s, "alpha", writer, json!({})).await;
+    let reader = r#"
+import os
+def handle(event):
+    out = {"tmp": sorted(os.listdir("/tmp")), "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit())}
+    try:
+        out["code"] = sorted(os.listdir(event["cwd"]))
+    except OSError as e:
+        out["code"] = type(e).__name__
+    return out
+"#;
+    let b = result(&s, "beta", reader, json!({ "cwd": a["cwd"] })).await;
+    // (A data directory under /tmp, as in tests, shows its own path there; never alpha's file.)
+    assert!(
+        !b["tmp"].as_array().unwrap().contains(&json!("secret")),
+        "{b}"
+    );
+    assert_eq!(b["pids"], json!([1]), "{b}");
+    assert_eq!(
+        b["code"], "FileNotFoundError",
+        "alpha's code dir is not visible to beta: {b}"
+    );
+}
+
+#[tokio::test]
+async fn nothing_is_left_after_the_server_is_killed_and_restarted() {
+    let mut s = Server::start(Backend::Sqlite).await;
+    assert_eq!(
+        result(&s, "alive", "def handle(e):\n    return 'ok'\n", json!({})).await,
+        "ok"
+    );
+    let instances = sandboxed_pids(&s);
+    assert!(!instances.is_empty());
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+    // Workers die with the server (parent-death signal through the sandbox init).
+    assert!(
+        gone(&instances).await,
+        "instances survived the server's SIGKILL"
+    );
+    // A new server on the same data removes the old sandboxes' cgroups and serves.
+    s.spawn(&[]).await;
+    let (status, body) = s.invoke_raw("alive", "", "{}").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
