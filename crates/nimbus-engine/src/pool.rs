@@ -303,6 +303,7 @@ impl Pools {
     /// Returns a healthy instance to its pool, or retires it if it has served enough.
     pub fn release(&self, mut lease: Lease) {
         let mut instance = lease.instance.take().expect("lease holds an instance");
+        instance.sandbox.end_strays();
         instance.served += 1;
         instance.last_used = Instant::now();
         let runtime = instance.version.config.runtime;

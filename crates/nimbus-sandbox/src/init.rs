@@ -37,7 +37,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{pipe2, pivot_root, sethostname, setresgid, setresuid, Gid, Pid, Uid};
 use serde::{Deserialize, Serialize};
 
-use crate::seccomp;
+use crate::{seccomp, WORKER_SOCKET_FD};
 
 /// The uid and gid the worker runs as inside its sandbox.
 pub const WORKER_ID: u32 = 1000;
@@ -90,13 +90,15 @@ fn run() -> Result<i32> {
     let spec: InitSpec = serde_json::from_str(&input).context("parsing the spec")?;
     let filter = seccomp::worker_filter().context("building the seccomp filter")?;
 
-    // `go` releases the child once its id maps exist; `report` carries a setup error back.
-    // Both close on exec: the worker inherits neither, and a successful exec leaves
-    // `report` empty.
+    // `go` releases the child once its id maps exist; `report` carries a setup error back;
+    // `status` carries the worker's wait status from the sandbox's PID 1. All close on
+    // exec: the worker inherits none, and a successful exec leaves `report` empty.
     let (go_read, go_write) = pipe2(OFlag::O_CLOEXEC).context("pipe")?;
     let go_write = fs::File::from(go_write);
     let (report_read, report_write) = pipe2(OFlag::O_CLOEXEC).context("pipe")?;
     let (report_read, report_write) = (fs::File::from(report_read), fs::File::from(report_write));
+    let (status_read, status_write) = pipe2(OFlag::O_CLOEXEC).context("pipe")?;
+    let (status_read, status_write) = (fs::File::from(status_read), fs::File::from(status_write));
     let flags = CloneFlags::CLONE_NEWUSER
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWNS
@@ -105,7 +107,7 @@ fn run() -> Result<i32> {
         | CloneFlags::CLONE_NEWUTS;
     let mut stack = vec![0u8; 1 << 20];
     let child_body = Box::new(|| -> isize {
-        let error = match sandboxed_exec(&spec, &filter, &go_read) {
+        let error = match sandbox_pid1(&spec, &filter, &go_read, &report_write, &status_write) {
             Err(e) => e,
             Ok(never) => match never {},
         };
@@ -118,6 +120,7 @@ fn run() -> Result<i32> {
         .context("creating the sandbox namespaces (clone)")?;
     drop(go_read);
     drop(report_write);
+    drop(status_write);
 
     map_ids(child, spec.host_id)?;
     (&go_write)
@@ -131,7 +134,7 @@ fn run() -> Result<i32> {
         let _ = waitpid(child, None);
         bail!("{report}");
     }
-    mirror_exit(child)
+    mirror_exit(child, status_read)
 }
 
 /// Maps the child's ids 0 and [`WORKER_ID`] to `host_id` and `host_id + 1`: root inside
@@ -145,32 +148,158 @@ fn map_ids(child: Pid, host_id: u32) -> Result<()> {
     Ok(())
 }
 
-/// Waits for the worker and ends this process the same way.
-fn mirror_exit(child: Pid) -> Result<i32> {
-    loop {
+/// Waits for the sandbox's PID 1 and ends this process the way the worker ended (as PID 1
+/// reported it), or the way PID 1 itself ended if it could not say.
+fn mirror_exit(child: Pid, mut status: fs::File) -> Result<i32> {
+    let pid1 = loop {
         match waitpid(child, None) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
-            Ok(WaitStatus::Signaled(_, sig, _)) => {
-                // Die of the same signal, so the server sees how the worker ended.
-                // SAFETY: restoring the default disposition has no preconditions.
-                unsafe {
-                    let _ = signal(sig, SigHandler::SigDfl);
-                }
-                let _ = kill(Pid::this(), sig);
-                return Ok(128 + sig as i32);
-            }
+            Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => break status,
             Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => bail!("waiting for the worker: {e}"),
+            Err(e) => bail!("waiting for the sandbox: {e}"),
+        }
+    };
+    let mut raw = [0u8; 4];
+    let worker = match status.read_exact(&mut raw) {
+        Ok(()) => WaitStatus::from_raw(child, i32::from_ne_bytes(raw)).unwrap_or(pid1),
+        Err(_) => pid1,
+    };
+    match worker {
+        WaitStatus::Signaled(_, sig, _) => {
+            // Die of the same signal, so the server sees how the worker ended.
+            // SAFETY: restoring the default disposition has no preconditions.
+            unsafe {
+                let _ = signal(sig, SigHandler::SigDfl);
+            }
+            let _ = kill(Pid::this(), sig);
+            Ok(128 + sig as i32)
+        }
+        WaitStatus::Exited(_, code) => Ok(code),
+        _ => Ok(125),
+    }
+}
+
+/// The sandbox's PID 1: builds the sandbox, starts the worker as PID 2, then reaps every
+/// process of the namespace until the worker ends, and reports the worker's wait status.
+/// (A worker as PID 1 would never reap the orphans of its double-forked children, and the
+/// zombies would use up the process limit.)
+fn sandbox_pid1(
+    spec: &InitSpec,
+    filter: &seccompiler::BpfProgram,
+    go: &OwnedFd,
+    report: &fs::File,
+    status: &fs::File,
+) -> Result<std::convert::Infallible> {
+    // The status pipe must sit above the socket so that closing the ranges around it works.
+    debug_assert!(status.as_raw_fd() > WORKER_SOCKET_FD);
+    let exec = prepare_exec(spec)?;
+    sandbox(spec, filter, go)?;
+    // SAFETY: PID 1 is single-threaded (cloned from the single-threaded init).
+    match unsafe { nix::unistd::fork() }.context("fork")? {
+        nix::unistd::ForkResult::Child => {
+            let error = exec.run();
+            let _ = (&*report).write_all(format!("{error:#}").as_bytes());
+            std::process::exit(126)
+        }
+        nix::unistd::ForkResult::Parent { child: worker } => {
+            // PID 1 keeps only the status pipe: the server must see the connection close when
+            // the worker ends, the init see the exec, and nothing the server inherited stays
+            // open in the sandbox.
+            let keep = status.as_raw_fd() as u32;
+            // SAFETY: close_range on this process's own descriptors, none of them in use.
+            unsafe {
+                libc::syscall(libc::SYS_close_range, WORKER_SOCKET_FD as u32, keep - 1, 0);
+                libc::syscall(libc::SYS_close_range, keep + 1, u32::MAX, 0);
+            }
+            loop {
+                match waitpid(Pid::from_raw(-1), None) {
+                    Ok(WaitStatus::Exited(pid, code)) if pid == worker => {
+                        report_status(status, code << 8);
+                    }
+                    Ok(WaitStatus::Signaled(pid, sig, core)) if pid == worker => {
+                        report_status(status, sig as i32 | if core { 0x80 } else { 0 });
+                    }
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => std::process::exit(0),
+                }
+            }
         }
     }
 }
 
-/// In the child: waits for the id maps, builds the sandbox and execs the worker.
-fn sandboxed_exec(
-    spec: &InitSpec,
-    filter: &seccompiler::BpfProgram,
-    go: &OwnedFd,
-) -> Result<std::convert::Infallible> {
+/// Writes the worker's raw wait status for the init and ends PID 1 (and with it every
+/// process left in the namespace).
+fn report_status(status: &fs::File, raw: i32) -> ! {
+    let _ = (&*status).write_all(&raw.to_ne_bytes());
+    std::process::exit(0)
+}
+
+/// The worker's program, arguments and environment, ready for `execve`.
+struct Exec {
+    program: CString,
+    argv: Vec<CString>,
+    env: Vec<CString>,
+}
+
+fn prepare_exec(spec: &InitSpec) -> Result<Exec> {
+    let program = cstring(spec.program.as_os_str().as_encoded_bytes())?;
+    let mut argv = vec![program.clone()];
+    for arg in &spec.args {
+        argv.push(cstring(arg.as_bytes())?);
+    }
+    let env = spec
+        .env
+        .iter()
+        .map(|(k, v)| cstring(format!("{k}={v}").as_bytes()))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Exec { program, argv, env })
+}
+
+impl Exec {
+    /// In PID 2: only fds 0–3 (stdin, stdout and stderr on `/dev/null`, the socket on 3)
+    /// survive into the worker, then exec. Returns only on failure.
+    fn run(&self) -> anyhow::Error {
+        let setup = || -> Result<()> {
+            let null = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .context("opening /dev/null")?;
+            // Not the server's stderr: a function must not write into the server's log
+            // (or its terminal). What it prints is captured per invocation by the runtime.
+            for fd in 0..=2 {
+                // SAFETY: dup2 onto the standard descriptors of this process.
+                if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
+                    bail!("dup2: {}", std::io::Error::last_os_error());
+                }
+            }
+            // Whatever the server inherited from its own parent must not reach the worker:
+            // mark every other descriptor close-on-exec (the report pipe still reports a
+            // failed exec).
+            // SAFETY: close_range with the CLOEXEC flag only changes descriptor flags.
+            if unsafe {
+                libc::syscall(
+                    libc::SYS_close_range,
+                    4u32,
+                    u32::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                )
+            } < 0
+            {
+                bail!("close_range: {}", std::io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        if let Err(e) = setup() {
+            return e;
+        }
+        let error = nix::unistd::execve(&self.program, &self.argv, &self.env).unwrap_err();
+        anyhow::anyhow!("exec {}: {error}", self.program.to_string_lossy())
+    }
+}
+
+/// In the sandbox's PID 1: waits for the id maps, builds the root, drops every privilege
+/// and installs the seccomp filter (inherited by the worker it forks next).
+fn sandbox(spec: &InitSpec, filter: &seccompiler::BpfProgram, go: &OwnedFd) -> Result<()> {
     let mut byte = [0u8; 1];
     let mut go = fs::File::from(go.try_clone().context("dup")?);
     go.read_exact(&mut byte)
@@ -187,6 +316,7 @@ fn sandboxed_exec(
     setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)).context("setresuid 0")?;
 
     build_root(spec, &exposed)?;
+    drop(exposed);
     sethostname("nimbus").context("sethostname")?;
     set_limits(spec)?;
     drop_bounding_set();
@@ -205,22 +335,8 @@ fn sandboxed_exec(
     }
     std::env::set_current_dir(&spec.workdir)
         .with_context(|| format!("chdir {}", spec.workdir.display()))?;
-    let null = fs::File::open("/dev/null").context("opening /dev/null")?;
-    nix::unistd::dup2_stdin(&null).context("dup2 stdin")?;
-
-    let program = cstring(spec.program.as_os_str().as_encoded_bytes())?;
-    let mut argv = vec![program.clone()];
-    for arg in &spec.args {
-        argv.push(cstring(arg.as_bytes())?);
-    }
-    let env = spec
-        .env
-        .iter()
-        .map(|(k, v)| cstring(format!("{k}={v}").as_bytes()))
-        .collect::<Result<Vec<_>>>()?;
     seccomp::install(filter).context("installing the seccomp filter")?;
-    let error = nix::unistd::execve(&program, &argv, &env).unwrap_err();
-    bail!("exec {}: {error}", spec.program.display())
+    Ok(())
 }
 
 fn cstring(bytes: &[u8]) -> Result<CString> {
@@ -276,7 +392,7 @@ fn build_root(spec: &InitSpec, exposed: &[Exposed]) -> Result<()> {
     )
     .context("mounting /proc")?;
 
-    build_dev(root)?;
+    build_dev(root, spec.tmp_mb)?;
     build_etc(root)?;
 
     let old = root.join(".old-root");
@@ -420,8 +536,9 @@ fn bind(source: &Path, target: &Path, extra: MsFlags) -> Result<()> {
     Ok(())
 }
 
-/// A minimal `/dev`: the harmless character devices, and the usual links into `/proc`.
-fn build_dev(root: &Path) -> Result<()> {
+/// A minimal `/dev`: the harmless character devices, a private `/dev/shm` (POSIX shared
+/// memory and semaphores, as `multiprocessing` uses) and the usual links into `/proc`.
+fn build_dev(root: &Path, shm_mb: u32) -> Result<()> {
     let dev = inside(root, Path::new("/dev"));
     fs::create_dir_all(&dev)?;
     mount(
@@ -438,6 +555,16 @@ fn build_dev(root: &Path) -> Result<()> {
         bind(&Path::new("/dev").join(name), &target, MsFlags::MS_NOEXEC)
             .with_context(|| format!("exposing /dev/{name}"))?;
     }
+    let shm = dev.join("shm");
+    fs::create_dir(&shm)?;
+    mount(
+        Some("tmpfs"),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(format!("size={shm_mb}m,mode=1777").as_str()),
+    )
+    .context("mounting /dev/shm")?;
     for (name, to) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),

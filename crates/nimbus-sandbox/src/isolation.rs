@@ -28,8 +28,10 @@ pub const SHARED_VISIBLE: &[&str] = &[
 ];
 
 /// First host uid of sandboxes: slot `n` runs as `UID_BASE + 2n` (root inside) and
-/// `UID_BASE + 2n + 1` (the worker). Far above any account a host creates.
-pub const UID_BASE: u32 = 1_800_000_000;
+/// `UID_BASE + 2n + 1` (the worker). Above the ranges hosts give accounts (local users,
+/// subordinate ids, SSSD's default up to 2,000,200,000) and below 2^31, which some tools
+/// misread as negative.
+pub const UID_BASE: u32 = 2_100_000_000;
 
 /// Tunables of isolation, with the defaults of the product.
 #[derive(Debug, Clone)]

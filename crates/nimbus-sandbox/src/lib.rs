@@ -83,6 +83,11 @@ pub trait Sandbox: Send + Sync + fmt::Debug {
     fn kill(&mut self);
     /// How the worker ended, if it has ended (non-blocking).
     fn try_exit(&mut self) -> Option<ExitInfo>;
+    /// Kills the processes an invocation left running in the sandbox (anything but the
+    /// worker and the sandbox's own init), so nothing of a finished invocation keeps running
+    /// while the instance waits for the next one. Called after every invocation: cheap when
+    /// there is nothing to do.
+    fn end_strays(&mut self) {}
     /// Waits until the worker has ended.
     async fn wait(&mut self) -> ExitInfo;
 }

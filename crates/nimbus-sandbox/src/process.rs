@@ -162,10 +162,13 @@ struct ProcessSandbox {
 
 impl ProcessSandbox {
     fn kill_group(&self) {
-        if self.pid > 0 {
-            // The child leads its own process group (setsid): this also kills what it spawned.
-            let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        // Once the child is reaped its pid (and group id) may belong to someone else: an
+        // isolated sandbox then relies on its cgroup, which holds whatever is left.
+        if self.pid == 0 || (self.exit.is_some() && self.slot.is_some()) {
+            return;
         }
+        // The child leads its own process group (setsid): this also kills what it spawned.
+        let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
     }
 
     fn exit_info(&self, status: std::process::ExitStatus) -> ExitInfo {
@@ -193,6 +196,21 @@ impl Sandbox for ProcessSandbox {
         }
     }
 
+    fn end_strays(&mut self) {
+        let Some(slot) = &self.slot else { return };
+        let pids = slot.pids();
+        // The init, the sandbox's PID 1 and the worker: nothing else to look at.
+        if pids.len() <= 3 {
+            return;
+        }
+        for pid in pids {
+            if pid as u32 == self.pid || matches!(pid_in_sandbox(pid), Some(1 | 2) | None) {
+                continue;
+            }
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+
     fn try_exit(&mut self) -> Option<ExitInfo> {
         if self.exit.is_none() {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -217,6 +235,14 @@ impl Sandbox for ProcessSandbox {
         self.exit = Some(exit);
         exit
     }
+}
+
+/// A host process's pid in the innermost pid namespace it belongs to (the last `NSpid`
+/// field of its status): 1 for the sandbox's init, 2 for the worker.
+fn pid_in_sandbox(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
+    line.split_whitespace().last()?.parse().ok()
 }
 
 impl Drop for ProcessSandbox {

@@ -140,15 +140,6 @@ const fn masked(index: u8, mask: u64, value: libc::c_int) -> Arg {
     }
 }
 
-/// Argument `index` equals `value`.
-const fn eq(index: u8, value: libc::c_int) -> Arg {
-    Arg {
-        index,
-        op: SeccompCmpOp::Eq,
-        value: value as u64,
-    }
-}
-
 /// Argument `index` differs from `value`.
 const fn ne(index: u8, value: u64) -> Arg {
     Arg {
@@ -175,15 +166,26 @@ const NEW_NAMESPACE: &[&[Arg]] = &[
 /// The kernel's `SOCK_TYPE_MASK`: the type without `SOCK_NONBLOCK` and `SOCK_CLOEXEC`.
 const SOCK_TYPE_MASK: u64 = 0xf;
 
-/// `socket(AF_PACKET, …)`, or a `SOCK_RAW` socket of any family but netlink (glibc's
-/// `getaddrinfo` and `if_nameindex` open `socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE)`).
-const RAW_SOCKET: &[&[Arg]] = &[
-    &[eq(0, libc::AF_PACKET)],
+/// A socket of any family but Unix, IPv4, IPv6 and netlink (AF_PACKET sniffs and forges
+/// traffic; AF_VSOCK reaches the hypervisor and is not confined by network namespaces;
+/// AF_ALG, AF_BLUETOOTH and the rest are kernel attack surface a function does not need),
+/// or a `SOCK_RAW` socket of any family but netlink (glibc's `getaddrinfo` and
+/// `if_nameindex` open `socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE)`).
+const ODD_SOCKET: &[&[Arg]] = &[
+    &[
+        ne(0, libc::AF_UNIX as u64),
+        ne(0, libc::AF_INET as u64),
+        ne(0, libc::AF_INET6 as u64),
+        ne(0, libc::AF_NETLINK as u64),
+    ],
     &[
         masked(1, SOCK_TYPE_MASK, libc::SOCK_RAW),
         ne(0, libc::AF_NETLINK as u64),
     ],
 ];
+
+/// A socket pair of any family but Unix.
+const ODD_SOCKET_PAIR: &[&[Arg]] = &[&[ne(0, libc::AF_UNIX as u64)]];
 
 /// `personality(PER_LINUX)`, the default persona.
 const PER_LINUX: u64 = 0;
@@ -259,7 +261,8 @@ const DENIED: &[(libc::c_long, When)] = &[
     #[cfg(target_arch = "x86_64")]
     (libc::SYS_ioperm, Always),             // raw hardware I/O ports
     // Networking, on top of the network namespace.
-    (libc::SYS_socket, Any(RAW_SOCKET)),    // packet and raw sockets forge and sniff traffic
+    (libc::SYS_socket, Any(ODD_SOCKET)),    // only unix, inet, inet6, netlink; no raw sockets
+    (libc::SYS_socketpair, Any(ODD_SOCKET_PAIR)), // only unix socket pairs
     // Exploit mitigations.
     (libc::SYS_personality, Any(ODD_PERSONA)), // personas that turn off ASLR or NX
 ];

@@ -41,7 +41,9 @@ impl Harness {
         }
     }
 
-    /// Runs `script` in a sandboxed Python; returns what it wrote to fd 3.
+    /// Runs `script` in a sandboxed Python; returns what it wrote to fd 3. The test process's
+    /// own descriptors (cargo's jobserver pipes, the harness's) are open and not close-on-exec
+    /// in parts, so the fd check below also proves none of them leaks into the worker.
     async fn run(&self, script: &str, memory_mb: u32) -> (String, nimbus_sandbox::ExitInfo) {
         let code = self.dir.path().join("code");
         std::fs::create_dir_all(&code).unwrap();
@@ -81,13 +83,22 @@ s.sendall(json.dumps({
     "cwd": os.getcwd(), "root": sorted(os.listdir("/")),
     "cap": status["CapEff"].strip(), "seccomp": status["Seccomp"].strip(),
     "tmp_writable": os.access("/tmp", os.W_OK),
+    "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
+    "stdio": [os.readlink(f"/proc/self/fd/{fd}") for fd in (0, 1, 2)],
 }).encode())
 "#;
     let (out, exit) = h.run(script, 128).await;
     assert_eq!(exit.code, Some(0), "{exit}: {out}");
     let got: serde_json::Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    assert_eq!(got["pid"], 1, "{got}");
+    // PID 1 is the sandbox's own init, which reaps orphans; the worker is PID 2.
+    assert_eq!(got["pid"], 2, "{got}");
+    // Only stdin, stdout, stderr (all /dev/null), the socket, and the listing's own fd.
+    assert_eq!(got["fds"], serde_json::json!([0, 1, 2, 3, 4]), "{got}");
+    assert_eq!(
+        got["stdio"],
+        serde_json::json!(["/dev/null", "/dev/null", "/dev/null"])
+    );
     assert_eq!(
         (got["uid"].clone(), got["gid"].clone()),
         (1000.into(), 1000.into())

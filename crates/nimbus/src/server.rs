@@ -1,6 +1,7 @@
 //! `nimbus server`: wires the store, runtimes, sandbox driver, engine and HTTP API together,
 //! serves until SIGINT/SIGTERM, then drains in-flight requests and writes pending records.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +34,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let _lock = lock_data_dir(&config.data_dir)?;
     tracing::info!("configuration:\n{}", config.redacted());
 
     let metrics = install_metrics()?;
@@ -129,16 +131,19 @@ fn open_isolation(
         );
         return Ok(None);
     }
+    // This very binary, even if an upgrade replaced the file since the server started.
     let init = (
-        std::env::current_exe().context("locating this binary to start sandboxes")?,
+        PathBuf::from("/proc/self/exe"),
         vec![SANDBOX_INIT.to_owned()],
     );
     let mut settings = IsolationSettings::new(init);
     // One cgroup per data directory: servers on one host stay apart, and a restart on the
     // same data cleans up exactly what its predecessor left.
+    let data_dir = std::fs::canonicalize(&config.data_dir)
+        .with_context(|| format!("resolving {}", config.data_dir.display()))?;
     settings.cgroup_name = format!(
         "nimbus-{:016x}",
-        fnv1a(config.data_dir.as_os_str().as_encoded_bytes())
+        fnv1a(data_dir.as_os_str().as_encoded_bytes())
     );
     let isolation = Isolation::open(settings).map_err(|e| {
         anyhow::anyhow!(
@@ -148,6 +153,37 @@ fn open_isolation(
     })?;
     tracing::info!("isolation: {}", isolation.describe());
     Ok(Some(Arc::new(isolation)))
+}
+
+/// Takes the data directory for this server alone (held until the server exits): a second
+/// server on the same directory would remove the first one's sandboxes as leftovers.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("server.lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    {
+        Ok(lock) => lock,
+        Err((mut file, _)) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            bail!(
+                "another Nimbus server (pid {}) is using the data directory {}",
+                holder.trim(),
+                dir.display()
+            );
+        }
+    };
+    lock.set_len(0)?;
+    lock.rewind()?;
+    write!(lock, "{}", std::process::id())?;
+    Ok(lock)
 }
 
 /// FNV-1a, for a short stable name derived from a path.
