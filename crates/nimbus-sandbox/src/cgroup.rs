@@ -411,6 +411,7 @@ impl Cgroups {
             .map(|d| CString::new(d.join("cgroup.procs").as_os_str().as_bytes()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let members = File::open(dirs[0].join("cgroup.procs")).ok();
         Ok(CgroupSlot {
             cgroups: Arc::clone(self),
             index,
@@ -419,6 +420,7 @@ impl Cgroups {
             oom_file,
             oom_baseline,
             peak,
+            members,
         })
     }
 
@@ -463,6 +465,9 @@ pub struct CgroupSlot {
     oom_baseline: Option<u64>,
     /// Read from offset 0 each time: on v2 the peak reset applies to this descriptor only.
     peak: Option<File>,
+    /// The first group's `cgroup.procs`, kept open: counting its processes after every
+    /// invocation is then one `pread`, not an open, a read and a close.
+    members: Option<File>,
 }
 
 impl CgroupSlot {
@@ -485,6 +490,15 @@ impl CgroupSlot {
     /// Pids in the group.
     pub fn pids(&self) -> Vec<i32> {
         read_pids(&self.dirs[0])
+    }
+
+    /// How many processes the group holds, cheaply (one `pread` into a stack buffer); `None`
+    /// if it cannot tell (then ask [`CgroupSlot::pids`]).
+    pub fn process_count(&self) -> Option<usize> {
+        let mut buf = [0u8; 256];
+        let n = self.members.as_ref()?.read_at(&mut buf, 0).ok()?;
+        // A full buffer may not hold every pid: let the caller list them.
+        (n < buf.len()).then(|| buf[..n].iter().filter(|&&b| b == b'\n').count())
     }
 
     /// Whether the kernel OOM-killed a process in this group since `acquire` (v1: `oom_kill`

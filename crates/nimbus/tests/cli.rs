@@ -291,6 +291,8 @@ fn bench_smoke_run_reports_sane_numbers() {
             "1",
             "--baseline-runs",
             "3",
+            "--cold-starts",
+            "3",
             "--output",
             "json",
         ])
@@ -341,16 +343,77 @@ fn bench_smoke_run_reports_sane_numbers() {
         report["idle_memory"]["max_rss_mib"].as_f64().unwrap() > 0.0,
         "{report}"
     );
-    let targets = report["targets"].as_array().unwrap();
-    assert_eq!(targets.len(), 5, "{report}");
-    assert!(
-        targets.iter().any(|t| t["name"]
-            .as_str()
-            .unwrap()
-            .starts_with("alias routing overhead")
-            && t["met"].is_boolean()),
+    // Isolation: two fresh servers, one with --insecure-no-isolation, compared in the same
+    // run; every forced start is cold, and the differences are of the p50s shown.
+    let isolation = &report["isolation"];
+    assert!(report["isolation_skipped"].is_null(), "{report}");
+    assert_eq!(isolation["function"], "bench-isolation", "{report}");
+    assert_ne!(
+        isolation["isolated_server"], isolation["unisolated_server"],
         "{report}"
     );
+    assert_eq!(isolation["cold_rounds"], 3, "{report}");
+    let f = |v: &Value| v.as_f64().unwrap();
+    for mode in ["cold_isolated", "cold_unisolated"] {
+        let cold = &isolation[mode];
+        assert_eq!(cold["server"]["samples"], 3, "{mode}: {report}");
+        assert_eq!(cold["round_trip"]["samples"], 3, "{mode}: {report}");
+        assert_eq!(cold["errors"], 0, "{mode}: {report}");
+        assert_eq!(cold["not_cold"], 0, "{mode}: {report}");
+        // A new instance is far slower than a warm call, and the round trip contains the
+        // server's own measurement.
+        let server_p50 = f(&cold["server"]["p50_us"]);
+        assert!(server_p50 > f(&latency["p50_us"]), "{mode}: {report}");
+        assert!(
+            f(&cold["round_trip"]["p50_us"]) + 1.0 >= server_p50,
+            "{mode}: {report}"
+        );
+    }
+    let p50_of = |mode: &str, series: &str| f(&isolation[mode][series]["p50_us"]);
+    let expected = p50_of("cold_isolated", "server") - p50_of("cold_unisolated", "server");
+    assert!(
+        (f(&isolation["cold_overhead_us"]) - expected).abs() < 1e-6,
+        "{report}"
+    );
+    let expected = p50_of("cold_isolated", "round_trip") - p50_of("cold_unisolated", "round_trip");
+    assert!(
+        (f(&isolation["cold_round_trip_overhead_us"]) - expected).abs() < 1e-6,
+        "{report}"
+    );
+    assert_eq!(isolation["warm_rounds"], 10, "{report}");
+    for mode in ["warm_isolated", "warm_unisolated"] {
+        assert_eq!(isolation[mode]["samples"], 200, "{mode}: {report}");
+        assert_eq!(isolation[mode]["errors"], 0, "{mode}: {report}");
+        assert!(f(&isolation[mode]["p50_us"]) > 0.0, "{mode}: {report}");
+    }
+    let (isolated, unisolated) = (
+        f(&isolation["warm_isolated"]["p50_us"]),
+        f(&isolation["warm_unisolated"]["p50_us"]),
+    );
+    assert!(
+        (f(&isolation["warm_difference_us"]) - (isolated - unisolated)).abs() < 1e-6,
+        "{report}"
+    );
+    let noise = f(&isolation["warm_noise_us"]);
+    assert!(
+        (noise - (0.05 * unisolated).max(10.0)).abs() < 1e-6,
+        "{report}"
+    );
+
+    let targets = report["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 7, "{report}");
+    for name in [
+        "alias routing overhead",
+        "isolation cold-start overhead",
+        "warm invocation with isolation within noise",
+    ] {
+        assert!(
+            targets
+                .iter()
+                .any(|t| t["name"].as_str().unwrap().starts_with(name) && t["met"].is_boolean()),
+            "{name}: {report}"
+        );
+    }
 }
 
 /// The line of `text` whose first word is `first`.

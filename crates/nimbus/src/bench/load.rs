@@ -36,9 +36,11 @@ impl LoadTarget {
     }
 }
 
-type Sender = SendRequest<Full<Bytes>>;
+/// One keep-alive HTTP/1 connection.
+pub(super) type Sender = SendRequest<Full<Bytes>>;
 
-async fn connect(t: &LoadTarget) -> anyhow::Result<Sender> {
+/// Opens a connection to `t`'s server.
+pub(super) async fn connect(t: &LoadTarget) -> anyhow::Result<Sender> {
     let stream = tokio::net::TcpStream::connect(t.addr)
         .await
         .with_context(|| format!("connecting to {}", t.addr))?;
@@ -51,7 +53,7 @@ async fn connect(t: &LoadTarget) -> anyhow::Result<Sender> {
 }
 
 /// One invocation: status and response body.
-async fn call(sender: &mut Sender, t: &LoadTarget) -> anyhow::Result<(u16, Bytes)> {
+pub(super) async fn call(sender: &mut Sender, t: &LoadTarget) -> anyhow::Result<(u16, Bytes)> {
     let mut req = hyper::Request::post(t.path.as_str())
         .header(hyper::header::HOST, t.authority.as_str())
         .header(hyper::header::CONTENT_TYPE, "application/json");
@@ -177,26 +179,39 @@ pub(super) async fn run_phase(
     })
 }
 
-/// One client on one connection runs `rounds` rounds of `per_round` requests to each of
-/// `targets` (paths of one server), starting each round one target later, so that drifting
-/// machine noise falls on all targets alike. One result per target, in the order given.
+/// One client runs `rounds` rounds of `per_round` requests to each of `targets`, starting
+/// each round one target later, so that drifting machine noise falls on all targets alike.
+/// Targets on one server share one keep-alive connection; each server has its own. One
+/// result per target, in the order given.
 pub(super) async fn run_rounds<const N: usize>(
     targets: &[Arc<LoadTarget>; N],
     rounds: usize,
     per_round: u64,
     duration: Duration,
 ) -> anyhow::Result<[PhaseRun; N]> {
-    let Some(first) = targets.first() else {
+    if N == 0 {
         bail!("no targets to measure");
-    };
-    let mut sender = connect(first).await?;
+    }
+    // `conn[k]`: index in `senders` of the connection target `k` uses.
+    let mut senders: Vec<(SocketAddr, Sender)> = Vec::new();
+    let mut conn = [0; N];
+    for (k, target) in targets.iter().enumerate() {
+        conn[k] = match senders.iter().position(|(addr, _)| *addr == target.addr) {
+            Some(i) => i,
+            None => {
+                senders.push((target.addr, connect(target).await?));
+                senders.len() - 1
+            }
+        };
+    }
     let mut runs: [PhaseRun; N] = std::array::from_fn(|_| PhaseRun::default());
     let deadline = Instant::now() + duration.min(MAX_PHASE);
     for round in 0..rounds {
         for i in 0..N {
             let k = (round + i) % N;
             let start = Instant::now();
-            let run = virtual_client(&targets[k], &mut sender, Some(per_round), deadline).await;
+            let sender = &mut senders[conn[k]].1;
+            let run = virtual_client(&targets[k], sender, Some(per_round), deadline).await;
             runs[k].run.merge(run);
             runs[k].elapsed += start.elapsed();
         }

@@ -1,16 +1,19 @@
 //! `nimbus bench`: deploys a no-op Python function and measures, over real HTTP on
 //! 127.0.0.1, warm invocation latency (one client), what routing through an alias adds to
 //! it, throughput (N concurrent clients), the naive design for comparison (a fresh Python
-//! process per invocation) and the resident memory of idle workers; then reports against
+//! process per invocation), the resident memory of idle workers, and what isolation costs
+//! cold starts and warm invocations (against a server without it); then reports against
 //! the product's targets.
 //!
 //! By default it starts its own server (this binary, `server` on a free port with a
-//! temporary data directory) and stops it at the end, also on error or Ctrl-C. The load
-//! generator is a bare hyper HTTP/1 client with one keep-alive connection per virtual
-//! client, so the client's own overhead stays small. Every loop is bounded by a count and
-//! a deadline.
+//! temporary data directory, functions isolated) and stops it at the end, also on error or
+//! Ctrl-C; the isolation phase then starts and stops two fresh ones the same way, one
+//! isolated and one with `--insecure-no-isolation`. The load generator is a bare hyper
+//! HTTP/1 client with one keep-alive connection per virtual client, so the client's own
+//! overhead stays small. Every loop is bounded by a count and a deadline.
 
 mod baseline;
+mod isolation;
 mod load;
 mod memory;
 mod render;
@@ -32,6 +35,7 @@ use serde_json::{json, Value};
 use crate::client::{CliError, Client, Output};
 
 use self::baseline::{baseline_python, python_version, run_baseline};
+use self::isolation::measure_isolation;
 use self::load::{run_phase, warm_up, LoadTarget};
 use self::memory::idle_memory;
 use self::render::{clients_text, human_report, markdown_report};
@@ -72,6 +76,14 @@ pub struct BenchArgs {
     /// Runs of the spawn-a-process-per-invocation baseline (0 skips it).
     #[arg(long, default_value_t = 50)]
     pub baseline_runs: u32,
+    /// Cold starts of the isolation phase, on each of the isolated and an unisolated server
+    /// (0 skips them; the warm comparison still runs).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub cold_starts: u32,
+    /// Start the benchmark's server with --insecure-no-isolation (for hosts that cannot
+    /// isolate); skips the isolation phase.
+    #[arg(long)]
+    pub insecure_no_isolation: bool,
     /// Python interpreter of the baseline [default: the one the server's workers run].
     #[arg(long)]
     pub python: Option<PathBuf>,
@@ -120,26 +132,20 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
             "warning: this is a debug build; measure with `cargo run --release -p nimbus -- bench`",
         );
     }
-    let (mut server, url) = match &args.server {
-        Some(url) => (None, url.clone()),
+    let (mut server, url, client, api_key) = match &args.server {
+        Some(url) => {
+            let client = Client::new(url, args.api_key.clone())?;
+            (None, url.clone(), client, args.api_key.clone())
+        }
         None => {
-            let (process, url) = ServerProcess::start()?;
-            (Some(process), url)
+            let (process, url, client) =
+                ServerProcess::start_healthy(!args.insecure_no_isolation).await?;
+            (Some(process), url, client, None)
         }
     };
     let (addr, authority) = loopback_addr(&url)?;
-    let api_key = if server.is_some() {
-        None
-    } else {
-        args.api_key.clone()
-    };
-    let client = Client::new(&url, api_key.clone())?;
-    if let Some(process) = &mut server {
-        progress(format!("started server pid {} at {url}", process.pid()));
-        process.wait_healthy(&client).await?;
-    }
 
-    let created = deploy(&client).await?;
+    let created = deploy(&client, FUNCTION_NAME).await?;
     let target = Arc::new(LoadTarget {
         addr,
         authority,
@@ -205,6 +211,21 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
         process.stop();
     }
 
+    // After the server above is gone: the phase compares two fresh servers of its own.
+    let (isolation, isolation_skipped) = if args.server.is_some() {
+        progress("skipping the isolation phase: --server is not a server bench started");
+        let note = "skipped: --server points at an external server; the isolation phase \
+                    needs servers the benchmark starts itself";
+        (None, Some(note.to_owned()))
+    } else if args.insecure_no_isolation {
+        progress("skipping the isolation phase: --insecure-no-isolation");
+        let note = "skipped: --insecure-no-isolation (this host may not isolate)";
+        (None, Some(note.to_owned()))
+    } else {
+        let phase = measure_isolation(args.cold_starts, args.requests, args.warmup).await?;
+        (Some(phase), None)
+    };
+
     let python_version = baseline
         .as_ref()
         .and_then(|b| python_version(Path::new(&b.python)));
@@ -217,25 +238,29 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
         throughput,
         baseline,
         idle_memory,
+        isolation,
+        isolation_skipped,
         targets: Vec::new(),
     };
     report.targets = targets(&report);
     Ok(report)
 }
 
-/// Creates (or updates) the benchmark function; true if it was created.
-async fn deploy(client: &Client) -> anyhow::Result<bool> {
-    let body = json!({ "name": FUNCTION_NAME, "code": CODE, "description": "nimbus bench: returns its event" });
+/// Creates (or updates) a benchmark function `name` with the bench's code; true if it was
+/// created.
+async fn deploy(client: &Client, name: &str) -> anyhow::Result<bool> {
+    let body =
+        json!({ "name": name, "code": CODE, "description": "nimbus bench: returns its event" });
     create_or_update(
         client,
         "/functions",
         &body,
         "function_exists",
-        &format!("/functions/{FUNCTION_NAME}"),
+        &format!("/functions/{name}"),
         &json!({ "code": CODE }),
     )
     .await
-    .with_context(|| format!("deploying {FUNCTION_NAME}"))
+    .with_context(|| format!("deploying {name}"))
 }
 
 /// POSTs `body` to `collection`; if that answers `exists_code` (left from an earlier run

@@ -3,11 +3,14 @@
 
 use crate::client::table::Table;
 
+use super::isolation::{ColdStarts, IsolationPhase};
 use super::report::{
-    LatencyPhase, Machine, Report, TARGET_P50_US, TARGET_RATIO, TARGET_ROUTING_US, TARGET_RPS,
-    TARGET_RPS_CLIENTS, TARGET_RSS_MIB,
+    LatencyPhase, Machine, Report, TARGET_COLD_OVERHEAD_US, TARGET_P50_US, TARGET_RATIO,
+    TARGET_ROUTING_US, TARGET_RPS, TARGET_RPS_CLIENTS, TARGET_RSS_MIB, TARGET_WARM_NOISE_FLOOR_US,
+    TARGET_WARM_NOISE_SHARE,
 };
 use super::routing::RoutingPhase;
+use super::stats::Latency;
 use super::BenchArgs;
 
 /// `1 client`, `32 clients`.
@@ -30,9 +33,13 @@ pub(super) fn fmt_us(us: f64) -> String {
     }
 }
 
-/// `+4.2 µs`, `-0.8 µs`: a difference of latencies.
+/// `+4.2 µs`, `-0.8 µs`, `+3.17 ms`: a difference of latencies.
 pub(super) fn fmt_delta_us(us: f64) -> String {
-    format!("{us:+.1} µs")
+    if us.abs() < 1000.0 {
+        format!("{us:+.1} µs")
+    } else {
+        format!("{:+.2} ms", us / 1000.0)
+    }
 }
 
 /// `6,412`.
@@ -77,6 +84,132 @@ fn routing_targets(p: &RoutingPhase) -> [(String, &LatencyPhase, Option<f64>); 3
     ]
 }
 
+/// One-client latency phases side by side, each with its p50 difference to the first, and
+/// their first errors.
+fn latency_table(
+    what: &str,
+    difference: &str,
+    rows: &[(String, &LatencyPhase, Option<f64>)],
+) -> String {
+    let mut table = Table::new(&[
+        what, "requests", "p50", "p90", "p99", "errors", "not warm", difference,
+    ]);
+    for (name, phase, overhead) in rows {
+        let l = &phase.latency;
+        table.row([
+            name.clone(),
+            l.samples.to_string(),
+            fmt_us(l.p50_us),
+            fmt_us(l.p90_us),
+            fmt_us(l.p99_us),
+            phase.errors.to_string(),
+            phase.non_warm.to_string(),
+            overhead.map(fmt_delta_us).unwrap_or_default(),
+        ]);
+    }
+    let mut out = table.render();
+    for (name, phase, _) in rows {
+        if let Some(e) = &phase.first_error {
+            out.push_str(&format!("  first error ({name}): {e}\n"));
+        }
+    }
+    out
+}
+
+/// The isolation phase's warm rows: isolated (with its p50 over unisolated), unisolated.
+fn warm_isolation_rows(i: &IsolationPhase) -> [(String, &LatencyPhase, Option<f64>); 2] {
+    [
+        ("unisolated".to_owned(), &i.warm_unisolated, None),
+        (
+            "isolated".to_owned(),
+            &i.warm_isolated,
+            Some(i.warm_difference_us),
+        ),
+    ]
+}
+
+/// The isolation phase's cold rows.
+fn cold_isolation_rows(i: &IsolationPhase) -> [(&'static str, &ColdStarts); 2] {
+    [
+        ("unisolated", &i.cold_unisolated),
+        ("isolated", &i.cold_isolated),
+    ]
+}
+
+/// What "within noise" means, with the bound of this run.
+fn noise_rule(i: &IsolationPhase) -> String {
+    format!(
+        "within noise means |isolated p50 − unisolated p50| ≤ max({}, {:.0}% of the unisolated p50), here {}",
+        fmt_us(TARGET_WARM_NOISE_FLOOR_US),
+        TARGET_WARM_NOISE_SHARE * 100.0,
+        fmt_us(i.warm_noise_us)
+    )
+}
+
+/// The isolation phase for people.
+fn human_isolation(i: &IsolationPhase) -> String {
+    let mut out = format!(
+        "Isolation: two fresh servers, isolated ({}) and --insecure-no-isolation ({}), function {}\n",
+        i.isolated_server, i.unisolated_server, i.function
+    );
+    out.push_str(&format!(
+        "Cold starts, {} rounds (a new version on each server per round, interleaved):\n",
+        i.cold_rounds
+    ));
+    let mut table = Table::new(&[
+        "server",
+        "starts",
+        "p50 (server)",
+        "p90 (server)",
+        "p50 (round trip)",
+        "p90 (round trip)",
+        "errors",
+        "not cold",
+    ]);
+    let cold = cold_isolation_rows(i);
+    for (name, c) in &cold {
+        table.row([
+            name.to_string(),
+            c.server.samples.to_string(),
+            fmt_us(c.server.p50_us),
+            fmt_us(c.server.p90_us),
+            fmt_us(c.round_trip.p50_us),
+            fmt_us(c.round_trip.p90_us),
+            c.errors.to_string(),
+            c.not_cold.to_string(),
+        ]);
+    }
+    out.push_str(&table.render());
+    for (name, c) in &cold {
+        if let Some(e) = &c.first_error {
+            out.push_str(&format!("  first error ({name}): {e}\n"));
+        }
+    }
+    out.push_str(&format!(
+        "  isolation overhead (p50, isolated − unisolated): {} server-reported, {} round trip\n",
+        fmt_delta_us(i.cold_overhead_us),
+        fmt_delta_us(i.cold_round_trip_overhead_us)
+    ));
+    out.push_str(&format!(
+        "Warm latency, 1 client, {} interleaved rounds (one connection per server):\n",
+        i.warm_rounds
+    ));
+    out.push_str(&latency_table(
+        "server",
+        "p50 over unisolated",
+        &warm_isolation_rows(i),
+    ));
+    let (iso, uni) = (&i.warm_isolated.latency, &i.warm_unisolated.latency);
+    out.push_str(&format!(
+        "  isolated − unisolated: p50 {}, p90 {}, p99 {}; {}\n\n",
+        fmt_delta_us(iso.p50_us - uni.p50_us),
+        fmt_delta_us(iso.p90_us - uni.p90_us),
+        fmt_delta_us(iso.p99_us - uni.p99_us),
+        noise_rule(i)
+    ));
+    out
+}
+
 fn machine_line(m: &Machine) -> String {
     format!(
         "{} CPUs ({}), {}, {}, nimbus {} ({} build)",
@@ -119,36 +252,11 @@ pub(super) fn human_report(r: &Report) -> String {
         "Routing, 1 client, {} interleaved rounds on one connection:\n",
         r.routing.rounds
     ));
-    let mut table = Table::new(&[
+    out.push_str(&latency_table(
         "invoked",
-        "requests",
-        "p50",
-        "p90",
-        "p99",
-        "errors",
-        "not warm",
         "p50 over version",
-    ]);
-    let routing = routing_targets(&r.routing);
-    for (name, phase, overhead) in &routing {
-        let l = &phase.latency;
-        table.row([
-            name.clone(),
-            l.samples.to_string(),
-            fmt_us(l.p50_us),
-            fmt_us(l.p90_us),
-            fmt_us(l.p99_us),
-            phase.errors.to_string(),
-            phase.non_warm.to_string(),
-            overhead.map(fmt_delta_us).unwrap_or_default(),
-        ]);
-    }
-    out.push_str(&table.render());
-    for (name, phase, _) in &routing {
-        if let Some(e) = &phase.first_error {
-            out.push_str(&format!("  first error ({name}): {e}\n"));
-        }
-    }
+        &routing_targets(&r.routing),
+    ));
     out.push('\n');
     let mut table = Table::new(&[
         "clients",
@@ -205,6 +313,13 @@ pub(super) fn human_report(r: &Report) -> String {
         )),
         None => out.push_str("Idle workers: none found\n\n"),
     }
+    match (&r.isolation, &r.isolation_skipped) {
+        (Some(i), _) => out.push_str(&human_isolation(i)),
+        (None, note) => out.push_str(&format!(
+            "Isolation: {}\n\n",
+            note.as_deref().unwrap_or("skipped")
+        )),
+    }
     out.push_str("Targets:\n");
     let mut table = Table::new(&["target", "promise", "measured", "result"]);
     for t in &r.targets {
@@ -238,11 +353,12 @@ pub(super) fn markdown_report(r: &Report, args: &BenchArgs) -> String {
     ));
     let concurrency: Vec<String> = args.concurrency.iter().map(ToString::to_string).collect();
     out.push_str(&format!(
-        "Command: `nimbus bench --requests {} --duration {} --concurrency {} --baseline-runs {}`\n\n",
+        "Command: `nimbus bench --requests {} --duration {} --concurrency {} --baseline-runs {} --cold-starts {}`\n\n",
         args.requests,
         args.duration,
         concurrency.join(","),
-        args.baseline_runs
+        args.baseline_runs,
+        args.cold_starts
     ));
     out.push_str("| Measurement | Target | Result | Met |\n|---|---|---|---|\n");
     let w = &r.warm_latency.latency;
@@ -266,17 +382,7 @@ pub(super) fn markdown_report(r: &Report, args: &BenchArgs) -> String {
         met("warm p50")
     ));
     for (name, phase, overhead) in routing_targets(&r.routing) {
-        let l = &phase.latency;
-        out.push_str(&format!(
-            "| Warm latency, {name}, 1 client ({} requests, interleaved) | – | p50 {}, p90 {}, p99 {}{} | – |\n",
-            l.samples,
-            fmt_us(l.p50_us),
-            fmt_us(l.p90_us),
-            fmt_us(l.p99_us),
-            overhead
-                .map(|o| format!(" ({} over version)", fmt_delta_us(o)))
-                .unwrap_or_default()
-        ));
+        out.push_str(&markdown_latency_row(&name, phase, overhead, "version"));
     }
     out.push_str(&format!(
         "| Alias routing overhead (p50, alias {} − version {}) | ≤ {} | {} (latest: {}) | {} |\n",
@@ -329,6 +435,68 @@ pub(super) fn markdown_report(r: &Report, args: &BenchArgs) -> String {
             met("idle")
         ));
     }
+    match (&r.isolation, &r.isolation_skipped) {
+        (Some(i), _) => out.push_str(&markdown_isolation(i, met)),
+        (None, note) => out.push_str(&format!(
+            "| Isolation cost | – | {} | – |\n",
+            note.as_deref().unwrap_or("skipped")
+        )),
+    }
+    out
+}
+
+/// A Markdown row of a one-client latency phase of interleaved rounds.
+fn markdown_latency_row(
+    name: &str,
+    phase: &LatencyPhase,
+    overhead: Option<f64>,
+    over: &str,
+) -> String {
+    let l = &phase.latency;
+    format!(
+        "| Warm latency, {name}, 1 client ({} requests, interleaved) | – | p50 {}, p90 {}, p99 {}{} | – |\n",
+        l.samples,
+        fmt_us(l.p50_us),
+        fmt_us(l.p90_us),
+        fmt_us(l.p99_us),
+        overhead
+            .map(|o| format!(" ({} over {over})", fmt_delta_us(o)))
+            .unwrap_or_default()
+    )
+}
+
+/// The isolation phase's Markdown rows; `met` answers for a target by its name's start.
+fn markdown_isolation(i: &IsolationPhase, met: impl Fn(&str) -> &'static str) -> String {
+    let mut out = String::new();
+    for (name, c) in cold_isolation_rows(i) {
+        let p50_p90 = |l: &Latency| format!("p50 {}, p90 {}", fmt_us(l.p50_us), fmt_us(l.p90_us));
+        out.push_str(&format!(
+            "| Cold start, {name} ({} new instances, interleaved) | – | server {}; round trip {} ({} errors, {} not cold) | – |\n",
+            c.server.samples,
+            p50_p90(&c.server),
+            p50_p90(&c.round_trip),
+            c.errors,
+            c.not_cold
+        ));
+    }
+    out.push_str(&format!(
+        "| Isolation cold-start overhead (p50, isolated − unisolated) | ≤ {} | {} (round trip {}) | {} |\n",
+        fmt_us(TARGET_COLD_OVERHEAD_US),
+        fmt_delta_us(i.cold_overhead_us),
+        fmt_delta_us(i.cold_round_trip_overhead_us),
+        met("isolation cold-start")
+    ));
+    for (name, phase, overhead) in warm_isolation_rows(i) {
+        out.push_str(&markdown_latency_row(&name, phase, overhead, "unisolated"));
+    }
+    out.push_str(&format!(
+        "| Warm invocation with isolation (p50, isolated − unisolated) | within noise: \\|Δ\\| ≤ max({}, {:.0}% of unisolated p50) = {} | {} | {} |\n",
+        fmt_us(TARGET_WARM_NOISE_FLOOR_US),
+        TARGET_WARM_NOISE_SHARE * 100.0,
+        fmt_us(i.warm_noise_us),
+        fmt_delta_us(i.warm_difference_us),
+        met("warm invocation with isolation")
+    ));
     out
 }
 
@@ -343,6 +511,8 @@ mod tests {
         assert_eq!(fmt_us(2_100_000.0), "2.10 s");
         assert_eq!(fmt_delta_us(4.24), "+4.2 µs");
         assert_eq!(fmt_delta_us(-0.8), "-0.8 µs");
+        assert_eq!(fmt_delta_us(3172.0), "+3.17 ms");
+        assert_eq!(fmt_delta_us(-1500.0), "-1.50 ms");
         assert_eq!(fmt_count(6412.3), "6,412");
         assert_eq!(fmt_count(999.0), "999");
         assert_eq!(fmt_count(1_234_567.0), "1,234,567");

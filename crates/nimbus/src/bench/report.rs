@@ -3,6 +3,7 @@
 use serde::Serialize;
 
 use super::baseline::Baseline;
+use super::isolation::IsolationPhase;
 use super::load::PhaseRun;
 use super::memory::IdleMemory;
 use super::render::{fmt_count, fmt_delta_us, fmt_us};
@@ -16,6 +17,11 @@ pub(super) const TARGET_RPS_CLIENTS: usize = 32;
 pub(super) const TARGET_RATIO: f64 = 100.0;
 pub(super) const TARGET_RSS_MIB: f64 = 15.0;
 pub(super) const TARGET_ROUTING_US: f64 = 20.0;
+pub(super) const TARGET_COLD_OVERHEAD_US: f64 = 5000.0;
+/// "Within noise" for a warm p50 difference: at most the larger of this floor and
+/// [`TARGET_WARM_NOISE_SHARE`] of the unisolated p50.
+pub(super) const TARGET_WARM_NOISE_FLOOR_US: f64 = 10.0;
+pub(super) const TARGET_WARM_NOISE_SHARE: f64 = 0.05;
 
 /// Everything one run measured.
 #[derive(Debug, Serialize)]
@@ -36,6 +42,10 @@ pub struct Report {
     pub baseline: Option<Baseline>,
     /// Idle worker memory after the load.
     pub idle_memory: Option<IdleMemory>,
+    /// Cold starts and warm latency, isolated vs unisolated (`None` when skipped).
+    pub isolation: Option<IsolationPhase>,
+    /// Why the isolation phase was skipped.
+    pub isolation_skipped: Option<String>,
     /// The product's targets and whether they were met.
     pub targets: Vec<TargetCheck>,
 }
@@ -234,6 +244,44 @@ pub(super) fn targets(r: &Report) -> Vec<TargetCheck> {
                     m.max_rss_mib <= TARGET_RSS_MIB,
                 )
             }),
+        ),
+        check(
+            "isolation cold-start overhead (p50)",
+            format!("≤ {}", fmt_us(TARGET_COLD_OVERHEAD_US)),
+            r.isolation
+                .as_ref()
+                .filter(|i| {
+                    i.cold_isolated.server.samples > 0 && i.cold_unisolated.server.samples > 0
+                })
+                .map(|i| {
+                    (
+                        fmt_delta_us(i.cold_overhead_us),
+                        i.cold_overhead_us <= TARGET_COLD_OVERHEAD_US,
+                    )
+                }),
+        ),
+        check(
+            "warm invocation with isolation within noise (p50)",
+            format!(
+                "|Δ| ≤ max({}, {:.0}% of unisolated p50)",
+                fmt_us(TARGET_WARM_NOISE_FLOOR_US),
+                TARGET_WARM_NOISE_SHARE * 100.0
+            ),
+            r.isolation
+                .as_ref()
+                .filter(|i| {
+                    i.warm_isolated.latency.samples > 0 && i.warm_unisolated.latency.samples > 0
+                })
+                .map(|i| {
+                    (
+                        format!(
+                            "{} (noise bound {})",
+                            fmt_delta_us(i.warm_difference_us),
+                            fmt_us(i.warm_noise_us)
+                        ),
+                        i.warm_difference_us.abs() <= i.warm_noise_us,
+                    )
+                }),
         ),
     ]
 }

@@ -93,7 +93,7 @@ pub(super) async fn prepare_canary(client: &Client) -> anyhow::Result<Canary> {
 }
 
 /// A version number the server answered with in `field`.
-fn version_number(body: &Value, field: &str) -> anyhow::Result<u32> {
+pub(super) fn version_number(body: &Value, field: &str) -> anyhow::Result<u32> {
     body[field]
         .as_u64()
         .and_then(|v| u32::try_from(v).ok())

@@ -19,17 +19,25 @@ pub(super) struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts `<this binary> server` on a free loopback port; returns it and its URL.
-    pub(super) fn start() -> anyhow::Result<(Self, String)> {
+    /// Starts `<this binary> server` on a free loopback port, isolating its functions (the
+    /// product's default, whatever the environment says) or not (`--insecure-no-isolation`);
+    /// returns it and its URL.
+    pub(super) fn start(isolated: bool) -> anyhow::Result<(Self, String)> {
         let exe = std::env::current_exe().context("locating the nimbus binary")?;
         let dir = tempfile::Builder::new().prefix("nimbus-bench-").tempdir()?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let listen = format!("127.0.0.1:{port}");
         let log = dir.path().join("server.log");
         let log_file = std::fs::File::create(&log)?;
-        let child = std::process::Command::new(exe)
+        let mut command = std::process::Command::new(exe);
+        command
             .args(["server", "--listen", &listen, "--data-dir"])
             .arg(dir.path().join("data"))
+            .env_remove("NIMBUS_INSECURE_NO_ISOLATION");
+        if !isolated {
+            command.arg("--insecure-no-isolation");
+        }
+        let child = command
             .env("NIMBUS_LOG", "warn")
             .env_remove("NIMBUS_CONFIG")
             .env_remove("NIMBUS_LISTEN")
@@ -49,6 +57,24 @@ impl ServerProcess {
             },
             format!("http://{listen}"),
         ))
+    }
+
+    /// [`start`](Self::start)s a server, says so, and waits until it is healthy; returns
+    /// it, its URL and an API client for it.
+    pub(super) async fn start_healthy(isolated: bool) -> anyhow::Result<(Self, String, Client)> {
+        let (mut process, url) = Self::start(isolated)?;
+        let client = Client::new(&url, None)?;
+        super::progress(format!(
+            "started {} server pid {} at {url}",
+            if isolated {
+                "a"
+            } else {
+                "an unisolated (--insecure-no-isolation)"
+            },
+            process.pid()
+        ));
+        process.wait_healthy(&client).await?;
+        Ok((process, url, client))
     }
 
     pub(super) fn pid(&self) -> u32 {

@@ -1,0 +1,283 @@
+//! The isolation phase: what running every instance in a sandbox costs, in the same run.
+//!
+//! It starts two fresh servers that differ only in `--insecure-no-isolation` (each on its
+//! own temporary data directory and port, after the other phases' server is stopped) and
+//! deploys the same function ([`FUNCTION`], the bench's code) on both. Fresh servers rather
+//! than the one the other phases loaded: that one holds dozens of idle instances and a
+//! bigger heap, and forking a bigger server makes every start slower (0.4–0.8 ms with 33
+//! idle instances here), which would be charged to isolation.
+//!
+//! - Cold starts: each round changes the function's configuration on both servers, which
+//!   publishes a version no instance runs yet (the server proves the code loads with a
+//!   throwaway worker before it answers), and deletes the version before (stopping its idle
+//!   instance, so its cgroup slot goes back to the pool as it would when an instance ends);
+//!   after a short pause it invokes `latest` once on each server, alternating which goes
+//!   first. Kept per start: the server's own `duration_ms` (getting the new instance —
+//!   sandbox, interpreter, handler import — and the invocation) and the client's round trip.
+//! - Warm latency: one client, interleaved rounds between the two servers, as the routing
+//!   phase does between its targets.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use reqwest::Method;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::client::Client;
+
+use super::load::{call, connect, run_rounds, warm_up, LoadTarget, Sender};
+use super::report::{LatencyPhase, TARGET_WARM_NOISE_FLOOR_US, TARGET_WARM_NOISE_SHARE};
+use super::routing::version_number;
+use super::server::{loopback_addr, ServerProcess};
+use super::stats::Latency;
+use super::{deploy, progress, EVENT, MAX_PHASE};
+
+/// The function both servers run.
+pub const FUNCTION: &str = "bench-isolation";
+/// Rounds the warm requests of each server are split into.
+const WARM_ROUNDS: usize = 10;
+/// Pause between publishing the versions of a round and starting them: the instance of the
+/// version before (and the publish's throwaway worker) are gone by then, and each start
+/// follows an idle moment, as most do.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Cold starts of one server.
+#[derive(Debug, Default, Serialize)]
+pub struct ColdStarts {
+    /// `duration_ms` the server reported for each successful cold invocation: getting a new
+    /// instance plus running the handler once.
+    pub server: Latency,
+    /// The client's round trip of the same invocations.
+    pub round_trip: Latency,
+    /// Failed invocations.
+    pub errors: u64,
+    /// Successful invocations that did not start a new instance of the new version (not
+    /// counted in the latencies).
+    pub not_cold: u64,
+    /// The first failure or unexpected answer, if any.
+    pub first_error: Option<String>,
+}
+
+/// Cold starts and warm latency with and without isolation, in the same run.
+#[derive(Debug, Serialize)]
+pub struct IsolationPhase {
+    /// The function measured on both servers.
+    pub function: String,
+    /// The server with isolation (the default).
+    pub isolated_server: String,
+    /// The server started with `--insecure-no-isolation`.
+    pub unisolated_server: String,
+    /// Rounds of cold starts; each started one instance on each server.
+    pub cold_rounds: u32,
+    /// Cold starts on the isolated server.
+    pub cold_isolated: ColdStarts,
+    /// Cold starts on the unisolated server (plain processes).
+    pub cold_unisolated: ColdStarts,
+    /// Server-reported p50 isolated − p50 unisolated, µs.
+    pub cold_overhead_us: f64,
+    /// Round-trip p50 isolated − p50 unisolated, µs.
+    pub cold_round_trip_overhead_us: f64,
+    /// Rounds of the warm comparison; each invoked both servers in turn.
+    pub warm_rounds: usize,
+    /// Warm latency on the isolated server.
+    pub warm_isolated: LatencyPhase,
+    /// Warm latency on the unisolated server (plain processes).
+    pub warm_unisolated: LatencyPhase,
+    /// Warm p50 isolated − p50 unisolated, µs.
+    pub warm_difference_us: f64,
+    /// What counts as noise: max(10 µs, 5% of the unisolated p50), µs. A warm difference
+    /// within ± this is "unchanged".
+    pub warm_noise_us: f64,
+}
+
+/// One server of the comparison.
+struct Side {
+    process: ServerProcess,
+    url: String,
+    client: Client,
+    target: Arc<LoadTarget>,
+    /// The newest version of [`FUNCTION`] there.
+    version: u32,
+}
+
+impl Side {
+    /// Starts a server and deploys [`FUNCTION`] on it.
+    async fn start(isolated: bool) -> anyhow::Result<Side> {
+        let (process, url, client) = ServerProcess::start_healthy(isolated).await?;
+        let (addr, authority) = loopback_addr(&url)?;
+        deploy(&client, FUNCTION).await?;
+        let function = client
+            .get(&format!("/functions/{FUNCTION}"), &[])
+            .await
+            .map_err(|e| anyhow!("reading {FUNCTION}: {e}"))?;
+        Ok(Side {
+            version: version_number(&function, "latest_version")?,
+            target: Arc::new(LoadTarget {
+                addr,
+                authority,
+                path: format!("/api/v1/functions/{FUNCTION}/invoke"),
+                auth: None,
+                event: bytes::Bytes::from_static(EVENT),
+            }),
+            process,
+            url,
+            client,
+        })
+    }
+
+    /// Publishes a version no instance runs yet (its environment names the round) and
+    /// deletes the one before, which stops that version's idle instance.
+    async fn next_version(&mut self, round: u32) -> anyhow::Result<()> {
+        let path = format!("/functions/{FUNCTION}");
+        let env = json!({ "env_vars": { "BENCH_COLD": round.to_string() } });
+        let updated = self
+            .client
+            .call(Method::PUT, &path, &env)
+            .await
+            .map_err(|e| anyhow!("publishing a new version of {FUNCTION}: {e}"))?;
+        let published = version_number(&updated, "published_version")?;
+        self.client
+            .delete(&format!("{path}/versions/{}", self.version))
+            .await
+            .map_err(|e| anyhow!("deleting version {} of {FUNCTION}: {e}", self.version))?;
+        self.version = published;
+        Ok(())
+    }
+}
+
+/// Samples of one server's cold starts, ns.
+#[derive(Default)]
+struct ColdSamples {
+    server_ns: Vec<u64>,
+    round_trip_ns: Vec<u64>,
+    errors: u64,
+    not_cold: u64,
+    first_error: Option<String>,
+}
+
+impl ColdSamples {
+    /// Invokes `latest` of `side` once on `sender`'s connection (replaced if it broke).
+    async fn invoke(&mut self, side: &Side, sender: &mut Sender) -> anyhow::Result<()> {
+        let start = Instant::now();
+        let reply = call(sender, &side.target).await;
+        let round_trip = start.elapsed();
+        let body = match reply {
+            Ok((200, body)) => body,
+            Ok((status, body)) => {
+                let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+                self.errors += 1;
+                self.first_error
+                    .get_or_insert(format!("HTTP {status}: {text}"));
+                return Ok(());
+            }
+            Err(e) => {
+                self.errors += 1;
+                self.first_error.get_or_insert(format!("{e:#}"));
+                *sender = connect(&side.target).await?;
+                return Ok(());
+            }
+        };
+        let reply: Value = serde_json::from_slice(&body)?;
+        let start_type = reply["start_type"].as_str().unwrap_or_default();
+        match reply["duration_ms"].as_f64() {
+            Some(ms) if start_type == "cold" && reply["version"] == side.version => {
+                self.server_ns.push((ms * 1e6) as u64);
+                self.round_trip_ns.push(round_trip.as_nanos() as u64);
+            }
+            _ => {
+                self.not_cold += 1;
+                self.first_error.get_or_insert(format!(
+                    "expected a cold start of version {}, the server answered {reply}",
+                    side.version
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn summary(mut self) -> ColdStarts {
+        ColdStarts {
+            server: Latency::from_ns(&mut self.server_ns),
+            round_trip: Latency::from_ns(&mut self.round_trip_ns),
+            errors: self.errors,
+            not_cold: self.not_cold,
+            first_error: self.first_error,
+        }
+    }
+}
+
+/// `rounds` cold starts on each side, interleaved; stops early at [`MAX_PHASE`].
+async fn cold_starts(sides: &mut [Side; 2], rounds: u32) -> anyhow::Result<[ColdStarts; 2]> {
+    let mut senders = [
+        connect(&sides[0].target).await?,
+        connect(&sides[1].target).await?,
+    ];
+    let mut samples: [ColdSamples; 2] = Default::default();
+    let deadline = Instant::now() + MAX_PHASE;
+    for round in 0..rounds {
+        if Instant::now() > deadline {
+            break;
+        }
+        for side in sides.iter_mut() {
+            side.next_version(round).await?;
+        }
+        tokio::time::sleep(SETTLE).await;
+        for i in 0..2 {
+            let k = (round as usize + i) % 2;
+            samples[k].invoke(&sides[k], &mut senders[k]).await?;
+        }
+    }
+    Ok(samples.map(ColdSamples::summary))
+}
+
+/// Starts an isolated and an unisolated server with [`FUNCTION`] and measures:
+/// `cold_rounds` cold starts on each, then `requests` warm invocations each (after
+/// `warmup`). Both servers are stopped at the end (also on error).
+pub(super) async fn measure_isolation(
+    cold_rounds: u32,
+    requests: u64,
+    warmup: u64,
+) -> anyhow::Result<IsolationPhase> {
+    let mut sides = [Side::start(true).await?, Side::start(false).await?];
+
+    progress(format!(
+        "{cold_rounds} cold starts on each server, interleaved"
+    ));
+    let [cold_isolated, cold_unisolated] = cold_starts(&mut sides, cold_rounds).await?;
+
+    progress(format!(
+        "warming up both, then {requests} requests to each in {WARM_ROUNDS} interleaved rounds"
+    ));
+    for side in &sides {
+        warm_up(&side.target, 1, warmup).await?;
+    }
+    let targets = [sides[0].target.clone(), sides[1].target.clone()];
+    let per_round = requests.div_ceil(WARM_ROUNDS as u64);
+    let [warm_isolated, warm_unisolated] = run_rounds(&targets, WARM_ROUNDS, per_round, MAX_PHASE)
+        .await?
+        .map(|run| LatencyPhase::from_run(1, run));
+    let [isolated, unisolated] = sides.map(|mut side| {
+        side.process.stop();
+        side.url
+    });
+
+    let unisolated_p50 = warm_unisolated.latency.p50_us;
+    Ok(IsolationPhase {
+        function: FUNCTION.to_owned(),
+        isolated_server: isolated,
+        unisolated_server: unisolated,
+        cold_rounds,
+        cold_overhead_us: cold_isolated.server.p50_us - cold_unisolated.server.p50_us,
+        cold_round_trip_overhead_us: cold_isolated.round_trip.p50_us
+            - cold_unisolated.round_trip.p50_us,
+        cold_isolated,
+        cold_unisolated,
+        warm_rounds: WARM_ROUNDS,
+        warm_difference_us: warm_isolated.latency.p50_us - unisolated_p50,
+        warm_noise_us: TARGET_WARM_NOISE_FLOOR_US.max(TARGET_WARM_NOISE_SHARE * unisolated_p50),
+        warm_isolated,
+        warm_unisolated,
+    })
+}
