@@ -103,6 +103,8 @@ impl Driver for ProcessDriver {
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // Fires when the spawning *thread* exits: launches run on the runtime's
+                // long-lived worker threads, never on short-lived blocking threads.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
