@@ -190,12 +190,11 @@ impl Sandbox for ProcessSandbox {
     }
 
     fn kill(&mut self) {
+        // Isolated, the group holds the init, the sandbox's PID 1 and the worker; whatever a
+        // function moved out of it dies with PID 1 (its pid namespace), and the cgroup slot
+        // is emptied when the sandbox is dropped.
         self.kill_group();
         let _ = self.child.start_kill();
-        if let Some(slot) = &self.slot {
-            // Whatever left the process group is still in the cgroup.
-            slot.kill_all();
-        }
     }
 
     fn end_strays(&mut self) {
@@ -251,6 +250,14 @@ impl Drop for ProcessSandbox {
     fn drop(&mut self) {
         // Leftover children of the worker die with its group even if the worker itself exited.
         self.kill_group();
+        // Emptying the slot may wait (bounded) for its processes to die: not on an async
+        // thread.
+        if let Some(slot) = self.slot.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(slot))),
+                Err(_) => drop(slot),
+            }
+        }
     }
 }
 
