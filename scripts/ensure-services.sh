@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# Makes sure the services the test suite talks to are up on this machine:
-# PostgreSQL on 127.0.0.1:5432 (database `test`). Starts a local cluster if one is installed
-# but stopped. Installs nothing that a developer machine of this project lacks by default.
+# Makes sure the services and tools the test suite needs are on this machine: PostgreSQL on
+# 127.0.0.1:5432 (database `test`), starting a local cluster if one is installed but
+# stopped; `ip` and `nft`, with which the sandbox gives outbound functions their network.
 set -euo pipefail
 
 pg_up() { pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; }
+
+for tool in ip:iproute2 nft:nftables; do
+  if ! command -v "${tool%%:*}" >/dev/null 2>&1; then
+    echo "ensure-services: ${tool%%:*} not found; installing ${tool#*:}" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${tool#*:}" >/dev/null
+  fi
+done
 
 if ! command -v pg_isready >/dev/null 2>&1; then
   echo "ensure-services: PostgreSQL client tools not found; installing postgresql" >&2

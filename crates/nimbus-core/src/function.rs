@@ -211,7 +211,22 @@ pub struct FunctionConfig {
     pub memory_mb: u32,
     /// Invocation timeout, seconds.
     pub timeout_sec: u32,
+    /// What network its instances get.
+    pub network: Network,
 }
+
+string_enum!(
+    /// What network a function's instances get.
+    #[derive(Default)]
+    Network {
+        /// None at all: an empty network namespace (the default).
+        #[default]
+        Isolated => "none",
+        /// Outbound connections to public addresses, through NAT; nothing on the host or on
+        /// private networks.
+        Outbound => "outbound",
+    }
+);
 
 impl FunctionConfig {
     /// Checks every field against its documented rule.
@@ -394,6 +409,7 @@ mod tests {
             env_vars: BTreeMap::new(),
             memory_mb: 256,
             timeout_sec: 30,
+            network: Network::Outbound,
         };
         c.validate().unwrap();
         c.memory_mb = 32;

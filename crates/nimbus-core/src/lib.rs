@@ -19,7 +19,9 @@ pub use alias::{
 };
 pub use code::CodeBundle;
 pub use error::ValidationError;
-pub use function::{Function, FunctionConfig, FunctionStatus, FunctionVersion, Handler, Runtime};
+pub use function::{
+    Function, FunctionConfig, FunctionStatus, FunctionVersion, Handler, Network, Runtime,
+};
 pub use invocation::{Invocation, InvocationError, InvocationStatus, StartType, Trigger};
 
 /// Current wall-clock time, truncated to milliseconds (the precision every store keeps).

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use nimbus_core::function::{check_range, validate_description, validate_function_name};
 use nimbus_core::{
     ids, limits, now, CodeBundle, Function, FunctionConfig, FunctionStatus, FunctionVersion,
-    Handler, Runtime, LATEST_ALIAS,
+    Handler, Network, Runtime, ValidationError, LATEST_ALIAS,
 };
 use nimbus_runtime::protocol::ErrorPayload;
 use nimbus_store::Page;
@@ -53,6 +53,9 @@ pub struct NewFunction {
     /// Instance limit (default 50).
     #[serde(default)]
     pub max_instances: Option<u32>,
+    /// `none` (default) or `outbound`.
+    #[serde(default)]
+    pub network: Option<String>,
 }
 
 /// Body of `PUT /functions/{id}`: every field optional.
@@ -77,6 +80,8 @@ pub struct FunctionPatch {
     pub env_vars: Option<BTreeMap<String, String>>,
     /// New instance limit.
     pub max_instances: Option<u32>,
+    /// New network: `none` or `outbound`.
+    pub network: Option<String>,
     /// Publish the result as a new version and move `latest` (default true).
     pub publish: Option<bool>,
 }
@@ -123,6 +128,12 @@ impl Engine {
             env_vars: req.env_vars,
             memory_mb: req.memory_mb.unwrap_or(limits::MEMORY_MB.2),
             timeout_sec: req.timeout_sec.unwrap_or(limits::TIMEOUT_SEC.2),
+            network: match &req.network {
+                Some(network) => network
+                    .parse()
+                    .map_err(|e: ValidationError| e.in_field("network"))?,
+                None => Network::default(),
+            },
         };
         config.validate()?;
         code.check_handler(&config.handler, runtime)?;
@@ -211,6 +222,11 @@ impl Engine {
         }
         if let Some(env_vars) = patch.env_vars {
             function.config.env_vars = env_vars;
+        }
+        if let Some(network) = &patch.network {
+            function.config.network = network
+                .parse()
+                .map_err(|e: ValidationError| e.in_field("network"))?;
         }
         if let Some(max_instances) = patch.max_instances {
             check_range("max_instances", max_instances, limits::MAX_INSTANCES)?;

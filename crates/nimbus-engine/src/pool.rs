@@ -360,6 +360,7 @@ impl Pools {
             workdir: version.code_dir.clone(),
             visible: command.visible,
             memory_mb: config.memory_mb,
+            network: config.network,
         };
         let launched = self
             .driver

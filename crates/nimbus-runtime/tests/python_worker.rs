@@ -54,6 +54,7 @@ async fn launch(files: &[(&str, &str)], handler: &str, env: &[(&str, &str)]) -> 
         workdir: code.path().to_owned(),
         visible: command.visible,
         memory_mb: 128,
+        network: nimbus_core::Network::Isolated,
     };
     let launched = ProcessDriver::new().launch(&spec).await.unwrap();
     Worker {

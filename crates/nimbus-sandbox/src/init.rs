@@ -37,6 +37,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{pipe2, pivot_root, sethostname, setresgid, setresuid, Gid, Pid, Uid};
 use serde::{Deserialize, Serialize};
 
+use crate::network::{self, Link};
 use crate::{seccomp, WORKER_SOCKET_FD};
 
 /// The uid and gid the worker runs as inside its sandbox.
@@ -67,6 +68,9 @@ pub struct InitSpec {
     pub max_open_files: u64,
     /// Most processes of the worker's host uid (the pids cgroup bounds the group too).
     pub max_processes: u64,
+    /// For an outbound function, the name servers it may query (the init reserves its
+    /// link); none: an empty network namespace.
+    pub outbound: Option<Vec<std::net::Ipv4Addr>>,
 }
 
 /// Runs the init: reads the spec from stdin, builds the sandbox, execs the worker and exits
@@ -89,6 +93,13 @@ fn run() -> Result<i32> {
         .context("reading the spec from stdin")?;
     let spec: InitSpec = serde_json::from_str(&input).context("parsing the spec")?;
     let filter = seccomp::worker_filter().context("building the seccomp filter")?;
+    let link = spec
+        .outbound
+        .as_ref()
+        .map(|resolvers| network::reserve(resolvers))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let inside_link = link.as_ref().map(|(link, _)| link.clone());
 
     // `go` releases the child once its id maps exist; `report` carries a setup error back;
     // `status` carries the worker's wait status from the sandbox's PID 1. All close on
@@ -107,7 +118,14 @@ fn run() -> Result<i32> {
         | CloneFlags::CLONE_NEWUTS;
     let mut stack = vec![0u8; 1 << 20];
     let child_body = Box::new(|| -> isize {
-        let error = match sandbox_pid1(&spec, &filter, &go_read, &report_write, &status_write) {
+        let error = match sandbox_pid1(
+            &spec,
+            inside_link.as_ref(),
+            &filter,
+            &go_read,
+            &report_write,
+            &status_write,
+        ) {
             Err(e) => e,
             Ok(never) => match never {},
         };
@@ -123,6 +141,14 @@ fn run() -> Result<i32> {
     drop(status_write);
 
     map_ids(child, spec.host_id)?;
+    // Held (open) until this process exits: the link stays reserved as long as the sandbox.
+    let _reservation = match &link {
+        Some((link, reservation)) => {
+            network::attach(link, child.as_raw()).map_err(anyhow::Error::msg)?;
+            Some(reservation)
+        }
+        None => None,
+    };
     (&go_write)
         .write_all(b"1")
         .context("releasing the sandbox")?;
@@ -184,6 +210,7 @@ fn mirror_exit(child: Pid, mut status: fs::File) -> Result<i32> {
 /// zombies would use up the process limit.)
 fn sandbox_pid1(
     spec: &InitSpec,
+    link: Option<&Link>,
     filter: &seccompiler::BpfProgram,
     go: &OwnedFd,
     report: &fs::File,
@@ -192,7 +219,7 @@ fn sandbox_pid1(
     // The status pipe must sit above the socket so that closing the ranges around it works.
     debug_assert!(status.as_raw_fd() > WORKER_SOCKET_FD);
     let exec = prepare_exec(spec)?;
-    sandbox(spec, filter, go)?;
+    sandbox(spec, link, filter, go)?;
     // SAFETY: PID 1 is single-threaded (cloned from the single-threaded init).
     match unsafe { nix::unistd::fork() }.context("fork")? {
         nix::unistd::ForkResult::Child => {
@@ -299,7 +326,12 @@ impl Exec {
 
 /// In the sandbox's PID 1: waits for the id maps, builds the root, drops every privilege
 /// and installs the seccomp filter (inherited by the worker it forks next).
-fn sandbox(spec: &InitSpec, filter: &seccompiler::BpfProgram, go: &OwnedFd) -> Result<()> {
+fn sandbox(
+    spec: &InitSpec,
+    link: Option<&Link>,
+    filter: &seccompiler::BpfProgram,
+    go: &OwnedFd,
+) -> Result<()> {
     let mut byte = [0u8; 1];
     let mut go = fs::File::from(go.try_clone().context("dup")?);
     go.read_exact(&mut byte)
@@ -314,6 +346,10 @@ fn sandbox(spec: &InitSpec, filter: &seccompiler::BpfProgram, go: &OwnedFd) -> R
     // files it creates in the new root must belong to a user the namespace maps.
     setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)).context("setresgid 0")?;
     setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)).context("setresuid 0")?;
+    if let Some(link) = link {
+        // With the host's `ip` still visible, and the namespace's network capabilities.
+        network::configure_inside(link).map_err(anyhow::Error::msg)?;
+    }
 
     build_root(spec, &exposed)?;
     drop(exposed);
@@ -393,7 +429,7 @@ fn build_root(spec: &InitSpec, exposed: &[Exposed]) -> Result<()> {
     .context("mounting /proc")?;
 
     build_dev(root, spec.tmp_mb)?;
-    build_etc(root)?;
+    build_etc(root, spec.outbound.as_deref())?;
 
     let old = root.join(".old-root");
     fs::create_dir_all(&old)?;
@@ -578,7 +614,7 @@ fn build_dev(root: &Path, shm_mb: u32) -> Result<()> {
 
 /// `/etc` with only what a process expects to find: its user, localhost and the name
 /// service switch, no secrets of the host.
-fn build_etc(root: &Path) -> Result<()> {
+fn build_etc(root: &Path, resolvers: Option<&[std::net::Ipv4Addr]>) -> Result<()> {
     let etc = inside(root, Path::new("/etc"));
     fs::create_dir_all(&etc)?;
     let files = [
@@ -598,6 +634,12 @@ fn build_etc(root: &Path) -> Result<()> {
             "passwd: files\ngroup: files\nhosts: files dns\n".to_owned(),
         ),
     ];
+    let resolv: String = resolvers
+        .unwrap_or_default()
+        .iter()
+        .map(|r| format!("nameserver {r}\n"))
+        .collect();
+    let files = files.into_iter().chain([("resolv.conf", resolv)]);
     for (name, content) in files {
         // Created in place, so it does not overwrite a file exposed from the host.
         let path = etc.join(name);

@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use crate::cgroup::{CgroupError, CgroupSlot, Cgroups, Limits};
 use crate::init::InitSpec;
+use crate::network::Outbound;
 use crate::LaunchSpec;
+use nimbus_core::Network;
 
 /// Host paths every worker may read besides its runtime and code: the shared libraries,
 /// the dynamic loader's cache, time zones and TLS roots. Missing ones are skipped.
@@ -84,6 +86,8 @@ pub struct Isolation {
     settings: IsolationSettings,
     cgroups: Arc<Cgroups>,
     root_dir: PathBuf,
+    /// Outbound networking, or why this host cannot offer it.
+    outbound: Result<Outbound, String>,
 }
 
 impl Isolation {
@@ -105,20 +109,30 @@ impl Isolation {
         {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
         }
+        let outbound = Outbound::open();
+        if let Err(e) = &outbound {
+            tracing::warn!("functions with network \"outbound\" cannot run here: {e}");
+        }
         Ok(Isolation {
             settings,
             cgroups,
             root_dir,
+            outbound,
         })
     }
 
     /// One line for the start-up log.
     pub fn describe(&self) -> String {
         format!(
-            "namespaces + seccomp + {}, /tmp {} MiB, {} processes",
+            "namespaces + seccomp + {}, /tmp {} MiB, {} processes, outbound network {}",
             self.cgroups.describe(),
             self.settings.tmp_mb,
-            self.settings.pids_max
+            self.settings.pids_max,
+            if self.outbound.is_ok() {
+                "available"
+            } else {
+                "unavailable"
+            }
         )
     }
 
@@ -138,11 +152,27 @@ impl Isolation {
         self.cgroups.acquire(&limits)
     }
 
-    /// What the init needs to build the sandbox of `spec` in `slot`.
-    pub(crate) fn init_spec(&self, spec: &LaunchSpec, slot: &CgroupSlot) -> InitSpec {
+    /// What the init needs to build the sandbox of `spec` in `slot`; an error if `spec`
+    /// asks for a network this host cannot give.
+    pub(crate) fn init_spec(
+        &self,
+        spec: &LaunchSpec,
+        slot: &CgroupSlot,
+    ) -> Result<InitSpec, String> {
         let mut visible: Vec<PathBuf> = SHARED_VISIBLE.iter().map(PathBuf::from).collect();
         visible.extend(spec.visible.iter().cloned());
-        InitSpec {
+        let outbound = match spec.network {
+            Network::Isolated => None,
+            Network::Outbound => match &self.outbound {
+                Ok(outbound) => Some(outbound.resolvers().to_vec()),
+                Err(e) => {
+                    return Err(format!(
+                        "outbound network is unavailable on this server: {e}"
+                    ))
+                }
+            },
+        };
+        Ok(InitSpec {
             program: spec.program.clone(),
             args: spec.args.clone(),
             env: spec.env.clone(),
@@ -153,7 +183,8 @@ impl Isolation {
             tmp_mb: self.settings.tmp_mb,
             max_open_files: self.settings.max_open_files,
             max_processes: u64::from(self.settings.pids_max),
-        }
+            outbound,
+        })
     }
 
     /// Kills and removes every sandbox's cgroups (server shutdown).

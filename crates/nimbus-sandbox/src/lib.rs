@@ -11,6 +11,7 @@
 pub mod cgroup;
 pub mod init;
 pub mod isolation;
+pub mod network;
 pub mod process;
 pub mod seccomp;
 
@@ -43,6 +44,8 @@ pub struct LaunchSpec {
     pub visible: Vec<PathBuf>,
     /// Memory limit, MiB.
     pub memory_mb: u32,
+    /// What network the worker gets.
+    pub network: nimbus_core::Network,
 }
 
 /// How a sandboxed worker ended.

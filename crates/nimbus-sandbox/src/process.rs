@@ -67,7 +67,8 @@ impl Driver for ProcessDriver {
                 let slot = isolation
                     .slot(spec.memory_mb)
                     .map_err(|e| fail(format!("cgroup: {e}")))?;
-                let init_spec = serde_json::to_vec(&isolation.init_spec(spec, &slot))
+                let init_spec = isolation.init_spec(spec, &slot).map_err(fail)?;
+                let init_spec = serde_json::to_vec(&init_spec)
                     .map_err(|e| fail(format!("encoding the sandbox spec: {e}")))?;
                 let (program, args) = isolation.init_command();
                 let mut cmd = Command::new(program);
@@ -275,6 +276,7 @@ mod tests {
             workdir: std::env::temp_dir(),
             visible: vec![],
             memory_mb: 128,
+            network: nimbus_core::Network::Isolated,
         }
     }
 

@@ -55,6 +55,7 @@ impl Harness {
             workdir: code,
             visible: vec![PYTHON.into()],
             memory_mb,
+            network: nimbus_core::Network::Isolated,
         };
         let mut launched = self.driver.launch(&spec).await.expect("launch");
         let mut out = String::new();

@@ -115,6 +115,7 @@ fn config(row: &AnyRow) -> StoreResult<FunctionConfig> {
         env_vars: json(row, "env_vars")?,
         memory_mb: unsigned(row, "memory_mb")?,
         timeout_sec: unsigned(row, "timeout_sec")?,
+        network: parsed(row, "network")?,
     })
 }
 

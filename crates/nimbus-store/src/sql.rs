@@ -36,7 +36,8 @@ type AnyQuery<'q> = Query<'q, Any, AnyArguments<'q>>;
 macro_rules! function_columns {
     () => {
         "id, name, description, runtime, handler, code_hash, env_vars, memory_mb, \
-         timeout_sec, code, max_instances, status, latest_version, created_at, updated_at"
+         timeout_sec, network, code, max_instances, status, latest_version, created_at, \
+         updated_at"
     };
 }
 
@@ -44,7 +45,7 @@ macro_rules! function_columns {
 macro_rules! version_columns {
     () => {
         "function_id, version, description, runtime, handler, code_hash, env_vars, \
-         memory_mb, timeout_sec, created_at, created_by"
+         memory_mb, timeout_sec, network, created_at, created_by"
     };
 }
 
@@ -72,17 +73,18 @@ macro_rules! invocation_columns {
     };
 }
 
-/// `$1` id, then the draft in [`bind_draft`] order (`$2`–`$12`), then name, latest
+/// `$1` id, then the draft in [`bind_draft`] order (`$2`–`$13`), then name, latest
 /// version and creation time.
 const INSERT_FUNCTION: &str = "INSERT INTO functions (id, description, runtime, handler, \
-     code_hash, env_vars, memory_mb, timeout_sec, code, max_instances, status, updated_at, \
-     name, latest_version, created_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
+     code_hash, env_vars, memory_mb, timeout_sec, network, code, max_instances, status, \
+     updated_at, name, latest_version, created_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
 
 /// Saves the draft bound by [`bind_draft`].
 const UPDATE_DRAFT: &str = "UPDATE functions SET description = $2, runtime = $3, \
      handler = $4, code_hash = $5, env_vars = $6, memory_mb = $7, timeout_sec = $8, \
-     code = $9, max_instances = $10, status = $11, updated_at = $12 WHERE id = $1";
+     network = $9, code = $10, max_instances = $11, status = $12, updated_at = $13 \
+     WHERE id = $1";
 
 /// Allocates the next version number under the function's row lock.
 const NEXT_VERSION: &str = "UPDATE functions SET latest_version = latest_version + 1 \
@@ -94,10 +96,11 @@ const NEXT_VERSION: &str = "UPDATE functions SET latest_version = latest_version
 const LOCK_FUNCTION: &str = "UPDATE functions SET latest_version = latest_version WHERE id = $1";
 
 /// Function id, version and description, the configuration in [`bind_config`] order
-/// (`$4`–`$10`), then creation time and author.
+/// (`$4`–`$11`), then creation time and author.
 const INSERT_VERSION: &str = "INSERT INTO function_versions (function_id, version, \
-     description, runtime, handler, code_hash, env_vars, memory_mb, timeout_sec, code, \
-     created_at, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+     description, runtime, handler, code_hash, env_vars, memory_mb, timeout_sec, network, \
+     code, created_at, created_by) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
 
 const INSERT_ALIAS: &str = concat!(
     "INSERT INTO function_aliases (",
@@ -212,7 +215,7 @@ impl SqlStore {
 }
 
 /// Binds the configuration a version freezes and its code, in the column order
-/// `runtime, handler, code_hash, env_vars, memory_mb, timeout_sec, code`.
+/// `runtime, handler, code_hash, env_vars, memory_mb, timeout_sec, network, code`.
 fn bind_config<'q>(
     query: AnyQuery<'q>,
     config: &'q FunctionConfig,
@@ -225,10 +228,11 @@ fn bind_config<'q>(
         .bind(to_json("env_vars", &config.env_vars)?)
         .bind(i64::from(config.memory_mb))
         .bind(i64::from(config.timeout_sec))
+        .bind(config.network.as_str())
         .bind(code.encode()))
 }
 
-/// Binds a function's id and draft as `$1`–`$12`: id, description, the configuration and
+/// Binds a function's id and draft as `$1`–`$13`: id, description, the configuration and
 /// code (see [`bind_config`]), max_instances, status, updated_at.
 fn bind_draft<'q>(query: AnyQuery<'q>, function: &'q Function) -> StoreResult<AnyQuery<'q>> {
     let query = query

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use nimbus_core::{
     ids, AliasAction, AliasRevision, CodeBundle, Function, FunctionAlias, FunctionConfig,
     FunctionStatus, FunctionVersion, Handler, Invocation, InvocationError, InvocationStatus,
-    RoutingConfig, Runtime, StartType, Trigger, WeightedVersion,
+    Network, RoutingConfig, Runtime, StartType, Trigger, WeightedVersion,
 };
 use nimbus_store::{
     AliasChange, AliasWrite, InvocationFilter, MetadataStore, Page, Published, RollbackTarget,
@@ -209,6 +209,7 @@ fn new_function(name: &str) -> (Function, FunctionVersion) {
         env_vars: BTreeMap::from([("GREETING".to_string(), "héllo \"world\"".to_string())]),
         memory_mb: 256,
         timeout_sec: 30,
+        network: Network::Outbound,
     };
     let now = nimbus_core::now();
     let function = Function {
@@ -2746,8 +2747,8 @@ async fn reopening_keeps_data_and_reapplies_nothing(store: &dyn MetadataStore, u
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    // 0001_init and 0002_alias_history, each once.
-    assert_eq!(applied, 2);
+    // 0001_init, 0002_alias_history and 0003_network, each once.
+    assert_eq!(applied, 3);
 }
 
 async fn corrupt_rows_are_reported_as_corrupt(store: &dyn MetadataStore, url: &str) {

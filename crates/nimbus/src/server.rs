@@ -110,6 +110,7 @@ async fn deploy_example(engine: &Engine) -> anyhow::Result<()> {
         timeout_sec: None,
         env_vars: Default::default(),
         max_instances: None,
+        network: None,
     };
     engine
         .create_function(example, "nimbus")

@@ -279,6 +279,8 @@ def handle(event):
         "raw_inet": sock(socket.AF_INET, socket.SOCK_RAW),
         "unshare": errno_of(libc.unshare(0x10000000)),           # CLONE_NEWUSER
         "ptrace_self": errno_of(libc.ptrace(0, 0, 0, 0)),        # PTRACE_TRACEME
+        "mount": errno_of(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)),
+        "init_module": errno_of(libc.syscall(175, None, 0, b"")),
         "inet_ok": sock(socket.AF_INET, socket.SOCK_STREAM),
         "unix_ok": sock(socket.AF_UNIX, socket.SOCK_STREAM),
     }
@@ -294,6 +296,8 @@ def handle(event):
         "raw_inet",
         "unshare",
         "ptrace_self",
+        "mount",
+        "init_module",
     ] {
         assert_eq!(got[call], 1, "{call} must fail with EPERM: {got}");
     }
@@ -579,4 +583,138 @@ async fn a_second_server_on_the_same_data_directory_is_refused() {
         (status, body["start_type"].clone()),
         (StatusCode::OK, json!("warm"))
     );
+}
+
+/// A stand-in for the internet: a network namespace behind a veth pair on
+/// 198.51.100.0/24 (a documentation range, so not among the ranges sandboxes are denied),
+/// with a TCP service on 198.51.100.2:8080 answering `hello`. Removed on drop.
+struct FakeInternet {
+    name: String,
+    service: std::process::Child,
+}
+
+impl FakeInternet {
+    fn start() -> Self {
+        let id = std::process::id() % 100_000;
+        let name = format!("nimbus-fake-{id}");
+        let (host_if, peer_if) = (format!("fk{id}h"), format!("fk{id}n"));
+        let sh = |script: &str| {
+            let out = std::process::Command::new("sh")
+                .args(["-c", script])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{script}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        sh(&format!(
+            "ip netns del {name} 2>/dev/null; ip link del {host_if} 2>/dev/null; \
+             ip netns add {name} && \
+             ip link add {host_if} type veth peer name {peer_if} netns {name} && \
+             ip addr add 198.51.100.1/24 dev {host_if} && ip link set {host_if} up && \
+             ip -n {name} addr add 198.51.100.2/24 dev {peer_if} && \
+             ip -n {name} link set {peer_if} up && ip -n {name} link set lo up"
+        ));
+        let service = std::process::Command::new("ip")
+            .args(["netns", "exec", &name, "/usr/bin/python3", "-c"])
+            .arg(
+                "import socket\ns = socket.create_server(('198.51.100.2', 8080))\n\
+                 while True:\n    c, _ = s.accept()\n    c.sendall(b'hello')\n    c.close()\n",
+            )
+            .spawn()
+            .unwrap();
+        // Wait until the service answers from the host.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("198.51.100.2", 8080)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the fake internet did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        FakeInternet { name, service }
+    }
+}
+
+impl Drop for FakeInternet {
+    fn drop(&mut self) {
+        let _ = self.service.kill();
+        let _ = self.service.wait();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn outbound_functions_reach_public_addresses_and_nothing_else() {
+    let internet = FakeInternet::start();
+    let s = Server::start(Backend::Sqlite).await;
+    let host_listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = host_listener.local_addr().unwrap().port();
+    let code = r#"
+import socket
+def handle(event):
+    out = {}
+    for host, port in event["targets"]:
+        try:
+            c = socket.create_connection((host, port), timeout=2)
+            out[f"{host}:{port}"] = c.recv(5).decode() or "connected"
+            c.close()
+        except OSError as e:
+            out[f"{host}:{port}"] = type(e).__name__
+    return out
+"#;
+    let targets = json!({ "targets": [
+        ["198.51.100.2", 8080],
+        ["127.0.0.1", port],
+        ["192.0.2.2", port],
+        ["10.255.255.53", 80],
+        ["169.254.169.254", 80],
+    ]});
+    let (status, body) = run(
+        &s,
+        "online",
+        code,
+        json!({ "network": "outbound" }),
+        targets.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let got = &body["body"];
+    assert_eq!(got["198.51.100.2:8080"], "hello", "{got}");
+    for blocked in [
+        format!("127.0.0.1:{port}"),
+        format!("192.0.2.2:{port}"),
+        "10.255.255.53:80".to_owned(),
+        "169.254.169.254:80".to_owned(),
+    ] {
+        let outcome = got[&blocked].as_str().unwrap();
+        assert!(
+            outcome.ends_with("Error"),
+            "{blocked} must be unreachable: {got}"
+        );
+    }
+    let (_, function) = s.call("GET", "/functions/online", None).await;
+    assert_eq!(function["network"], "outbound");
+    let (status, body) = s
+        .call(
+            "POST",
+            "/functions",
+            Some(json!({ "name": "wifi", "code": code, "network": "wifi" })),
+        )
+        .await;
+    assert_eq!(
+        (status, code_of(&body)),
+        (StatusCode::BAD_REQUEST, "validation_error"),
+        "{body}"
+    );
+    assert_eq!(body["error"]["field"], "network");
+    // Without the option the same function reaches nothing.
+    let (status, body) = run(&s, "offline", code, json!({}), targets).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["body"]["198.51.100.2:8080"], "OSError", "{body}");
+    drop(internet);
 }

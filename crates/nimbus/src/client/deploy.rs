@@ -36,6 +36,10 @@ pub struct DeployArgs {
     /// Timeout in seconds [server default: 30].
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<u32>,
+    /// Network of the function's instances: `none`, or `outbound` for connections to public
+    /// addresses [server default: none].
+    #[arg(long, value_name = "none|outbound")]
+    pub network: Option<String>,
     /// Environment variable (repeatable). On an update the given set replaces all variables;
     /// without --env they are kept.
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env_pair)]
@@ -178,6 +182,7 @@ fn request_fields(args: &DeployArgs) -> anyhow::Result<Map<String, Value>> {
     optional("handler", args.handler.as_ref().map(|v| json!(v)));
     optional("memory_mb", args.memory.map(|v| json!(v)));
     optional("timeout_sec", args.timeout.map(|v| json!(v)));
+    optional("network", args.network.as_ref().map(|v| json!(v)));
     optional("description", args.description.as_ref().map(|v| json!(v)));
     optional("max_instances", args.max_instances.map(|v| json!(v)));
     if !args.env.is_empty() {

@@ -1,0 +1,220 @@
+//! Outbound network for sandboxes that ask for it (`"network": "outbound"`).
+//!
+//! Every sandbox has its own network namespace; by default it stays empty. An outbound one
+//! gets a veth pair: `nmb<n>` on the host, `eth0` inside, on its own /30 of `10.213.0.0/16`
+//! (host `.1`, sandbox `.2`, default route through the host). `n` is reserved host-wide
+//! by the sandbox's init with a lock file under `/run/nimbus/net` held for the sandbox's
+//! life, so several servers on one host never collide. The host
+//! forwards and masquerades its traffic, with an nftables table `ip nimbus` that lets it
+//! reach public addresses and the host's DNS resolvers only: nothing on the host itself,
+//! no private, loopback, link-local (cloud metadata) or multicast ranges, no other sandbox,
+//! and nothing may connect into a sandbox. The table is replaced (atomically) at every
+//! start and left in place at exit, as other servers of the host may use it; its rules
+//! match only `nmb*` interfaces, and a veth pair vanishes with its namespace.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+/// Addresses of outbound sandboxes: link `n` owns `10.213.0.0 + 4n` /30.
+const SUBNET: [u8; 2] = [10, 213];
+/// Links available in the subnet.
+const LINKS: u32 = 1 << 14;
+/// Where links are reserved.
+const LOCK_DIR: &str = "/run/nimbus/net";
+
+/// Destinations a sandbox may not reach, besides the host itself.
+const BLOCKED: &str = "0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, \
+    172.16.0.0/12, 192.168.0.0/16, 224.0.0.0/4, 240.0.0.0/4";
+
+/// One sandbox's network link.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Link {
+    /// Host-side interface name.
+    pub host_if: String,
+    /// Host-side address (the sandbox's gateway).
+    pub host_addr: Ipv4Addr,
+    /// The sandbox's address.
+    pub sandbox_addr: Ipv4Addr,
+    /// Name servers for the sandbox's `/etc/resolv.conf`.
+    pub resolvers: Vec<Ipv4Addr>,
+}
+
+/// Outbound networking, set up once at start.
+#[derive(Debug)]
+pub struct Outbound {
+    resolvers: Vec<Ipv4Addr>,
+}
+
+impl Outbound {
+    /// Enables IPv4 forwarding and (re)installs the `ip nimbus` nftables table. Fails when
+    /// `nft` is missing or refuses; outbound functions then cannot start on this server.
+    pub fn open() -> Result<Outbound, String> {
+        let resolvers = host_resolvers();
+        let allowed_dns = if resolvers.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = resolvers.iter().map(Ipv4Addr::to_string).collect();
+            let set = list.join(", ");
+            format!(
+                "iifname \"nmb*\" ip daddr {{ {set} }} udp dport 53 accept\n\
+                 iifname \"nmb*\" ip daddr {{ {set} }} tcp dport 53 accept\n"
+            )
+        };
+        // One transaction: declare (so the delete cannot fail), delete, recreate. Servers of
+        // one host share the table; none ever sees it missing.
+        let ruleset = format!(
+            "table ip nimbus\ndelete table ip nimbus\ntable ip nimbus {{\n\
+             chain postrouting {{ type nat hook postrouting priority srcnat; \
+             ip saddr {a}.{b}.0.0/16 oifname != \"nmb*\" masquerade; }}\n\
+             chain forward {{ type filter hook forward priority filter;\n\
+             {allowed_dns}\
+             iifname \"nmb*\" ip daddr {{ {BLOCKED} }} drop\n\
+             oifname \"nmb*\" ct state established,related accept\n\
+             oifname \"nmb*\" drop\n}}\n\
+             chain input {{ type filter hook input priority filter; \
+             iifname \"nmb*\" drop; }}\n}}\n",
+            a = SUBNET[0],
+            b = SUBNET[1],
+        );
+        nft_apply(&ruleset)?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .map_err(|e| format!("enabling IPv4 forwarding: {e}"))?;
+        Ok(Outbound { resolvers })
+    }
+
+    /// The host's name servers a sandbox may query.
+    pub fn resolvers(&self) -> &[Ipv4Addr] {
+        &self.resolvers
+    }
+}
+
+/// Reserves a free link host-wide. The returned file holds the reservation (an `flock`)
+/// for as long as it stays open: the init keeps it for the sandbox's life, and the kernel
+/// releases it however the init ends.
+pub(crate) fn reserve(resolvers: &[Ipv4Addr]) -> Result<(Link, std::fs::File), String> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(LOCK_DIR).map_err(|e| format!("{LOCK_DIR}: {e}"))?;
+    for n in 0..LINKS {
+        let path = format!("{LOCK_DIR}/{n}");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("{path}: {e}"))?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            let base = u32::from(Ipv4Addr::new(SUBNET[0], SUBNET[1], 0, 0)) + 4 * n;
+            let link = Link {
+                host_if: format!("nmb{n}"),
+                host_addr: Ipv4Addr::from(base + 1),
+                sandbox_addr: Ipv4Addr::from(base + 2),
+                resolvers: resolvers.to_vec(),
+            };
+            return Ok((link, file));
+        }
+    }
+    Err(format!("all {LINKS} outbound links are in use"))
+}
+
+/// Runs `program` with `args`; the error names the command and what it printed.
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn nft_apply(ruleset: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("nft: {e}"))?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(ruleset.as_bytes())
+        .map_err(|e| format!("nft: {e}"))?;
+    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "nft rejected the ruleset: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The host's IPv4 name servers that a sandbox can reach (not loopback ones, such as a
+/// local stub resolver).
+fn host_resolvers() -> Vec<Ipv4Addr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+        .filter(|a| !a.is_loopback())
+        .collect()
+}
+
+/// Host side, for the init: creates the veth pair with its peer in the namespace of
+/// `pid`, addresses and raises the host end.
+pub(crate) fn attach(link: &Link, pid: i32) -> Result<(), String> {
+    // A pair of a namespace that just ended may still be on its way out.
+    let _ = run("ip", &["link", "del", &link.host_if]);
+    let pid = pid.to_string();
+    run(
+        "ip",
+        &[
+            "link",
+            "add",
+            &link.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &pid,
+        ],
+    )?;
+    let host = format!("{}/30", link.host_addr);
+    run("ip", &["addr", "add", &host, "dev", &link.host_if])?;
+    run("ip", &["link", "set", &link.host_if, "up"])
+}
+
+/// Sandbox side, for its PID 1 before it leaves the host's file system: addresses `eth0`,
+/// raises it and loopback, routes through the host.
+pub(crate) fn configure_inside(link: &Link) -> Result<(), String> {
+    let addr = format!("{}/30", link.sandbox_addr);
+    run("ip", &["addr", "add", &addr, "dev", "eth0"])?;
+    run("ip", &["link", "set", "eth0", "up"])?;
+    run("ip", &["link", "set", "lo", "up"])?;
+    run(
+        "ip",
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            &link.host_addr.to_string(),
+        ],
+    )
+}
