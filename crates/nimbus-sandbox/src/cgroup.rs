@@ -359,6 +359,7 @@ impl Cgroups {
         limits: &Limits,
     ) -> io::Result<CgroupSlot> {
         let mut memory_dir = None;
+        let mut pids_dir = None;
         for (h, dir) in self.hierarchies.iter().zip(&dirs) {
             for &controller in &h.controllers {
                 match (self.version, controller) {
@@ -386,6 +387,9 @@ impl Cgroups {
                 if controller == Controller::Memory {
                     memory_dir = Some(dir.clone());
                 }
+                if controller == Controller::Pids {
+                    pids_dir = Some(dir.clone());
+                }
             }
         }
         // Every Cgroups has a memory hierarchy (checked by open).
@@ -411,7 +415,8 @@ impl Cgroups {
             .map(|d| CString::new(d.join("cgroup.procs").as_os_str().as_bytes()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let members = File::open(dirs[0].join("cgroup.procs")).ok();
+        // pids.current is read live; a kept-open v1 cgroup.procs would serve a cached list.
+        let tasks = pids_dir.and_then(|d: PathBuf| File::open(d.join("pids.current")).ok());
         Ok(CgroupSlot {
             cgroups: Arc::clone(self),
             index,
@@ -420,7 +425,7 @@ impl Cgroups {
             oom_file,
             oom_baseline,
             peak,
-            members,
+            tasks,
         })
     }
 
@@ -465,9 +470,9 @@ pub struct CgroupSlot {
     oom_baseline: Option<u64>,
     /// Read from offset 0 each time: on v2 the peak reset applies to this descriptor only.
     peak: Option<File>,
-    /// The first group's `cgroup.procs`, kept open: counting its processes after every
-    /// invocation is then one `pread`, not an open, a read and a close.
-    members: Option<File>,
+    /// The pids controller's `pids.current`, kept open: counting the group's tasks after
+    /// every invocation is then one `pread`, not an open, a read and a close.
+    tasks: Option<File>,
 }
 
 impl CgroupSlot {
@@ -492,13 +497,13 @@ impl CgroupSlot {
         read_pids(&self.dirs[0])
     }
 
-    /// How many processes the group holds, cheaply (one `pread` into a stack buffer); `None`
-    /// if it cannot tell (then ask [`CgroupSlot::pids`]).
-    pub fn process_count(&self) -> Option<usize> {
-        let mut buf = [0u8; 256];
-        let n = self.members.as_ref()?.read_at(&mut buf, 0).ok()?;
-        // A full buffer may not hold every pid: let the caller list them.
-        (n < buf.len()).then(|| buf[..n].iter().filter(|&&b| b == b'\n').count())
+    /// How many tasks (threads included) the group holds, cheaply: one `pread` of
+    /// `pids.current` into a stack buffer. `None` if it cannot tell (then ask
+    /// [`CgroupSlot::pids`], which reads the process list afresh).
+    pub fn task_count(&self) -> Option<u64> {
+        let mut buf = [0u8; 32];
+        let n = self.tasks.as_ref()?.read_at(&mut buf, 0).ok()?;
+        std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
     }
 
     /// Whether the kernel OOM-killed a process in this group since `acquire` (v1: `oom_kill`

@@ -37,7 +37,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{pipe2, pivot_root, sethostname, setresgid, setresuid, Gid, Pid, Uid};
 use serde::{Deserialize, Serialize};
 
-use crate::network::{self, Link};
+use crate::network::{self, Link, OutboundSpec};
 use crate::{seccomp, WORKER_SOCKET_FD};
 
 /// The uid and gid the worker runs as inside its sandbox.
@@ -68,9 +68,9 @@ pub struct InitSpec {
     pub max_open_files: u64,
     /// Most processes of the worker's host uid (the pids cgroup bounds the group too).
     pub max_processes: u64,
-    /// For an outbound function, the name servers it may query (the init reserves its
-    /// link); none: an empty network namespace.
-    pub outbound: Option<Vec<std::net::Ipv4Addr>>,
+    /// For an outbound function, what its link needs (the init reserves the link); none:
+    /// an empty network namespace.
+    pub outbound: Option<OutboundSpec>,
 }
 
 /// Runs the init: reads the spec from stdin, builds the sandbox, execs the worker and exits
@@ -96,7 +96,7 @@ fn run() -> Result<i32> {
     let link = spec
         .outbound
         .as_ref()
-        .map(|resolvers| network::reserve(resolvers))
+        .map(network::reserve)
         .transpose()
         .map_err(anyhow::Error::msg)?;
     let inside_link = link.as_ref().map(|(link, _)| link.clone());
@@ -429,7 +429,7 @@ fn build_root(spec: &InitSpec, exposed: &[Exposed]) -> Result<()> {
     .context("mounting /proc")?;
 
     build_dev(root, spec.tmp_mb)?;
-    build_etc(root, spec.outbound.as_deref())?;
+    build_etc(root, spec.outbound.as_ref().map(|o| o.resolvers.as_slice()))?;
 
     let old = root.join(".old-root");
     fs::create_dir_all(&old)?;

@@ -86,8 +86,9 @@ pub struct Isolation {
     settings: IsolationSettings,
     cgroups: Arc<Cgroups>,
     root_dir: PathBuf,
-    /// Outbound networking, or why this host cannot offer it.
-    outbound: Result<Outbound, String>,
+    /// Outbound networking, set up when a function first asks for it (it changes host-wide
+    /// settings), or why this host cannot offer it.
+    outbound: std::sync::OnceLock<Result<Outbound, String>>,
 }
 
 impl Isolation {
@@ -109,30 +110,21 @@ impl Isolation {
         {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
         }
-        let outbound = Outbound::open();
-        if let Err(e) = &outbound {
-            tracing::warn!("functions with network \"outbound\" cannot run here: {e}");
-        }
         Ok(Isolation {
             settings,
             cgroups,
             root_dir,
-            outbound,
+            outbound: std::sync::OnceLock::new(),
         })
     }
 
     /// One line for the start-up log.
     pub fn describe(&self) -> String {
         format!(
-            "namespaces + seccomp + {}, /tmp {} MiB, {} processes, outbound network {}",
+            "namespaces + seccomp + {}, /tmp {} MiB, {} processes, outbound network on first use",
             self.cgroups.describe(),
             self.settings.tmp_mb,
-            self.settings.pids_max,
-            if self.outbound.is_ok() {
-                "available"
-            } else {
-                "unavailable"
-            }
+            self.settings.pids_max
         )
     }
 
@@ -163,8 +155,17 @@ impl Isolation {
         visible.extend(spec.visible.iter().cloned());
         let outbound = match spec.network {
             Network::Isolated => None,
-            Network::Outbound => match &self.outbound {
-                Ok(outbound) => Some(outbound.resolvers().to_vec()),
+            Network::Outbound => match self.outbound.get_or_init(|| {
+                let outbound = Outbound::open();
+                match &outbound {
+                    Ok(_) => tracing::info!("outbound network for sandboxes set up"),
+                    Err(e) => {
+                        tracing::warn!("functions with network \"outbound\" cannot run here: {e}")
+                    }
+                }
+                outbound
+            }) {
+                Ok(outbound) => Some(outbound.spec()),
                 Err(e) => {
                     return Err(format!(
                         "outbound network is unavailable on this server: {e}"

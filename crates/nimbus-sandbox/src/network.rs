@@ -13,6 +13,7 @@
 //! match only `nmb*` interfaces, and a veth pair vanishes with its namespace.
 
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde::{Deserialize, Serialize};
@@ -29,7 +30,7 @@ const BLOCKED: &str = "0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.25
     172.16.0.0/12, 192.168.0.0/16, 224.0.0.0/4, 240.0.0.0/4";
 
 /// One sandbox's network link.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Link {
     /// Host-side interface name.
     pub host_if: String,
@@ -37,20 +38,42 @@ pub struct Link {
     pub host_addr: Ipv4Addr,
     /// The sandbox's address.
     pub sandbox_addr: Ipv4Addr,
+    /// The `ip` program.
+    pub ip: PathBuf,
+}
+
+/// Outbound networking, set up on first use.
+#[derive(Debug)]
+pub struct Outbound {
+    resolvers: Vec<Ipv4Addr>,
+    ip: PathBuf,
+}
+
+/// What the init needs to give a sandbox its link.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutboundSpec {
+    /// The `ip` program (the init runs with an empty `PATH`).
+    pub ip: PathBuf,
     /// Name servers for the sandbox's `/etc/resolv.conf`.
     pub resolvers: Vec<Ipv4Addr>,
 }
 
-/// Outbound networking, set up once at start.
-#[derive(Debug)]
-pub struct Outbound {
-    resolvers: Vec<Ipv4Addr>,
+/// An absolute path of `tool` in the usual system directories.
+fn locate(tool: &str) -> Result<PathBuf, String> {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|dir| Path::new(dir).join(tool))
+        .find(|path| path.is_file())
+        .ok_or_else(|| format!("{tool} not found (install iproute2 and nftables)"))
 }
 
 impl Outbound {
-    /// Enables IPv4 forwarding and (re)installs the `ip nimbus` nftables table. Fails when
-    /// `nft` is missing or refuses; outbound functions then cannot start on this server.
+    /// (Re)installs the `inet nimbus` nftables table and enables IPv4 forwarding (a
+    /// host-wide setting, so only once a function asks for outbound access). Fails when `ip`
+    /// or `nft` is missing or refuses; outbound functions then cannot start here.
     pub fn open() -> Result<Outbound, String> {
+        let ip = locate("ip")?;
+        let nft = locate("nft")?;
         let resolvers = host_resolvers();
         let allowed_dns = if resolvers.is_empty() {
             String::new()
@@ -65,7 +88,9 @@ impl Outbound {
         // One transaction: declare (so the delete cannot fail), delete, recreate. Servers of
         // one host share the table; none ever sees it missing.
         let ruleset = format!(
-            "table ip nimbus\ndelete table ip nimbus\ntable ip nimbus {{\n\
+            "table inet nimbus\ndelete table inet nimbus\ntable inet nimbus {{\n\
+             chain prerouting {{ type filter hook prerouting priority filter; \
+             iifname \"nmb*\" fib saddr . iif oif missing drop; }}\n\
              chain postrouting {{ type nat hook postrouting priority srcnat; \
              ip saddr {a}.{b}.0.0/16 oifname != \"nmb*\" masquerade; }}\n\
              chain forward {{ type filter hook forward priority filter;\n\
@@ -78,22 +103,25 @@ impl Outbound {
             a = SUBNET[0],
             b = SUBNET[1],
         );
-        nft_apply(&ruleset)?;
+        nft_apply(&nft, &ruleset)?;
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
             .map_err(|e| format!("enabling IPv4 forwarding: {e}"))?;
-        Ok(Outbound { resolvers })
+        Ok(Outbound { resolvers, ip })
     }
 
-    /// The host's name servers a sandbox may query.
-    pub fn resolvers(&self) -> &[Ipv4Addr] {
-        &self.resolvers
+    /// What a sandbox's init needs to attach it.
+    pub fn spec(&self) -> OutboundSpec {
+        OutboundSpec {
+            ip: self.ip.clone(),
+            resolvers: self.resolvers.clone(),
+        }
     }
 }
 
 /// Reserves a free link host-wide. The returned file holds the reservation (an `flock`)
 /// for as long as it stays open: the init keeps it for the sandbox's life, and the kernel
 /// releases it however the init ends.
-pub(crate) fn reserve(resolvers: &[Ipv4Addr]) -> Result<(Link, std::fs::File), String> {
+pub(crate) fn reserve(spec: &OutboundSpec) -> Result<(Link, std::fs::File), String> {
     use std::os::fd::AsRawFd;
     std::fs::create_dir_all(LOCK_DIR).map_err(|e| format!("{LOCK_DIR}: {e}"))?;
     for n in 0..LINKS {
@@ -111,7 +139,7 @@ pub(crate) fn reserve(resolvers: &[Ipv4Addr]) -> Result<(Link, std::fs::File), S
                 host_if: format!("nmb{n}"),
                 host_addr: Ipv4Addr::from(base + 1),
                 sandbox_addr: Ipv4Addr::from(base + 2),
-                resolvers: resolvers.to_vec(),
+                ip: spec.ip.clone(),
             };
             return Ok((link, file));
         }
@@ -120,26 +148,27 @@ pub(crate) fn reserve(resolvers: &[Ipv4Addr]) -> Result<(Link, std::fs::File), S
 }
 
 /// Runs `program` with `args`; the error names the command and what it printed.
-pub(crate) fn run(program: &str, args: &[&str]) -> Result<(), String> {
+fn run(program: &Path, args: &[&str]) -> Result<(), String> {
     let out = Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())
         .output()
-        .map_err(|e| format!("{program}: {e}"))?;
+        .map_err(|e| format!("{}: {e}", program.display()))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "{program} {}: {}",
+            "{} {}: {}",
+            program.display(),
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
 }
 
-fn nft_apply(ruleset: &str) -> Result<(), String> {
+fn nft_apply(nft: &Path, ruleset: &str) -> Result<(), String> {
     use std::io::Write;
-    let mut child = Command::new("nft")
+    let mut child = Command::new(nft)
         .args(["-f", "-"])
         .stdin(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -175,40 +204,44 @@ fn host_resolvers() -> Vec<Ipv4Addr> {
 }
 
 /// Host side, for the init: creates the veth pair with its peer in the namespace of
-/// `pid`, addresses and raises the host end.
+/// `pid`, addresses and raises the host end (IPv6 off: the filter is IPv4's).
 pub(crate) fn attach(link: &Link, pid: i32) -> Result<(), String> {
-    // A pair of a namespace that just ended may still be on its way out.
-    let _ = run("ip", &["link", "del", &link.host_if]);
     let pid = pid.to_string();
-    run(
-        "ip",
-        &[
-            "link",
-            "add",
-            &link.host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &pid,
-        ],
-    )?;
+    let add = [
+        "link",
+        "add",
+        &link.host_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &pid,
+    ];
+    if run(&link.ip, &add).is_err() {
+        // A pair of a namespace that just ended may still be on its way out.
+        let _ = run(&link.ip, &["link", "del", &link.host_if]);
+        run(&link.ip, &add)?;
+    }
+    disable_ipv6(&link.host_if)?;
     let host = format!("{}/30", link.host_addr);
-    run("ip", &["addr", "add", &host, "dev", &link.host_if])?;
-    run("ip", &["link", "set", &link.host_if, "up"])
+    run(&link.ip, &["addr", "add", &host, "dev", &link.host_if])?;
+    run(&link.ip, &["link", "set", &link.host_if, "up"])
 }
 
-/// Sandbox side, for its PID 1 before it leaves the host's file system: addresses `eth0`,
-/// raises it and loopback, routes through the host.
+/// Sandbox side, for its PID 1 before it leaves the host's file system: no IPv6 (no
+/// link-local path to the host), addresses `eth0`, raises it and loopback, routes through
+/// the host.
 pub(crate) fn configure_inside(link: &Link) -> Result<(), String> {
+    disable_ipv6("all")?;
+    disable_ipv6("default")?;
     let addr = format!("{}/30", link.sandbox_addr);
-    run("ip", &["addr", "add", &addr, "dev", "eth0"])?;
-    run("ip", &["link", "set", "eth0", "up"])?;
-    run("ip", &["link", "set", "lo", "up"])?;
+    run(&link.ip, &["addr", "add", &addr, "dev", "eth0"])?;
+    run(&link.ip, &["link", "set", "eth0", "up"])?;
+    run(&link.ip, &["link", "set", "lo", "up"])?;
     run(
-        "ip",
+        &link.ip,
         &[
             "route",
             "add",
@@ -217,4 +250,15 @@ pub(crate) fn configure_inside(link: &Link) -> Result<(), String> {
             &link.host_addr.to_string(),
         ],
     )
+}
+
+/// Turns IPv6 off for `interface` (or `all`, `default`) of the caller's network namespace.
+fn disable_ipv6(interface: &str) -> Result<(), String> {
+    let path = format!("/proc/sys/net/ipv6/conf/{interface}/disable_ipv6");
+    match std::fs::write(&path, "1") {
+        Ok(()) => Ok(()),
+        // A kernel without IPv6 has nothing to turn off.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("{path}: {e}")),
+    }
 }

@@ -200,9 +200,9 @@ impl Sandbox for ProcessSandbox {
 
     fn end_strays(&mut self) {
         let Some(slot) = &self.slot else { return };
-        // The init, the sandbox's PID 1 and the worker: nothing else to look at. (The count
-        // is one read of a file kept open: this runs after every invocation.)
-        if slot.process_count().is_some_and(|n| n <= 3) {
+        // The init, the sandbox's PID 1 and the single-threaded worker: nothing else to look
+        // at. (The count is one read of a file kept open: this runs after every invocation.)
+        if slot.task_count().is_some_and(|n| n <= 3) {
             return;
         }
         for pid in slot.pids() {

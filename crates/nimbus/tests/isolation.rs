@@ -699,6 +699,10 @@ def handle(event):
     }
     let (_, function) = s.call("GET", "/functions/online", None).await;
     assert_eq!(function["network"], "outbound");
+    // No IPv6 at all inside: no link-local path to the host's `::` listeners.
+    let v6 = "def handle(e):\n    return open('/proc/net/if_inet6').read()\n";
+    let (status, body) = run(&s, "v6", v6, json!({ "network": "outbound" }), json!({})).await;
+    assert_eq!((status, body["body"].clone()), (StatusCode::OK, json!("")), "{body}");
     let (status, body) = s
         .call(
             "POST",
@@ -717,4 +721,32 @@ def handle(event):
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["body"]["198.51.100.2:8080"], "OSError", "{body}");
     drop(internet);
+}
+
+#[tokio::test]
+async fn strays_of_back_to_back_invocations_are_ended_too() {
+    let s = Server::start(Backend::Sqlite).await;
+    // Each call leaves a sleeping grandchild; calls come faster than any cache of the
+    // kernel's process lists expires.
+    let code = r#"
+import os, time
+def handle(event):
+    if os.fork() == 0:
+        if os.fork() == 0:
+            time.sleep(120)
+        os._exit(0)
+    os.wait()
+    return "ok"
+"#;
+    s.deploy("leaky", code, json!({})).await;
+    for i in 0..5 {
+        let (status, body) = s.invoke_raw("leaky", "", "{}").await;
+        assert_eq!(status, StatusCode::OK, "call {i}: {body}");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while sandboxed_pids(&s).len() > 3 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(sandboxed_pids(&s).len(), 3, "call {i} left a stray");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
 }
