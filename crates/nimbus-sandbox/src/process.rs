@@ -89,9 +89,11 @@ impl Driver for ProcessDriver {
                 (cmd, None, None)
             }
         };
+        // Isolated, the sandbox is ended through its PID 1 (see `ProcessSandbox::kill`): a
+        // SIGKILL to the init on drop would orphan PID 1 to the host's init.
         cmd.stdout(Stdio::null())
             .stderr(Stdio::inherit())
-            .kill_on_drop(true);
+            .kill_on_drop(self.isolation.is_none());
         let join: Vec<CString> = slot
             .as_ref()
             .map(|s| s.procs_files().to_vec())
@@ -128,6 +130,7 @@ impl Driver for ProcessDriver {
                 Ok(())
             });
         }
+        let residue = slot.as_ref().and_then(CgroupSlot::task_count).unwrap_or(0);
         let program = cmd.as_std().get_program().to_owned();
         let mut child = cmd
             .spawn()
@@ -148,6 +151,7 @@ impl Driver for ProcessDriver {
                 pid,
                 exit: None,
                 slot,
+                residue,
             }),
         })
     }
@@ -161,6 +165,9 @@ struct ProcessSandbox {
     exit: Option<ExitInfo>,
     /// Dropped with the sandbox: whatever is left in it is killed and the slot reused.
     slot: Option<CgroupSlot>,
+    /// Tasks charged to the slot before the sandbox started (exited, unreaped processes of
+    /// an earlier occupant).
+    residue: u64,
 }
 
 impl ProcessSandbox {
@@ -172,6 +179,20 @@ impl ProcessSandbox {
         }
         // The child leads its own process group (setsid): this also kills what it spawned.
         let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+    }
+
+    /// Ends the sandbox. Isolated, through its PID 1: the init reaps it (and with it goes
+    /// every process of the namespace) and exits itself. Killing the init first would leave
+    /// PID 1 to the host's init, a zombie charged to the reused cgroup slot until reaped.
+    fn end(&mut self) {
+        if self.slot.is_some() && self.exit.is_none() {
+            if let Some(pid1) = first_child(self.pid) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid1), Signal::SIGKILL);
+                return;
+            }
+        }
+        self.kill_group();
+        let _ = self.child.start_kill();
     }
 
     fn exit_info(&self, status: std::process::ExitStatus) -> ExitInfo {
@@ -191,18 +212,15 @@ impl Sandbox for ProcessSandbox {
     }
 
     fn kill(&mut self) {
-        // Isolated, the group holds the init, the sandbox's PID 1 and the worker; whatever a
-        // function moved out of it dies with PID 1 (its pid namespace), and the cgroup slot
-        // is emptied when the sandbox is dropped.
-        self.kill_group();
-        let _ = self.child.start_kill();
+        self.end();
     }
 
     fn end_strays(&mut self) {
         let Some(slot) = &self.slot else { return };
-        // The init, the sandbox's PID 1 and the single-threaded worker: nothing else to look
-        // at. (The count is one read of a file kept open: this runs after every invocation.)
-        if slot.task_count().is_some_and(|n| n <= 3) {
+        // The init, the sandbox's PID 1 and the single-threaded worker (plus any zombie of
+        // an earlier occupant of the slot not yet reaped): nothing else to look at. (The
+        // count is one read of a file kept open: this runs after every invocation.)
+        if slot.task_count().is_some_and(|n| n <= 3 + self.residue) {
             return;
         }
         for pid in slot.pids() {
@@ -239,6 +257,12 @@ impl Sandbox for ProcessSandbox {
     }
 }
 
+/// The first child of host process `pid` (the sandbox's PID 1, for the init).
+fn first_child(pid: u32) -> Option<i32> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    children.split_whitespace().next()?.parse().ok()
+}
+
 /// A host process's pid in the innermost pid namespace it belongs to (the last `NSpid`
 /// field of its status): 1 for the sandbox's init, 2 for the worker.
 fn pid_in_sandbox(pid: i32) -> Option<u32> {
@@ -250,7 +274,7 @@ fn pid_in_sandbox(pid: i32) -> Option<u32> {
 impl Drop for ProcessSandbox {
     fn drop(&mut self) {
         // Leftover children of the worker die with its group even if the worker itself exited.
-        self.kill_group();
+        self.end();
         // Emptying the slot may wait (bounded) for its processes to die: not on an async
         // thread.
         if let Some(slot) = self.slot.take() {

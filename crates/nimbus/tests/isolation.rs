@@ -702,7 +702,11 @@ def handle(event):
     // No IPv6 at all inside: no link-local path to the host's `::` listeners.
     let v6 = "def handle(e):\n    return open('/proc/net/if_inet6').read()\n";
     let (status, body) = run(&s, "v6", v6, json!({ "network": "outbound" }), json!({})).await;
-    assert_eq!((status, body["body"].clone()), (StatusCode::OK, json!("")), "{body}");
+    assert_eq!(
+        (status, body["body"].clone()),
+        (StatusCode::OK, json!("")),
+        "{body}"
+    );
     let (status, body) = s
         .call(
             "POST",
