@@ -57,10 +57,9 @@ pub async fn delete(
     State(state): State<AppState>,
     Path((id, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let function = state.engine.get_function(&id).await?;
-    state.engine.delete_alias(&function.id, &name).await?;
+    let function_id = state.engine.delete_alias(&id, &name).await?;
     Ok(Json(
-        json!({ "deleted": true, "function_id": function.id, "name": name }),
+        json!({ "deleted": true, "function_id": function_id, "name": name }),
     ))
 }
 

@@ -40,12 +40,15 @@ pub async fn list(
     Path(id): Path<String>,
     ApiQuery(paging): ApiQuery<Paging>,
 ) -> ApiResult<Json<Value>> {
-    let function = state.engine.get_function(&id).await?;
     let page = state
         .engine
-        .list_versions(&function.id, paging.limit(), paging.offset())
+        .list_versions(&id, paging.limit(), paging.offset())
         .await?;
-    let aliases = state.engine.aliases_of(&function.id).await?;
+    // Which aliases name each version; an empty page needs none.
+    let aliases = match page.items.first() {
+        Some(v) => state.engine.aliases_of(&v.function_id).await?,
+        None => Vec::new(),
+    };
     let versions: Vec<Value> = page
         .items
         .iter()
@@ -60,9 +63,8 @@ pub async fn get(
     Path((id, n)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let number = version_number(&n)?;
-    let function = state.engine.get_function(&id).await?;
-    let version = state.engine.get_version(&function.id, number).await?;
-    let aliases = state.engine.aliases_of(&function.id).await?;
+    let version = state.engine.get_version(&id, number).await?;
+    let aliases = state.engine.aliases_of(&version.function_id).await?;
     Ok(Json(views::version_with_code(&version, &aliases, true)))
 }
 
@@ -72,10 +74,9 @@ pub async fn delete(
     Path((id, n)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let number = version_number(&n)?;
-    let function = state.engine.get_function(&id).await?;
-    state.engine.delete_version(&function.id, number).await?;
+    let function_id = state.engine.delete_version(&id, number).await?;
     Ok(Json(
-        json!({ "deleted": true, "function_id": function.id, "version": number }),
+        json!({ "deleted": true, "function_id": function_id, "version": number }),
     ))
 }
 

@@ -203,7 +203,8 @@ impl Engine {
     }
 
     /// Deletes an alias and its history. `latest` cannot be deleted (409 `alias_protected`).
-    pub async fn delete_alias(&self, reference: &str, name: &str) -> EngineResult<()> {
+    /// Returns the function's id.
+    pub async fn delete_alias(&self, reference: &str, name: &str) -> EngineResult<String> {
         let function = self.get_function(reference).await?;
         if name == LATEST_ALIAS {
             return Err(EngineError::Conflict {
@@ -220,7 +221,7 @@ impl Engine {
         self.catalog.invalidate(&function.id);
         metrics::alias_updated(&function.name, name, "delete");
         tracing::info!(function = %function.name, alias = name, "alias deleted");
-        Ok(())
+        Ok(function.id)
     }
 
     /// An alias's changes, newest first.

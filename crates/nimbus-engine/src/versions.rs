@@ -104,8 +104,8 @@ impl Engine {
     }
 
     /// Deletes a version no alias routes to and stops its idle instances. Its number is
-    /// never given out again.
-    pub async fn delete_version(&self, reference: &str, number: u32) -> EngineResult<()> {
+    /// never given out again. Returns the function's id.
+    pub async fn delete_version(&self, reference: &str, number: u32) -> EngineResult<String> {
         let function = self.get_function(reference).await?;
         if !self.store.delete_version(&function.id, number).await? {
             return Err(EngineError::version_not_found(&function.name, number));
@@ -113,7 +113,7 @@ impl Engine {
         self.catalog.forget_version(&function.id, number);
         self.pools.retire_version(&function.id, number);
         tracing::info!(function = %function.name, version = number, "version deleted");
-        Ok(())
+        Ok(function.id)
     }
 
     /// The aliases of the function with this id, by name (to show which route to a version).

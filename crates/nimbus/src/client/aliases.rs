@@ -152,16 +152,13 @@ pub async fn run(args: AliasArgs) -> Result<(), CliError> {
             let alias = client
                 .call(Method::POST, &aliases_path(&function), &body)
                 .await?;
-            if json {
-                print_json(&alias);
-            } else {
-                let headline = format!(
+            show_change(&alias, json, || {
+                format!(
                     "created alias {} of {function} (revision {})",
                     text(&alias["name"]),
                     text(&alias["revision"])
-                );
-                print!("{}", change_text(&headline, &alias));
-            }
+                )
+            });
         }
         AliasCommand::List { function } => {
             let list = client.get(&aliases_path(&function), &[]).await?;
@@ -199,16 +196,13 @@ pub async fn run(args: AliasArgs) -> Result<(), CliError> {
             let alias = client
                 .call(Method::PUT, &alias_path(&function, &name), &body)
                 .await?;
-            if json {
-                print_json(&alias);
-            } else {
-                let headline = format!(
+            show_change(&alias, json, || {
+                format!(
                     "updated alias {} (revision {})",
                     text(&alias["name"]),
                     text(&alias["revision"])
-                );
-                print!("{}", change_text(&headline, &alias));
-            }
+                )
+            });
         }
         AliasCommand::Delete { function, name } => {
             let deleted = client.delete(&alias_path(&function, &name)).await?;
@@ -278,9 +272,7 @@ async fn roll_back(
             body,
         )
         .await?;
-    if json {
-        print_json(&alias);
-    } else {
+    show_change(&alias, json, || {
         // A rollback restores a revision's routing, or sends everything to one version.
         let to = match alias["restored_revision"].as_u64() {
             Some(revision) => format!("the routing of revision {revision}"),
@@ -289,14 +281,22 @@ async fn roll_back(
                 text(&alias["routing_config"]["weights"][0]["version"])
             ),
         };
-        let headline = format!(
+        format!(
             "{} of {function} rolled back to {to} (now revision {})",
             text(&alias["name"]),
             text(&alias["revision"])
-        );
-        print!("{}", change_text(&headline, &alias));
-    }
+        )
+    });
     Ok(())
+}
+
+/// Prints a changed alias: the server's JSON, or `headline` and the new split.
+fn show_change(alias: &Value, json: bool, headline: impl FnOnce() -> String) {
+    if json {
+        print_json(alias);
+    } else {
+        print!("{}", change_text(&headline(), alias));
+    }
 }
 
 /// A one-line summary of a change followed by the alias's split.

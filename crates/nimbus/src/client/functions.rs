@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use serde_json::Value;
 
 use super::http::segment;
-use super::table::{details, page_note, Table};
+use super::table::{details, files_text, page_note, Table};
 use super::{print_json, text, CliError, Client, Connection, Output};
 
 /// `nimbus fn …`.
@@ -154,16 +154,7 @@ fn list_table(page: &Value) {
 
 /// The details view of one function.
 fn function_details(f: &Value) -> String {
-    let files = f["files"]
-        .as_array()
-        .map(|files| {
-            files
-                .iter()
-                .map(|file| format!("{} ({} B)", text(&file["path"]), text(&file["size"])))
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .unwrap_or_default();
+    let files = files_text(&f["files"]);
     let env = f["env_vars"]
         .as_object()
         .map(|vars| {

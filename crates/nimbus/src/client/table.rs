@@ -75,6 +75,26 @@ pub fn details<K: AsRef<str>>(pairs: &[(K, String)]) -> String {
     out
 }
 
+/// `handler.py (39 B), lib/util.py (120 B)`: the `files` array of a function or version.
+pub fn files_text(files: &serde_json::Value) -> String {
+    files
+        .as_array()
+        .map(|files| {
+            files
+                .iter()
+                .map(|file| {
+                    format!(
+                        "{} ({} B)",
+                        super::text(&file["path"]),
+                        super::text(&file["size"])
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+}
+
 /// `showing 21–40 of 57` when a page (`{"total","offset",…}`) of which `shown` items are
 /// printed leaves some out; `None` when everything is shown.
 pub fn page_note(page: &serde_json::Value, shown: usize) -> Option<String> {

@@ -5,7 +5,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use super::http::segment;
-use super::table::{details, page_note, Table};
+use super::table::{details, files_text, page_note, Table};
 use super::{print_json, text, CliError, Client, Connection, Output};
 
 /// `nimbus version …`.
@@ -224,16 +224,7 @@ fn list_table(page: &Value) -> (String, usize) {
 
 /// The details view of one version.
 fn version_details(v: &Value) -> String {
-    let files = v["files"]
-        .as_array()
-        .map(|files| {
-            files
-                .iter()
-                .map(|file| format!("{} ({} B)", text(&file["path"]), text(&file["size"])))
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .unwrap_or_default();
+    let files = files_text(&v["files"]);
     // Names only: values may be secrets, and `--output json` shows them when wanted.
     let env = v["env_vars"]
         .as_object()
