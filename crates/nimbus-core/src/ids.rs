@@ -15,6 +15,11 @@ pub fn instance_id() -> String {
     format!("i_{}", ulid::Ulid::new().to_string().to_lowercase())
 }
 
+/// A new snapshot id, `snap_<ulid>`.
+pub fn snapshot_id() -> String {
+    format!("snap_{}", ulid::Ulid::new().to_string().to_lowercase())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -25,5 +30,6 @@ mod tests {
         assert_ne!(a, b);
         assert!(super::request_id().starts_with("inv_"));
         assert!(super::instance_id().starts_with("i_"));
+        assert!(super::snapshot_id().starts_with("snap_"));
     }
 }

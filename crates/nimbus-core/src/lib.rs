@@ -13,6 +13,7 @@ pub mod function;
 pub mod ids;
 pub mod invocation;
 pub mod limits;
+pub mod snapshot;
 
 pub use alias::{
     AliasAction, AliasRevision, FunctionAlias, RoutingConfig, WeightedVersion, LATEST_ALIAS,
@@ -23,6 +24,9 @@ pub use function::{
     Function, FunctionConfig, FunctionStatus, FunctionVersion, Handler, Network, Runtime,
 };
 pub use invocation::{Invocation, InvocationError, InvocationStatus, StartType, Trigger};
+pub use snapshot::{
+    env_vars_hash, NewSnapshot, Snapshot, SnapshotFile, SnapshotKey, SnapshotStatus,
+};
 
 /// Current wall-clock time, truncated to milliseconds (the precision every store keeps).
 pub fn now() -> time::OffsetDateTime {

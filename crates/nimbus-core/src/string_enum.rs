@@ -11,6 +11,9 @@ macro_rules! string_enum {
         }
 
         impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
             /// The value as stored and shown.
             pub fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $text),+ }

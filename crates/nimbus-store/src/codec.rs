@@ -9,7 +9,8 @@ use std::fmt::Display;
 use std::str::FromStr;
 
 use nimbus_core::{
-    AliasRevision, CodeBundle, Function, FunctionAlias, FunctionConfig, FunctionVersion, Invocation,
+    AliasRevision, CodeBundle, Function, FunctionAlias, FunctionConfig, FunctionVersion,
+    Invocation, Snapshot,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -28,6 +29,12 @@ pub(crate) fn millis(t: OffsetDateTime) -> i64 {
 pub(crate) fn to_json<T: Serialize>(what: &str, value: &T) -> StoreResult<String> {
     serde_json::to_string(value)
         .map_err(|e| StoreError::Backend(format!("cannot encode {what} as JSON: {e}")))
+}
+
+/// A `u64` as BIGINT; `Backend` for values past `i64::MAX`, which no column can hold.
+pub(crate) fn to_bigint(what: &str, value: u64) -> StoreResult<i64> {
+    i64::try_from(value)
+        .map_err(|_| StoreError::Backend(format!("{what} {value} is too large to store")))
 }
 
 fn corrupt(column: &str, why: impl Display) -> StoreError {
@@ -81,7 +88,7 @@ fn optional_unsigned(row: &AnyRow, column: &str) -> StoreResult<Option<u32>> {
     value.map(|v| to_u32(column, v)).transpose()
 }
 
-/// A count column (`COUNT(*)`) as `u64`.
+/// A count column (`COUNT(*)`, or any non-negative BIGINT) as `u64`.
 pub(crate) fn count(row: &AnyRow, column: &str) -> StoreResult<u64> {
     let value: i64 = row.try_get(column)?;
     u64::try_from(value).map_err(|_| corrupt(column, format!("{value} is negative")))
@@ -206,6 +213,30 @@ pub(crate) fn invocation(row: &AnyRow) -> StoreResult<Invocation> {
     })
 }
 
+/// A `snapshots` row.
+pub(crate) fn snapshot(row: &AnyRow) -> StoreResult<Snapshot> {
+    Ok(Snapshot {
+        id: text(row, "id")?,
+        function_id: text(row, "function_id")?,
+        version: unsigned(row, "version")?,
+        code_hash: text(row, "code_hash")?,
+        runtime: parsed(row, "runtime")?,
+        memory_mb: unsigned(row, "memory_mb")?,
+        env_vars_hash: text(row, "env_vars_hash")?,
+        driver: text(row, "driver")?,
+        path: optional_text(row, "path")?,
+        files: json(row, "files")?,
+        size_bytes: count(row, "size_bytes")?,
+        status: parsed(row, "status")?,
+        error_message: optional_text(row, "error_message")?,
+        restore_count: count(row, "restore_count")?,
+        avg_restore_ms: row.try_get("avg_restore_ms")?,
+        created_at: timestamp(row, "created_at")?,
+        last_used_at: optional_timestamp(row, "last_used_at")?,
+        expires_at: optional_timestamp(row, "expires_at")?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,5 +246,9 @@ mod tests {
         let t = nimbus_core::now();
         assert_eq!(to_timestamp("t", millis(t)).unwrap(), t);
         assert!(matches!(to_u32("v", -1), Err(StoreError::Corrupt(m)) if m.contains("v:")));
+        assert_eq!(to_bigint("size", 5 << 30).unwrap(), 5 << 30);
+        assert!(
+            matches!(to_bigint("size", u64::MAX), Err(StoreError::Backend(m)) if m.contains("size"))
+        );
     }
 }

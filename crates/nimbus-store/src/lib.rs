@@ -1,4 +1,5 @@
-//! Nimbus metadata store: functions, versions, aliases and invocation records.
+//! Nimbus metadata store: functions, versions, aliases, invocation records and the index
+//! of function-level snapshots.
 //!
 //! One trait, [`MetadataStore`], with two backends side by side: SQLite (embedded default,
 //! a file in the data directory) and PostgreSQL (production, shared by several servers).
@@ -20,8 +21,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use nimbus_core::{
     AliasRevision, Function, FunctionAlias, FunctionVersion, Invocation, InvocationStatus,
-    RoutingConfig,
+    NewSnapshot, RoutingConfig, Snapshot, SnapshotFile, SnapshotKey, SnapshotStatus,
 };
+use time::OffsetDateTime;
 
 /// Rows a listing returns when it is asked for a limit of 0.
 pub const DEFAULT_LIST_LIMIT: u32 = 100;
@@ -237,8 +239,8 @@ pub trait MetadataStore: Send + Sync + 'static {
         move_aliases: &[&str],
     ) -> StoreResult<Published>;
 
-    /// Deletes the function with its versions, aliases (and their history) and invocation
-    /// records. False if absent.
+    /// Deletes the function with its versions, aliases (and their history), invocation
+    /// records and snapshot rows. False if absent.
     async fn delete_function(&self, function_id: &str) -> StoreResult<bool>;
 
     /// One version, code included.
@@ -261,7 +263,7 @@ pub trait MetadataStore: Send + Sync + 'static {
 
     /// Deletes a version. `VersionInUse` naming the aliases whose tables include it (even
     /// at weight 0); false if the version does not exist, `NotFound` if the function does
-    /// not. Its number is never given out again.
+    /// not. Its snapshot rows go with it. Its number is never given out again.
     async fn delete_version(&self, function_id: &str, version: u32) -> StoreResult<bool>;
 
     /// Creates an alias at revision 1 (its `revision`, `created_at` and `updated_at` are
@@ -332,6 +334,67 @@ pub trait MetadataStore: Send + Sync + 'static {
         function_id: &str,
         filter: &InvocationFilter,
     ) -> StoreResult<Vec<Invocation>>;
+
+    /// Claims the snapshot of `new.key` for building, race-free (one row per key):
+    /// - no row for the key: inserts one, `building`, with a new id (`true`);
+    /// - a `building` or `ready` row: returns it unchanged (`false`), so a snapshot is
+    ///   never built twice at once nor rebuilt while it is usable;
+    /// - a `failed`, `expired` or `corrupt` row: resets it in place to `building` (same id;
+    ///   error, path, files, size and expiry cleared; `created_at` now; restore statistics
+    ///   and `last_used_at` kept) and returns it (`true`).
+    ///
+    /// Of concurrent calls for one key, exactly one gets `true`: that caller builds the
+    /// snapshot and reports with [`MetadataStore::finish_snapshot`]. `NotFound` if the
+    /// version does not exist.
+    async fn begin_snapshot(&self, new: &NewSnapshot) -> StoreResult<(Snapshot, bool)>;
+
+    /// Records the outcome of a build: status, error message, on-disk directory, files,
+    /// bytes on disk and expiry, all replaced. False if there is no such snapshot.
+    // One argument per column it sets.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_snapshot(
+        &self,
+        id: &str,
+        status: SnapshotStatus,
+        error_message: Option<&str>,
+        path: Option<&str>,
+        files: &[SnapshotFile],
+        size_bytes: u64,
+        expires_at: Option<OffsetDateTime>,
+    ) -> StoreResult<bool>;
+
+    /// Sets a snapshot's status and error message (`None` clears it), e.g. `expired` by the
+    /// reaper or `corrupt` when its files do not verify. False if there is no such snapshot.
+    async fn set_snapshot_status(
+        &self,
+        id: &str,
+        status: SnapshotStatus,
+        error_message: Option<&str>,
+    ) -> StoreResult<bool>;
+
+    /// Counts one restore from the snapshot, taking `restore_ms`, at `used_at`: bumps
+    /// `restore_count`, folds `restore_ms` into the running mean `avg_restore_ms` and sets
+    /// `last_used_at` and `expires_at`, in one statement, so concurrent calls all count.
+    /// False if there is no such snapshot.
+    async fn record_snapshot_use(
+        &self,
+        id: &str,
+        restore_ms: f64,
+        used_at: OffsetDateTime,
+        expires_at: Option<OffsetDateTime>,
+    ) -> StoreResult<bool>;
+
+    /// One snapshot by id.
+    async fn get_snapshot(&self, id: &str) -> StoreResult<Option<Snapshot>>;
+
+    /// The snapshot of a key, whatever its status.
+    async fn find_snapshot(&self, key: &SnapshotKey) -> StoreResult<Option<Snapshot>>;
+
+    /// Snapshots of one function, or of all functions for `None`, newest build first.
+    async fn list_snapshots(&self, function_id: Option<&str>) -> StoreResult<Vec<Snapshot>>;
+
+    /// Deletes a snapshot's row (its files are the caller's to remove). False if absent.
+    async fn delete_snapshot(&self, id: &str) -> StoreResult<bool>;
 
     /// Cheap liveness check of the connection (used by `GET /ready`).
     async fn ping(&self) -> StoreResult<()>;

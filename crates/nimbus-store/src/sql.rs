@@ -15,8 +15,9 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use nimbus_core::{
-    AliasAction, AliasRevision, CodeBundle, Function, FunctionAlias, FunctionConfig,
-    FunctionVersion, Invocation, RoutingConfig, LATEST_ALIAS,
+    ids, AliasAction, AliasRevision, CodeBundle, Function, FunctionAlias, FunctionConfig,
+    FunctionVersion, Invocation, NewSnapshot, RoutingConfig, Snapshot, SnapshotFile, SnapshotKey,
+    SnapshotStatus, LATEST_ALIAS,
 };
 use sqlx::any::AnyArguments;
 use sqlx::query::Query;
@@ -24,7 +25,7 @@ use sqlx::{Any, AnyConnection, AnyPool, Row};
 use time::OffsetDateTime;
 
 use crate::backend::{self, Dialect};
-use crate::codec::{self, millis, to_json};
+use crate::codec::{self, millis, to_bigint, to_json};
 use crate::{
     AliasChange, AliasWrite, InvocationFilter, MetadataStore, Page, Published, RollbackTarget,
     StoreError, StoreResult, DEFAULT_LIST_LIMIT,
@@ -70,6 +71,15 @@ macro_rules! invocation_columns {
         "request_id, function_id, function_name, version, alias_used, session_key, \
          trigger_kind, status, input, output, error, start_type, instance_id, started_at, \
          completed_at, duration_ms, memory_used_mb, logs"
+    };
+}
+
+/// Columns of `snapshots`, as selected.
+macro_rules! snapshot_columns {
+    () => {
+        "id, function_id, version, code_hash, runtime, memory_mb, env_vars_hash, driver, \
+         path, files, size_bytes, status, error_message, restore_count, avg_restore_ms, \
+         created_at, last_used_at, expires_at"
     };
 }
 
@@ -198,6 +208,60 @@ const LIST_INVOCATIONS_WITH_STATUS: &str = concat!(
     " FROM invocations WHERE function_id = $1 AND status = $3 \
      ORDER BY started_at DESC, request_id DESC LIMIT $2"
 );
+
+/// Claims a snapshot key in one statement: inserts a `building` row (id, key, runtime and
+/// memory as `$1`–`$8`, empty files `$9`, status `$10`, creation time `$11`), or resets the
+/// key's row to one unless that row's status is `$12` or `$13` (building, ready). Returns
+/// the row only when it wrote it. Being one statement on the key's unique index, concurrent
+/// claims are serialized: only the first finds the row claimable.
+const BEGIN_SNAPSHOT: &str = concat!(
+    "INSERT INTO snapshots (",
+    snapshot_columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, 0, $10, NULL, 0, 0.0, $11, NULL, NULL) \
+     ON CONFLICT (function_id, version, code_hash, env_vars_hash, driver) DO UPDATE SET \
+     runtime = excluded.runtime, memory_mb = excluded.memory_mb, path = excluded.path, \
+     files = excluded.files, size_bytes = excluded.size_bytes, status = excluded.status, \
+     error_message = excluded.error_message, created_at = excluded.created_at, \
+     expires_at = excluded.expires_at \
+     WHERE snapshots.status <> $12 AND snapshots.status <> $13 \
+     RETURNING ",
+    snapshot_columns!()
+);
+
+const FINISH_SNAPSHOT: &str = "UPDATE snapshots SET status = $2, error_message = $3, \
+     path = $4, files = $5, size_bytes = $6, expires_at = $7 WHERE id = $1";
+
+/// Counts a restore of `$2` ms: every right-hand side reads the row as it was, so the mean
+/// folds in the new value against the old count, atomically with the count's increment.
+const RECORD_SNAPSHOT_USE: &str = "UPDATE snapshots SET restore_count = restore_count + 1, \
+     avg_restore_ms = (avg_restore_ms * restore_count + $2) / (restore_count + 1), \
+     last_used_at = $3, expires_at = $4 WHERE id = $1";
+
+const SELECT_SNAPSHOT: &str = concat!(
+    "SELECT ",
+    snapshot_columns!(),
+    " FROM snapshots WHERE id = $1"
+);
+const FIND_SNAPSHOT: &str = concat!(
+    "SELECT ",
+    snapshot_columns!(),
+    " FROM snapshots WHERE function_id = $1 AND version = $2 AND code_hash = $3 \
+     AND env_vars_hash = $4 AND driver = $5"
+);
+const LIST_SNAPSHOTS: &str = concat!(
+    "SELECT ",
+    snapshot_columns!(),
+    " FROM snapshots ORDER BY created_at DESC, id DESC"
+);
+const LIST_FUNCTION_SNAPSHOTS: &str = concat!(
+    "SELECT ",
+    snapshot_columns!(),
+    " FROM snapshots WHERE function_id = $1 ORDER BY created_at DESC, id DESC"
+);
+
+/// How often [`MetadataStore::begin_snapshot`] claims again when the live row that stopped
+/// its claim is deleted before it can read it.
+const BEGIN_SNAPSHOT_ATTEMPTS: usize = 5;
 
 /// A [`MetadataStore`] on a SQLite or PostgreSQL connection pool.
 pub(crate) struct SqlStore {
@@ -329,6 +393,11 @@ fn is_name_taken(error: &sqlx::Error) -> bool {
         }
         _ => false,
     }
+}
+
+/// Whether `error` is a foreign key violation (a row referring to one that does not exist).
+fn is_missing_reference(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.is_foreign_key_violation())
 }
 
 /// The row limit of a listing: `requested`, or [`DEFAULT_LIST_LIMIT`] for 0.
@@ -817,6 +886,7 @@ impl MetadataStore for SqlStore {
         // The foreign keys cascade too; deleting explicitly does not depend on them being on.
         for sql in [
             "DELETE FROM invocations WHERE function_id = $1",
+            "DELETE FROM snapshots WHERE function_id = $1",
             "DELETE FROM alias_history WHERE function_id = $1",
             "DELETE FROM function_aliases WHERE function_id = $1",
             "DELETE FROM function_versions WHERE function_id = $1",
@@ -904,6 +974,12 @@ impl MetadataStore for SqlStore {
                 aliases: routing_to,
             });
         }
+        // Its snapshot rows first (the foreign key cascades too, as in delete_function).
+        sqlx::query("DELETE FROM snapshots WHERE function_id = $1 AND version = $2")
+            .bind(function_id)
+            .bind(i64::from(version))
+            .execute(&mut *tx)
+            .await?;
         let deleted =
             sqlx::query("DELETE FROM function_versions WHERE function_id = $1 AND version = $2")
                 .bind(function_id)
@@ -1148,6 +1224,147 @@ impl MetadataStore for SqlStore {
         };
         let rows = query.fetch_all(&self.pool).await?;
         rows.iter().map(codec::invocation).collect()
+    }
+
+    async fn begin_snapshot(&self, new: &NewSnapshot) -> StoreResult<(Snapshot, bool)> {
+        let key = &new.key;
+        let no_files = to_json("files", &Vec::<SnapshotFile>::new())?;
+        for _ in 0..BEGIN_SNAPSHOT_ATTEMPTS {
+            let claimed = sqlx::query(BEGIN_SNAPSHOT)
+                .bind(ids::snapshot_id())
+                .bind(key.function_id.as_str())
+                .bind(i64::from(key.version))
+                .bind(key.code_hash.as_str())
+                .bind(new.runtime.as_str())
+                .bind(i64::from(new.memory_mb))
+                .bind(key.env_vars_hash.as_str())
+                .bind(key.driver.as_str())
+                .bind(no_files.as_str())
+                .bind(SnapshotStatus::Building.as_str())
+                .bind(millis(nimbus_core::now()))
+                .bind(SnapshotStatus::Building.as_str())
+                .bind(SnapshotStatus::Ready.as_str())
+                .fetch_optional(&self.pool)
+                .await;
+            match claimed {
+                Ok(Some(row)) => return Ok((codec::snapshot(&row)?, true)),
+                // A live row holds the key: it is the caller's answer (unless it was
+                // deleted since, and then the key is claimable again).
+                Ok(None) => {
+                    if let Some(live) = self.find_snapshot(key).await? {
+                        return Ok((live, false));
+                    }
+                }
+                Err(e) if is_missing_reference(&e) => {
+                    return Err(StoreError::NotFound(format!(
+                        "version {} of function {:?} not found",
+                        key.version, key.function_id
+                    )))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Backend(format!(
+            "snapshot of version {} of function {:?}: its row kept being deleted while claimed",
+            key.version, key.function_id
+        )))
+    }
+
+    async fn finish_snapshot(
+        &self,
+        id: &str,
+        status: SnapshotStatus,
+        error_message: Option<&str>,
+        path: Option<&str>,
+        files: &[SnapshotFile],
+        size_bytes: u64,
+        expires_at: Option<OffsetDateTime>,
+    ) -> StoreResult<bool> {
+        let updated = sqlx::query(FINISH_SNAPSHOT)
+            .bind(id)
+            .bind(status.as_str())
+            .bind(error_message)
+            .bind(path)
+            .bind(to_json("files", &files)?)
+            .bind(to_bigint("size_bytes", size_bytes)?)
+            .bind(expires_at.map(millis))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(updated > 0)
+    }
+
+    async fn set_snapshot_status(
+        &self,
+        id: &str,
+        status: SnapshotStatus,
+        error_message: Option<&str>,
+    ) -> StoreResult<bool> {
+        let updated =
+            sqlx::query("UPDATE snapshots SET status = $2, error_message = $3 WHERE id = $1")
+                .bind(id)
+                .bind(status.as_str())
+                .bind(error_message)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        Ok(updated > 0)
+    }
+
+    async fn record_snapshot_use(
+        &self,
+        id: &str,
+        restore_ms: f64,
+        used_at: OffsetDateTime,
+        expires_at: Option<OffsetDateTime>,
+    ) -> StoreResult<bool> {
+        let updated = sqlx::query(RECORD_SNAPSHOT_USE)
+            .bind(id)
+            .bind(restore_ms)
+            .bind(millis(used_at))
+            .bind(expires_at.map(millis))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(updated > 0)
+    }
+
+    async fn get_snapshot(&self, id: &str) -> StoreResult<Option<Snapshot>> {
+        let row = sqlx::query(SELECT_SNAPSHOT)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(codec::snapshot).transpose()
+    }
+
+    async fn find_snapshot(&self, key: &SnapshotKey) -> StoreResult<Option<Snapshot>> {
+        let row = sqlx::query(FIND_SNAPSHOT)
+            .bind(key.function_id.as_str())
+            .bind(i64::from(key.version))
+            .bind(key.code_hash.as_str())
+            .bind(key.env_vars_hash.as_str())
+            .bind(key.driver.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(codec::snapshot).transpose()
+    }
+
+    async fn list_snapshots(&self, function_id: Option<&str>) -> StoreResult<Vec<Snapshot>> {
+        let query = match function_id {
+            None => sqlx::query(LIST_SNAPSHOTS),
+            Some(id) => sqlx::query(LIST_FUNCTION_SNAPSHOTS).bind(id),
+        };
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(codec::snapshot).collect()
+    }
+
+    async fn delete_snapshot(&self, id: &str) -> StoreResult<bool> {
+        let deleted = sqlx::query("DELETE FROM snapshots WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(deleted > 0)
     }
 
     async fn ping(&self) -> StoreResult<()> {

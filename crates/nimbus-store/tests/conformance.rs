@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use nimbus_core::{
     ids, AliasAction, AliasRevision, CodeBundle, Function, FunctionAlias, FunctionConfig,
     FunctionStatus, FunctionVersion, Handler, Invocation, InvocationError, InvocationStatus,
-    Network, RoutingConfig, Runtime, StartType, Trigger, WeightedVersion,
+    Network, NewSnapshot, RoutingConfig, Runtime, Snapshot, SnapshotFile, SnapshotStatus,
+    StartType, Trigger, WeightedVersion,
 };
 use nimbus_store::{
     AliasChange, AliasWrite, InvocationFilter, MetadataStore, Page, Published, RollbackTarget,
@@ -184,6 +185,17 @@ conformance!(
         rollback_to_previous_skips_description_only_changes,
         rollback_to_a_version_routes_all_traffic_to_it,
         deleting_a_function_while_its_aliases_change_never_deadlocks,
+        // Snapshots
+        begin_snapshot_claims_a_key_once_and_rebuilds_dead_ones,
+        concurrent_begins_claim_a_key_once,
+        finish_snapshot_stores_the_build_and_its_files,
+        set_snapshot_status_changes_status_and_error_only,
+        record_snapshot_use_keeps_a_running_mean,
+        list_snapshots_is_newest_first_per_function_or_all,
+        delete_snapshot_removes_only_its_row,
+        snapshots_go_with_their_version_and_function,
+        begin_snapshot_racing_delete_version_leaves_no_row,
+        unknown_snapshots_are_false_or_none,
     ],
     with_url: [
         reopening_keeps_data_and_reapplies_nothing,
@@ -2707,6 +2719,566 @@ async fn deleting_a_function_while_its_aliases_change_never_deadlocks(store: &dy
 }
 
 // ---------------------------------------------------------------------------------------
+// Checks: snapshots
+// ---------------------------------------------------------------------------------------
+
+/// The files of a built snapshot: a name beyond ASCII and a size beyond 32 bits.
+fn snapshot_files() -> Vec<SnapshotFile> {
+    vec![
+        SnapshotFile {
+            name: "memory.img".to_string(),
+            size: 5 << 30,
+            sha256: "ab".repeat(32),
+        },
+        SnapshotFile {
+            name: "état \"vm\".json".to_string(),
+            size: 1234,
+            sha256: "0f".repeat(32),
+        },
+    ]
+}
+
+/// The row `begin_snapshot` writes for `new` with id `id` at `created_at`: building, with
+/// nothing built and never restored.
+fn building(id: &str, new: &NewSnapshot, created_at: OffsetDateTime) -> Snapshot {
+    Snapshot {
+        id: id.to_string(),
+        function_id: new.key.function_id.clone(),
+        version: new.key.version,
+        code_hash: new.key.code_hash.clone(),
+        runtime: new.runtime,
+        memory_mb: new.memory_mb,
+        env_vars_hash: new.key.env_vars_hash.clone(),
+        driver: new.key.driver.clone(),
+        path: None,
+        files: vec![],
+        size_bytes: 0,
+        status: SnapshotStatus::Building,
+        error_message: None,
+        restore_count: 0,
+        avg_restore_ms: 0.0,
+        created_at,
+        last_used_at: None,
+        expires_at: None,
+    }
+}
+
+/// Claims `new`, failing unless this call created or rebuilt the row.
+async fn begin_new(store: &dyn MetadataStore, new: &NewSnapshot) -> Snapshot {
+    let (snapshot, created) = store.begin_snapshot(new).await.expect("begin snapshot");
+    assert!(created, "{:?} was not claimable", new.key);
+    snapshot
+}
+
+async fn get_snapshot(store: &dyn MetadataStore, id: &str) -> Snapshot {
+    store
+        .get_snapshot(id)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("snapshot {id} is missing"))
+}
+
+/// Marks the snapshot built: ready, with [`snapshot_files`] under `/snapshots/<id>`.
+async fn finish_ready(store: &dyn MetadataStore, id: &str, expires_at: OffsetDateTime) {
+    let files = snapshot_files();
+    let size = files.iter().map(|f| f.size).sum();
+    let path = format!("/snapshots/{id}");
+    assert!(store
+        .finish_snapshot(
+            id,
+            SnapshotStatus::Ready,
+            None,
+            Some(&path),
+            &files,
+            size,
+            Some(expires_at)
+        )
+        .await
+        .unwrap());
+}
+
+async fn begin_snapshot_claims_a_key_once_and_rebuilds_dead_ones(store: &dyn MetadataStore) {
+    let (mut function, v1) = create(store, "snappy").await;
+    let new = NewSnapshot::for_version(&v1, "process");
+    assert_eq!(
+        new.key.env_vars_hash,
+        nimbus_core::env_vars_hash(&v1.config.env_vars)
+    );
+
+    let before = nimbus_core::now();
+    let first = begin_new(store, &new).await;
+    assert!(first.id.starts_with("snap_"), "{}", first.id);
+    assert_set_since(first.created_at, before);
+    assert_eq!(first, building(&first.id, &new, first.created_at));
+    assert_eq!(first.key(), new.key);
+    assert_eq!(
+        store.find_snapshot(&new.key).await.unwrap(),
+        Some(first.clone())
+    );
+
+    // Building: a second claim changes nothing.
+    pause().await;
+    assert_eq!(
+        store.begin_snapshot(&new).await.unwrap(),
+        (first.clone(), false)
+    );
+    // Ready: nor does a claim then.
+    let expires = nimbus_core::now() + Duration::from_secs(3600);
+    finish_ready(store, &first.id, expires).await;
+    let used = nimbus_core::now();
+    assert!(store
+        .record_snapshot_use(&first.id, 12.5, used, Some(expires))
+        .await
+        .unwrap());
+    let ready = get_snapshot(store, &first.id).await;
+    assert_eq!(ready.status, SnapshotStatus::Ready);
+    assert_eq!(store.begin_snapshot(&new).await.unwrap(), (ready, false));
+
+    // Every part of the key tells snapshots apart.
+    let mut others = Vec::new();
+    for change in 0..4 {
+        let mut other = new.clone();
+        match change {
+            0 => other.key.driver = "firecracker".to_string(),
+            1 => other.key.env_vars_hash = nimbus_core::env_vars_hash(&BTreeMap::new()),
+            2 => other.key.code_hash = "sha256:other".to_string(),
+            _ => other.key.version = 2,
+        }
+        others.push(other);
+    }
+    publish_new(store, &mut function, "v2", &[]).await;
+    let mut seen = vec![first.id.clone()];
+    for other in &others {
+        let snapshot = begin_new(store, other).await;
+        assert_eq!(snapshot.key(), other.key);
+        assert!(!seen.contains(&snapshot.id));
+        seen.push(snapshot.id);
+    }
+
+    // Dead rows are rebuilt in place: same id, nothing of the old build left, the restore
+    // statistics kept.
+    let mut last_build = first.created_at;
+    for dead in [
+        SnapshotStatus::Failed,
+        SnapshotStatus::Expired,
+        SnapshotStatus::Corrupt,
+    ] {
+        assert!(store
+            .set_snapshot_status(&first.id, dead, Some("went wrong"))
+            .await
+            .unwrap());
+        pause().await;
+        let before = nimbus_core::now();
+        let rebuilt = begin_new(store, &new).await;
+        assert_set_since(rebuilt.created_at, before);
+        assert!(rebuilt.created_at > last_build, "{dead}");
+        last_build = rebuilt.created_at;
+        assert_eq!(
+            rebuilt,
+            Snapshot {
+                restore_count: 1,
+                avg_restore_ms: 12.5,
+                last_used_at: Some(used),
+                ..building(&first.id, &new, rebuilt.created_at)
+            },
+            "{dead}"
+        );
+        assert_eq!(get_snapshot(store, &first.id).await, rebuilt);
+        // Claimed again: building, so not claimable.
+        assert_eq!(
+            store.begin_snapshot(&new).await.unwrap(),
+            (rebuilt, false),
+            "{dead}"
+        );
+        finish_ready(store, &first.id, expires).await;
+    }
+    assert_eq!(
+        store
+            .list_snapshots(Some(&v1.function_id))
+            .await
+            .unwrap()
+            .len(),
+        5
+    );
+}
+
+async fn concurrent_begins_claim_a_key_once(store: &dyn MetadataStore) {
+    let (mut function, v1) = create(store, "stampede").await;
+    let v2 = publish_new(store, &mut function, "v2", &[]).await;
+    for round in 0..5 {
+        let version = if round % 2 == 0 { &v1 } else { &v2 };
+        let new = NewSnapshot::for_version(version, format!("driver-{round}"));
+        // The first pass claims a new key; the second one a failed row.
+        for pass in ["new", "failed"] {
+            let claims = (0..10).map(|_| store.begin_snapshot(&new));
+            let results: Vec<(Snapshot, bool)> = futures::future::join_all(claims)
+                .await
+                .into_iter()
+                .map(|r| r.expect("concurrent begin"))
+                .collect();
+            let winners = results.iter().filter(|(_, created)| *created).count();
+            assert_eq!(winners, 1, "round {round}, {pass}: {results:?}");
+            let id = &results[0].0.id;
+            for (snapshot, _) in &results {
+                assert_eq!(&snapshot.id, id, "round {round}, {pass}");
+                assert_eq!(snapshot.status, SnapshotStatus::Building);
+            }
+            assert!(store
+                .set_snapshot_status(id, SnapshotStatus::Failed, Some("crashed"))
+                .await
+                .unwrap());
+        }
+    }
+    assert_eq!(
+        store
+            .list_snapshots(Some(&function.id))
+            .await
+            .unwrap()
+            .len(),
+        5
+    );
+}
+
+async fn finish_snapshot_stores_the_build_and_its_files(store: &dyn MetadataStore) {
+    let (_, v1) = create(store, "built").await;
+    let new = NewSnapshot::for_version(&v1, "process");
+    let started = begin_new(store, &new).await;
+
+    let files = snapshot_files();
+    let expires = nimbus_core::now() + Duration::from_secs(86_400);
+    let path = "/var/lib/nimbus/snapshots/ünïcode dir";
+    assert!(store
+        .finish_snapshot(
+            &started.id,
+            SnapshotStatus::Ready,
+            None,
+            Some(path),
+            &files,
+            (5 << 30) + 1234,
+            Some(expires),
+        )
+        .await
+        .unwrap());
+    let ready = Snapshot {
+        path: Some(path.to_string()),
+        files: files.clone(),
+        size_bytes: (5 << 30) + 1234,
+        status: SnapshotStatus::Ready,
+        expires_at: Some(expires),
+        ..started.clone()
+    };
+    assert_eq!(get_snapshot(store, &started.id).await, ready);
+    assert_eq!(
+        store.find_snapshot(&new.key).await.unwrap(),
+        Some(ready.clone())
+    );
+    assert_eq!(
+        store.list_snapshots(Some(&v1.function_id)).await.unwrap(),
+        vec![ready]
+    );
+
+    // A failed build: everything replaced, the files included.
+    assert!(store
+        .finish_snapshot(
+            &started.id,
+            SnapshotStatus::Failed,
+            Some("driver said: no space left on device"),
+            None,
+            &[],
+            0,
+            None,
+        )
+        .await
+        .unwrap());
+    assert_eq!(
+        get_snapshot(store, &started.id).await,
+        Snapshot {
+            status: SnapshotStatus::Failed,
+            error_message: Some("driver said: no space left on device".to_string()),
+            ..started.clone()
+        }
+    );
+}
+
+async fn set_snapshot_status_changes_status_and_error_only(store: &dyn MetadataStore) {
+    let (_, v1) = create(store, "flaky").await;
+    let started = begin_new(store, &NewSnapshot::for_version(&v1, "process")).await;
+    let expires = nimbus_core::now() + Duration::from_secs(60);
+    finish_ready(store, &started.id, expires).await;
+    let ready = get_snapshot(store, &started.id).await;
+
+    assert!(store
+        .set_snapshot_status(
+            &started.id,
+            SnapshotStatus::Corrupt,
+            Some("memory.img: sha256 mismatch")
+        )
+        .await
+        .unwrap());
+    assert_eq!(
+        get_snapshot(store, &started.id).await,
+        Snapshot {
+            status: SnapshotStatus::Corrupt,
+            error_message: Some("memory.img: sha256 mismatch".to_string()),
+            ..ready.clone()
+        }
+    );
+    // No message clears it.
+    assert!(store
+        .set_snapshot_status(&started.id, SnapshotStatus::Expired, None)
+        .await
+        .unwrap());
+    assert_eq!(
+        get_snapshot(store, &started.id).await,
+        Snapshot {
+            status: SnapshotStatus::Expired,
+            ..ready
+        }
+    );
+}
+
+async fn record_snapshot_use_keeps_a_running_mean(store: &dyn MetadataStore) {
+    let (_, v1) = create(store, "restored").await;
+    let started = begin_new(store, &NewSnapshot::for_version(&v1, "process")).await;
+    let expires = nimbus_core::now() + Duration::from_secs(60);
+    finish_ready(store, &started.id, expires).await;
+    let ready = get_snapshot(store, &started.id).await;
+
+    let first_use = nimbus_core::now();
+    let later = first_use + Duration::from_secs(600);
+    assert!(store
+        .record_snapshot_use(&started.id, 10.0, first_use, Some(later))
+        .await
+        .unwrap());
+    let second_use = first_use + Duration::from_millis(5);
+    let latest = second_use + Duration::from_secs(600);
+    assert!(store
+        .record_snapshot_use(&started.id, 20.0, second_use, Some(latest))
+        .await
+        .unwrap());
+    assert_eq!(
+        get_snapshot(store, &started.id).await,
+        Snapshot {
+            restore_count: 2,
+            avg_restore_ms: 15.0,
+            last_used_at: Some(second_use),
+            expires_at: Some(latest),
+            ..ready.clone()
+        }
+    );
+
+    // Concurrent restores all count, and all fold into the mean.
+    let third_use = second_use + Duration::from_millis(5);
+    let uses = (1..=40u32).map(|ms| {
+        let id = started.id.clone();
+        async move {
+            store
+                .record_snapshot_use(&id, f64::from(ms), third_use, None)
+                .await
+                .expect("concurrent use")
+        }
+    });
+    let recorded = futures::future::join_all(uses).await;
+    assert!(recorded.into_iter().all(|found| found));
+    let after = get_snapshot(store, &started.id).await;
+    assert_eq!(after.restore_count, 42);
+    let mean = (10.0 + 20.0 + f64::from((1..=40u32).sum::<u32>())) / 42.0;
+    assert!(
+        (after.avg_restore_ms - mean).abs() < 1e-9,
+        "{} != {mean}",
+        after.avg_restore_ms
+    );
+    // No expiry given: none set.
+    assert_eq!(
+        (after.last_used_at, after.expires_at),
+        (Some(third_use), None)
+    );
+    assert_eq!((after.status, after.files), (ready.status, ready.files));
+}
+
+async fn list_snapshots_is_newest_first_per_function_or_all(store: &dyn MetadataStore) {
+    let (mut a, a1) = create(store, "lister-a").await;
+    let a2 = publish_new(store, &mut a, "v2", &[]).await;
+    let (_, b1) = create(store, "lister-b").await;
+
+    let mut built = Vec::new();
+    for (version, driver) in [
+        (&a1, "process"),
+        (&b1, "process"),
+        (&a2, "process"),
+        (&a1, "firecracker"),
+    ] {
+        built.push(begin_new(store, &NewSnapshot::for_version(version, driver)).await);
+        pause().await;
+    }
+    let ids_of =
+        |snapshots: Vec<Snapshot>| -> Vec<String> { snapshots.into_iter().map(|s| s.id).collect() };
+    let id = |i: usize| built[i].id.clone();
+
+    assert_eq!(
+        ids_of(store.list_snapshots(Some(&a.id)).await.unwrap()),
+        vec![id(3), id(2), id(0)]
+    );
+    assert_eq!(
+        ids_of(store.list_snapshots(Some(&b1.function_id)).await.unwrap()),
+        vec![id(1)]
+    );
+    assert_eq!(
+        ids_of(store.list_snapshots(None).await.unwrap()),
+        vec![id(3), id(2), id(1), id(0)]
+    );
+    assert_eq!(
+        store
+            .list_snapshots(Some(&ids::function_id()))
+            .await
+            .unwrap(),
+        vec![]
+    );
+    // The listing carries whole rows.
+    assert_eq!(store.list_snapshots(None).await.unwrap()[3], built[0]);
+
+    // A rebuild is the newest build.
+    assert!(store
+        .set_snapshot_status(&id(0), SnapshotStatus::Failed, Some("oom"))
+        .await
+        .unwrap());
+    begin_new(store, &NewSnapshot::for_version(&a1, "process")).await;
+    assert_eq!(
+        ids_of(store.list_snapshots(Some(&a.id)).await.unwrap()),
+        vec![id(0), id(3), id(2)]
+    );
+}
+
+async fn delete_snapshot_removes_only_its_row(store: &dyn MetadataStore) {
+    let (_, v1) = create(store, "pruned").await;
+    let new = NewSnapshot::for_version(&v1, "process");
+    let doomed = begin_new(store, &new).await;
+    let kept = begin_new(store, &NewSnapshot::for_version(&v1, "firecracker")).await;
+
+    assert!(store.delete_snapshot(&doomed.id).await.unwrap());
+    assert_eq!(store.get_snapshot(&doomed.id).await.unwrap(), None);
+    assert_eq!(store.find_snapshot(&new.key).await.unwrap(), None);
+    assert!(!store.delete_snapshot(&doomed.id).await.unwrap());
+    assert_eq!(
+        store.list_snapshots(Some(&v1.function_id)).await.unwrap(),
+        vec![kept]
+    );
+
+    // The key is free again: a new row, with a new id.
+    let again = begin_new(store, &new).await;
+    assert_ne!(again.id, doomed.id);
+}
+
+async fn snapshots_go_with_their_version_and_function(store: &dyn MetadataStore) {
+    let (mut doomed, v1) = create(store, "snap-doomed").await;
+    let v2 = publish_new(store, &mut doomed, "v2", &["latest"]).await;
+    let (_, kept_v1) = create(store, "snap-kept").await;
+    let mut of_v1 = Vec::new();
+    for driver in ["process", "firecracker"] {
+        of_v1.push(begin_new(store, &NewSnapshot::for_version(&v1, driver)).await);
+    }
+    let of_v2 = begin_new(store, &NewSnapshot::for_version(&v2, "process")).await;
+    let kept = begin_new(store, &NewSnapshot::for_version(&kept_v1, "process")).await;
+
+    // Deleting a version takes its snapshots, and only them.
+    assert!(store.delete_version(&doomed.id, 1).await.unwrap());
+    for snapshot in &of_v1 {
+        assert_eq!(store.get_snapshot(&snapshot.id).await.unwrap(), None);
+    }
+    assert_eq!(
+        store.list_snapshots(Some(&doomed.id)).await.unwrap(),
+        vec![of_v2.clone()]
+    );
+    // A deleted version, or a function that does not exist, cannot be snapshotted.
+    for new in [
+        NewSnapshot::for_version(&v1, "process"),
+        NewSnapshot::for_version(
+            &FunctionVersion {
+                function_id: ids::function_id(),
+                ..v1.clone()
+            },
+            "process",
+        ),
+    ] {
+        match store.begin_snapshot(&new).await {
+            Err(StoreError::NotFound(message)) => {
+                assert!(message.contains("version 1"), "{message}")
+            }
+            other => panic!("{:?}: expected NotFound, got {other:?}", new.key),
+        }
+    }
+
+    // Deleting the function takes the rest.
+    assert!(store.delete_function(&doomed.id).await.unwrap());
+    assert_eq!(store.get_snapshot(&of_v2.id).await.unwrap(), None);
+    assert_eq!(
+        store.list_snapshots(Some(&doomed.id)).await.unwrap(),
+        vec![]
+    );
+    assert_eq!(store.list_snapshots(None).await.unwrap(), vec![kept]);
+}
+
+async fn begin_snapshot_racing_delete_version_leaves_no_row(store: &dyn MetadataStore) {
+    for round in 0..10 {
+        let (mut function, _) = create(store, &format!("snap-race-{round}")).await;
+        let v2 = publish_new(store, &mut function, "v2", &[]).await;
+        let new = NewSnapshot::for_version(&v2, "process");
+        let (begun, deleted) = tokio::join!(
+            store.begin_snapshot(&new),
+            store.delete_version(&function.id, 2),
+        );
+        match (begun, deleted) {
+            // The claim went first; the delete took its row.
+            (Ok((_, true)), Ok(true)) => {}
+            // The delete went first; the claim found no version.
+            (Err(StoreError::NotFound(_)), Ok(true)) => {}
+            other => panic!("round {round}: {other:?}"),
+        }
+        assert_eq!(
+            store.find_snapshot(&new.key).await.unwrap(),
+            None,
+            "round {round}"
+        );
+        assert_eq!(
+            store.list_snapshots(Some(&function.id)).await.unwrap(),
+            vec![],
+            "round {round}"
+        );
+    }
+}
+
+async fn unknown_snapshots_are_false_or_none(store: &dyn MetadataStore) {
+    let (_, v1) = create(store, "nothing-here").await;
+    let unknown = ids::snapshot_id();
+    assert_eq!(store.get_snapshot(&unknown).await.unwrap(), None);
+    let new = NewSnapshot::for_version(&v1, "process");
+    assert_eq!(store.find_snapshot(&new.key).await.unwrap(), None);
+    let at = nimbus_core::now();
+    assert!(!store
+        .finish_snapshot(
+            &unknown,
+            SnapshotStatus::Ready,
+            None,
+            None,
+            &[],
+            0,
+            Some(at)
+        )
+        .await
+        .unwrap());
+    assert!(!store
+        .set_snapshot_status(&unknown, SnapshotStatus::Expired, None)
+        .await
+        .unwrap());
+    assert!(!store
+        .record_snapshot_use(&unknown, 1.0, at, None)
+        .await
+        .unwrap());
+    assert!(!store.delete_snapshot(&unknown).await.unwrap());
+    assert_eq!(store.list_snapshots(None).await.unwrap(), vec![]);
+}
+
+// ---------------------------------------------------------------------------------------
 // Checks on the database itself (with its URL)
 // ---------------------------------------------------------------------------------------
 
@@ -2747,12 +3319,12 @@ async fn reopening_keeps_data_and_reapplies_nothing(store: &dyn MetadataStore, u
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    // 0001_init, 0002_alias_history and 0003_network, each once.
-    assert_eq!(applied, 3);
+    // 0001_init, 0002_alias_history, 0003_network and 0004_snapshots, each once.
+    assert_eq!(applied, 4);
 }
 
 async fn corrupt_rows_are_reported_as_corrupt(store: &dyn MetadataStore, url: &str) {
-    let (function, _) = create(store, "fragile").await;
+    let (function, first) = create(store, "fragile").await;
     let call = invocation(&function, 0, nimbus_core::now());
     store
         .record_invocations(std::slice::from_ref(&call))
@@ -2816,6 +3388,30 @@ async fn corrupt_rows_are_reported_as_corrupt(store: &dyn MetadataStore, url: &s
             .await
             .map(drop),
         "action",
+    );
+
+    let (snapshot, _) = store
+        .begin_snapshot(&NewSnapshot::for_version(&first, "process"))
+        .await
+        .unwrap();
+    let get_snapshot = || async { store.get_snapshot(&snapshot.id).await.map(drop) };
+    tamper(
+        &mut conn,
+        "UPDATE snapshots SET files = 'not json' WHERE function_id = $1",
+        &function.id,
+    )
+    .await;
+    expect_corrupt_result(get_snapshot().await, "files");
+    tamper(
+        &mut conn,
+        "UPDATE snapshots SET files = '[]', status = 'stale' WHERE function_id = $1",
+        &function.id,
+    )
+    .await;
+    expect_corrupt_result(get_snapshot().await, "status");
+    expect_corrupt_result(
+        store.list_snapshots(Some(&function.id)).await.map(drop),
+        "status",
     );
 
     tamper(
