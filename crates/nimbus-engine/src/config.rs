@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::snapshots::SnapshotSettings;
+
 /// How the engine runs instances and records invocations.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -25,6 +27,8 @@ pub struct EngineConfig {
     pub cache_ttl: Duration,
     /// Largest event or result kept in an invocation record, bytes (larger ones are omitted).
     pub record_payload_limit: usize,
+    /// Function-level snapshots.
+    pub snapshots: SnapshotSettings,
 }
 
 impl EngineConfig {
@@ -40,6 +44,7 @@ impl EngineConfig {
             start_timeout: Duration::from_secs(30),
             cache_ttl: Duration::from_secs(1),
             record_payload_limit: 64 * 1024,
+            snapshots: SnapshotSettings::default(),
         }
     }
 }

@@ -174,6 +174,7 @@ impl Engine {
         metrics::version_published(&function.name);
         metrics::alias_updated(&function.name, LATEST_ALIAS, "create");
         tracing::info!(function = %function.name, id = %function.id, "function created");
+        self.snapshot_published(&function.id, 1).await;
         Ok(function)
     }
 
@@ -257,6 +258,9 @@ impl Engine {
             function.latest_version = version;
         }
         self.catalog.invalidate(&function.id);
+        if let Some(version) = published_version {
+            self.snapshot_published(&function.id, version).await;
+        }
         Ok(Updated {
             function,
             published_version,
@@ -284,6 +288,7 @@ impl Engine {
         }
         self.catalog.remove(&function.id);
         self.pools.remove_function(&function.id);
+        self.snapshots.forget(&function.id, None);
         tracing::info!(function = %function.name, id = %function.id, "function deleted");
         Ok(function)
     }
@@ -316,7 +321,7 @@ impl Engine {
             },
             logs: String::new(),
         };
-        match self.pools.start(&probe).await {
+        match self.pools.start_cold(&probe).await {
             Ok(instance) => {
                 instance.kill().await;
                 Ok(())

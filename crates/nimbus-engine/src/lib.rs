@@ -13,10 +13,13 @@ pub mod config;
 pub mod error;
 pub mod functions;
 pub mod invoke;
+mod launcher;
 pub mod metrics;
 pub mod pool;
 pub mod recorder;
 pub mod router;
+pub mod snapshot_admin;
+pub(crate) mod snapshots;
 pub mod versions;
 
 use std::sync::Arc;
@@ -29,16 +32,19 @@ use nimbus_store::{InvocationFilter, MetadataStore};
 use tokio_util::task::TaskTracker;
 
 pub use aliases::{AliasPatch, NewAlias, RollbackRequest, RolledBack};
-pub use config::EngineConfig;
+pub use config::{EngineConfig, SnapshotSettings};
 pub use error::{EngineError, EngineResult};
 pub use functions::{FunctionPatch, NewFunction, Updated};
 pub use invoke::{InvokeRequest, InvokeResponse};
+pub use snapshot_admin::{Cleanup, SnapshotStats, SnapshotView};
 pub use versions::PublishRequest;
 
 use catalog::Catalog;
 use code_cache::CodeCache;
+use launcher::Launcher;
 use pool::Pools;
 use recorder::Recorder;
+use snapshots::Snapshots;
 
 /// The engine: metadata, pools and recording behind one handle.
 pub struct Engine {
@@ -46,6 +52,7 @@ pub struct Engine {
     store: Arc<dyn MetadataStore>,
     catalog: Catalog,
     pools: Pools,
+    snapshots: Arc<Snapshots>,
     recorder: Recorder,
     code: CodeCache,
     driver_name: &'static str,
@@ -64,10 +71,14 @@ impl Engine {
         let config = Arc::new(config);
         let code = CodeCache::new(config.data_dir.join("code"));
         let (recorder, _task) = Recorder::start(store.clone());
+        let driver_name = driver.name();
+        let launcher = Arc::new(Launcher::new(config.clone(), driver, runtimes));
+        let snapshots = Snapshots::start(config.snapshots.clone(), store.clone(), launcher.clone());
         let engine = Arc::new(Engine {
             catalog: Catalog::new(store.clone(), code.clone(), config.cache_ttl),
-            driver_name: driver.name(),
-            pools: Pools::new(config.clone(), driver, runtimes),
+            driver_name,
+            pools: Pools::new(config.clone(), launcher, snapshots.clone()),
+            snapshots,
             recorder,
             code,
             store,
@@ -87,6 +98,15 @@ impl Engine {
                 if reaped > 0 {
                     tracing::debug!(reaped, "stopped idle instances");
                 }
+            }
+        });
+        let weak = Arc::downgrade(&engine);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let Some(engine) = weak.upgrade() else { break };
+                engine.snapshots.sweep().await;
             }
         });
         engine
@@ -147,6 +167,7 @@ impl Engine {
             );
         }
         self.pools.shutdown();
+        self.snapshots.shutdown();
         self.recorder.flush().await;
     }
 }

@@ -22,6 +22,23 @@ pub const ALIAS_UPDATE_TOTAL: &str = "nimbus_alias_update_total";
 /// error rate can be compared with the stable version's.
 pub const INVOCATION_BY_VERSION_TOTAL: &str = "nimbus_invocation_by_version_total";
 
+/// `nimbus_snapshot_build_total{status}` (`success|failed`).
+pub const SNAPSHOT_BUILD_TOTAL: &str = "nimbus_snapshot_build_total";
+/// `nimbus_snapshot_build_duration_seconds` (histogram).
+pub const SNAPSHOT_BUILD_DURATION_SECONDS: &str = "nimbus_snapshot_build_duration_seconds";
+/// `nimbus_snapshot_restore_total{status}` (`success|failed`): instances started from a
+/// snapshot (forked from its template or restored from disk).
+pub const SNAPSHOT_RESTORE_TOTAL: &str = "nimbus_snapshot_restore_total";
+/// `nimbus_snapshot_restore_duration_ms` (histogram): from the request to the instance's
+/// `ready`.
+pub const SNAPSHOT_RESTORE_DURATION_MS: &str = "nimbus_snapshot_restore_duration_ms";
+/// `nimbus_snapshot_storage_bytes` (gauge): snapshot files on disk.
+pub const SNAPSHOT_STORAGE_BYTES: &str = "nimbus_snapshot_storage_bytes";
+/// `nimbus_snapshot_resident_bytes` (gauge): memory held by resident templates.
+pub const SNAPSHOT_RESIDENT_BYTES: &str = "nimbus_snapshot_resident_bytes";
+/// `nimbus_snapshot_count{status}` (gauge): indexed snapshots by status.
+pub const SNAPSHOT_COUNT: &str = "nimbus_snapshot_count";
+
 /// Registers descriptions so `/metrics` documents each series.
 pub fn describe() {
     metrics::describe_counter!(
@@ -47,6 +64,61 @@ pub fn describe() {
         INVOCATION_BY_VERSION_TOTAL,
         "Invocations by function, version, the alias that chose it, and final status."
     );
+    metrics::describe_counter!(SNAPSHOT_BUILD_TOTAL, "Snapshot builds by outcome.");
+    metrics::describe_histogram!(
+        SNAPSHOT_BUILD_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to build a snapshot (start the template, load the code, run its hooks)."
+    );
+    metrics::describe_counter!(
+        SNAPSHOT_RESTORE_TOTAL,
+        "Instances started from a snapshot, by outcome."
+    );
+    metrics::describe_histogram!(
+        SNAPSHOT_RESTORE_DURATION_MS,
+        metrics::Unit::Milliseconds,
+        "Time to start an instance from a snapshot until it is ready."
+    );
+    metrics::describe_gauge!(
+        SNAPSHOT_STORAGE_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes of snapshot files on disk."
+    );
+    metrics::describe_gauge!(
+        SNAPSHOT_RESIDENT_BYTES,
+        metrics::Unit::Bytes,
+        "Memory held by resident templates."
+    );
+    metrics::describe_gauge!(SNAPSHOT_COUNT, "Indexed snapshots by status.");
+}
+
+/// Counts one snapshot build.
+pub fn snapshot_built(status: &'static str, seconds: f64) {
+    counter!(SNAPSHOT_BUILD_TOTAL, "status" => status).increment(1);
+    histogram!(SNAPSHOT_BUILD_DURATION_SECONDS).record(seconds);
+}
+
+/// Counts one start from a snapshot (its duration only when it succeeded).
+pub fn snapshot_restored(status: &'static str, ms: f64) {
+    counter!(SNAPSHOT_RESTORE_TOTAL, "status" => status).increment(1);
+    if status == "success" {
+        histogram!(SNAPSHOT_RESTORE_DURATION_MS).record(ms);
+    }
+}
+
+/// Sets the snapshot gauges: counts by status (every status, zeros included), bytes on
+/// disk, bytes resident.
+pub fn snapshot_gauges(
+    counts: &std::collections::HashMap<nimbus_core::SnapshotStatus, u64>,
+    storage_bytes: u64,
+    resident_bytes: u64,
+) {
+    for status in nimbus_core::SnapshotStatus::ALL {
+        let count = counts.get(status).copied().unwrap_or(0);
+        gauge!(SNAPSHOT_COUNT, "status" => status.as_str()).set(count as f64);
+    }
+    gauge!(SNAPSHOT_STORAGE_BYTES).set(storage_bytes as f64);
+    gauge!(SNAPSHOT_RESIDENT_BYTES).set(resident_bytes as f64);
 }
 
 /// Counts one finished (or throttled) invocation.

@@ -12,16 +12,18 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nimbus_core::{ids, StartType};
-use nimbus_runtime::protocol::ErrorPayload;
-use nimbus_runtime::{Runtimes, WorkerConn, WorkerError};
-use nimbus_sandbox::{Driver, ExitInfo, LaunchSpec, Sandbox};
+use nimbus_core::StartType;
+use nimbus_runtime::WorkerConn;
+use nimbus_sandbox::{ExitInfo, Sandbox};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::catalog::VersionEntry;
 use crate::config::EngineConfig;
 use crate::error::{EngineError, EngineResult};
+pub use crate::launcher::StartError;
+use crate::launcher::{ms_since, Launcher};
 use crate::metrics::{self, InstanceState};
+use crate::snapshots::{Resident, Snapshots};
 
 /// A running worker of one function version.
 #[derive(Debug)]
@@ -36,9 +38,32 @@ pub struct Instance {
     started: Instant,
     last_used: Instant,
     served: u64,
+    /// The template it was forked from, kept alive while the instance lives (the process
+    /// driver's forks live in the template's pid namespace).
+    _template: Option<Arc<Resident>>,
 }
 
 impl Instance {
+    pub(crate) fn new(
+        id: String,
+        version: Arc<VersionEntry>,
+        conn: WorkerConn,
+        sandbox: Box<dyn Sandbox>,
+        template: Option<Arc<Resident>>,
+    ) -> Self {
+        let now = Instant::now();
+        Instance {
+            id,
+            version,
+            conn,
+            sandbox,
+            started: now,
+            last_used: now,
+            served: 0,
+            _template: template,
+        }
+    }
+
     /// Kills the worker and waits for it to end, reporting how it ended.
     pub async fn kill(mut self) -> ExitInfo {
         self.sandbox.kill();
@@ -51,24 +76,6 @@ impl Instance {
             .await
             .ok()
     }
-}
-
-/// Why a new instance did not come up.
-#[derive(Debug)]
-pub enum StartError {
-    /// The handler failed to load (the user's code raised).
-    Init {
-        /// The exception.
-        error: ErrorPayload,
-        /// What the code printed while loading.
-        logs: String,
-    },
-    /// The worker died or broke the protocol while starting.
-    Crashed(String),
-    /// The worker did not become ready within the start timeout.
-    Timeout(Duration),
-    /// The platform could not start it at all (runtime missing, driver failure).
-    Platform(EngineError),
 }
 
 /// An instance checked out for one invocation, with the capacity permit it runs under.
@@ -147,19 +154,24 @@ impl FunctionPool {
 /// All pools of this server.
 pub struct Pools {
     config: Arc<EngineConfig>,
-    driver: Arc<dyn Driver>,
-    runtimes: Runtimes,
+    launcher: Arc<Launcher>,
+    snapshots: Arc<Snapshots>,
     functions: Mutex<HashMap<String, Arc<FunctionPool>>>,
     shutting_down: AtomicBool,
 }
 
 impl Pools {
-    /// Pools starting instances through `driver`.
-    pub fn new(config: Arc<EngineConfig>, driver: Arc<dyn Driver>, runtimes: Runtimes) -> Self {
+    /// Pools starting instances through `launcher`, from templates of `snapshots` when
+    /// there are some.
+    pub(crate) fn new(
+        config: Arc<EngineConfig>,
+        launcher: Arc<Launcher>,
+        snapshots: Arc<Snapshots>,
+    ) -> Self {
         Pools {
             config,
-            driver,
-            runtimes,
+            launcher,
+            snapshots,
             functions: Mutex::default(),
             shutting_down: AtomicBool::new(false),
         }
@@ -252,7 +264,7 @@ impl Pools {
         }
         metrics::instance_transition(runtime, None, Some(InstanceState::Starting));
         match self.start(version).await {
-            Ok(instance) => {
+            Ok((instance, start_type)) => {
                 metrics::instance_transition(
                     runtime,
                     Some(InstanceState::Starting),
@@ -260,7 +272,7 @@ impl Pools {
                 );
                 Ok(Ok(Lease {
                     instance: Some(instance),
-                    start_type: StartType::Cold,
+                    start_type,
                     pool,
                     _permit: permit,
                 }))
@@ -329,76 +341,37 @@ impl Pools {
         // The permit is released when `lease` drops, after the instance is back in the pool.
     }
 
-    /// Starts a new instance of `version` and waits until its handler is loaded.
-    pub async fn start(&self, version: &Arc<VersionEntry>) -> Result<Instance, StartError> {
-        let config = &version.config;
-        let command = self
-            .runtimes
-            .command(config.runtime)
-            .map_err(|e| StartError::Platform(EngineError::RuntimeUnavailable(e.to_string())))?;
-        let id = ids::instance_id();
-        let mut env = command.env;
-        env.extend([
-            ("NIMBUS_HANDLER".to_owned(), config.handler.to_string()),
-            (
-                "NIMBUS_FUNCTION_NAME".to_owned(),
-                version.function_name.clone(),
-            ),
-            (
-                "NIMBUS_FUNCTION_VERSION".to_owned(),
-                version.version.to_string(),
-            ),
-            ("NIMBUS_MEMORY_MB".to_owned(), config.memory_mb.to_string()),
-            ("NIMBUS_INSTANCE_ID".to_owned(), id.clone()),
-        ]);
-        env.extend(config.env_vars.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let spec = LaunchSpec {
-            instance_id: id.clone(),
-            program: command.program,
-            args: command.args,
-            env,
-            workdir: version.code_dir.clone(),
-            visible: command.visible,
-            memory_mb: config.memory_mb,
-            network: config.network,
-        };
-        let launched = self
-            .driver
-            .launch(&spec)
-            .await
-            .map_err(|e| StartError::Platform(EngineError::Internal(e.to_string())))?;
-        let mut conn = WorkerConn::new(launched.stream);
-        let mut sandbox = launched.sandbox;
-        let timeout = self.config.start_timeout;
-        match tokio::time::timeout(timeout, conn.handshake()).await {
-            Ok(Ok(_ready)) => {
-                let now = Instant::now();
-                Ok(Instance {
-                    id,
-                    version: version.clone(),
-                    conn,
-                    sandbox,
-                    started: now,
-                    last_used: now,
-                    served: 0,
-                })
+    /// Starts a new instance of `version` from scratch, outside any pool (the deploy-time
+    /// check that new code loads).
+    pub(crate) async fn start_cold(
+        &self,
+        version: &Arc<VersionEntry>,
+    ) -> Result<Instance, StartError> {
+        self.launcher.cold(version).await
+    }
+
+    /// Starts a new instance of `version`: forked from its template when there is one
+    /// (falling back to a cold start if the template fails), cold otherwise.
+    async fn start(
+        &self,
+        version: &Arc<VersionEntry>,
+    ) -> Result<(Instance, StartType), StartError> {
+        if let Some(template) = self.snapshots.resident(version) {
+            let started = Instant::now();
+            match self.launcher.fork(version, &template).await {
+                Ok(instance) => {
+                    self.snapshots.restored(&template, ms_since(started));
+                    return Ok((instance, StartType::Template));
+                }
+                // The user's after-restore hook failed: the instance's failure, not the
+                // template's.
+                Err(e @ StartError::Init { .. }) => return Err(e),
+                Err(e) => self.snapshots.restore_failed(version, &template, &e),
             }
-            Ok(Err(WorkerError::Init { error, logs })) => Err(StartError::Init { error, logs }),
-            Ok(Err(e)) => {
-                sandbox.kill();
-                let exit = tokio::time::timeout(Duration::from_millis(500), sandbox.wait()).await;
-                let how = exit
-                    .map(|x| x.to_string())
-                    .unwrap_or_else(|_| "did not exit".into());
-                Err(StartError::Crashed(format!(
-                    "the worker failed while starting ({e}); it {how}"
-                )))
-            }
-            Err(_) => {
-                sandbox.kill();
-                Err(StartError::Timeout(timeout))
-            }
+        } else {
+            self.snapshots.wanted(version);
         }
+        Ok((self.launcher.cold(version).await?, StartType::Cold))
     }
 
     /// Stops instances idle longer than `idle_timeout` or older than `max_age`; returns how many.

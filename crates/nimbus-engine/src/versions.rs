@@ -64,6 +64,10 @@ impl Engine {
         };
         self.published(&function, &published);
         self.catalog.invalidate(&function.id);
+        if published.created {
+            self.snapshot_published(&function.id, published.version.version)
+                .await;
+        }
         Ok(published)
     }
 
@@ -112,6 +116,7 @@ impl Engine {
         }
         self.catalog.forget_version(&function.id, number);
         self.pools.retire_version(&function.id, number);
+        self.snapshots.forget(&function.id, Some(number));
         tracing::info!(function = %function.name, version = number, "version deleted");
         Ok(function.id)
     }

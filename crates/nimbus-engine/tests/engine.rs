@@ -28,6 +28,8 @@ async fn harness(tune: impl FnOnce(&mut EngineConfig)) -> Harness {
     .unwrap();
     let runtimes = Runtimes::discover(&RuntimeSettings::default(), dir.path());
     let mut config = EngineConfig::new(dir.path().to_path_buf());
+    // New instances start cold unless a test turns snapshots on.
+    config.snapshots.enabled = false;
     tune(&mut config);
     let engine = Engine::start(config, store, Arc::new(ProcessDriver::new()), runtimes);
     Harness { engine, _dir: dir }

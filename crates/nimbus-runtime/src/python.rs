@@ -16,7 +16,8 @@
 //!   would be ignored under `-I`); byte code already there is still used.
 //!
 //! Installed files: `nimbus_boot.py` (entry point), `nimbus_worker.py` (the worker, imported
-//! so its byte code is cached) and `nimbus/__init__.py` (the API functions import).
+//! so its byte code is cached), `nimbus_fork.py` (template mode: forking instances, see the
+//! sandbox crate's `template` module) and `nimbus/__init__.py` (the API functions import).
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -30,6 +31,8 @@ use crate::RuntimeCommand;
 
 /// The worker: loads the handler, then serves invocations over fd 3.
 pub const WORKER_SOURCE: &str = include_str!("python/nimbus_worker.py");
+/// Template mode: answers fork requests and enters each child's sandbox.
+pub const FORK_SOURCE: &str = include_str!("python/nimbus_fork.py");
 /// The entry script: imports the worker (so its byte code comes from `__pycache__`).
 pub const BOOT_SOURCE: &str = include_str!("python/nimbus_boot.py");
 /// The `nimbus` package functions can import (`nimbus.StateNotEnabled`, …).
@@ -59,7 +62,7 @@ const PROBE_SCRIPT: &str = "import sys; sys.stdout.write('%s\\n%d.%d.%d\\n' % \
 
 /// Writes the byte code of the worker and of the `nimbus` package (argv[1] is the runtime dir).
 const COMPILE_SCRIPT: &str = "import py_compile, sys\n\
-     for name in ('nimbus_worker.py', 'nimbus/__init__.py'):\n    \
+     for name in ('nimbus_worker.py', 'nimbus_fork.py', 'nimbus/__init__.py'):\n    \
      py_compile.compile(sys.argv[1] + '/' + name, doraise=True)";
 
 /// A usable Python interpreter and the installed worker files.
@@ -164,6 +167,7 @@ fn install(data_dir: &Path) -> Result<PathBuf, String> {
         .map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
     write_if_changed(&dir.join("nimbus_worker.py"), WORKER_SOURCE)?;
     write_if_changed(&dir.join("nimbus_boot.py"), BOOT_SOURCE)?;
+    write_if_changed(&dir.join("nimbus_fork.py"), FORK_SOURCE)?;
     write_if_changed(
         &dir.join("nimbus").join("__init__.py"),
         NIMBUS_PACKAGE_SOURCE,

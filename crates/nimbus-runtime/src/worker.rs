@@ -118,6 +118,20 @@ impl WorkerConn {
         }
     }
 
+    /// The connection's stream back, after a template's handshake: the driver speaks to a
+    /// template from then on. An error if the worker sent more than its greeting.
+    pub fn into_stream(self) -> Result<UnixStream, WorkerError> {
+        if !self.reader.buffer().is_empty() {
+            return Err(WorkerError::Protocol(
+                "the template sent data after its greeting".into(),
+            ));
+        }
+        self.reader
+            .into_inner()
+            .reunite(self.writer)
+            .map_err(|e| WorkerError::Protocol(e.to_string()))
+    }
+
     /// Runs one invocation and waits for its result.
     pub async fn invoke(
         &mut self,

@@ -55,6 +55,7 @@ async fn launch(files: &[(&str, &str)], handler: &str, env: &[(&str, &str)]) -> 
         visible: command.visible,
         memory_mb: 128,
         network: nimbus_core::Network::Isolated,
+        template: false,
     };
     let launched = ProcessDriver::new().launch(&spec).await.unwrap();
     Worker {
@@ -599,4 +600,164 @@ async fn measure_start_memory_and_round_trips() {
         10_000.0 / total.as_secs_f64()
     );
     println!("RSS after 10k: {} KiB", vm_rss_kb(w.sandbox.pid()));
+}
+
+// --- templates (unisolated here; the server's tests fork isolated instances) ---------------
+
+/// Starts a template on `source` and turns it over to the driver.
+async fn template(
+    source: &str,
+    env: &[(&str, &str)],
+) -> (Box<dyn nimbus_sandbox::Template>, TempDir) {
+    let mut vars = vec![("NIMBUS_TEMPLATE", "1")];
+    vars.extend_from_slice(env);
+    let worker = start_with(&[("handler.py", source)], "handler.handle", &vars).await;
+    let stream = worker
+        .conn
+        .into_stream()
+        .expect("nothing after the greeting");
+    let launched = nimbus_sandbox::Launched {
+        stream,
+        sandbox: worker.sandbox,
+    };
+    let template = ProcessDriver::new().template(launched).expect("a template");
+    (template, worker._code)
+}
+
+/// Forks an instance and completes its handshake.
+async fn fork(template: &dyn nimbus_sandbox::Template, id: &str) -> Result<Worker, WorkerError> {
+    let launched = template.spawn(id, 128).await.expect("fork");
+    let mut worker = Worker {
+        conn: WorkerConn::new(launched.stream),
+        sandbox: launched.sandbox,
+        _code: tempfile::tempdir().unwrap(),
+    };
+    worker.conn.handshake().await?;
+    Ok(worker)
+}
+
+#[tokio::test]
+async fn instances_forked_from_a_template_share_its_init_but_not_its_randomness() {
+    let source = r#"
+import os, random, uuid, nimbus
+LOADED = [random.random()]
+restored = []
+
+@nimbus.after_restore
+def again():
+    restored.append(os.environ["NIMBUS_INSTANCE_ID"])
+
+def handle(event):
+    return {"loaded": LOADED[0], "random": random.random(), "uuid": str(uuid.uuid4()),
+            "restored": restored, "pid": os.getpid()}
+"#;
+    let (template, _code) = template(source, &[]).await;
+    assert!(template.alive());
+    let mut a = fork(template.as_ref(), "i_a").await.unwrap();
+    let mut b = fork(template.as_ref(), "i_b").await.unwrap();
+    let a = body(&invoke(&mut a, json!({})).await);
+    let b = body(&invoke(&mut b, json!({})).await);
+    assert_eq!(
+        a["loaded"], b["loaded"],
+        "module init ran once, in the template"
+    );
+    assert_ne!(a["random"], b["random"]);
+    assert_ne!(a["uuid"], b["uuid"]);
+    assert_eq!(a["restored"], json!(["i_a"]));
+    assert_eq!(b["restored"], json!(["i_b"]));
+    assert_ne!(a["pid"], b["pid"]);
+}
+
+#[tokio::test]
+async fn a_failing_after_restore_hook_fails_the_instance_start_with_its_name() {
+    let source = r#"
+import nimbus
+
+@nimbus.after_restore
+def reconnect():
+    raise ConnectionError("database is down")
+
+def handle(event):
+    return 1
+"#;
+    let (template, _code) = template(source, &[]).await;
+    match fork(template.as_ref(), "i_x").await {
+        Err(WorkerError::Init { error, .. }) => {
+            assert!(
+                error.message.contains(
+                    "@nimbus.after_restore hook reconnect raised ConnectionError: database is down"
+                ),
+                "{}",
+                error.message
+            );
+        }
+        other => panic!("expected an init error, got {:?}", other.map(|_| ())),
+    }
+    assert!(template.alive(), "the template survives a failed child");
+}
+
+#[tokio::test]
+async fn an_overrunning_hook_is_stopped_at_its_budget() {
+    let source = r#"
+import time, nimbus
+
+@nimbus.after_restore
+def slow():
+    time.sleep(30)
+
+def handle(event):
+    return 1
+"#;
+    let (template, _code) = template(source, &[("NIMBUS_HOOK_BUDGET_MS", "200")]).await;
+    let started = Instant::now();
+    match fork(template.as_ref(), "i_x").await {
+        Err(WorkerError::Init { error, .. }) => {
+            assert_eq!(error.error_type, "HookTimeout");
+            assert!(
+                error.message.contains("slow did not finish within 0.2 s"),
+                "{}",
+                error.message
+            );
+        }
+        other => panic!("expected an init error, got {:?}", other.map(|_| ())),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn before_snapshot_hooks_and_the_warm_up_run_in_the_template() {
+    let source = r#"
+import nimbus
+seen = []
+
+@nimbus.before_snapshot
+def prepare():
+    seen.append("before_snapshot")
+
+def handle(event):
+    if event.get("warmup"):
+        seen.append("warmup")
+        return None
+    return seen
+"#;
+    let (template, _code) = template(source, &[("NIMBUS_WARMUP", "1")]).await;
+    let mut worker = fork(template.as_ref(), "i_a").await.unwrap();
+    assert_eq!(
+        body(&invoke(&mut worker, json!({})).await),
+        json!(["before_snapshot", "warmup"])
+    );
+}
+
+#[tokio::test]
+async fn a_template_whose_init_started_a_thread_refuses_to_fork() {
+    let source = r#"
+import threading, time
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+
+def handle(event):
+    return 1
+"#;
+    let (template, _code) = template(source, &[]).await;
+    let err = template.spawn("i_a", 128).await.unwrap_err();
+    assert!(err.to_string().contains("started threads"), "{err}");
 }

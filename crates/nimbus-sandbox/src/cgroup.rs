@@ -526,6 +526,17 @@ impl CgroupSlot {
         std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
     }
 
+    /// Moves process `pid` (with its threads) into this group, in every hierarchy, in the
+    /// order of [`CgroupSlot::procs_files`]. Charges it made before stay where they were.
+    pub fn adopt(&self, pid: u32) -> io::Result<()> {
+        let pid = pid.to_string();
+        for procs in &self.procs {
+            let path = Path::new(std::ffi::OsStr::from_bytes(procs.as_bytes()));
+            std::fs::write(path, &pid).map_err(at(path))?;
+        }
+        Ok(())
+    }
+
     /// SIGKILLs every process in the group (v2 `cgroup.kill` when present; v1: read procs,
     /// kill, repeat until empty, bounded).
     ///

@@ -71,6 +71,37 @@ pub struct InitSpec {
     /// For an outbound function, what its link needs (the init reserves the link); none:
     /// an empty network namespace.
     pub outbound: Option<OutboundSpec>,
+    /// The worker is a template: it runs under the template filter, and its root carries
+    /// [`FORK_CONFIG`], what its forked children need to enter sandboxes of their own.
+    #[serde(default)]
+    pub template: bool,
+}
+
+/// Where a template finds, inside its sandbox, the [`ForkConfig`] of its children.
+pub const FORK_CONFIG: &str = "/.nimbus/fork.json";
+
+/// What a child forked from a template needs to enter its own sandbox (written by the init
+/// as [`FORK_CONFIG`]; read by the runtime's template code, which does the steps).
+///
+/// The child unshares `namespaces`, maps its own ids, forks once more (to be PID 1 of its
+/// new pid namespace), mounts a private `/tmp` and `/dev/shm` of `tmp_mb` and its own
+/// `/proc` (with one of `mount_flags` each), binds `rebind` again on top of the new `/tmp`
+/// (code and runtime files that live under `/tmp` on the host), drops its capabilities and
+/// installs `filter` (the worker filter, hex of the raw `sock_filter` array).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForkConfig {
+    /// `unshare` flags.
+    pub namespaces: i32,
+    /// The allowed `mount` flags: private tmpfs, `/proc` and `/dev/shm`, recursive bind.
+    pub mount_flags: [u64; 3],
+    /// Size of the private `/tmp` and `/dev/shm`, MiB.
+    pub tmp_mb: u32,
+    /// Paths exposed under `/tmp` or `/dev/shm`, to bind again on top of the fresh ones.
+    pub rebind: Vec<PathBuf>,
+    /// Symlinks recreated there, `(path, target)`.
+    pub links: Vec<(PathBuf, PathBuf)>,
+    /// The worker seccomp filter, hex.
+    pub filter: String,
 }
 
 /// Runs the init: reads the spec from stdin, builds the sandbox, execs the worker and exits
@@ -92,7 +123,13 @@ fn run() -> Result<i32> {
         .read_to_string(&mut input)
         .context("reading the spec from stdin")?;
     let spec: InitSpec = serde_json::from_str(&input).context("parsing the spec")?;
-    let filter = seccomp::worker_filter().context("building the seccomp filter")?;
+    let worker_filter = seccomp::worker_filter().context("building the seccomp filter")?;
+    let (filter, fork_config) = if spec.template {
+        let filter = seccomp::template_filter().context("building the seccomp filter")?;
+        (filter, Some(filter_hex(&worker_filter)))
+    } else {
+        (worker_filter, None)
+    };
     let link = spec
         .outbound
         .as_ref()
@@ -122,6 +159,7 @@ fn run() -> Result<i32> {
             &spec,
             inside_link.as_ref(),
             &filter,
+            fork_config.as_deref(),
             &go_read,
             &report_write,
             &status_write,
@@ -212,6 +250,7 @@ fn sandbox_pid1(
     spec: &InitSpec,
     link: Option<&Link>,
     filter: &seccompiler::BpfProgram,
+    fork_filter: Option<&str>,
     go: &OwnedFd,
     report: &fs::File,
     status: &fs::File,
@@ -219,7 +258,7 @@ fn sandbox_pid1(
     // The status pipe must sit above the socket so that closing the ranges around it works.
     debug_assert!(status.as_raw_fd() > WORKER_SOCKET_FD);
     let exec = prepare_exec(spec)?;
-    sandbox(spec, link, filter, go)?;
+    sandbox(spec, link, filter, fork_filter, go)?;
     // SAFETY: PID 1 is single-threaded (cloned from the single-threaded init).
     match unsafe { nix::unistd::fork() }.context("fork")? {
         nix::unistd::ForkResult::Child => {
@@ -330,6 +369,7 @@ fn sandbox(
     spec: &InitSpec,
     link: Option<&Link>,
     filter: &seccompiler::BpfProgram,
+    fork_filter: Option<&str>,
     go: &OwnedFd,
 ) -> Result<()> {
     let mut byte = [0u8; 1];
@@ -351,7 +391,8 @@ fn sandbox(
         network::configure_inside(link).map_err(anyhow::Error::msg)?;
     }
 
-    build_root(spec, &exposed)?;
+    let fork_config = fork_filter.map(|filter| fork_config(spec, &exposed, filter));
+    build_root(spec, &exposed, fork_config.as_ref())?;
     drop(exposed);
     sethostname("nimbus").context("sethostname")?;
     set_limits(spec)?;
@@ -379,8 +420,47 @@ fn cstring(bytes: &[u8]) -> Result<CString> {
     CString::new(bytes).context("a NUL byte in an argument or variable")
 }
 
+/// The raw `sock_filter` array of `filter`, hex (native byte order, as the kernel reads it).
+fn filter_hex(filter: &seccompiler::BpfProgram) -> String {
+    let mut hex = String::with_capacity(filter.len() * 16);
+    for insn in filter {
+        let mut raw = Vec::with_capacity(8);
+        raw.extend_from_slice(&insn.code.to_ne_bytes());
+        raw.extend_from_slice(&[insn.jt, insn.jf]);
+        raw.extend_from_slice(&insn.k.to_ne_bytes());
+        for byte in raw {
+            hex.push_str(&format!("{byte:02x}"));
+        }
+    }
+    hex
+}
+
+/// The [`ForkConfig`] of a template's children.
+fn fork_config(spec: &InitSpec, exposed: &[Exposed], filter: &str) -> ForkConfig {
+    let private = |p: &Path| p.starts_with("/tmp") || p.starts_with("/dev/shm");
+    let mut rebind = Vec::new();
+    let mut links = Vec::new();
+    for entry in exposed {
+        match entry {
+            Exposed::Bind { path, .. } if private(path) => rebind.push(path.clone()),
+            Exposed::Link { path, target } if private(path) => {
+                links.push((path.clone(), target.clone()))
+            }
+            _ => {}
+        }
+    }
+    ForkConfig {
+        namespaces: seccomp::INSTANCE_NAMESPACES,
+        mount_flags: seccomp::INSTANCE_MOUNT_FLAGS,
+        tmp_mb: spec.tmp_mb,
+        rebind,
+        links,
+        filter: filter.to_owned(),
+    }
+}
+
 /// Builds the new root under `spec.root_dir` and pivots into it.
-fn build_root(spec: &InitSpec, exposed: &[Exposed]) -> Result<()> {
+fn build_root(spec: &InitSpec, exposed: &[Exposed], fork: Option<&ForkConfig>) -> Result<()> {
     let root = &spec.root_dir;
     // Nothing mounted here may propagate back to the host.
     mount(
@@ -430,6 +510,13 @@ fn build_root(spec: &InitSpec, exposed: &[Exposed]) -> Result<()> {
 
     build_dev(root, spec.tmp_mb)?;
     build_etc(root, spec.outbound.as_ref().map(|o| o.resolvers.as_slice()))?;
+    if let Some(fork) = fork {
+        let path = inside(root, Path::new(FORK_CONFIG));
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        fs::write(&path, serde_json::to_vec(fork)?).context("writing the fork configuration")?;
+    }
 
     let old = root.join(".old-root");
     fs::create_dir_all(&old)?;

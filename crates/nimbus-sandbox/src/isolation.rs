@@ -183,8 +183,14 @@ impl Isolation {
             root_dir: self.root_dir.clone(),
             tmp_mb: self.settings.tmp_mb,
             max_open_files: self.settings.max_open_files,
-            max_processes: u64::from(self.settings.pids_max),
+            // The limit counts every process of the host uid, which a template shares with
+            // all the instances forked from it: theirs is bounded by their pids cgroups.
+            max_processes: match spec.template {
+                true => u64::from(self.settings.pids_max) * 1024,
+                false => u64::from(self.settings.pids_max),
+            },
             outbound,
+            template: spec.template,
         })
     }
 

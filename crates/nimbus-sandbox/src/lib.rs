@@ -14,6 +14,7 @@ pub mod isolation;
 pub mod network;
 pub mod process;
 pub mod seccomp;
+pub mod template;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ use async_trait::async_trait;
 use tokio::net::UnixStream;
 
 pub use process::ProcessDriver;
+pub use template::Template;
 
 /// File descriptor on which a worker finds its end of the host connection.
 pub const WORKER_SOCKET_FD: i32 = 3;
@@ -46,6 +48,9 @@ pub struct LaunchSpec {
     pub memory_mb: u32,
     /// What network the worker gets.
     pub network: nimbus_core::Network,
+    /// The worker is a template: once initialized it forks the function's instances (see
+    /// [`template`]), which its sandbox must allow.
+    pub template: bool,
 }
 
 /// How a sandboxed worker ended.
@@ -121,4 +126,13 @@ pub trait Driver: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Starts a worker.
     async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, DriverError>;
+    /// Takes over a template: a worker launched with [`LaunchSpec::template`] that has
+    /// completed the runtime's handshake on `launched.stream`.
+    fn template(&self, launched: Launched) -> Result<Box<dyn Template>, DriverError> {
+        drop(launched);
+        Err(DriverError {
+            instance_id: String::new(),
+            message: format!("the {} driver keeps no templates", self.name()),
+        })
+    }
 }

@@ -21,7 +21,12 @@ use tokio::process::{Child, Command};
 
 use crate::cgroup::CgroupSlot;
 use crate::isolation::Isolation;
+use crate::template::{ProcessTemplate, Template};
 use crate::{Driver, DriverError, ExitInfo, LaunchSpec, Launched, Sandbox, WORKER_SOCKET_FD};
+
+/// Memory a template's cgroup gets over its function's limit: the page tables of the children
+/// it forks are made (and charged) in the template's group.
+const TEMPLATE_HEADROOM_MB: u32 = 64;
 
 /// Starts workers as child processes, isolated or not.
 #[derive(Debug, Default, Clone)]
@@ -50,6 +55,13 @@ impl Driver for ProcessDriver {
         "process"
     }
 
+    fn template(&self, launched: Launched) -> Result<Box<dyn Template>, DriverError> {
+        Ok(Box::new(ProcessTemplate::new(
+            launched,
+            self.isolation.clone(),
+        )))
+    }
+
     async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, DriverError> {
         let fail = |message: String| DriverError {
             instance_id: spec.instance_id.clone(),
@@ -64,8 +76,13 @@ impl Driver for ProcessDriver {
 
         let (mut cmd, slot, init_spec) = match &self.isolation {
             Some(isolation) => {
+                // A template's slot also carries its children's page tables, made at fork.
+                let memory_mb = match spec.template {
+                    true => spec.memory_mb + TEMPLATE_HEADROOM_MB,
+                    false => spec.memory_mb,
+                };
                 let slot = isolation
-                    .slot(spec.memory_mb)
+                    .slot(memory_mb)
                     .map_err(|e| fail(format!("cgroup: {e}")))?;
                 let init_spec = isolation.init_spec(spec, &slot).map_err(fail)?;
                 let init_spec = serde_json::to_vec(&init_spec)
@@ -258,7 +275,7 @@ impl Sandbox for ProcessSandbox {
 }
 
 /// The first child of host process `pid` (the sandbox's PID 1, for the init).
-fn first_child(pid: u32) -> Option<i32> {
+pub(crate) fn first_child(pid: u32) -> Option<i32> {
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
     children.split_whitespace().next()?.parse().ok()
 }
@@ -301,6 +318,7 @@ mod tests {
             visible: vec![],
             memory_mb: 128,
             network: nimbus_core::Network::Isolated,
+            template: false,
         }
     }
 

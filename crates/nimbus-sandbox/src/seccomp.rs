@@ -44,6 +44,47 @@ impl From<seccompiler::BackendError> for SeccompError {
 ///
 /// Build it once and reuse it for every instance: it depends only on the build target.
 pub fn worker_filter() -> Result<BpfProgram, SeccompError> {
+    compile(&[])
+}
+
+/// The namespaces a child forked from a template unshares to enter its own sandbox.
+pub const INSTANCE_NAMESPACES: libc::c_int = libc::CLONE_NEWUSER
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWPID;
+
+/// The `mount` flags a forked child uses to build its private `/tmp`, `/dev/shm` and
+/// `/proc` and to show its code again on top of the new `/tmp`.
+pub const INSTANCE_MOUNT_FLAGS: [libc::c_ulong; 3] = [
+    libc::MS_NOSUID | libc::MS_NODEV,
+    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+    libc::MS_BIND | libc::MS_REC,
+];
+
+/// The filter of a template (an initialized worker that children are forked from): the
+/// worker filter, except that `unshare` with exactly [`INSTANCE_NAMESPACES`] and `mount`
+/// with one of [`INSTANCE_MOUNT_FLAGS`] are allowed, which is what each forked child needs
+/// to enter its own namespaces before it installs the worker filter on top (filters stack:
+/// the child then runs under both). Those calls give a process nothing over the host: a
+/// new user namespace is what any unprivileged Linux user may create; the cost is the
+/// kernel code they open to the template's own init code.
+pub fn template_filter() -> Result<BpfProgram, SeccompError> {
+    const UNSHARE: &[&[Arg]] = &[&[ne(0, INSTANCE_NAMESPACES as u64)]];
+    const MOUNT: &[&[Arg]] = &[&[
+        ne(3, INSTANCE_MOUNT_FLAGS[0]),
+        ne(3, INSTANCE_MOUNT_FLAGS[1]),
+        ne(3, INSTANCE_MOUNT_FLAGS[2]),
+    ]];
+    compile(&[
+        (libc::SYS_unshare, Any(UNSHARE)),
+        (libc::SYS_mount, Any(MOUNT)),
+    ])
+}
+
+/// Compiles [`DENIED`] with the rows of `overrides` in place of the table's own.
+fn compile(overrides: &[(libc::c_long, When)]) -> Result<BpfProgram, SeccompError> {
     let arch = if cfg!(target_arch = "x86_64") {
         TargetArch::x86_64
     } else if cfg!(target_arch = "aarch64") {
@@ -52,7 +93,11 @@ pub fn worker_filter() -> Result<BpfProgram, SeccompError> {
         return Err(SeccompError::UnsupportedArch(std::env::consts::ARCH));
     };
     let mut table = BTreeMap::new();
-    for &(nr, ref when) in DENIED {
+    for (nr, when) in DENIED {
+        let when = overrides
+            .iter()
+            .find(|(o, _)| o == nr)
+            .map_or(when, |(_, w)| w);
         let rules = match when {
             // No rule: the call matches whatever its arguments.
             Always => Vec::new(),
@@ -61,7 +106,7 @@ pub fn worker_filter() -> Result<BpfProgram, SeccompError> {
                 .map(|tests| rule(tests))
                 .collect::<Result<_, _>>()?,
         };
-        table.insert(nr, rules);
+        table.insert(*nr, rules);
     }
     let table: BpfProgram = SeccompFilter::new(
         table,

@@ -56,6 +56,7 @@ impl Harness {
             visible: vec![PYTHON.into()],
             memory_mb,
             network: nimbus_core::Network::Isolated,
+            template: false,
         };
         let mut launched = self.driver.launch(&spec).await.expect("launch");
         let mut out = String::new();

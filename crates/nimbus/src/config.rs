@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use nimbus_engine::EngineConfig;
+use nimbus_engine::{EngineConfig, SnapshotSettings};
 use serde::{Deserialize, Serialize};
 
 /// Flags of `nimbus server` (each also readable from its environment variable).
@@ -41,6 +41,10 @@ pub struct ServerArgs {
     /// or seccomp. Only for trusted code on hosts that cannot isolate (see docs/SECURITY.md).
     #[arg(long, env = "NIMBUS_INSECURE_NO_ISOLATION")]
     pub insecure_no_isolation: bool,
+    /// Start every new instance cold: no function-level snapshots (the same as
+    /// `[snapshots] enabled = false`).
+    #[arg(long, env = "NIMBUS_NO_SNAPSHOTS")]
+    pub no_snapshots: bool,
 }
 
 /// The server's settings. Field names are the keys of `nimbus.toml`.
@@ -73,6 +77,57 @@ pub struct ServerConfig {
     pub cache_ttl_ms: u64,
     /// Seconds a stopping server waits for running invocations before stopping instances.
     pub shutdown_grace_sec: u64,
+    /// Function-level snapshots (`[snapshots]`).
+    pub snapshots: SnapshotsConfig,
+}
+
+/// The `[snapshots]` section. See docs/SNAPSHOTS.md.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SnapshotsConfig {
+    /// Build templates and start new instances from them.
+    pub enabled: bool,
+    /// Snapshot builds running at once.
+    pub build_workers: usize,
+    /// Run one invocation with `{"warmup": true}` before a snapshot is taken.
+    pub warmup_on_build: bool,
+    /// Seconds a snapshot may go unused before it expires.
+    pub ttl_sec: u64,
+    /// Most resident snapshots per function (versions routed by aliases kept first).
+    pub max_snapshots_per_function: usize,
+    /// MiB all resident templates may hold together; least recently used evicted first.
+    pub memory_budget_mb: u64,
+    /// Milliseconds all `before_snapshot` (or all `after_restore`) hooks may take.
+    pub hook_timeout_ms: u64,
+}
+
+impl Default for SnapshotsConfig {
+    fn default() -> Self {
+        let engine = SnapshotSettings::default();
+        SnapshotsConfig {
+            enabled: engine.enabled,
+            build_workers: engine.build_workers,
+            warmup_on_build: engine.warmup_on_build,
+            ttl_sec: engine.ttl.as_secs(),
+            max_snapshots_per_function: engine.max_per_function,
+            memory_budget_mb: engine.memory_budget >> 20,
+            hook_timeout_ms: engine.hook_budget.as_millis() as u64,
+        }
+    }
+}
+
+impl SnapshotsConfig {
+    fn settings(&self) -> SnapshotSettings {
+        SnapshotSettings {
+            enabled: self.enabled,
+            build_workers: self.build_workers.max(1),
+            warmup_on_build: self.warmup_on_build,
+            ttl: Duration::from_secs(self.ttl_sec),
+            max_per_function: self.max_snapshots_per_function.max(1),
+            memory_budget: self.memory_budget_mb << 20,
+            hook_budget: Duration::from_millis(self.hook_timeout_ms.max(1)),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -95,6 +150,7 @@ impl Default for ServerConfig {
             start_timeout_sec: engine.start_timeout.as_secs(),
             cache_ttl_ms: engine.cache_ttl.as_millis() as u64,
             shutdown_grace_sec: 30,
+            snapshots: SnapshotsConfig::default(),
         }
     }
 }
@@ -132,6 +188,9 @@ impl ServerConfig {
         if let Some(idle) = args.idle_timeout {
             config.idle_timeout_sec = idle;
         }
+        if args.no_snapshots {
+            config.snapshots.enabled = false;
+        }
         if config.database_url.is_empty() {
             config.database_url = format!("sqlite:{}", config.data_dir.join("nimbus.db").display());
         }
@@ -155,6 +214,7 @@ impl ServerConfig {
             queue_timeout: Duration::from_millis(self.queue_timeout_ms),
             start_timeout: Duration::from_secs(self.start_timeout_sec),
             cache_ttl: Duration::from_millis(self.cache_ttl_ms),
+            snapshots: self.snapshots.settings(),
             ..EngineConfig::new(self.data_dir.clone())
         }
     }
@@ -219,6 +279,7 @@ mod tests {
             idle_timeout: Some(9),
             example: false,
             insecure_no_isolation: false,
+            no_snapshots: false,
         };
         let c = ServerConfig::load(&args).unwrap();
         assert_eq!(c.listen.port(), 9000);

@@ -401,6 +401,15 @@ class _Host:
         self.sock.sendall(len(payload).to_bytes(4, "big") + payload)
 
 
+def _reap_orphans():
+    while True:
+        try:
+            if posix.waitpid(-1, posix.WNOHANG)[0] == 0:
+                return
+        except ChildProcessError:
+            return
+
+
 def _exit(code):
     # Skips waiting for non-daemon threads the function may have started.
     posix._exit(code)
@@ -440,6 +449,8 @@ def _serve(host, handler, takes_state, state, api, sink):
     take = sink.take
     clear = sink.clear
     coroutine_type = _coroutine_type
+    # PID 1 of its own namespace (a forked instance) inherits every orphan there.
+    reap = posix.getpid() == 1
     while True:
         try:
             msg = read()
@@ -506,9 +517,107 @@ def _serve(host, handler, takes_state, state, api, sink):
                 }
                 payload = join(encode(out, 0)).encode("ascii")
             send_raw(payload)
+            if reap:
+                _reap_orphans()
         elif kind == "ping":
             send({"type": "pong", "id": msg["id"]})
         # Other messages (from newer hosts) are ignored.
+
+
+# --- snapshots (template mode) ------------------------------------------------------------
+
+
+def _loads(text):
+    return _scan(text, 0)[0]
+
+
+def _dumps(message):
+    return "".join(_encode(message, 0)).encode("ascii")
+
+
+class _HookTimeout(BaseException):
+    """Raised in a hook that ran past its budget (BaseException: `except Exception` in the
+    hook does not swallow it)."""
+
+
+def _hook_budget():
+    """Seconds all hooks of one kind may take together (NIMBUS_HOOK_BUDGET_MS)."""
+    raw = posix.environ.get(b"NIMBUS_HOOK_BUDGET_MS", b"")
+    return int(raw) / 1000.0 if raw.isdigit() and int(raw) > 0 else 1.0
+
+
+def _run_hooks(hooks, kind):
+    """Runs the `@nimbus.<kind>` hooks in order within the budget; a failure is an init
+    failure naming the hook."""
+    if not hooks:
+        return
+    import signal
+
+    budget = _hook_budget()
+
+    def expired(_signum, _frame):
+        raise _HookTimeout()
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, budget)
+    try:
+        for hook in hooks:
+            name = getattr(hook, "__qualname__", None) or repr(hook)
+            try:
+                hook()
+            except _HookTimeout:
+                raise _InitFailure(
+                    _simple_error(
+                        "HookTimeout",
+                        "@nimbus.%s hook %s did not finish within %g s" % (kind, name, budget),
+                    )
+                ) from None
+            except BaseException as exc:
+                raise _InitFailure(
+                    _error(exc, "@nimbus.%s hook %s raised %s: %s" % (kind, name, type(exc).__name__, exc))
+                ) from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _prepare_template(handler, takes_state, api):
+    """Readies this worker to be a template: before-snapshot hooks, the optional warm-up
+    invocation, and the fork machinery (imported now, so its objects are frozen and shared
+    too). Returns (module, fork configuration)."""
+    global _loop
+    _run_hooks(api._before_snapshot, "before_snapshot")
+    if posix.environ.get(b"NIMBUS_WARMUP") == b"1":
+        try:
+            value = handler({"warmup": True}, api._DISABLED_STATE) if takes_state else handler({"warmup": True})
+            if value.__class__ is _coroutine_type:
+                _run_coroutine(value)
+        except BaseException as exc:
+            raise _InitFailure(_error(exc, "the warm-up invocation raised %s: %s" % (type(exc).__name__, exc))) from None
+        finally:
+            # An event loop's descriptors must not be shared by the forked instances.
+            if _loop is not None:
+                _loop.close()
+                _loop = None
+    try:
+        import nimbus_fork
+
+        return nimbus_fork, nimbus_fork.load_config(_loads)
+    except BaseException as exc:
+        raise _InitFailure(_error(exc, "the template could not be prepared: %s" % exc)) from None
+
+
+def _restored(instance_id, api):
+    """In an instance started from a snapshot: a fresh identity and fresh randomness, then
+    the user's after-restore hooks."""
+    if instance_id:
+        import os
+
+        os.environ["NIMBUS_INSTANCE_ID"] = instance_id
+    random = sys.modules.get("random")
+    if random is not None:
+        random.seed()
+    _run_hooks(api._after_restore, "after_restore")
 
 
 async def _probe_coroutine():
@@ -556,6 +665,13 @@ def main():
     except BaseException as exc:
         host.send({"type": "init_error", "error": _error(exc), "logs": sink.take()})
         _exit(1)
+    template = None
+    if posix.environ.get(b"NIMBUS_TEMPLATE") == b"1":
+        try:
+            template = _prepare_template(handler, takes_state, api)
+        except _InitFailure as failure:
+            host.send({"type": "init_error", "error": failure.payload, "logs": sink.take()})
+            _exit(1)
     now = perf_counter()
     host.send(
         {
@@ -568,7 +684,31 @@ def main():
         }
     )
     gc.collect()
+    # Objects that exist now are never collected again: a forked child's collections then
+    # leave the template's pages shared instead of touching (and copying) them.
     gc.freeze()
+    if template is not None:
+        nimbus_fork, config = template
+        instance_id = nimbus_fork.serve(host.sock, config, _loads, _dumps)
+        # In a forked child from here on, in its own sandbox, on its own connection.
+        forked = perf_counter()
+        host = _Host()
+        try:
+            _restored(instance_id, api)
+        except _InitFailure as failure:
+            host.send({"type": "init_error", "error": failure.payload, "logs": sink.take()})
+            _exit(1)
+        now = perf_counter()
+        host.send(
+            {
+                "type": "ready",
+                "pid": posix.getpid(),
+                "runtime": "python%d.%d" % sys.version_info[:2],
+                "init_ms": round((now - forked) * 1000.0, 3),
+                "start_ms": round((now - forked) * 1000.0, 3),
+                "logs": sink.take(),
+            }
+        )
     try:
         _serve(host, handler, takes_state, api._DISABLED_STATE, api, sink)
     except OSError:

@@ -13,10 +13,43 @@ This package is installed by the Nimbus server next to its Python worker and is 
 by every function (a module of the same name in the function's own code takes precedence).
 """
 
-__all__ = ["NimbusError", "StateNotEnabled", "current_request_id"]
+__all__ = [
+    "NimbusError",
+    "StateNotEnabled",
+    "after_restore",
+    "before_snapshot",
+    "current_request_id",
+]
 
 # Set by the worker before each invocation.
 _request_id = None
+# Registered hooks, run by the worker.
+_before_snapshot = []
+_after_restore = []
+
+
+def before_snapshot(fn):
+    """Decorator: run `fn()` once before this function's snapshot is taken (after its code
+    is loaded, in the template that new instances are started from). Close what must not be
+    shared by the instances: network connections, open files, background threads.
+
+    A hook that raises or runs past its time budget fails the snapshot; instances then
+    start cold (and run no hooks).
+    """
+    _before_snapshot.append(fn)
+    return fn
+
+
+def after_restore(fn):
+    """Decorator: run `fn()` in every instance started from a snapshot, before its first
+    invocation (not in instances started cold, whose module code just ran). Reopen
+    connections, reseed random generators of your own (`random` is reseeded already),
+    refresh per-instance values.
+
+    A hook that raises or runs past its time budget fails the instance's start.
+    """
+    _after_restore.append(fn)
+    return fn
 
 
 class NimbusError(Exception):

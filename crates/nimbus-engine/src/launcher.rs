@@ -1,0 +1,213 @@
+//! Starting workers of a function version: cold (a new runtime loads the code), as a
+//! template (an initialized worker kept to fork instances from), or from a template.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nimbus_core::ids;
+use nimbus_runtime::protocol::ErrorPayload;
+use nimbus_runtime::{Runtimes, WorkerConn, WorkerError};
+use nimbus_sandbox::{Driver, LaunchSpec, Launched, Sandbox, Template};
+
+use crate::catalog::VersionEntry;
+use crate::config::EngineConfig;
+use crate::error::EngineError;
+use crate::pool::Instance;
+use crate::snapshots::Resident;
+
+/// Why a new instance (or template) did not come up.
+#[derive(Debug)]
+pub enum StartError {
+    /// The handler failed to load, or a snapshot hook failed (the user's code raised).
+    Init {
+        /// The exception.
+        error: ErrorPayload,
+        /// What the code printed while loading.
+        logs: String,
+    },
+    /// The worker died or broke the protocol while starting.
+    Crashed(String),
+    /// The worker did not become ready within the start timeout.
+    Timeout(Duration),
+    /// The platform could not start it at all (runtime missing, driver failure).
+    Platform(EngineError),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Init { error, .. } => write!(f, "{}: {}", error.error_type, error.message),
+            StartError::Crashed(message) => f.write_str(message),
+            StartError::Timeout(limit) => {
+                write!(f, "not ready within {} s", limit.as_secs())
+            }
+            StartError::Platform(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Starts workers through the sandbox driver.
+pub(crate) struct Launcher {
+    config: Arc<EngineConfig>,
+    driver: Arc<dyn Driver>,
+    runtimes: Runtimes,
+}
+
+impl Launcher {
+    pub(crate) fn new(
+        config: Arc<EngineConfig>,
+        driver: Arc<dyn Driver>,
+        runtimes: Runtimes,
+    ) -> Self {
+        Launcher {
+            config,
+            driver,
+            runtimes,
+        }
+    }
+
+    /// Name of the driver (part of a snapshot's key).
+    pub(crate) fn driver_name(&self) -> &'static str {
+        self.driver.name()
+    }
+
+    /// What the driver needs to start a worker of `version` named `id`.
+    fn spec(
+        &self,
+        version: &VersionEntry,
+        id: &str,
+        template: bool,
+    ) -> Result<LaunchSpec, StartError> {
+        let config = &version.config;
+        let command = self
+            .runtimes
+            .command(config.runtime)
+            .map_err(|e| StartError::Platform(EngineError::RuntimeUnavailable(e.to_string())))?;
+        let mut env = command.env;
+        env.extend([
+            ("NIMBUS_HANDLER".to_owned(), config.handler.to_string()),
+            (
+                "NIMBUS_FUNCTION_NAME".to_owned(),
+                version.function_name.clone(),
+            ),
+            (
+                "NIMBUS_FUNCTION_VERSION".to_owned(),
+                version.version.to_string(),
+            ),
+            ("NIMBUS_MEMORY_MB".to_owned(), config.memory_mb.to_string()),
+            ("NIMBUS_INSTANCE_ID".to_owned(), id.to_owned()),
+        ]);
+        if template {
+            let settings = &self.config.snapshots;
+            env.push(("NIMBUS_TEMPLATE".to_owned(), "1".to_owned()));
+            env.push((
+                "NIMBUS_HOOK_BUDGET_MS".to_owned(),
+                settings.hook_budget.as_millis().to_string(),
+            ));
+            if settings.warmup_on_build {
+                env.push(("NIMBUS_WARMUP".to_owned(), "1".to_owned()));
+            }
+        }
+        env.extend(config.env_vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok(LaunchSpec {
+            instance_id: id.to_owned(),
+            program: command.program,
+            args: command.args,
+            env,
+            workdir: version.code_dir.clone(),
+            visible: command.visible,
+            memory_mb: config.memory_mb,
+            network: config.network,
+            template,
+        })
+    }
+
+    /// Starts a new instance of `version` from scratch and waits until its handler is loaded.
+    pub(crate) async fn cold(&self, version: &Arc<VersionEntry>) -> Result<Instance, StartError> {
+        let id = ids::instance_id();
+        let spec = self.spec(version, &id, false)?;
+        let launched = self.launch(&spec).await?;
+        let (conn, sandbox) = self.handshake(launched).await?;
+        Ok(Instance::new(id, version.clone(), conn, sandbox, None))
+    }
+
+    /// Starts a template of `version`: a worker with the code loaded (and its
+    /// before-snapshot hooks and warm-up run), handed over to the driver.
+    pub(crate) async fn template(
+        &self,
+        version: &VersionEntry,
+    ) -> Result<Box<dyn Template>, StartError> {
+        let id = ids::instance_id();
+        let spec = self.spec(version, &id, true)?;
+        let launched = self.launch(&spec).await?;
+        let (conn, sandbox) = self.handshake(launched).await?;
+        let stream = conn
+            .into_stream()
+            .map_err(|e| StartError::Crashed(e.to_string()))?;
+        self.driver
+            .template(Launched { stream, sandbox })
+            .map_err(|e| StartError::Platform(EngineError::Internal(e.to_string())))
+    }
+
+    /// Starts a new instance of `version` from its template.
+    pub(crate) async fn fork(
+        &self,
+        version: &Arc<VersionEntry>,
+        template: &Arc<Resident>,
+    ) -> Result<Instance, StartError> {
+        let id = ids::instance_id();
+        let launched = template
+            .template
+            .spawn(&id, version.config.memory_mb)
+            .await
+            .map_err(|e| StartError::Crashed(e.to_string()))?;
+        let (conn, sandbox) = self.handshake(launched).await?;
+        Ok(Instance::new(
+            id,
+            version.clone(),
+            conn,
+            sandbox,
+            Some(template.clone()),
+        ))
+    }
+
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, StartError> {
+        self.driver
+            .launch(spec)
+            .await
+            .map_err(|e| StartError::Platform(EngineError::Internal(e.to_string())))
+    }
+
+    /// Waits for the worker's `ready` within the start timeout.
+    async fn handshake(
+        &self,
+        launched: Launched,
+    ) -> Result<(WorkerConn, Box<dyn Sandbox>), StartError> {
+        let mut conn = WorkerConn::new(launched.stream);
+        let mut sandbox = launched.sandbox;
+        let timeout = self.config.start_timeout;
+        match tokio::time::timeout(timeout, conn.handshake()).await {
+            Ok(Ok(_ready)) => Ok((conn, sandbox)),
+            Ok(Err(WorkerError::Init { error, logs })) => Err(StartError::Init { error, logs }),
+            Ok(Err(e)) => {
+                sandbox.kill();
+                let exit = tokio::time::timeout(Duration::from_millis(500), sandbox.wait()).await;
+                let how = exit
+                    .map(|x| x.to_string())
+                    .unwrap_or_else(|_| "did not exit".into());
+                Err(StartError::Crashed(format!(
+                    "the worker failed while starting ({e}); it {how}"
+                )))
+            }
+            Err(_) => {
+                sandbox.kill();
+                Err(StartError::Timeout(timeout))
+            }
+        }
+    }
+}
+
+/// Milliseconds since `start`.
+pub(crate) fn ms_since(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1000.0
+}

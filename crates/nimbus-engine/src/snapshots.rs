@@ -1,0 +1,563 @@
+//! Function-level snapshots (SPEC §6): per function version, a template (an initialized
+//! worker that new instances are started from), built in the background, indexed in the
+//! metadata store, and kept within the configured lifecycle.
+//!
+//! - Builds: on publish, on request (`POST …/snapshots`) and when a version without one
+//!   starts cold; a queue served by `build_workers` tasks, de-duplicated per version (here
+//!   by the in-memory entry, across servers by the store's one row per key).
+//! - Use: [`Snapshots::resident`] gives the pool the template to fork from; a failed start
+//!   marks the snapshot `corrupt`, drops the template and schedules a rebuild, and the pool
+//!   falls back to a cold start, so the invocation still succeeds.
+//! - Lifecycle: unused for `ttl` → `expired`; at most `max_per_function` resident per
+//!   function (versions routed by an alias kept first, so a rollback stays warm); the
+//!   resident templates' memory within `memory_budget`, least recently used evicted first.
+//!   An evicted template whose instances still run stays alive until they end (they live
+//!   in its pid namespace), but starts nothing more.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nimbus_core::{env_vars_hash, now, NewSnapshot, Snapshot, SnapshotKey, SnapshotStatus};
+use nimbus_sandbox::Template;
+use nimbus_store::MetadataStore;
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, Notify};
+
+use crate::catalog::VersionEntry;
+use crate::error::{EngineError, EngineResult};
+use crate::launcher::{Launcher, StartError};
+use crate::metrics;
+
+/// Snapshot settings (the `[snapshots]` section of the server configuration).
+#[derive(Debug, Clone)]
+pub struct SnapshotSettings {
+    /// Build and use templates at all.
+    pub enabled: bool,
+    /// Builds running at once.
+    pub build_workers: usize,
+    /// Run one invocation with `{"warmup": true}` in the template before it is kept.
+    pub warmup_on_build: bool,
+    /// A snapshot unused this long expires.
+    pub ttl: Duration,
+    /// Most resident templates per function.
+    pub max_per_function: usize,
+    /// Most memory all resident templates may hold, bytes.
+    pub memory_budget: u64,
+    /// Time all `before_snapshot` (or all `after_restore`) hooks of a function may take.
+    pub hook_budget: Duration,
+}
+
+impl Default for SnapshotSettings {
+    fn default() -> Self {
+        SnapshotSettings {
+            enabled: true,
+            build_workers: 1,
+            warmup_on_build: false,
+            ttl: Duration::from_secs(7 * 24 * 3600),
+            max_per_function: 3,
+            memory_budget: 1 << 30,
+            hook_budget: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What identifies a template here: a version's code can only change with its number,
+/// but the hash keeps even a reused number from ever meeting old code.
+type Key = (String, u32, String);
+
+fn key_of(version: &VersionEntry) -> Key {
+    (
+        version.function_id.clone(),
+        version.version,
+        version.config.code_hash.clone(),
+    )
+}
+
+/// A template kept in memory.
+pub(crate) struct Resident {
+    /// The driver's template.
+    pub(crate) template: Box<dyn Template>,
+    /// Its row in the index.
+    pub(crate) snapshot_id: String,
+    key: Key,
+    bytes: u64,
+    last_used: Mutex<Instant>,
+}
+
+impl std::fmt::Debug for Resident {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resident")
+            .field("snapshot_id", &self.snapshot_id)
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Entry {
+    /// Queued or being built; waiters are woken when it ends.
+    Building(Arc<Notify>),
+    Ready(Arc<Resident>),
+    /// The last build failed: not retried by itself (the same code would fail the same
+    /// way), only on request.
+    Failed,
+}
+
+struct Job {
+    version: Arc<VersionEntry>,
+    done: Arc<Notify>,
+}
+
+/// The snapshot manager.
+pub(crate) struct Snapshots {
+    settings: SnapshotSettings,
+    store: Arc<dyn MetadataStore>,
+    launcher: Arc<Launcher>,
+    entries: Mutex<HashMap<Key, Entry>>,
+    queue: mpsc::UnboundedSender<Job>,
+}
+
+impl Snapshots {
+    /// The manager, with its build workers running.
+    pub(crate) fn start(
+        settings: SnapshotSettings,
+        store: Arc<dyn MetadataStore>,
+        launcher: Arc<Launcher>,
+    ) -> Arc<Snapshots> {
+        let (queue, jobs) = mpsc::unbounded_channel::<Job>();
+        let workers = settings.build_workers.max(1);
+        let snapshots = Arc::new(Snapshots {
+            settings,
+            store,
+            launcher,
+            entries: Mutex::default(),
+            queue,
+        });
+        let jobs = Arc::new(tokio::sync::Mutex::new(jobs));
+        for _ in 0..workers {
+            let weak = Arc::downgrade(&snapshots);
+            let jobs = jobs.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Some(job) = jobs.lock().await.recv().await else {
+                        break;
+                    };
+                    let Some(snapshots) = weak.upgrade() else {
+                        break;
+                    };
+                    snapshots.build(&job.version).await;
+                    job.done.notify_waiters();
+                }
+            });
+        }
+        snapshots
+    }
+
+    /// The template to start a new instance of `version` from, if one is resident.
+    pub(crate) fn resident(&self, version: &VersionEntry) -> Option<Arc<Resident>> {
+        if !self.settings.enabled {
+            return None;
+        }
+        let key = key_of(version);
+        let mut entries = self.entries.lock().expect("snapshots lock");
+        let Some(Entry::Ready(resident)) = entries.get(&key) else {
+            return None;
+        };
+        if resident.template.alive() {
+            *resident.last_used.lock().expect("resident lock") = Instant::now();
+            return Some(resident.clone());
+        }
+        // It ended (killed from outside, or its memory limit): build it again.
+        let gone = resident.clone();
+        entries.remove(&key);
+        drop(entries);
+        self.mark(
+            &gone.snapshot_id,
+            SnapshotStatus::Corrupt,
+            Some("the template ended"),
+        );
+        None
+    }
+
+    /// A version just started cold: build its snapshot unless one exists or failed.
+    pub(crate) fn wanted(&self, version: &Arc<VersionEntry>) {
+        if self.settings.enabled {
+            self.enqueue(version, false);
+        }
+    }
+
+    /// Queues a build of `version`'s snapshot (`retry`: also after a failed one); returns
+    /// what to wait on, or `None` if its template is resident already.
+    fn enqueue(&self, version: &Arc<VersionEntry>, retry: bool) -> Option<Arc<Notify>> {
+        let key = key_of(version);
+        let mut entries = self.entries.lock().expect("snapshots lock");
+        match entries.get(&key) {
+            Some(Entry::Building(done)) => return Some(done.clone()),
+            Some(Entry::Ready(_)) => return None,
+            Some(Entry::Failed) if !retry => return None,
+            _ => {}
+        }
+        let done = Arc::new(Notify::new());
+        entries.insert(key, Entry::Building(done.clone()));
+        drop(entries);
+        let job = Job {
+            version: version.clone(),
+            done: done.clone(),
+        };
+        if self.queue.send(job).is_err() {
+            // Shutting down: nothing will build it.
+            self.entries
+                .lock()
+                .expect("snapshots lock")
+                .remove(&key_of(version));
+        }
+        Some(done)
+    }
+
+    /// Builds `version`'s snapshot now (or joins the build under way) and, with `wait`,
+    /// returns its row once the build has ended.
+    pub(crate) async fn request(
+        &self,
+        version: &Arc<VersionEntry>,
+        wait: bool,
+    ) -> EngineResult<Snapshot> {
+        if !self.settings.enabled {
+            return Err(EngineError::Conflict {
+                code: "snapshots_disabled",
+                message: "snapshots are disabled on this server ([snapshots] enabled = false)"
+                    .into(),
+            });
+        }
+        let done = self.enqueue(version, true);
+        if let (true, Some(done)) = (wait, done) {
+            let notified = done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let building = matches!(
+                self.entries
+                    .lock()
+                    .expect("snapshots lock")
+                    .get(&key_of(version)),
+                Some(Entry::Building(_))
+            );
+            if building {
+                notified.await;
+            }
+        }
+        let new = self.new_snapshot(version);
+        // Right after queueing, the build may not have made its row yet.
+        for _ in 0..100 {
+            if let Some(found) = self.store.find_snapshot(&new.key).await? {
+                return Ok(found);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(EngineError::Internal(
+            "the snapshot's build did not start".into(),
+        ))
+    }
+
+    fn new_snapshot(&self, version: &VersionEntry) -> NewSnapshot {
+        NewSnapshot {
+            key: SnapshotKey {
+                function_id: version.function_id.clone(),
+                version: version.version,
+                code_hash: version.config.code_hash.clone(),
+                env_vars_hash: env_vars_hash(&version.config.env_vars),
+                driver: self.launcher.driver_name().to_owned(),
+            },
+            runtime: version.config.runtime,
+            memory_mb: version.config.memory_mb,
+        }
+    }
+
+    /// One build: claims the row, starts the template, records the outcome.
+    async fn build(&self, version: &Arc<VersionEntry>) {
+        let key = key_of(version);
+        let started = Instant::now();
+        let new = self.new_snapshot(version);
+        let row = match self.store.begin_snapshot(&new).await {
+            Ok((row, true)) => row,
+            // The index says ready or building (an earlier run of this server, or another
+            // server): this server has no template of it, so it builds its own.
+            Ok((row, false)) => {
+                self.mark(&row.id, SnapshotStatus::Building, None);
+                row
+            }
+            Err(e) => {
+                tracing::warn!(function = %version.function_name, version = version.version, "cannot index the snapshot: {e}");
+                self.entries.lock().expect("snapshots lock").remove(&key);
+                return;
+            }
+        };
+        let outcome = self.launcher.template(version).await;
+        let seconds = started.elapsed().as_secs_f64();
+        match outcome {
+            Ok(template) => {
+                let resident = Arc::new(Resident {
+                    bytes: template.resident_bytes().unwrap_or(0),
+                    template,
+                    snapshot_id: row.id.clone(),
+                    key: key.clone(),
+                    last_used: Mutex::new(Instant::now()),
+                });
+                let expires = self.expiry(now());
+                let _ = self
+                    .store
+                    .finish_snapshot(&row.id, SnapshotStatus::Ready, None, None, &[], 0, expires)
+                    .await;
+                metrics::snapshot_built("success", seconds);
+                tracing::info!(
+                    function = %version.function_name,
+                    version = version.version,
+                    snapshot = %row.id,
+                    ms = (seconds * 1000.0).round(),
+                    resident_mib = resident.bytes >> 20,
+                    "snapshot ready"
+                );
+                self.entries
+                    .lock()
+                    .expect("snapshots lock")
+                    .insert(key, Entry::Ready(resident.clone()));
+                self.enforce_limits(&version.function_id, &resident).await;
+            }
+            Err(e) => {
+                let message = build_error(&e);
+                let _ = self
+                    .store
+                    .finish_snapshot(
+                        &row.id,
+                        SnapshotStatus::Failed,
+                        Some(&message),
+                        None,
+                        &[],
+                        0,
+                        None,
+                    )
+                    .await;
+                metrics::snapshot_built("failed", seconds);
+                tracing::warn!(function = %version.function_name, version = version.version, "snapshot build failed: {message}");
+                self.entries
+                    .lock()
+                    .expect("snapshots lock")
+                    .insert(key, Entry::Failed);
+            }
+        }
+        self.refresh_gauges().await;
+    }
+
+    fn expiry(&self, from: OffsetDateTime) -> Option<OffsetDateTime> {
+        time::Duration::try_from(self.settings.ttl)
+            .ok()
+            .and_then(|ttl| from.checked_add(ttl))
+    }
+
+    /// A start from `resident` succeeded in `ms`.
+    pub(crate) fn restored(&self, resident: &Arc<Resident>, ms: f64) {
+        metrics::snapshot_restored("success", ms);
+        let (store, id) = (self.store.clone(), resident.snapshot_id.clone());
+        let used = now();
+        let expires = self.expiry(used);
+        tokio::spawn(async move {
+            let _ = store.record_snapshot_use(&id, ms, used, expires).await;
+        });
+    }
+
+    /// A start from `resident` failed for the platform's reasons: the snapshot is
+    /// `corrupt`, its template dropped and rebuilt; the caller starts cold.
+    pub(crate) fn restore_failed(
+        &self,
+        version: &Arc<VersionEntry>,
+        resident: &Arc<Resident>,
+        error: &StartError,
+    ) {
+        metrics::snapshot_restored("failed", 0.0);
+        tracing::warn!(
+            function = %version.function_name,
+            version = version.version,
+            snapshot = %resident.snapshot_id,
+            "start from the snapshot failed, starting cold and rebuilding it: {error}"
+        );
+        self.evict_if(&resident.key, resident);
+        self.mark(
+            &resident.snapshot_id,
+            SnapshotStatus::Corrupt,
+            Some(&format!("a start from it failed: {error}")),
+        );
+        self.enqueue(version, true);
+    }
+
+    /// Removes `key`'s entry if it is still `resident`.
+    fn evict_if(&self, key: &Key, resident: &Arc<Resident>) -> bool {
+        let mut entries = self.entries.lock().expect("snapshots lock");
+        match entries.get(key) {
+            Some(Entry::Ready(r)) if Arc::ptr_eq(r, resident) => {
+                entries.remove(key);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Sets a snapshot's status in the background.
+    fn mark(&self, id: &str, status: SnapshotStatus, error: Option<&str>) {
+        let (store, id, error) = (self.store.clone(), id.to_owned(), error.map(str::to_owned));
+        tokio::spawn(async move {
+            let _ = store
+                .set_snapshot_status(&id, status, error.as_deref())
+                .await;
+        });
+    }
+
+    /// Residents, for the lifecycle.
+    fn residents(&self) -> Vec<Arc<Resident>> {
+        self.entries
+            .lock()
+            .expect("snapshots lock")
+            .values()
+            .filter_map(|e| match e {
+                Entry::Ready(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Evicts `resident`, recording why (`expired`).
+    async fn expire(&self, resident: &Arc<Resident>, why: &str) {
+        if self.evict_if(&resident.key, resident) {
+            tracing::info!(snapshot = %resident.snapshot_id, "snapshot expired: {why}");
+            let _ = self
+                .store
+                .set_snapshot_status(&resident.snapshot_id, SnapshotStatus::Expired, Some(why))
+                .await;
+        }
+    }
+
+    /// After `fresh` became resident: at most `max_per_function` of its function (those
+    /// an alias routes to kept first, then the most recently used), and all within the
+    /// memory budget (least recently used evicted first, `fresh` last).
+    async fn enforce_limits(&self, function_id: &str, fresh: &Arc<Resident>) {
+        let routed: HashSet<u32> = match self.store.list_aliases(function_id).await {
+            Ok(aliases) => aliases.iter().flat_map(|a| a.routing.versions()).collect(),
+            Err(_) => HashSet::new(),
+        };
+        let mut own: Vec<Arc<Resident>> = self
+            .residents()
+            .into_iter()
+            .filter(|r| r.key.0 == function_id)
+            .collect();
+        own.sort_by_key(|r| {
+            (
+                !Arc::ptr_eq(r, fresh),
+                !routed.contains(&r.key.1),
+                std::cmp::Reverse(*r.last_used.lock().expect("resident lock")),
+            )
+        });
+        for extra in own.iter().skip(self.settings.max_per_function.max(1)) {
+            self.expire(
+                extra,
+                "more snapshots of its function than max_snapshots_per_function",
+            )
+            .await;
+        }
+        let mut all = self.residents();
+        all.sort_by_key(|r| {
+            (
+                Arc::ptr_eq(r, fresh),
+                *r.last_used.lock().expect("resident lock"),
+            )
+        });
+        let mut total: u64 = all.iter().map(|r| r.bytes).sum();
+        for resident in all {
+            if total <= self.settings.memory_budget || Arc::ptr_eq(&resident, fresh) {
+                break;
+            }
+            total -= resident.bytes;
+            self.expire(
+                &resident,
+                "evicted to keep resident templates within the memory budget",
+            )
+            .await;
+        }
+    }
+
+    /// Expires templates unused for the TTL (called periodically).
+    pub(crate) async fn sweep(&self) {
+        for resident in self.residents() {
+            let idle = resident.last_used.lock().expect("resident lock").elapsed();
+            if idle >= self.settings.ttl {
+                self.expire(&resident, "unused for the snapshot TTL").await;
+            }
+        }
+        self.refresh_gauges().await;
+    }
+
+    /// Whether a snapshot's template is resident on this server.
+    pub(crate) fn is_resident(&self, snapshot_id: &str) -> bool {
+        self.residents()
+            .iter()
+            .any(|r| r.snapshot_id == snapshot_id)
+    }
+
+    /// Drops the template of a snapshot (it is being deleted).
+    pub(crate) fn drop_snapshot(&self, snapshot_id: &str) {
+        self.entries
+            .lock()
+            .expect("snapshots lock")
+            .retain(|_, e| !matches!(e, Entry::Ready(r) if r.snapshot_id == snapshot_id));
+    }
+
+    /// Drops the templates of a function (deleted), or of one of its versions.
+    pub(crate) fn forget(&self, function_id: &str, version: Option<u32>) {
+        self.entries
+            .lock()
+            .expect("snapshots lock")
+            .retain(|(f, v, _), _| !(f == function_id && version.is_none_or(|n| n == *v)));
+    }
+
+    /// Drops every template (server shutdown).
+    pub(crate) fn shutdown(&self) {
+        self.entries.lock().expect("snapshots lock").clear();
+    }
+
+    /// Resident templates and the memory they hold.
+    pub(crate) fn resident_totals(&self) -> (usize, u64) {
+        let residents = self.residents();
+        (residents.len(), residents.iter().map(|r| r.bytes).sum())
+    }
+
+    /// The settings in force.
+    pub(crate) fn settings(&self) -> &SnapshotSettings {
+        &self.settings
+    }
+
+    /// Recomputes the count and size gauges from the index.
+    pub(crate) async fn refresh_gauges(&self) {
+        let Ok(all) = self.store.list_snapshots(None).await else {
+            return;
+        };
+        let mut counts: HashMap<SnapshotStatus, u64> = HashMap::new();
+        for snapshot in &all {
+            *counts.entry(snapshot.status).or_default() += 1;
+        }
+        let storage: u64 = all.iter().map(|s| s.size_bytes).sum();
+        let (_, resident) = self.resident_totals();
+        metrics::snapshot_gauges(&counts, storage, resident);
+    }
+}
+
+/// What a failed build reports.
+fn build_error(error: &StartError) -> String {
+    match error {
+        StartError::Init { error, logs } if logs.is_empty() => {
+            format!("{}: {}", error.error_type, error.message)
+        }
+        StartError::Init { error, logs } => format!(
+            "{}: {} (output: {})",
+            error.error_type,
+            error.message,
+            logs.trim()
+        ),
+        other => other.to_string(),
+    }
+}

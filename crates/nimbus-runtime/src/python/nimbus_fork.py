@@ -1,0 +1,252 @@
+"""Template mode of the Nimbus Python worker: fork new instances from an initialized worker.
+
+Imported by nimbus_worker only in a template (NIMBUS_TEMPLATE=1), after the function's code
+is loaded. `serve` then answers the driver's fork requests on fd 3 (the fork protocol of
+the nimbus-sandbox crate's `template` module):
+
+    driver -> template   {"type": "fork", "instance_id": ...} + a socket (SCM_RIGHTS)
+    template -> driver   {"type": "forked", "ok": true} | {"ok": false, "error": ...}
+
+and returns only in a forked child, once that child runs in a sandbox of its own (when the
+template's root holds /.nimbus/fork.json) and the driver has moved it into its cgroup: the
+child sends b"H" on its new socket and waits for b"G". Everything here happens before the
+function's code runs again in the child.
+"""
+
+import _socket
+import ctypes
+import posix
+import stat
+
+_SOCKET_FD = 3
+_FORK_CONFIG = "/.nimbus/fork.json"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = (
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+)
+_libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+
+_PR_SET_PDEATHSIG = 1
+_PR_CAPBSET_DROP = 24
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+_SIGKILL = 9
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = (
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    )
+
+
+class ForkError(Exception):
+    """A step of entering the child's sandbox failed."""
+
+
+def _check(result, what):
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise ForkError("%s: %s" % (what, posix.strerror(errno)))
+
+
+def load_config(loads):
+    """The fork configuration the sandbox init left in the template's root, or None when the
+    template is not isolated. `loads` parses JSON."""
+    try:
+        fd = posix.open(_FORK_CONFIG, posix.O_RDONLY | posix.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        data = b""
+        while True:
+            chunk = posix.read(fd, 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        posix.close(fd)
+    config = loads(data.decode("utf-8"))
+    filter_bytes = bytes.fromhex(config["filter"])
+    config["filter_buffer"] = ctypes.create_string_buffer(filter_bytes, len(filter_bytes))
+    config["filter_len"] = len(filter_bytes) // 8
+    return config
+
+
+def _threads():
+    return len(posix.listdir("/proc/self/task"))
+
+
+def _recv_exact(sock, size, fds):
+    """`size` bytes from `sock`, collecting descriptors passed with them into `fds`."""
+    data = b""
+    while len(data) < size:
+        chunk, ancillary, _flags, _addr = sock.recvmsg(
+            size - len(data), _socket.CMSG_SPACE(4 * 4), _socket.MSG_CMSG_CLOEXEC
+        )
+        if not chunk:
+            return None
+        data += chunk
+        for level, kind, payload in ancillary:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                for i in range(0, usable, 4):
+                    fds.append(int.from_bytes(payload[i : i + 4], "little"))
+    return data
+
+
+def _send(sock, encode, message):
+    payload = encode(message)
+    sock.sendall(len(payload).to_bytes(4, "big") + payload)
+
+
+def serve(sock, config, loads, encode):
+    """Answers fork requests until the driver closes the connection (then exits the
+    template). Returns the new instance id in a forked child, ready to serve."""
+    while True:
+        fds = []
+        head = _recv_exact(sock, 4, fds)
+        body = head and _recv_exact(sock, int.from_bytes(head, "big"), fds)
+        if not body:
+            posix._exit(0)
+        message = loads(body.decode("utf-8"))
+        if message.get("type") != "fork" or len(fds) != 1:
+            for fd in fds:
+                posix.close(fd)
+            _send(sock, encode, {"type": "forked", "ok": False, "error": "bad fork request"})
+            continue
+        instance_fd = fds[0]
+        try:
+            if _threads() != 1:
+                raise ForkError(
+                    "the function's code started threads while loading; a template must stay "
+                    "single-threaded to be forked"
+                )
+            pid = posix.fork()
+        except Exception as exc:
+            posix.close(instance_fd)
+            _send(sock, encode, {"type": "forked", "ok": False, "error": str(exc)})
+            continue
+        if pid == 0:
+            return _become_instance(sock, instance_fd, config, message.get("instance_id"))
+        posix.close(instance_fd)
+        _send(sock, encode, {"type": "forked", "ok": True})
+        _reap()
+
+
+def _reap():
+    """Reaps children that ended (an isolated fork's first process exits at once)."""
+    while True:
+        try:
+            pid, _status = posix.waitpid(-1, posix.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _become_instance(control, instance_fd, config, instance_id):
+    # The control socket object must not close fd 3, which is about to be the instance's.
+    control.detach()
+    try:
+        posix.dup2(instance_fd, _SOCKET_FD)
+        posix.close(instance_fd)
+        if config is None:
+            # Not isolated: die with the template, as the template dies with the server.
+            _check(_libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0), "prctl")
+        else:
+            _enter_sandbox(config)
+        posix.write(_SOCKET_FD, b"H")
+        if posix.read(_SOCKET_FD, 1) != b"G":
+            posix._exit(1)
+    except BaseException as exc:
+        try:
+            posix.write(_SOCKET_FD, ("E%s" % (exc,)).encode("utf-8", "replace"))
+        finally:
+            posix._exit(1)
+    return instance_id
+
+
+def _enter_sandbox(config):
+    """Namespaces, private /tmp, /dev/shm and /proc, no capabilities, the worker filter."""
+    uid, gid = posix.geteuid(), posix.getegid()
+    _check(_libc.unshare(config["namespaces"]), "unshare")
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", "%d %d 1" % (uid, uid))
+    _write("/proc/self/gid_map", "%d %d 1" % (gid, gid))
+    # The new pid namespace takes this process's next child as its PID 1.
+    if posix.fork() != 0:
+        posix._exit(0)
+    tmpfs, private, bind = config["mount_flags"]
+    size = ("size=%dm,mode=1777" % config["tmp_mb"]).encode()
+    # Handles on what lives under /tmp before a fresh /tmp hides it.
+    handles = [(path, posix.open(path, posix.O_PATH | posix.O_CLOEXEC)) for path in config["rebind"]]
+    _mount(b"tmpfs", b"/tmp", b"tmpfs", tmpfs, size)
+    _mount(b"tmpfs", b"/dev/shm", b"tmpfs", private, size)
+    for path, handle in handles:
+        _make_mount_point(path, handle)
+        _mount(("/proc/self/fd/%d" % handle).encode(), path.encode(), None, bind, None)
+        posix.close(handle)
+    for path, target in config["links"]:
+        _make_parents(path)
+        posix.symlink(target, path)
+    _mount(b"proc", b"/proc", b"proc", private, None)
+    for cap in range(64):
+        _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
+    program = _SockFprog(config["filter_len"], ctypes.addressof(config["filter_buffer"]))
+    _check(
+        _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(program), 0, 0),
+        "installing the seccomp filter",
+    )
+
+
+def _mount(source, target, fstype, flags, data):
+    _check(_libc.mount(source, target, fstype, flags, data), "mount %s" % target.decode())
+
+
+def _write(path, text):
+    fd = posix.open(path, posix.O_WRONLY)
+    try:
+        posix.write(fd, text.encode())
+    finally:
+        posix.close(fd)
+
+
+def _make_parents(path):
+    parts = path.strip("/").split("/")[:-1]
+    current = ""
+    for part in parts:
+        current += "/" + part
+        try:
+            posix.mkdir(current, 0o755)
+        except FileExistsError:
+            pass
+
+
+def _make_mount_point(path, handle):
+    _make_parents(path)
+    if stat.S_ISDIR(posix.fstat(handle).st_mode):
+        try:
+            posix.mkdir(path, 0o755)
+        except FileExistsError:
+            pass
+    else:
+        posix.close(posix.open(path, posix.O_WRONLY | posix.O_CREAT | posix.O_CLOEXEC, 0o644))
