@@ -145,7 +145,7 @@ impl Launcher {
             .into_stream()
             .map_err(|e| StartError::Crashed(e.to_string()))?;
         self.driver
-            .template(Launched { stream, sandbox })
+            .template(&spec, Launched { stream, sandbox })
             .map_err(|e| StartError::Platform(EngineError::Internal(e.to_string())))
     }
 
@@ -158,7 +158,7 @@ impl Launcher {
         let id = ids::instance_id();
         let launched = template
             .template
-            .spawn(&id, version.config.memory_mb)
+            .spawn(&id)
             .await
             .map_err(|e| StartError::Crashed(e.to_string()))?;
         let (conn, sandbox) = self.handshake(launched).await?;

@@ -101,7 +101,12 @@ impl Engine {
             }
         });
         let weak = Arc::downgrade(&engine);
+        // A build takes at most the start timeout; one older than twice that was abandoned.
+        let abandoned = engine.config.start_timeout * 2;
         tokio::spawn(async move {
+            if let Some(engine) = weak.upgrade() {
+                engine.snapshots.recover(abandoned).await;
+            }
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tick.tick().await;

@@ -228,7 +228,12 @@ impl Snapshots {
                     .into(),
             });
         }
+        let new = self.new_snapshot(version);
         let done = self.enqueue(version, true);
+        if done.is_some() {
+            // The row exists (`building`) before the answer, however long the queue.
+            self.store.begin_snapshot(&new).await?;
+        }
         if let (true, Some(done)) = (wait, done) {
             let notified = done.notified();
             tokio::pin!(notified);
@@ -244,17 +249,32 @@ impl Snapshots {
                 notified.await;
             }
         }
-        let new = self.new_snapshot(version);
-        // Right after queueing, the build may not have made its row yet.
-        for _ in 0..100 {
-            if let Some(found) = self.store.find_snapshot(&new.key).await? {
-                return Ok(found);
+        self.store
+            .find_snapshot(&new.key)
+            .await?
+            .ok_or_else(|| EngineError::Internal("the snapshot's row disappeared".into()))
+    }
+
+    /// Marks as failed the builds an earlier server left `building` (it stopped during
+    /// them) once they are older than any build can take.
+    pub(crate) async fn recover(&self, older_than: Duration) {
+        let Ok(all) = self.store.list_snapshots(None).await else {
+            return;
+        };
+        let cutoff = now() - older_than;
+        for row in all {
+            if row.status == SnapshotStatus::Building && row.created_at < cutoff {
+                let _ = self
+                    .store
+                    .set_snapshot_status(
+                        &row.id,
+                        SnapshotStatus::Failed,
+                        Some("abandoned: the server building it stopped"),
+                    )
+                    .await;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Err(EngineError::Internal(
-            "the snapshot's build did not start".into(),
-        ))
+        self.refresh_gauges().await;
     }
 
     fn new_snapshot(&self, version: &VersionEntry) -> NewSnapshot {

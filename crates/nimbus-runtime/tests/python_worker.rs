@@ -620,13 +620,26 @@ async fn template(
         stream,
         sandbox: worker.sandbox,
     };
-    let template = ProcessDriver::new().template(launched).expect("a template");
+    let spec = LaunchSpec {
+        instance_id: "i_template".into(),
+        program: "/unused".into(),
+        args: vec![],
+        env: vec![],
+        workdir: "/".into(),
+        visible: vec![],
+        memory_mb: 128,
+        network: nimbus_core::Network::Isolated,
+        template: true,
+    };
+    let template = ProcessDriver::new()
+        .template(&spec, launched)
+        .expect("a template");
     (template, worker._code)
 }
 
 /// Forks an instance and completes its handshake.
 async fn fork(template: &dyn nimbus_sandbox::Template, id: &str) -> Result<Worker, WorkerError> {
-    let launched = template.spawn(id, 128).await.expect("fork");
+    let launched = template.spawn(id).await.expect("fork");
     let mut worker = Worker {
         conn: WorkerConn::new(launched.stream),
         sandbox: launched.sandbox,
@@ -758,6 +771,20 @@ def handle(event):
     return 1
 "#;
     let (template, _code) = template(source, &[]).await;
-    let err = template.spawn("i_a", 128).await.unwrap_err();
+    let err = template.spawn("i_a").await.unwrap_err();
     assert!(err.to_string().contains("started threads"), "{err}");
+}
+
+#[tokio::test]
+async fn how_a_forked_instance_ended_is_known() {
+    let source = "import os\n\ndef handle(event):\n    os._exit(event['code'])\n";
+    let (template, _code) = template(source, &[]).await;
+    let mut worker = fork(template.as_ref(), "i_a").await.unwrap();
+    let raw = RawValue::from_string(r#"{"code": 3}"#.into()).unwrap();
+    assert!(matches!(
+        worker.conn.invoke("inv_x", &raw).await,
+        Err(WorkerError::Closed)
+    ));
+    let exit = worker.sandbox.wait().await;
+    assert_eq!(exit.code, Some(3), "{exit}");
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::cgroup::{CgroupError, CgroupSlot, Cgroups, Limits};
 use crate::init::InitSpec;
-use crate::network::Outbound;
+use crate::network::{Outbound, OutboundSpec};
 use crate::LaunchSpec;
 use nimbus_core::Network;
 
@@ -153,26 +153,7 @@ impl Isolation {
     ) -> Result<InitSpec, String> {
         let mut visible: Vec<PathBuf> = SHARED_VISIBLE.iter().map(PathBuf::from).collect();
         visible.extend(spec.visible.iter().cloned());
-        let outbound = match spec.network {
-            Network::Isolated => None,
-            Network::Outbound => match self.outbound.get_or_init(|| {
-                let outbound = Outbound::open();
-                match &outbound {
-                    Ok(_) => tracing::info!("outbound network for sandboxes set up"),
-                    Err(e) => {
-                        tracing::warn!("functions with network \"outbound\" cannot run here: {e}")
-                    }
-                }
-                outbound
-            }) {
-                Ok(outbound) => Some(outbound.spec()),
-                Err(e) => {
-                    return Err(format!(
-                        "outbound network is unavailable on this server: {e}"
-                    ))
-                }
-            },
-        };
+        let outbound = self.outbound(spec.network)?;
         Ok(InitSpec {
             program: spec.program.clone(),
             args: spec.args.clone(),
@@ -192,6 +173,29 @@ impl Isolation {
             outbound,
             template: spec.template,
         })
+    }
+
+    /// What a sandbox with `network` needs to get its link: none for an isolated one; an
+    /// error if this host cannot give it outbound network.
+    pub(crate) fn outbound(&self, network: Network) -> Result<Option<OutboundSpec>, String> {
+        match network {
+            Network::Isolated => Ok(None),
+            Network::Outbound => match self.outbound.get_or_init(|| {
+                let outbound = Outbound::open();
+                match &outbound {
+                    Ok(_) => tracing::info!("outbound network for sandboxes set up"),
+                    Err(e) => {
+                        tracing::warn!("functions with network \"outbound\" cannot run here: {e}")
+                    }
+                }
+                outbound
+            }) {
+                Ok(outbound) => Ok(Some(outbound.spec())),
+                Err(e) => Err(format!(
+                    "outbound network is unavailable on this server: {e}"
+                )),
+            },
+        }
     }
 
     /// Kills and removes every sandbox's cgroups (server shutdown).

@@ -126,12 +126,16 @@ pub trait Driver: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Starts a worker.
     async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, DriverError>;
-    /// Takes over a template: a worker launched with [`LaunchSpec::template`] that has
-    /// completed the runtime's handshake on `launched.stream`.
-    fn template(&self, launched: Launched) -> Result<Box<dyn Template>, DriverError> {
+    /// Takes over a template: a worker launched from `spec` (with [`LaunchSpec::template`])
+    /// that has completed the runtime's handshake on `launched.stream`.
+    fn template(
+        &self,
+        spec: &LaunchSpec,
+        launched: Launched,
+    ) -> Result<Box<dyn Template>, DriverError> {
         drop(launched);
         Err(DriverError {
-            instance_id: String::new(),
+            instance_id: spec.instance_id.clone(),
             message: format!("the {} driver keeps no templates", self.name()),
         })
     }

@@ -230,6 +230,23 @@ pub(crate) fn attach(link: &Link, pid: i32) -> Result<(), String> {
     run(&link.ip, &["link", "set", &link.host_if, "up"])
 }
 
+/// Host side, for a process forked from a template: it entered an empty network namespace
+/// of its own and has no capabilities left, so the host attaches its link and configures
+/// the inside too, from a thread that joins that namespace (and ends with it).
+pub(crate) fn attach_forked(link: &Link, pid: i32) -> Result<(), String> {
+    attach(link, pid)?;
+    let namespace = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+        .map_err(|e| format!("the instance's network namespace: {e}"))?;
+    let link = link.clone();
+    std::thread::spawn(move || {
+        nix::sched::setns(namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("joining the instance's network namespace: {e}"))?;
+        configure_inside(&link)
+    })
+    .join()
+    .map_err(|_| "configuring the instance's network panicked".to_owned())?
+}
+
 /// Sandbox side, for its PID 1 before it leaves the host's file system: no IPv6 (no
 /// link-local path to the host), addresses `eth0`, raises it and loopback, routes through
 /// the host.

@@ -55,11 +55,17 @@ impl Driver for ProcessDriver {
         "process"
     }
 
-    fn template(&self, launched: Launched) -> Result<Box<dyn Template>, DriverError> {
-        Ok(Box::new(ProcessTemplate::new(
-            launched,
-            self.isolation.clone(),
-        )))
+    fn template(
+        &self,
+        spec: &LaunchSpec,
+        launched: Launched,
+    ) -> Result<Box<dyn Template>, DriverError> {
+        ProcessTemplate::new(spec, launched, self.isolation.clone())
+            .map(|t| Box::new(t) as Box<dyn Template>)
+            .map_err(|message| DriverError {
+                instance_id: spec.instance_id.clone(),
+                message,
+            })
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, DriverError> {

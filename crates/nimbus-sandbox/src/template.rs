@@ -42,14 +42,16 @@ use tokio::net::UnixStream;
 
 use crate::cgroup::CgroupSlot;
 use crate::isolation::Isolation;
-use crate::{DriverError, ExitInfo, Launched, Sandbox};
+use crate::network::{self, OutboundSpec};
+use crate::{DriverError, ExitInfo, LaunchSpec, Launched, Sandbox};
 
 /// A template ready to start instances.
 #[async_trait]
 pub trait Template: Send + Sync + fmt::Debug {
-    /// Starts a new instance from the template, in a sandbox of its own with a memory limit
-    /// of `memory_mb`. The worker answers the runtime's handshake next.
-    async fn spawn(&self, instance_id: &str, memory_mb: u32) -> Result<Launched, DriverError>;
+    /// Starts a new instance from the template, in a sandbox of its own with the limits and
+    /// network of the template's launch spec. The worker answers the runtime's handshake
+    /// next.
+    async fn spawn(&self, instance_id: &str) -> Result<Launched, DriverError>;
     /// Whether the template still runs.
     fn alive(&self) -> bool;
     /// Memory the template holds resident, bytes (what keeping it costs).
@@ -62,15 +64,28 @@ pub(crate) struct ProcessTemplate {
     control: tokio::sync::Mutex<UnixStream>,
     sandbox: std::sync::Mutex<Box<dyn Sandbox>>,
     isolation: Option<Arc<Isolation>>,
+    memory_mb: u32,
+    /// What each instance's link needs, for an outbound function.
+    outbound: Option<OutboundSpec>,
 }
 
 impl ProcessTemplate {
-    pub(crate) fn new(launched: Launched, isolation: Option<Arc<Isolation>>) -> Self {
-        ProcessTemplate {
+    pub(crate) fn new(
+        spec: &LaunchSpec,
+        launched: Launched,
+        isolation: Option<Arc<Isolation>>,
+    ) -> Result<Self, String> {
+        let outbound = match &isolation {
+            Some(isolation) => isolation.outbound(spec.network)?,
+            None => None,
+        };
+        Ok(ProcessTemplate {
             control: tokio::sync::Mutex::new(launched.stream),
             sandbox: std::sync::Mutex::new(launched.sandbox),
             isolation,
-        }
+            memory_mb: spec.memory_mb,
+            outbound,
+        })
     }
 }
 
@@ -83,7 +98,7 @@ struct Forked {
 
 #[async_trait]
 impl Template for ProcessTemplate {
-    async fn spawn(&self, instance_id: &str, memory_mb: u32) -> Result<Launched, DriverError> {
+    async fn spawn(&self, instance_id: &str) -> Result<Launched, DriverError> {
         let fail = |message: String| DriverError {
             instance_id: instance_id.to_owned(),
             message,
@@ -98,7 +113,7 @@ impl Template for ProcessTemplate {
         let slot = match &self.isolation {
             Some(isolation) => Some(
                 isolation
-                    .slot(memory_mb)
+                    .slot(self.memory_mb)
                     .map_err(|e| fail(format!("cgroup: {e}")))?,
             ),
             None => None,
@@ -134,6 +149,19 @@ impl Template for ProcessTemplate {
             slot.adopt(pid)
                 .map_err(|e| fail(format!("moving the instance into its cgroup: {e}")))?;
         }
+        // Held (open) as long as the sandbox: the link stays reserved.
+        let reservation = match &self.outbound {
+            Some(outbound) => {
+                let (link, reservation) = network::reserve(outbound).map_err(&fail)?;
+                let pid = pid as i32;
+                tokio::task::spawn_blocking(move || network::attach_forked(&link, pid))
+                    .await
+                    .map_err(|e| fail(e.to_string()))?
+                    .map_err(|e| fail(format!("the instance's network: {e}")))?;
+                Some(reservation)
+            }
+            None => None,
+        };
         stream
             .write_all(b"G")
             .await
@@ -150,6 +178,7 @@ impl Template for ProcessTemplate {
                 slot,
                 residue,
                 exit: None,
+                _reservation: reservation,
             }),
         })
     }
@@ -291,9 +320,35 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// `struct pidfd_info` of `<linux/pidfd.h>` (first version, 64 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct PidfdInfo {
+    mask: u64,
+    cgroupid: u64,
+    ids: [u32; 11],
+    exit_code: i32,
+}
+
+/// `PIDFD_GET_INFO`: `_IOWR(0xFF, 11, struct pidfd_info)`.
+const PIDFD_GET_INFO: libc::c_ulong =
+    (3 << 30) | ((std::mem::size_of::<PidfdInfo>() as libc::c_ulong) << 16) | (0xFF << 8) | 11;
+/// `PIDFD_INFO_EXIT`: ask for the exit status.
+const PIDFD_INFO_EXIT: u64 = 1 << 3;
+
+/// The wait status of the ended process of `pidfd`, if the kernel can tell.
+fn exit_status(pidfd: &AsyncFd<OwnedFd>) -> Option<i32> {
+    let mut info = PidfdInfo {
+        mask: PIDFD_INFO_EXIT,
+        ..PidfdInfo::default()
+    };
+    // SAFETY: the ioctl fills a struct of the size its number encodes, which `info` is.
+    let ok = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO, &mut info) } == 0;
+    (ok && info.mask & PIDFD_INFO_EXIT != 0).then_some(info.exit_code)
+}
+
 /// An instance forked from a template. Not a child of the server: it is watched through a
-/// pidfd, which cannot tell how it ended, only that it did (and the cgroup whether the
-/// memory limit killed it).
+/// pidfd, which tells that it ended and (on recent kernels) how.
 #[derive(Debug)]
 struct ForkedSandbox {
     pid: u32,
@@ -301,13 +356,19 @@ struct ForkedSandbox {
     slot: Option<CgroupSlot>,
     residue: u64,
     exit: Option<ExitInfo>,
+    /// The outbound link's reservation, if any.
+    _reservation: Option<std::fs::File>,
 }
 
 impl ForkedSandbox {
+    /// Records how it ended: the wait status when the kernel kept it for the pidfd
+    /// (`PIDFD_GET_INFO`, Linux 6.15+, once its reaper has reaped it), and the cgroup's OOM
+    /// count.
     fn ended(&mut self) -> ExitInfo {
+        let status = exit_status(&self.pidfd);
         *self.exit.get_or_insert_with(|| ExitInfo {
-            code: None,
-            signal: None,
+            code: status.and_then(|s| libc::WIFEXITED(s).then(|| libc::WEXITSTATUS(s))),
+            signal: status.and_then(|s| libc::WIFSIGNALED(s).then(|| libc::WTERMSIG(s))),
             out_of_memory: self.slot.as_ref().is_some_and(CgroupSlot::oom_killed),
         })
     }
@@ -374,8 +435,15 @@ impl Sandbox for ForkedSandbox {
         if let Some(exit) = self.exit {
             return exit;
         }
-        // A pidfd turns readable when its process ends.
+        // A pidfd turns readable when its process ends; its status is known once its reaper
+        // (the template's PID 1) has reaped it, a moment later.
         let _ = self.pidfd.readable().await;
+        for _ in 0..20 {
+            if exit_status(&self.pidfd).is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         self.ended()
     }
 }

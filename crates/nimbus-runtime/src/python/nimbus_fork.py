@@ -16,6 +16,7 @@ function's code runs again in the child.
 import _socket
 import ctypes
 import posix
+import signal
 import stat
 
 _SOCKET_FD = 3
@@ -118,6 +119,8 @@ def _send(sock, encode, message):
 def serve(sock, config, loads, encode):
     """Answers fork requests until the driver closes the connection (then exits the
     template). Returns the new instance id in a forked child, ready to serve."""
+    # Children are reaped as they end, so whoever watches them learns how they ended.
+    signal.signal(signal.SIGCHLD, lambda _signum, _frame: _reap())
     while True:
         fds = []
         head = _recv_exact(sock, 4, fds)
@@ -146,7 +149,6 @@ def serve(sock, config, loads, encode):
             return _become_instance(sock, instance_fd, config, message.get("instance_id"))
         posix.close(instance_fd)
         _send(sock, encode, {"type": "forked", "ok": True})
-        _reap()
 
 
 def _reap():
@@ -161,6 +163,7 @@ def _reap():
 
 
 def _become_instance(control, instance_fd, config, instance_id):
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     # The control socket object must not close fd 3, which is about to be the instance's.
     control.detach()
     try:

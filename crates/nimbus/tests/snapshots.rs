@@ -1,0 +1,327 @@
+//! Function-level snapshots end to end, through the real server with isolation on (the
+//! default): new instances forked from a version's template, in sandboxes of their own.
+//!
+//! These servers retire an instance after every invocation (`max_invocations = 1`), so
+//! every invocation starts a new instance: from the template once it is resident.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{code_of, Backend, Server};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+/// A server whose every invocation starts a new instance, snapshots on.
+async fn server() -> Server {
+    Server::start_with(Backend::Sqlite, "max_invocations = 1\n", &["--snapshots"]).await
+}
+
+/// Waits until `function` has a resident template of `version` (its row `ready`).
+async fn wait_resident(s: &Server, function: &str, version: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = s
+            .call("GET", &format!("/functions/{function}/snapshots"), None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        if let Some(found) = body["snapshots"].as_array().and_then(|all| {
+            all.iter().find(|x| {
+                x["version"] == version && x["status"] == "ready" && x["resident"] == true
+            })
+        }) {
+            return found.clone();
+        }
+        assert!(Instant::now() < deadline, "no resident snapshot: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn invoke(s: &Server, function: &str, query: &str) -> Value {
+    let (status, body) = s.invoke_raw(function, query, "{}").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+const SLOW_INIT: &str = r#"
+import os, random, time, uuid
+time.sleep(0.5)
+TABLE = {i: str(i) for i in range(100000)}
+LOADED = random.random()
+
+def handle(event):
+    return {"loaded": LOADED, "random": random.random(), "uuid": str(uuid.uuid4()),
+            "instance": os.environ["NIMBUS_INSTANCE_ID"], "size": len(TABLE)}
+"#;
+
+#[tokio::test]
+async fn new_instances_start_from_the_template_and_never_share_randomness() {
+    let s = server().await;
+    s.deploy("slow", SLOW_INIT, json!({})).await;
+    wait_resident(&s, "slow", 1).await;
+    let a = invoke(&s, "slow", "").await;
+    let b = invoke(&s, "slow", "").await;
+    for r in [&a, &b] {
+        assert_eq!(r["start_type"], "template", "{r}");
+        assert_eq!(r["cold_start"], true, "{r}");
+        // The half-second init ran once, in the template.
+        assert!(r["duration_ms"].as_f64().unwrap() < 400.0, "{r}");
+        assert_eq!(r["body"]["size"], 100000);
+    }
+    assert_ne!(a["instance_id"], b["instance_id"]);
+    assert_eq!(
+        a["body"]["instance"], a["instance_id"],
+        "a fresh instance id"
+    );
+    assert_eq!(a["body"]["loaded"], b["body"]["loaded"], "one init, shared");
+    assert_ne!(a["body"]["random"], b["body"]["random"]);
+    assert_ne!(a["body"]["uuid"], b["body"]["uuid"]);
+
+    let (_, metrics) = s.call("GET", "/../../metrics", None).await;
+    let metrics = metrics.as_str().unwrap_or_default().to_owned();
+    for line in [
+        r#"nimbus_snapshot_build_total{status="success"} 1"#,
+        r#"nimbus_snapshot_restore_total{status="success"} 2"#,
+        r#"nimbus_cold_starts_total{runtime="python3.11",start_type="template"} 2"#,
+        r#"nimbus_snapshot_count{status="ready"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn updating_the_code_never_serves_old_code() {
+    let s = server().await;
+    let code = |word: &str| format!("def handle(event):\n    return {word:?}\n");
+    s.deploy("word", &code("one"), json!({})).await;
+    wait_resident(&s, "word", 1).await;
+    assert_eq!(invoke(&s, "word", "").await["body"], "one");
+    let (status, body) = s
+        .call(
+            "PUT",
+            "/functions/word",
+            Some(json!({ "code": code("two") })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Before, while and after version 2's template is built: never the old code.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut from_template = false;
+    while !from_template {
+        let r = invoke(&s, "word", "").await;
+        assert_eq!(r["body"], "two", "{r}");
+        assert_eq!(r["version"], 2, "{r}");
+        from_template = r["start_type"] == "template";
+        assert!(
+            Instant::now() < deadline,
+            "version 2 never started from its template"
+        );
+    }
+    // Version 1 still runs its own code, from its own template.
+    let old = invoke(&s, "word", "?version=1").await;
+    assert_eq!(
+        (old["body"].clone(), old["start_type"].clone()),
+        (json!("one"), json!("template"))
+    );
+}
+
+const PROBE: &str = r#"
+import ctypes, os, socket
+
+def handle(event):
+    marker = "/tmp/mine-" + os.environ["NIMBUS_INSTANCE_ID"]
+    open(marker, "w").write("x")
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    libc = ctypes.CDLL(None, use_errno=True)
+    unshare = libc.unshare(0x10000000)
+    try:
+        socket.create_connection(("1.1.1.1", 53), timeout=0.5)
+        net = "connected"
+    except OSError as e:
+        net = type(e).__name__
+    def readable(path):
+        try:
+            open(path, "rb").read(1)
+            return True
+        except OSError:
+            return False
+    return {
+        "uid": os.getuid(),
+        "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+        "tmp": sorted(n for n in os.listdir("/tmp") if n.startswith("mine-")),
+        "cap_eff": status["CapEff"].strip(),
+        "seccomp_filters": status["Seccomp_filters"].strip(),
+        "unshare": [unshare, ctypes.get_errno()],
+        "net": net,
+        "shadow": readable("/etc/shadow"),
+        "data_dir": readable(event["db"]),
+    }
+"#;
+
+#[tokio::test]
+async fn forked_instances_are_sandboxed_like_cold_ones_and_from_each_other() {
+    let s = server().await;
+    s.deploy("probe", PROBE, json!({})).await;
+    wait_resident(&s, "probe", 1).await;
+    let db = s.dir.path().join("nimbus.db").display().to_string();
+    for _ in 0..2 {
+        let (status, r) = s
+            .invoke_raw("probe", "", &json!({ "db": db }).to_string())
+            .await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        assert_eq!(r["start_type"], "template", "{r}");
+        let got = &r["body"];
+        assert_eq!(got["uid"], 1000, "{got}");
+        // PID 1 of its own pid namespace: neither the template nor other instances.
+        assert_eq!(got["pids"], json!([1]), "{got}");
+        // Its /tmp holds only what it wrote itself, not the earlier instance's file.
+        assert_eq!(got["tmp"].as_array().unwrap().len(), 1, "{got}");
+        assert_eq!(got["cap_eff"], "0000000000000000", "{got}");
+        // The template's filter and the worker filter on top of it.
+        assert_eq!(got["seccomp_filters"], "2", "{got}");
+        assert_eq!(got["unshare"], json!([-1, 1]), "EPERM: {got}");
+        assert_eq!(got["net"], "OSError", "{got}");
+        assert_eq!(got["shadow"], false, "{got}");
+        assert_eq!(got["data_dir"], false, "{got}");
+    }
+}
+
+#[tokio::test]
+async fn a_forked_instance_is_held_to_its_own_memory_and_process_limits() {
+    let s = server().await;
+    let code = r#"
+import os, time
+def handle(event):
+    if event.get("fork_bomb"):
+        made = 0
+        try:
+            for _ in range(500):
+                if os.fork() == 0:
+                    time.sleep(30)
+                    os._exit(0)
+                made += 1
+        except OSError as e:
+            return {"made": made, "error": type(e).__name__}
+        return {"made": made}
+    blob = bytearray(400 * 1024 * 1024)
+    for i in range(0, len(blob), 4096):
+        blob[i] = 1
+    return len(blob)
+"#;
+    s.deploy("hungry", code, json!({ "memory_mb": 128 })).await;
+    wait_resident(&s, "hungry", 1).await;
+    let (status, r) = s.invoke_raw("hungry", "", "{}").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{r}");
+    assert_eq!(code_of(&r), "out_of_memory", "{r}");
+
+    let bomb = s.invoke_raw("hungry", "", r#"{"fork_bomb": true}"#).await;
+    assert_eq!(bomb.0, StatusCode::OK, "{}", bomb.1);
+    assert_eq!(bomb.1["start_type"], "template", "{}", bomb.1);
+    let made = bomb.1["body"]["made"].as_u64().unwrap();
+    assert!(made < 64, "the pids limit stopped it: {}", bomb.1);
+    // The template survives its children's excesses and still forks.
+    let after = invoke(&s, "hungry", "?version=1").await;
+    assert_eq!(after["start_type"], "template", "{after}");
+}
+
+#[tokio::test]
+async fn a_failing_after_restore_hook_fails_the_start_with_its_name() {
+    let s = server().await;
+    let code = r#"
+import nimbus
+
+@nimbus.after_restore
+def reconnect():
+    raise ConnectionError("database unreachable")
+
+def handle(event):
+    return "ok"
+"#;
+    s.deploy("hooked", code, json!({})).await;
+    wait_resident(&s, "hooked", 1).await;
+    let (status, r) = s.invoke_raw("hooked", "", "{}").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{r}");
+    assert_eq!(code_of(&r), "function_init_error", "{r}");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(
+            "@nimbus.after_restore hook reconnect raised ConnectionError: database unreachable"
+        ),
+        "{message}"
+    );
+}
+
+/// Host pids of the template of `function` (its worker: the process with
+/// `NIMBUS_TEMPLATE=1` and the function's name in its environment).
+fn template_pids(function: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+        let name = format!("NIMBUS_FUNCTION_NAME={function}");
+        if vars.contains(&b"NIMBUS_TEMPLATE=1".as_slice()) && vars.contains(&name.as_bytes()) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn when_its_template_dies_the_invocation_still_succeeds_and_the_snapshot_is_rebuilt() {
+    let s = server().await;
+    s.deploy(
+        "fragile",
+        "def handle(event):\n    return 'fine'\n",
+        json!({}),
+    )
+    .await;
+    let first = wait_resident(&s, "fragile", 1).await;
+    // The template and its forks share its environment; the oldest is the template.
+    let mut pids = template_pids("fragile");
+    pids.sort();
+    assert!(!pids.is_empty(), "template not found");
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pids[0].to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = invoke(&s, "fragile", "").await;
+    assert_eq!(r["body"], "fine");
+    assert_eq!(r["start_type"], "cold", "{r}");
+    // Marked, then built again under the same id.
+    let rebuilt = wait_resident(&s, "fragile", 1).await;
+    assert_eq!(rebuilt["id"], first["id"]);
+    let r = invoke(&s, "fragile", "").await;
+    assert_eq!(r["start_type"], "template", "{r}");
+}
+
+#[tokio::test]
+async fn an_outbound_function_forks_instances_with_links_of_their_own() {
+    let _internet = common::FakeInternet::start();
+    let s = server().await;
+    let code = r#"
+import socket
+def handle(event):
+    try:
+        c = socket.create_connection(("198.51.100.2", 8080), timeout=2)
+        reply = c.recv(5).decode()
+        c.close()
+    except OSError as e:
+        reply = type(e).__name__
+    return {"reply": reply}
+"#;
+    s.deploy("online", code, json!({ "network": "outbound" }))
+        .await;
+    wait_resident(&s, "online", 1).await;
+    for _ in 0..2 {
+        let r = invoke(&s, "online", "").await;
+        assert_eq!(r["start_type"], "template", "{r}");
+        assert_eq!(r["body"]["reply"], "hello", "{r}");
+    }
+}
