@@ -8,13 +8,14 @@ pub mod extract;
 pub mod functions;
 pub mod invoke;
 pub mod ops;
+pub mod snapshots;
 pub mod versions;
 pub mod views;
 
 use std::sync::Arc;
 
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{middleware, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use nimbus_engine::Engine;
@@ -67,6 +68,13 @@ pub fn router(state: AppState, keys: ApiKeys) -> Router {
             "/functions/{id}/aliases/{name}/rollback",
             post(aliases::rollback),
         )
+        .route(
+            "/functions/{id}/snapshots",
+            get(snapshots::list).post(snapshots::build),
+        )
+        .route("/functions/{id}/snapshots/{sid}", delete(snapshots::delete))
+        .route("/snapshots/stats", get(snapshots::stats))
+        .route("/snapshots/cleanup", post(snapshots::cleanup))
         .route("/functions/{id}/invoke", post(invoke::invoke))
         .route("/functions/{id}/async", post(invoke::invoke_async))
         .route("/functions/{id}/invocations", get(invoke::list_invocations))

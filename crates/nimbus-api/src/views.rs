@@ -4,6 +4,7 @@ use base64::Engine as _;
 use nimbus_core::{
     AliasRevision, CodeBundle, Function, FunctionAlias, FunctionVersion, Invocation,
 };
+use nimbus_engine::{Cleanup, SnapshotView};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use time::format_description::BorrowedFormatItem;
@@ -162,6 +163,42 @@ pub fn invocation(i: &Invocation) -> Value {
     })
 }
 
+/// A snapshot: its index row and whether this server holds its template in memory.
+pub fn snapshot(view: &SnapshotView) -> Value {
+    let s = &view.snapshot;
+    json!({
+        "id": s.id,
+        "function_id": s.function_id,
+        "version": s.version,
+        "code_hash": s.code_hash,
+        "runtime": s.runtime,
+        "memory_mb": s.memory_mb,
+        "env_vars_hash": s.env_vars_hash,
+        "driver": s.driver,
+        "path": s.path,
+        "files": s.files,
+        "size_bytes": s.size_bytes,
+        "status": s.status.as_str(),
+        "error_message": s.error_message,
+        "resident": view.resident,
+        "restore_count": s.restore_count,
+        "avg_restore_ms": s.avg_restore_ms,
+        "created_at": timestamp(s.created_at),
+        "last_used_at": s.last_used_at.map(timestamp),
+        "expires_at": s.expires_at.map(timestamp),
+    })
+}
+
+/// What a snapshot cleanup removed (or, dry, would remove).
+pub fn snapshot_cleanup(c: &Cleanup) -> Value {
+    let removed: Vec<Value> = c.removed.iter().map(snapshot).collect();
+    json!({
+        "dry_run": c.dry_run,
+        "removed": removed,
+        "freed_bytes": c.freed_bytes,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use time::macros::datetime;
@@ -175,6 +212,55 @@ mod tests {
         assert_eq!(
             super::timestamp(datetime!(2026-11-28 05:19:35 +02:00)),
             "2026-11-28T03:19:35.000Z"
+        );
+    }
+
+    #[test]
+    fn snapshots_show_millisecond_timestamps_and_residency() {
+        use nimbus_core::{Runtime, Snapshot, SnapshotStatus};
+        let view = nimbus_engine::SnapshotView {
+            snapshot: Snapshot {
+                id: "snap_1".into(),
+                function_id: "fn_1".into(),
+                version: 3,
+                code_hash: "sha256:00".into(),
+                runtime: Runtime::Python311,
+                memory_mb: 256,
+                env_vars_hash: "e3".into(),
+                driver: "process".into(),
+                path: None,
+                files: Vec::new(),
+                size_bytes: 0,
+                status: SnapshotStatus::Failed,
+                error_message: Some("RuntimeError: no".into()),
+                restore_count: 2,
+                avg_restore_ms: 1.5,
+                created_at: datetime!(2026-01-02 03:04:05.6789 UTC),
+                last_used_at: Some(datetime!(2026-01-02 03:04:06 UTC)),
+                expires_at: None,
+            },
+            resident: true,
+        };
+        let json = super::snapshot(&view);
+        assert_eq!(json["created_at"], "2026-01-02T03:04:05.678Z");
+        assert_eq!(json["last_used_at"], "2026-01-02T03:04:06.000Z");
+        assert_eq!(json["expires_at"], serde_json::Value::Null);
+        assert_eq!(json["status"], "failed");
+        assert_eq!(json["runtime"], "python3.11");
+        assert_eq!(json["error_message"], "RuntimeError: no");
+        assert_eq!(json["resident"], true);
+        assert_eq!(json["files"], serde_json::json!([]));
+        let cleanup = super::snapshot_cleanup(&nimbus_engine::Cleanup {
+            dry_run: true,
+            removed: vec![view],
+            freed_bytes: 7,
+        });
+        assert_eq!(cleanup["dry_run"], true);
+        assert_eq!(cleanup["freed_bytes"], 7);
+        assert_eq!(cleanup["removed"][0]["id"], "snap_1");
+        assert_eq!(
+            cleanup["removed"][0]["created_at"],
+            "2026-01-02T03:04:05.678Z"
         );
     }
 }

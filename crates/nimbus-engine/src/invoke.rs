@@ -179,11 +179,11 @@ impl Engine {
         };
         let execution = match lease {
             Ok(lease) => self.run_on(lease, target, &request_id, &req.event).await,
-            Err(StartError::Platform(e)) => return Err(e),
-            Err(failure) => Execution {
-                start_type: StartType::Cold,
+            Err((StartError::Platform(e), _)) => return Err(e),
+            Err((failure, start_type)) => Execution {
+                start_type,
                 instance_id: None,
-                outcome: Err(start_failure(failure)),
+                outcome: Err(start_failure(failure, start_type)),
                 logs: String::new(),
                 max_rss_kb: None,
             },
@@ -352,7 +352,7 @@ fn function_error(raised: ErrorPayload) -> InvocationError {
     }
 }
 
-fn start_failure(failure: StartError) -> InvocationError {
+fn start_failure(failure: StartError, start_type: StartType) -> InvocationError {
     let plain = |code: &str, message: String| InvocationError {
         code: code.into(),
         message,
@@ -360,6 +360,13 @@ fn start_failure(failure: StartError) -> InvocationError {
         traceback: None,
     };
     match failure {
+        // From a snapshot the code is loaded already: what failed is an after-restore hook.
+        StartError::Init { error, .. } if start_type != StartType::Cold => InvocationError {
+            code: "function_init_error".into(),
+            message: format!("the instance failed to start: {}", error.message),
+            error_type: Some(error.error_type),
+            traceback: Some(error.traceback),
+        },
         StartError::Init { error, .. } => InvocationError {
             code: "function_init_error".into(),
             message: format!(

@@ -194,7 +194,7 @@ impl Pools {
         &self,
         version: &Arc<VersionEntry>,
         max_instances: u32,
-    ) -> EngineResult<Result<Lease, StartError>> {
+    ) -> EngineResult<Result<Lease, (StartError, StartType)>> {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(EngineError::ShuttingDown);
         }
@@ -351,11 +351,12 @@ impl Pools {
     }
 
     /// Starts a new instance of `version`: forked from its template when there is one
-    /// (falling back to a cold start if the template fails), cold otherwise.
+    /// (falling back to a cold start if the template fails), cold otherwise. A failure
+    /// says how the instance was being started.
     async fn start(
         &self,
         version: &Arc<VersionEntry>,
-    ) -> Result<(Instance, StartType), StartError> {
+    ) -> Result<(Instance, StartType), (StartError, StartType)> {
         if let Some(template) = self.snapshots.resident(version) {
             let started = Instant::now();
             match self.launcher.fork(version, &template).await {
@@ -365,13 +366,16 @@ impl Pools {
                 }
                 // The user's after-restore hook failed: the instance's failure, not the
                 // template's.
-                Err(e @ StartError::Init { .. }) => return Err(e),
+                Err(e @ StartError::Init { .. }) => return Err((e, StartType::Template)),
                 Err(e) => self.snapshots.restore_failed(version, &template, &e),
             }
         } else {
             self.snapshots.wanted(version);
         }
-        Ok((self.launcher.cold(version).await?, StartType::Cold))
+        match self.launcher.cold(version).await {
+            Ok(instance) => Ok((instance, StartType::Cold)),
+            Err(e) => Err((e, StartType::Cold)),
+        }
     }
 
     /// Stops instances idle longer than `idle_timeout` or older than `max_age`; returns how many.

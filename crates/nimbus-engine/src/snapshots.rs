@@ -383,8 +383,9 @@ impl Snapshots {
         });
     }
 
-    /// A start from `resident` failed for the platform's reasons: the snapshot is
-    /// `corrupt`, its template dropped and rebuilt; the caller starts cold.
+    /// A start from `resident` failed for the platform's reasons; the caller starts cold.
+    /// If the template itself has ended, the snapshot is `corrupt`, its template dropped
+    /// and rebuilt.
     pub(crate) fn restore_failed(
         &self,
         version: &Arc<VersionEntry>,
@@ -392,11 +393,22 @@ impl Snapshots {
         error: &StartError,
     ) {
         metrics::snapshot_restored("failed", 0.0);
+        if resident.template.alive() {
+            // A passing failure (the template could not fork just now): this start goes
+            // cold, the template stays.
+            tracing::warn!(
+                function = %version.function_name,
+                version = version.version,
+                snapshot = %resident.snapshot_id,
+                "start from the template failed, starting cold: {error}"
+            );
+            return;
+        }
         tracing::warn!(
             function = %version.function_name,
             version = version.version,
             snapshot = %resident.snapshot_id,
-            "start from the snapshot failed, starting cold and rebuilding it: {error}"
+            "the template ended; starting cold and rebuilding it: {error}"
         );
         self.evict_if(&resident.key, resident);
         self.mark(
@@ -566,18 +578,21 @@ impl Snapshots {
     }
 }
 
-/// What a failed build reports.
+/// What a failed build reports: the error (its message names the exception type where
+/// the worker's does not already), and what the code printed.
 fn build_error(error: &StartError) -> String {
     match error {
-        StartError::Init { error, logs } if logs.is_empty() => {
-            format!("{}: {}", error.error_type, error.message)
+        StartError::Init { error, logs } => {
+            let mut text = if error.message.contains(&error.error_type) {
+                error.message.clone()
+            } else {
+                format!("{}: {}", error.error_type, error.message)
+            };
+            if !logs.trim().is_empty() {
+                text.push_str(&format!(" (output: {})", logs.trim()));
+            }
+            text
         }
-        StartError::Init { error, logs } => format!(
-            "{}: {} (output: {})",
-            error.error_type,
-            error.message,
-            logs.trim()
-        ),
         other => other.to_string(),
     }
 }

@@ -259,6 +259,23 @@ fn sandbox_pid1(
     debug_assert!(status.as_raw_fd() > WORKER_SOCKET_FD);
     let exec = prepare_exec(spec)?;
     sandbox(spec, link, filter, fork_filter, go)?;
+    if spec.template {
+        // A template may be checkpointed (CRIU) with this process as the root of the
+        // dump: its session must start inside the namespace, and its standard streams must
+        // not be the host's files.
+        nix::unistd::setsid().context("setsid")?;
+        let null = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .context("opening /dev/null")?;
+        for fd in 0..=2 {
+            // SAFETY: dup2 onto the standard descriptors of this process.
+            if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
+                bail!("dup2: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
     // SAFETY: PID 1 is single-threaded (cloned from the single-threaded init).
     match unsafe { nix::unistd::fork() }.context("fork")? {
         nix::unistd::ForkResult::Child => {
@@ -394,6 +411,9 @@ fn sandbox(
     let fork_config = fork_filter.map(|filter| fork_config(spec, &exposed, filter));
     build_root(spec, &exposed, fork_config.as_ref())?;
     drop(exposed);
+    if spec.template {
+        checkpointable()?;
+    }
     sethostname("nimbus").context("sethostname")?;
     set_limits(spec)?;
     drop_bounding_set();
@@ -418,6 +438,17 @@ fn sandbox(
 
 fn cstring(bytes: &[u8]) -> Result<CString> {
     CString::new(bytes).context("a NUL byte in an argument or variable")
+}
+
+/// What a checkpoint of the sandbox needs of its settings: every value must be one the
+/// restore can write back from inside the user namespace, and the kernel's default
+/// `ping_group_range` ("1 0": no group) names group 1, which the namespace does not map.
+fn checkpointable() -> Result<()> {
+    fs::write(
+        "/proc/sys/net/ipv4/ping_group_range",
+        format!("{WORKER_ID} 0"),
+    )
+    .context("setting ping_group_range")
 }
 
 /// The raw `sock_filter` array of `filter`, hex (native byte order, as the kernel reads it).

@@ -35,6 +35,12 @@ pub const SHARED_VISIBLE: &[&str] = &[
 /// misread as negative.
 pub const UID_BASE: u32 = 2_100_000_000;
 
+/// Memory a template's cgroup gets over its function's limit, MiB: the page tables of the
+/// children it forks are made (and charged) in the template's group.
+const TEMPLATE_HEADROOM_MB: u32 = 64;
+/// A template's process limit, in multiples of an instance's.
+const TEMPLATE_PIDS_FACTOR: u32 = 16;
+
 /// Tunables of isolation, with the defaults of the product.
 #[derive(Debug, Clone)]
 pub struct IsolationSettings {
@@ -136,10 +142,24 @@ impl Isolation {
     /// A cgroup slot with the instance's limits: memory as configured, CPU weight in
     /// proportion to memory (like the big platforms), and the process bound.
     pub(crate) fn slot(&self, memory_mb: u32) -> std::io::Result<CgroupSlot> {
+        self.slot_with(memory_mb, self.settings.pids_max)
+    }
+
+    /// The slot of a template: its children are born in it and stay until the driver moves
+    /// them to their own, so it holds many processes for a moment when instances start in
+    /// a burst; and their page tables, made at fork, are charged to it.
+    pub(crate) fn template_slot(&self, memory_mb: u32) -> std::io::Result<CgroupSlot> {
+        self.slot_with(
+            memory_mb + TEMPLATE_HEADROOM_MB,
+            self.settings.pids_max * TEMPLATE_PIDS_FACTOR,
+        )
+    }
+
+    fn slot_with(&self, memory_mb: u32, pids_max: u32) -> std::io::Result<CgroupSlot> {
         let limits = Limits {
             memory_bytes: u64::from(memory_mb) << 20,
             cpu_weight: (memory_mb * 100 / 1024).clamp(1, 10_000),
-            pids_max: self.settings.pids_max,
+            pids_max,
         };
         self.cgroups.acquire(&limits)
     }

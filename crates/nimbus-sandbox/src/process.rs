@@ -24,10 +24,6 @@ use crate::isolation::Isolation;
 use crate::template::{ProcessTemplate, Template};
 use crate::{Driver, DriverError, ExitInfo, LaunchSpec, Launched, Sandbox, WORKER_SOCKET_FD};
 
-/// Memory a template's cgroup gets over its function's limit: the page tables of the children
-/// it forks are made (and charged) in the template's group.
-const TEMPLATE_HEADROOM_MB: u32 = 64;
-
 /// Starts workers as child processes, isolated or not.
 #[derive(Debug, Default, Clone)]
 pub struct ProcessDriver {
@@ -82,14 +78,11 @@ impl Driver for ProcessDriver {
 
         let (mut cmd, slot, init_spec) = match &self.isolation {
             Some(isolation) => {
-                // A template's slot also carries its children's page tables, made at fork.
-                let memory_mb = match spec.template {
-                    true => spec.memory_mb + TEMPLATE_HEADROOM_MB,
-                    false => spec.memory_mb,
-                };
-                let slot = isolation
-                    .slot(memory_mb)
-                    .map_err(|e| fail(format!("cgroup: {e}")))?;
+                let slot = match spec.template {
+                    true => isolation.template_slot(spec.memory_mb),
+                    false => isolation.slot(spec.memory_mb),
+                }
+                .map_err(|e| fail(format!("cgroup: {e}")))?;
                 let init_spec = isolation.init_spec(spec, &slot).map_err(fail)?;
                 let init_spec = serde_json::to_vec(&init_spec)
                     .map_err(|e| fail(format!("encoding the sandbox spec: {e}")))?;

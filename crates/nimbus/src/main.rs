@@ -33,6 +33,9 @@ enum Command {
     Alias(client::aliases::AliasArgs),
     /// Undo an alias's last routing change, or route it entirely to one version with --to.
     Rollback(client::aliases::RollbackArgs),
+    /// Build, list and delete function-level snapshots (the initialized templates new
+    /// instances start from), clean up stale ones and show totals.
+    Snapshot(client::snapshots::SnapshotArgs),
     /// Invoke a function and print what it returned.
     Invoke(client::invoke::InvokeArgs),
     /// List a function's recent invocations, or show one (`inv_…`) with its logs.
@@ -76,6 +79,7 @@ async fn run() -> anyhow::Result<ExitCode> {
         Command::Version(args) => client::versions::run(args).await,
         Command::Alias(args) => client::aliases::run(args).await,
         Command::Rollback(args) => client::aliases::run_rollback(args).await,
+        Command::Snapshot(args) => client::snapshots::run(args).await,
         Command::Invoke(args) => client::invoke::run_invoke(args).await,
         Command::Invocations(args) => client::invoke::run_invocations(args).await,
         Command::Bench(args) => bench::run(args).await,

@@ -192,6 +192,8 @@ async fn a_forked_instance_is_held_to_its_own_memory_and_process_limits() {
     let code = r#"
 import os, time
 def handle(event):
+    if event.get("small"):
+        return "fine"
     if event.get("fork_bomb"):
         made = 0
         try:
@@ -220,7 +222,10 @@ def handle(event):
     let made = bomb.1["body"]["made"].as_u64().unwrap();
     assert!(made < 64, "the pids limit stopped it: {}", bomb.1);
     // The template survives its children's excesses and still forks.
-    let after = invoke(&s, "hungry", "?version=1").await;
+    let (status, after) = s
+        .invoke_raw("hungry", "", r#"{"fork_bomb": false, "small": true}"#)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{after}");
     assert_eq!(after["start_type"], "template", "{after}");
 }
 
@@ -240,14 +245,14 @@ def handle(event):
     s.deploy("hooked", code, json!({})).await;
     wait_resident(&s, "hooked", 1).await;
     let (status, r) = s.invoke_raw("hooked", "", "{}").await;
-    assert_eq!(status, StatusCode::BAD_GATEWAY, "{r}");
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{r}");
     assert_eq!(code_of(&r), "function_init_error", "{r}");
-    let message = r["error"]["message"].as_str().unwrap();
-    assert!(
-        message.contains(
-            "@nimbus.after_restore hook reconnect raised ConnectionError: database unreachable"
-        ),
-        "{message}"
+    assert_eq!(r["start_type"], "template", "{r}");
+    assert_eq!(
+        r["error"]["message"],
+        "the instance failed to start: @nimbus.after_restore hook reconnect raised \
+         ConnectionError: database unreachable",
+        "{r}"
     );
 }
 
@@ -324,4 +329,22 @@ def handle(event):
         assert_eq!(r["start_type"], "template", "{r}");
         assert_eq!(r["body"]["reply"], "hello", "{r}");
     }
+}
+
+#[tokio::test]
+async fn a_burst_of_new_instances_all_fork_from_the_template() {
+    let s = Server::start_with(Backend::Sqlite, "", &["--snapshots"]).await;
+    let code = "import time\ndef handle(event):\n    time.sleep(0.5)\n    return 'done'\n";
+    s.deploy("burst", code, json!({ "max_instances": 80 }))
+        .await;
+    wait_resident(&s, "burst", 1).await;
+    let calls = (0..80).map(|_| s.invoke_raw("burst", "", "{}"));
+    let results = futures::future::join_all(calls).await;
+    let mut instances = std::collections::HashSet::new();
+    for (status, r) in &results {
+        assert_eq!(*status, StatusCode::OK, "{r}");
+        assert_eq!(r["start_type"], "template", "{r}");
+        instances.insert(r["instance_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(instances.len(), 80);
 }

@@ -6,6 +6,9 @@ the nimbus-sandbox crate's `template` module):
 
     driver -> template   {"type": "fork", "instance_id": ...} + a socket (SCM_RIGHTS)
     template -> driver   {"type": "forked", "ok": true} | {"ok": false, "error": ...}
+    driver -> template   {"type": "detach"}    (before a checkpoint)
+    template -> driver   {"type": "detached", "ok": true} + the driver's end of a new
+                         connection made inside the sandbox, which replaces fd 3
 
 and returns only in a forked child, once that child runs in a sandbox of its own (when the
 template's root holds /.nimbus/fork.json) and the driver has moved it into its cgroup: the
@@ -128,6 +131,9 @@ def serve(sock, config, loads, encode):
         if not body:
             posix._exit(0)
         message = loads(body.decode("utf-8"))
+        if message.get("type") == "detach" and not fds:
+            _detach(sock, encode)
+            continue
         if message.get("type") != "fork" or len(fds) != 1:
             for fd in fds:
                 posix.close(fd)
@@ -149,6 +155,21 @@ def serve(sock, config, loads, encode):
             return _become_instance(sock, instance_fd, config, message.get("instance_id"))
         posix.close(instance_fd)
         _send(sock, encode, {"type": "forked", "ok": True})
+
+
+def _detach(sock, encode):
+    """Moves the template onto a connection made inside its sandbox (a checkpoint cannot
+    take along a socket that belongs to the host's network namespace): sends the driver
+    the other end, then puts this end on fd 3, which closes the old connection."""
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    payload = encode({"type": "detached", "ok": True})
+    sock.sendmsg(
+        [len(payload).to_bytes(4, "big") + payload],
+        [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, theirs.fileno().to_bytes(4, "little"))],
+    )
+    theirs.close()
+    posix.dup2(ours.fileno(), _SOCKET_FD)
+    ours.close()
 
 
 def _reap():

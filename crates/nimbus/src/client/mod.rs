@@ -1,10 +1,10 @@
-//! The command-line client: `deploy`, `fn`, `version`, `alias`, `rollback`, `invoke` and
-//! `invocations` against a Nimbus server's REST API (`/api/v1`), with human-readable tables
-//! by default and `--output json` for scripts.
+//! The command-line client: `deploy`, `fn`, `version`, `alias`, `rollback`, `snapshot`,
+//! `invoke` and `invocations` against a Nimbus server's REST API (`/api/v1`), with
+//! human-readable tables by default and `--output json` for scripts.
 //!
 //! - [`http`]: the HTTP wrapper and the mapping of failures to [`CliError`].
-//! - [`deploy`], [`functions`], [`versions`], [`aliases`], [`invoke`]: one module per
-//!   command group.
+//! - [`deploy`], [`functions`], [`versions`], [`aliases`], [`snapshots`], [`invoke`]: one
+//!   module per command group.
 //! - [`routing`]: alias routing on the command line (`--weights`, split tables).
 //! - [`table`]: the aligned-column printer.
 
@@ -14,6 +14,7 @@ pub mod functions;
 pub mod http;
 pub mod invoke;
 pub mod routing;
+pub mod snapshots;
 pub mod table;
 pub mod versions;
 
