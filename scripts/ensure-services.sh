@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure the services and tools the test suite needs are on this machine: PostgreSQL on
 # 127.0.0.1:5432 (database `test`), starting a local cluster if one is installed but
-# stopped; `ip` and `nft`, with which the sandbox gives outbound functions their network.
+# stopped; `ip` and `nft`, with which the sandbox gives outbound functions their network;
+# CRIU 4, with which templates are checkpointed to disk (the snapshot tests use it).
 set -euo pipefail
 
 pg_up() { pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; }
@@ -12,6 +13,8 @@ for tool in ip:iproute2 nft:nftables; do
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${tool#*:}" >/dev/null
   fi
 done
+
+"$(dirname "$0")/install-criu.sh" >&2
 
 if ! command -v pg_isready >/dev/null 2>&1; then
   echo "ensure-services: PostgreSQL client tools not found; installing postgresql" >&2

@@ -149,6 +149,26 @@ impl Launcher {
             .map_err(|e| StartError::Platform(EngineError::Internal(e.to_string())))
     }
 
+    /// Whether the driver can checkpoint `version`'s template to disk.
+    pub(crate) fn can_checkpoint(&self, version: &VersionEntry) -> bool {
+        self.spec(version, "", true)
+            .is_ok_and(|spec| self.driver.can_checkpoint(&spec))
+    }
+
+    /// Starts `version`'s template again from its checkpoint in `dir`.
+    pub(crate) async fn restore(
+        &self,
+        version: &VersionEntry,
+        dir: &std::path::Path,
+    ) -> Result<Box<dyn Template>, String> {
+        let id = ids::instance_id();
+        let spec = self.spec(version, &id, true).map_err(|e| e.to_string())?;
+        self.driver
+            .restore_template(&spec, dir)
+            .await
+            .map_err(|e| e.message)
+    }
+
     /// Starts a new instance of `version` from its template.
     pub(crate) async fn fork(
         &self,

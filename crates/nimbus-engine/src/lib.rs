@@ -19,6 +19,7 @@ pub mod pool;
 pub mod recorder;
 pub mod router;
 pub mod snapshot_admin;
+mod snapshot_files;
 pub(crate) mod snapshots;
 pub mod versions;
 
@@ -73,7 +74,12 @@ impl Engine {
         let (recorder, _task) = Recorder::start(store.clone());
         let driver_name = driver.name();
         let launcher = Arc::new(Launcher::new(config.clone(), driver, runtimes));
-        let snapshots = Snapshots::start(config.snapshots.clone(), store.clone(), launcher.clone());
+        let snapshots = Snapshots::start(
+            config.snapshots.clone(),
+            store.clone(),
+            launcher.clone(),
+            config.data_dir.join("snapshots"),
+        );
         let engine = Arc::new(Engine {
             catalog: Catalog::new(store.clone(), code.clone(), config.cache_ttl),
             driver_name,
@@ -101,12 +107,7 @@ impl Engine {
             }
         });
         let weak = Arc::downgrade(&engine);
-        // A build takes at most the start timeout; one older than twice that was abandoned.
-        let abandoned = engine.config.start_timeout * 2;
         tokio::spawn(async move {
-            if let Some(engine) = weak.upgrade() {
-                engine.snapshots.recover(abandoned).await;
-            }
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tick.tick().await;
@@ -115,6 +116,14 @@ impl Engine {
             }
         });
         engine
+    }
+
+    /// Takes over the snapshots an earlier run of this server left: its checkpoints on disk
+    /// serve again, and builds it left unfinished are marked failed. Call it once, before
+    /// serving.
+    pub async fn recover_snapshots(&self) {
+        // A build takes at most the start timeout; one older than twice that was abandoned.
+        self.snapshots.recover(self.config.start_timeout * 2).await;
     }
 
     /// Name of the sandbox driver in use.

@@ -369,6 +369,19 @@ impl Pools {
                 Err(e @ StartError::Init { .. }) => return Err((e, StartType::Template)),
                 Err(e) => self.snapshots.restore_failed(version, &template, &e),
             }
+        } else if let Some(copy) = self.snapshots.take_on_disk(version) {
+            // From disk: the template comes back, then this instance forks from it.
+            let started = Instant::now();
+            if let Some(template) = self.snapshots.restore(version, copy).await {
+                match self.launcher.fork(version, &template).await {
+                    Ok(instance) => {
+                        self.snapshots.restored(&template, ms_since(started));
+                        return Ok((instance, StartType::Snapshot));
+                    }
+                    Err(e @ StartError::Init { .. }) => return Err((e, StartType::Snapshot)),
+                    Err(e) => self.snapshots.restore_failed(version, &template, &e),
+                }
+            }
         } else {
             self.snapshots.wanted(version);
         }

@@ -15,10 +15,13 @@
 //!   in its pid namespace), but starts nothing more.
 
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nimbus_core::{env_vars_hash, now, NewSnapshot, Snapshot, SnapshotKey, SnapshotStatus};
+use nimbus_core::{
+    env_vars_hash, now, NewSnapshot, Snapshot, SnapshotFile, SnapshotKey, SnapshotStatus,
+};
 use nimbus_sandbox::Template;
 use nimbus_store::MetadataStore;
 use time::OffsetDateTime;
@@ -26,8 +29,9 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::catalog::VersionEntry;
 use crate::error::{EngineError, EngineResult};
-use crate::launcher::{Launcher, StartError};
+use crate::launcher::{ms_since, Launcher, StartError};
 use crate::metrics;
+use crate::snapshot_files;
 
 /// Snapshot settings (the `[snapshots]` section of the server configuration).
 #[derive(Debug, Clone)]
@@ -46,6 +50,10 @@ pub struct SnapshotSettings {
     pub memory_budget: u64,
     /// Time all `before_snapshot` (or all `after_restore`) hooks of a function may take.
     pub hook_budget: Duration,
+    /// Checkpoint templates to disk where the driver can (CRIU for the process driver).
+    pub disk: bool,
+    /// Most bytes all checkpoints on disk may take; least recently used deleted first.
+    pub disk_quota: u64,
 }
 
 impl Default for SnapshotSettings {
@@ -58,6 +66,8 @@ impl Default for SnapshotSettings {
             max_per_function: 3,
             memory_budget: 1 << 30,
             hook_budget: Duration::from_secs(1),
+            disk: true,
+            disk_quota: 10 << 30,
         }
     }
 }
@@ -83,6 +93,25 @@ pub(crate) struct Resident {
     key: Key,
     bytes: u64,
     last_used: Mutex<Instant>,
+    /// Its checkpoint on disk, once written.
+    disk: Mutex<Option<Arc<DiskCopy>>>,
+}
+
+/// A template's checkpoint on this server's disk.
+pub(crate) struct DiskCopy {
+    snapshot_id: String,
+    key: Key,
+    dir: PathBuf,
+    /// As sealed, and as the index lists them.
+    files: Vec<SnapshotFile>,
+    bytes: u64,
+    last_used: Mutex<Instant>,
+}
+
+impl Resident {
+    fn disk_copy(&self) -> Option<Arc<DiskCopy>> {
+        self.disk.lock().expect("resident lock").clone()
+    }
 }
 
 impl std::fmt::Debug for Resident {
@@ -98,6 +127,10 @@ enum Entry {
     /// Queued or being built; waiters are woken when it ends.
     Building(Arc<Notify>),
     Ready(Arc<Resident>),
+    /// Not in memory, but checkpointed on disk: the next start restores it.
+    OnDisk(Arc<DiskCopy>),
+    /// A restore from disk is under way (other starts meanwhile go cold).
+    Restoring,
     /// The last build failed: not retried by itself (the same code would fail the same
     /// way), only on request.
     Failed,
@@ -113,6 +146,8 @@ pub(crate) struct Snapshots {
     settings: SnapshotSettings,
     store: Arc<dyn MetadataStore>,
     launcher: Arc<Launcher>,
+    /// Where checkpoints go: `<data_dir>/snapshots/<snapshot id>/`.
+    dir: PathBuf,
     entries: Mutex<HashMap<Key, Entry>>,
     queue: mpsc::UnboundedSender<Job>,
 }
@@ -123,6 +158,7 @@ impl Snapshots {
         settings: SnapshotSettings,
         store: Arc<dyn MetadataStore>,
         launcher: Arc<Launcher>,
+        dir: PathBuf,
     ) -> Arc<Snapshots> {
         let (queue, jobs) = mpsc::unbounded_channel::<Job>();
         let workers = settings.build_workers.max(1);
@@ -130,6 +166,7 @@ impl Snapshots {
             settings,
             store,
             launcher,
+            dir,
             entries: Mutex::default(),
             queue,
         });
@@ -167,15 +204,103 @@ impl Snapshots {
             *resident.last_used.lock().expect("resident lock") = Instant::now();
             return Some(resident.clone());
         }
-        // It ended (killed from outside, or its memory limit): build it again.
+        // It ended (killed from outside, or its memory limit): from disk if it was
+        // checkpointed, else built again.
         let gone = resident.clone();
-        entries.remove(&key);
-        drop(entries);
-        self.mark(
-            &gone.snapshot_id,
-            SnapshotStatus::Corrupt,
-            Some("the template ended"),
+        match gone.disk_copy() {
+            Some(copy) => {
+                entries.insert(key, Entry::OnDisk(copy));
+            }
+            None => {
+                entries.remove(&key);
+                drop(entries);
+                self.mark(
+                    &gone.snapshot_id,
+                    SnapshotStatus::Corrupt,
+                    Some("the template ended"),
+                );
+            }
+        }
+        None
+    }
+
+    /// The checkpoint to restore `version`'s template from, if it is on disk and not in
+    /// memory; the entry is `Restoring` until [`Snapshots::restore`] ends.
+    pub(crate) fn take_on_disk(&self, version: &VersionEntry) -> Option<Arc<DiskCopy>> {
+        if !self.settings.enabled {
+            return None;
+        }
+        let key = key_of(version);
+        let mut entries = self.entries.lock().expect("snapshots lock");
+        let Some(Entry::OnDisk(copy)) = entries.get(&key) else {
+            return None;
+        };
+        let copy = copy.clone();
+        entries.insert(key, Entry::Restoring);
+        Some(copy)
+    }
+
+    /// Restores `version`'s template from `copy`, verifying its files meanwhile; it is
+    /// resident again on success. A failure marks the snapshot `corrupt`, deletes its files
+    /// and schedules a rebuild.
+    pub(crate) async fn restore(
+        &self,
+        version: &Arc<VersionEntry>,
+        copy: Arc<DiskCopy>,
+    ) -> Option<Arc<Resident>> {
+        let verify = {
+            let (dir, files) = (copy.dir.clone(), copy.files.clone());
+            tokio::task::spawn_blocking(move || snapshot_files::verify(&dir, &files))
+        };
+        let (verified, restored) = tokio::join!(verify, self.launcher.restore(version, &copy.dir));
+        let verified = verified.unwrap_or_else(|e| Err(e.to_string()));
+        let failure = match (verified, restored) {
+            (Ok(()), Ok(template)) => {
+                let resident = Arc::new(Resident {
+                    bytes: template.resident_bytes().unwrap_or(0),
+                    template,
+                    snapshot_id: copy.snapshot_id.clone(),
+                    key: copy.key.clone(),
+                    last_used: Mutex::new(Instant::now()),
+                    disk: Mutex::new(Some(copy.clone())),
+                });
+                *copy.last_used.lock().expect("copy lock") = Instant::now();
+                self.entries
+                    .lock()
+                    .expect("snapshots lock")
+                    .insert(copy.key.clone(), Entry::Ready(resident.clone()));
+                self.enforce_limits(&version.function_id, &resident).await;
+                return Some(resident);
+            }
+            // A restored template whose files do not verify is not used (it drops here).
+            (Err(e), _) => format!("its files do not verify: {e}"),
+            (Ok(()), Err(e)) => format!("the restore failed: {e}"),
+        };
+        metrics::snapshot_restored("failed", 0.0);
+        tracing::warn!(
+            function = %version.function_name,
+            version = version.version,
+            snapshot = %copy.snapshot_id,
+            "snapshot on disk is corrupt, starting cold and rebuilding it: {failure}"
         );
+        self.entries
+            .lock()
+            .expect("snapshots lock")
+            .remove(&copy.key);
+        remove_dir(&copy.dir);
+        let _ = self
+            .store
+            .finish_snapshot(
+                &copy.snapshot_id,
+                SnapshotStatus::Corrupt,
+                Some(&failure),
+                None,
+                &[],
+                0,
+                None,
+            )
+            .await;
+        self.enqueue(version, true);
         None
     }
 
@@ -193,7 +318,7 @@ impl Snapshots {
         let mut entries = self.entries.lock().expect("snapshots lock");
         match entries.get(&key) {
             Some(Entry::Building(done)) => return Some(done.clone()),
-            Some(Entry::Ready(_)) => return None,
+            Some(Entry::Ready(_) | Entry::OnDisk(_) | Entry::Restoring) => return None,
             Some(Entry::Failed) if !retry => return None,
             _ => {}
         }
@@ -262,7 +387,32 @@ impl Snapshots {
             return;
         };
         let cutoff = now() - older_than;
+        let driver = self.launcher.driver_name();
         for row in all {
+            // Checkpoints this server wrote survive its restarts.
+            if let (SnapshotStatus::Ready, Some(path), true) = (
+                row.status,
+                &row.path,
+                self.settings.disk && row.driver == driver,
+            ) {
+                let dir = PathBuf::from(path);
+                if dir.starts_with(&self.dir) && dir.is_dir() {
+                    let copy = Arc::new(DiskCopy {
+                        snapshot_id: row.id.clone(),
+                        key: (row.function_id.clone(), row.version, row.code_hash.clone()),
+                        dir,
+                        files: row.files.clone(),
+                        bytes: row.size_bytes,
+                        last_used: Mutex::new(Instant::now()),
+                    });
+                    self.entries
+                        .lock()
+                        .expect("snapshots lock")
+                        .entry(copy.key.clone())
+                        .or_insert(Entry::OnDisk(copy));
+                }
+                continue;
+            }
             if row.status == SnapshotStatus::Building && row.created_at < cutoff {
                 let _ = self
                     .store
@@ -320,6 +470,7 @@ impl Snapshots {
                     snapshot_id: row.id.clone(),
                     key: key.clone(),
                     last_used: Mutex::new(Instant::now()),
+                    disk: Mutex::new(None),
                 });
                 let expires = self.expiry(now());
                 let _ = self
@@ -335,6 +486,10 @@ impl Snapshots {
                     resident_mib = resident.bytes >> 20,
                     "snapshot ready"
                 );
+                // Checkpointed before it forks anything (see the runtime's template mode).
+                if self.settings.disk && self.launcher.can_checkpoint(version) {
+                    self.checkpoint(&row, &resident).await;
+                }
                 self.entries
                     .lock()
                     .expect("snapshots lock")
@@ -454,15 +609,160 @@ impl Snapshots {
             .collect()
     }
 
-    /// Evicts `resident`, recording why (`expired`).
+    /// Evicts `resident` from memory: to its checkpoint if it has one, otherwise for good
+    /// (`expired`, recording why).
     async fn expire(&self, resident: &Arc<Resident>, why: &str) {
-        if self.evict_if(&resident.key, resident) {
-            tracing::info!(snapshot = %resident.snapshot_id, "snapshot expired: {why}");
-            let _ = self
-                .store
-                .set_snapshot_status(&resident.snapshot_id, SnapshotStatus::Expired, Some(why))
+        if !self.evict_if(&resident.key, resident) {
+            return;
+        }
+        if let Some(copy) = resident.disk_copy() {
+            tracing::info!(snapshot = %resident.snapshot_id, "template evicted from memory, kept on disk: {why}");
+            self.entries
+                .lock()
+                .expect("snapshots lock")
+                .entry(resident.key.clone())
+                .or_insert(Entry::OnDisk(copy));
+            return;
+        }
+        tracing::info!(snapshot = %resident.snapshot_id, "snapshot expired: {why}");
+        let _ = self
+            .store
+            .set_snapshot_status(&resident.snapshot_id, SnapshotStatus::Expired, Some(why))
+            .await;
+    }
+
+    /// Checkpoints `resident` (built as `row`) to disk and records its files; on failure
+    /// it stays a memory-only snapshot.
+    async fn checkpoint(&self, row: &Snapshot, resident: &Arc<Resident>) {
+        let dir = self.dir.join(&row.id);
+        remove_dir(&dir);
+        let started = Instant::now();
+        let sealed = match create_private_dir(&self.dir).and_then(|()| std::fs::create_dir(&dir)) {
+            Err(e) => Err(format!("{}: {e}", dir.display())),
+            Ok(()) => match resident.template.checkpoint(&dir).await {
+                Err(e) => Err(e.message),
+                Ok(names) => {
+                    let (dir, row) = (dir.clone(), row.clone());
+                    tokio::task::spawn_blocking(move || snapshot_files::seal(&dir, &row, &names))
+                        .await
+                        .unwrap_or_else(|e| Err(e.to_string()))
+                }
+            },
+        };
+        let files = match sealed {
+            Ok(files) => files,
+            Err(e) => {
+                tracing::warn!(snapshot = %row.id, "cannot checkpoint the template to disk, keeping it in memory only: {e}");
+                remove_dir(&dir);
+                return;
+            }
+        };
+        let bytes = files.iter().map(|f| f.size).sum();
+        let path = dir.display().to_string();
+        let recorded = self
+            .store
+            .finish_snapshot(
+                &row.id,
+                SnapshotStatus::Ready,
+                None,
+                Some(&path),
+                &files,
+                bytes,
+                self.expiry(now()),
+            )
+            .await;
+        if !matches!(recorded, Ok(true)) {
+            // Deleted meanwhile.
+            remove_dir(&dir);
+            return;
+        }
+        tracing::info!(
+            snapshot = %row.id,
+            ms = ms_since(started).round(),
+            mib = bytes >> 20,
+            "snapshot checkpointed to disk"
+        );
+        *resident.disk.lock().expect("resident lock") = Some(Arc::new(DiskCopy {
+            snapshot_id: row.id.clone(),
+            key: resident.key.clone(),
+            dir,
+            files,
+            bytes,
+            last_used: Mutex::new(Instant::now()),
+        }));
+        self.enforce_disk_quota().await;
+    }
+
+    /// Every checkpoint on disk, resident or not.
+    fn disk_copies(&self) -> Vec<Arc<DiskCopy>> {
+        self.entries
+            .lock()
+            .expect("snapshots lock")
+            .values()
+            .filter_map(|e| match e {
+                Entry::Ready(r) => r.disk_copy(),
+                Entry::OnDisk(copy) => Some(copy.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Deletes the least recently used checkpoints until all fit in the disk quota.
+    async fn enforce_disk_quota(&self) {
+        let mut copies = self.disk_copies();
+        let mut total: u64 = copies.iter().map(|c| c.bytes).sum();
+        if total <= self.settings.disk_quota {
+            return;
+        }
+        copies.sort_by_key(|c| *c.last_used.lock().expect("copy lock"));
+        for copy in copies {
+            if total <= self.settings.disk_quota {
+                break;
+            }
+            total -= copy.bytes;
+            self.delete_copy(&copy, "deleted to keep checkpoints within the disk quota")
                 .await;
         }
+    }
+
+    /// Deletes a checkpoint: its files, its entry if it was only on disk, and the record
+    /// of its files (the snapshot expires unless its template is resident).
+    async fn delete_copy(&self, copy: &Arc<DiskCopy>, why: &str) {
+        let resident = {
+            let mut entries = self.entries.lock().expect("snapshots lock");
+            match entries.get(&copy.key) {
+                Some(Entry::OnDisk(c)) if Arc::ptr_eq(c, copy) => {
+                    entries.remove(&copy.key);
+                    false
+                }
+                Some(Entry::Ready(r)) => {
+                    let mut disk = r.disk.lock().expect("resident lock");
+                    if disk.as_ref().is_some_and(|c| Arc::ptr_eq(c, copy)) {
+                        *disk = None;
+                    }
+                    true
+                }
+                _ => false,
+            }
+        };
+        remove_dir(&copy.dir);
+        tracing::info!(snapshot = %copy.snapshot_id, "snapshot files {why}");
+        let (status, error) = match resident {
+            true => (SnapshotStatus::Ready, None),
+            false => (SnapshotStatus::Expired, Some(why)),
+        };
+        let _ = self
+            .store
+            .finish_snapshot(
+                &copy.snapshot_id,
+                status,
+                error,
+                None,
+                &[],
+                0,
+                self.expiry(now()),
+            )
+            .await;
     }
 
     /// After `fresh` became resident: at most `max_per_function` of its function (those
@@ -513,8 +813,14 @@ impl Snapshots {
         }
     }
 
-    /// Expires templates unused for the TTL (called periodically).
+    /// Expires templates and checkpoints unused for the TTL (called periodically).
     pub(crate) async fn sweep(&self) {
+        for copy in self.disk_copies() {
+            if copy.last_used.lock().expect("copy lock").elapsed() >= self.settings.ttl {
+                self.delete_copy(&copy, "deleted: unused for the snapshot TTL")
+                    .await;
+            }
+        }
         for resident in self.residents() {
             let idle = resident.last_used.lock().expect("resident lock").elapsed();
             if idle >= self.settings.ttl {
@@ -531,20 +837,36 @@ impl Snapshots {
             .any(|r| r.snapshot_id == snapshot_id)
     }
 
-    /// Drops the template of a snapshot (it is being deleted).
+    /// Drops the template and the files of a snapshot (it is being deleted).
     pub(crate) fn drop_snapshot(&self, snapshot_id: &str) {
-        self.entries
-            .lock()
-            .expect("snapshots lock")
-            .retain(|_, e| !matches!(e, Entry::Ready(r) if r.snapshot_id == snapshot_id));
+        self.entries.lock().expect("snapshots lock").retain(|_, e| {
+            !matches!(e, Entry::Ready(r) if r.snapshot_id == snapshot_id)
+                && !matches!(e, Entry::OnDisk(c) if c.snapshot_id == snapshot_id)
+        });
+        remove_dir(&self.dir.join(snapshot_id));
     }
 
-    /// Drops the templates of a function (deleted), or of one of its versions.
+    /// Drops the templates and checkpoints of a function (deleted), or of one of its
+    /// versions.
     pub(crate) fn forget(&self, function_id: &str, version: Option<u32>) {
+        let mut gone = Vec::new();
         self.entries
             .lock()
             .expect("snapshots lock")
-            .retain(|(f, v, _), _| !(f == function_id && version.is_none_or(|n| n == *v)));
+            .retain(|(f, v, _), e| {
+                let keep = !(f == function_id && version.is_none_or(|n| n == *v));
+                if !keep {
+                    match e {
+                        Entry::Ready(r) => gone.extend(r.disk_copy().map(|c| c.dir.clone())),
+                        Entry::OnDisk(c) => gone.push(c.dir.clone()),
+                        _ => {}
+                    }
+                }
+                keep
+            });
+        for dir in gone {
+            remove_dir(&dir);
+        }
     }
 
     /// Drops every template (server shutdown).
@@ -575,6 +897,23 @@ impl Snapshots {
         let storage: u64 = all.iter().map(|s| s.size_bytes).sum();
         let (_, resident) = self.resident_totals();
         metrics::snapshot_gauges(&counts, storage, resident);
+    }
+}
+
+/// Creates `dir` (and its parents) readable by root only: checkpoints hold the memory of
+/// templates, their environment variables included.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Removes a snapshot directory, if there is one.
+fn remove_dir(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("removing {}: {e}", dir.display());
+        }
     }
 }
 

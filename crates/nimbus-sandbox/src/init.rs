@@ -202,13 +202,22 @@ fn run() -> Result<i32> {
 }
 
 /// Maps the child's ids 0 and [`WORKER_ID`] to `host_id` and `host_id + 1`: root inside
-/// is an unprivileged user of the host, and the worker another one.
+/// is an unprivileged user of the host, and the worker another one (and group 1 to
+/// `host_id + 2`).
 fn map_ids(child: Pid, host_id: u32) -> Result<()> {
     let proc = PathBuf::from(format!("/proc/{child}"));
-    let map = format!("0 {host_id} 1\n{WORKER_ID} {} 1\n", host_id + 1);
+    let uids = format!("0 {host_id} 1\n{WORKER_ID} {} 1\n", host_id + 1);
+    // Group 1 too, which nothing uses: the kernel keeps an empty `ping_group_range` as
+    // "1 0", and a checkpoint's restore writes that value back from inside the namespace,
+    // where both groups must exist.
+    let gids = format!(
+        "0 {host_id} 1\n1 {} 1\n{WORKER_ID} {} 1\n",
+        host_id + 2,
+        host_id + 1
+    );
     fs::write(proc.join("setgroups"), "deny").context("denying setgroups in the sandbox")?;
-    fs::write(proc.join("uid_map"), &map).context("writing the sandbox's uid map")?;
-    fs::write(proc.join("gid_map"), &map).context("writing the sandbox's gid map")?;
+    fs::write(proc.join("uid_map"), &uids).context("writing the sandbox's uid map")?;
+    fs::write(proc.join("gid_map"), &gids).context("writing the sandbox's gid map")?;
     Ok(())
 }
 
@@ -245,7 +254,8 @@ fn mirror_exit(child: Pid, mut status: fs::File) -> Result<i32> {
 /// The sandbox's PID 1: builds the sandbox, starts the worker as PID 2, then reaps every
 /// process of the namespace until the worker ends, and reports the worker's wait status.
 /// (A worker as PID 1 would never reap the orphans of its double-forked children, and the
-/// zombies would use up the process limit.)
+/// zombies would use up the process limit.) A template is the exception: it execs itself
+/// as PID 1 and reaps its own children.
 fn sandbox_pid1(
     spec: &InitSpec,
     link: Option<&Link>,
@@ -260,21 +270,12 @@ fn sandbox_pid1(
     let exec = prepare_exec(spec)?;
     sandbox(spec, link, filter, fork_filter, go)?;
     if spec.template {
-        // A template may be checkpointed (CRIU) with this process as the root of the
-        // dump: its session must start inside the namespace, and its standard streams must
-        // not be the host's files.
+        // A template is PID 1 itself (it reaps the children it forks): a checkpoint of the
+        // sandbox (CRIU) then holds no mapping of this host binary, which its mount
+        // namespace cannot name. Its session starts inside the namespace, as a checkpoint
+        // requires; the status pipe closes at exec, so the init reports its exit as is.
         nix::unistd::setsid().context("setsid")?;
-        let null = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/null")
-            .context("opening /dev/null")?;
-        for fd in 0..=2 {
-            // SAFETY: dup2 onto the standard descriptors of this process.
-            if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
-                bail!("dup2: {}", std::io::Error::last_os_error());
-            }
-        }
+        return Err(exec.run());
     }
     // SAFETY: PID 1 is single-threaded (cloned from the single-threaded init).
     match unsafe { nix::unistd::fork() }.context("fork")? {
@@ -399,6 +400,7 @@ fn sandbox(
     for path in spec.visible.iter().chain([&spec.workdir, &spec.program]) {
         plan_exposure(path, &mut exposed)?;
     }
+    drop_covered(&mut exposed);
     // Root of the user namespace (an unprivileged host user) with every capability in it:
     // files it creates in the new root must belong to a user the namespace maps.
     setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)).context("setresgid 0")?;
@@ -411,9 +413,6 @@ fn sandbox(
     let fork_config = fork_filter.map(|filter| fork_config(spec, &exposed, filter));
     build_root(spec, &exposed, fork_config.as_ref())?;
     drop(exposed);
-    if spec.template {
-        checkpointable()?;
-    }
     sethostname("nimbus").context("sethostname")?;
     set_limits(spec)?;
     drop_bounding_set();
@@ -438,17 +437,6 @@ fn sandbox(
 
 fn cstring(bytes: &[u8]) -> Result<CString> {
     CString::new(bytes).context("a NUL byte in an argument or variable")
-}
-
-/// What a checkpoint of the sandbox needs of its settings: every value must be one the
-/// restore can write back from inside the user namespace, and the kernel's default
-/// `ping_group_range` ("1 0": no group) names group 1, which the namespace does not map.
-fn checkpointable() -> Result<()> {
-    fs::write(
-        "/proc/sys/net/ipv4/ping_group_range",
-        format!("{WORKER_ID} 0"),
-    )
-    .context("setting ping_group_range")
 }
 
 /// The raw `sock_filter` array of `filter`, hex (native byte order, as the kernel reads it).
@@ -660,6 +648,27 @@ fn plan_exposure(path: &Path, planned: &mut Vec<Exposed>) -> Result<()> {
         dir: meta.is_dir(),
     });
     Ok(())
+}
+
+/// Drops the entries that a directory bound in full already shows (the time zone file
+/// `/etc/localtime` names, under `/usr/share/zoneinfo`): a mount hidden under another one
+/// serves nothing, and a checkpoint could not restore it.
+fn drop_covered(planned: &mut Vec<Exposed>) {
+    let dirs: Vec<PathBuf> = planned
+        .iter()
+        .filter_map(|e| match e {
+            Exposed::Bind {
+                path, dir: true, ..
+            } => Some(path.clone()),
+            _ => None,
+        })
+        .collect();
+    planned.retain(|e| {
+        let path = match e {
+            Exposed::Bind { path, .. } | Exposed::Link { path, .. } => path,
+        };
+        !dirs.iter().any(|d| path != d && path.starts_with(d))
+    });
 }
 
 /// Bind-mounts `source` on `target`, then remounts it with `extra` flags (and `nosuid`),

@@ -29,8 +29,9 @@ pub const SHARED_VISIBLE: &[&str] = &[
     "/usr/share/ca-certificates",
 ];
 
-/// First host uid of sandboxes: slot `n` runs as `UID_BASE + 2n` (root inside) and
-/// `UID_BASE + 2n + 1` (the worker). Above the ranges hosts give accounts (local users,
+/// First host uid of sandboxes: slot `n` runs as `UID_BASE + 3n` (root inside) and
+/// `UID_BASE + 3n + 1` (the worker); group `UID_BASE + 3n + 2` is its (unused) group 1.
+/// Above the ranges hosts give accounts (local users,
 /// subordinate ids, SSSD's default up to 2,000,200,000) and below 2^31, which some tools
 /// misread as negative.
 pub const UID_BASE: u32 = 2_100_000_000;
@@ -180,7 +181,7 @@ impl Isolation {
             env: spec.env.clone(),
             workdir: spec.workdir.clone(),
             visible,
-            host_id: UID_BASE + 2 * slot.index(),
+            host_id: UID_BASE + 3 * slot.index(),
             root_dir: self.root_dir.clone(),
             tmp_mb: self.settings.tmp_mb,
             max_open_files: self.settings.max_open_files,

@@ -9,9 +9,11 @@
 //! same trait, exposing the guest's vsock as a host Unix socket.
 
 pub mod cgroup;
+pub mod checkpoint;
 pub mod init;
 pub mod isolation;
 pub mod network;
+mod pidfd;
 pub mod process;
 pub mod seccomp;
 pub mod template;
@@ -137,6 +139,24 @@ pub trait Driver: Send + Sync + 'static {
         Err(DriverError {
             instance_id: spec.instance_id.clone(),
             message: format!("the {} driver keeps no templates", self.name()),
+        })
+    }
+    /// Whether templates launched from `spec` can be checkpointed to disk and restored.
+    fn can_checkpoint(&self, spec: &LaunchSpec) -> bool {
+        let _ = spec;
+        false
+    }
+    /// Starts again, from its checkpoint in `dir` (see [`Template::checkpoint`]), a
+    /// template launched from `spec`: a new template, in a sandbox of its own.
+    async fn restore_template(
+        &self,
+        spec: &LaunchSpec,
+        dir: &std::path::Path,
+    ) -> Result<Box<dyn Template>, DriverError> {
+        let _ = dir;
+        Err(DriverError {
+            instance_id: spec.instance_id.clone(),
+            message: format!("the {} driver cannot restore templates", self.name()),
         })
     }
 }

@@ -9,6 +9,7 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
 use crate::cgroup::CgroupSlot;
+use crate::checkpoint::{self, Criu};
 use crate::isolation::Isolation;
 use crate::template::{ProcessTemplate, Template};
 use crate::{Driver, DriverError, ExitInfo, LaunchSpec, Launched, Sandbox, WORKER_SOCKET_FD};
@@ -28,20 +30,31 @@ use crate::{Driver, DriverError, ExitInfo, LaunchSpec, Launched, Sandbox, WORKER
 #[derive(Debug, Default, Clone)]
 pub struct ProcessDriver {
     isolation: Option<Arc<Isolation>>,
+    /// Checkpoints of templates to disk (isolated only).
+    criu: Option<Arc<Criu>>,
 }
 
 impl ProcessDriver {
     /// A driver that starts workers as plain child processes: no namespaces, cgroups or
     /// seccomp. For trusted code only.
     pub fn new() -> Self {
-        ProcessDriver { isolation: None }
+        ProcessDriver::default()
     }
 
     /// A driver that starts every worker in its own sandbox.
     pub fn isolated(isolation: Arc<Isolation>) -> Self {
         ProcessDriver {
             isolation: Some(isolation),
+            criu: None,
         }
+    }
+
+    /// The same, also checkpointing templates to disk with `criu` (isolated drivers only).
+    pub fn with_checkpoints(mut self, criu: Criu) -> Self {
+        if self.isolation.is_some() {
+            self.criu = Some(Arc::new(criu));
+        }
+        self
     }
 }
 
@@ -56,12 +69,38 @@ impl Driver for ProcessDriver {
         spec: &LaunchSpec,
         launched: Launched,
     ) -> Result<Box<dyn Template>, DriverError> {
-        ProcessTemplate::new(spec, launched, self.isolation.clone())
+        ProcessTemplate::new(spec, launched, self.isolation.clone(), self.criu.clone())
             .map(|t| Box::new(t) as Box<dyn Template>)
             .map_err(|message| DriverError {
                 instance_id: spec.instance_id.clone(),
                 message,
             })
+    }
+
+    fn can_checkpoint(&self, spec: &LaunchSpec) -> bool {
+        self.criu.is_some()
+            && self.isolation.is_some()
+            && spec.network == nimbus_core::Network::Isolated
+    }
+
+    async fn restore_template(
+        &self,
+        spec: &LaunchSpec,
+        dir: &Path,
+    ) -> Result<Box<dyn Template>, DriverError> {
+        let fail = |message: String| DriverError {
+            instance_id: spec.instance_id.clone(),
+            message,
+        };
+        let (Some(isolation), Some(criu)) = (&self.isolation, &self.criu) else {
+            return Err(fail("this server does not restore checkpoints".into()));
+        };
+        let launched = checkpoint::restore(isolation, criu, spec, dir)
+            .await
+            .map_err(&fail)?;
+        ProcessTemplate::restored(spec, launched, isolation.clone(), criu.clone())
+            .map(|t| Box::new(t) as Box<dyn Template>)
+            .map_err(fail)
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, DriverError> {

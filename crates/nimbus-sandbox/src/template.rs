@@ -29,6 +29,7 @@
 use std::fmt;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -36,14 +37,15 @@ use nix::sys::socket::{
     recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
 };
 use serde::Deserialize;
-use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 
 use crate::cgroup::CgroupSlot;
+use crate::checkpoint::{self, external_mounts, Criu, Manifest, MANIFEST};
 use crate::isolation::Isolation;
 use crate::network::{self, OutboundSpec};
-use crate::{DriverError, ExitInfo, LaunchSpec, Launched, Sandbox};
+use crate::pidfd::PidfdSandbox;
+use crate::{DriverError, LaunchSpec, Launched, Sandbox};
 
 /// A template ready to start instances.
 #[async_trait]
@@ -54,6 +56,16 @@ pub trait Template: Send + Sync + fmt::Debug {
     async fn spawn(&self, instance_id: &str) -> Result<Launched, DriverError>;
     /// Whether the template still runs.
     fn alive(&self) -> bool;
+    /// Writes a checkpoint of the template, left running, into the empty directory `dir`,
+    /// from which [`Driver::restore_template`](crate::Driver::restore_template) starts it
+    /// again. Returns the paths (relative to `dir`) of the regular files written.
+    async fn checkpoint(&self, dir: &Path) -> Result<Vec<String>, DriverError> {
+        let _ = dir;
+        Err(DriverError {
+            instance_id: String::new(),
+            message: "this template cannot be checkpointed".into(),
+        })
+    }
     /// Memory the template holds resident, bytes (what keeping it costs).
     fn resident_bytes(&self) -> Option<u64>;
 }
@@ -63,28 +75,66 @@ pub trait Template: Send + Sync + fmt::Debug {
 pub(crate) struct ProcessTemplate {
     control: tokio::sync::Mutex<UnixStream>,
     sandbox: std::sync::Mutex<Box<dyn Sandbox>>,
+    /// Host pid of the template process itself.
+    worker: u32,
     isolation: Option<Arc<Isolation>>,
     memory_mb: u32,
     /// What each instance's link needs, for an outbound function.
     outbound: Option<OutboundSpec>,
+    /// CRIU, when this template can be checkpointed (isolated, without a link: a link's
+    /// host end is not the template's to take along).
+    criu: Option<Arc<Criu>>,
 }
 
 impl ProcessTemplate {
+    /// The template launched from `spec`, after its handshake.
     pub(crate) fn new(
         spec: &LaunchSpec,
         launched: Launched,
         isolation: Option<Arc<Isolation>>,
+        criu: Option<Arc<Criu>>,
+    ) -> Result<Self, String> {
+        let pid = launched.sandbox.pid();
+        // Isolated, the sandbox's pid is its init's, and the template is its PID 1.
+        let worker = match &isolation {
+            Some(_) => crate::process::first_child(pid)
+                .ok_or("the template's sandbox has no PID 1")? as u32,
+            None => pid,
+        };
+        Self::assemble(spec, launched, worker, isolation, criu)
+    }
+
+    /// A template restored from a checkpoint: `launched.sandbox` is the template itself.
+    pub(crate) fn restored(
+        spec: &LaunchSpec,
+        launched: Launched,
+        isolation: Arc<Isolation>,
+        criu: Arc<Criu>,
+    ) -> Result<Self, String> {
+        let worker = launched.sandbox.pid();
+        Self::assemble(spec, launched, worker, Some(isolation), Some(criu))
+    }
+
+    fn assemble(
+        spec: &LaunchSpec,
+        launched: Launched,
+        worker: u32,
+        isolation: Option<Arc<Isolation>>,
+        criu: Option<Arc<Criu>>,
     ) -> Result<Self, String> {
         let outbound = match &isolation {
             Some(isolation) => isolation.outbound(spec.network)?,
             None => None,
         };
+        let criu = criu.filter(|_| isolation.is_some() && outbound.is_none());
         Ok(ProcessTemplate {
             control: tokio::sync::Mutex::new(launched.stream),
             sandbox: std::sync::Mutex::new(launched.sandbox),
+            worker,
             isolation,
             memory_mb: spec.memory_mb,
             outbound,
+            criu,
         })
     }
 }
@@ -143,8 +193,10 @@ impl Template for ProcessTemplate {
         }
         let mut stream = UnixStream::from_std(host).map_err(|e| fail(format!("socket: {e}")))?;
         let pid = hello(&mut stream).await.map_err(fail)?;
-        let pidfd = pidfd_open(pid).map_err(|e| fail(format!("pidfd_open({pid}): {e}")))?;
         let residue = slot.as_ref().and_then(CgroupSlot::task_count).unwrap_or(0);
+        // Watched before it is moved or released, while its pid surely names it.
+        let watched = PidfdSandbox::watch(pid, None, 0, None, false)
+            .map_err(|e| fail(format!("pidfd_open({pid}): {e}")))?;
         if let Some(slot) = &slot {
             slot.adopt(pid)
                 .map_err(|e| fail(format!("moving the instance into its cgroup: {e}")))?;
@@ -166,20 +218,9 @@ impl Template for ProcessTemplate {
             .write_all(b"G")
             .await
             .map_err(|e| fail(format!("releasing the instance: {e}")))?;
-        // SAFETY: an OwnedFd keeps its descriptor open and unchanged until it drops, with the
-        // AsyncFd that owns it.
-        let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
-            .map_err(|e| fail(format!("pidfd: {e}")))?;
         Ok(Launched {
             stream,
-            sandbox: Box::new(ForkedSandbox {
-                pid,
-                pidfd,
-                slot,
-                residue,
-                exit: None,
-                _reservation: reservation,
-            }),
+            sandbox: Box::new(watched.with(slot, residue, reservation)),
         })
     }
 
@@ -191,15 +232,98 @@ impl Template for ProcessTemplate {
             .is_none()
     }
 
-    fn resident_bytes(&self) -> Option<u64> {
-        let pid = self.sandbox.lock().expect("template lock").pid();
-        // Isolated, the sandbox's pid is its init's: the worker is PID 1's first child.
-        let worker = match self.isolation {
-            Some(_) => crate::process::first_child(pid)
-                .and_then(|pid1| crate::process::first_child(pid1 as u32))?
-                as u32,
-            None => pid,
+    async fn checkpoint(&self, dir: &Path) -> Result<Vec<String>, DriverError> {
+        let fail = |message: String| DriverError {
+            instance_id: String::new(),
+            message,
         };
+        let criu = self
+            .criu
+            .as_ref()
+            .ok_or_else(|| fail("this template cannot be checkpointed".into()))?;
+        // Forks wait while the template is moved and dumped.
+        let mut control = self.control.lock().await;
+        let detach = serde_json::to_vec(&serde_json::json!({ "type": "detach" }))
+            .map_err(|e| fail(e.to_string()))?;
+        control
+            .write_all(&frame(&detach))
+            .await
+            .map_err(|e| fail(format!("asking the template to detach: {e}")))?;
+        let (reply, fd) = read_frame_with_fd(&control)
+            .await
+            .map_err(|e| fail(format!("the template's answer to detach: {e}")))?;
+        let reply: Forked = serde_json::from_slice(&reply)
+            .map_err(|e| fail(format!("the template's answer: {e}")))?;
+        let fd = match (reply.ok, fd) {
+            (true, Some(fd)) => fd,
+            _ => {
+                return Err(fail(format!(
+                    "the template could not detach: {}",
+                    reply.error.unwrap_or_default()
+                )))
+            }
+        };
+        let stream = std::os::unix::net::UnixStream::from(fd);
+        stream
+            .set_nonblocking(true)
+            .map_err(|e| fail(format!("socket: {e}")))?;
+        *control = UnixStream::from_std(stream).map_err(|e| fail(format!("socket: {e}")))?;
+
+        let socket = std::fs::read_link(format!("/proc/{}/fd/3", self.worker))
+            .map_err(|e| fail(format!("the template's connection: {e}")))?;
+        let socket_inode = socket
+            .to_string_lossy()
+            .strip_prefix("socket:[")
+            .and_then(|s| s.strip_suffix(']'))
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| fail(format!("fd 3 of the template is {}", socket.display())))?;
+        let mounts = external_mounts(self.worker)
+            .map_err(|e| fail(format!("the template's mounts: {e}")))?;
+        let mut args: Vec<String> = vec![
+            "dump".into(),
+            "-t".into(),
+            self.worker.to_string(),
+            "-D".into(),
+            dir.display().to_string(),
+            "--leave-running".into(),
+            "--external".into(),
+            format!("unix[{socket_inode}]"),
+            // The default lock needs iptables; the sandbox has no traffic to hold anyway.
+            "--network-lock".into(),
+            "nftables".into(),
+        ];
+        for (key, path) in &mounts {
+            args.push("--external".into());
+            args.push(format!("mnt[{}]:{key}", path.display()));
+        }
+        let log = dir.join("dump.log");
+        checkpoint::run(criu, &args, &log, |_| {})
+            .await
+            .map_err(fail)?;
+        let _ = std::fs::remove_file(&log);
+        let root_files = checkpoint::copy_root(self.worker, &dir.join(checkpoint::ROOT))
+            .map_err(|e| fail(format!("copying the template's root: {e}")))?;
+        let manifest = Manifest {
+            socket_inode,
+            mounts,
+            criu: criu.describe(),
+        };
+        let manifest = serde_json::to_vec_pretty(&manifest).map_err(|e| fail(e.to_string()))?;
+        std::fs::write(dir.join(MANIFEST), manifest)
+            .map_err(|e| fail(format!("writing the manifest: {e}")))?;
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map_err(|e| fail(format!("{}: {e}", dir.display())))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .chain(root_files)
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn resident_bytes(&self) -> Option<u64> {
+        let worker = self.worker;
         let status = std::fs::read_to_string(format!("/proc/{worker}/status")).ok()?;
         let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
         let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -207,11 +331,78 @@ impl Template for ProcessTemplate {
     }
 }
 
-/// Sends one frame with `fd` attached.
-async fn send_with_fd(stream: &UnixStream, payload: &[u8], fd: RawFd) -> std::io::Result<()> {
+/// `payload` as a frame.
+fn frame(payload: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(payload.len() + 4);
     frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     frame.extend_from_slice(payload);
+    frame
+}
+
+/// Reads one frame and the descriptor that came with it, if any.
+async fn read_frame_with_fd(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Option<OwnedFd>)> {
+    let mut head = [0u8; 4];
+    let mut got = 0;
+    let mut fd = None;
+    while got < head.len() {
+        stream.readable().await?;
+        let mut space = nix::cmsg_space!([RawFd; 1]);
+        let read = stream.try_io(Interest::READABLE, || {
+            let mut iov = [IoSliceMut::new(&mut head[got..])];
+            let msg = recvmsg::<()>(
+                stream.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .map_err(std::io::Error::from)?;
+            let mut fds = Vec::new();
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for cmsg in cmsgs {
+                    if let ControlMessageOwned::ScmRights(received) = cmsg {
+                        fds.extend(received);
+                    }
+                }
+            }
+            Ok((msg.bytes, fds))
+        });
+        match read {
+            Ok((0, _)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok((n, fds)) => {
+                got += n;
+                for raw in fds {
+                    // SAFETY: the kernel just installed this descriptor for us.
+                    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                    fd.get_or_insert(owned);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    let len = u32::from_be_bytes(head) as usize;
+    if len > 1 << 20 {
+        return Err(std::io::Error::other(format!("a {len}-byte frame")));
+    }
+    let mut payload = vec![0; len];
+    let mut reader = stream;
+    let mut filled = 0;
+    while filled < len {
+        reader.readable().await?;
+        match reader.try_read(&mut payload[filled..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    let _ = &mut reader;
+    Ok((payload, fd))
+}
+
+/// Sends one frame with `fd` attached.
+async fn send_with_fd(stream: &UnixStream, payload: &[u8], fd: RawFd) -> std::io::Result<()> {
+    let frame = frame(payload);
     let fds = [fd];
     let mut sent = 0;
     while sent < frame.len() {
@@ -306,156 +497,6 @@ async fn hello(stream: &mut UnixStream) -> Result<u32, String> {
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(format!("reading from the forked instance: {e}")),
-        }
-    }
-}
-
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-/// `struct pidfd_info` of `<linux/pidfd.h>` (first version, 64 bytes).
-#[repr(C)]
-#[derive(Default)]
-struct PidfdInfo {
-    mask: u64,
-    cgroupid: u64,
-    ids: [u32; 11],
-    exit_code: i32,
-}
-
-/// `PIDFD_GET_INFO`: `_IOWR(0xFF, 11, struct pidfd_info)`.
-const PIDFD_GET_INFO: libc::c_ulong =
-    (3 << 30) | ((std::mem::size_of::<PidfdInfo>() as libc::c_ulong) << 16) | (0xFF << 8) | 11;
-/// `PIDFD_INFO_EXIT`: ask for the exit status.
-const PIDFD_INFO_EXIT: u64 = 1 << 3;
-
-/// The wait status of the ended process of `pidfd`, if the kernel can tell.
-fn exit_status(pidfd: &AsyncFd<OwnedFd>) -> Option<i32> {
-    let mut info = PidfdInfo {
-        mask: PIDFD_INFO_EXIT,
-        ..PidfdInfo::default()
-    };
-    // SAFETY: the ioctl fills a struct of the size its number encodes, which `info` is.
-    let ok = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO, &mut info) } == 0;
-    (ok && info.mask & PIDFD_INFO_EXIT != 0).then_some(info.exit_code)
-}
-
-/// An instance forked from a template. Not a child of the server: it is watched through a
-/// pidfd, which tells that it ended and (on recent kernels) how.
-#[derive(Debug)]
-struct ForkedSandbox {
-    pid: u32,
-    pidfd: AsyncFd<OwnedFd>,
-    slot: Option<CgroupSlot>,
-    residue: u64,
-    exit: Option<ExitInfo>,
-    /// The outbound link's reservation, if any.
-    _reservation: Option<std::fs::File>,
-}
-
-impl ForkedSandbox {
-    /// Records how it ended: the wait status when the kernel kept it for the pidfd
-    /// (`PIDFD_GET_INFO`, Linux 6.15+, once its reaper has reaped it), and the cgroup's OOM
-    /// count.
-    fn ended(&mut self) -> ExitInfo {
-        let status = exit_status(&self.pidfd);
-        *self.exit.get_or_insert_with(|| ExitInfo {
-            code: status.and_then(|s| libc::WIFEXITED(s).then(|| libc::WEXITSTATUS(s))),
-            signal: status.and_then(|s| libc::WIFSIGNALED(s).then(|| libc::WTERMSIG(s))),
-            out_of_memory: self.slot.as_ref().is_some_and(CgroupSlot::oom_killed),
-        })
-    }
-
-    fn signal_kill(&self) {
-        // SAFETY: pidfd_send_signal on a descriptor this sandbox owns; the pidfd names this
-        // process even if its pid is reused after it ends.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            );
-        }
-    }
-}
-
-#[async_trait]
-impl Sandbox for ForkedSandbox {
-    fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    fn kill(&mut self) {
-        // PID 1 of its namespace (isolated): everything it started dies with it; the slot,
-        // emptied when the sandbox drops, holds anything else.
-        self.signal_kill();
-    }
-
-    fn try_exit(&mut self) -> Option<ExitInfo> {
-        if self.exit.is_none() {
-            let mut poll = [libc::pollfd {
-                fd: self.pidfd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            }];
-            // SAFETY: poll on one valid descriptor without waiting.
-            let ready = unsafe { libc::poll(poll.as_mut_ptr(), 1, 0) };
-            if ready > 0 {
-                self.ended();
-            }
-        }
-        self.exit
-    }
-
-    fn end_strays(&mut self) {
-        let Some(slot) = &self.slot else { return };
-        if slot.task_count().is_some_and(|n| n <= 1 + self.residue) {
-            return;
-        }
-        for pid in slot.pids() {
-            if pid as u32 != self.pid {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
-
-    async fn wait(&mut self) -> ExitInfo {
-        if let Some(exit) = self.exit {
-            return exit;
-        }
-        // A pidfd turns readable when its process ends; its status is known once its reaper
-        // (the template's PID 1) has reaped it, a moment later.
-        let _ = self.pidfd.readable().await;
-        for _ in 0..20 {
-            if exit_status(&self.pidfd).is_some() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-        self.ended()
-    }
-}
-
-impl Drop for ForkedSandbox {
-    fn drop(&mut self) {
-        self.signal_kill();
-        if let Some(slot) = self.slot.take() {
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(slot))),
-                Err(_) => drop(slot),
-            }
         }
     }
 }

@@ -99,6 +99,11 @@ pub struct SnapshotsConfig {
     pub memory_budget_mb: u64,
     /// Milliseconds all `before_snapshot` (or all `after_restore`) hooks may take.
     pub hook_timeout_ms: u64,
+    /// Also checkpoint templates to disk (needs isolation and CRIU 4), so an evicted
+    /// template, or one of a restarted server, comes back from disk instead of cold.
+    pub disk: bool,
+    /// MiB all checkpoints on disk may take; least recently used deleted first.
+    pub disk_quota_mb: u64,
 }
 
 impl Default for SnapshotsConfig {
@@ -112,6 +117,8 @@ impl Default for SnapshotsConfig {
             max_snapshots_per_function: engine.max_per_function,
             memory_budget_mb: engine.memory_budget >> 20,
             hook_timeout_ms: engine.hook_budget.as_millis() as u64,
+            disk: engine.disk,
+            disk_quota_mb: engine.disk_quota >> 20,
         }
     }
 }
@@ -126,6 +133,8 @@ impl SnapshotsConfig {
             max_per_function: self.max_snapshots_per_function.max(1),
             memory_budget: self.memory_budget_mb << 20,
             hook_budget: Duration::from_millis(self.hook_timeout_ms.max(1)),
+            disk: self.disk,
+            disk_quota: self.disk_quota_mb << 20,
         }
     }
 }

@@ -10,6 +10,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use nimbus_api::{ApiKeys, AppState};
 use nimbus_engine::{Engine, NewFunction};
 use nimbus_runtime::{RuntimeSettings, Runtimes};
+use nimbus_sandbox::checkpoint::Criu;
 use nimbus_sandbox::isolation::{Isolation, IsolationSettings};
 use nimbus_sandbox::ProcessDriver;
 
@@ -52,10 +53,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
     let isolation = open_isolation(&args, &config)?;
     let driver = match &isolation {
-        Some(isolation) => ProcessDriver::isolated(isolation.clone()),
+        Some(isolation) => with_disk_tier(ProcessDriver::isolated(isolation.clone()), &config),
         None => ProcessDriver::new(),
     };
     let engine = Engine::start(config.engine(), store, Arc::new(driver), runtimes);
+    engine.recover_snapshots().await;
     tracing::info!(store = %config.database_url.split(':').next().unwrap_or(""), driver = engine.driver_name(), "engine started");
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -117,6 +119,24 @@ async fn deploy_example(engine: &Engine) -> anyhow::Result<()> {
         .await
         .context("deploying the example function")?;
     Ok(())
+}
+
+/// The driver, checkpointing templates to disk when snapshots and their disk tier are on
+/// and CRIU 4 works here; otherwise templates stay in memory, and the log says why.
+fn with_disk_tier(driver: ProcessDriver, config: &ServerConfig) -> ProcessDriver {
+    if !config.snapshots.enabled || !config.snapshots.disk {
+        return driver;
+    }
+    match Criu::detect() {
+        Ok(criu) => {
+            tracing::info!("snapshots: in memory, and on disk with {}", criu.describe());
+            driver.with_checkpoints(criu)
+        }
+        Err(why) => {
+            tracing::info!("snapshots: in memory only (no disk tier: {why})");
+            driver
+        }
+    }
 }
 
 /// The sandboxes' isolation, or none when `--insecure-no-isolation` says so. A host that

@@ -13,7 +13,8 @@ the nimbus-sandbox crate's `template` module):
 and returns only in a forked child, once that child runs in a sandbox of its own (when the
 template's root holds /.nimbus/fork.json) and the driver has moved it into its cgroup: the
 child sends b"H" on its new socket and waits for b"G". Everything here happens before the
-function's code runs again in the child.
+function's code runs again in the child. After its first request the template keeps a
+spare child, forked and sandboxed ahead, to hand the next request to (see `serve`).
 """
 
 import _socket
@@ -121,9 +122,16 @@ def _send(sock, encode, message):
 
 def serve(sock, config, loads, encode):
     """Answers fork requests until the driver closes the connection (then exits the
-    template). Returns the new instance id in a forked child, ready to serve."""
+    template). Returns the new instance id in a forked child, ready to serve.
+
+    Once it has forked an instance, the template keeps one child forked ahead (a spare),
+    already in its sandbox and waiting on a channel of its own: the next request is handed
+    to it, which spares that request the fork and the sandbox set-up, and a new spare is
+    forked after the answer. (None before the first request: a checkpoint, taken before
+    any, must find the template alone.)"""
     # Children are reaped as they end, so whoever watches them learns how they ended.
     signal.signal(signal.SIGCHLD, lambda _signum, _frame: _reap())
+    spare = None
     while True:
         fds = []
         head = _recv_exact(sock, 4, fds)
@@ -132,7 +140,10 @@ def serve(sock, config, loads, encode):
             posix._exit(0)
         message = loads(body.decode("utf-8"))
         if message.get("type") == "detach" and not fds:
-            _detach(sock, encode)
+            if spare is not None:
+                spare.close()  # the spare exits when its channel closes
+                spare = None
+            _detach(encode)
             continue
         if message.get("type") != "fork" or len(fds) != 1:
             for fd in fds:
@@ -140,6 +151,18 @@ def serve(sock, config, loads, encode):
             _send(sock, encode, {"type": "forked", "ok": False, "error": "bad fork request"})
             continue
         instance_fd = fds[0]
+        instance_id = message.get("instance_id")
+        if spare is not None:
+            handed = _hand_over(spare, instance_fd, instance_id, encode)
+            spare.close()
+            spare = None
+            if handed:
+                posix.close(instance_fd)
+                _send(sock, encode, {"type": "forked", "ok": True})
+                spare, channel = _fork_spare()
+                if channel is not None:
+                    return _become_spare(sock, channel, config, loads)
+                continue
         try:
             if _threads() != 1:
                 raise ForkError(
@@ -152,28 +175,96 @@ def serve(sock, config, loads, encode):
             _send(sock, encode, {"type": "forked", "ok": False, "error": str(exc)})
             continue
         if pid == 0:
-            return _become_instance(sock, instance_fd, config, message.get("instance_id"))
+            return _become_instance(sock, instance_fd, config, instance_id)
         posix.close(instance_fd)
         _send(sock, encode, {"type": "forked", "ok": True})
+        spare, channel = _fork_spare()
+        if channel is not None:
+            return _become_spare(sock, channel, config, loads)
 
 
-def _detach(sock, encode):
+def _fork_spare():
+    """Forks a spare. In the template: (its end of the spare's channel, None), or
+    (None, None) if it cannot; in the spare: (None, the spare's end)."""
+    try:
+        ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    except OSError:
+        return None, None
+    try:
+        pid = posix.fork() if _threads() == 1 else -1
+    except OSError:
+        pid = -1
+    if pid == 0:
+        ours.close()
+        return None, theirs
+    theirs.close()
+    if pid < 0:
+        ours.close()
+        return None, None
+    return ours, None
+
+
+def _hand_over(spare, instance_fd, instance_id, encode):
+    """Gives the spare its instance's socket and id; False if the spare is gone."""
+    try:
+        spare.sendmsg(
+            [encode({"instance_id": instance_id})],
+            [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, instance_fd.to_bytes(4, "little"))],
+        )
+        return True
+    except OSError:
+        return False
+
+
+def _become_spare(control, channel, config, loads):
+    """In a spare: enters the sandbox now, waits for an instance to become, becomes it."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # The driver's connection stays the template's alone.
+    control.detach()
+    posix.close(_SOCKET_FD)
+    try:
+        _prepare(config)
+        data, ancillary, _flags, _addr = channel.recvmsg(
+            4096, _socket.CMSG_SPACE(4), _socket.MSG_CMSG_CLOEXEC
+        )
+    except BaseException:
+        posix._exit(1)  # the template forks directly when its spare is gone
+    if not data:
+        posix._exit(0)  # the template dropped it
+    fds = [
+        int.from_bytes(payload[i : i + 4], "little")
+        for level, kind, payload in ancillary
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
+        for i in range(0, len(payload) - len(payload) % 4, 4)
+    ]
+    channel.close()
+    if len(fds) != 1:
+        posix._exit(1)
+    instance_id = loads(data.decode("utf-8")).get("instance_id")
+    return _as_instance(fds[0], instance_id, config, prepared=True)
+
+
+def _detach(encode):
     """Moves the template onto a connection made inside its sandbox (a checkpoint cannot
     take along a socket that belongs to the host's network namespace): sends the driver
     the other end, then puts this end on fd 3, which closes the old connection."""
     ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    # The answer goes out on the old connection once fd 3 is the new one: when the driver
+    # reads it, the switch is done.
+    old = _socket.socket(fileno=posix.dup(_SOCKET_FD))
+    posix.dup2(ours.fileno(), _SOCKET_FD)
+    ours.close()
     payload = encode({"type": "detached", "ok": True})
-    sock.sendmsg(
+    old.sendmsg(
         [len(payload).to_bytes(4, "big") + payload],
         [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, theirs.fileno().to_bytes(4, "little"))],
     )
     theirs.close()
-    posix.dup2(ours.fileno(), _SOCKET_FD)
-    ours.close()
+    old.close()
 
 
 def _reap():
-    """Reaps children that ended (an isolated fork's first process exits at once)."""
+    """Reaps the children that ended (an isolated child's first process exits at once)."""
     while True:
         try:
             pid, _status = posix.waitpid(-1, posix.WNOHANG)
@@ -184,17 +275,31 @@ def _reap():
 
 
 def _become_instance(control, instance_fd, config, instance_id):
+    """In a child forked for a request: enters the sandbox, becomes the instance."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     # The control socket object must not close fd 3, which is about to be the instance's.
     control.detach()
+    return _as_instance(instance_fd, instance_id, config, prepared=False)
+
+
+def _prepare(config):
+    """The sandbox of a child (isolated), or its tie to the template's life (not)."""
+    if config is None:
+        # Not isolated: die with the template, as the template dies with the server.
+        _check(_libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0), "prctl")
+    else:
+        _enter_sandbox(config)
+
+
+def _as_instance(instance_fd, instance_id, config, prepared):
+    """Puts the instance's socket on fd 3, prepares the child unless it is already (a
+    spare), greets the driver and waits until it is in its cgroup."""
     try:
-        posix.dup2(instance_fd, _SOCKET_FD)
-        posix.close(instance_fd)
-        if config is None:
-            # Not isolated: die with the template, as the template dies with the server.
-            _check(_libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0), "prctl")
-        else:
-            _enter_sandbox(config)
+        if instance_fd != _SOCKET_FD:  # a spare, whose fd 3 was free, receives it there
+            posix.dup2(instance_fd, _SOCKET_FD)
+            posix.close(instance_fd)
+        if not prepared:
+            _prepare(config)
         posix.write(_SOCKET_FD, b"H")
         if posix.read(_SOCKET_FD, 1) != b"G":
             posix._exit(1)
@@ -213,7 +318,8 @@ def _enter_sandbox(config):
     _write("/proc/self/setgroups", "deny")
     _write("/proc/self/uid_map", "%d %d 1" % (uid, uid))
     _write("/proc/self/gid_map", "%d %d 1" % (gid, gid))
-    # The new pid namespace takes this process's next child as its PID 1.
+    # The new pid namespace takes this process's next child as its PID 1. (A template
+    # can make a pid namespace for its children only once, so each child makes its own.)
     if posix.fork() != 0:
         posix._exit(0)
     tmpfs, private, bind = config["mount_flags"]

@@ -27,6 +27,8 @@ pub struct Server {
     pub database_url: String,
     pub schema: Option<String>,
     pub key: Option<String>,
+    /// The server's arguments, given again at a restart.
+    pub args: Vec<String>,
 }
 
 pub fn psql(sql: &str) {
@@ -81,6 +83,7 @@ impl Server {
                 .windows(2)
                 .find(|w| w[0] == "--api-key")
                 .map(|w| w[1].rsplit(':').next().unwrap_or_default().to_owned()),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         server.spawn(args).await;
         server
@@ -97,6 +100,7 @@ impl Server {
             database_url: self.database_url.clone(),
             schema: None,
             key: self.key.clone(),
+            args: Vec::new(),
         };
         std::fs::write(peer.dir.path().join("nimbus.toml"), "").unwrap();
         peer.spawn(&[]).await;
@@ -166,8 +170,8 @@ impl Server {
             .unwrap();
         let status = self.child.wait().unwrap();
         assert!(status.success(), "server exited with {status}");
-        let key = self.key.clone();
-        let args: Vec<&str> = key.iter().flat_map(|k| ["--api-key", k.as_str()]).collect();
+        let args = self.args.clone();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.spawn(&args).await;
     }
 

@@ -1,0 +1,358 @@
+//! The disk tier of process-driver templates: CRIU checkpoints of a template's sandbox.
+//!
+//! A template is PID 1 of its own pid namespace (see [`init`](crate::init)), so its
+//! checkpoint is the whole sandbox: its namespaces, its memory and its mounts, dumped with
+//! the template left running. Restored, it is a template again, in a new pid namespace
+//! of its own (so several restores of one checkpoint can live at once), in a fresh cgroup
+//! slot, connected to the server by a new socket.
+//!
+//! What makes a template checkpointable, and why:
+//! - its session starts in its namespace and it maps no host file the namespace cannot
+//!   name (it execs itself as PID 1: no init binary stays mapped);
+//! - its connection must belong to its own network namespace: before the dump it is moved
+//!   onto a socket pair made inside ([`ProcessTemplate::checkpoint`] asks it to `detach`),
+//!   which the dump records as external and the restore replaces (`--inherit-fd`);
+//! - the host paths bound into it (runtime, libraries, code) are external mounts, bound
+//!   again from the same host paths at restore; everything else of its root is tmpfs,
+//!   whose contents the checkpoint holds.
+//!
+//! CRIU 4 or later is needed (Debian bookworm's 3.17 fails on kernels ≥ 6.13);
+//! `scripts/install-criu.sh` builds it. Without it templates stay in memory only.
+//!
+//! [`ProcessTemplate::checkpoint`]: crate::template::ProcessTemplate
+
+use std::ffi::CString;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use serde::{Deserialize, Serialize};
+
+use crate::isolation::Isolation;
+use crate::pidfd::PidfdSandbox;
+use crate::{LaunchSpec, Launched, WORKER_SOCKET_FD};
+
+/// The manifest the driver keeps next to CRIU's images.
+pub(crate) const MANIFEST: &str = "nimbus-checkpoint.json";
+
+/// A usable CRIU.
+#[derive(Debug, Clone)]
+pub struct Criu {
+    program: PathBuf,
+    version: String,
+}
+
+/// Where CRIU is looked for, in order (then `PATH`).
+const CANDIDATES: &[&str] = &[
+    "/usr/local/sbin/criu",
+    "/usr/sbin/criu",
+    "/usr/local/bin/criu",
+];
+
+impl Criu {
+    /// Finds CRIU ≥ 4 that passes `criu check` on this kernel, or says why there is none.
+    pub fn detect() -> Result<Criu, String> {
+        let path_dirs = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let program = CANDIDATES
+            .iter()
+            .map(PathBuf::from)
+            .chain(path_dirs.into_iter().map(|d| d.join("criu")))
+            .find(|p| p.is_file())
+            .ok_or("criu is not installed (scripts/install-criu.sh builds CRIU 4)")?;
+        let out = std::process::Command::new(&program)
+            .arg("--version")
+            .output()
+            .map_err(|e| format!("{}: {e}", program.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let version = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Version:"))
+            .map(|v| v.trim().to_owned())
+            .ok_or_else(|| {
+                format!(
+                    "{} --version: unexpected output {text:?}",
+                    program.display()
+                )
+            })?;
+        let major: u32 = version
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        if major < 4 {
+            return Err(format!(
+                "{} is CRIU {version}; checkpoints need CRIU 4 or later (scripts/install-criu.sh)",
+                program.display()
+            ));
+        }
+        let check = std::process::Command::new(&program)
+            .arg("check")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("{} check: {e}", program.display()))?;
+        if !check.status.success() {
+            return Err(format!(
+                "{} check failed: {}",
+                program.display(),
+                String::from_utf8_lossy(&check.stderr).trim()
+            ));
+        }
+        Ok(Criu { program, version })
+    }
+
+    /// `criu 4.1.1 (/usr/local/sbin/criu)`.
+    pub fn describe(&self) -> String {
+        format!("criu {} ({})", self.version, self.program.display())
+    }
+
+    pub(crate) fn program(&self) -> &Path {
+        &self.program
+    }
+}
+
+/// What the restore needs besides CRIU's images.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Manifest {
+    /// Inode of the template's connection at the dump (CRIU names the socket by it).
+    pub socket_inode: u64,
+    /// External mounts: CRIU's key and the host path bound there (the same path inside).
+    pub mounts: Vec<(String, PathBuf)>,
+    /// The CRIU that wrote it.
+    pub criu: String,
+}
+
+/// The directory of a checkpoint that holds a copy of the template's root file system:
+/// CRIU restores a mount namespace onto a root that already has every mount point, and
+/// the template's root (a tmpfs with its `/etc` files and its fork configuration) is not
+/// among what it dumps. Shared by every restore of the checkpoint (the root is mounted
+/// read-only).
+pub(crate) const ROOT: &str = "root";
+
+/// Copies the root file system of process `pid` (not what is mounted on it: mount points
+/// become empty directories or files) into `dst`; returns the regular files copied,
+/// relative to `dst`'s parent (`root/etc/passwd`).
+pub(crate) fn copy_root(pid: u32, dst: &Path) -> std::io::Result<Vec<String>> {
+    use std::os::unix::fs::MetadataExt;
+    let src = PathBuf::from(format!("/proc/{pid}/root"));
+    let device = std::fs::metadata(&src)?.dev();
+    let mut files = Vec::new();
+    let mut pending = vec![PathBuf::new()];
+    std::fs::create_dir_all(dst)?;
+    while let Some(relative) = pending.pop() {
+        for entry in std::fs::read_dir(src.join(&relative))? {
+            let entry = entry?;
+            let relative = relative.join(entry.file_name());
+            let (from, to) = (src.join(&relative), dst.join(&relative));
+            let meta = std::fs::symlink_metadata(&from)?;
+            if meta.file_type().is_symlink() {
+                std::os::unix::fs::symlink(std::fs::read_link(&from)?, &to)?;
+            } else if meta.is_dir() {
+                std::fs::create_dir(&to)?;
+                if meta.dev() == device {
+                    pending.push(relative);
+                }
+            } else if meta.dev() != device {
+                std::fs::File::create(&to)?;
+            } else {
+                std::fs::copy(&from, &to)?;
+                files.push(Path::new(ROOT).join(&relative).display().to_string());
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// A mount of the template's namespace that comes from the host: everything but its
+/// tmpfs and proc mounts. Their paths inside are the host paths (see `init`).
+pub(crate) fn external_mounts(pid: u32) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
+    let mut mounts = Vec::new();
+    for line in text.lines() {
+        // `id parent major:minor root mountpoint options ... - fstype source super`
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let Some(dash) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        let (Some(mountpoint), Some(fstype)) = (fields.get(4), fields.get(dash + 1)) else {
+            continue;
+        };
+        if matches!(*fstype, "tmpfs" | "proc") {
+            continue;
+        }
+        let key = format!("m{}", mounts.len());
+        mounts.push((key, PathBuf::from(unescape(mountpoint))));
+    }
+    Ok(mounts)
+}
+
+/// A mountinfo path with its octal escapes (`\040` for a space) decoded.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            if let Ok(code) = u8::from_str_radix(&field[i + 1..i + 4], 8) {
+                out.push(code);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Runs CRIU with `args`; on failure, the error quotes the end of its log.
+pub(crate) async fn run(
+    criu: &Criu,
+    args: &[String],
+    log: &Path,
+    command: impl FnOnce(&mut tokio::process::Command),
+) -> Result<(), String> {
+    let mut cmd = tokio::process::Command::new(criu.program());
+    cmd.args(args)
+        .arg("-o")
+        .arg(log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    command(&mut cmd);
+    let out = cmd
+        .output()
+        .await
+        .map_err(|e| format!("{}: {e}", criu.program().display()))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let log_text = std::fs::read_to_string(log).unwrap_or_default();
+    // The first errors say what went wrong; the rest follow from them. CRIU also logs as
+    // errors what it only probes (rlimits, iptables tools).
+    let tail = log_text
+        .lines()
+        .filter(|l| l.contains("Error") && !l.contains("RLIMIT_NOFILE") && !l.contains("tables"))
+        .take(3)
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(format!(
+        "criu {} failed ({}): {}",
+        args.first().map(String::as_str).unwrap_or_default(),
+        out.status,
+        if tail.is_empty() {
+            String::from_utf8_lossy(&out.stderr).trim().to_owned()
+        } else {
+            tail
+        }
+    ))
+}
+
+/// Restores the template checkpointed in `dir`, launched from `spec`: CRIU, started in a
+/// fresh template slot (so the restored processes are born in it), recreates the sandbox
+/// as a sibling of itself, that is as a child of the server, with fd 3 of the template
+/// replaced by the worker's end of a new socket pair.
+pub(crate) async fn restore(
+    isolation: &Isolation,
+    criu: &Criu,
+    spec: &LaunchSpec,
+    dir: &Path,
+) -> Result<Launched, String> {
+    let manifest = std::fs::read(dir.join(MANIFEST))
+        .map_err(|e| format!("{}: {e}", dir.join(MANIFEST).display()))?;
+    let manifest: Manifest =
+        serde_json::from_slice(&manifest).map_err(|e| format!("{MANIFEST}: {e}"))?;
+    let slot = isolation
+        .template_slot(spec.memory_mb)
+        .map_err(|e| format!("cgroup: {e}"))?;
+    let residue = slot.task_count().unwrap_or(0);
+    let (host, worker) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    host.set_nonblocking(true)
+        .map_err(|e| format!("socket: {e}"))?;
+    // CRIU's own files (log, pid file) go next to the images, not among them: the images
+    // stay as their checksums describe them.
+    let work = dir.with_file_name(format!(
+        ".restore-{}-{}",
+        dir.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("snapshot"),
+        spec.instance_id
+    ));
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let root = dir.join(ROOT);
+    let pidfile = work.join("pid");
+    let mut args: Vec<String> = vec![
+        "restore".into(),
+        "-D".into(),
+        dir.display().to_string(),
+        "-W".into(),
+        work.display().to_string(),
+        "--restore-detached".into(),
+        "--restore-sibling".into(),
+        "--root".into(),
+        root.display().to_string(),
+        "--manage-cgroups=ignore".into(),
+        "--inherit-fd".into(),
+        format!("fd[{WORKER_SOCKET_FD}]:socket:[{}]", manifest.socket_inode),
+        "--pidfile".into(),
+        pidfile.display().to_string(),
+    ];
+    for (key, path) in &manifest.mounts {
+        args.push("--external".into());
+        args.push(format!("mnt[{key}]:{}", path.display()));
+    }
+    let join: Vec<CString> = slot.procs_files().to_vec();
+    let raw = worker.as_raw_fd();
+    let outcome = run(criu, &args, &work.join("restore.log"), |cmd| {
+        // SAFETY: async-signal-safe calls only (open, write, close, dup2, fcntl) on data
+        // prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                for procs in &join {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                }
+                if raw == WORKER_SOCKET_FD {
+                    if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(raw, WORKER_SOCKET_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    })
+    .await;
+    drop(worker);
+    let pid = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok());
+    let _ = std::fs::remove_dir_all(&work);
+    outcome?;
+    let pid = pid.ok_or("criu restore wrote no pid")?;
+    let sandbox = PidfdSandbox::watch(pid, Some(slot), residue, None, true)
+        .map_err(|e| format!("pidfd_open({pid}): {e}"))?;
+    let stream = tokio::net::UnixStream::from_std(host).map_err(|e| format!("socket: {e}"))?;
+    Ok(Launched {
+        stream,
+        sandbox: Box::new(sandbox),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape(r"/tmp/a\040b"), "/tmp/a b");
+        assert_eq!(unescape("/usr/lib"), "/usr/lib");
+    }
+}
