@@ -293,6 +293,8 @@ fn bench_smoke_run_reports_sane_numbers() {
             "3",
             "--cold-starts",
             "3",
+            "--snapshot-starts",
+            "3",
             "--output",
             "json",
         ])
@@ -359,7 +361,7 @@ fn bench_smoke_run_reports_sane_numbers() {
         assert_eq!(cold["server"]["samples"], 3, "{mode}: {report}");
         assert_eq!(cold["round_trip"]["samples"], 3, "{mode}: {report}");
         assert_eq!(cold["errors"], 0, "{mode}: {report}");
-        assert_eq!(cold["not_cold"], 0, "{mode}: {report}");
+        assert_eq!(cold["unexpected"], 0, "{mode}: {report}");
         // A new instance is far slower than a warm call, and the round trip contains the
         // server's own measurement.
         let server_p50 = f(&cold["server"]["p50_us"]);
@@ -400,12 +402,33 @@ fn bench_smoke_run_reports_sane_numbers() {
         "{report}"
     );
 
+    // Snapshots: starts from the template against cold ones of the same heavy function,
+    // and the memory of instances forked from a template.
+    let snapshots = &report["snapshots"];
+    assert!(report["snapshots_skipped"].is_null(), "{report}");
+    assert_eq!(snapshots["rounds"], 3, "{report}");
+    for kind in ["template_starts", "cold_starts"] {
+        assert_eq!(snapshots[kind]["server"]["samples"], 3, "{kind}: {report}");
+        assert_eq!(snapshots[kind]["unexpected"], 0, "{kind}: {report}");
+        assert_eq!(snapshots[kind]["errors"], 0, "{kind}: {report}");
+    }
+    assert!(
+        f(&snapshots["cold_starts"]["server"]["p50_us"])
+            > f(&snapshots["template_starts"]["server"]["p50_us"]),
+        "{report}"
+    );
+    let forked = &snapshots["memory"]["instances"];
+    assert!(forked["processes"].as_u64().unwrap() > 0, "{report}");
+    assert!(f(&forked["avg_pss_mib"]) > 0.0, "{report}");
+
     let targets = report["targets"].as_array().unwrap();
-    assert_eq!(targets.len(), 7, "{report}");
+    assert!(targets.len() >= 10, "{report}");
     for name in [
         "alias routing overhead",
         "isolation cold-start overhead",
         "warm invocation with isolation within noise",
+        "template start p50",
+        "PSS of an idle instance from a template",
     ] {
         assert!(
             targets

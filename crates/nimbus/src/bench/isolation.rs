@@ -1,11 +1,13 @@
 //! The isolation phase: what running every instance in a sandbox costs, in the same run.
 //!
 //! It starts two fresh servers that differ only in `--insecure-no-isolation` (each on its
-//! own temporary data directory and port, after the other phases' server is stopped) and
-//! deploys the same function ([`FUNCTION`], the bench's code) on both. Fresh servers rather
-//! than the one the other phases loaded: that one holds dozens of idle instances and a
-//! bigger heap, and forking a bigger server makes every start slower (0.4–0.8 ms with 33
-//! idle instances here), which would be charged to isolation.
+//! own temporary data directory and port, after the other phases' server is stopped), both
+//! with `--no-snapshots` (every new instance starts cold, and no template is built in the
+//! background while they are measured), and deploys the same function ([`FUNCTION`], the
+//! bench's code) on both. Fresh servers rather than the one the other phases loaded: that
+//! one holds dozens of idle instances and a bigger heap, and forking a bigger server makes
+//! every start slower (0.4–0.8 ms with 33 idle instances here), which would be charged to
+//! isolation.
 //!
 //! - Cold starts: each round changes the function's configuration on both servers, which
 //!   publishes a version no instance runs yet (the server proves the code loads with a
@@ -23,15 +25,15 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use reqwest::Method;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::client::Client;
 
-use super::load::{call, connect, run_rounds, warm_up, LoadTarget, Sender};
+use super::load::{connect, run_rounds, warm_up, LoadTarget};
 use super::report::{LatencyPhase, TARGET_WARM_NOISE_FLOOR_US, TARGET_WARM_NOISE_SHARE};
 use super::routing::version_number;
-use super::server::{loopback_addr, ServerProcess};
-use super::stats::Latency;
+use super::server::{loopback_addr, ServerProcess, Setup};
+use super::starts::{StartSamples, Starts};
 use super::{deploy, progress, EVENT, MAX_PHASE};
 
 /// The function both servers run.
@@ -42,23 +44,6 @@ const WARM_ROUNDS: usize = 10;
 /// version before (and the publish's throwaway worker) are gone by then, and each start
 /// follows an idle moment, as most do.
 const SETTLE: Duration = Duration::from_millis(100);
-
-/// Cold starts of one server.
-#[derive(Debug, Default, Serialize)]
-pub struct ColdStarts {
-    /// `duration_ms` the server reported for each successful cold invocation: getting a new
-    /// instance plus running the handler once.
-    pub server: Latency,
-    /// The client's round trip of the same invocations.
-    pub round_trip: Latency,
-    /// Failed invocations.
-    pub errors: u64,
-    /// Successful invocations that did not start a new instance of the new version (not
-    /// counted in the latencies).
-    pub not_cold: u64,
-    /// The first failure or unexpected answer, if any.
-    pub first_error: Option<String>,
-}
 
 /// Cold starts and warm latency with and without isolation, in the same run.
 #[derive(Debug, Serialize)]
@@ -72,9 +57,9 @@ pub struct IsolationPhase {
     /// Rounds of cold starts; each started one instance on each server.
     pub cold_rounds: u32,
     /// Cold starts on the isolated server.
-    pub cold_isolated: ColdStarts,
+    pub cold_isolated: Starts,
     /// Cold starts on the unisolated server (plain processes).
-    pub cold_unisolated: ColdStarts,
+    pub cold_unisolated: Starts,
     /// Server-reported p50 isolated − p50 unisolated, µs.
     pub cold_overhead_us: f64,
     /// Round-trip p50 isolated − p50 unisolated, µs.
@@ -103,9 +88,14 @@ struct Side {
 }
 
 impl Side {
-    /// Starts a server and deploys [`FUNCTION`] on it.
+    /// Starts a server without snapshots and deploys [`FUNCTION`] on it.
     async fn start(isolated: bool) -> anyhow::Result<Side> {
-        let (process, url, client) = ServerProcess::start_healthy(isolated).await?;
+        let setup = Setup {
+            isolated,
+            flags: &["--no-snapshots"],
+            config: None,
+        };
+        let (process, url, client) = ServerProcess::start_healthy(&setup).await?;
         let (addr, authority) = loopback_addr(&url)?;
         deploy(&client, FUNCTION).await?;
         let function = client
@@ -147,74 +137,13 @@ impl Side {
     }
 }
 
-/// Samples of one server's cold starts, ns.
-#[derive(Default)]
-struct ColdSamples {
-    server_ns: Vec<u64>,
-    round_trip_ns: Vec<u64>,
-    errors: u64,
-    not_cold: u64,
-    first_error: Option<String>,
-}
-
-impl ColdSamples {
-    /// Invokes `latest` of `side` once on `sender`'s connection (replaced if it broke).
-    async fn invoke(&mut self, side: &Side, sender: &mut Sender) -> anyhow::Result<()> {
-        let start = Instant::now();
-        let reply = call(sender, &side.target).await;
-        let round_trip = start.elapsed();
-        let body = match reply {
-            Ok((200, body)) => body,
-            Ok((status, body)) => {
-                let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
-                self.errors += 1;
-                self.first_error
-                    .get_or_insert(format!("HTTP {status}: {text}"));
-                return Ok(());
-            }
-            Err(e) => {
-                self.errors += 1;
-                self.first_error.get_or_insert(format!("{e:#}"));
-                *sender = connect(&side.target).await?;
-                return Ok(());
-            }
-        };
-        let reply: Value = serde_json::from_slice(&body)?;
-        let start_type = reply["start_type"].as_str().unwrap_or_default();
-        match reply["duration_ms"].as_f64() {
-            Some(ms) if start_type == "cold" && reply["version"] == side.version => {
-                self.server_ns.push((ms * 1e6) as u64);
-                self.round_trip_ns.push(round_trip.as_nanos() as u64);
-            }
-            _ => {
-                self.not_cold += 1;
-                self.first_error.get_or_insert(format!(
-                    "expected a cold start of version {}, the server answered {reply}",
-                    side.version
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    fn summary(mut self) -> ColdStarts {
-        ColdStarts {
-            server: Latency::from_ns(&mut self.server_ns),
-            round_trip: Latency::from_ns(&mut self.round_trip_ns),
-            errors: self.errors,
-            not_cold: self.not_cold,
-            first_error: self.first_error,
-        }
-    }
-}
-
 /// `rounds` cold starts on each side, interleaved; stops early at [`MAX_PHASE`].
-async fn cold_starts(sides: &mut [Side; 2], rounds: u32) -> anyhow::Result<[ColdStarts; 2]> {
+async fn cold_starts(sides: &mut [Side; 2], rounds: u32) -> anyhow::Result<[Starts; 2]> {
     let mut senders = [
         connect(&sides[0].target).await?,
         connect(&sides[1].target).await?,
     ];
-    let mut samples: [ColdSamples; 2] = Default::default();
+    let mut samples = [StartSamples::new("cold"), StartSamples::new("cold")];
     let deadline = Instant::now() + MAX_PHASE;
     for round in 0..rounds {
         if Instant::now() > deadline {
@@ -226,10 +155,13 @@ async fn cold_starts(sides: &mut [Side; 2], rounds: u32) -> anyhow::Result<[Cold
         tokio::time::sleep(SETTLE).await;
         for i in 0..2 {
             let k = (round as usize + i) % 2;
-            samples[k].invoke(&sides[k], &mut senders[k]).await?;
+            let side = &sides[k];
+            samples[k]
+                .invoke(&side.target, side.version, &mut senders[k])
+                .await?;
         }
     }
-    Ok(samples.map(ColdSamples::summary))
+    Ok(samples.map(StartSamples::summary))
 }
 
 /// Starts an isolated and an unisolated server with [`FUNCTION`] and measures:

@@ -1,16 +1,18 @@
 //! `nimbus bench`: deploys a no-op Python function and measures, over real HTTP on
 //! 127.0.0.1, warm invocation latency (one client), what routing through an alias adds to
 //! it, throughput (N concurrent clients), the naive design for comparison (a fresh Python
-//! process per invocation), the resident memory of idle workers, and what isolation costs
-//! cold starts and warm invocations (against a server without it); then reports against
-//! the product's targets.
+//! process per invocation), the resident memory of idle workers, what isolation costs cold
+//! starts and warm invocations (against a server without it), and what starting new
+//! instances from a function's template saves in start time and memory (against cold
+//! starts); then reports against the product's targets.
 //!
 //! By default it starts its own server (this binary, `server` on a free port with a
 //! temporary data directory, functions isolated) and stops it at the end, also on error or
 //! Ctrl-C; the isolation phase then starts and stops two fresh ones the same way, one
-//! isolated and one with `--insecure-no-isolation`. The load generator is a bare hyper
-//! HTTP/1 client with one keep-alive connection per virtual client, so the client's own
-//! overhead stays small. Every loop is bounded by a count and a deadline.
+//! isolated and one with `--insecure-no-isolation`, and the snapshots phase five more, with
+//! and without snapshots, and one whose templates are evicted to disk. The load generator is a bare hyper HTTP/1 client with one
+//! keep-alive connection per virtual client, so the client's own overhead stays small.
+//! Every loop is bounded by a count and a deadline.
 
 mod baseline;
 mod isolation;
@@ -20,6 +22,8 @@ mod render;
 mod report;
 mod routing;
 mod server;
+mod snapshots;
+mod starts;
 mod stats;
 
 use std::path::{Path, PathBuf};
@@ -41,7 +45,8 @@ use self::memory::idle_memory;
 use self::render::{clients_text, human_report, markdown_report};
 use self::report::{targets, LatencyPhase, Machine, Report, ThroughputPhase};
 use self::routing::{measure_routing, prepare_canary};
-use self::server::{loopback_addr, ServerProcess};
+use self::server::{loopback_addr, ServerProcess, Setup};
+use self::snapshots::measure_snapshots;
 
 /// Name of the function the benchmark deploys.
 pub const FUNCTION_NAME: &str = "bench-noop";
@@ -80,8 +85,13 @@ pub struct BenchArgs {
     /// (0 skips them; the warm comparison still runs).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub cold_starts: u32,
+    /// Rounds of the snapshots phase; each starts a new instance from a template on one
+    /// server and a cold one on another, then (on a third) two from checkpoints on disk
+    /// (0 skips the phase).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub snapshot_starts: u32,
     /// Start the benchmark's server with --insecure-no-isolation (for hosts that cannot
-    /// isolate); skips the isolation phase.
+    /// isolate); skips the isolation and snapshots phases.
     #[arg(long)]
     pub insecure_no_isolation: bool,
     /// Python interpreter of the baseline [default: the one the server's workers run].
@@ -139,7 +149,7 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
         }
         None => {
             let (process, url, client) =
-                ServerProcess::start_healthy(!args.insecure_no_isolation).await?;
+                ServerProcess::start_healthy(&Setup::plain(!args.insecure_no_isolation)).await?;
             (Some(process), url, client, None)
         }
     };
@@ -211,19 +221,21 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
         process.stop();
     }
 
-    // After the server above is gone: the phase compares two fresh servers of its own.
-    let (isolation, isolation_skipped) = if args.server.is_some() {
-        progress("skipping the isolation phase: --server is not a server bench started");
-        let note = "skipped: --server points at an external server; the isolation phase \
-                    needs servers the benchmark starts itself";
-        (None, Some(note.to_owned()))
-    } else if args.insecure_no_isolation {
-        progress("skipping the isolation phase: --insecure-no-isolation");
-        let note = "skipped: --insecure-no-isolation (this host may not isolate)";
-        (None, Some(note.to_owned()))
-    } else {
-        let phase = measure_isolation(args.cold_starts, args.requests, args.warmup).await?;
-        (Some(phase), None)
+    // After the server above is gone: these phases compare fresh servers of their own.
+    let (isolation, isolation_skipped) = match own_servers_skipped(args, "isolation") {
+        Some(note) => (None, Some(note)),
+        None => {
+            let phase = measure_isolation(args.cold_starts, args.requests, args.warmup).await?;
+            (Some(phase), None)
+        }
+    };
+    let (snapshots, snapshots_skipped) = match own_servers_skipped(args, "snapshots") {
+        Some(note) => (None, Some(note)),
+        None if args.snapshot_starts == 0 => {
+            progress("skipping the snapshots phase: --snapshot-starts 0");
+            (None, Some("skipped: --snapshot-starts 0".to_owned()))
+        }
+        None => (Some(measure_snapshots(args.snapshot_starts).await?), None),
     };
 
     let python_version = baseline
@@ -240,10 +252,35 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
         idle_memory,
         isolation,
         isolation_skipped,
+        snapshots,
+        snapshots_skipped,
         targets: Vec::new(),
     };
     report.targets = targets(&report);
     Ok(report)
+}
+
+/// Why `phase`, which compares servers the benchmark starts itself, is skipped with these
+/// flags (and says so), or `None` when it runs.
+fn own_servers_skipped(args: &BenchArgs, phase: &str) -> Option<String> {
+    let (reason, note) = if args.server.is_some() {
+        (
+            "--server is not a server bench started",
+            format!(
+                "--server points at an external server; the {phase} phase needs servers the \
+                 benchmark starts itself"
+            ),
+        )
+    } else if args.insecure_no_isolation {
+        (
+            "--insecure-no-isolation",
+            "--insecure-no-isolation (this host may not isolate)".to_owned(),
+        )
+    } else {
+        return None;
+    };
+    progress(format!("skipping the {phase} phase: {reason}"));
+    Some(format!("skipped: {note}"))
 }
 
 /// Creates (or updates) a benchmark function `name` with the bench's code; true if it was

@@ -3,13 +3,17 @@
 
 use crate::client::table::Table;
 
-use super::isolation::{ColdStarts, IsolationPhase};
+use super::isolation::IsolationPhase;
+use super::memory::ProcessMemory;
 use super::report::{
-    LatencyPhase, Machine, Report, TARGET_COLD_OVERHEAD_US, TARGET_P50_US, TARGET_RATIO,
-    TARGET_ROUTING_US, TARGET_RPS, TARGET_RPS_CLIENTS, TARGET_RSS_MIB, TARGET_WARM_NOISE_FLOOR_US,
-    TARGET_WARM_NOISE_SHARE,
+    LatencyPhase, Machine, Report, TARGET_COLD_OVERHEAD_US, TARGET_DISK_START_US, TARGET_P50_US,
+    TARGET_RATIO, TARGET_ROUTING_US, TARGET_RPS, TARGET_RPS_CLIENTS, TARGET_RSS_MIB,
+    TARGET_TEMPLATE_PSS_MIB, TARGET_TEMPLATE_SPEEDUP, TARGET_TEMPLATE_START_US,
+    TARGET_WARM_NOISE_FLOOR_US, TARGET_WARM_NOISE_SHARE,
 };
 use super::routing::RoutingPhase;
+use super::snapshots::{Burst, SnapshotDisk, SnapshotPhase};
+use super::starts::Starts;
 use super::stats::Latency;
 use super::BenchArgs;
 
@@ -129,7 +133,7 @@ fn warm_isolation_rows(i: &IsolationPhase) -> [(String, &LatencyPhase, Option<f6
 }
 
 /// The isolation phase's cold rows.
-fn cold_isolation_rows(i: &IsolationPhase) -> [(&'static str, &ColdStarts); 2] {
+fn cold_isolation_rows(i: &IsolationPhase) -> [(&'static str, &Starts); 2] {
     [
         ("unisolated", &i.cold_unisolated),
         ("isolated", &i.cold_isolated),
@@ -176,7 +180,7 @@ fn human_isolation(i: &IsolationPhase) -> String {
             fmt_us(c.round_trip.p50_us),
             fmt_us(c.round_trip.p90_us),
             c.errors.to_string(),
-            c.not_cold.to_string(),
+            c.unexpected.to_string(),
         ]);
     }
     out.push_str(&table.render());
@@ -208,6 +212,196 @@ fn human_isolation(i: &IsolationPhase) -> String {
         noise_rule(i)
     ));
     out
+}
+
+/// The snapshots phase's start rows.
+fn snapshot_start_rows(p: &SnapshotPhase) -> [(&'static str, &Starts); 2] {
+    [
+        ("template", &p.template_starts),
+        ("cold (--no-snapshots)", &p.cold_starts),
+    ]
+}
+
+/// `100 invocations at once: 100 template, 0 errors`.
+fn burst_text(b: &Burst) -> String {
+    let types: Vec<String> = b
+        .start_types
+        .iter()
+        .map(|(start_type, n)| format!("{n} {start_type}"))
+        .collect();
+    format!(
+        "{} invocations at once: {}{} errors",
+        b.invocations,
+        types.iter().map(|t| format!("{t}, ")).collect::<String>(),
+        b.errors
+    )
+}
+
+/// What the heavy function's worker said about the size of its data structure.
+fn structure_text(p: &SnapshotPhase) -> String {
+    match p.structure_mib {
+        Some(mib) => format!("its worker grew {mib:.1} MiB building it"),
+        None => "its size was not reported".to_owned(),
+    }
+}
+
+/// The snapshots phase for people.
+fn human_snapshots(p: &SnapshotPhase) -> String {
+    let mut out = format!(
+        "Snapshots: {} ({} MB; its init imports a heavy set of standard-library modules and \
+         builds a data structure, {}), template ready and resident {:.2} s after the function \
+         was created\n",
+        p.function,
+        p.memory_mb,
+        structure_text(p),
+        p.template_ready_s
+    );
+    out.push_str(&format!(
+        "Starts, {} rounds (max_invocations = 1: a new instance per invocation; template {}, cold {}; interleaved):\n",
+        p.rounds, p.template_server, p.cold_server
+    ));
+    out.push_str(&starts_table(&snapshot_start_rows(p)));
+    out.push_str(&format!(
+        "  cold p50 ÷ template p50 (server-reported): {:.1}×\n",
+        p.speedup
+    ));
+    match (&p.disk, &p.disk_skipped) {
+        (Some(d), _) => {
+            out.push_str(&format!(
+                "Starts from disk, {} rounds of {} ({}: each start restores the function's \
+                 template from its checkpoint and evicts the other's; {}):\n",
+                d.rounds,
+                d.functions.join(" then "),
+                DISK_TIER_CONFIG,
+                d.server
+            ));
+            out.push_str(&starts_table(&[("snapshot (disk tier)", &d.starts)]));
+            out.push_str(&format!(
+                "  checkpoint of one template: {}\n",
+                checkpoint_text(d)
+            ));
+        }
+        (None, note) => out.push_str(&format!(
+            "Starts from disk: {}\n",
+            note.as_deref().unwrap_or("skipped")
+        )),
+    }
+    let m = &p.memory;
+    out.push_str(&format!(
+        "Idle memory, {} ({} MB): {} ({}); baseline {} ({}):\n",
+        m.function,
+        m.memory_mb,
+        burst_text(&m.burst),
+        m.server,
+        burst_text(&m.cold_burst),
+        m.cold_server
+    ));
+    let mut table = Table::new(&[
+        "processes",
+        "count",
+        "avg PSS",
+        "max PSS",
+        "avg RSS",
+        "max RSS",
+    ]);
+    let mib = |v: f64| format!("{v:.2} MiB");
+    for (name, memory) in snapshot_memory_rows(p) {
+        match memory {
+            Some(pm) => table.row([
+                name.to_owned(),
+                pm.processes.to_string(),
+                mib(pm.avg_pss_mib),
+                mib(pm.max_pss_mib),
+                mib(pm.avg_rss_mib),
+                mib(pm.max_rss_mib),
+            ]),
+            None => table.row([
+                name.to_owned(),
+                "0".to_owned(),
+                "–".to_owned(),
+                "–".to_owned(),
+                "–".to_owned(),
+                "–".to_owned(),
+            ]),
+        }
+    }
+    out.push_str(&table.render());
+    for b in [&m.burst, &m.cold_burst] {
+        if let Some(e) = &b.first_error {
+            out.push_str(&format!("  first error: {e}\n"));
+        }
+    }
+    if let Some(total) = m.cold_instance_pss_mib {
+        out.push_str(&format!(
+            "  a whole cold instance (worker, sandbox init and PID 1): avg PSS {total:.2} MiB\n"
+        ));
+    }
+    out.push('\n');
+    out
+}
+
+/// The disk tier's server configuration, as text.
+const DISK_TIER_CONFIG: &str = "max_invocations = 1, [snapshots] memory_budget_mb = 1";
+
+/// `67.5 MiB in 36 files, on disk 0.31 s after its function was created`: the checkpoint of
+/// one template.
+fn checkpoint_text(d: &SnapshotDisk) -> String {
+    format!(
+        "{:.1} MiB in {} files, on disk {:.2} s after its function was created",
+        d.checkpoint_bytes as f64 / (1024.0 * 1024.0),
+        d.checkpoint_files,
+        d.checkpoint_ready_s
+    )
+}
+
+/// Starts side by side, with their first errors.
+fn starts_table(rows: &[(&str, &Starts)]) -> String {
+    let mut table = Table::new(&[
+        "start",
+        "starts",
+        "p50 (server)",
+        "p95 (server)",
+        "p99 (server)",
+        "p50 (round trip)",
+        "p95 (round trip)",
+        "p99 (round trip)",
+        "errors",
+        "unexpected",
+    ]);
+    for (name, c) in rows {
+        table.row([
+            name.to_string(),
+            c.server.samples.to_string(),
+            fmt_us(c.server.p50_us),
+            fmt_us(c.server.p95_us),
+            fmt_us(c.server.p99_us),
+            fmt_us(c.round_trip.p50_us),
+            fmt_us(c.round_trip.p95_us),
+            fmt_us(c.round_trip.p99_us),
+            c.errors.to_string(),
+            c.unexpected.to_string(),
+        ]);
+    }
+    let mut out = table.render();
+    for (name, c) in rows {
+        if let Some(e) = &c.first_error {
+            out.push_str(&format!("  first error ({name}): {e}\n"));
+        }
+    }
+    out
+}
+
+/// The snapshots phase's memory rows.
+fn snapshot_memory_rows(p: &SnapshotPhase) -> [(&'static str, Option<&ProcessMemory>); 3] {
+    let m = &p.memory;
+    [
+        ("instances forked from the template", m.instances.as_ref()),
+        ("the template's worker", m.template.as_ref()),
+        (
+            "cold instances' workers (--no-snapshots)",
+            m.cold_workers.as_ref(),
+        ),
+    ]
 }
 
 fn machine_line(m: &Machine) -> String {
@@ -320,6 +514,13 @@ pub(super) fn human_report(r: &Report) -> String {
             note.as_deref().unwrap_or("skipped")
         )),
     }
+    match (&r.snapshots, &r.snapshots_skipped) {
+        (Some(p), _) => out.push_str(&human_snapshots(p)),
+        (None, note) => out.push_str(&format!(
+            "Snapshots: {}\n\n",
+            note.as_deref().unwrap_or("skipped")
+        )),
+    }
     out.push_str("Targets:\n");
     let mut table = Table::new(&["target", "promise", "measured", "result"]);
     for t in &r.targets {
@@ -353,12 +554,13 @@ pub(super) fn markdown_report(r: &Report, args: &BenchArgs) -> String {
     ));
     let concurrency: Vec<String> = args.concurrency.iter().map(ToString::to_string).collect();
     out.push_str(&format!(
-        "Command: `nimbus bench --requests {} --duration {} --concurrency {} --baseline-runs {} --cold-starts {}`\n\n",
+        "Command: `nimbus bench --requests {} --duration {} --concurrency {} --baseline-runs {} --cold-starts {} --snapshot-starts {}`\n\n",
         args.requests,
         args.duration,
         concurrency.join(","),
         args.baseline_runs,
-        args.cold_starts
+        args.cold_starts,
+        args.snapshot_starts
     ));
     out.push_str("| Measurement | Target | Result | Met |\n|---|---|---|---|\n");
     let w = &r.warm_latency.latency;
@@ -442,6 +644,13 @@ pub(super) fn markdown_report(r: &Report, args: &BenchArgs) -> String {
             note.as_deref().unwrap_or("skipped")
         )),
     }
+    match (&r.snapshots, &r.snapshots_skipped) {
+        (Some(p), _) => out.push_str(&markdown_snapshots(p, met)),
+        (None, note) => out.push_str(&format!(
+            "| Snapshots (template tier) | – | {} | – |\n",
+            note.as_deref().unwrap_or("skipped")
+        )),
+    }
     out
 }
 
@@ -476,7 +685,7 @@ fn markdown_isolation(i: &IsolationPhase, met: impl Fn(&str) -> &'static str) ->
             p50_p90(&c.server),
             p50_p90(&c.round_trip),
             c.errors,
-            c.not_cold
+            c.unexpected
         ));
     }
     out.push_str(&format!(
@@ -500,6 +709,98 @@ fn markdown_isolation(i: &IsolationPhase, met: impl Fn(&str) -> &'static str) ->
     out
 }
 
+/// The snapshots phase's Markdown rows; `met` answers for a target by its name's start.
+fn markdown_snapshots(p: &SnapshotPhase, met: impl Fn(&str) -> &'static str) -> String {
+    let mut out = String::new();
+    let spread = |l: &Latency| {
+        format!(
+            "p50 {}, p95 {}, p99 {}",
+            fmt_us(l.p50_us),
+            fmt_us(l.p95_us),
+            fmt_us(l.p99_us)
+        )
+    };
+    for (name, c) in snapshot_start_rows(p) {
+        out.push_str(&format!(
+            "| Start, {name}, heavy init ({} new instances, interleaved) | – | server {}; round trip {} ({} errors, {} unexpected) | – |\n",
+            c.server.samples,
+            spread(&c.server),
+            spread(&c.round_trip),
+            c.errors,
+            c.unexpected
+        ));
+    }
+    out.push_str(&format!(
+        "| Template start (p50, server) | ≤ {} | {} | {} |\n",
+        fmt_us(TARGET_TEMPLATE_START_US),
+        fmt_us(p.template_starts.server.p50_us),
+        met("template start")
+    ));
+    out.push_str(&format!(
+        "| Template vs cold start (p50, server) | ≥ {TARGET_TEMPLATE_SPEEDUP:.0}× faster | {:.1}× | {} |\n",
+        p.speedup,
+        met("template vs cold")
+    ));
+    match (&p.disk, &p.disk_skipped) {
+        (Some(d), _) => {
+            let s = &d.starts;
+            out.push_str(&format!(
+                "| Start, snapshot (disk tier), heavy init ({} new instances, {} alternating; {DISK_TIER_CONFIG}) | – | server {}; round trip {} ({} errors, {} unexpected) | – |\n",
+                s.server.samples,
+                d.functions.join(" and "),
+                spread(&s.server),
+                spread(&s.round_trip),
+                s.errors,
+                s.unexpected
+            ));
+            out.push_str(&format!(
+                "| Snapshot (disk tier) start (p50, server) | ≤ {} | {} | {} |\n",
+                fmt_us(TARGET_DISK_START_US),
+                fmt_us(s.server.p50_us),
+                met("snapshot (disk tier)")
+            ));
+            out.push_str(&format!(
+                "| Checkpoint of one template on disk (sum of its files) | – | {} | – |\n",
+                checkpoint_text(d)
+            ));
+        }
+        (None, note) => out.push_str(&format!(
+            "| Snapshots (disk tier) | – | {} | – |\n",
+            note.as_deref().unwrap_or("skipped")
+        )),
+    }
+    let m = &p.memory;
+    let pss = |pm: Option<&ProcessMemory>| match pm {
+        Some(pm) => format!(
+            "PSS avg {:.2} MiB, max {:.2}; RSS avg {:.1} MiB ({} processes)",
+            pm.avg_pss_mib, pm.max_pss_mib, pm.avg_rss_mib, pm.processes
+        ),
+        None => "none found".to_owned(),
+    };
+    out.push_str(&format!(
+        "| Idle instance forked from a template ({}) | PSS ≤ {TARGET_TEMPLATE_PSS_MIB} MiB (avg) | {} | {} |\n",
+        burst_text(&m.burst),
+        pss(m.instances.as_ref()),
+        met("PSS of an idle instance")
+    ));
+    out.push_str(&format!(
+        "| The template's worker (idle function) | – | {} | – |\n",
+        m.template
+            .as_ref()
+            .map(|t| format!("RSS {:.1} MiB, PSS {:.2} MiB", t.max_rss_mib, t.max_pss_mib))
+            .unwrap_or_else(|| "not found".to_owned())
+    ));
+    out.push_str(&format!(
+        "| Idle cold instance, --no-snapshots ({}) | – | worker {}{} | – |\n",
+        burst_text(&m.cold_burst),
+        pss(m.cold_workers.as_ref()),
+        m.cold_instance_pss_mib
+            .map(|t| format!("; with its sandbox's init and PID 1: PSS avg {t:.2} MiB"))
+            .unwrap_or_default()
+    ));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,5 +817,20 @@ mod tests {
         assert_eq!(fmt_count(6412.3), "6,412");
         assert_eq!(fmt_count(999.0), "999");
         assert_eq!(fmt_count(1_234_567.0), "1,234,567");
+    }
+
+    #[test]
+    fn bursts_are_summarized() {
+        let mut burst = Burst {
+            invocations: 100,
+            errors: 1,
+            ..Burst::default()
+        };
+        burst.start_types.insert("template".into(), 97);
+        burst.start_types.insert("cold".into(), 2);
+        assert_eq!(
+            burst_text(&burst),
+            "100 invocations at once: 2 cold, 97 template, 1 errors"
+        );
     }
 }

@@ -8,6 +8,7 @@ use super::load::PhaseRun;
 use super::memory::IdleMemory;
 use super::render::{fmt_count, fmt_delta_us, fmt_us};
 use super::routing::RoutingPhase;
+use super::snapshots::SnapshotPhase;
 use super::stats::Latency;
 
 /// The product's targets.
@@ -22,6 +23,14 @@ pub(super) const TARGET_COLD_OVERHEAD_US: f64 = 5000.0;
 /// [`TARGET_WARM_NOISE_SHARE`] of the unisolated p50.
 pub(super) const TARGET_WARM_NOISE_FLOOR_US: f64 = 10.0;
 pub(super) const TARGET_WARM_NOISE_SHARE: f64 = 0.05;
+/// Server-reported p50 of a start from a template.
+pub(super) const TARGET_TEMPLATE_START_US: f64 = 8000.0;
+/// Cold start p50 ÷ template start p50.
+pub(super) const TARGET_TEMPLATE_SPEEDUP: f64 = 15.0;
+/// Mean PSS of an idle instance forked from a template.
+pub(super) const TARGET_TEMPLATE_PSS_MIB: f64 = 5.0;
+/// Server-reported p50 of a start from a checkpoint on disk (the disk tier).
+pub(super) const TARGET_DISK_START_US: f64 = 60_000.0;
 
 /// Everything one run measured.
 #[derive(Debug, Serialize)]
@@ -46,6 +55,10 @@ pub struct Report {
     pub isolation: Option<IsolationPhase>,
     /// Why the isolation phase was skipped.
     pub isolation_skipped: Option<String>,
+    /// Starts and idle memory, from templates vs cold (`None` when skipped).
+    pub snapshots: Option<SnapshotPhase>,
+    /// Why the snapshots phase was skipped.
+    pub snapshots_skipped: Option<String>,
     /// The product's targets and whether they were met.
     pub targets: Vec<TargetCheck>,
 }
@@ -280,6 +293,52 @@ pub(super) fn targets(r: &Report) -> Vec<TargetCheck> {
                             fmt_us(i.warm_noise_us)
                         ),
                         i.warm_difference_us.abs() <= i.warm_noise_us,
+                    )
+                }),
+        ),
+        check(
+            "template start p50 (server)",
+            format!("≤ {}", fmt_us(TARGET_TEMPLATE_START_US)),
+            r.snapshots
+                .as_ref()
+                .filter(|s| s.template_starts.server.samples > 0)
+                .map(|s| {
+                    let p50 = s.template_starts.server.p50_us;
+                    (fmt_us(p50), p50 <= TARGET_TEMPLATE_START_US)
+                }),
+        ),
+        check(
+            "template vs cold start (p50, server)",
+            format!("≥ {TARGET_TEMPLATE_SPEEDUP:.0}× faster"),
+            r.snapshots.as_ref().filter(|s| s.speedup > 0.0).map(|s| {
+                (
+                    format!("{:.1}×", s.speedup),
+                    s.speedup >= TARGET_TEMPLATE_SPEEDUP,
+                )
+            }),
+        ),
+        check(
+            "snapshot (disk tier) start p50 (server)",
+            format!("≤ {}", fmt_us(TARGET_DISK_START_US)),
+            r.snapshots
+                .as_ref()
+                .and_then(|s| s.disk.as_ref())
+                .filter(|d| d.starts.server.samples > 0)
+                .map(|d| {
+                    let p50 = d.starts.server.p50_us;
+                    (fmt_us(p50), p50 <= TARGET_DISK_START_US)
+                }),
+        ),
+        check(
+            "PSS of an idle instance from a template (mean)",
+            format!("≤ {TARGET_TEMPLATE_PSS_MIB} MiB"),
+            r.snapshots
+                .as_ref()
+                .and_then(|s| s.memory.instances.as_ref())
+                .map(|m| {
+                    (
+                        format!("{:.2} MiB", m.avg_pss_mib),
+                        m.avg_pss_mib <= TARGET_TEMPLATE_PSS_MIB,
                     )
                 }),
         ),

@@ -18,23 +18,77 @@ pub(super) struct ServerProcess {
     _dir: tempfile::TempDir,
 }
 
+/// How a server the benchmark starts is set up, beyond its own port and data directory.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Setup<'a> {
+    /// Isolate its functions (the product's default, whatever the environment says) or not
+    /// (`--insecure-no-isolation`).
+    pub(super) isolated: bool,
+    /// More flags of `nimbus server`.
+    pub(super) flags: &'a [&'a str],
+    /// The contents of `nimbus.toml` in its data directory.
+    pub(super) config: Option<&'a str>,
+}
+
+impl Setup<'static> {
+    /// The product's defaults, isolated or not.
+    pub(super) fn plain(isolated: bool) -> Self {
+        Setup {
+            isolated,
+            flags: &[],
+            config: None,
+        }
+    }
+}
+
+impl Setup<'_> {
+    /// `a server`, `an unisolated (--insecure-no-isolation) server (--no-snapshots,
+    /// nimbus.toml: max_invocations = 1)`.
+    fn describe(&self) -> String {
+        let mut text = if self.isolated {
+            "a server".to_owned()
+        } else {
+            "an unisolated (--insecure-no-isolation) server".to_owned()
+        };
+        let extras: Vec<String> = self
+            .flags
+            .iter()
+            .map(|f| f.to_string())
+            .chain(self.config.map(|c| {
+                let lines: Vec<&str> = c.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+                format!("nimbus.toml: {}", lines.join("; "))
+            }))
+            .collect();
+        if !extras.is_empty() {
+            text.push_str(&format!(" ({})", extras.join(", ")));
+        }
+        text
+    }
+}
+
 impl ServerProcess {
-    /// Starts `<this binary> server` on a free loopback port, isolating its functions (the
-    /// product's default, whatever the environment says) or not (`--insecure-no-isolation`);
+    /// Starts `<this binary> server` on a free loopback port, set up as `setup` says;
     /// returns it and its URL.
-    pub(super) fn start(isolated: bool) -> anyhow::Result<(Self, String)> {
+    pub(super) fn start(setup: &Setup) -> anyhow::Result<(Self, String)> {
         let exe = std::env::current_exe().context("locating the nimbus binary")?;
         let dir = tempfile::Builder::new().prefix("nimbus-bench-").tempdir()?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let listen = format!("127.0.0.1:{port}");
         let log = dir.path().join("server.log");
         let log_file = std::fs::File::create(&log)?;
+        let data = dir.path().join("data");
+        if let Some(config) = setup.config {
+            std::fs::create_dir_all(&data)?;
+            std::fs::write(data.join("nimbus.toml"), config)?;
+        }
         let mut command = std::process::Command::new(exe);
         command
             .args(["server", "--listen", &listen, "--data-dir"])
-            .arg(dir.path().join("data"))
-            .env_remove("NIMBUS_INSECURE_NO_ISOLATION");
-        if !isolated {
+            .arg(&data)
+            .args(setup.flags)
+            .env_remove("NIMBUS_INSECURE_NO_ISOLATION")
+            .env_remove("NIMBUS_NO_SNAPSHOTS");
+        if !setup.isolated {
             command.arg("--insecure-no-isolation");
         }
         let child = command
@@ -61,16 +115,12 @@ impl ServerProcess {
 
     /// [`start`](Self::start)s a server, says so, and waits until it is healthy; returns
     /// it, its URL and an API client for it.
-    pub(super) async fn start_healthy(isolated: bool) -> anyhow::Result<(Self, String, Client)> {
-        let (mut process, url) = Self::start(isolated)?;
+    pub(super) async fn start_healthy(setup: &Setup<'_>) -> anyhow::Result<(Self, String, Client)> {
+        let (mut process, url) = Self::start(setup)?;
         let client = Client::new(&url, None)?;
         super::progress(format!(
-            "started {} server pid {} at {url}",
-            if isolated {
-                "a"
-            } else {
-                "an unisolated (--insecure-no-isolation)"
-            },
+            "started {} pid {} at {url}",
+            setup.describe(),
             process.pid()
         ));
         process.wait_healthy(&client).await?;
@@ -81,7 +131,7 @@ impl ServerProcess {
         self.child.id()
     }
 
-    fn log_tail(&self) -> String {
+    pub(super) fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
@@ -181,5 +231,20 @@ mod tests {
         );
         assert!(loopback_addr("http://example.com:80").is_err());
         assert!(loopback_addr("http://10.0.0.1:8080").is_err());
+    }
+
+    #[test]
+    fn setups_are_described() {
+        assert_eq!(Setup::plain(true).describe(), "a server");
+        let setup = Setup {
+            isolated: false,
+            flags: &["--no-snapshots"],
+            config: Some("max_invocations = 1\n\nidle_timeout_sec = 5\n"),
+        };
+        assert_eq!(
+            setup.describe(),
+            "an unisolated (--insecure-no-isolation) server (--no-snapshots, nimbus.toml: \
+             max_invocations = 1; idle_timeout_sec = 5)"
+        );
     }
 }

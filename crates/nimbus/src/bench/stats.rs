@@ -24,6 +24,8 @@ pub struct Latency {
     pub p50_us: f64,
     /// 90th percentile.
     pub p90_us: f64,
+    /// 95th percentile.
+    pub p95_us: f64,
     /// 99th percentile.
     pub p99_us: f64,
     /// Maximum.
@@ -46,6 +48,7 @@ impl Latency {
             min_us: us(samples.first().copied().unwrap_or(0)),
             p50_us: us(percentile(samples, 50.0)),
             p90_us: us(percentile(samples, 90.0)),
+            p95_us: us(percentile(samples, 95.0)),
             p99_us: us(percentile(samples, 99.0)),
             max_us: us(samples.last().copied().unwrap_or(0)),
         }
