@@ -206,6 +206,82 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Host paths bound, for one restore, under a directory any user can walk to; unmounted
+/// and removed when dropped.
+struct Staging {
+    dir: PathBuf,
+    mounts: Vec<PathBuf>,
+}
+
+impl Staging {
+    /// A fresh directory `name` under `base`, itself a private mount (so that these binds
+    /// never propagate to other mount namespaces).
+    fn new(base: &Path, name: &str) -> Result<Staging, String> {
+        static PRIVATE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+        PRIVATE
+            .get_or_init(|| private_mount(base).map_err(|e| format!("{}: {e}", base.display())))
+            .clone()?;
+        let dir = base.join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(Staging {
+            dir,
+            mounts: Vec::new(),
+        })
+    }
+
+    /// Binds `source` at `key` in the staging directory; returns where.
+    fn expose(&mut self, key: &str, source: &Path) -> Result<PathBuf, String> {
+        let target = self.dir.join(key);
+        let fail = |e: &dyn std::fmt::Display| format!("exposing {}: {e}", source.display());
+        if source.is_dir() {
+            std::fs::create_dir(&target).map_err(|e| fail(&e))?;
+        } else {
+            std::fs::File::create(&target).map_err(|e| fail(&e))?;
+        }
+        nix::mount::mount(
+            Some(source),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| fail(&e))?;
+        self.mounts.push(target.clone());
+        Ok(target)
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        for mount in &self.mounts {
+            let _ = nix::mount::umount2(mount, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Makes `dir` a private mount of itself (once; kept across server restarts).
+fn private_mount(dir: &Path) -> std::io::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    std::fs::create_dir_all(dir)?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let shown = dir.display().to_string();
+    let mounted = mountinfo
+        .lines()
+        .any(|l| l.split_whitespace().nth(4) == Some(shown.as_str()));
+    if !mounted {
+        mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)?;
+    }
+    mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )?;
+    Ok(())
+}
+
 /// Runs CRIU with `args`; on failure, the error quotes the end of its log.
 pub(crate) async fn run(
     criu: &Criu,
@@ -282,8 +358,16 @@ pub(crate) async fn restore(
         spec.instance_id
     ));
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
-    let root = dir.join(ROOT);
     let pidfile = work.join("pid");
+    // CRIU binds the external mounts from inside the restored user namespace, as an
+    // unprivileged host user, who may not be able to walk to their host paths (a data
+    // directory under /root): they are bound first where that user can reach them.
+    let mut staging = Staging::new(&isolation.state_dir().join("restore"), &spec.instance_id)?;
+    let root = staging.expose("root", &dir.join(ROOT))?;
+    let mut externals = Vec::new();
+    for (key, path) in &manifest.mounts {
+        externals.push((key, staging.expose(key, path)?));
+    }
     let mut args: Vec<String> = vec![
         "restore".into(),
         "-D".into(),
@@ -300,7 +384,7 @@ pub(crate) async fn restore(
         "--pidfile".into(),
         pidfile.display().to_string(),
     ];
-    for (key, path) in &manifest.mounts {
+    for (key, path) in &externals {
         args.push("--external".into());
         args.push(format!("mnt[{key}]:{}", path.display()));
     }
@@ -331,6 +415,8 @@ pub(crate) async fn restore(
     })
     .await;
     drop(worker);
+    // The restored sandbox holds mounts of its own now.
+    drop(staging);
     let pid = std::fs::read_to_string(&pidfile)
         .ok()
         .and_then(|p| p.trim().parse::<u32>().ok());

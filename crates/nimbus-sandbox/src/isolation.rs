@@ -135,6 +135,11 @@ impl Isolation {
         )
     }
 
+    /// The directory of the sandboxes' host-side state (`/run/nimbus`).
+    pub(crate) fn state_dir(&self) -> &std::path::Path {
+        self.root_dir.parent().unwrap_or(&self.root_dir)
+    }
+
     /// The program and arguments that start the init.
     pub(crate) fn init_command(&self) -> &(PathBuf, Vec<String>) {
         &self.settings.init

@@ -386,6 +386,10 @@ async fn a_restarted_server_starts_instances_from_the_checkpoint_on_disk() {
     );
     let before = invoke(&s, "slow", "").await;
     assert_eq!(before["start_type"], "template", "{before}");
+    // A data directory only root can enter, like the default one under /root: the restore
+    // binds its paths from inside the sandbox's user namespace.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     // The templates die with the server; the checkpoint stays.
     s.restart().await;
     let a = invoke(&s, "slow", "").await;
