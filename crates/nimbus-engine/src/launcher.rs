@@ -155,6 +155,11 @@ impl Launcher {
             .is_ok_and(|spec| self.driver.can_checkpoint(&spec))
     }
 
+    /// Whether the driver can restore checkpoints on this server.
+    pub(crate) fn can_restore(&self) -> bool {
+        self.driver.can_restore()
+    }
+
     /// Starts `version`'s template again from its checkpoint in `dir`.
     pub(crate) async fn restore(
         &self,
@@ -176,10 +181,16 @@ impl Launcher {
         template: &Arc<Resident>,
     ) -> Result<Instance, StartError> {
         let id = ids::instance_id();
-        let launched = template
-            .template
-            .spawn(&id)
+        // A template that does not answer is broken (the driver then reports it ended).
+        let timeout = self.config.start_timeout;
+        let launched = tokio::time::timeout(timeout, template.template.spawn(&id))
             .await
+            .map_err(|_| {
+                StartError::Crashed(format!(
+                    "the template did not start an instance within {} s",
+                    timeout.as_secs()
+                ))
+            })?
             .map_err(|e| StartError::Crashed(e.to_string()))?;
         let (conn, sandbox) = self.handshake(launched).await?;
         Ok(Instance::new(

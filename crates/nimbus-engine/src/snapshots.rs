@@ -129,8 +129,8 @@ enum Entry {
     Ready(Arc<Resident>),
     /// Not in memory, but checkpointed on disk: the next start restores it.
     OnDisk(Arc<DiskCopy>),
-    /// A restore from disk is under way (other starts meanwhile go cold).
-    Restoring,
+    /// A restore from this checkpoint is under way (other starts meanwhile go cold).
+    Restoring(Arc<DiskCopy>),
     /// The last build failed: not retried by itself (the same code would fail the same
     /// way), only on request.
     Failed,
@@ -182,7 +182,7 @@ impl Snapshots {
                     let Some(snapshots) = weak.upgrade() else {
                         break;
                     };
-                    snapshots.build(&job.version).await;
+                    snapshots.build(&job.version, &job.done).await;
                     job.done.notify_waiters();
                 }
             });
@@ -202,6 +202,10 @@ impl Snapshots {
         };
         if resident.template.alive() {
             *resident.last_used.lock().expect("resident lock") = Instant::now();
+            // Its checkpoint is in use too (for the disk tier's TTL and quota).
+            if let Some(copy) = resident.disk_copy() {
+                *copy.last_used.lock().expect("copy lock") = Instant::now();
+            }
             return Some(resident.clone());
         }
         // It ended (killed from outside, or its memory limit): from disk if it was
@@ -216,8 +220,8 @@ impl Snapshots {
                 drop(entries);
                 self.mark(
                     &gone.snapshot_id,
-                    SnapshotStatus::Corrupt,
-                    Some("the template ended"),
+                    SnapshotStatus::Expired,
+                    Some("the template ended (killed, or over its memory limit)"),
                 );
             }
         }
@@ -236,26 +240,54 @@ impl Snapshots {
             return None;
         };
         let copy = copy.clone();
-        entries.insert(key, Entry::Restoring);
+        entries.insert(key, Entry::Restoring(copy.clone()));
         Some(copy)
     }
 
-    /// Restores `version`'s template from `copy`, verifying its files meanwhile; it is
-    /// resident again on success. A failure marks the snapshot `corrupt`, deletes its files
-    /// and schedules a rebuild.
+    /// Restores `version`'s template from `copy` (taken with [`Snapshots::take_on_disk`]);
+    /// it is resident again on success. The files that set up the sandbox (the manifest,
+    /// CRIU's images of namespaces, mounts and credentials, the root) are verified before
+    /// CRIU reads them, the memory images while it restores (a restored template whose
+    /// memory does not verify is dropped unused). A failure marks the snapshot `corrupt`,
+    /// deletes its files and schedules a rebuild. Deleted or forgotten meanwhile, the
+    /// snapshot stays so; dropped unfinished, the checkpoint is on disk again.
     pub(crate) async fn restore(
         &self,
         version: &Arc<VersionEntry>,
         copy: Arc<DiskCopy>,
     ) -> Option<Arc<Resident>> {
-        let verify = {
-            let (dir, files) = (copy.dir.clone(), copy.files.clone());
-            tokio::task::spawn_blocking(move || snapshot_files::verify(&dir, &files))
+        let mut guard = RestoreGuard {
+            snapshots: self,
+            copy: &copy,
+            settled: false,
         };
-        let (verified, restored) = tokio::join!(verify, self.launcher.restore(version, &copy.dir));
-        let verified = verified.unwrap_or_else(|e| Err(e.to_string()));
-        let failure = match (verified, restored) {
-            (Ok(()), Ok(template)) => {
+        let (memory, setup): (Vec<SnapshotFile>, Vec<SnapshotFile>) = copy
+            .files
+            .iter()
+            .cloned()
+            .partition(|f| f.name.starts_with("pages-"));
+        let dir = copy.dir.clone();
+        let checked = tokio::task::spawn_blocking(move || snapshot_files::verify(&dir, &setup))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        let outcome = match checked {
+            Err(e) => Err(format!("its files do not verify: {e}")),
+            Ok(()) => {
+                let dir = copy.dir.clone();
+                let verify =
+                    tokio::task::spawn_blocking(move || snapshot_files::verify(&dir, &memory));
+                let (verified, restored) =
+                    tokio::join!(verify, self.launcher.restore(version, &copy.dir));
+                match (verified.unwrap_or_else(|e| Err(e.to_string())), restored) {
+                    (Ok(()), Ok(template)) => Ok(template),
+                    (Err(e), _) => Err(format!("its files do not verify: {e}")),
+                    (Ok(()), Err(e)) => Err(format!("the restore failed: {e}")),
+                }
+            }
+        };
+        guard.settled = true;
+        let failure = match outcome {
+            Ok(template) => {
                 let resident = Arc::new(Resident {
                     bytes: template.resident_bytes().unwrap_or(0),
                     template,
@@ -265,17 +297,17 @@ impl Snapshots {
                     disk: Mutex::new(Some(copy.clone())),
                 });
                 *copy.last_used.lock().expect("copy lock") = Instant::now();
-                self.entries
-                    .lock()
-                    .expect("snapshots lock")
-                    .insert(copy.key.clone(), Entry::Ready(resident.clone()));
+                if !self.settle(&copy, Some(Entry::Ready(resident.clone()))) {
+                    return None; // deleted meanwhile: the template drops with `resident`
+                }
                 self.enforce_limits(&version.function_id, &resident).await;
                 return Some(resident);
             }
-            // A restored template whose files do not verify is not used (it drops here).
-            (Err(e), _) => format!("its files do not verify: {e}"),
-            (Ok(()), Err(e)) => format!("the restore failed: {e}"),
+            Err(failure) => failure,
         };
+        if !self.settle(&copy, None) {
+            return None;
+        }
         metrics::snapshot_restored("failed", 0.0);
         tracing::warn!(
             function = %version.function_name,
@@ -283,10 +315,6 @@ impl Snapshots {
             snapshot = %copy.snapshot_id,
             "snapshot on disk is corrupt, starting cold and rebuilding it: {failure}"
         );
-        self.entries
-            .lock()
-            .expect("snapshots lock")
-            .remove(&copy.key);
         remove_dir(&copy.dir);
         let _ = self
             .store
@@ -304,6 +332,21 @@ impl Snapshots {
         None
     }
 
+    /// Ends the restore of `copy`: replaces its `Restoring` entry with `next` (removes it for
+    /// `None`); false if the entry is not its own any more (deleted or forgotten).
+    fn settle(&self, copy: &Arc<DiskCopy>, next: Option<Entry>) -> bool {
+        let mut entries = self.entries.lock().expect("snapshots lock");
+        match entries.get(&copy.key) {
+            Some(Entry::Restoring(c)) if Arc::ptr_eq(c, copy) => {}
+            _ => return false,
+        }
+        match next {
+            Some(entry) => entries.insert(copy.key.clone(), entry),
+            None => entries.remove(&copy.key),
+        };
+        true
+    }
+
     /// A version just started cold: build its snapshot unless one exists or failed.
     pub(crate) fn wanted(&self, version: &Arc<VersionEntry>) {
         if self.settings.enabled {
@@ -318,7 +361,7 @@ impl Snapshots {
         let mut entries = self.entries.lock().expect("snapshots lock");
         match entries.get(&key) {
             Some(Entry::Building(done)) => return Some(done.clone()),
-            Some(Entry::Ready(_) | Entry::OnDisk(_) | Entry::Restoring) => return None,
+            Some(Entry::Ready(_) | Entry::OnDisk(_) | Entry::Restoring(_)) => return None,
             Some(Entry::Failed) if !retry => return None,
             _ => {}
         }
@@ -393,10 +436,11 @@ impl Snapshots {
             if let (SnapshotStatus::Ready, Some(path), true) = (
                 row.status,
                 &row.path,
-                self.settings.disk && row.driver == driver,
+                self.settings.disk && row.driver == driver && self.launcher.can_restore(),
             ) {
-                let dir = PathBuf::from(path);
-                if dir.starts_with(&self.dir) && dir.is_dir() {
+                // Only where this server writes them: the path is derived, not trusted.
+                let dir = self.dir.join(&row.id);
+                if *path == dir.display().to_string() && dir.is_dir() {
                     let copy = Arc::new(DiskCopy {
                         snapshot_id: row.id.clone(),
                         key: (row.function_id.clone(), row.version, row.code_hash.clone()),
@@ -442,7 +486,7 @@ impl Snapshots {
     }
 
     /// One build: claims the row, starts the template, records the outcome.
-    async fn build(&self, version: &Arc<VersionEntry>) {
+    async fn build(&self, version: &Arc<VersionEntry>, done: &Arc<Notify>) {
         let key = key_of(version);
         let started = Instant::now();
         let new = self.new_snapshot(version);
@@ -490,10 +534,13 @@ impl Snapshots {
                 if self.settings.disk && self.launcher.can_checkpoint(version) {
                     self.checkpoint(&row, &resident).await;
                 }
-                self.entries
-                    .lock()
-                    .expect("snapshots lock")
-                    .insert(key, Entry::Ready(resident.clone()));
+                if !self.finish_build(&key, done, Entry::Ready(resident.clone())) {
+                    // Forgotten meanwhile (its version or function deleted).
+                    if let Some(copy) = resident.disk_copy() {
+                        remove_dir(&copy.dir);
+                    }
+                    return;
+                }
                 self.enforce_limits(&version.function_id, &resident).await;
             }
             Err(e) => {
@@ -512,13 +559,23 @@ impl Snapshots {
                     .await;
                 metrics::snapshot_built("failed", seconds);
                 tracing::warn!(function = %version.function_name, version = version.version, "snapshot build failed: {message}");
-                self.entries
-                    .lock()
-                    .expect("snapshots lock")
-                    .insert(key, Entry::Failed);
+                self.finish_build(&key, done, Entry::Failed);
             }
         }
         self.refresh_gauges().await;
+    }
+
+    /// Replaces the `Building` entry of the build `done` belongs to with `next`; false if
+    /// the entry is not its own any more.
+    fn finish_build(&self, key: &Key, done: &Arc<Notify>, next: Entry) -> bool {
+        let mut entries = self.entries.lock().expect("snapshots lock");
+        match entries.get(key) {
+            Some(Entry::Building(d)) if Arc::ptr_eq(d, done) => {
+                entries.insert(key.clone(), next);
+                true
+            }
+            _ => false,
+        }
     }
 
     fn expiry(&self, from: OffsetDateTime) -> Option<OffsetDateTime> {
@@ -612,16 +669,20 @@ impl Snapshots {
     /// Evicts `resident` from memory: to its checkpoint if it has one, otherwise for good
     /// (`expired`, recording why).
     async fn expire(&self, resident: &Arc<Resident>, why: &str) {
-        if !self.evict_if(&resident.key, resident) {
-            return;
+        let copy = resident.disk_copy();
+        {
+            let mut entries = self.entries.lock().expect("snapshots lock");
+            match entries.get(&resident.key) {
+                Some(Entry::Ready(r)) if Arc::ptr_eq(r, resident) => {}
+                _ => return,
+            }
+            match &copy {
+                Some(copy) => entries.insert(resident.key.clone(), Entry::OnDisk(copy.clone())),
+                None => entries.remove(&resident.key),
+            };
         }
-        if let Some(copy) = resident.disk_copy() {
+        if copy.is_some() {
             tracing::info!(snapshot = %resident.snapshot_id, "template evicted from memory, kept on disk: {why}");
-            self.entries
-                .lock()
-                .expect("snapshots lock")
-                .entry(resident.key.clone())
-                .or_insert(Entry::OnDisk(copy));
             return;
         }
         tracing::info!(snapshot = %resident.snapshot_id, "snapshot expired: {why}");
@@ -841,7 +902,7 @@ impl Snapshots {
     pub(crate) fn drop_snapshot(&self, snapshot_id: &str) {
         self.entries.lock().expect("snapshots lock").retain(|_, e| {
             !matches!(e, Entry::Ready(r) if r.snapshot_id == snapshot_id)
-                && !matches!(e, Entry::OnDisk(c) if c.snapshot_id == snapshot_id)
+                && !matches!(e, Entry::OnDisk(c) | Entry::Restoring(c) if c.snapshot_id == snapshot_id)
         });
         remove_dir(&self.dir.join(snapshot_id));
     }
@@ -858,7 +919,7 @@ impl Snapshots {
                 if !keep {
                     match e {
                         Entry::Ready(r) => gone.extend(r.disk_copy().map(|c| c.dir.clone())),
-                        Entry::OnDisk(c) => gone.push(c.dir.clone()),
+                        Entry::OnDisk(c) | Entry::Restoring(c) => gone.push(c.dir.clone()),
                         _ => {}
                     }
                 }
@@ -906,6 +967,23 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Puts a checkpoint back on disk if its restore is dropped unfinished (the invocation that
+/// asked for it went away), so that it is neither lost nor stuck `Restoring`.
+struct RestoreGuard<'a> {
+    snapshots: &'a Snapshots,
+    copy: &'a Arc<DiskCopy>,
+    settled: bool,
+}
+
+impl Drop for RestoreGuard<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.snapshots
+                .settle(self.copy, Some(Entry::OnDisk(self.copy.clone())));
+        }
+    }
 }
 
 /// Removes a snapshot directory, if there is one.

@@ -232,3 +232,20 @@ async fn deleting_a_snapshot_stops_new_forks_from_it() {
         other => panic!("expected snapshot_not_found, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_template_whose_init_left_a_thread_running_is_refused() {
+    let h = harness(|_| {}).await;
+    let e = &h.engine;
+    let code = "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n\ndef handle(event):\n    return 'ok'\n";
+    create(e, "threads", code).await;
+    wait_for(e, "threads", 1, SnapshotStatus::Failed).await;
+    let row = &e.list_snapshots("threads").await.unwrap()[0];
+    let message = row.snapshot.error_message.as_deref().unwrap();
+    assert!(
+        message.contains("a template must be a single process"),
+        "{message}"
+    );
+    let r = e.invoke(request("threads", None)).await.unwrap();
+    assert_eq!(r.start_type, StartType::Cold);
+}

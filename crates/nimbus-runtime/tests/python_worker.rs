@@ -762,17 +762,32 @@ def handle(event):
 }
 
 #[tokio::test]
-async fn a_template_whose_init_started_a_thread_refuses_to_fork() {
-    let source = r#"
-import threading, time
-threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
-
-def handle(event):
-    return 1
-"#;
-    let (template, _code) = template(source, &[]).await;
-    let err = template.spawn("i_a").await.unwrap_err();
-    assert!(err.to_string().contains("started threads"), "{err}");
+async fn a_template_whose_init_left_a_thread_or_a_process_running_is_refused() {
+    for source in [
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n\ndef handle(event):\n    return 1\n",
+        "import subprocess\nhelper = subprocess.Popen(['sleep', '60'])\n\ndef handle(event):\n    return 1\n",
+    ] {
+        let worker = start_with(&[("handler.py", source)], "handler.handle", &[("NIMBUS_TEMPLATE", "1")]).await;
+        let pid = worker.sandbox.pid();
+        let stream = worker.conn.into_stream().unwrap();
+        let launched = nimbus_sandbox::Launched {
+            stream,
+            sandbox: worker.sandbox,
+        };
+        let spec = LaunchSpec {
+            instance_id: "i_template".into(),
+            program: "/unused".into(),
+            args: vec![],
+            env: vec![],
+            workdir: "/".into(),
+            visible: vec![],
+            memory_mb: 128,
+            network: nimbus_core::Network::Isolated,
+            template: true,
+        };
+        let err = ProcessDriver::new().template(&spec, launched).unwrap_err();
+        assert!(err.message.contains("a template must be a single process"), "{pid}: {err}");
+    }
 }
 
 #[tokio::test]

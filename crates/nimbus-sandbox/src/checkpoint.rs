@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::isolation::Isolation;
 use crate::pidfd::PidfdSandbox;
+use crate::process::socket_and_cgroups;
 use crate::{LaunchSpec, Launched, WORKER_SOCKET_FD};
 
 /// The manifest the driver keeps next to CRIU's images.
@@ -217,12 +218,18 @@ impl Staging {
     /// A fresh directory `name` under `base`, itself a private mount (so that these binds
     /// never propagate to other mount namespaces).
     fn new(base: &Path, name: &str) -> Result<Staging, String> {
-        static PRIVATE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-        PRIVATE
-            .get_or_init(|| private_mount(base).map_err(|e| format!("{}: {e}", base.display())))
-            .clone()?;
+        // Once per server, and again after a failure.
+        static PRIVATE: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+        let mut private = PRIVATE.lock().expect("staging lock");
+        if !*private {
+            private_mount(base).map_err(|e| format!("{}: {e}", base.display()))?;
+            *private = true;
+        }
+        drop(private);
         let dir = base.join(name);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        // Walkable, not listable: the restored sandbox's user must reach its mounts, other
+        // host users need not see them.
+        create_dir_mode(&dir, 0o711).map_err(|e| format!("{}: {e}", dir.display()))?;
         Ok(Staging {
             dir,
             mounts: Vec::new(),
@@ -260,10 +267,17 @@ impl Drop for Staging {
     }
 }
 
+/// Creates `dir` (its parents as they come) with `mode`.
+fn create_dir_mode(dir: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+}
+
 /// Makes `dir` a private mount of itself (once; kept across server restarts).
 fn private_mount(dir: &Path) -> std::io::Result<()> {
     use nix::mount::{mount, MsFlags};
-    std::fs::create_dir_all(dir)?;
+    create_dir_mode(dir, 0o711)?;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
     let shown = dir.display().to_string();
     let mounted = mountinfo
@@ -309,7 +323,7 @@ pub(crate) async fn run(
     // errors what it only probes (rlimits, iptables tools).
     let tail = log_text
         .lines()
-        .filter(|l| l.contains("Error") && !l.contains("RLIMIT_NOFILE") && !l.contains("tables"))
+        .filter(|l| l.contains("Error") && !l.contains("RLIMIT_NOFILE") && !l.contains("iptables"))
         .take(3)
         .map(str::trim)
         .collect::<Vec<_>>()
@@ -391,26 +405,10 @@ pub(crate) async fn restore(
     let join: Vec<CString> = slot.procs_files().to_vec();
     let raw = worker.as_raw_fd();
     let outcome = run(criu, &args, &work.join("restore.log"), |cmd| {
-        // SAFETY: async-signal-safe calls only (open, write, close, dup2, fcntl) on data
-        // prepared before the fork.
+        // SAFETY: the hook only makes async-signal-safe calls on data prepared before the
+        // fork (see `socket_and_cgroups`).
         unsafe {
-            cmd.pre_exec(move || {
-                for procs in &join {
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    libc::close(fd);
-                }
-                if raw == WORKER_SOCKET_FD {
-                    if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(raw, WORKER_SOCKET_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+            cmd.pre_exec(move || socket_and_cgroups(raw, &join));
         }
     })
     .await;

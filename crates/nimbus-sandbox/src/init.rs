@@ -125,7 +125,8 @@ fn run() -> Result<i32> {
     let spec: InitSpec = serde_json::from_str(&input).context("parsing the spec")?;
     let worker_filter = seccomp::worker_filter().context("building the seccomp filter")?;
     let (filter, fork_config) = if spec.template {
-        let filter = seccomp::template_filter().context("building the seccomp filter")?;
+        let filter = seccomp::template_filter(spec.outbound.is_some())
+            .context("building the seccomp filter")?;
         (filter, Some(filter_hex(&worker_filter)))
     } else {
         (worker_filter, None)
@@ -469,7 +470,7 @@ fn fork_config(spec: &InitSpec, exposed: &[Exposed], filter: &str) -> ForkConfig
         }
     }
     ForkConfig {
-        namespaces: seccomp::INSTANCE_NAMESPACES,
+        namespaces: seccomp::instance_namespaces(spec.outbound.is_some()),
         mount_flags: seccomp::INSTANCE_MOUNT_FLAGS,
         tmp_mb: spec.tmp_mb,
         rebind,

@@ -36,9 +36,11 @@ pub const SHARED_VISIBLE: &[&str] = &[
 /// misread as negative.
 pub const UID_BASE: u32 = 2_100_000_000;
 
-/// Memory a template's cgroup gets over its function's limit, MiB: the page tables of the
-/// children it forks are made (and charged) in the template's group.
-const TEMPLATE_HEADROOM_MB: u32 = 64;
+/// Memory a template's cgroup gets over its function's limit, MiB: the kernel memory of
+/// each child it forks (page tables made at fork, the namespaces it sets up before it is
+/// moved out) stays charged to the template's group while the child lives, some 100 KiB to
+/// 1 MiB each.
+const TEMPLATE_HEADROOM_MB: u32 = 256;
 /// A template's process limit, in multiples of an instance's.
 const TEMPLATE_PIDS_FACTOR: u32 = 16;
 

@@ -146,6 +146,10 @@ pub trait Driver: Send + Sync + 'static {
         let _ = spec;
         false
     }
+    /// Whether this driver can restore checkpoints at all (on this host, as configured).
+    fn can_restore(&self) -> bool {
+        false
+    }
     /// Starts again, from its checkpoint in `dir` (see [`Template::checkpoint`]), a
     /// template launched from `spec`: a new template, in a sandbox of its own.
     async fn restore_template(

@@ -87,9 +87,7 @@ impl PidfdSandbox {
             reap,
         })
     }
-    /// Records how it ended: the wait status when the kernel kept it for the pidfd
-    /// (`PIDFD_GET_INFO`, Linux 6.15+, once its reaper has reaped it), and the cgroup's OOM
-    /// count.
+
     /// The same, with the cgroup slot it was moved into (holding `residue` tasks of an
     /// earlier occupant) and its link reservation.
     pub(crate) fn with(
@@ -104,6 +102,9 @@ impl PidfdSandbox {
         self
     }
 
+    /// Records how it ended: the wait status when the kernel kept it for the pidfd
+    /// (`PIDFD_GET_INFO`, Linux 6.15+, once its reaper has reaped it), and the cgroup's OOM
+    /// count.
     fn ended(&mut self) -> ExitInfo {
         if self.reap && self.exit.is_none() {
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -203,11 +204,34 @@ impl Sandbox for PidfdSandbox {
 impl Drop for PidfdSandbox {
     fn drop(&mut self) {
         self.signal_kill();
-        if let Some(slot) = self.slot.take() {
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(slot))),
-                Err(_) => drop(slot),
+        // Its own child (a restored template) must be reaped once it is gone, or it stays
+        // a zombie; waiting for that, like emptying the slot, blocks.
+        let reap = match (
+            self.reap && self.exit.is_none(),
+            self.pidfd.get_ref().try_clone(),
+        ) {
+            (true, Ok(pidfd)) => Some(pidfd),
+            _ => None,
+        };
+        let slot = self.slot.take();
+        let finish = move || {
+            if let Some(pidfd) = reap {
+                let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+                // SAFETY: waitid on an owned pidfd of a child this process started.
+                unsafe {
+                    libc::waitid(
+                        libc::P_PIDFD,
+                        pidfd.as_raw_fd() as libc::id_t,
+                        &mut info,
+                        libc::WEXITED,
+                    );
+                }
             }
+            drop(slot);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(finish)),
+            Err(_) => finish(),
         }
     }
 }

@@ -8,7 +8,7 @@
 //! itself) the worker is started directly with a clean environment.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -78,9 +78,11 @@ impl Driver for ProcessDriver {
     }
 
     fn can_checkpoint(&self, spec: &LaunchSpec) -> bool {
-        self.criu.is_some()
-            && self.isolation.is_some()
-            && spec.network == nimbus_core::Network::Isolated
+        self.can_restore() && spec.network == nimbus_core::Network::Isolated
+    }
+
+    fn can_restore(&self) -> bool {
+        self.criu.is_some() && self.isolation.is_some()
     }
 
     async fn restore_template(
@@ -166,23 +168,7 @@ impl Driver for ProcessDriver {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if raw == WORKER_SOCKET_FD {
-                    // dup2 onto itself keeps FD_CLOEXEC set; clear it instead.
-                    if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(raw, WORKER_SOCKET_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // Join the instance's cgroups ("0" is the writer itself).
-                for procs in &join {
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    libc::close(fd);
-                }
-                Ok(())
+                socket_and_cgroups(raw, &join)
             });
         }
         let residue = slot.as_ref().and_then(CgroupSlot::task_count).unwrap_or(0);
@@ -210,6 +196,33 @@ impl Driver for ProcessDriver {
             }),
         })
     }
+}
+
+/// In a forked child before exec: puts the socket `raw` on [`WORKER_SOCKET_FD`] and joins
+/// the cgroups whose `cgroup.procs` files are `join` ("0" is the writer itself).
+///
+/// Async-signal-safe: only `fcntl`, `dup2`, `open`, `write` and `close`, on data prepared
+/// before the fork.
+pub(crate) fn socket_and_cgroups(raw: RawFd, join: &[CString]) -> std::io::Result<()> {
+    // SAFETY: plain system calls on descriptors and NUL-terminated paths this process owns.
+    unsafe {
+        if raw == WORKER_SOCKET_FD {
+            // dup2 onto itself keeps FD_CLOEXEC set; clear it instead.
+            if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        } else if libc::dup2(raw, WORKER_SOCKET_FD) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for procs in join {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+        }
+    }
+    Ok(())
 }
 
 /// A worker running as a child process group (and, isolated, in its cgroup slot).

@@ -47,13 +47,22 @@ pub fn worker_filter() -> Result<BpfProgram, SeccompError> {
     compile(&[])
 }
 
-/// The namespaces a child forked from a template unshares to enter its own sandbox.
-pub const INSTANCE_NAMESPACES: libc::c_int = libc::CLONE_NEWUSER
-    | libc::CLONE_NEWNS
-    | libc::CLONE_NEWNET
-    | libc::CLONE_NEWIPC
-    | libc::CLONE_NEWUTS
-    | libc::CLONE_NEWPID;
+/// The namespaces a child forked from a template unshares to enter its own sandbox: all
+/// but the network namespace, which only a function with outbound network needs (for a
+/// link of its own); the others keep the template's, empty, in which no process of theirs
+/// holds a capability.
+pub const fn instance_namespaces(outbound: bool) -> libc::c_int {
+    let all = libc::CLONE_NEWUSER
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWPID;
+    if outbound {
+        all | libc::CLONE_NEWNET
+    } else {
+        all
+    }
+}
 
 /// The `mount` flags a forked child uses to build its private `/tmp`, `/dev/shm` and
 /// `/proc` and to show its code again on top of the new `/tmp`.
@@ -64,21 +73,26 @@ pub const INSTANCE_MOUNT_FLAGS: [libc::c_ulong; 3] = [
 ];
 
 /// The filter of a template (an initialized worker that children are forked from): the
-/// worker filter, except that `unshare` with exactly [`INSTANCE_NAMESPACES`] and `mount`
+/// worker filter, except that `unshare` with exactly [`instance_namespaces`] and `mount`
 /// with one of [`INSTANCE_MOUNT_FLAGS`] are allowed, which is what each forked child needs
 /// to enter its own namespaces before it installs the worker filter on top (filters stack:
 /// the child then runs under both). Those calls give a process nothing over the host: a
 /// new user namespace is what any unprivileged Linux user may create; the cost is the
-/// kernel code they open to the template's own init code.
-pub fn template_filter() -> Result<BpfProgram, SeccompError> {
-    const UNSHARE: &[&[Arg]] = &[&[ne(0, INSTANCE_NAMESPACES as u64)]];
+/// kernel code they open to the template's own init code (see docs/SECURITY.md). Without
+/// `outbound`, no new network namespace: no network capabilities anywhere.
+pub fn template_filter(outbound: bool) -> Result<BpfProgram, SeccompError> {
     const MOUNT: &[&[Arg]] = &[&[
         ne(3, INSTANCE_MOUNT_FLAGS[0]),
         ne(3, INSTANCE_MOUNT_FLAGS[1]),
         ne(3, INSTANCE_MOUNT_FLAGS[2]),
     ]];
+    const ISOLATED: &[&[Arg]] = &[&[ne(0, instance_namespaces(false) as u64)]];
+    const OUTBOUND: &[&[Arg]] = &[&[ne(0, instance_namespaces(true) as u64)]];
     compile(&[
-        (libc::SYS_unshare, Any(UNSHARE)),
+        (
+            libc::SYS_unshare,
+            Any(if outbound { OUTBOUND } else { ISOLATED }),
+        ),
         (libc::SYS_mount, Any(MOUNT)),
     ])
 }
@@ -185,6 +199,15 @@ const fn masked(index: u8, mask: u64, value: libc::c_int) -> Arg {
     }
 }
 
+/// Argument `index` equals `value`.
+const fn eq(index: u8, value: u64) -> Arg {
+    Arg {
+        index,
+        op: SeccompCmpOp::Eq,
+        value,
+    }
+}
+
 /// Argument `index` differs from `value`.
 const fn ne(index: u8, value: u64) -> Arg {
     Arg {
@@ -214,8 +237,9 @@ const SOCK_TYPE_MASK: u64 = 0xf;
 /// A socket of any family but Unix, IPv4, IPv6 and netlink (AF_PACKET sniffs and forges
 /// traffic; AF_VSOCK reaches the hypervisor and is not confined by network namespaces;
 /// AF_ALG, AF_BLUETOOTH and the rest are kernel attack surface a function does not need),
-/// or a `SOCK_RAW` socket of any family but netlink (glibc's `getaddrinfo` and
-/// `if_nameindex` open `socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE)`).
+/// a `SOCK_RAW` socket of any family but netlink (glibc's `getaddrinfo` and
+/// `if_nameindex` open `socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE)`), or a netlink socket
+/// of another protocol than `NETLINK_ROUTE`.
 const ODD_SOCKET: &[&[Arg]] = &[
     &[
         ne(0, libc::AF_UNIX as u64),
@@ -226,6 +250,12 @@ const ODD_SOCKET: &[&[Arg]] = &[
     &[
         masked(1, SOCK_TYPE_MASK, libc::SOCK_RAW),
         ne(0, libc::AF_NETLINK as u64),
+    ],
+    // Netlink other than NETLINK_ROUTE (netfilter, audit, crypto, …): kernel attack
+    // surface, reachable with capabilities in a user namespace of one's own.
+    &[
+        eq(0, libc::AF_NETLINK as u64),
+        ne(2, libc::NETLINK_ROUTE as u64),
     ],
 ];
 

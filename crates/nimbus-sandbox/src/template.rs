@@ -30,6 +30,7 @@ use std::fmt;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -84,6 +85,8 @@ pub(crate) struct ProcessTemplate {
     /// CRIU, when this template can be checkpointed (isolated, without a link: a link's
     /// host end is not the template's to take along).
     criu: Option<Arc<Criu>>,
+    /// An exchange with it was cut short: it counts as ended (see [`Exchange`]).
+    broken: AtomicBool,
 }
 
 impl ProcessTemplate {
@@ -127,6 +130,7 @@ impl ProcessTemplate {
             None => None,
         };
         let criu = criu.filter(|_| isolation.is_some() && outbound.is_none());
+        alone(worker)?;
         Ok(ProcessTemplate {
             control: tokio::sync::Mutex::new(launched.stream),
             sandbox: std::sync::Mutex::new(launched.sandbox),
@@ -135,15 +139,34 @@ impl ProcessTemplate {
             memory_mb: spec.memory_mb,
             outbound,
             criu,
+            broken: AtomicBool::new(false),
         })
     }
 }
 
+/// The template's answer to a request (`forked`, `detached`).
 #[derive(Deserialize)]
-struct Forked {
+struct Answer {
     ok: bool,
     #[serde(default)]
     error: Option<String>,
+}
+
+/// An exchange on the template's connection: if it ends before the answer is read (an
+/// error, a cancelled start), the connection is out of step and the template is broken.
+struct Exchange<'a>(&'a AtomicBool);
+
+impl Exchange<'_> {
+    /// The answer was read: the connection is in step.
+    fn done(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Exchange<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 #[async_trait]
@@ -175,6 +198,7 @@ impl Template for ProcessTemplate {
         .map_err(|e| fail(e.to_string()))?;
         {
             let mut control = self.control.lock().await;
+            let exchange = Exchange(&self.broken);
             send_with_fd(&control, &request, worker.as_raw_fd())
                 .await
                 .map_err(|e| fail(format!("sending the fork request to the template: {e}")))?;
@@ -182,8 +206,9 @@ impl Template for ProcessTemplate {
             let reply = read_frame(&mut control)
                 .await
                 .map_err(|e| fail(format!("the template did not answer the fork: {e}")))?;
-            let reply: Forked = serde_json::from_slice(&reply)
+            let reply: Answer = serde_json::from_slice(&reply)
                 .map_err(|e| fail(format!("the template's answer: {e}")))?;
+            exchange.done();
             if !reply.ok {
                 return Err(fail(format!(
                     "the template could not fork: {}",
@@ -197,6 +222,16 @@ impl Template for ProcessTemplate {
         // Watched before it is moved or released, while its pid surely names it.
         let watched = PidfdSandbox::watch(pid, None, 0, None, false)
             .map_err(|e| fail(format!("pidfd_open({pid}): {e}")))?;
+        if self.isolation.is_some() {
+            // The child set its sandbox up itself, with code the function's init could have
+            // tampered with (it ran in the same interpreter): nothing runs before the host
+            // has seen the result.
+            check_sandboxed(pid, self.worker).map_err(|e| {
+                fail(format!(
+                    "the forked instance did not enter its sandbox: {e}"
+                ))
+            })?;
+        }
         if let Some(slot) = &slot {
             slot.adopt(pid)
                 .map_err(|e| fail(format!("moving the instance into its cgroup: {e}")))?;
@@ -225,11 +260,13 @@ impl Template for ProcessTemplate {
     }
 
     fn alive(&self) -> bool {
-        self.sandbox
-            .lock()
-            .expect("template lock")
-            .try_exit()
-            .is_none()
+        !self.broken.load(Ordering::Relaxed)
+            && self
+                .sandbox
+                .lock()
+                .expect("template lock")
+                .try_exit()
+                .is_none()
     }
 
     async fn checkpoint(&self, dir: &Path) -> Result<Vec<String>, DriverError> {
@@ -245,6 +282,7 @@ impl Template for ProcessTemplate {
         let mut control = self.control.lock().await;
         let detach = serde_json::to_vec(&serde_json::json!({ "type": "detach" }))
             .map_err(|e| fail(e.to_string()))?;
+        let exchange = Exchange(&self.broken);
         control
             .write_all(&frame(&detach))
             .await
@@ -252,8 +290,9 @@ impl Template for ProcessTemplate {
         let (reply, fd) = read_frame_with_fd(&control)
             .await
             .map_err(|e| fail(format!("the template's answer to detach: {e}")))?;
-        let reply: Forked = serde_json::from_slice(&reply)
+        let reply: Answer = serde_json::from_slice(&reply)
             .map_err(|e| fail(format!("the template's answer: {e}")))?;
+        exchange.done();
         let fd = match (reply.ok, fd) {
             (true, Some(fd)) => fd,
             _ => {
@@ -331,6 +370,60 @@ impl Template for ProcessTemplate {
     }
 }
 
+/// Checks that the template `pid` is a single thread with no child: threads would not
+/// survive a fork, and a process the function's init left running would live on in the
+/// template, outside any invocation, limit or timeout.
+fn alone(pid: u32) -> Result<(), String> {
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .map_err(|e| format!("the template's threads: {e}"))?;
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map_err(|e| format!("the template's children: {e}"))?;
+    let children = children.split_whitespace().count();
+    if threads != 1 || children != 0 {
+        return Err(format!(
+            "the function's init left {} thread(s) and {children} process(es) running besides \
+             its own; a template must be a single process (no snapshot: its instances start cold)",
+            threads - 1
+        ));
+    }
+    Ok(())
+}
+
+/// Checks, from the host, that process `pid` forked from the template `template` is in a
+/// sandbox of its own: no capability (effective, permitted or bounding), `no_new_privs`,
+/// the template's filter and the worker filter, and user, mount and pid namespaces other
+/// than the template's.
+fn check_sandboxed(pid: u32, template: u32) -> Result<(), String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("its status: {e}"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+            .unwrap_or_default()
+    };
+    for caps in ["CapEff", "CapPrm", "CapBnd"] {
+        if !field(caps).trim_start_matches('0').is_empty() {
+            return Err(format!("it holds capabilities ({caps} {})", field(caps)));
+        }
+    }
+    if field("NoNewPrivs") != "1" {
+        return Err("no_new_privs is not set".into());
+    }
+    if field("Seccomp_filters").parse::<u32>().unwrap_or(0) < 2 {
+        return Err("the worker seccomp filter is not installed".into());
+    }
+    for ns in ["user", "mnt", "pid"] {
+        let of = |p: u32| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).ok();
+        if of(pid).is_none() || of(pid) == of(template) {
+            return Err(format!("it shares the template's {ns} namespace"));
+        }
+    }
+    Ok(())
+}
+
 /// `payload` as a frame.
 fn frame(payload: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(payload.len() + 4);
@@ -385,18 +478,16 @@ async fn read_frame_with_fd(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Op
         return Err(std::io::Error::other(format!("a {len}-byte frame")));
     }
     let mut payload = vec![0; len];
-    let mut reader = stream;
     let mut filled = 0;
     while filled < len {
-        reader.readable().await?;
-        match reader.try_read(&mut payload[filled..]) {
+        stream.readable().await?;
+        match stream.try_read(&mut payload[filled..]) {
             Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => filled += n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
     }
-    let _ = &mut reader;
     Ok((payload, fd))
 }
 

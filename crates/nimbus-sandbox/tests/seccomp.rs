@@ -72,6 +72,8 @@ const DENIED: &[&str] = &[
     "socket_packet_dgram",
     "socket_inet_raw",
     "socket_inet6_raw_nonblock_cloexec",
+    "socket_netlink_netfilter",
+    "socket_netlink_audit_dgram",
     #[cfg(target_arch = "x86_64")]
     "iopl",
     #[cfg(target_arch = "x86_64")]
@@ -236,6 +238,8 @@ PROBES = {
     "socket_inet_dgram": lambda: sock(socket.AF_INET, socket.SOCK_DGRAM),
     "socket_unix": lambda: sock(socket.AF_UNIX, socket.SOCK_STREAM),
     "socket_netlink_route": lambda: sock(socket.AF_NETLINK, socket.SOCK_RAW, 0),  # NETLINK_ROUTE
+    "socket_netlink_netfilter": lambda: sock(socket.AF_NETLINK, socket.SOCK_RAW, 12),
+    "socket_netlink_audit_dgram": lambda: sock(socket.AF_NETLINK, socket.SOCK_DGRAM, 9),
     "personality_default": lambda: raw("personality", 0),  # PER_LINUX
     "personality_query": lambda: raw("personality", 0xFFFFFFFF),
 }

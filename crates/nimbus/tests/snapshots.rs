@@ -477,3 +477,23 @@ async fn a_corrupted_checkpoint_is_caught_the_invocation_succeeds_and_it_is_rebu
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_killed_server_takes_its_templates_spares_and_forked_instances_along() {
+    let mut s = server().await;
+    s.deploy("orphans", SLOW_INIT, json!({})).await;
+    wait_resident(&s, "orphans", 1).await;
+    invoke(&s, "orphans", "").await; // a forked instance, then a spare forked ahead
+    assert!(!template_pids("orphans").is_empty());
+    s.child.kill().unwrap(); // SIGKILL: no shutdown of its own
+    s.child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !template_pids("orphans").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "processes outlived the server: {:?}",
+            template_pids("orphans")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
