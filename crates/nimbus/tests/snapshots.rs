@@ -496,4 +496,8 @@ async fn a_killed_server_takes_its_templates_spares_and_forked_instances_along()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The next start on the data directory removes what the killed one left (its cgroups).
+    let args = s.args.clone();
+    s.spawn(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .await;
 }
