@@ -357,7 +357,7 @@ impl Pools {
         &self,
         version: &Arc<VersionEntry>,
     ) -> Result<(Instance, StartType), (StartError, StartType)> {
-        if let Some(template) = self.snapshots.resident(version) {
+        if let Some(template) = self.snapshots.resident(version).await {
             let started = Instant::now();
             match self.launcher.fork(version, &template).await {
                 Ok(instance) => {
@@ -367,7 +367,7 @@ impl Pools {
                 // The user's after-restore hook failed: the instance's failure, not the
                 // template's.
                 Err(e @ StartError::Init { .. }) => return Err((e, StartType::Template)),
-                Err(e) => self.snapshots.restore_failed(version, &template, &e),
+                Err(e) => self.snapshots.restore_failed(version, &template, &e).await,
             }
         } else if let Some(copy) = self.snapshots.take_on_disk(version) {
             // From disk: the template comes back, then this instance forks from it.
@@ -379,7 +379,7 @@ impl Pools {
                         return Ok((instance, StartType::Snapshot));
                     }
                     Err(e @ StartError::Init { .. }) => return Err((e, StartType::Snapshot)),
-                    Err(e) => self.snapshots.restore_failed(version, &template, &e),
+                    Err(e) => self.snapshots.restore_failed(version, &template, &e).await,
                 }
             }
         } else {

@@ -92,7 +92,7 @@ impl Engine {
                 })?,
         };
         let entry = self.catalog.version(&function, number).await?;
-        let was_resident = self.snapshots.resident(&entry).is_some();
+        let was_resident = self.snapshots.is_resident_version(&entry);
         let snapshot = self.snapshots.request(&entry, wait).await?;
         Ok((!was_resident, self.view(snapshot)))
     }

@@ -191,14 +191,17 @@ impl Snapshots {
     }
 
     /// The template to start a new instance of `version` from, if one is resident.
-    pub(crate) fn resident(&self, version: &VersionEntry) -> Option<Arc<Resident>> {
+    pub(crate) async fn resident(&self, version: &VersionEntry) -> Option<Arc<Resident>> {
         if !self.settings.enabled {
             return None;
         }
         let key = key_of(version);
-        let mut entries = self.entries.lock().expect("snapshots lock");
-        let Some(Entry::Ready(resident)) = entries.get(&key) else {
-            return None;
+        let resident = {
+            let entries = self.entries.lock().expect("snapshots lock");
+            let Some(Entry::Ready(resident)) = entries.get(&key) else {
+                return None;
+            };
+            resident.clone()
         };
         if resident.template.alive() {
             *resident.last_used.lock().expect("resident lock") = Instant::now();
@@ -206,26 +209,39 @@ impl Snapshots {
             if let Some(copy) = resident.disk_copy() {
                 *copy.last_used.lock().expect("copy lock") = Instant::now();
             }
-            return Some(resident.clone());
+            return Some(resident);
         }
-        // It ended (killed from outside, or its memory limit): from disk if it was
-        // checkpointed, else built again.
-        let gone = resident.clone();
-        match gone.disk_copy() {
-            Some(copy) => {
-                entries.insert(key, Entry::OnDisk(copy));
-            }
-            None => {
-                entries.remove(&key);
-                drop(entries);
-                self.mark(
-                    &gone.snapshot_id,
-                    SnapshotStatus::Expired,
-                    Some("the template ended (killed, or over its memory limit)"),
-                );
-            }
-        }
+        // It ended (killed from outside, or its memory limit).
+        self.ended(
+            &resident,
+            "the template ended (killed, or over its memory limit)",
+        )
+        .await;
         None
+    }
+
+    /// Drops the entry of a template that ended: the next start restores its checkpoint
+    /// if it has one; otherwise the snapshot expires (recording `why`) and is rebuilt when
+    /// the version next starts cold.
+    async fn ended(&self, resident: &Arc<Resident>, why: &str) {
+        let copy = resident.disk_copy();
+        {
+            let mut entries = self.entries.lock().expect("snapshots lock");
+            match entries.get(&resident.key) {
+                Some(Entry::Ready(r)) if Arc::ptr_eq(r, resident) => {}
+                _ => return,
+            }
+            match &copy {
+                Some(copy) => entries.insert(resident.key.clone(), Entry::OnDisk(copy.clone())),
+                None => entries.remove(&resident.key),
+            };
+        }
+        if copy.is_none() {
+            let _ = self
+                .store
+                .set_snapshot_status(&resident.snapshot_id, SnapshotStatus::Expired, Some(why))
+                .await;
+        }
     }
 
     /// The checkpoint to restore `version`'s template from, if it is on disk and not in
@@ -495,7 +511,10 @@ impl Snapshots {
             // The index says ready or building (an earlier run of this server, or another
             // server): this server has no template of it, so it builds its own.
             Ok((row, false)) => {
-                self.mark(&row.id, SnapshotStatus::Building, None);
+                let _ = self
+                    .store
+                    .set_snapshot_status(&row.id, SnapshotStatus::Building, None)
+                    .await;
                 row
             }
             Err(e) => {
@@ -596,9 +615,9 @@ impl Snapshots {
     }
 
     /// A start from `resident` failed for the platform's reasons; the caller starts cold.
-    /// If the template itself has ended, the snapshot is `corrupt`, its template dropped
-    /// and rebuilt.
-    pub(crate) fn restore_failed(
+    /// If the template itself has ended (or broke), it is dropped: restored from its
+    /// checkpoint next time, or rebuilt.
+    pub(crate) async fn restore_failed(
         &self,
         version: &Arc<VersionEntry>,
         resident: &Arc<Resident>,
@@ -622,35 +641,11 @@ impl Snapshots {
             snapshot = %resident.snapshot_id,
             "the template ended; starting cold and rebuilding it: {error}"
         );
-        self.evict_if(&resident.key, resident);
-        self.mark(
-            &resident.snapshot_id,
-            SnapshotStatus::Corrupt,
-            Some(&format!("a start from it failed: {error}")),
-        );
-        self.enqueue(version, true);
-    }
-
-    /// Removes `key`'s entry if it is still `resident`.
-    fn evict_if(&self, key: &Key, resident: &Arc<Resident>) -> bool {
-        let mut entries = self.entries.lock().expect("snapshots lock");
-        match entries.get(key) {
-            Some(Entry::Ready(r)) if Arc::ptr_eq(r, resident) => {
-                entries.remove(key);
-                true
-            }
-            _ => false,
+        self.ended(resident, &format!("the template ended: {error}"))
+            .await;
+        if resident.disk_copy().is_none() {
+            self.enqueue(version, true);
         }
-    }
-
-    /// Sets a snapshot's status in the background.
-    fn mark(&self, id: &str, status: SnapshotStatus, error: Option<&str>) {
-        let (store, id, error) = (self.store.clone(), id.to_owned(), error.map(str::to_owned));
-        tokio::spawn(async move {
-            let _ = store
-                .set_snapshot_status(&id, status, error.as_deref())
-                .await;
-        });
     }
 
     /// Residents, for the lifecycle.
@@ -889,6 +884,17 @@ impl Snapshots {
             }
         }
         self.refresh_gauges().await;
+    }
+
+    /// Whether `version`'s template is resident on this server (nothing else checked).
+    pub(crate) fn is_resident_version(&self, version: &VersionEntry) -> bool {
+        matches!(
+            self.entries
+                .lock()
+                .expect("snapshots lock")
+                .get(&key_of(version)),
+            Some(Entry::Ready(_))
+        )
     }
 
     /// Whether a snapshot's template is resident on this server.
