@@ -146,7 +146,16 @@ impl Launcher {
             .map_err(|e| StartError::Crashed(e.to_string()))?;
         self.driver
             .template(&spec, Launched { stream, sandbox })
-            .map_err(|e| StartError::Platform(EngineError::Internal(e.to_string())))
+            // The driver refuses what the function's code made of the template (threads or
+            // processes left running): the function's failure, not the platform's.
+            .map_err(|e| StartError::Init {
+                error: ErrorPayload {
+                    error_type: "TemplateRefused".into(),
+                    message: e.message,
+                    traceback: String::new(),
+                },
+                logs: String::new(),
+            })
     }
 
     /// Whether the driver can checkpoint `version`'s template to disk.

@@ -131,10 +131,17 @@ enum Entry {
     OnDisk(Arc<DiskCopy>),
     /// A restore from this checkpoint is under way (other starts meanwhile go cold).
     Restoring(Arc<DiskCopy>),
-    /// The last build failed: not retried by itself (the same code would fail the same
-    /// way), only on request.
-    Failed,
+    /// The last build failed. The function's own failures (its init or hooks raised) are
+    /// not retried by themselves, since the same code fails the same way, only on request;
+    /// the platform's (a timeout under load, a cgroup error) are, on a start after
+    /// `retry_at`.
+    Failed {
+        retry_at: Option<Instant>,
+    },
 }
+
+/// How long a build that failed for the platform's reasons waits before the next try.
+const BUILD_RETRY: Duration = Duration::from_secs(60);
 
 struct Job {
     version: Arc<VersionEntry>,
@@ -378,7 +385,11 @@ impl Snapshots {
         match entries.get(&key) {
             Some(Entry::Building(done)) => return Some(done.clone()),
             Some(Entry::Ready(_) | Entry::OnDisk(_) | Entry::Restoring(_)) => return None,
-            Some(Entry::Failed) if !retry => return None,
+            Some(Entry::Failed { retry_at })
+                if !retry && retry_at.is_none_or(|t| t > Instant::now()) =>
+            {
+                return None
+            }
             _ => {}
         }
         let done = Arc::new(Notify::new());
@@ -578,7 +589,11 @@ impl Snapshots {
                     .await;
                 metrics::snapshot_built("failed", seconds);
                 tracing::warn!(function = %version.function_name, version = version.version, "snapshot build failed: {message}");
-                self.finish_build(&key, done, Entry::Failed);
+                let retry_at = match e {
+                    StartError::Init { .. } => None,
+                    _ => Some(Instant::now() + BUILD_RETRY),
+                };
+                self.finish_build(&key, done, Entry::Failed { retry_at });
             }
         }
         self.refresh_gauges().await;
