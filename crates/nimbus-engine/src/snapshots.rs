@@ -560,9 +560,13 @@ impl Snapshots {
                     resident_mib = resident.bytes >> 20,
                     "snapshot ready"
                 );
-                // Checkpointed before it forks anything (see the runtime's template mode).
+                // Checkpointed before it forks anything (see the runtime's template mode),
+                // then readied for its first start.
                 if self.settings.disk && self.launcher.can_checkpoint(version) {
                     self.checkpoint(&row, &resident).await;
+                }
+                if let Err(e) = resident.template.fork_ahead().await {
+                    tracing::debug!(snapshot = %row.id, "no spare ahead of the first start: {e}");
                 }
                 if !self.finish_build(&key, done, Entry::Ready(resident.clone())) {
                     // Forgotten meanwhile (its version or function deleted).

@@ -803,3 +803,39 @@ async fn how_a_forked_instance_ended_is_known() {
     let exit = worker.sandbox.wait().await;
     assert_eq!(exit.code, Some(3), "{exit}");
 }
+
+#[tokio::test]
+async fn the_first_instance_after_fork_ahead_is_the_spare_forked_before_it_was_asked_for() {
+    let source = "import os\n\ndef handle(event):\n    return os.getpid()\n";
+    let worker = start_with(
+        &[("handler.py", source)],
+        "handler.handle",
+        &[("NIMBUS_TEMPLATE", "1")],
+    )
+    .await;
+    let template_pid = worker.sandbox.pid();
+    let stream = worker.conn.into_stream().unwrap();
+    let launched = nimbus_sandbox::Launched {
+        stream,
+        sandbox: worker.sandbox,
+    };
+    let spec = LaunchSpec {
+        instance_id: "i_template".into(),
+        program: "/unused".into(),
+        args: vec![],
+        env: vec![],
+        workdir: "/".into(),
+        visible: vec![],
+        memory_mb: 128,
+        network: nimbus_core::Network::Isolated,
+        template: true,
+    };
+    let template = ProcessDriver::new().template(&spec, launched).unwrap();
+    template.fork_ahead().await.unwrap();
+    let children =
+        std::fs::read_to_string(format!("/proc/{template_pid}/task/{template_pid}/children"))
+            .unwrap();
+    let spare: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    let mut instance = fork(template.as_ref(), "i_a").await.unwrap();
+    assert_eq!(body(&invoke(&mut instance, json!({})).await), json!(spare));
+}

@@ -57,6 +57,11 @@ pub trait Template: Send + Sync + fmt::Debug {
     async fn spawn(&self, instance_id: &str) -> Result<Launched, DriverError>;
     /// Whether the template still runs.
     fn alive(&self) -> bool;
+    /// Readies the template to start its first instance as fast as later ones (the process
+    /// driver's template forks a spare child ahead). Call it after any checkpoint.
+    async fn fork_ahead(&self) -> Result<(), DriverError> {
+        Ok(())
+    }
     /// Writes a checkpoint of the template, left running, into the empty directory `dir`,
     /// from which [`Driver::restore_template`](crate::Driver::restore_template) starts it
     /// again. Returns the paths (relative to `dir`) of the regular files written.
@@ -267,6 +272,31 @@ impl Template for ProcessTemplate {
                 .expect("template lock")
                 .try_exit()
                 .is_none()
+    }
+
+    async fn fork_ahead(&self) -> Result<(), DriverError> {
+        let fail = |message: String| DriverError {
+            instance_id: String::new(),
+            message,
+        };
+        let request = serde_json::to_vec(&serde_json::json!({ "type": "spare" }))
+            .map_err(|e| fail(e.to_string()))?;
+        let mut control = self.control.lock().await;
+        let exchange = Exchange(&self.broken);
+        control
+            .write_all(&frame(&request))
+            .await
+            .map_err(|e| fail(format!("asking the template for a spare: {e}")))?;
+        let reply = read_frame(&mut control)
+            .await
+            .map_err(|e| fail(format!("the template's answer: {e}")))?;
+        let reply: Answer = serde_json::from_slice(&reply)
+            .map_err(|e| fail(format!("the template's answer: {e}")))?;
+        exchange.done();
+        match reply.ok {
+            true => Ok(()),
+            false => Err(fail("the template could not fork a spare".into())),
+        }
     }
 
     async fn checkpoint(&self, dir: &Path) -> Result<Vec<String>, DriverError> {

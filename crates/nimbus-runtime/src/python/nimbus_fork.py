@@ -6,6 +6,8 @@ the nimbus-sandbox crate's `template` module):
 
     driver -> template   {"type": "fork", "instance_id": ...} + a socket (SCM_RIGHTS)
     template -> driver   {"type": "forked", "ok": true} | {"ok": false, "error": ...}
+    driver -> template   {"type": "spare"}     (fork a child ahead, see `serve`)
+    template -> driver   {"type": "spared", "ok": ...}
     driver -> template   {"type": "detach"}    (before a checkpoint)
     template -> driver   {"type": "detached", "ok": true} + the driver's end of a new
                          connection made inside the sandbox, which replaces fd 3
@@ -139,6 +141,14 @@ def serve(sock, config, loads, encode):
         if not body:
             posix._exit(0)
         message = loads(body.decode("utf-8"))
+        if message.get("type") == "spare" and not fds:
+            # Ready for the first request before it comes (after any checkpoint).
+            if spare is None:
+                spare, channel = _fork_spare()
+                if channel is not None:
+                    return _become_spare(sock, channel, config, loads)
+            _send(sock, encode, {"type": "spared", "ok": spare is not None})
+            continue
         if message.get("type") == "detach" and not fds:
             if spare is not None:
                 spare.close()  # the spare exits when its channel closes
