@@ -126,11 +126,11 @@ def serve(sock, config, loads, encode):
     """Answers fork requests until the driver closes the connection (then exits the
     template). Returns the new instance id in a forked child, ready to serve.
 
-    Once it has forked an instance, the template keeps one child forked ahead (a spare),
-    already in its sandbox and waiting on a channel of its own: the next request is handed
-    to it, which spares that request the fork and the sandbox set-up, and a new spare is
-    forked after the answer. (None before the first request: a checkpoint, taken before
-    any, must find the template alone.)"""
+    The template keeps one child forked ahead (a spare), already in its sandbox and
+    waiting on a channel of its own: the next request is handed to it, which spares that
+    request the fork and the sandbox set-up, and a new spare is forked after the answer.
+    The first spare comes with the first request or a `spare` request, whichever is
+    first (a checkpoint, taken before either, must find the template alone)."""
     # Children are reaped as they end, so whoever watches them learns how they ended.
     signal.signal(signal.SIGCHLD, lambda _signum, _frame: _reap())
     spare = None
