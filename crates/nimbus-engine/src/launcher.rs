@@ -66,6 +66,11 @@ impl Launcher {
         }
     }
 
+    /// Longest time a new instance (or a template's step) may take.
+    pub(crate) fn start_timeout(&self) -> Duration {
+        self.config.start_timeout
+    }
+
     /// Name of the driver (part of a snapshot's key).
     pub(crate) fn driver_name(&self) -> &'static str {
         self.driver.name()
@@ -146,15 +151,18 @@ impl Launcher {
             .map_err(|e| StartError::Crashed(e.to_string()))?;
         self.driver
             .template(&spec, Launched { stream, sandbox })
-            // The driver refuses what the function's code made of the template (threads or
-            // processes left running): the function's failure, not the platform's.
-            .map_err(|e| StartError::Init {
-                error: ErrorPayload {
-                    error_type: "TemplateRefused".into(),
-                    message: e.message,
-                    traceback: String::new(),
+            // A refusal of what the function's code made of the template (threads or
+            // processes left running) is the function's failure, not the platform's.
+            .map_err(|e| match e.refused {
+                true => StartError::Init {
+                    error: ErrorPayload {
+                        error_type: "TemplateRefused".into(),
+                        message: e.message,
+                        traceback: String::new(),
+                    },
+                    logs: String::new(),
                 },
-                logs: String::new(),
+                false => StartError::Platform(EngineError::Internal(e.message)),
             })
     }
 

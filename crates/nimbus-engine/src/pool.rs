@@ -379,7 +379,11 @@ impl Pools {
                         return Ok((instance, StartType::Snapshot));
                     }
                     Err(e @ StartError::Init { .. }) => return Err((e, StartType::Snapshot)),
-                    Err(e) => self.snapshots.restore_failed(version, &template, &e).await,
+                    Err(e) => {
+                        self.snapshots
+                            .restored_template_failed(version, &template, &e)
+                            .await
+                    }
                 }
             }
         } else {

@@ -231,6 +231,33 @@ impl Snapshots {
     /// if it has one; otherwise the snapshot expires (recording `why`) and is rebuilt when
     /// the version next starts cold.
     async fn ended(&self, resident: &Arc<Resident>, why: &str) {
+        // Refused for what the function's code did to it: the same code would do it again.
+        if let Some(refusal) = resident.template.refused() {
+            {
+                let mut entries = self.entries.lock().expect("snapshots lock");
+                match entries.get(&resident.key) {
+                    Some(Entry::Ready(r)) if Arc::ptr_eq(r, resident) => {}
+                    _ => return,
+                }
+                entries.insert(resident.key.clone(), Entry::Failed { retry_at: None });
+            }
+            if let Some(copy) = resident.disk_copy() {
+                remove_dir(&copy.dir);
+            }
+            let _ = self
+                .store
+                .finish_snapshot(
+                    &resident.snapshot_id,
+                    SnapshotStatus::Failed,
+                    Some(&refusal),
+                    None,
+                    &[],
+                    0,
+                    None,
+                )
+                .await;
+            return;
+        }
         let copy = resident.disk_copy();
         {
             let mut entries = self.entries.lock().expect("snapshots lock");
@@ -561,12 +588,24 @@ impl Snapshots {
                     "snapshot ready"
                 );
                 // Checkpointed before it forks anything (see the runtime's template mode),
-                // then readied for its first start.
+                // then readied for its first start; neither may hold a build worker for
+                // longer than a start may take (the template then counts as broken).
+                let limit = self.launcher.start_timeout();
                 if self.settings.disk && self.launcher.can_checkpoint(version) {
-                    self.checkpoint(&row, &resident).await;
+                    let checkpoint = self.checkpoint(&row, &resident);
+                    if tokio::time::timeout(limit, checkpoint).await.is_err() {
+                        tracing::warn!(snapshot = %row.id, "checkpointing the template timed out");
+                        remove_dir(&self.dir.join(&row.id));
+                    }
                 }
-                if let Err(e) = resident.template.fork_ahead().await {
-                    tracing::debug!(snapshot = %row.id, "no spare ahead of the first start: {e}");
+                match tokio::time::timeout(limit, resident.template.fork_ahead()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(snapshot = %row.id, "no spare ahead of the first start: {e}")
+                    }
+                    Err(_) => {
+                        tracing::warn!(snapshot = %row.id, "the template did not fork a spare in time")
+                    }
                 }
                 if !self.finish_build(&key, done, Entry::Ready(resident.clone())) {
                     // Forgotten meanwhile (its version or function deleted).
@@ -654,17 +693,63 @@ impl Snapshots {
             );
             return;
         }
+        let next = match resident.template.refused() {
+            Some(_) => "refused (the snapshot fails; not rebuilt)",
+            None if resident.disk_copy().is_some() => "ended (restored from disk next time)",
+            None => "ended (rebuilt)",
+        };
         tracing::warn!(
             function = %version.function_name,
             version = version.version,
             snapshot = %resident.snapshot_id,
-            "the template ended; starting cold and rebuilding it: {error}"
+            "starting cold; the template {next}: {error}"
         );
         self.ended(resident, &format!("the template ended: {error}"))
             .await;
-        if resident.disk_copy().is_none() {
+        if resident.disk_copy().is_none() && resident.template.refused().is_none() {
             self.enqueue(version, true);
         }
+    }
+
+    /// A template just restored from `copy` failed its first start for the platform's
+    /// reasons: its checkpoint is not to be trusted (restoring it again would fail again),
+    /// so it is `corrupt`, deleted and rebuilt, unless the template was refused for what
+    /// the function's code did.
+    pub(crate) async fn restored_template_failed(
+        &self,
+        version: &Arc<VersionEntry>,
+        resident: &Arc<Resident>,
+        error: &StartError,
+    ) {
+        if resident.template.alive() || resident.template.refused().is_some() {
+            return self.restore_failed(version, resident, error).await;
+        }
+        metrics::snapshot_restored("failed", 0.0);
+        {
+            let mut entries = self.entries.lock().expect("snapshots lock");
+            match entries.get(&resident.key) {
+                Some(Entry::Ready(r)) if Arc::ptr_eq(r, resident) => {}
+                _ => return,
+            }
+            entries.remove(&resident.key);
+        }
+        if let Some(copy) = resident.disk_copy() {
+            remove_dir(&copy.dir);
+        }
+        tracing::warn!(snapshot = %resident.snapshot_id, "the template restored from disk failed at once, rebuilding the snapshot: {error}");
+        let _ = self
+            .store
+            .finish_snapshot(
+                &resident.snapshot_id,
+                SnapshotStatus::Corrupt,
+                Some(&format!("its restored template failed: {error}")),
+                None,
+                &[],
+                0,
+                None,
+            )
+            .await;
+        self.enqueue(version, true);
     }
 
     /// Residents, for the lifecycle.

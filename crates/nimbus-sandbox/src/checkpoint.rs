@@ -307,6 +307,8 @@ pub(crate) async fn run(
     cmd.args(args)
         .arg("-o")
         .arg(log)
+        // A caller that gives up (a timeout) leaves no CRIU behind.
+        .kill_on_drop(true)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

@@ -119,6 +119,10 @@ pub struct DriverError {
     pub instance_id: String,
     /// Why.
     pub message: String,
+    /// The driver refused what the function's own code made of its worker (a template
+    /// with threads or processes left running, a child that did not enter its sandbox):
+    /// the function's failure, not the platform's, and one that retrying will not cure.
+    pub refused: bool,
 }
 
 /// A way of starting isolated workers.
@@ -139,6 +143,7 @@ pub trait Driver: Send + Sync + 'static {
         Err(DriverError {
             instance_id: spec.instance_id.clone(),
             message: format!("the {} driver keeps no templates", self.name()),
+            refused: false,
         })
     }
     /// Whether templates launched from `spec` can be checkpointed to disk and restored.
@@ -161,6 +166,7 @@ pub trait Driver: Send + Sync + 'static {
         Err(DriverError {
             instance_id: spec.instance_id.clone(),
             message: format!("the {} driver cannot restore templates", self.name()),
+            refused: false,
         })
     }
 }

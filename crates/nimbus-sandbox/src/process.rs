@@ -71,9 +71,10 @@ impl Driver for ProcessDriver {
     ) -> Result<Box<dyn Template>, DriverError> {
         ProcessTemplate::new(spec, launched, self.isolation.clone(), self.criu.clone())
             .map(|t| Box::new(t) as Box<dyn Template>)
-            .map_err(|message| DriverError {
+            .map_err(|(message, refused)| DriverError {
                 instance_id: spec.instance_id.clone(),
                 message,
+                refused,
             })
     }
 
@@ -93,6 +94,7 @@ impl Driver for ProcessDriver {
         let fail = |message: String| DriverError {
             instance_id: spec.instance_id.clone(),
             message,
+            refused: false,
         };
         let (Some(isolation), Some(criu)) = (&self.isolation, &self.criu) else {
             return Err(fail("this server does not restore checkpoints".into()));
@@ -102,13 +104,18 @@ impl Driver for ProcessDriver {
             .map_err(&fail)?;
         ProcessTemplate::restored(spec, launched, isolation.clone(), criu.clone())
             .map(|t| Box::new(t) as Box<dyn Template>)
-            .map_err(fail)
+            .map_err(|(message, refused)| DriverError {
+                instance_id: spec.instance_id.clone(),
+                message,
+                refused,
+            })
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, DriverError> {
         let fail = |message: String| DriverError {
             instance_id: spec.instance_id.clone(),
             message,
+            refused: false,
         };
         let (host, worker) =
             std::os::unix::net::UnixStream::pair().map_err(|e| fail(format!("socketpair: {e}")))?;
@@ -168,6 +175,7 @@ impl Driver for ProcessDriver {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // This is the pre-exec hook the helper is for.
                 socket_and_cgroups(raw, &join)
             });
         }
@@ -203,7 +211,11 @@ impl Driver for ProcessDriver {
 ///
 /// Async-signal-safe: only `fcntl`, `dup2`, `open`, `write` and `close`, on data prepared
 /// before the fork.
-pub(crate) fn socket_and_cgroups(raw: RawFd, join: &[CString]) -> std::io::Result<()> {
+///
+/// # Safety
+///
+/// Only for a pre-exec hook: it replaces whatever descriptor is 3 in the calling process.
+pub(crate) unsafe fn socket_and_cgroups(raw: RawFd, join: &[CString]) -> std::io::Result<()> {
     // SAFETY: plain system calls on descriptors and NUL-terminated paths this process owns.
     unsafe {
         if raw == WORKER_SOCKET_FD {

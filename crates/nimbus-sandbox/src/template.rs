@@ -70,10 +70,17 @@ pub trait Template: Send + Sync + fmt::Debug {
         Err(DriverError {
             instance_id: String::new(),
             message: "this template cannot be checkpointed".into(),
+            refused: false,
         })
     }
     /// Memory the template holds resident, bytes (what keeping it costs).
     fn resident_bytes(&self) -> Option<u64>;
+    /// Why the driver stopped trusting this template because of what the function's code
+    /// did to it (a child it forked did not enter its sandbox), if it did: not worth
+    /// rebuilding from the same code.
+    fn refused(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A process-driver template: the template's connection and its sandbox.
@@ -92,21 +99,27 @@ pub(crate) struct ProcessTemplate {
     criu: Option<Arc<Criu>>,
     /// An exchange with it was cut short: it counts as ended (see [`Exchange`]).
     broken: AtomicBool,
+    /// A child it forked did not enter its sandbox: it counts as ended, and why.
+    refusal: std::sync::Mutex<Option<String>>,
+    /// Its own number of seccomp filters (a child must have one more), if the kernel says.
+    filters: Option<u32>,
 }
 
 impl ProcessTemplate {
     /// The template launched from `spec`, after its handshake.
+    /// An error says why, and whether it is a refusal (see [`DriverError::refused`]).
     pub(crate) fn new(
         spec: &LaunchSpec,
         launched: Launched,
         isolation: Option<Arc<Isolation>>,
         criu: Option<Arc<Criu>>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, (String, bool)> {
         let pid = launched.sandbox.pid();
         // Isolated, the sandbox's pid is its init's, and the template is its PID 1.
         let worker = match &isolation {
             Some(_) => crate::process::first_child(pid)
-                .ok_or("the template's sandbox has no PID 1")? as u32,
+                .ok_or(("the template's sandbox has no PID 1".to_owned(), false))?
+                as u32,
             None => pid,
         };
         Self::assemble(spec, launched, worker, isolation, criu)
@@ -118,7 +131,7 @@ impl ProcessTemplate {
         launched: Launched,
         isolation: Arc<Isolation>,
         criu: Arc<Criu>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, (String, bool)> {
         let worker = launched.sandbox.pid();
         Self::assemble(spec, launched, worker, Some(isolation), Some(criu))
     }
@@ -129,13 +142,14 @@ impl ProcessTemplate {
         worker: u32,
         isolation: Option<Arc<Isolation>>,
         criu: Option<Arc<Criu>>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, (String, bool)> {
         let outbound = match &isolation {
-            Some(isolation) => isolation.outbound(spec.network)?,
+            Some(isolation) => isolation.outbound(spec.network).map_err(|e| (e, false))?,
             None => None,
         };
         let criu = criu.filter(|_| isolation.is_some() && outbound.is_none());
-        alone(worker)?;
+        alone(worker).map_err(|e| (e, true))?;
+        let filters = seccomp_filters(worker);
         Ok(ProcessTemplate {
             control: tokio::sync::Mutex::new(launched.stream),
             sandbox: std::sync::Mutex::new(launched.sandbox),
@@ -145,6 +159,8 @@ impl ProcessTemplate {
             outbound,
             criu,
             broken: AtomicBool::new(false),
+            refusal: std::sync::Mutex::new(None),
+            filters,
         })
     }
 }
@@ -180,6 +196,7 @@ impl Template for ProcessTemplate {
         let fail = |message: String| DriverError {
             instance_id: instance_id.to_owned(),
             message,
+            refused: false,
         };
         let (host, worker) =
             std::os::unix::net::UnixStream::pair().map_err(|e| fail(format!("socketpair: {e}")))?;
@@ -203,6 +220,9 @@ impl Template for ProcessTemplate {
         .map_err(|e| fail(e.to_string()))?;
         {
             let mut control = self.control.lock().await;
+            if self.broken.load(Ordering::Relaxed) {
+                return Err(fail("the template's connection is out of step".into()));
+            }
             let exchange = Exchange(&self.broken);
             send_with_fd(&control, &request, worker.as_raw_fd())
                 .await
@@ -231,11 +251,16 @@ impl Template for ProcessTemplate {
             // The child set its sandbox up itself, with code the function's init could have
             // tampered with (it ran in the same interpreter): nothing runs before the host
             // has seen the result.
-            check_sandboxed(pid, self.worker).map_err(|e| {
-                fail(format!(
-                    "the forked instance did not enter its sandbox: {e}"
-                ))
-            })?;
+            if let Err(e) = check_sandboxed(pid, self.worker, self.filters, self.outbound.is_some())
+            {
+                let why = format!("the forked instance did not enter its sandbox: {e}");
+                *self.refusal.lock().expect("template lock") = Some(why.clone());
+                return Err(DriverError {
+                    instance_id: instance_id.to_owned(),
+                    message: why,
+                    refused: true,
+                });
+            }
         }
         if let Some(slot) = &slot {
             slot.adopt(pid)
@@ -264,8 +289,13 @@ impl Template for ProcessTemplate {
         })
     }
 
+    fn refused(&self) -> Option<String> {
+        self.refusal.lock().expect("template lock").clone()
+    }
+
     fn alive(&self) -> bool {
         !self.broken.load(Ordering::Relaxed)
+            && self.refusal.lock().expect("template lock").is_none()
             && self
                 .sandbox
                 .lock()
@@ -278,10 +308,14 @@ impl Template for ProcessTemplate {
         let fail = |message: String| DriverError {
             instance_id: String::new(),
             message,
+            refused: false,
         };
         let request = serde_json::to_vec(&serde_json::json!({ "type": "spare" }))
             .map_err(|e| fail(e.to_string()))?;
         let mut control = self.control.lock().await;
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(fail("the template's connection is out of step".into()));
+        }
         let exchange = Exchange(&self.broken);
         control
             .write_all(&frame(&request))
@@ -303,6 +337,7 @@ impl Template for ProcessTemplate {
         let fail = |message: String| DriverError {
             instance_id: String::new(),
             message,
+            refused: false,
         };
         let criu = self
             .criu
@@ -310,6 +345,9 @@ impl Template for ProcessTemplate {
             .ok_or_else(|| fail("this template cannot be checkpointed".into()))?;
         // Forks wait while the template is moved and dumped.
         let mut control = self.control.lock().await;
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(fail("the template's connection is out of step".into()));
+        }
         let detach = serde_json::to_vec(&serde_json::json!({ "type": "detach" }))
             .map_err(|e| fail(e.to_string()))?;
         let exchange = Exchange(&self.broken);
@@ -409,7 +447,19 @@ fn alone(pid: u32) -> Result<(), String> {
         .map_err(|e| format!("the template's threads: {e}"))?;
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .map_err(|e| format!("the template's children: {e}"))?;
-    let children = children.split_whitespace().count();
+    // Ended children not reaped yet (zombies) run nothing.
+    let children = children
+        .split_whitespace()
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let after = stat[stat.rfind(')')? + 1..].trim_start().to_owned();
+                    after.chars().next()
+                })
+                .is_some_and(|state| state != 'Z')
+        })
+        .count();
     if threads != 1 || children != 0 {
         return Err(format!(
             "the function's init left {} thread(s) and {children} process(es) running besides \
@@ -420,11 +470,28 @@ fn alone(pid: u32) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks, from the host, that process `pid` forked from the template `template` is in a
-/// sandbox of its own: no capability (effective, permitted or bounding), `no_new_privs`,
-/// the template's filter and the worker filter, and user, mount and pid namespaces other
-/// than the template's.
-fn check_sandboxed(pid: u32, template: u32) -> Result<(), String> {
+/// The number of seccomp filters process `pid` runs under, if the kernel tells (5.9+).
+fn seccomp_filters(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp_filters:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Checks, from the host, that process `pid` forked from the template `template` (which
+/// runs under `template_filters` seccomp filters) is in a sandbox of its own: no
+/// capability (effective, permitted or bounding), `no_new_privs`, one filter more than the
+/// template (the worker filter), PID 1 of its own pid namespace, and user, mount and pid
+/// namespaces other than the template's (and network, for an `outbound` one).
+fn check_sandboxed(
+    pid: u32,
+    template: u32,
+    template_filters: Option<u32>,
+    outbound: bool,
+) -> Result<(), String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("its status: {e}"))?;
     let field = |name: &str| {
@@ -442,10 +509,26 @@ fn check_sandboxed(pid: u32, template: u32) -> Result<(), String> {
     if field("NoNewPrivs") != "1" {
         return Err("no_new_privs is not set".into());
     }
-    if field("Seccomp_filters").parse::<u32>().unwrap_or(0) < 2 {
-        return Err("the worker seccomp filter is not installed".into());
+    if field("Seccomp") != "2" {
+        return Err("it runs without a seccomp filter".into());
     }
-    for ns in ["user", "mnt", "pid"] {
+    if let Some(template_filters) = template_filters {
+        if field("Seccomp_filters").parse::<u32>().ok() != Some(template_filters + 1) {
+            return Err(format!(
+                "it runs under {} seccomp filters, not the template's {template_filters} and the worker filter",
+                field("Seccomp_filters")
+            ));
+        }
+    }
+    if field("NSpid").split_whitespace().last() != Some("1") {
+        return Err("it is not PID 1 of a pid namespace of its own".into());
+    }
+    let namespaces: &[&str] = if outbound {
+        &["user", "mnt", "pid", "net"]
+    } else {
+        &["user", "mnt", "pid"]
+    };
+    for ns in namespaces {
         let of = |p: u32| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).ok();
         if of(pid).is_none() || of(pid) == of(template) {
             return Err(format!("it shares the template's {ns} namespace"));

@@ -501,3 +501,35 @@ async fn a_killed_server_takes_its_templates_spares_and_forked_instances_along()
     s.spawn(&args.iter().map(String::as_str).collect::<Vec<_>>())
         .await;
 }
+
+#[tokio::test]
+async fn a_fork_that_skips_its_sandbox_is_refused_by_the_host_and_the_version_starts_cold() {
+    let s = server().await;
+    // The function's init runs in the template's interpreter and can alter the runtime's
+    // own fork code: here it makes children skip their sandbox.
+    let code = r#"
+import nimbus_fork
+nimbus_fork._enter_sandbox = lambda config: None
+
+def handle(event):
+    return "ran"
+"#;
+    s.deploy("tamper", code, json!({})).await;
+    wait_resident(&s, "tamper", 1).await;
+    let r = invoke(&s, "tamper", "").await;
+    assert_eq!(r["body"], "ran");
+    assert_eq!(r["start_type"], "cold", "the refused fork fell back: {r}");
+    let (_, body) = s.call("GET", "/functions/tamper/snapshots", None).await;
+    let row = &body["snapshots"][0];
+    assert_eq!(row["status"], "failed", "{row}");
+    assert!(
+        row["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("did not enter its sandbox"),
+        "{row}"
+    );
+    // Not rebuilt by itself: the same code would do the same.
+    let again = invoke(&s, "tamper", "").await;
+    assert_eq!(again["start_type"], "cold", "{again}");
+}
