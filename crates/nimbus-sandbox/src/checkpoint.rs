@@ -207,6 +207,15 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// CRIU's working directory for one restore, removed when dropped.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Host paths bound, for one restore, under a directory any user can walk to; unmounted
 /// and removed when dropped.
 struct Staging {
@@ -215,17 +224,21 @@ struct Staging {
 }
 
 impl Staging {
-    /// A fresh directory `name` under `base`, itself a private mount (so that these binds
-    /// never propagate to other mount namespaces).
+    /// A fresh directory `name` under `base`, this server's own directory, whose parent
+    /// (shared by the servers of the host) is a private mount, so that these binds never
+    /// propagate to other mount namespaces.
     fn new(base: &Path, name: &str) -> Result<Staging, String> {
         // Once per server, and again after a failure.
-        static PRIVATE: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
-        let mut private = PRIVATE.lock().expect("staging lock");
-        if !*private {
-            private_mount(base).map_err(|e| format!("{}: {e}", base.display()))?;
-            *private = true;
+        static READY: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+        let mut ready = READY.lock().expect("staging lock");
+        if !*ready {
+            let shared = base.parent().unwrap_or(base);
+            private_mount(shared).map_err(|e| format!("{}: {e}", shared.display()))?;
+            create_dir_mode(base, 0o711).map_err(|e| format!("{}: {e}", base.display()))?;
+            sweep_staging(base);
+            *ready = true;
         }
-        drop(private);
+        drop(ready);
         let dir = base.join(name);
         // Walkable, not listable: the restored sandbox's user must reach its mounts, other
         // host users need not see them.
@@ -264,6 +277,24 @@ impl Drop for Staging {
             let _ = nix::mount::umount2(mount, nix::mount::MntFlags::MNT_DETACH);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Unmounts and removes what restores of a killed server left in `base`, this server's own
+/// directory (see `Isolation::own_dir`); the first restore of a server runs it before any
+/// of its own.
+fn sweep_staging(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if let Ok(mounts) = std::fs::read_dir(&dir) {
+            for mount in mounts.flatten() {
+                let _ = nix::mount::umount2(&mount.path(), nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
@@ -374,11 +405,14 @@ pub(crate) async fn restore(
         spec.instance_id
     ));
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    // Removed however the restore ends, a cancelled one included.
+    let work = WorkDir(work);
+    let work = &work.0;
     let pidfile = work.join("pid");
     // CRIU binds the external mounts from inside the restored user namespace, as an
     // unprivileged host user, who may not be able to walk to their host paths (a data
     // directory under /root): they are bound first where that user can reach them.
-    let mut staging = Staging::new(&isolation.state_dir().join("restore"), &spec.instance_id)?;
+    let mut staging = Staging::new(&isolation.own_dir("restore"), &spec.instance_id)?;
     let root = staging.expose("root", &dir.join(ROOT))?;
     let mut externals = Vec::new();
     for (key, path) in &manifest.mounts {
@@ -420,7 +454,6 @@ pub(crate) async fn restore(
     let pid = std::fs::read_to_string(&pidfile)
         .ok()
         .and_then(|p| p.trim().parse::<u32>().ok());
-    let _ = std::fs::remove_dir_all(&work);
     outcome?;
     let pid = pid.ok_or("criu restore wrote no pid")?;
     let sandbox = PidfdSandbox::watch(pid, Some(slot), residue, None, true)

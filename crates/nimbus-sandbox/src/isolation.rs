@@ -142,6 +142,12 @@ impl Isolation {
         self.root_dir.parent().unwrap_or(&self.root_dir)
     }
 
+    /// This server's own directory under [`Isolation::state_dir`]'s `kind` (named like its
+    /// cgroups: one per data directory, so servers of one host never meet there).
+    pub(crate) fn own_dir(&self, kind: &str) -> PathBuf {
+        self.state_dir().join(kind).join(&self.settings.cgroup_name)
+    }
+
     /// The program and arguments that start the init.
     pub(crate) fn init_command(&self) -> &(PathBuf, Vec<String>) {
         &self.settings.init
@@ -226,8 +232,10 @@ impl Isolation {
         }
     }
 
-    /// Kills and removes every sandbox's cgroups (server shutdown).
+    /// Kills and removes every sandbox's cgroups (server shutdown), and this server's
+    /// (empty by then) staging directory of restores.
     pub fn shutdown(&self) {
+        let _ = std::fs::remove_dir(self.own_dir("restore"));
         if let Err(e) = self.cgroups.remove_all() {
             tracing::warn!("removing the sandboxes' cgroups: {e}");
         }
