@@ -229,53 +229,45 @@ impl Snapshots {
 
     /// Drops the entry of a template that ended: the next start restores its checkpoint
     /// if it has one; otherwise the snapshot expires (recording `why`) and is rebuilt when
-    /// the version next starts cold.
+    /// the version next starts cold. A template the driver refused fails its snapshot.
     async fn ended(&self, resident: &Arc<Resident>, why: &str) {
         // Refused for what the function's code did to it: the same code would do it again.
-        if let Some(refusal) = resident.template.refused() {
-            {
-                let mut entries = self.entries.lock().expect("snapshots lock");
-                match entries.get(&resident.key) {
-                    Some(Entry::Ready(r)) if Arc::ptr_eq(r, resident) => {}
-                    _ => return,
-                }
-                entries.insert(resident.key.clone(), Entry::Failed { retry_at: None });
-            }
-            if let Some(copy) = resident.disk_copy() {
-                remove_dir(&copy.dir);
-            }
-            let _ = self
-                .store
-                .finish_snapshot(
-                    &resident.snapshot_id,
-                    SnapshotStatus::Failed,
-                    Some(&refusal),
-                    None,
-                    &[],
-                    0,
-                    None,
-                )
-                .await;
+        let Some(refusal) = resident.template.refused() else {
+            return self.expire(resident, why).await;
+        };
+        if !self.replace_resident(resident, Some(Entry::Failed { retry_at: None })) {
             return;
         }
-        let copy = resident.disk_copy();
-        {
-            let mut entries = self.entries.lock().expect("snapshots lock");
-            match entries.get(&resident.key) {
-                Some(Entry::Ready(r)) if Arc::ptr_eq(r, resident) => {}
-                _ => return,
-            }
-            match &copy {
-                Some(copy) => entries.insert(resident.key.clone(), Entry::OnDisk(copy.clone())),
-                None => entries.remove(&resident.key),
-            };
+        if let Some(copy) = resident.disk_copy() {
+            remove_dir(&copy.dir);
         }
-        if copy.is_none() {
-            let _ = self
-                .store
-                .set_snapshot_status(&resident.snapshot_id, SnapshotStatus::Expired, Some(why))
-                .await;
+        let _ = self
+            .store
+            .finish_snapshot(
+                &resident.snapshot_id,
+                SnapshotStatus::Failed,
+                Some(&refusal),
+                None,
+                &[],
+                0,
+                None,
+            )
+            .await;
+    }
+
+    /// Replaces the `Ready` entry of `resident` with `next` (removes it for `None`); false
+    /// if the entry is not `resident`'s any more (evicted, deleted or forgotten meanwhile).
+    fn replace_resident(&self, resident: &Arc<Resident>, next: Option<Entry>) -> bool {
+        let mut entries = self.entries.lock().expect("snapshots lock");
+        match entries.get(&resident.key) {
+            Some(Entry::Ready(r)) if Arc::ptr_eq(r, resident) => {}
+            _ => return false,
         }
+        match next {
+            Some(entry) => entries.insert(resident.key.clone(), entry),
+            None => entries.remove(&resident.key),
+        };
+        true
     }
 
     /// The checkpoint to restore `version`'s template from, if it is on disk and not in
@@ -725,13 +717,8 @@ impl Snapshots {
             return self.restore_failed(version, resident, error).await;
         }
         metrics::snapshot_restored("failed", 0.0);
-        {
-            let mut entries = self.entries.lock().expect("snapshots lock");
-            match entries.get(&resident.key) {
-                Some(Entry::Ready(r)) if Arc::ptr_eq(r, resident) => {}
-                _ => return,
-            }
-            entries.remove(&resident.key);
+        if !self.replace_resident(resident, None) {
+            return;
         }
         if let Some(copy) = resident.disk_copy() {
             remove_dir(&copy.dir);
@@ -769,16 +756,8 @@ impl Snapshots {
     /// (`expired`, recording why).
     async fn expire(&self, resident: &Arc<Resident>, why: &str) {
         let copy = resident.disk_copy();
-        {
-            let mut entries = self.entries.lock().expect("snapshots lock");
-            match entries.get(&resident.key) {
-                Some(Entry::Ready(r)) if Arc::ptr_eq(r, resident) => {}
-                _ => return,
-            }
-            match &copy {
-                Some(copy) => entries.insert(resident.key.clone(), Entry::OnDisk(copy.clone())),
-                None => entries.remove(&resident.key),
-            };
+        if !self.replace_resident(resident, copy.clone().map(Entry::OnDisk)) {
+            return;
         }
         if copy.is_some() {
             tracing::info!(snapshot = %resident.snapshot_id, "template evicted from memory, kept on disk: {why}");
