@@ -630,6 +630,29 @@ _probe.close()
 del _probe
 
 
+def _init_failed(host, payload, sink):
+    """Reports that the worker cannot serve (the handler did not load, a hook failed) and
+    exits."""
+    host.send({"type": "init_error", "error": payload, "logs": sink.take()})
+    _exit(1)
+
+
+def _ready(host, sink, init_from, start_from):
+    """Greets the host: the handler is loaded (since `init_from`; the worker started at
+    `start_from`)."""
+    now = perf_counter()
+    host.send(
+        {
+            "type": "ready",
+            "pid": posix.getpid(),
+            "runtime": "python%d.%d" % sys.version_info[:2],
+            "init_ms": round((now - init_from) * 1000.0, 3),
+            "start_ms": round((now - start_from) * 1000.0, 3),
+            "logs": sink.take(),
+        }
+    )
+
+
 def main():
     try:
         host = _Host()
@@ -660,29 +683,16 @@ def main():
         handler = _load(spec or _DEFAULT_HANDLER)
         takes_state = _takes_state(handler)
     except _InitFailure as failure:
-        host.send({"type": "init_error", "error": failure.payload, "logs": sink.take()})
-        _exit(1)
+        _init_failed(host, failure.payload, sink)
     except BaseException as exc:
-        host.send({"type": "init_error", "error": _error(exc), "logs": sink.take()})
-        _exit(1)
+        _init_failed(host, _error(exc), sink)
     template = None
     if posix.environ.get(b"NIMBUS_TEMPLATE") == b"1":
         try:
             template = _prepare_template(handler, takes_state, api)
         except _InitFailure as failure:
-            host.send({"type": "init_error", "error": failure.payload, "logs": sink.take()})
-            _exit(1)
-    now = perf_counter()
-    host.send(
-        {
-            "type": "ready",
-            "pid": posix.getpid(),
-            "runtime": "python%d.%d" % sys.version_info[:2],
-            "init_ms": round((now - loaded) * 1000.0, 3),
-            "start_ms": round((now - _T0) * 1000.0, 3),
-            "logs": sink.take(),
-        }
-    )
+            _init_failed(host, failure.payload, sink)
+    _ready(host, sink, loaded, _T0)
     gc.collect()
     # Objects that exist now are never collected again: a forked child's collections then
     # leave the template's pages shared instead of touching (and copying) them.
@@ -696,19 +706,8 @@ def main():
         try:
             _restored(instance_id, api)
         except _InitFailure as failure:
-            host.send({"type": "init_error", "error": failure.payload, "logs": sink.take()})
-            _exit(1)
-        now = perf_counter()
-        host.send(
-            {
-                "type": "ready",
-                "pid": posix.getpid(),
-                "runtime": "python%d.%d" % sys.version_info[:2],
-                "init_ms": round((now - forked) * 1000.0, 3),
-                "start_ms": round((now - forked) * 1000.0, 3),
-                "logs": sink.take(),
-            }
-        )
+            _init_failed(host, failure.payload, sink)
+        _ready(host, sink, forked, forked)
     try:
         _serve(host, handler, takes_state, api._DISABLED_STATE, api, sink)
     except OSError:
