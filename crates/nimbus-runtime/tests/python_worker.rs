@@ -604,14 +604,20 @@ async fn measure_start_memory_and_round_trips() {
 
 // --- templates (unisolated here; the server's tests fork isolated instances) ---------------
 
-/// Starts a template on `source` and turns it over to the driver.
-async fn template(
-    source: &str,
-    env: &[(&str, &str)],
-) -> (Box<dyn nimbus_sandbox::Template>, TempDir) {
+/// Starts a template worker on `source` (its greeting read).
+async fn start_template(source: &str, env: &[(&str, &str)]) -> Worker {
     let mut vars = vec![("NIMBUS_TEMPLATE", "1")];
     vars.extend_from_slice(env);
-    let worker = start_with(&[("handler.py", source)], "handler.handle", &vars).await;
+    start_with(&[("handler.py", source)], "handler.handle", &vars).await
+}
+
+/// Hands a template worker over to the driver; the code directory lives on beside it.
+fn take_over(
+    worker: Worker,
+) -> (
+    Result<Box<dyn nimbus_sandbox::Template>, nimbus_sandbox::DriverError>,
+    TempDir,
+) {
     let stream = worker
         .conn
         .into_stream()
@@ -631,10 +637,16 @@ async fn template(
         network: nimbus_core::Network::Isolated,
         template: true,
     };
-    let template = ProcessDriver::new()
-        .template(&spec, launched)
-        .expect("a template");
-    (template, worker._code)
+    (ProcessDriver::new().template(&spec, launched), worker._code)
+}
+
+/// Starts a template on `source` and turns it over to the driver.
+async fn template(
+    source: &str,
+    env: &[(&str, &str)],
+) -> (Box<dyn nimbus_sandbox::Template>, TempDir) {
+    let (template, code) = take_over(start_template(source, env).await);
+    (template.expect("a template"), code)
 }
 
 /// Forks an instance and completes its handshake.
@@ -767,25 +779,9 @@ async fn a_template_whose_init_left_a_thread_or_a_process_running_is_refused() {
         "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n\ndef handle(event):\n    return 1\n",
         "import subprocess\nhelper = subprocess.Popen(['sleep', '60'])\n\ndef handle(event):\n    return 1\n",
     ] {
-        let worker = start_with(&[("handler.py", source)], "handler.handle", &[("NIMBUS_TEMPLATE", "1")]).await;
+        let worker = start_template(source, &[]).await;
         let pid = worker.sandbox.pid();
-        let stream = worker.conn.into_stream().unwrap();
-        let launched = nimbus_sandbox::Launched {
-            stream,
-            sandbox: worker.sandbox,
-        };
-        let spec = LaunchSpec {
-            instance_id: "i_template".into(),
-            program: "/unused".into(),
-            args: vec![],
-            env: vec![],
-            workdir: "/".into(),
-            visible: vec![],
-            memory_mb: 128,
-            network: nimbus_core::Network::Isolated,
-            template: true,
-        };
-        let err = ProcessDriver::new().template(&spec, launched).unwrap_err();
+        let err = take_over(worker).0.unwrap_err();
         assert!(err.message.contains("a template must be a single process"), "{pid}: {err}");
     }
 }
@@ -807,30 +803,10 @@ async fn how_a_forked_instance_ended_is_known() {
 #[tokio::test]
 async fn the_first_instance_after_fork_ahead_is_the_spare_forked_before_it_was_asked_for() {
     let source = "import os\n\ndef handle(event):\n    return os.getpid()\n";
-    let worker = start_with(
-        &[("handler.py", source)],
-        "handler.handle",
-        &[("NIMBUS_TEMPLATE", "1")],
-    )
-    .await;
+    let worker = start_template(source, &[]).await;
     let template_pid = worker.sandbox.pid();
-    let stream = worker.conn.into_stream().unwrap();
-    let launched = nimbus_sandbox::Launched {
-        stream,
-        sandbox: worker.sandbox,
-    };
-    let spec = LaunchSpec {
-        instance_id: "i_template".into(),
-        program: "/unused".into(),
-        args: vec![],
-        env: vec![],
-        workdir: "/".into(),
-        visible: vec![],
-        memory_mb: 128,
-        network: nimbus_core::Network::Isolated,
-        template: true,
-    };
-    let template = ProcessDriver::new().template(&spec, launched).unwrap();
+    let (template, _code) = take_over(worker);
+    let template = template.unwrap();
     template.fork_ahead().await.unwrap();
     let children =
         std::fs::read_to_string(format!("/proc/{template_pid}/task/{template_pid}/children"))
