@@ -1,38 +1,26 @@
 //! Engine behaviour against real parts: a SQLite store in a temp dir, real Python workers
 //! started by the process driver.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use nimbus_core::{InvocationStatus, StartType, Trigger};
 use nimbus_engine::{
-    Engine, EngineConfig, EngineError, FunctionPatch, InvokeRequest, InvokeResponse, NewFunction,
+    EngineConfig, EngineError, FunctionPatch, InvokeRequest, InvokeResponse, NewFunction,
 };
-use nimbus_runtime::{RuntimeSettings, Runtimes};
-use nimbus_sandbox::ProcessDriver;
 use nimbus_store::InvocationFilter;
 use serde_json::value::RawValue;
 
-struct Harness {
-    engine: Arc<Engine>,
-    _dir: tempfile::TempDir,
-}
+mod common;
 
+use common::Harness;
+
+/// An engine whose new instances start cold unless a test turns snapshots on.
 async fn harness(tune: impl FnOnce(&mut EngineConfig)) -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let store = nimbus_store::open(&format!(
-        "sqlite:{}",
-        dir.path().join("nimbus.db").display()
-    ))
+    common::harness(|config| {
+        config.snapshots.enabled = false;
+        tune(config);
+    })
     .await
-    .unwrap();
-    let runtimes = Runtimes::discover(&RuntimeSettings::default(), dir.path());
-    let mut config = EngineConfig::new(dir.path().to_path_buf());
-    // New instances start cold unless a test turns snapshots on.
-    config.snapshots.enabled = false;
-    tune(&mut config);
-    let engine = Engine::start(config, store, Arc::new(ProcessDriver::new()), runtimes);
-    Harness { engine, _dir: dir }
 }
 
 fn new_function(name: &str, code: &str) -> NewFunction {

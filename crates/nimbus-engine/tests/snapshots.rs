@@ -1,36 +1,24 @@
 //! The snapshot manager against real parts: a SQLite index, real Python templates forked
 //! by the (unisolated) process driver. The server's tests cover isolated forks.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nimbus_core::{SnapshotStatus, StartType, Trigger};
 use nimbus_engine::{Engine, EngineConfig, FunctionPatch, InvokeRequest, NewFunction};
-use nimbus_runtime::{RuntimeSettings, Runtimes};
-use nimbus_sandbox::ProcessDriver;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-struct Harness {
-    engine: Arc<Engine>,
-    _dir: tempfile::TempDir,
-}
+mod common;
+
+use common::Harness;
 
 /// An engine whose instances retire after one invocation, so every invocation starts one.
 async fn harness(tune: impl FnOnce(&mut EngineConfig)) -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let store = nimbus_store::open(&format!(
-        "sqlite:{}",
-        dir.path().join("nimbus.db").display()
-    ))
+    common::harness(|config| {
+        config.max_invocations = 1;
+        tune(config);
+    })
     .await
-    .unwrap();
-    let runtimes = Runtimes::discover(&RuntimeSettings::default(), dir.path());
-    let mut config = EngineConfig::new(dir.path().to_path_buf());
-    config.max_invocations = 1;
-    tune(&mut config);
-    let engine = Engine::start(config, store, Arc::new(ProcessDriver::new()), runtimes);
-    Harness { engine, _dir: dir }
 }
 
 fn request(function: &str, version: Option<u32>) -> InvokeRequest {

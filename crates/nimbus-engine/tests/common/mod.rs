@@ -1,0 +1,30 @@
+//! The engine tests' harness: an engine on a SQLite store in a temporary directory,
+//! starting real Python workers with the (unisolated) process driver.
+
+use std::sync::Arc;
+
+use nimbus_engine::{Engine, EngineConfig};
+use nimbus_runtime::{RuntimeSettings, Runtimes};
+use nimbus_sandbox::ProcessDriver;
+
+/// An engine and the directory it keeps its files in.
+pub struct Harness {
+    pub engine: Arc<Engine>,
+    _dir: tempfile::TempDir,
+}
+
+/// An engine with the default configuration as `tune` changes it.
+pub async fn harness(tune: impl FnOnce(&mut EngineConfig)) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store = nimbus_store::open(&format!(
+        "sqlite:{}",
+        dir.path().join("nimbus.db").display()
+    ))
+    .await
+    .unwrap();
+    let runtimes = Runtimes::discover(&RuntimeSettings::default(), dir.path());
+    let mut config = EngineConfig::new(dir.path().to_path_buf());
+    tune(&mut config);
+    let engine = Engine::start(config, store, Arc::new(ProcessDriver::new()), runtimes);
+    Harness { engine, _dir: dir }
+}
