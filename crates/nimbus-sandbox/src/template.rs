@@ -355,7 +355,7 @@ impl Template for ProcessTemplate {
             .write_all(&frame(&detach))
             .await
             .map_err(|e| fail(format!("asking the template to detach: {e}")))?;
-        let (reply, fd) = read_frame_with_fd(&control)
+        let (reply, fd) = read_frame_with_fd(&mut control)
             .await
             .map_err(|e| fail(format!("the template's answer to detach: {e}")))?;
         let reply: Answer = serde_json::from_slice(&reply)
@@ -546,7 +546,9 @@ fn frame(payload: &[u8]) -> Vec<u8> {
 }
 
 /// Reads one frame and the descriptor that came with it, if any.
-async fn read_frame_with_fd(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Option<OwnedFd>)> {
+async fn read_frame_with_fd(
+    stream: &mut UnixStream,
+) -> std::io::Result<(Vec<u8>, Option<OwnedFd>)> {
     let mut head = [0u8; 4];
     let mut got = 0;
     let mut fd = None;
@@ -586,22 +588,7 @@ async fn read_frame_with_fd(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Op
             Err(e) => return Err(e),
         }
     }
-    let len = u32::from_be_bytes(head) as usize;
-    if len > 1 << 20 {
-        return Err(std::io::Error::other(format!("a {len}-byte frame")));
-    }
-    let mut payload = vec![0; len];
-    let mut filled = 0;
-    while filled < len {
-        stream.readable().await?;
-        match stream.try_read(&mut payload[filled..]) {
-            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok((payload, fd))
+    Ok((read_payload(stream, head).await?, fd))
 }
 
 /// Sends one frame with `fd` attached.
@@ -636,6 +623,11 @@ async fn send_with_fd(stream: &UnixStream, payload: &[u8], fd: RawFd) -> std::io
 async fn read_frame(stream: &mut UnixStream) -> std::io::Result<Vec<u8>> {
     let mut head = [0u8; 4];
     stream.read_exact(&mut head).await?;
+    read_payload(stream, head).await
+}
+
+/// Reads the payload of the frame whose length prefix is `head`.
+async fn read_payload(stream: &mut UnixStream, head: [u8; 4]) -> std::io::Result<Vec<u8>> {
     let len = u32::from_be_bytes(head) as usize;
     if len > 1 << 20 {
         return Err(std::io::Error::other(format!("a {len}-byte frame")));
