@@ -45,8 +45,10 @@ pub struct SnapshotFile {
     pub name: String,
     /// Size in bytes.
     pub size: u64,
-    /// Lowercase hex sha256 of the contents.
-    pub sha256: String,
+    /// Checksum of the contents: `blake3:<lowercase hex>`. Files recorded by earlier
+    /// versions carry a SHA-256 here (in a field named `sha256`, as bare hex).
+    #[serde(alias = "sha256")]
+    pub checksum: String,
 }
 
 /// What identifies a snapshot: two instances restored from snapshots with equal keys are
@@ -232,7 +234,7 @@ mod tests {
             files: vec![SnapshotFile {
                 name: "memory.img".into(),
                 size: 5 << 30,
-                sha256: "ab".repeat(32),
+                checksum: format!("blake3:{}", "ab".repeat(32)),
             }],
             size_bytes: 5 << 30,
             status: SnapshotStatus::Ready,

@@ -2728,12 +2728,12 @@ fn snapshot_files() -> Vec<SnapshotFile> {
         SnapshotFile {
             name: "memory.img".to_string(),
             size: 5 << 30,
-            sha256: "ab".repeat(32),
+            checksum: format!("blake3:{}", "ab".repeat(32)),
         },
         SnapshotFile {
             name: "état \"vm\".json".to_string(),
             size: 1234,
-            sha256: "0f".repeat(32),
+            checksum: format!("blake3:{}", "0f".repeat(32)),
         },
     ]
 }
@@ -3011,7 +3011,7 @@ async fn set_snapshot_status_changes_status_and_error_only(store: &dyn MetadataS
         .set_snapshot_status(
             &started.id,
             SnapshotStatus::Corrupt,
-            Some("memory.img: sha256 mismatch")
+            Some("memory.img does not match its checksum")
         )
         .await
         .unwrap());
@@ -3019,7 +3019,7 @@ async fn set_snapshot_status_changes_status_and_error_only(store: &dyn MetadataS
         get_snapshot(store, &started.id).await,
         Snapshot {
             status: SnapshotStatus::Corrupt,
-            error_message: Some("memory.img: sha256 mismatch".to_string()),
+            error_message: Some("memory.img does not match its checksum".to_string()),
             ..ready.clone()
         }
     );

@@ -381,7 +381,7 @@ async fn a_restarted_server_starts_instances_from_the_checkpoint_on_disk() {
     assert!(
         files
             .iter()
-            .all(|f| f["sha256"].as_str().unwrap().len() == 64),
+            .all(|f| f["checksum"].as_str().unwrap().len() == "blake3:".len() + 64),
         "{snapshot}"
     );
     let before = invoke(&s, "slow", "").await;
