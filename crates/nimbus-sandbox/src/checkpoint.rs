@@ -218,22 +218,29 @@ impl Drop for WorkDir {
 
 /// Host paths bound, for one restore, under a directory any user can walk to; unmounted
 /// and removed when dropped.
+///
+/// The directory lies in the restore tmpfs, a private tmpfs (shared by the servers of the
+/// host, kept until reboot) that CRIU is shown as its `/run` (see [`CriuRun`]): CRIU
+/// caches what it learns of the kernel in `/run/criu.kdat` only on a tmpfs, and probing
+/// again costs each restore about 25 ms on a host whose `/run` is not one.
 struct Staging {
     dir: PathBuf,
+    /// The restore tmpfs.
+    tmpfs: PathBuf,
     mounts: Vec<PathBuf>,
 }
 
 impl Staging {
     /// A fresh directory `name` under `base`, this server's own directory, whose parent
-    /// (shared by the servers of the host) is a private mount, so that these binds never
-    /// propagate to other mount namespaces.
+    /// is the restore tmpfs; private, so that these binds never propagate to other mount
+    /// namespaces.
     fn new(base: &Path, name: &str) -> Result<Staging, String> {
+        let tmpfs = base.parent().unwrap_or(base).to_path_buf();
         // Once per server, and again after a failure.
         static READY: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
         let mut ready = READY.lock().expect("staging lock");
         if !*ready {
-            let shared = base.parent().unwrap_or(base);
-            private_mount(shared).map_err(|e| format!("{}: {e}", shared.display()))?;
+            private_tmpfs(&tmpfs).map_err(|e| format!("{}: {e}", tmpfs.display()))?;
             create_dir_mode(base, 0o711).map_err(|e| format!("{}: {e}", base.display()))?;
             sweep_staging(base);
             *ready = true;
@@ -245,6 +252,7 @@ impl Staging {
         create_dir_mode(&dir, 0o711).map_err(|e| format!("{}: {e}", dir.display()))?;
         Ok(Staging {
             dir,
+            tmpfs,
             mounts: Vec::new(),
         })
     }
@@ -305,17 +313,20 @@ fn create_dir_mode(dir: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
 }
 
-/// Makes `dir` a private mount of itself (once; kept across server restarts).
-fn private_mount(dir: &Path) -> std::io::Result<()> {
+/// Mounts a small tmpfs on `dir` unless one is there (kept across server restarts, gone at
+/// reboot, as CRIU wants its cache), and makes it private.
+fn private_tmpfs(dir: &Path) -> std::io::Result<()> {
     use nix::mount::{mount, MsFlags};
     create_dir_mode(dir, 0o711)?;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let shown = dir.display().to_string();
-    let mounted = mountinfo
-        .lines()
-        .any(|l| l.split_whitespace().nth(4) == Some(shown.as_str()));
-    if !mounted {
-        mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)?;
+    let fs = nix::sys::statfs::statfs(dir)?;
+    if fs.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
+        mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("size=16m,mode=0711"),
+        )?;
     }
     mount(
         None::<&str>,
@@ -325,6 +336,81 @@ fn private_mount(dir: &Path) -> std::io::Result<()> {
         None::<&str>,
     )?;
     Ok(())
+}
+
+/// How a restore's CRIU is started: in a mount namespace of its own whose `/run` is the
+/// restore tmpfs (see [`Staging`]), so paths in the tmpfs are named from `/run` for it.
+/// Not when the images themselves are under `/run`, which that would hide: CRIU then sees
+/// the host's mounts and probes the kernel again.
+struct CriuRun {
+    /// The restore tmpfs as the host sees it.
+    tmpfs: PathBuf,
+    /// The same, NUL-terminated for the pre-exec hook, if CRIU is shown it as `/run`.
+    shown_as_run: Option<CString>,
+}
+
+impl CriuRun {
+    fn new(staging: &Staging, images: &Path) -> Result<CriuRun, String> {
+        use std::os::unix::ffi::OsStrExt;
+        let shown_as_run = (!images.starts_with("/run"))
+            .then(|| CString::new(staging.tmpfs.as_os_str().as_bytes()))
+            .transpose()
+            .map_err(|e| format!("{}: {e}", staging.tmpfs.display()))?;
+        Ok(CriuRun {
+            tmpfs: staging.tmpfs.clone(),
+            shown_as_run,
+        })
+    }
+
+    /// `path` as CRIU sees it.
+    fn path(&self, path: &Path) -> PathBuf {
+        match (&self.shown_as_run, path.strip_prefix(&self.tmpfs)) {
+            (Some(_), Ok(inside)) => Path::new("/run").join(inside),
+            _ => path.to_path_buf(),
+        }
+    }
+
+    /// Enters CRIU's mount namespace; for a pre-exec hook.
+    ///
+    /// # Safety
+    ///
+    /// Only for a pre-exec hook: it changes the calling process's mount namespace.
+    unsafe fn enter(&self) -> std::io::Result<()> {
+        let Some(tmpfs) = &self.shown_as_run else {
+            return Ok(());
+        };
+        let fail = || Err(std::io::Error::last_os_error());
+        // SAFETY: plain system calls on NUL-terminated strings prepared before the fork.
+        unsafe {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return fail();
+            }
+            let (root, run) = (c"/".as_ptr(), c"/run".as_ptr());
+            let flags = libc::MS_REC | libc::MS_PRIVATE;
+            if libc::mount(
+                std::ptr::null(),
+                root,
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            ) != 0
+            {
+                return fail();
+            }
+            let flags = libc::MS_BIND | libc::MS_REC;
+            if libc::mount(
+                tmpfs.as_ptr(),
+                run,
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            ) != 0
+            {
+                return fail();
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Runs CRIU with `args`; on failure, the error quotes the end of its log.
@@ -413,10 +499,11 @@ pub(crate) async fn restore(
     // unprivileged host user, who may not be able to walk to their host paths (a data
     // directory under /root): they are bound first where that user can reach them.
     let mut staging = Staging::new(&isolation.own_dir("restore"), &spec.instance_id)?;
-    let root = staging.expose("root", &dir.join(ROOT))?;
+    let criu_run = CriuRun::new(&staging, dir)?;
+    let root = criu_run.path(&staging.expose("root", &dir.join(ROOT))?);
     let mut externals = Vec::new();
     for (key, path) in &manifest.mounts {
-        externals.push((key, staging.expose(key, path)?));
+        externals.push((key, criu_run.path(&staging.expose(key, path)?)));
     }
     let mut args: Vec<String> = vec![
         "restore".into(),
@@ -429,6 +516,11 @@ pub(crate) async fn restore(
         "--root".into(),
         root.display().to_string(),
         "--manage-cgroups=ignore".into(),
+        // See the dump (`ProcessTemplate::checkpoint`).
+        "--empty-ns".into(),
+        "net".into(),
+        "--network-lock".into(),
+        "skip".into(),
         "--inherit-fd".into(),
         format!("fd[{WORKER_SOCKET_FD}]:socket:[{}]", manifest.socket_inode),
         "--pidfile".into(),
@@ -444,7 +536,10 @@ pub(crate) async fn restore(
         // SAFETY: the hook only makes async-signal-safe calls on data prepared before the
         // fork (see `socket_and_cgroups`).
         unsafe {
-            cmd.pre_exec(move || socket_and_cgroups(raw, &join));
+            cmd.pre_exec(move || {
+                socket_and_cgroups(raw, &join)?;
+                criu_run.enter()
+            });
         }
     })
     .await;

@@ -395,9 +395,14 @@ impl Template for ProcessTemplate {
             "--leave-running".into(),
             "--external".into(),
             format!("unix[{socket_inode}]"),
-            // The default lock needs iptables; the sandbox has no traffic to hold anyway.
+            // A checkpointed sandbox has no network: its namespace holds only loopback,
+            // down (outbound templates are not checkpointed). Restored as a new empty
+            // namespace, which is the same, without CRIU's runs of `ip` and `iptables`;
+            // and there is no traffic to lock.
+            "--empty-ns".into(),
+            "net".into(),
             "--network-lock".into(),
-            "nftables".into(),
+            "skip".into(),
         ];
         for (key, path) in &mounts {
             args.push("--external".into());
