@@ -396,6 +396,10 @@ async fn a_restarted_server_starts_instances_from_the_checkpoint_on_disk() {
     assert_eq!(a["start_type"], "snapshot", "{a}");
     // The module's init did not run again: its random draw is the checkpointed one.
     assert_eq!(a["body"]["loaded"], before["body"]["loaded"], "{a}");
+    // CRIU ran with the restore tmpfs as its /run, where it keeps what it learned of the
+    // kernel for the next restore (it keeps nothing on a /run that is no tmpfs).
+    let cache = std::path::Path::new("/run/nimbus/restore/criu.kdat");
+    assert!(cache.is_file(), "no {}", cache.display());
     // Restored once, the template is resident again.
     let b = invoke(&s, "slow", "").await;
     assert_eq!(b["start_type"], "template", "{b}");
