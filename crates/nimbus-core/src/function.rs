@@ -213,6 +213,91 @@ pub struct FunctionConfig {
     pub timeout_sec: u32,
     /// What network its instances get.
     pub network: Network,
+    /// Whether and how it keeps state between invocations.
+    pub state: StateConfig,
+}
+
+/// How a function keeps state between invocations (SPEC §7), `state_config` in the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateConfig {
+    /// Whether the function may use the state API at all.
+    pub enabled: bool,
+    /// TTL, seconds, of values written without one (0: none).
+    pub default_ttl: u32,
+    /// Largest value, bytes of JSON.
+    pub max_state_size: u32,
+    /// Most keys per bucket (a session's state, the function's state).
+    pub max_keys: u32,
+    /// Whether invocations with the same session key go to the same instance.
+    pub session_affinity: bool,
+    /// Seconds a session binding lasts after its last invocation.
+    pub session_timeout: u32,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            enabled: false,
+            default_ttl: 0,
+            max_state_size: limits::STATE_VALUE_BYTES.2,
+            max_keys: limits::STATE_KEYS.2,
+            session_affinity: false,
+            session_timeout: limits::SESSION_TIMEOUT_SEC.2,
+        }
+    }
+}
+
+impl StateConfig {
+    /// Checks every field against its documented range.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_range(
+            "state_config.max_state_size",
+            self.max_state_size,
+            limits::STATE_VALUE_BYTES,
+        )?;
+        check_range("state_config.max_keys", self.max_keys, limits::STATE_KEYS)?;
+        check_range(
+            "state_config.session_timeout",
+            self.session_timeout,
+            limits::SESSION_TIMEOUT_SEC,
+        )?;
+        check_range(
+            "state_config.default_ttl",
+            self.default_ttl,
+            (0, limits::MAX_STATE_TTL_SEC, 0),
+        )
+    }
+
+    /// `self` with the fields `patch` gives replaced (a partial `state_config`).
+    pub fn patched(&self, patch: &StateConfigPatch) -> StateConfig {
+        StateConfig {
+            enabled: patch.enabled.unwrap_or(self.enabled),
+            default_ttl: patch.default_ttl.unwrap_or(self.default_ttl),
+            max_state_size: patch.max_state_size.unwrap_or(self.max_state_size),
+            max_keys: patch.max_keys.unwrap_or(self.max_keys),
+            session_affinity: patch.session_affinity.unwrap_or(self.session_affinity),
+            session_timeout: patch.session_timeout.unwrap_or(self.session_timeout),
+        }
+    }
+}
+
+/// A partial [`StateConfig`]: the fields to change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfigPatch {
+    /// See [`StateConfig::enabled`].
+    pub enabled: Option<bool>,
+    /// See [`StateConfig::default_ttl`].
+    pub default_ttl: Option<u32>,
+    /// See [`StateConfig::max_state_size`].
+    pub max_state_size: Option<u32>,
+    /// See [`StateConfig::max_keys`].
+    pub max_keys: Option<u32>,
+    /// See [`StateConfig::session_affinity`].
+    pub session_affinity: Option<bool>,
+    /// See [`StateConfig::session_timeout`].
+    pub session_timeout: Option<u32>,
 }
 
 string_enum!(
@@ -233,6 +318,7 @@ impl FunctionConfig {
     pub fn validate(&self) -> Result<(), ValidationError> {
         check_range("memory_mb", self.memory_mb, limits::MEMORY_MB)?;
         check_range("timeout_sec", self.timeout_sec, limits::TIMEOUT_SEC)?;
+        self.state.validate()?;
         validate_env_vars(&self.env_vars)
     }
 }
@@ -410,6 +496,7 @@ mod tests {
             memory_mb: 256,
             timeout_sec: 30,
             network: Network::Outbound,
+            state: StateConfig::default(),
         };
         c.validate().unwrap();
         c.memory_mb = 32;
@@ -424,6 +511,30 @@ mod tests {
         c.env_vars.clear();
         c.env_vars.insert("1BAD".into(), "1".into());
         assert!(c.validate().is_err());
+        c.env_vars.clear();
+        c.state.max_keys = 0;
+        assert_eq!(c.validate().unwrap_err().field, "state_config.max_keys");
+        c.state = c.state.patched(&StateConfigPatch {
+            max_keys: Some(10),
+            enabled: Some(true),
+            ..Default::default()
+        });
+        c.validate().unwrap();
+        assert!(c.state.enabled && c.state.max_keys == 10 && c.state.session_timeout == 3600);
+    }
+
+    #[test]
+    fn state_config_takes_defaults_and_refuses_unknown_fields() {
+        let c: StateConfig = serde_json::from_str(r#"{"enabled": true}"#).unwrap();
+        assert_eq!(
+            c,
+            StateConfig {
+                enabled: true,
+                ..StateConfig::default()
+            }
+        );
+        assert_eq!(c.max_state_size, 65_536);
+        assert!(serde_json::from_str::<StateConfig>(r#"{"enabld": true}"#).is_err());
     }
 
     #[test]

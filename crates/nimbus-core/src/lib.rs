@@ -22,6 +22,7 @@ pub use code::CodeBundle;
 pub use error::ValidationError;
 pub use function::{
     Function, FunctionConfig, FunctionStatus, FunctionVersion, Handler, Network, Runtime,
+    StateConfig, StateConfigPatch,
 };
 pub use invocation::{Invocation, InvocationError, InvocationStatus, StartType, Trigger};
 pub use snapshot::{

@@ -16,6 +16,18 @@ pub const MEMORY_MB: (u32, u32, u32) = (64, 4096, 256);
 pub const TIMEOUT_SEC: (u32, u32, u32) = (1, 900, 30);
 /// Max instances bounds and default.
 pub const MAX_INSTANCES: (u32, u32, u32) = (1, 1000, 50);
+/// A state value's size bounds and default (`state_config.max_state_size`, bytes of JSON).
+pub const STATE_VALUE_BYTES: (u32, u32, u32) = (1, 1024 * 1024, 65_536);
+/// Keys per state bucket (a session's or the function's): bounds and default
+/// (`state_config.max_keys`).
+pub const STATE_KEYS: (u32, u32, u32) = (1, 10_000, 100);
+/// A session binding's lifetime after its last invocation, seconds: bounds and default
+/// (`state_config.session_timeout`).
+pub const SESSION_TIMEOUT_SEC: (u32, u32, u32) = (1, 30 * 24 * 3600, 3600);
+/// Longest default TTL of state values, seconds (`state_config.default_ttl`; 0 = none).
+pub const MAX_STATE_TTL_SEC: u32 = 365 * 24 * 3600;
+/// Longest session key, bytes.
+pub const MAX_SESSION_KEY_BYTES: usize = 256;
 /// Longest description, characters.
 pub const MAX_DESCRIPTION_CHARS: usize = 1024;
 /// Most environment variables per function.

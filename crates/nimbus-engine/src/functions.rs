@@ -9,7 +9,7 @@ use base64::Engine as _;
 use nimbus_core::function::{check_range, validate_description, validate_function_name};
 use nimbus_core::{
     ids, limits, now, CodeBundle, Function, FunctionConfig, FunctionStatus, FunctionVersion,
-    Handler, Network, Runtime, ValidationError, LATEST_ALIAS,
+    Handler, Network, Runtime, StateConfig, StateConfigPatch, ValidationError, LATEST_ALIAS,
 };
 use nimbus_runtime::protocol::ErrorPayload;
 use nimbus_store::Page;
@@ -56,6 +56,9 @@ pub struct NewFunction {
     /// `none` (default) or `outbound`.
     #[serde(default)]
     pub network: Option<String>,
+    /// State settings (default: state off); fields left out take their defaults.
+    #[serde(default)]
+    pub state_config: StateConfig,
 }
 
 /// Body of `PUT /functions/{id}`: every field optional.
@@ -82,6 +85,8 @@ pub struct FunctionPatch {
     pub max_instances: Option<u32>,
     /// New network: `none` or `outbound`.
     pub network: Option<String>,
+    /// State settings to change; fields left out keep their values.
+    pub state_config: Option<StateConfigPatch>,
     /// Publish the result as a new version and move `latest` (default true).
     pub publish: Option<bool>,
 }
@@ -134,6 +139,7 @@ impl Engine {
                     .map_err(|e: ValidationError| e.in_field("network"))?,
                 None => Network::default(),
             },
+            state: req.state_config,
         };
         config.validate()?;
         code.check_handler(&config.handler, runtime)?;
@@ -228,6 +234,9 @@ impl Engine {
             function.config.network = network
                 .parse()
                 .map_err(|e: ValidationError| e.in_field("network"))?;
+        }
+        if let Some(state) = &patch.state_config {
+            function.config.state = function.config.state.patched(state);
         }
         if let Some(max_instances) = patch.max_instances {
             check_range("max_instances", max_instances, limits::MAX_INSTANCES)?;

@@ -123,6 +123,7 @@ fn config(row: &AnyRow) -> StoreResult<FunctionConfig> {
         memory_mb: unsigned(row, "memory_mb")?,
         timeout_sec: unsigned(row, "timeout_sec")?,
         network: parsed(row, "network")?,
+        state: json(row, "state_config")?,
     })
 }
 

@@ -37,8 +37,8 @@ type AnyQuery<'q> = Query<'q, Any, AnyArguments<'q>>;
 macro_rules! function_columns {
     () => {
         "id, name, description, runtime, handler, code_hash, env_vars, memory_mb, \
-         timeout_sec, network, code, max_instances, status, latest_version, created_at, \
-         updated_at"
+         timeout_sec, network, state_config, code, max_instances, status, latest_version, \
+         created_at, updated_at"
     };
 }
 
@@ -46,7 +46,7 @@ macro_rules! function_columns {
 macro_rules! version_columns {
     () => {
         "function_id, version, description, runtime, handler, code_hash, env_vars, \
-         memory_mb, timeout_sec, network, created_at, created_by"
+         memory_mb, timeout_sec, network, state_config, created_at, created_by"
     };
 }
 
@@ -83,18 +83,18 @@ macro_rules! snapshot_columns {
     };
 }
 
-/// `$1` id, then the draft in [`bind_draft`] order (`$2`–`$13`), then name, latest
+/// `$1` id, then the draft in [`bind_draft`] order (`$2`–`$14`), then name, latest
 /// version and creation time.
 const INSERT_FUNCTION: &str = "INSERT INTO functions (id, description, runtime, handler, \
-     code_hash, env_vars, memory_mb, timeout_sec, network, code, max_instances, status, \
-     updated_at, name, latest_version, created_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
+     code_hash, env_vars, memory_mb, timeout_sec, network, state_config, code, \
+     max_instances, status, updated_at, name, latest_version, created_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
 
 /// Saves the draft bound by [`bind_draft`].
 const UPDATE_DRAFT: &str = "UPDATE functions SET description = $2, runtime = $3, \
      handler = $4, code_hash = $5, env_vars = $6, memory_mb = $7, timeout_sec = $8, \
-     network = $9, code = $10, max_instances = $11, status = $12, updated_at = $13 \
-     WHERE id = $1";
+     network = $9, state_config = $10, code = $11, max_instances = $12, status = $13, \
+     updated_at = $14 WHERE id = $1";
 
 /// Allocates the next version number under the function's row lock.
 const NEXT_VERSION: &str = "UPDATE functions SET latest_version = latest_version + 1 \
@@ -106,11 +106,11 @@ const NEXT_VERSION: &str = "UPDATE functions SET latest_version = latest_version
 const LOCK_FUNCTION: &str = "UPDATE functions SET latest_version = latest_version WHERE id = $1";
 
 /// Function id, version and description, the configuration in [`bind_config`] order
-/// (`$4`–`$11`), then creation time and author.
+/// (`$4`–`$12`), then creation time and author.
 const INSERT_VERSION: &str = "INSERT INTO function_versions (function_id, version, \
      description, runtime, handler, code_hash, env_vars, memory_mb, timeout_sec, network, \
-     code, created_at, created_by) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+     state_config, code, created_at, created_by) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
 
 const INSERT_ALIAS: &str = concat!(
     "INSERT INTO function_aliases (",
@@ -279,7 +279,8 @@ impl SqlStore {
 }
 
 /// Binds the configuration a version freezes and its code, in the column order
-/// `runtime, handler, code_hash, env_vars, memory_mb, timeout_sec, network, code`.
+/// `runtime, handler, code_hash, env_vars, memory_mb, timeout_sec, network, state_config,
+/// code`.
 fn bind_config<'q>(
     query: AnyQuery<'q>,
     config: &'q FunctionConfig,
@@ -293,10 +294,11 @@ fn bind_config<'q>(
         .bind(i64::from(config.memory_mb))
         .bind(i64::from(config.timeout_sec))
         .bind(config.network.as_str())
+        .bind(to_json("state_config", &config.state)?)
         .bind(code.encode()))
 }
 
-/// Binds a function's id and draft as `$1`–`$13`: id, description, the configuration and
+/// Binds a function's id and draft as `$1`–`$14`: id, description, the configuration and
 /// code (see [`bind_config`]), max_instances, status, updated_at.
 fn bind_draft<'q>(query: AnyQuery<'q>, function: &'q Function) -> StoreResult<AnyQuery<'q>> {
     let query = query

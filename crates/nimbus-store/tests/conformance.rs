@@ -16,7 +16,7 @@ use nimbus_core::{
     ids, AliasAction, AliasRevision, CodeBundle, Function, FunctionAlias, FunctionConfig,
     FunctionStatus, FunctionVersion, Handler, Invocation, InvocationError, InvocationStatus,
     Network, NewSnapshot, RoutingConfig, Runtime, Snapshot, SnapshotFile, SnapshotStatus,
-    StartType, Trigger, WeightedVersion,
+    StartType, StateConfig, Trigger, WeightedVersion,
 };
 use nimbus_store::{
     AliasChange, AliasWrite, InvocationFilter, MetadataStore, Page, Published, RollbackTarget,
@@ -222,6 +222,13 @@ fn new_function(name: &str) -> (Function, FunctionVersion) {
         memory_mb: 256,
         timeout_sec: 30,
         network: Network::Outbound,
+        state: StateConfig {
+            enabled: true,
+            default_ttl: 60,
+            max_keys: 7,
+            session_affinity: true,
+            ..StateConfig::default()
+        },
     };
     let now = nimbus_core::now();
     let function = Function {
@@ -3319,8 +3326,9 @@ async fn reopening_keeps_data_and_reapplies_nothing(store: &dyn MetadataStore, u
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    // 0001_init, 0002_alias_history, 0003_network and 0004_snapshots, each once.
-    assert_eq!(applied, 4);
+    // 0001_init, 0002_alias_history, 0003_network, 0004_snapshots and 0005_state_config,
+    // each once.
+    assert_eq!(applied, 5);
 }
 
 async fn corrupt_rows_are_reported_as_corrupt(store: &dyn MetadataStore, url: &str) {

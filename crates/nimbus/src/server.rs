@@ -113,6 +113,7 @@ async fn deploy_example(engine: &Engine) -> anyhow::Result<()> {
         env_vars: Default::default(),
         max_instances: None,
         network: None,
+        state_config: Default::default(),
     };
     engine
         .create_function(example, "nimbus")
