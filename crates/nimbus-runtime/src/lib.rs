@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 
 use nimbus_core::Runtime;
 
-pub use worker::{InvokeOutcome, WorkerConn, WorkerError};
+pub use worker::{
+    InvokeOutcome, StateAnswer, StateCalls, StateRequest, Stateless, WorkerConn, WorkerError,
+};
 
 /// How to start a worker process for one runtime (before the sandbox wraps it).
 #[derive(Debug, Clone, PartialEq, Eq)]

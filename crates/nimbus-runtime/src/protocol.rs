@@ -1,10 +1,14 @@
 //! The host↔worker wire format: frames of a u32 big-endian length followed by that many
 //! bytes of JSON, one message per frame, over a Unix socket (or vsock for microVMs).
 //!
-//! Host → worker: `invoke {id, request_id, event}`, `ping {id}`.
+//! Host → worker: `invoke {id, request_id, event, state, session_key}`, `ping {id}`,
+//! `state_result {id, ok, value, version | error}`.
 //! Worker → host: `ready {pid, runtime, init_ms}`, `init_error {error, logs}`,
-//! `result {id, ok, body | error, logs, max_rss_kb}`, `pong {id}`.
-//! Events and results travel as raw JSON: the host validates them once and never re-encodes.
+//! `result {id, ok, body | error, logs, max_rss_kb}`, `pong {id}`, and, while it runs an
+//! invocation, `state {id, op, scope, key, value, ttl, delta, version, pattern}` requests,
+//! each answered by a `state_result` with the same id before the worker goes on.
+//! Events, results and state values travel as raw JSON: the host validates them once and
+//! never re-encodes.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -82,6 +86,44 @@ pub struct InvokeFrame<'a> {
     pub request_id: &'a str,
     /// The event, raw JSON.
     pub event: &'a RawValue,
+    /// Whether the function may use the state API.
+    pub state: bool,
+    /// The invocation's session key, if it came with one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_key: Option<&'a str>,
+}
+
+/// `state_result`: the answer to a worker's `state` request.
+#[derive(Debug, Serialize)]
+pub struct StateResultFrame<'a> {
+    /// Always `"state_result"`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The request's id.
+    pub id: u64,
+    /// Whether the operation succeeded.
+    pub ok: bool,
+    /// What it returned (a value, raw JSON; a number; a list of keys; a boolean).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<&'a RawValue>,
+    /// The value's version (`get_with_version`, `set`, `set_with_version`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a StateFailure>,
+}
+
+/// A failed state operation, as the worker raises it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StateFailure {
+    /// Stable code (`value_too_large`, `state_conflict`, `state_unavailable`, …).
+    pub code: String,
+    /// What went wrong, naming the problem.
+    pub message: String,
+    /// The key's current version (`state_conflict`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_version: Option<u64>,
 }
 
 /// `ping`: liveness probe, answered by `pong` with the same id.
@@ -138,6 +180,31 @@ pub struct WorkerMessage<'a> {
     /// Peak RSS of the worker, KiB.
     #[serde(default)]
     pub max_rss_kb: Option<u64>,
+    /// The operation (`state`): `get`, `set`, `delete`, `exists`, `keys`, `incr`, `expire`,
+    /// `get_with_version`, `set_with_version`.
+    #[serde(default)]
+    pub op: Option<&'a str>,
+    /// Whose state (`state`): `session`, `function` or `invocation`.
+    #[serde(default)]
+    pub scope: Option<&'a str>,
+    /// The key (`state`); owned, since JSON may escape it.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// The value to write (`state` set), raw JSON.
+    #[serde(default, borrow)]
+    pub value: Option<&'a RawValue>,
+    /// Time to live, seconds (`state` set, incr, expire).
+    #[serde(default)]
+    pub ttl: Option<f64>,
+    /// What to add (`state` incr).
+    #[serde(default)]
+    pub delta: Option<i64>,
+    /// The version the writer holds (`state` set_with_version).
+    #[serde(default)]
+    pub version: Option<u64>,
+    /// The glob of `keys`.
+    #[serde(default)]
+    pub pattern: Option<String>,
 }
 
 #[cfg(test)]
@@ -154,6 +221,8 @@ mod tests {
             id: 7,
             request_id: "inv_1",
             event: &event,
+            state: false,
+            session_key: None,
         };
         write_frame(&mut a, &frame, &mut buf).await.unwrap();
         let mut got = Vec::new();
@@ -161,7 +230,7 @@ mod tests {
         let text = std::str::from_utf8(&got).unwrap();
         assert_eq!(
             text,
-            r#"{"type":"invoke","id":7,"request_id":"inv_1","event":{"k": [1, 2.50, "x"]}}"#
+            r#"{"type":"invoke","id":7,"request_id":"inv_1","event":{"k": [1, 2.50, "x"]},"state":false}"#
         );
     }
 

@@ -11,7 +11,8 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
 use crate::protocol::{
-    read_frame, write_frame, ErrorPayload, FrameError, InvokeFrame, PingFrame, WorkerMessage,
+    read_frame, write_frame, ErrorPayload, FrameError, InvokeFrame, PingFrame, StateFailure,
+    StateResultFrame, WorkerMessage,
 };
 
 /// A worker that could not serve.
@@ -70,6 +71,78 @@ pub struct InvokeOutcome {
     pub logs: String,
     /// Peak RSS of the worker process, KiB.
     pub max_rss_kb: Option<u64>,
+}
+
+/// One state operation a worker asked for during an invocation; the host checks the
+/// operation and its arguments.
+#[derive(Debug, Clone)]
+pub struct StateRequest {
+    /// `get`, `set`, `delete`, `exists`, `keys`, `incr`, `expire`, `get_with_version`,
+    /// `set_with_version`.
+    pub op: String,
+    /// `session`, `function` or `invocation`.
+    pub scope: String,
+    /// The key (every operation but `keys`).
+    pub key: Option<String>,
+    /// The value to write, raw JSON.
+    pub value: Option<Box<RawValue>>,
+    /// Time to live, seconds.
+    pub ttl: Option<f64>,
+    /// What `incr` adds.
+    pub delta: Option<i64>,
+    /// The version a `set_with_version` holds.
+    pub version: Option<u64>,
+    /// The glob of `keys`.
+    pub pattern: Option<String>,
+}
+
+/// What a state operation returned.
+#[derive(Debug, Clone)]
+pub struct StateAnswer {
+    /// A value (raw JSON): the stored value, a number, a list of keys, a boolean; `None`
+    /// for nothing (a missing key).
+    pub value: Option<Box<RawValue>>,
+    /// The value's version, for the operations that report one.
+    pub version: Option<u64>,
+}
+
+/// The host side of the state API for one invocation: answers the worker's requests.
+pub trait StateCalls: Send {
+    /// Whether the function may use the state API (the worker then gives the handler a
+    /// live `state`).
+    fn enabled(&self) -> bool;
+
+    /// The invocation's session key, if it has one.
+    fn session_key(&self) -> Option<&str>;
+
+    /// Runs one request.
+    fn call(
+        &mut self,
+        request: StateRequest,
+    ) -> impl std::future::Future<Output = Result<StateAnswer, StateFailure>> + Send;
+}
+
+/// The state of a function without state: every request fails with `state_not_enabled`
+/// (the worker does not send any).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stateless;
+
+impl StateCalls for Stateless {
+    fn enabled(&self) -> bool {
+        false
+    }
+
+    fn session_key(&self) -> Option<&str> {
+        None
+    }
+
+    async fn call(&mut self, _: StateRequest) -> Result<StateAnswer, StateFailure> {
+        Err(StateFailure {
+            code: "state_not_enabled".into(),
+            message: "state is not enabled for this function".into(),
+            current_version: None,
+        })
+    }
 }
 
 /// The host's end of a worker connection.
@@ -132,11 +205,23 @@ impl WorkerConn {
             .map_err(|e| WorkerError::Protocol(e.to_string()))
     }
 
-    /// Runs one invocation and waits for its result.
+    /// Runs one invocation of a function without state and waits for its result.
     pub async fn invoke(
         &mut self,
         request_id: &str,
         event: &RawValue,
+    ) -> Result<InvokeOutcome, WorkerError> {
+        self.invoke_with_state(request_id, event, &mut Stateless)
+            .await
+    }
+
+    /// Runs one invocation and waits for its result, answering the worker's state requests
+    /// with `state` meanwhile.
+    pub async fn invoke_with_state<S: StateCalls>(
+        &mut self,
+        request_id: &str,
+        event: &RawValue,
+        state: &mut S,
     ) -> Result<InvokeOutcome, WorkerError> {
         let id = self.take_id();
         let frame = InvokeFrame {
@@ -144,10 +229,32 @@ impl WorkerConn {
             id,
             request_id,
             event,
+            state: state.enabled(),
+            session_key: state.session_key(),
         };
         write_frame(&mut self.writer, &frame, &mut self.write_buf).await?;
-        read_frame(&mut self.reader, &mut self.read_buf).await?;
-        let msg = parse(&self.read_buf)?;
+        let msg = loop {
+            read_frame(&mut self.reader, &mut self.read_buf).await?;
+            let msg = parse(&self.read_buf)?;
+            if msg.kind != "state" {
+                break msg;
+            }
+            let (request_id, request) = state_request(&msg)?;
+            let answer = state.call(request).await;
+            let (value, version, error) = match &answer {
+                Ok(a) => (a.value.as_deref(), a.version, None),
+                Err(failure) => (None, None, Some(failure)),
+            };
+            let reply = StateResultFrame {
+                kind: "state_result",
+                id: request_id,
+                ok: answer.is_ok(),
+                value,
+                version,
+                error,
+            };
+            write_frame(&mut self.writer, &reply, &mut self.write_buf).await?;
+        };
         if msg.kind != "result" || msg.id != Some(id) {
             return Err(WorkerError::Protocol(format!(
                 "expected result {id}, got {:?} {:?}",
@@ -193,6 +300,24 @@ impl WorkerConn {
         self.next_id += 1;
         id
     }
+}
+
+/// A `state` message as a [`StateRequest`], with its id.
+fn state_request(msg: &WorkerMessage<'_>) -> Result<(u64, StateRequest), WorkerError> {
+    let missing = |field: &str| WorkerError::Protocol(format!("state request without {field}"));
+    Ok((
+        msg.id.ok_or_else(|| missing("id"))?,
+        StateRequest {
+            op: msg.op.ok_or_else(|| missing("op"))?.to_owned(),
+            scope: msg.scope.ok_or_else(|| missing("scope"))?.to_owned(),
+            key: msg.key.clone(),
+            value: msg.value.map(RawValue::to_owned),
+            ttl: msg.ttl,
+            delta: msg.delta,
+            version: msg.version,
+            pattern: msg.pattern.clone(),
+        },
+    ))
 }
 
 fn json_null() -> Box<RawValue> {

@@ -815,3 +815,159 @@ async fn the_first_instance_after_fork_ahead_is_the_spare_forked_before_it_was_a
     let mut instance = fork(template.as_ref(), "i_a").await.unwrap();
     assert_eq!(body(&invoke(&mut instance, json!({})).await), json!(spare));
 }
+
+/// The host side of the state API as a test double: answers from a script and records what
+/// the worker asked (the real host, on real backends, is tested in the server's tests).
+struct ScriptedState {
+    answers: Vec<Result<nimbus_runtime::StateAnswer, nimbus_runtime::protocol::StateFailure>>,
+    asked: Vec<nimbus_runtime::StateRequest>,
+}
+
+impl nimbus_runtime::StateCalls for ScriptedState {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn session_key(&self) -> Option<&str> {
+        Some("s1")
+    }
+
+    async fn call(
+        &mut self,
+        request: nimbus_runtime::StateRequest,
+    ) -> Result<nimbus_runtime::StateAnswer, nimbus_runtime::protocol::StateFailure> {
+        self.asked.push(request);
+        self.answers.remove(0)
+    }
+}
+
+fn answer(value: Option<&str>, version: Option<u64>) -> nimbus_runtime::StateAnswer {
+    nimbus_runtime::StateAnswer {
+        value: value.map(|v| RawValue::from_string(v.to_owned()).unwrap()),
+        version,
+    }
+}
+
+#[tokio::test]
+async fn state_calls_travel_over_the_connection_and_failures_raise_typed_errors() {
+    let mut w = start(
+        r#"
+import nimbus
+
+def handle(event, state):
+    out = {"get": state.get("cart"), "missing": state.get("nope", "dflt")}
+    out["version"] = state.function().set("n", {"a": [1, "ü"]}, ttl=1.5)
+    try:
+        state.set_with_version("k", 1, 4)
+    except nimbus.StateConflict as e:
+        out["conflict"] = [e.code, e.current_version, str(e)]
+    try:
+        state.invocation().set("big", "x")
+    except nimbus.StateValueTooLarge as e:
+        out["too_large"] = isinstance(e, nimbus.StateError)
+    try:
+        state.set("bad", object())
+    except TypeError as e:
+        out["type_error"] = str(e)
+    try:
+        state.set("k", 1, ttl=0)
+    except ValueError as e:
+        out["ttl_error"] = str(e)
+    out["keys"] = state.keys("c*")
+    return out
+"#,
+    )
+    .await;
+    let mut state = ScriptedState {
+        answers: vec![
+            Ok(answer(Some(r#"["book"]"#), Some(3))),
+            Ok(answer(Some("null"), Some(0))),
+            Ok(answer(None, Some(9))),
+            Err(nimbus_runtime::protocol::StateFailure {
+                code: "state_conflict".into(),
+                message: "version conflict: the key is at version 7, not 4".into(),
+                current_version: Some(7),
+            }),
+            Err(nimbus_runtime::protocol::StateFailure {
+                code: "value_too_large".into(),
+                message: "too large".into(),
+                current_version: None,
+            }),
+            Ok(answer(Some(r#"["cart"]"#), None)),
+        ],
+        asked: Vec::new(),
+    };
+    let raw = RawValue::from_string("{}".into()).unwrap();
+    let outcome = w
+        .conn
+        .invoke_with_state("inv_state", &raw, &mut state)
+        .await
+        .unwrap();
+    let out = body(&outcome);
+    assert_eq!(out["get"], json!(["book"]));
+    assert_eq!(out["missing"], "dflt");
+    assert_eq!(out["version"], 9);
+    assert_eq!(
+        out["conflict"],
+        json!([
+            "state_conflict",
+            7,
+            "version conflict: the key is at version 7, not 4"
+        ])
+    );
+    assert_eq!(out["too_large"], true);
+    assert!(
+        out["type_error"]
+            .as_str()
+            .unwrap()
+            .contains("not JSON-serializable"),
+        "{out}"
+    );
+    assert!(out["ttl_error"].as_str().unwrap().contains("ttl"), "{out}");
+    assert_eq!(out["keys"], json!(["cart"]));
+    // What the worker asked, in order: the unserializable value and the bad TTL never left it.
+    let asked: Vec<(&str, &str, Option<&str>)> = state
+        .asked
+        .iter()
+        .map(|r| (r.op.as_str(), r.scope.as_str(), r.key.as_deref()))
+        .collect();
+    assert_eq!(
+        asked,
+        [
+            ("get", "session", Some("cart")),
+            ("get", "session", Some("nope")),
+            ("set", "function", Some("n")),
+            ("set_with_version", "session", Some("k")),
+            ("set", "invocation", Some("big")),
+            ("keys", "session", None),
+        ]
+    );
+    let set = &state.asked[2];
+    assert_eq!(set.value.as_ref().unwrap().get(), r#"{"a":[1,"\u00fc"]}"#);
+    assert_eq!(set.ttl, Some(1.5));
+    assert_eq!(state.asked[3].version, Some(4));
+    assert_eq!(state.asked[5].pattern.as_deref(), Some("c*"));
+    // The connection is in step afterwards.
+    w.conn.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_function_without_state_gets_a_falsy_state_that_raises() {
+    let mut w = start(
+        r#"
+import nimbus
+
+def handle(event, state):
+    try:
+        state.get("k")
+    except nimbus.StateNotEnabled as e:
+        return {"truthy": bool(state), "code": e.code, "is_state_error": isinstance(e, nimbus.StateError)}
+"#,
+    )
+    .await;
+    let out = body(&invoke(&mut w, json!({})).await);
+    assert_eq!(
+        out,
+        json!({"truthy": false, "code": "state_not_enabled", "is_state_error": true})
+    );
+}

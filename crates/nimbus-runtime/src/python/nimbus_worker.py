@@ -6,9 +6,14 @@ with the function's code directory as working directory and the host connection 
 descriptor 3. Frames are a
 u32 big-endian length followed by that many bytes of JSON (see the nimbus-runtime crate):
 
-    host -> worker   invoke {id, request_id, event}      ping {id}
+    host -> worker   invoke {id, request_id, event, state, session_key}   ping {id}
+                     state_result {id, ok, value, version | error}
     worker -> host   ready {pid, runtime, init_ms, logs}  init_error {error, logs}
                      result {id, ok, body | error, logs, max_rss_kb}   pong {id}
+                     state {id, op, scope, key, value, ttl, delta, version, pattern}
+
+While a handler runs, each call of its `state` sends a `state` request and waits for the
+`state_result` with the same id (the host sends nothing else meanwhile).
 
 Environment: NIMBUS_HANDLER=module.function (dotted packages allowed), plus the function's
 own variables. The worker exits 0 when the host closes the connection, 1 when the handler
@@ -401,6 +406,49 @@ class _Host:
         self.sock.sendall(len(payload).to_bytes(4, "big") + payload)
 
 
+def _state_caller(host, api):
+    """The function `state` objects call: one request to the host, its answer (a dict with
+    `value` and `version`) or the typed exception it stands for."""
+    counter = [0]
+    read = host.read
+    send_raw = host.send_raw
+    encode = _encode
+    limit = _MAX_FRAME_BYTES - 64
+
+    def call(request):
+        counter[0] += 1
+        msg_id = counter[0]
+        request["type"] = "state"
+        request["id"] = msg_id
+        try:
+            payload = "".join(encode(request, 0)).encode("ascii")
+        except (TypeError, ValueError) as exc:
+            _markers.clear()  # the encoder leaves entries behind when it fails
+            raise TypeError("the state value is not JSON-serializable: %s" % (exc,)) from None
+        if len(payload) > limit:
+            raise api.StateValueTooLarge(
+                "the state value is %d bytes of JSON, over the %d-byte frame limit"
+                % (len(payload), limit)
+            )
+        send_raw(payload)
+        reply = read()
+        if reply is None:
+            raise _HostGone()
+        if reply.get("type") != "state_result" or reply.get("id") != msg_id:
+            raise _ProtocolError("expected state_result %d, got %r" % (msg_id, reply.get("type")))
+        if reply.get("ok"):
+            return reply
+        raise api._state_error(reply.get("error") or {})
+
+    return call
+
+
+class _HostGone(BaseException):
+    """The host closed the connection while a handler waited for state: nobody will read a
+    result, so the worker ends (BaseException: the handler's `except Exception` does not
+    swallow it)."""
+
+
 def _reap_orphans():
     while True:
         try:
@@ -440,7 +488,9 @@ def _result_error(msg_id, payload, sink):
     }
 
 
-def _serve(host, handler, takes_state, state, api, sink):
+def _serve(host, handler, takes_state, api, sink):
+    disabled = api._DISABLED_STATE
+    live = api._State(_state_caller(host, api))
     read = host.read
     send = host.send
     send_raw = host.send_raw
@@ -466,12 +516,14 @@ def _serve(host, handler, takes_state, state, api, sink):
             api._request_id = msg.get("request_id")
             try:
                 if takes_state:
-                    value = handler(msg["event"], state)
+                    value = handler(msg["event"], live if msg.get("state") else disabled)
                 else:
                     value = handler(msg["event"])
                 if value.__class__ is coroutine_type:
                     value = _run_coroutine(value)
             except BaseException as exc:
+                if isinstance(exc, (_HostGone, _ProtocolError)):
+                    raise  # the connection is over, or out of step: nothing to answer
                 if isinstance(exc, SystemExit):
                     # The function asked the process to end: report it, then do so.
                     message = "the handler called sys.exit(%r); the instance stops" % (exc.code,)
@@ -709,9 +761,9 @@ def main():
             _init_failed(host, failure.payload, sink)
         _ready(host, sink, forked, forked)
     try:
-        _serve(host, handler, takes_state, api._DISABLED_STATE, api, sink)
-    except OSError:
-        pass  # the host went away mid-write
+        _serve(host, handler, takes_state, api, sink)
+    except (OSError, _HostGone):
+        pass  # the host went away
     except _ProtocolError as exc:
         posix.write(2, ("nimbus_worker: %s\n" % exc).encode("utf-8", "replace"))
         _exit(2)

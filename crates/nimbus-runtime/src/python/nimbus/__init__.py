@@ -15,7 +15,13 @@ by every function (a module of the same name in the function's own code takes pr
 
 __all__ = [
     "NimbusError",
+    "StateConflict",
+    "StateError",
+    "StateKeyTooLong",
     "StateNotEnabled",
+    "StateTooManyKeys",
+    "StateUnavailable",
+    "StateValueTooLarge",
     "after_restore",
     "before_snapshot",
     "current_request_id",
@@ -56,8 +62,80 @@ class NimbusError(Exception):
     """Base class of the errors raised by the Nimbus runtime API."""
 
 
-class StateNotEnabled(NimbusError):
+class StateError(NimbusError):
+    """A state operation failed. `code` is the platform's stable error code."""
+
+    code = "state_error"
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class StateNotEnabled(StateError):
     """The function used `state` but state is not enabled for it."""
+
+    code = "state_not_enabled"
+
+
+class StateConflict(StateError):
+    """`set_with_version` held a stale version; `current_version` is the key's version now
+    (0: the key is absent). Read again and retry."""
+
+    code = "state_conflict"
+
+    def __init__(self, message, current_version=0):
+        super().__init__(message)
+        self.current_version = current_version
+
+
+class StateValueTooLarge(StateError):
+    """The value is larger than the function's `max_state_size`. Nothing was written."""
+
+    code = "value_too_large"
+
+
+class StateTooManyKeys(StateError):
+    """Writing a new key would pass the function's `max_keys`. Nothing was written."""
+
+    code = "too_many_keys"
+
+
+class StateKeyTooLong(StateError):
+    """The key is longer than 256 bytes. Nothing was written."""
+
+    code = "key_too_long"
+
+
+class StateUnavailable(StateError):
+    """The state store cannot be reached right now; the operation may or may not have been
+    applied if it was a write. Retry later."""
+
+    code = "state_unavailable"
+
+
+_STATE_ERRORS = {
+    cls.code: cls
+    for cls in (
+        StateNotEnabled,
+        StateConflict,
+        StateValueTooLarge,
+        StateTooManyKeys,
+        StateKeyTooLong,
+        StateUnavailable,
+    )
+}
+
+
+def _state_error(error):
+    """The exception for a failed operation as the host reports it."""
+    code = error.get("code", "state_error")
+    message = error.get("message", code)
+    if code == "state_conflict":
+        return StateConflict(message, error.get("current_version", 0))
+    cls = _STATE_ERRORS.get(code)
+    return cls(message) if cls is not None else StateError(message, code)
 
 
 def current_request_id():
@@ -113,3 +191,123 @@ class _DisabledState:
 
 # The `state` the worker passes while state is not enabled.
 _DISABLED_STATE = _DisabledState()
+
+
+def _check_key(key):
+    if key.__class__ is not str:
+        raise TypeError("state keys are strings, not %s" % type(key).__name__)
+    return key
+
+
+def _check_ttl(ttl):
+    if ttl is None:
+        return None
+    if ttl.__class__ not in (int, float) or not ttl > 0:
+        raise ValueError("ttl is a number of seconds greater than 0, not %r" % (ttl,))
+    return ttl
+
+
+class _Scope:
+    """One scope of the function's state: values are anything JSON can hold, keys are
+    strings of at most 256 bytes. Every operation goes to the platform at once (there is no
+    local cache), and writes are durable when they return."""
+
+    __slots__ = ("_call", "_scope")
+
+    def __init__(self, call, scope):
+        self._call = call
+        self._scope = scope
+
+    def get(self, key, default=None):
+        """The value of `key`, or `default` if it is absent (or expired)."""
+        reply = self._call({"op": "get", "scope": self._scope, "key": _check_key(key)})
+        return reply.get("value") if reply.get("version") else default
+
+    def set(self, key, value, ttl=None):
+        """Stores `value` under `key`, for `ttl` seconds (default: the function's
+        default_ttl; none if that is 0). Returns the new version."""
+        return self._call(
+            {"op": "set", "scope": self._scope, "key": _check_key(key), "value": value,
+             "ttl": _check_ttl(ttl)}
+        )["version"]
+
+    def delete(self, key):
+        """Removes `key`; whether it was there."""
+        return self._call({"op": "delete", "scope": self._scope, "key": _check_key(key)})["value"]
+
+    def exists(self, key):
+        """Whether `key` holds a value."""
+        return self._call({"op": "exists", "scope": self._scope, "key": _check_key(key)})["value"]
+
+    def keys(self, pattern="*"):
+        """The keys matching the glob `pattern` (`*`, `?`, `\\` escapes), sorted."""
+        if pattern.__class__ is not str:
+            raise TypeError("the pattern is a string, not %s" % type(pattern).__name__)
+        return self._call({"op": "keys", "scope": self._scope, "pattern": pattern})["value"]
+
+    def incr(self, key, delta=1):
+        """Adds `delta` (an integer) to the integer at `key` (absent: 0) atomically and
+        returns the result. A new key gets the function's default_ttl."""
+        if delta.__class__ is not int:
+            raise TypeError("delta is an integer, not %s" % type(delta).__name__)
+        return self._call(
+            {"op": "incr", "scope": self._scope, "key": _check_key(key), "delta": delta}
+        )["value"]
+
+    def decr(self, key, delta=1):
+        """`incr(key, -delta)`."""
+        if delta.__class__ is not int:
+            raise TypeError("delta is an integer, not %s" % type(delta).__name__)
+        return self.incr(key, -delta)
+
+    def expire(self, key, ttl):
+        """Lets `key` expire in `ttl` seconds (None: never); whether the key was there."""
+        return self._call(
+            {"op": "expire", "scope": self._scope, "key": _check_key(key), "ttl": _check_ttl(ttl)}
+        )["value"]
+
+    def get_with_version(self, key):
+        """`(value, version)`; `(None, 0)` if absent. Pass the version to
+        `set_with_version` to write only if nobody wrote in between."""
+        reply = self._call(
+            {"op": "get_with_version", "scope": self._scope, "key": _check_key(key)}
+        )
+        version = reply.get("version", 0)
+        return (reply.get("value") if version else None, version)
+
+    def set_with_version(self, key, value, version, ttl=None):
+        """Stores `value` only if `key` is still at `version` (0: only if absent); raises
+        StateConflict (with `current_version`) otherwise. Returns the new version."""
+        if version.__class__ is not int or version < 0:
+            raise TypeError("version is what get_with_version returned, not %r" % (version,))
+        return self._call(
+            {"op": "set_with_version", "scope": self._scope, "key": _check_key(key),
+             "value": value, "version": version, "ttl": _check_ttl(ttl)}
+        )["version"]
+
+    def __repr__(self):
+        return "<nimbus state: %s scope>" % self._scope
+
+
+class _State(_Scope):
+    """The `state` argument: the session's state (the invocation's session_key, or
+    `_default` without one), with the other scopes a call away."""
+
+    __slots__ = ("_function", "_invocation")
+
+    def __init__(self, call):
+        super().__init__(call, "session")
+        self._function = _Scope(call, "function")
+        self._invocation = _Scope(call, "invocation")
+
+    def session(self):
+        """This session's state (the same as `state` itself)."""
+        return self
+
+    def function(self):
+        """State shared by every invocation of the function, whatever the session."""
+        return self._function
+
+    def invocation(self):
+        """State of this invocation only, gone when it ends."""
+        return self._invocation
