@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Makes sure the services and tools the test suite needs are on this machine: PostgreSQL on
 # 127.0.0.1:5432 (database `test`), starting a local cluster if one is installed but
-# stopped; `ip` and `nft`, with which the sandbox gives outbound functions their network;
-# CRIU 4, with which templates are checkpointed to disk (the snapshot tests use it).
+# stopped; Redis on 127.0.0.1:6379 (the Redis state backend's tests), installing and starting
+# it if nothing answers there; `ip` and `nft`, with which the sandbox gives outbound functions
+# their network; CRIU 4, with which templates are checkpointed to disk (the snapshot tests use
+# it).
 set -euo pipefail
 
 pg_up() { pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; }
@@ -35,3 +37,20 @@ if ! psql -h 127.0.0.1 -U postgres -d test -Atc 'select 1' >/dev/null 2>&1; then
 fi
 psql -h 127.0.0.1 -U postgres -d test -Atc 'select 1' >/dev/null
 echo "ensure-services: PostgreSQL ready" >&2
+
+redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
+
+if ! redis_up; then
+  if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+    echo "ensure-services: Redis not found; installing redis-server" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  fi
+  if ! redis_up; then
+    echo "ensure-services: starting Redis" >&2
+    # Nothing on disk: the tests' data is throwaway.
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+    for _ in $(seq 1 30); do redis_up && break; sleep 1; done
+  fi
+fi
+redis_up || { echo "ensure-services: Redis is not reachable on 127.0.0.1:6379" >&2; exit 1; }
+echo "ensure-services: Redis ready" >&2
