@@ -50,6 +50,10 @@ impl From<EngineError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            EngineError::State(nimbus_state::StateError::Unavailable(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            EngineError::State(_) => StatusCode::BAD_REQUEST,
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %e, "internal error");

@@ -20,9 +20,6 @@ use crate::{views, AppState};
 /// Header carrying the session key (same as `?session_key=`).
 pub const SESSION_HEADER: &str = "x-nimbus-session-key";
 
-/// Most characters in a session key.
-const MAX_SESSION_KEY_CHARS: usize = 256;
-
 /// `?version=&alias=&session_key=`.
 #[derive(Debug, Deserialize)]
 pub struct Target {
@@ -77,14 +74,8 @@ async fn invoke_request(
         ),
         None => None,
     };
+    // Checked by the engine (1-256 bytes, no control characters, not `_global`).
     let session_key = target.session_key.or(header_key).filter(|k| !k.is_empty());
-    if let Some(key) = &session_key {
-        if key.chars().count() > MAX_SESSION_KEY_CHARS {
-            return Err(ApiError::bad_request(format!(
-                "session_key is longer than {MAX_SESSION_KEY_CHARS} characters"
-            )));
-        }
-    }
     if let Some(alias) = &target.alias {
         nimbus_core::alias::validate_alias_name(alias)
             .map_err(|e| ApiError::bad_request(format!("alias: {}", e.message)))?;

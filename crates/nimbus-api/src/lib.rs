@@ -9,6 +9,7 @@ pub mod functions;
 pub mod invoke;
 pub mod ops;
 pub mod snapshots;
+pub mod state;
 pub mod versions;
 pub mod views;
 
@@ -75,6 +76,15 @@ pub fn router(state: AppState, keys: ApiKeys) -> Router {
         .route("/functions/{id}/snapshots/{sid}", delete(snapshots::delete))
         .route("/snapshots/stats", get(snapshots::stats))
         .route("/snapshots/cleanup", post(snapshots::cleanup))
+        .route("/functions/{id}/sessions", get(state::list_sessions))
+        .route(
+            "/functions/{id}/sessions/{key}",
+            get(state::get_session).delete(state::delete_session),
+        )
+        .route(
+            "/functions/{id}/state/{session_key}",
+            get(state::get_state).delete(state::delete_state),
+        )
         .route("/functions/{id}/invoke", post(invoke::invoke))
         .route("/functions/{id}/async", post(invoke::invoke_async))
         .route("/functions/{id}/invocations", get(invoke::list_invocations))

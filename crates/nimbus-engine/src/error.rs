@@ -57,6 +57,10 @@ pub enum EngineError {
     /// The metadata store is unreachable.
     #[error("{0}")]
     Unavailable(String),
+    /// A state operation of the admin API failed (the backend is unreachable, or the key
+    /// is not one).
+    #[error("{0}")]
+    State(#[from] nimbus_state::StateError),
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -159,6 +163,7 @@ impl EngineError {
             EngineError::RuntimeUnavailable(_) => "runtime_unavailable",
             EngineError::Throttled(_) => "throttled",
             EngineError::Unavailable(_) => "service_unavailable",
+            EngineError::State(e) => e.code(),
             EngineError::ShuttingDown => "shutting_down",
             EngineError::Internal(_) => "internal",
         }

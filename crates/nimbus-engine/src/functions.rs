@@ -298,6 +298,11 @@ impl Engine {
         self.catalog.remove(&function.id);
         self.pools.remove_function(&function.id);
         self.snapshots.forget(&function.id, None);
+        // Its state and sessions go with it; a backend that is down now leaves them to
+        // expire (the function id is never reused).
+        if let Err(e) = self.state.store().purge_function(&function.id).await {
+            tracing::warn!(function = %function.name, id = %function.id, "the deleted function's state was not removed: {e}");
+        }
         tracing::info!(function = %function.name, id = %function.id, "function deleted");
         Ok(function)
     }

@@ -16,7 +16,8 @@ use time::OffsetDateTime;
 
 use crate::catalog::{FunctionEntry, VersionEntry};
 use crate::error::{EngineError, EngineResult};
-use crate::pool::{Lease, StartError};
+use crate::pool::{Lease, SessionRequest, StartError};
+use crate::state::InvocationState;
 use crate::{metrics, router, Engine};
 
 /// One invocation request.
@@ -136,6 +137,9 @@ impl Engine {
 
     /// Explicit version > alias > `latest`.
     async fn resolve(&self, req: &InvokeRequest) -> EngineResult<Target> {
+        if let Some(key) = &req.session_key {
+            crate::state_admin::check_session_key(key)?;
+        }
         let function = self.catalog.function(&req.function).await?;
         let (number, alias_used) = match (req.version, &req.alias) {
             (Some(n), _) => (n, None),
@@ -164,9 +168,20 @@ impl Engine {
         let started_at = now();
         let clock = Instant::now();
         let runtime = target.version.config.runtime;
+        let max_instances = target.function.max_instances;
+        let session = match affinity_key(target, req) {
+            Some(key) => {
+                let turn = self
+                    .pools
+                    .turn(&target.function.id, max_instances, key)
+                    .await;
+                Some((self.session_request(target, key).await, turn))
+            }
+            None => None,
+        };
         let lease = match self
             .pools
-            .acquire(&target.version, target.function.max_instances)
+            .acquire(&target.version, max_instances, session)
             .await
         {
             Ok(lease) => lease,
@@ -178,7 +193,16 @@ impl Engine {
             }
         };
         let execution = match lease {
-            Ok(lease) => self.run_on(lease, target, &request_id, &req.event).await,
+            Ok(lease) => {
+                self.run_on(
+                    lease,
+                    target,
+                    &request_id,
+                    &req.event,
+                    req.session_key.as_deref(),
+                )
+                .await
+            }
             Err((StartError::Platform(e), _)) => return Err(e),
             Err((failure, start_type)) => Execution {
                 start_type,
@@ -189,6 +213,7 @@ impl Engine {
             },
         };
         let duration_ms = clock.elapsed().as_secs_f64() * 1000.0;
+        self.record_session(target, req, execution.instance_id.as_deref());
 
         let status = match &execution.outcome {
             Ok(_) => InvocationStatus::Success,
@@ -240,6 +265,7 @@ impl Engine {
         target: &Target,
         request_id: &str,
         event: &RawValue,
+        session_key: Option<&str>,
     ) -> Execution {
         let start_type = lease.start_type;
         let timeout = Duration::from_secs(u64::from(target.version.config.timeout_sec));
@@ -257,7 +283,16 @@ impl Engine {
             logs: String::new(),
             max_rss_kb: None,
         };
-        match tokio::time::timeout(timeout, instance.conn.invoke(request_id, event)).await {
+        let mut state = InvocationState::new(
+            &self.state,
+            &target.function.id,
+            target.version.config.state,
+            session_key,
+        );
+        let invocation = instance
+            .conn
+            .invoke_with_state(request_id, event, &mut state);
+        match tokio::time::timeout(timeout, invocation).await {
             Ok(Ok(done)) => {
                 self.pools.release(lease);
                 let outcome = match done.result {
@@ -313,6 +348,55 @@ impl Engine {
         }
     }
 
+    /// What session affinity needs to know of an invocation with session key `key`. A
+    /// session this server has no binding for is looked up in the session registry: if it
+    /// was bound somewhere (to an instance since gone, on this server or one that
+    /// restarted), it is rebound rather than new.
+    async fn session_request(&self, target: &Target, key: &str) -> SessionRequest {
+        let config = target.version.config.state;
+        let function_id = &target.function.id;
+        let was_bound = !self.pools.is_bound(function_id, key)
+            && match self.state.store().session(function_id, key).await {
+                Ok(session) => session.is_some_and(|s| s.instance_id.is_some()),
+                // Placed as new: the registry only tells rebound sessions from new ones.
+                Err(e) => {
+                    tracing::debug!(function = %function_id, session = %key, "session registry unavailable: {e}");
+                    false
+                }
+            };
+        SessionRequest {
+            key: key.to_owned(),
+            timeout: Duration::from_secs(config.session_timeout.into()),
+            was_bound,
+        }
+    }
+
+    /// Records a stateful function's session (created, last access, the instance that
+    /// served it) behind the invocation, off its path: the registry is what the admin API
+    /// lists, and a lost update only delays a binding's expiry.
+    fn record_session(&self, target: &Target, req: &InvokeRequest, instance: Option<&str>) {
+        let (Some(key), config) = (&req.session_key, target.version.config.state) else {
+            return;
+        };
+        if !config.enabled && !config.session_affinity {
+            return;
+        }
+        let state = self.state.clone();
+        let function_id = target.function.id.clone();
+        let key = key.clone();
+        let instance = instance.map(str::to_owned);
+        let timeout = Duration::from_secs(config.session_timeout.into());
+        self.inflight.spawn(async move {
+            if let Err(e) = state
+                .store()
+                .touch_session(&function_id, &key, instance.as_deref(), timeout)
+                .await
+            {
+                tracing::debug!(function = %function_id, session = %key, "session not recorded: {e}");
+            }
+        });
+    }
+
     fn record_base(
         &self,
         target: &Target,
@@ -341,6 +425,13 @@ impl Engine {
             logs: String::new(),
         }
     }
+}
+
+/// The session key of an invocation whose version has session affinity.
+fn affinity_key<'a>(target: &Target, req: &'a InvokeRequest) -> Option<&'a str> {
+    req.session_key
+        .as_deref()
+        .filter(|_| target.version.config.state.session_affinity)
 }
 
 fn function_error(raised: ErrorPayload) -> InvocationError {

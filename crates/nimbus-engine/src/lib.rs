@@ -6,6 +6,7 @@
 //! Function management ([`functions`]) validates, loads new code once, and writes the store;
 //! [`versions`] publishes and deletes versions, [`aliases`] manages the routing tables.
 
+mod affinity;
 pub mod aliases;
 pub mod catalog;
 pub mod code_cache;
@@ -21,6 +22,8 @@ pub mod router;
 pub mod snapshot_admin;
 mod snapshot_files;
 pub(crate) mod snapshots;
+mod state;
+pub mod state_admin;
 pub mod versions;
 
 use std::sync::Arc;
@@ -29,6 +32,7 @@ use std::time::Duration;
 use nimbus_core::Invocation;
 use nimbus_runtime::Runtimes;
 use nimbus_sandbox::Driver;
+use nimbus_state::State;
 use nimbus_store::{InvocationFilter, MetadataStore};
 use tokio_util::task::TaskTracker;
 
@@ -38,6 +42,7 @@ pub use error::{EngineError, EngineResult};
 pub use functions::{FunctionPatch, NewFunction, Updated};
 pub use invoke::{InvokeRequest, InvokeResponse};
 pub use snapshot_admin::{Cleanup, SnapshotStats, SnapshotView};
+pub use state_admin::{KeyView, SessionView, StateView};
 pub use versions::PublishRequest;
 
 use catalog::Catalog;
@@ -56,6 +61,8 @@ pub struct Engine {
     snapshots: Arc<Snapshots>,
     recorder: Recorder,
     code: CodeCache,
+    /// Functions' state (SPEC §7) and the session registry.
+    state: State,
     driver_name: &'static str,
     /// Every running invocation task, so shutdown can wait for them.
     inflight: TaskTracker,
@@ -66,6 +73,7 @@ impl Engine {
     pub fn start(
         config: EngineConfig,
         store: Arc<dyn MetadataStore>,
+        state: State,
         driver: Arc<dyn Driver>,
         runtimes: Runtimes,
     ) -> Arc<Engine> {
@@ -87,6 +95,7 @@ impl Engine {
             snapshots,
             recorder,
             code,
+            state,
             store,
             config,
             inflight: TaskTracker::new(),

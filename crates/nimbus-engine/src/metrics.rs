@@ -39,6 +39,17 @@ pub const SNAPSHOT_RESIDENT_BYTES: &str = "nimbus_snapshot_resident_bytes";
 /// `nimbus_snapshot_count{status}` (gauge): indexed snapshots by status.
 pub const SNAPSHOT_COUNT: &str = "nimbus_snapshot_count";
 
+/// `nimbus_state_operation_total{operation,scope,status}` (status `ok` or the error code).
+pub const STATE_OPERATION_TOTAL: &str = "nimbus_state_operation_total";
+/// `nimbus_state_operation_duration_ms{operation}` (histogram): one state call on the host.
+pub const STATE_OPERATION_DURATION_MS: &str = "nimbus_state_operation_duration_ms";
+
+/// `nimbus_session_count` (gauge): sessions bound to an instance on this server.
+pub const SESSION_COUNT: &str = "nimbus_session_count";
+/// `nimbus_session_route_total{result}` (`hit|miss|rebound`): how invocations of functions
+/// with session affinity found their instance.
+pub const SESSION_ROUTE_TOTAL: &str = "nimbus_session_route_total";
+
 /// Registers descriptions so `/metrics` documents each series.
 pub fn describe() {
     metrics::describe_counter!(
@@ -63,6 +74,23 @@ pub fn describe() {
     metrics::describe_counter!(
         INVOCATION_BY_VERSION_TOTAL,
         "Invocations by function, version, the alias that chose it, and final status."
+    );
+    metrics::describe_counter!(
+        STATE_OPERATION_TOTAL,
+        "State API calls of functions, by operation, scope and outcome."
+    );
+    metrics::describe_histogram!(
+        STATE_OPERATION_DURATION_MS,
+        metrics::Unit::Milliseconds,
+        "Time the host spends on one state call (the backend's round trip included)."
+    );
+    metrics::describe_gauge!(
+        SESSION_COUNT,
+        "Sessions bound to an instance on this server (functions with session affinity)."
+    );
+    metrics::describe_counter!(
+        SESSION_ROUTE_TOTAL,
+        "Invocations of functions with session affinity, by how they found their instance."
     );
     metrics::describe_counter!(SNAPSHOT_BUILD_TOTAL, "Snapshot builds by outcome.");
     metrics::describe_histogram!(
@@ -90,6 +118,25 @@ pub fn describe() {
         "Memory held by resident templates."
     );
     metrics::describe_gauge!(SNAPSHOT_COUNT, "Indexed snapshots by status.");
+}
+
+/// Counts and times one state call.
+pub fn state_operation(operation: &'static str, scope: &'static str, status: &str, ms: f64) {
+    counter!(STATE_OPERATION_TOTAL, "operation" => operation, "scope" => scope, "status" => status.to_owned())
+        .increment(1);
+    histogram!(STATE_OPERATION_DURATION_MS, "operation" => operation).record(ms);
+}
+
+/// Changes `nimbus_session_count` by `delta` bindings.
+pub fn sessions_bound(delta: i64) {
+    if delta != 0 {
+        gauge!(SESSION_COUNT).increment(delta as f64);
+    }
+}
+
+/// Counts how one invocation found its session's instance.
+pub fn session_route(result: &'static str) {
+    counter!(SESSION_ROUTE_TOTAL, "result" => result).increment(1);
 }
 
 /// Counts one snapshot build.

@@ -6,6 +6,13 @@
 //! invocation takes the most recently used idle instance of its version (`warm`) or starts a
 //! new one (`cold`), first stopping the least recently used idle instance of another version
 //! if the function is at its instance limit.
+//!
+//! With session affinity (see [`crate::affinity`]), an invocation with a session key first
+//! takes its session's turn (invocations of one session run one at a time, in arrival
+//! order), then its session's instance, waiting for it if another session's invocation is
+//! on it; a new session (or one whose instance is gone) is placed by consistent hashing
+//! with bounded loads, on a new instance when the chosen one is busy and the function is
+//! under its limit.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -15,8 +22,9 @@ use std::time::{Duration, Instant};
 use nimbus_core::StartType;
 use nimbus_runtime::WorkerConn;
 use nimbus_sandbox::{ExitInfo, Sandbox};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
+use crate::affinity::{self, Bindings, SessionRoute};
 use crate::catalog::VersionEntry;
 use crate::config::EngineConfig;
 use crate::error::{EngineError, EngineResult};
@@ -86,6 +94,43 @@ pub struct Lease {
     pub start_type: StartType,
     pool: Arc<FunctionPool>,
     _permit: OwnedSemaphorePermit,
+    /// The session's turn, given up with the lease (after the instance is back).
+    _turn: Option<SessionTurn>,
+}
+
+/// What an invocation with a session key asks of a function with session affinity.
+#[derive(Debug, Clone)]
+pub struct SessionRequest {
+    /// The session key.
+    pub key: String,
+    /// How long its binding lasts after this invocation.
+    pub timeout: Duration,
+    /// Whether the session registry had it bound to an instance: without a binding on this
+    /// server, it is then rebound rather than new.
+    pub was_bound: bool,
+}
+
+/// One session's turn ([`Pools::turn`]): held from before its invocation takes an
+/// instance until the instance is back, so the session's invocations run one at a time, in
+/// arrival order.
+pub struct SessionTurn {
+    pool: Arc<FunctionPool>,
+    key: String,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl Drop for SessionTurn {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut turns = self.pool.turns.lock().expect("turns lock");
+        // Nobody holds or waits for this session's lock: forget it.
+        if turns
+            .get(&self.key)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            turns.remove(&self.key);
+        }
+    }
 }
 
 impl Lease {
@@ -115,8 +160,30 @@ impl Drop for Lease {
 
 struct PoolState {
     idle: HashMap<u32, Vec<Instance>>,
+    /// The version of every started instance still alive (idle or busy), by id: where
+    /// sessions are placed.
+    members: HashMap<String, u32>,
     live: u32,
     max_instances: u32,
+    /// Sessions bound to instances (functions with session affinity).
+    bindings: Bindings,
+}
+
+impl PoolState {
+    /// Takes the idle instance `id` of `version` out of the idle list.
+    fn take_idle(&mut self, version: u32, id: &str) -> Option<Instance> {
+        let list = self.idle.get_mut(&version)?;
+        let at = list.iter().position(|i| i.id == id)?;
+        Some(list.remove(at))
+    }
+
+    /// Accounts for idle instances taken out to be stopped.
+    fn drop_idle(&mut self, stopped: &[Instance]) {
+        self.live -= stopped.len() as u32;
+        for instance in stopped {
+            self.members.remove(&instance.id);
+        }
+    }
 }
 
 struct FunctionPool {
@@ -124,6 +191,11 @@ struct FunctionPool {
     waiting: AtomicUsize,
     closed: AtomicBool,
     state: Mutex<PoolState>,
+    /// Woken whenever an instance comes back or leaves: invocations waiting for their
+    /// session's instance look again.
+    released: Notify,
+    /// Per session, the lock that orders its invocations.
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl FunctionPool {
@@ -134,20 +206,46 @@ impl FunctionPool {
             closed: AtomicBool::new(false),
             state: Mutex::new(PoolState {
                 idle: HashMap::new(),
+                members: HashMap::new(),
                 live: 0,
                 max_instances,
+                bindings: Bindings::default(),
             }),
+            released: Notify::new(),
+            turns: Mutex::default(),
         }
     }
 
     /// Accounts for an instance leaving the pool for good (the caller kills it).
     fn forget_one(&self, instance: &Instance) {
-        self.state.lock().expect("pool lock").live -= 1;
+        {
+            let mut state = self.state.lock().expect("pool lock");
+            state.live -= 1;
+            state.members.remove(&instance.id);
+        }
+        self.released.notify_waiters();
         metrics::instance_transition(
             instance.version.config.runtime,
             Some(InstanceState::Busy),
             None,
         );
+    }
+
+    /// Waits for `key`'s turn (tokio's mutex is fair: turns come in arrival order).
+    async fn turn(self: &Arc<Self>, key: &str) -> SessionTurn {
+        let lock = self
+            .turns
+            .lock()
+            .expect("turns lock")
+            .entry(key.to_owned())
+            .or_default()
+            .clone();
+        let guard = lock.lock_owned().await;
+        SessionTurn {
+            pool: self.clone(),
+            key: key.to_owned(),
+            guard: Some(guard),
+        }
     }
 }
 
@@ -188,17 +286,31 @@ impl Pools {
         pool
     }
 
+    /// Waits for the turn of `session` of a function with session affinity: take it as
+    /// soon as the invocation arrives, before anything else it waits for.
+    pub async fn turn(&self, function_id: &str, max_instances: u32, session: &str) -> SessionTurn {
+        self.pool(function_id, max_instances).turn(session).await
+    }
+
     /// Checks out an instance of `version` for one invocation, waiting in the function's
-    /// queue for capacity if needed.
+    /// queue for capacity if needed; with `session` (a function with session affinity,
+    /// whose `turn` the invocation holds), the session's instance (see the module's
+    /// documentation).
     pub async fn acquire(
         &self,
         version: &Arc<VersionEntry>,
         max_instances: u32,
+        session: Option<(SessionRequest, SessionTurn)>,
     ) -> EngineResult<Result<Lease, (StartError, StartType)>> {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(EngineError::ShuttingDown);
         }
         let pool = self.pool(&version.function_id, max_instances);
+        let (session, turn) = match session {
+            Some((session, turn)) => (Some(session), Some(turn)),
+            None => (None, None),
+        };
+        let session = session.as_ref();
         let permit = match pool.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
@@ -207,41 +319,38 @@ impl Pools {
             }
         };
         let runtime = version.config.runtime;
+        let mut route = None;
+        // How long an invocation waits for its session's busy instance before it is placed
+        // elsewhere (its state is in the backend either way).
+        let patience = tokio::time::Instant::now() + self.config.queue_timeout;
+        let mut patient = true;
         let evicted = loop {
+            // Made before looking, so that a release right after the look is not missed.
+            let released = pool.released.notified();
             let step = {
                 let mut state = pool.state.lock().expect("pool lock");
-                match state.idle.get_mut(&version.version).and_then(Vec::pop) {
-                    Some(mut instance) => {
-                        if instance.sandbox.try_exit().is_some() {
-                            state.live -= 1;
-                            Step::Dead(instance)
-                        } else {
-                            Step::Warm(instance)
-                        }
+                match session {
+                    Some(session) => {
+                        session_step(&mut state, version.version, session, patient, &mut route)
                     }
-                    None if state.live < state.max_instances => {
-                        state.live += 1;
-                        Step::Start(None)
-                    }
-                    // At the limit: make room by stopping another version's idle instance.
-                    None => match take_least_recently_used(&mut state.idle) {
-                        Some(old) => Step::Start(Some(old)),
-                        None => Step::Wait,
-                    },
+                    None => any_step(&mut state, version.version),
                 }
             };
             match step {
                 Step::Warm(instance) => {
+                    drop(released);
                     metrics::instance_transition(
                         runtime,
                         Some(InstanceState::Idle),
                         Some(InstanceState::Busy),
                     );
+                    count_route(route);
                     return Ok(Ok(Lease {
                         instance: Some(instance),
                         start_type: StartType::Warm,
                         pool,
                         _permit: permit,
+                        _turn: turn,
                     }));
                 }
                 // Died while idle (e.g. a background thread exited the process): replace it.
@@ -250,6 +359,12 @@ impl Pools {
                     drop(dead);
                 }
                 Step::Start(evicted) => break evicted,
+                // The session's instance is busy with another session's invocation.
+                Step::WaitFor => {
+                    if tokio::time::timeout_at(patience, released).await.is_err() {
+                        patient = false;
+                    }
+                }
                 // Only while the limit is being lowered: wait for running instances to retire.
                 Step::Wait => tokio::time::sleep(Duration::from_millis(5)).await,
             }
@@ -263,8 +378,16 @@ impl Pools {
             tokio::spawn(old.kill());
         }
         metrics::instance_transition(runtime, None, Some(InstanceState::Starting));
+        count_route(route);
         match self.start(version).await {
             Ok((instance, start_type)) => {
+                {
+                    let mut state = pool.state.lock().expect("pool lock");
+                    state.members.insert(instance.id.clone(), version.version);
+                    if let Some(session) = session {
+                        bind(&mut state.bindings, session, &instance.id);
+                    }
+                }
                 metrics::instance_transition(
                     runtime,
                     Some(InstanceState::Starting),
@@ -275,12 +398,51 @@ impl Pools {
                     start_type,
                     pool,
                     _permit: permit,
+                    _turn: turn,
                 }))
             }
             Err(e) => {
                 pool.state.lock().expect("pool lock").live -= 1;
                 metrics::instance_transition(runtime, Some(InstanceState::Starting), None);
                 Ok(Err(e))
+            }
+        }
+    }
+
+    /// Whether this server has `session` of the function bound to a live instance.
+    pub fn is_bound(&self, function_id: &str, session: &str) -> bool {
+        let pool = self
+            .functions
+            .lock()
+            .expect("pools lock")
+            .get(function_id)
+            .cloned();
+        pool.is_some_and(|pool| {
+            let state = pool.state.lock().expect("pool lock");
+            state
+                .bindings
+                .bound(session, Instant::now())
+                .is_some_and(|id| state.members.contains_key(id))
+        })
+    }
+
+    /// Forgets `session`'s binding on this server (the session was deleted).
+    pub fn unbind(&self, function_id: &str, session: &str) {
+        let pool = self
+            .functions
+            .lock()
+            .expect("pools lock")
+            .get(function_id)
+            .cloned();
+        if let Some(pool) = pool {
+            if pool
+                .state
+                .lock()
+                .expect("pool lock")
+                .bindings
+                .unbind(session)
+            {
+                metrics::sessions_bound(-1);
             }
         }
     }
@@ -333,6 +495,7 @@ impl Pools {
             .or_default()
             .push(instance);
         drop(state);
+        lease.pool.released.notify_waiters();
         metrics::instance_transition(
             runtime,
             Some(InstanceState::Busy),
@@ -416,7 +579,9 @@ impl Pools {
                     *instances = keep;
                     expired.extend::<Vec<Instance>>(old);
                 }
-                state.live -= expired.len() as u32;
+                state.drop_idle(&expired);
+                let lapsed = state.bindings.sweep(Instant::now());
+                metrics::sessions_bound(-(lapsed as i64));
             }
             reaped += expired.len();
             stop_idle(expired);
@@ -442,7 +607,7 @@ impl Pools {
         let idle = {
             let mut state = pool.state.lock().expect("pool lock");
             let idle = state.idle.remove(&version).unwrap_or_default();
-            state.live -= idle.len() as u32;
+            state.drop_idle(&idle);
             idle
         };
         stop_idle(idle);
@@ -492,7 +657,9 @@ fn close(pool: &FunctionPool) {
     let idle: Vec<Instance> = {
         let mut state = pool.state.lock().expect("pool lock");
         let idle: Vec<Instance> = state.idle.drain().flat_map(|(_, v)| v).collect();
-        state.live -= idle.len() as u32;
+        state.drop_idle(&idle);
+        let bound = std::mem::take(&mut state.bindings).len();
+        metrics::sessions_bound(-(bound as i64));
         idle
     };
     stop_idle(idle);
@@ -546,7 +713,122 @@ enum Step {
     Warm(Instance),
     Dead(Instance),
     Start(Option<Instance>),
+    /// Wait for an instance to come back (the session's instance is busy).
+    WaitFor,
     Wait,
+}
+
+/// Takes an idle instance out as a warm (or dead) one.
+fn checked_out(state: &mut PoolState, mut instance: Instance) -> Step {
+    if instance.sandbox.try_exit().is_some() {
+        state.live -= 1;
+        state.members.remove(&instance.id);
+        Step::Dead(instance)
+    } else {
+        Step::Warm(instance)
+    }
+}
+
+/// Without a session: the most recently used idle instance of the version, or room for a
+/// new one (stopping another version's least recently used idle instance at the limit).
+fn any_step(state: &mut PoolState, version: u32) -> Step {
+    match state.idle.get_mut(&version).and_then(Vec::pop) {
+        Some(instance) => checked_out(state, instance),
+        None => make_room(state),
+    }
+}
+
+/// Room for a new instance: under the limit, or by stopping another version's least
+/// recently used idle instance at it.
+fn make_room(state: &mut PoolState) -> Step {
+    if state.live < state.max_instances {
+        state.live += 1;
+        return Step::Start(None);
+    }
+    match take_least_recently_used(&mut state.idle) {
+        Some(old) => {
+            state.members.remove(&old.id);
+            Step::Start(Some(old))
+        }
+        None => Step::Wait,
+    }
+}
+
+/// With a session: its instance if it is alive (waiting for it while busy, unless the
+/// invocation ran out of `patient`ce), else a place for it. `route` records how the
+/// session was found, the first time.
+fn session_step(
+    state: &mut PoolState,
+    version: u32,
+    session: &SessionRequest,
+    patient: bool,
+    route: &mut Option<SessionRoute>,
+) -> Step {
+    let bound = state
+        .bindings
+        .bound(&session.key, Instant::now())
+        .map(str::to_owned);
+    if let Some(id) = bound {
+        if patient && state.members.get(&id) == Some(&version) {
+            route.get_or_insert(SessionRoute::Hit);
+            return match state.take_idle(version, &id) {
+                Some(instance) => {
+                    bind(&mut state.bindings, session, &id);
+                    checked_out(state, instance)
+                }
+                None => Step::WaitFor,
+            };
+        }
+        // Gone (stopped, crashed, recycled), of another version, or busy for too long.
+        if state.bindings.unbind(&session.key) {
+            metrics::sessions_bound(-1);
+        }
+        *route = Some(SessionRoute::Rebound);
+    } else if route.is_none() {
+        *route = Some(if session.was_bound {
+            SessionRoute::Rebound
+        } else {
+            SessionRoute::Miss
+        });
+    }
+    let ids: Vec<String> = state
+        .members
+        .iter()
+        .filter(|(_, v)| **v == version)
+        .map(|(id, _)| id.clone())
+        .collect();
+    let candidates: Vec<(&str, usize)> = ids
+        .iter()
+        .map(|id| (id.as_str(), state.bindings.load(id)))
+        .collect();
+    let Some(chosen) = affinity::place(&session.key, &candidates) else {
+        return make_room(state);
+    };
+    let id = ids[chosen].clone();
+    bind(&mut state.bindings, session, &id);
+    match state.take_idle(version, &id) {
+        Some(instance) => checked_out(state, instance),
+        // Busy: a new instance of its own while the function is under its limit (the
+        // binding moves to it once started), else wait for the chosen one.
+        None if state.live < state.max_instances => {
+            state.live += 1;
+            Step::Start(None)
+        }
+        None => Step::WaitFor,
+    }
+}
+
+/// Binds (or rebinds) `session` to `instance`, counting new bindings.
+fn bind(bindings: &mut Bindings, session: &SessionRequest, instance: &str) {
+    if bindings.bind(&session.key, instance, session.timeout) {
+        metrics::sessions_bound(1);
+    }
+}
+
+fn count_route(route: Option<SessionRoute>) {
+    if let Some(route) = route {
+        metrics::session_route(route.as_str());
+    }
 }
 
 struct WaitGuard<'a>(&'a AtomicUsize);

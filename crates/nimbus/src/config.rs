@@ -25,6 +25,11 @@ pub struct ServerArgs {
     /// Metadata store: `sqlite:<path>` (default `<data-dir>/nimbus.db`) or `postgres://…`.
     #[arg(long, env = "NIMBUS_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// State of stateful functions and their sessions: `embedded` (default, on local disk
+    /// at `<data-dir>/state.redb`), `redis://…`, `rediss://…`,
+    /// `redis+sentinel://host:port[,…]/<master>` or `redis+cluster://host:port[,…]`.
+    #[arg(long, env = "NIMBUS_STATE_URL")]
+    pub state_url: Option<String>,
     /// API key accepted as `Authorization: Bearer <key>` (`name:secret` or `secret`; repeatable).
     #[arg(long = "api-key", env = "NIMBUS_API_KEYS", value_delimiter = ',')]
     pub api_keys: Vec<String>,
@@ -47,6 +52,9 @@ pub struct ServerArgs {
     pub no_snapshots: bool,
 }
 
+/// `state_url` of the embedded state store.
+pub const EMBEDDED_STATE: &str = "embedded";
+
 /// The server's settings. Field names are the keys of `nimbus.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -57,6 +65,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Metadata store URL.
     pub database_url: String,
+    /// State backend: `embedded` or a Redis URL.
+    pub state_url: String,
     /// API keys.
     pub api_keys: Vec<String>,
     /// Python interpreter override.
@@ -148,6 +158,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             database_url: String::new(),
+            state_url: EMBEDDED_STATE.to_owned(),
             data_dir,
             api_keys: Vec::new(),
             python: None,
@@ -187,6 +198,9 @@ impl ServerConfig {
         }
         if let Some(url) = &args.database_url {
             config.database_url = url.clone();
+        }
+        if let Some(url) = &args.state_url {
+            config.state_url = url.clone();
         }
         if !args.api_keys.is_empty() {
             config.api_keys = args.api_keys.clone();
@@ -237,6 +251,7 @@ impl ServerConfig {
             .map(|_| "********".to_owned())
             .collect();
         shown.database_url = redact_url(&shown.database_url);
+        shown.state_url = redact_url(&shown.state_url);
         toml::to_string(&shown).unwrap_or_default()
     }
 }
@@ -267,6 +282,10 @@ mod tests {
         );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("sqlite:/x/nimbus.db"), "sqlite:/x/nimbus.db");
+        assert_eq!(
+            redact_url("redis://:secret@h:6379/0"),
+            "redis://:********@h:6379/0"
+        );
     }
 
     #[test]
@@ -283,6 +302,7 @@ mod tests {
             listen: None,
             data_dir: Some(dir.path().to_path_buf()),
             database_url: None,
+            state_url: None,
             api_keys: vec![],
             python: None,
             idle_timeout: Some(9),

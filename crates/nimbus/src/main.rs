@@ -36,6 +36,10 @@ enum Command {
     /// Build, list and delete function-level snapshots (the initialized templates new
     /// instances start from), clean up stale ones and show totals.
     Snapshot(client::snapshots::SnapshotArgs),
+    /// List, show and delete the sessions of a stateful function.
+    Session(client::state::SessionArgs),
+    /// Show and delete what a stateful function's state holds (a session's, or `_global`).
+    State(client::state::StateArgs),
     /// Invoke a function and print what it returned.
     Invoke(client::invoke::InvokeArgs),
     /// List a function's recent invocations, or show one (`inv_…`) with its logs.
@@ -80,6 +84,8 @@ async fn run() -> anyhow::Result<ExitCode> {
         Command::Alias(args) => client::aliases::run(args).await,
         Command::Rollback(args) => client::aliases::run_rollback(args).await,
         Command::Snapshot(args) => client::snapshots::run(args).await,
+        Command::Session(args) => client::state::run_session(args).await,
+        Command::State(args) => client::state::run_state(args).await,
         Command::Invoke(args) => client::invoke::run_invoke(args).await,
         Command::Invocations(args) => client::invoke::run_invocations(args).await,
         Command::Bench(args) => bench::run(args).await,

@@ -13,8 +13,11 @@ use nimbus_runtime::{RuntimeSettings, Runtimes};
 use nimbus_sandbox::checkpoint::Criu;
 use nimbus_sandbox::isolation::{Isolation, IsolationSettings};
 use nimbus_sandbox::ProcessDriver;
+use nimbus_state::embedded::EmbeddedStore;
+use nimbus_state::redis::RedisStore;
+use nimbus_state::{State, StateStore};
 
-use crate::config::{ServerArgs, ServerConfig};
+use crate::config::{ServerArgs, ServerConfig, EMBEDDED_STATE};
 
 /// First argument that makes this binary the sandbox init (see `nimbus_sandbox::init`).
 pub const SANDBOX_INIT: &str = "__sandbox-init";
@@ -51,12 +54,13 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     for line in runtimes.describe() {
         tracing::info!("runtime {line}");
     }
+    let state = open_state(&config).await?;
     let isolation = open_isolation(&args, &config)?;
     let driver = match &isolation {
         Some(isolation) => with_disk_tier(ProcessDriver::isolated(isolation.clone()), &config),
         None => ProcessDriver::new(),
     };
-    let engine = Engine::start(config.engine(), store, Arc::new(driver), runtimes);
+    let engine = Engine::start(config.engine(), store, state, Arc::new(driver), runtimes);
     engine.recover_snapshots().await;
     tracing::info!(store = %config.database_url.split(':').next().unwrap_or(""), driver = engine.driver_name(), "engine started");
 
@@ -93,6 +97,29 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The state backend `state_url` names.
+async fn open_state(config: &ServerConfig) -> anyhow::Result<State> {
+    let store: Arc<dyn StateStore> = if config.state_url == EMBEDDED_STATE {
+        let path = config.data_dir.join("state.redb");
+        let store = EmbeddedStore::open(&path)
+            .with_context(|| format!("opening the state store {}", path.display()))?;
+        Arc::new(store)
+    } else if config.state_url.starts_with("redis") {
+        let store = RedisStore::connect(&config.state_url, "nimbus")
+            .await
+            .context("connecting to the Redis state store")?;
+        Arc::new(store)
+    } else {
+        bail!(
+            "unknown state_url {:?}: use \"embedded\" or a redis://, rediss://, \
+             redis+sentinel:// or redis+cluster:// URL",
+            config.state_url
+        );
+    };
+    tracing::info!(backend = store.backend(), "state store opened");
+    Ok(State::new(store))
 }
 
 async fn deploy_example(engine: &Engine) -> anyhow::Result<()> {

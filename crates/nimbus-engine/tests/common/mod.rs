@@ -1,11 +1,13 @@
-//! The engine tests' harness: an engine on a SQLite store in a temporary directory,
-//! starting real Python workers with the (unisolated) process driver.
+//! The engine tests' harness: an engine on a SQLite store and the embedded state store in a
+//! temporary directory, starting real Python workers with the (unisolated) process driver.
 
 use std::sync::Arc;
 
 use nimbus_engine::{Engine, EngineConfig};
 use nimbus_runtime::{RuntimeSettings, Runtimes};
 use nimbus_sandbox::ProcessDriver;
+use nimbus_state::embedded::EmbeddedStore;
+use nimbus_state::State;
 
 /// An engine and the directory it keeps its files in.
 pub struct Harness {
@@ -25,6 +27,14 @@ pub async fn harness(tune: impl FnOnce(&mut EngineConfig)) -> Harness {
     let runtimes = Runtimes::discover(&RuntimeSettings::default(), dir.path());
     let mut config = EngineConfig::new(dir.path().to_path_buf());
     tune(&mut config);
-    let engine = Engine::start(config, store, Arc::new(ProcessDriver::new()), runtimes);
+    let state = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
+    let state = State::new(Arc::new(state));
+    let engine = Engine::start(
+        config,
+        store,
+        state,
+        Arc::new(ProcessDriver::new()),
+        runtimes,
+    );
     Harness { engine, _dir: dir }
 }

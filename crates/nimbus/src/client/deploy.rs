@@ -53,9 +53,77 @@ pub struct DeployArgs {
     /// Stage the change on an existing function without publishing a version.
     #[arg(long)]
     pub no_publish: bool,
+    /// State between invocations (the `state` argument, SPEC §7) on (`--state`) or off
+    /// (`--no-state`) [server default: off]; on an update, unchanged without either.
+    #[command(flatten)]
+    pub state: StateFlags,
+
     /// Server, API key and output format.
     #[command(flatten)]
     pub conn: Connection,
+}
+
+/// The `state_config` flags of `nimbus deploy`. Only the flags given are sent: a new
+/// function takes the server's defaults for the others, an update keeps their values.
+#[derive(Debug, Default, Args)]
+pub struct StateFlags {
+    /// Let the function keep state between invocations.
+    #[arg(long, conflicts_with = "no_state")]
+    pub state: bool,
+    /// Turn state off (what it stored stays until it expires or is deleted).
+    #[arg(long)]
+    pub no_state: bool,
+    /// TTL of state values written without one, seconds (0: none) [server default: 0].
+    #[arg(long, value_name = "SECONDS")]
+    pub state_ttl: Option<u32>,
+    /// Largest state value, bytes of JSON [server default: 65536].
+    #[arg(long, value_name = "BYTES")]
+    pub state_max_size: Option<u32>,
+    /// Most keys in one session's (or the function's) state [server default: 100].
+    #[arg(long, value_name = "N")]
+    pub state_max_keys: Option<u32>,
+    /// Send invocations with the same session key to the same instance (`on`/`off`)
+    /// [server default: off].
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub session_affinity: Option<bool>,
+    /// Seconds a session lasts after its last invocation [server default: 3600].
+    #[arg(long, value_name = "SECONDS")]
+    pub session_timeout: Option<u32>,
+}
+
+impl StateFlags {
+    /// The `state_config` object of the request, if any flag was given.
+    pub fn config(&self) -> Option<Value> {
+        let mut config = Map::new();
+        let enabled = match (self.state, self.no_state) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        };
+        let fields = [
+            ("enabled", enabled.map(Value::from)),
+            ("default_ttl", self.state_ttl.map(Value::from)),
+            ("max_state_size", self.state_max_size.map(Value::from)),
+            ("max_keys", self.state_max_keys.map(Value::from)),
+            ("session_affinity", self.session_affinity.map(Value::from)),
+            ("session_timeout", self.session_timeout.map(Value::from)),
+        ];
+        for (key, value) in fields {
+            if let Some(value) = value {
+                config.insert(key.into(), value);
+            }
+        }
+        (!config.is_empty()).then_some(Value::Object(config))
+    }
+}
+
+/// `on`/`off` (also `true`/`false`).
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        other => Err(format!("expected on or off, got {other:?}")),
+    }
 }
 
 /// Parses one `--env KEY=VALUE`.
@@ -185,6 +253,7 @@ fn request_fields(args: &DeployArgs) -> anyhow::Result<Map<String, Value>> {
     optional("network", args.network.as_ref().map(|v| json!(v)));
     optional("description", args.description.as_ref().map(|v| json!(v)));
     optional("max_instances", args.max_instances.map(|v| json!(v)));
+    optional("state_config", args.state.config());
     if !args.env.is_empty() {
         let env: BTreeMap<String, String> = args.env.iter().cloned().collect();
         nimbus_core::function::validate_env_vars(&env)

@@ -122,6 +122,35 @@ fn confirm(question: &str) -> Result<bool, CliError> {
     ))
 }
 
+/// `on: values ≤ 65536 B, ≤ 100 keys, no default TTL; affinity on (sessions last 3600 s)`,
+/// or `off`.
+pub fn state_text(config: &Value) -> String {
+    if config["enabled"] != true && config["session_affinity"] != true {
+        return "off".to_owned();
+    }
+    let ttl = match config["default_ttl"].as_u64() {
+        Some(0) | None => "no default TTL".to_owned(),
+        Some(ttl) => format!("default TTL {ttl} s"),
+    };
+    let affinity = match config["session_affinity"] == true {
+        true => format!(
+            "affinity on (sessions last {} s)",
+            text(&config["session_timeout"])
+        ),
+        false => "affinity off".to_owned(),
+    };
+    format!(
+        "{}: values ≤ {} B, ≤ {} keys, {ttl}; {affinity}",
+        if config["enabled"] == true {
+            "on"
+        } else {
+            "off"
+        },
+        text(&config["max_state_size"]),
+        text(&config["max_keys"]),
+    )
+}
+
 fn list_table(page: &Value) {
     let mut table = Table::new(&[
         "name", "id", "runtime", "version", "memory", "timeout", "status", "updated",
@@ -175,6 +204,8 @@ fn function_details(f: &Value) -> String {
         ("memory", format!("{} MB", text(&f["memory_mb"]))),
         ("timeout", format!("{} s", text(&f["timeout_sec"]))),
         ("max instances", text(&f["max_instances"])),
+        ("network", text(&f["network"])),
+        ("state", state_text(&f["state_config"])),
         (
             "code",
             format!("{} ({} B)", text(&f["code_hash"]), text(&f["code_size"])),
@@ -208,5 +239,23 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("env:            A=1\n"), "{text}");
+        assert!(text.contains("state:          off\n"), "{text}");
+    }
+
+    #[test]
+    fn state_config_reads_as_one_line() {
+        let on = json!({"enabled": true, "default_ttl": 60, "max_state_size": 65536,
+            "max_keys": 100, "session_affinity": true, "session_timeout": 3600});
+        assert_eq!(
+            state_text(&on),
+            "on: values ≤ 65536 B, ≤ 100 keys, default TTL 60 s; affinity on (sessions last 3600 s)"
+        );
+        let plain = json!({"enabled": true, "default_ttl": 0, "max_state_size": 10,
+            "max_keys": 5, "session_affinity": false, "session_timeout": 3600});
+        assert_eq!(
+            state_text(&plain),
+            "on: values ≤ 10 B, ≤ 5 keys, no default TTL; affinity off"
+        );
+        assert_eq!(state_text(&json!({"enabled": false})), "off");
     }
 }

@@ -15,6 +15,7 @@ pub mod http;
 pub mod invoke;
 pub mod routing;
 pub mod snapshots;
+pub mod state;
 pub mod table;
 pub mod versions;
 
