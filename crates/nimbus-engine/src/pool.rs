@@ -286,6 +286,15 @@ impl Pools {
         pool
     }
 
+    /// The function's pool, if it has one.
+    fn existing(&self, function_id: &str) -> Option<Arc<FunctionPool>> {
+        self.functions
+            .lock()
+            .expect("pools lock")
+            .get(function_id)
+            .cloned()
+    }
+
     /// Waits for the turn of `session` of a function with session affinity: take it as
     /// soon as the invocation arrives, before anything else it waits for.
     pub async fn turn(&self, function_id: &str, max_instances: u32, session: &str) -> SessionTurn {
@@ -411,12 +420,7 @@ impl Pools {
 
     /// Whether this server has `session` of the function bound to a live instance.
     pub fn is_bound(&self, function_id: &str, session: &str) -> bool {
-        let pool = self
-            .functions
-            .lock()
-            .expect("pools lock")
-            .get(function_id)
-            .cloned();
+        let pool = self.existing(function_id);
         pool.is_some_and(|pool| {
             let state = pool.state.lock().expect("pool lock");
             state
@@ -428,12 +432,7 @@ impl Pools {
 
     /// Forgets `session`'s binding on this server (the session was deleted).
     pub fn unbind(&self, function_id: &str, session: &str) {
-        let pool = self
-            .functions
-            .lock()
-            .expect("pools lock")
-            .get(function_id)
-            .cloned();
+        let pool = self.existing(function_id);
         if let Some(pool) = pool {
             if pool
                 .state
@@ -597,12 +596,7 @@ impl Pools {
     /// Stops the idle instances of a deleted version; busy ones age out after they finish,
     /// since nothing routes to the version any more.
     pub fn retire_version(&self, function_id: &str, version: u32) {
-        let pool = self
-            .functions
-            .lock()
-            .expect("pools lock")
-            .get(function_id)
-            .cloned();
+        let pool = self.existing(function_id);
         let Some(pool) = pool else { return };
         let idle = {
             let mut state = pool.state.lock().expect("pool lock");
@@ -642,10 +636,7 @@ impl Pools {
 
     /// Instances alive (idle and busy) for a function, for tests and admin views.
     pub fn live_instances(&self, function_id: &str) -> u32 {
-        self.functions
-            .lock()
-            .expect("pools lock")
-            .get(function_id)
+        self.existing(function_id)
             .map(|p| p.state.lock().expect("pool lock").live)
             .unwrap_or(0)
     }

@@ -725,3 +725,151 @@ on_both_state_backends!(
 async fn embedded_state_is_durable_across_restarts() {
     embedded_state_survives_a_restart().await;
 }
+
+/// Writes `event["key"]` in the function's state; the answer acknowledges the write.
+const WRITER: &str = r#"
+def handle(event, state):
+    state.function().set(event["key"], event["value"])
+    return {"written": event["key"]}
+"#;
+
+#[tokio::test]
+async fn every_acknowledged_write_survives_kill_9_of_the_server() {
+    let mut s = server(StateBackend::Embedded).await;
+    s.deploy(
+        "writer",
+        WRITER,
+        json!({"state_config": {"enabled": true, "max_keys": 10000}}),
+    )
+    .await;
+    // Four clients write distinct keys as fast as they can; the server is killed mid-stream.
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (http, url) = (s.http.clone(), s.url("/functions/writer/invoke"));
+            let acknowledged = acknowledged.clone();
+            tokio::spawn(async move {
+                for n in 0.. {
+                    let key = format!("w{w}-{n}");
+                    let body = json!({"key": key, "value": n}).to_string();
+                    match http.post(&url).body(body).send().await {
+                        Ok(r) if r.status() == StatusCode::OK => {
+                            acknowledged.lock().unwrap().push((key, n))
+                        }
+                        _ => break, // the server is gone
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.child.kill().unwrap(); // SIGKILL
+    s.child.wait().unwrap();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() > 20,
+        "only {} writes before the kill",
+        acknowledged.len()
+    );
+    let args: Vec<String> = s.args.clone();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    s.spawn(&args).await;
+    let (status, state) = s
+        .call("GET", "/functions/writer/state/_global?values=true", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{state}");
+    let stored: std::collections::HashMap<String, Value> = state["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| (k["key"].as_str().unwrap().to_owned(), k["value"].clone()))
+        .collect();
+    for (key, n) in &acknowledged {
+        assert_eq!(
+            stored.get(key),
+            Some(&json!(n)),
+            "acknowledged {key} was lost"
+        );
+    }
+}
+
+/// A private `redis-server` on `port`, killed when dropped.
+struct PrivateRedis(std::process::Child);
+
+impl PrivateRedis {
+    fn start(port: u16) -> PrivateRedis {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server runs (scripts/ensure-services.sh installs it)");
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return PrivateRedis(child);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not start on port {port}");
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn when_redis_goes_away_state_calls_fail_fast_and_recover_by_themselves() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let redis = PrivateRedis::start(port);
+    let url = format!("redis://127.0.0.1:{port}");
+    let s = Server::start_with(Backend::Sqlite, "", &["--state-url", &url]).await;
+    s.deploy("ops", OPS, json!({"state_config": {"enabled": true}}))
+        .await;
+    let incr = json!({"op": "incr", "scope": "function", "args": ["n"]});
+    assert_eq!(op(&s, None, incr.clone()).await["ok"], 1);
+
+    drop(redis);
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let r = op(&s, None, incr.clone()).await;
+        let took = started.elapsed();
+        assert_eq!(r["error"], "state_unavailable", "{r}");
+        assert_eq!(r["type"], "StateUnavailable");
+        assert!(took < Duration::from_secs(2), "the call took {took:?}");
+    }
+    let (status, body) = s.call("GET", "/functions/ops/state/_global", None).await;
+    assert_eq!(
+        (status, code_of(&body)),
+        (StatusCode::SERVICE_UNAVAILABLE, "state_unavailable")
+    );
+    let health = s
+        .http
+        .get(format!("{}/health", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert!(health.status().is_success(), "the server stays up");
+
+    // Back (empty, as a restarted cache would be): the same server works again by itself.
+    let _redis = PrivateRedis::start(port);
+    let mut answer = Value::Null;
+    for _ in 0..100 {
+        answer = op(&s, None, incr.clone()).await;
+        if answer["ok"].is_number() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answer["ok"], 1, "{answer}");
+}
