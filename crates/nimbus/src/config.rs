@@ -214,6 +214,10 @@ impl ServerConfig {
         if args.no_snapshots {
             config.snapshots.enabled = false;
         }
+        // Sandboxes and CRIU resolve paths from elsewhere: a relative data directory would
+        // name another place for them.
+        config.data_dir = std::path::absolute(&config.data_dir)
+            .with_context(|| format!("resolving data directory {}", config.data_dir.display()))?;
         if config.database_url.is_empty() {
             config.database_url = format!("sqlite:{}", config.data_dir.join("nimbus.db").display());
         }
@@ -325,5 +329,28 @@ mod tests {
         };
         let err = format!("{:#}", ServerConfig::load(&bad).unwrap_err());
         assert!(err.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn a_relative_data_directory_is_made_absolute() {
+        let args = ServerArgs {
+            config: None,
+            listen: None,
+            data_dir: Some(PathBuf::from("some/data")),
+            database_url: None,
+            state_url: None,
+            api_keys: vec![],
+            python: None,
+            idle_timeout: None,
+            example: false,
+            insecure_no_isolation: false,
+            no_snapshots: false,
+        };
+        let c = ServerConfig::load(&args).unwrap();
+        assert_eq!(
+            c.data_dir,
+            std::env::current_dir().unwrap().join("some/data")
+        );
+        assert!(c.database_url.starts_with("sqlite:/"), "{}", c.database_url);
     }
 }
