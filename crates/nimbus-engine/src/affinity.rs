@@ -1,12 +1,13 @@
 //! Session affinity (SPEC §7): which instance each session of a function is bound to on
-//! this server, and where a new session goes.
+//! this server, and the order in which a new session considers the instances.
 //!
-//! A new session is placed by consistent hashing with bounded loads (Mirrokni, Thorup and
-//! Zadimoghaddam, 2018): every instance owns [`POINTS`] points on a hash ring, the session
-//! key hashes to a point, and the session goes to the first instance clockwise whose
-//! number of bound sessions is under its fair share plus [`MARGIN`]. The same key lands on
-//! the same instance while the set of instances is the same, and no instance holds more
-//! than `ceil((sessions + 1) / instances × (1 + MARGIN))` sessions.
+//! Consistent hashing with bounded loads (Mirrokni, Thorup and Zadimoghaddam, 2018): every
+//! instance owns [`POINTS`] points on a hash ring, the session key hashes to a point, and
+//! the session walks the ring clockwise to the first instance whose number of bound
+//! sessions is under its fair share plus [`MARGIN`] ([`cap`]). The same key meets the
+//! instances in the same order while the set of instances is the same, and no instance
+//! takes a session past `ceil((sessions + 1) / instances × (1 + MARGIN))`. The pool adds
+//! what hashing does not know: whether an instance is idle (see `pool::session_step`).
 //!
 //! Bindings live in memory, for routing without a round trip; the state backend keeps the
 //! session registry (created, last access, instance), which tells a session that lost its
@@ -132,25 +133,31 @@ impl Bindings {
     }
 }
 
-/// The instance (index into `candidates`, each with its bound sessions) a new `session`
-/// goes to; `None` without candidates.
-pub(crate) fn place(session: &str, candidates: &[(&str, usize)]) -> Option<usize> {
-    if candidates.is_empty() {
-        return None;
-    }
-    let total: usize = candidates.iter().map(|(_, load)| load).sum();
-    let cap = (((total + 1) as f64 / candidates.len() as f64) * (1.0 + MARGIN)).ceil() as usize;
-    let mut ring: Vec<(u64, usize)> = candidates
+/// The most sessions an instance may hold once one more session is placed among
+/// `instances` instances holding `sessions`: the fair share plus [`MARGIN`].
+pub(crate) fn cap(sessions: usize, instances: usize) -> usize {
+    (((sessions + 1) as f64 / instances.max(1) as f64) * (1.0 + MARGIN)).ceil() as usize
+}
+
+/// The instances (indexes into `ids`) in the order a walk of the ring from `session`'s
+/// point meets them, each once.
+pub(crate) fn ring_order(session: &str, ids: &[&str]) -> Vec<usize> {
+    let mut ring: Vec<(u64, usize)> = ids
         .iter()
         .enumerate()
-        .flat_map(|(i, (id, _))| (0..POINTS).map(move |p| (hash(&(id, p)), i)))
+        .flat_map(|(i, id)| (0..POINTS).map(move |p| (hash(&(id, p)), i)))
         .collect();
     ring.sort_unstable();
-    let point = hash(&session);
-    let start = ring.partition_point(|(h, _)| *h < point);
-    (0..ring.len())
-        .map(|step| ring[(start + step) % ring.len()].1)
-        .find(|&i| candidates[i].1 < cap)
+    let start = ring.partition_point(|(h, _)| *h < hash(&session));
+    let mut seen = vec![false; ids.len()];
+    let mut order = Vec::with_capacity(ids.len());
+    for step in 0..ring.len() {
+        let i = ring[(start + step) % ring.len()].1;
+        if !std::mem::replace(&mut seen[i], true) {
+            order.push(i);
+        }
+    }
+    order
 }
 
 /// A hash that is the same for the same value within this process (SipHash with fixed keys).
@@ -164,6 +171,32 @@ fn hash<T: Hash>(value: &T) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where a new session goes when every instance can take it: the first under the cap
+    /// along its walk of the ring (index into `candidates`, each with its sessions).
+    fn place(session: &str, candidates: &[(&str, usize)]) -> Option<usize> {
+        let ids: Vec<&str> = candidates.iter().map(|(id, _)| *id).collect();
+        let cap = cap(
+            candidates.iter().map(|(_, load)| load).sum(),
+            candidates.len(),
+        );
+        ring_order(session, &ids)
+            .into_iter()
+            .find(|&i| candidates[i].1 < cap)
+    }
+
+    #[test]
+    fn a_walk_of_the_ring_meets_every_instance_once() {
+        let ids = ["i_a", "i_b", "i_c", "i_d"];
+        let mut order = ring_order("alice", &ids);
+        assert_eq!(order.len(), 4);
+        assert_eq!(order, ring_order("alice", &ids), "the same walk every time");
+        order.sort_unstable();
+        assert_eq!(order, [0, 1, 2, 3]);
+        assert!(ring_order("alice", &[]).is_empty());
+        assert_eq!(cap(0, 1), 2);
+        assert_eq!(cap(99, 10), 13);
+    }
 
     #[test]
     fn the_same_session_lands_on_the_same_instance() {

@@ -168,22 +168,7 @@ impl Engine {
         let started_at = now();
         let clock = Instant::now();
         let runtime = target.version.config.runtime;
-        let max_instances = target.function.max_instances;
-        let session = match affinity_key(target, req) {
-            Some(key) => {
-                let turn = self
-                    .pools
-                    .turn(&target.function.id, max_instances, key)
-                    .await;
-                Some((self.session_request(target, key).await, turn))
-            }
-            None => None,
-        };
-        let lease = match self
-            .pools
-            .acquire(&target.version, max_instances, session)
-            .await
-        {
+        let lease = match self.checkout(target, req).await {
             Ok(lease) => lease,
             Err(e) => {
                 if matches!(e, EngineError::Throttled(_)) {
@@ -348,6 +333,25 @@ impl Engine {
         }
     }
 
+    /// Takes an instance for the invocation: with session affinity, in the session's turn.
+    async fn checkout(
+        &self,
+        target: &Target,
+        req: &InvokeRequest,
+    ) -> EngineResult<Result<Lease, (StartError, StartType)>> {
+        let max_instances = target.function.max_instances;
+        let session = match affinity_key(target, req) {
+            Some(key) => {
+                let turn = self.pools.turn(&target.version, max_instances, key).await?;
+                Some((self.session_request(target, key).await, turn))
+            }
+            None => None,
+        };
+        self.pools
+            .acquire(&target.version, max_instances, session)
+            .await
+    }
+
     /// What session affinity needs to know of an invocation with session key `key`. A
     /// session this server has no binding for is looked up in the session registry: if it
     /// was bound somewhere (to an instance since gone, on this server or one that
@@ -355,14 +359,20 @@ impl Engine {
     async fn session_request(&self, target: &Target, key: &str) -> SessionRequest {
         let config = target.version.config.state;
         let function_id = &target.function.id;
+        // Bounded: the answer only tells a rebound session from a new one, and a slow or
+        // unreachable backend must not hold the invocation up.
+        let lookup = tokio::time::timeout(
+            REGISTRY_LOOKUP,
+            self.state.store().session(function_id, key),
+        );
         let was_bound = !self.pools.is_bound(function_id, key)
-            && match self.state.store().session(function_id, key).await {
-                Ok(session) => session.is_some_and(|s| s.instance_id.is_some()),
-                // Placed as new: the registry only tells rebound sessions from new ones.
-                Err(e) => {
+            && match lookup.await {
+                Ok(Ok(session)) => session.is_some_and(|s| s.instance_id.is_some()),
+                Ok(Err(e)) => {
                     tracing::debug!(function = %function_id, session = %key, "session registry unavailable: {e}");
                     false
                 }
+                Err(_) => false,
             };
         SessionRequest {
             key: key.to_owned(),
@@ -426,6 +436,10 @@ impl Engine {
         }
     }
 }
+
+/// The longest an invocation waits for the session registry to say whether a session it
+/// has no binding for was bound before.
+const REGISTRY_LOOKUP: Duration = Duration::from_millis(200);
 
 /// The session key of an invocation whose version has session affinity.
 fn affinity_key<'a>(target: &Target, req: &'a InvokeRequest) -> Option<&'a str> {

@@ -231,8 +231,15 @@ impl FunctionPool {
         );
     }
 
-    /// Waits for `key`'s turn (tokio's mutex is fair: turns come in arrival order).
-    async fn turn(self: &Arc<Self>, key: &str) -> SessionTurn {
+    /// Waits for `key`'s turn (tokio's mutex is fair: turns come in arrival order). Waiting
+    /// for a turn counts against the function's queue like waiting for capacity does: at
+    /// most `queue_depth` waiters, each for at most `queue_timeout`, else `Throttled`.
+    async fn turn(
+        self: &Arc<Self>,
+        key: &str,
+        config: &EngineConfig,
+        function_name: &str,
+    ) -> EngineResult<SessionTurn> {
         let lock = self
             .turns
             .lock()
@@ -240,11 +247,27 @@ impl FunctionPool {
             .entry(key.to_owned())
             .or_default()
             .clone();
-        let guard = lock.lock_owned().await;
-        SessionTurn {
+        let turn = |guard| SessionTurn {
             pool: self.clone(),
             key: key.to_owned(),
             guard: Some(guard),
+        };
+        if let Ok(guard) = lock.clone().try_lock_owned() {
+            return Ok(turn(guard));
+        }
+        let queued = self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _leave = WaitGuard(&self.waiting);
+        if queued >= config.queue_depth {
+            return Err(EngineError::Throttled(format!(
+                "function {function_name:?} has {queued} invocations waiting already; session {key:?} waits for its previous invocation"
+            )));
+        }
+        match tokio::time::timeout(config.queue_timeout, lock.lock_owned()).await {
+            Ok(guard) => Ok(turn(guard)),
+            Err(_) => Err(EngineError::Throttled(format!(
+                "session {key:?} of function {function_name:?} was busy with earlier invocations for {:?}",
+                config.queue_timeout
+            ))),
         }
     }
 }
@@ -297,8 +320,15 @@ impl Pools {
 
     /// Waits for the turn of `session` of a function with session affinity: take it as
     /// soon as the invocation arrives, before anything else it waits for.
-    pub async fn turn(&self, function_id: &str, max_instances: u32, session: &str) -> SessionTurn {
-        self.pool(function_id, max_instances).turn(session).await
+    pub async fn turn(
+        &self,
+        version: &VersionEntry,
+        max_instances: u32,
+        session: &str,
+    ) -> EngineResult<SessionTurn> {
+        self.pool(&version.function_id, max_instances)
+            .turn(session, &self.config, &version.function_name)
+            .await
     }
 
     /// Checks out an instance of `version` for one invocation, waiting in the function's
@@ -334,6 +364,10 @@ impl Pools {
         let patience = tokio::time::Instant::now() + self.config.queue_timeout;
         let mut patient = true;
         let evicted = loop {
+            // The function was deleted (or the server is stopping) while this waited.
+            if pool.closed.load(Ordering::Relaxed) {
+                return Err(EngineError::ShuttingDown);
+            }
             // Made before looking, so that a release right after the look is not missed.
             let released = pool.released.notified();
             let step = {
@@ -369,11 +403,12 @@ impl Pools {
                 }
                 Step::Start(evicted) => break evicted,
                 // The session's instance is busy with another session's invocation.
-                Step::WaitFor => {
+                Step::WaitFor if patient => {
                     if tokio::time::timeout_at(patience, released).await.is_err() {
                         patient = false;
                     }
                 }
+                Step::WaitFor => released.await,
                 // Only while the limit is being lowered: wait for running instances to retire.
                 Step::Wait => tokio::time::sleep(Duration::from_millis(5)).await,
             }
@@ -678,6 +713,8 @@ fn resize(pool: &FunctionPool, max_instances: u32) {
     drop(state);
     if max_instances > old {
         pool.permits.add_permits((max_instances - old) as usize);
+        // Sessions waiting for a busy instance may start one of their own now.
+        pool.released.notify_waiters();
     } else {
         // Shrink as running invocations finish.
         let permits = pool.permits.clone();
@@ -782,30 +819,55 @@ fn session_step(
             SessionRoute::Miss
         });
     }
+    // Where it goes, in order of preference along its walk of the ring (consistent
+    // hashing; the cap bounds loads over all of the version's instances): an idle instance
+    // under the cap; a new instance while under the limit (bound once started); an idle
+    // instance over the cap; a new one in place of another version's idle instance; else
+    // it waits, for the instance under the cap while patient, for any after that.
     let ids: Vec<String> = state
         .members
         .iter()
         .filter(|(_, v)| **v == version)
         .map(|(id, _)| id.clone())
         .collect();
-    let candidates: Vec<(&str, usize)> = ids
-        .iter()
-        .map(|id| (id.as_str(), state.bindings.load(id)))
-        .collect();
-    let Some(chosen) = affinity::place(&session.key, &candidates) else {
-        return make_room(state);
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let loads: Vec<usize> = refs.iter().map(|id| state.bindings.load(id)).collect();
+    let cap = affinity::cap(loads.iter().sum(), ids.len());
+    let order = affinity::ring_order(&session.key, &refs);
+    let is_idle = |id: &str| {
+        state
+            .idle
+            .get(&version)
+            .is_some_and(|list| list.iter().any(|i| i.id == id))
     };
-    let id = ids[chosen].clone();
-    bind(&mut state.bindings, session, &id);
-    match state.take_idle(version, &id) {
-        Some(instance) => checked_out(state, instance),
-        // Busy: a new instance of its own while the function is under its limit (the
-        // binding moves to it once started), else wait for the chosen one.
-        None if state.live < state.max_instances => {
-            state.live += 1;
-            Step::Start(None)
-        }
-        None => Step::WaitFor,
+    let under_cap = order.iter().copied().filter(|&i| loads[i] < cap);
+    let pick = |state: &mut PoolState, i: usize| {
+        let instance = state
+            .take_idle(version, &ids[i])
+            .expect("picked among the idle instances");
+        bind(&mut state.bindings, session, &ids[i]);
+        checked_out(state, instance)
+    };
+    if let Some(i) = under_cap.clone().find(|&i| is_idle(&ids[i])) {
+        return pick(state, i);
+    }
+    if state.live < state.max_instances {
+        state.live += 1;
+        return Step::Start(None);
+    }
+    if let Some(i) = order.iter().copied().find(|&i| is_idle(&ids[i])) {
+        return pick(state, i);
+    }
+    match make_room(state) {
+        Step::Wait if patient => match under_cap.clone().next() {
+            Some(i) => {
+                bind(&mut state.bindings, session, &ids[i]);
+                Step::WaitFor
+            }
+            None => Step::Wait,
+        },
+        Step::Wait => Step::WaitFor,
+        step => step,
     }
 }
 

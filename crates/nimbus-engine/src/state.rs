@@ -61,6 +61,25 @@ impl<'a> InvocationState<'a> {
         scope: Scope,
         request: StateRequest,
     ) -> Result<Answer, Failure> {
+        let outcome = self.run_in(op, scope, request).await;
+        outcome.map_err(|failure| match (scope, failure) {
+            // The invocation scope is a bucket of the in-memory store; its errors name it.
+            (Scope::Invocation, Failure::State(StateError::TooManyKeys { max, .. })) => {
+                Failure::State(StateError::TooManyKeys {
+                    scope: "invocation",
+                    max,
+                })
+            }
+            (_, failure) => failure,
+        })
+    }
+
+    async fn run_in(
+        &mut self,
+        op: Op,
+        scope: Scope,
+        request: StateRequest,
+    ) -> Result<Answer, Failure> {
         let (state, bucket) = match scope {
             Scope::Session => (
                 self.shared.clone(),
@@ -79,13 +98,8 @@ impl<'a> InvocationState<'a> {
         };
         let limits = self.limits();
         let key = || request.key.as_deref().ok_or(Failure::Missing("key"));
-        let value = || {
-            request
-                .value
-                .as_deref()
-                .map(RawValue::get)
-                .ok_or(Failure::Missing("value"))
-        };
+        // A JSON `null` value arrives as no value at all (see `WorkerMessage::value`).
+        let value = || request.value.as_deref().map_or("null", RawValue::get);
         let ttl = ttl(request.ttl)?;
         Ok(match op {
             Op::Get | Op::GetWithVersion => match state.get(&bucket, key()?).await? {
@@ -95,7 +109,7 @@ impl<'a> InvocationState<'a> {
             Op::Set => {
                 let ttl = ttl.or(self.default_ttl());
                 let version = state
-                    .set(&bucket, key()?, value()?, ttl, None, limits)
+                    .set(&bucket, key()?, value(), ttl, None, limits)
                     .await?;
                 Answer::Version(version)
             }
@@ -103,7 +117,7 @@ impl<'a> InvocationState<'a> {
                 let expected = request.version.ok_or(Failure::Missing("version"))?;
                 let ttl = ttl.or(self.default_ttl());
                 let version = state
-                    .set(&bucket, key()?, value()?, ttl, Some(expected), limits)
+                    .set(&bucket, key()?, value(), ttl, Some(expected), limits)
                     .await?;
                 Answer::Version(version)
             }

@@ -190,7 +190,8 @@ pub struct WorkerMessage<'a> {
     /// The key (`state`); owned, since JSON may escape it.
     #[serde(default)]
     pub key: Option<String>,
-    /// The value to write (`state` set), raw JSON.
+    /// The value to write (`state` set), raw JSON; a JSON `null` reads as `None`, so a
+    /// set without a value writes `null`.
     #[serde(default, borrow)]
     pub value: Option<&'a RawValue>,
     /// Time to live, seconds (`state` set, incr, expire).

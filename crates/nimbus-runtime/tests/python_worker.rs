@@ -874,6 +874,25 @@ def handle(event, state):
     except ValueError as e:
         out["ttl_error"] = str(e)
     out["keys"] = state.keys("c*")
+    import threading
+    caught = []
+    def elsewhere():
+        try:
+            state.get("cart")
+        except nimbus.StateError as e:
+            caught.append(e.code)
+    t = threading.Thread(target=elsewhere)
+    t.start()
+    t.join()
+    out["from_thread"] = caught
+    try:
+        state.incr("n", 2**63)
+    except nimbus.StateError as e:
+        out["big_delta"] = e.code
+    try:
+        state.set("\ud800", 1)
+    except nimbus.StateError as e:
+        out["surrogate"] = e.code
     return out
 "#,
     )
@@ -925,6 +944,11 @@ def handle(event, state):
     );
     assert!(out["ttl_error"].as_str().unwrap().contains("ttl"), "{out}");
     assert_eq!(out["keys"], json!(["cart"]));
+    // Refused in the worker, before anything is sent: from another thread, a delta past
+    // 64 bits, a key that is not valid Unicode.
+    assert_eq!(out["from_thread"], json!(["invalid_argument"]));
+    assert_eq!(out["big_delta"], "not_an_integer");
+    assert_eq!(out["surrogate"], "invalid_key");
     // What the worker asked, in order: the unserializable value and the bad TTL never left it.
     let asked: Vec<(&str, &str, Option<&str>)> = state
         .asked

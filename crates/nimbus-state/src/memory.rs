@@ -286,7 +286,10 @@ impl StateStore for MemoryStore {
                 .filter(|s| s.function_id == function_id && s.expires_at > now)
                 .cloned()
                 .collect();
-            live.sort_by_key(|s| std::cmp::Reverse(s.last_access));
+            // Most recent first; ties in reverse key order, as the other backends.
+            live.sort_by(|a, b| {
+                (b.last_access, &b.session_key).cmp(&(a.last_access, &a.session_key))
+            });
             live.truncate(limit);
             live
         }))

@@ -222,7 +222,10 @@ async fn every_operation_versions_and_scopes(backend: StateBackend) {
         ["get_with_version", "nope"],
         ["delete", "a"],
         ["delete", "a"],
-        ["keys", "*"]
+        ["keys", "*"],
+        ["set", "nothing", null],
+        ["get_with_version", "nothing"],
+        ["exists", "nothing"]
     ]});
     let out = op(&s, Some("u1"), steps).await["ok"].clone();
     assert_eq!(out[1], json!({"x": [1, "ü", null]}));
@@ -243,6 +246,10 @@ async fn every_operation_versions_and_scopes(backend: StateBackend) {
     assert_eq!(out[11], json!([null, 0]));
     assert_eq!((&out[12], &out[13]), (&json!(true), &json!(false)));
     assert_eq!(out[14], json!(["n"]));
+    // A stored JSON null is a value like any other.
+    assert_eq!(out[16][0], Value::Null);
+    assert!(out[16][1].as_u64().unwrap() > 0, "{out}");
+    assert_eq!(out[17], true);
 
     // Optimistic writes: the version from a read, a stale one, 0 for "only if absent".
     let v1 = op(&s, Some("u1"), json!({"op": "set", "args": ["k", 1]})).await["ok"].clone();
@@ -327,6 +334,18 @@ async fn every_operation_versions_and_scopes(backend: StateBackend) {
     )
     .await;
     assert_eq!(bad["error"], "not_an_integer", "{bad}");
+    // A delta past 64 bits never leaves the worker, and the instance serves on.
+    let huge = op(
+        &s,
+        Some("u1"),
+        json!({"op": "incr", "args": ["n", 9_223_372_036_854_775_808u64]}),
+    )
+    .await;
+    assert_eq!(huge["error"], "not_an_integer", "{huge}");
+    assert_eq!(
+        op(&s, Some("u1"), json!({"op": "get", "args": ["n"]})).await["ok"],
+        7
+    );
 }
 
 async fn limits_are_enforced_with_typed_errors_and_nothing_written(backend: StateBackend) {
@@ -682,6 +701,52 @@ def handle(event, state):
     );
 }
 
+#[tokio::test]
+async fn a_session_whose_instance_stays_busy_moves_after_the_queue_timeout() {
+    let s = Server::start_with(Backend::Sqlite, "queue_timeout_ms = 300\n", &[]).await;
+    let code = r#"
+import time
+
+def handle(event, state):
+    time.sleep(event.get("sleep", 0))
+    return {"n": state.incr("n")}
+"#;
+    s.deploy(
+        "busy",
+        code,
+        json!({
+            "state_config": {"enabled": true, "session_affinity": true},
+            "max_instances": 2
+        }),
+    )
+    .await;
+    // Both sessions on the one instance there is.
+    let a = invoke(&s, "busy", Some("a"), json!({})).await;
+    let b = invoke(&s, "busy", Some("b"), json!({})).await;
+    assert_eq!(a["instance_id"], b["instance_id"], "{a} {b}");
+    // b keeps it busy for 3 s; a waits for it for the queue timeout, then moves on.
+    let long = tokio::spawn({
+        let (http, url) = (
+            s.http.clone(),
+            s.url("/functions/busy/invoke?session_key=b"),
+        );
+        async move { http.post(url).body(r#"{"sleep": 3}"#).send().await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let moved = invoke(&s, "busy", Some("a"), json!({})).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(2500), "a waited {took:?}");
+    assert_ne!(moved["instance_id"], a["instance_id"], "{moved}");
+    assert_eq!(moved["body"]["n"], 2, "its state came along: {moved}");
+    let again = invoke(&s, "busy", Some("a"), json!({})).await;
+    assert_eq!(
+        again["instance_id"], moved["instance_id"],
+        "bound to its new instance"
+    );
+    assert_eq!(long.await.unwrap().status(), StatusCode::OK);
+}
+
 async fn embedded_state_survives_a_restart() {
     let mut s = server(StateBackend::Embedded).await;
     s.deploy("cart", CART, json!({"state_config": {"enabled": true}}))
@@ -807,9 +872,11 @@ impl PrivateRedis {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server runs (scripts/ensure-services.sh installs it)");
+        // Owned (and so killed and reaped) before anything can panic.
+        let redis = PrivateRedis(child);
         for _ in 0..500 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return PrivateRedis(child);
+                return redis;
             }
             std::thread::sleep(Duration::from_millis(20));
         }

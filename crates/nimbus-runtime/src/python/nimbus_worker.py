@@ -30,6 +30,7 @@ _T0 = perf_counter()
 
 import _json
 import _socket
+import _thread
 import gc
 import io
 import posix
@@ -352,8 +353,10 @@ def _takes_state(fn):
 # --- serving ----------------------------------------------------------------------------
 
 
-class _ProtocolError(Exception):
-    """The host sent something the worker cannot understand: the worker exits."""
+class _ProtocolError(BaseException):
+    """The host sent something the worker cannot understand: the worker exits
+    (BaseException: a handler's `except Exception` around a state call does not swallow
+    it)."""
 
 
 class _BadEvent(Exception):
@@ -408,23 +411,38 @@ class _Host:
 
 def _state_caller(host, api):
     """The function `state` objects call: one request to the host, its answer (a dict with
-    `value` and `version`) or the typed exception it stands for."""
+    `value` and `version`) or the typed exception it stands for.
+
+    Only the handler's own thread may call it, while its invocation runs: the connection
+    carries one exchange at a time, and a call from another thread (or after the handler
+    returned) would interleave with the worker's own frames or land in the next
+    invocation."""
     counter = [0]
     read = host.read
     send_raw = host.send_raw
     encode = _encode
     limit = _MAX_FRAME_BYTES - 64
+    get_ident = _thread.get_ident
+    serving = get_ident()
 
     def call(request):
+        if api._request_id is None or get_ident() != serving:
+            raise api.StateError(
+                "state can be used only by the handler's own thread while its invocation "
+                "runs (not from other threads, nor after the handler returned)",
+                "invalid_argument",
+            )
         counter[0] += 1
         msg_id = counter[0]
         request["type"] = "state"
         request["id"] = msg_id
         try:
             payload = "".join(encode(request, 0)).encode("ascii")
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:
             _markers.clear()  # the encoder leaves entries behind when it fails
-            raise TypeError("the state value is not JSON-serializable: %s" % (exc,)) from None
+            if isinstance(exc, (TypeError, ValueError)):
+                raise TypeError("the state value is not JSON-serializable: %s" % (exc,)) from None
+            raise
         if len(payload) > limit:
             raise api.StateValueTooLarge(
                 "the state value is %d bytes of JSON, over the %d-byte frame limit"

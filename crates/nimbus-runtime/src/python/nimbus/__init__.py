@@ -193,18 +193,40 @@ class _DisabledState:
 _DISABLED_STATE = _DisabledState()
 
 
+# Longest TTL, seconds (ten years, as the platform's).
+_MAX_TTL = 10 * 365 * 24 * 3600
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _text(value, what):
+    """`value` if it is a string the platform can take (UTF-8, so no lone surrogates)."""
+    if value.__class__ is not str:
+        raise TypeError("%s is a string, not %s" % (what, type(value).__name__))
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise StateError("%s %r is not valid Unicode text" % (what, value), "invalid_key") from None
+    return value
+
+
 def _check_key(key):
-    if key.__class__ is not str:
-        raise TypeError("state keys are strings, not %s" % type(key).__name__)
-    return key
+    return _text(key, "a state key")
 
 
 def _check_ttl(ttl):
     if ttl is None:
         return None
-    if ttl.__class__ not in (int, float) or not ttl > 0:
-        raise ValueError("ttl is a number of seconds greater than 0, not %r" % (ttl,))
+    if ttl.__class__ not in (int, float) or not 0 < ttl <= _MAX_TTL:
+        raise ValueError("ttl is a number of seconds from 0.001 to %d, not %r" % (_MAX_TTL, ttl))
     return ttl
+
+
+def _check_delta(delta):
+    if delta.__class__ is not int:
+        raise TypeError("delta is an integer, not %s" % type(delta).__name__)
+    if not _INT64[0] <= delta <= _INT64[1]:
+        raise StateError("delta %d does not fit in 64 bits" % delta, "not_an_integer")
+    return delta
 
 
 class _Scope:
@@ -241,24 +263,20 @@ class _Scope:
 
     def keys(self, pattern="*"):
         """The keys matching the glob `pattern` (`*`, `?`, `\\` escapes), sorted."""
-        if pattern.__class__ is not str:
-            raise TypeError("the pattern is a string, not %s" % type(pattern).__name__)
+        pattern = _text(pattern, "the pattern")
         return self._call({"op": "keys", "scope": self._scope, "pattern": pattern})["value"]
 
     def incr(self, key, delta=1):
         """Adds `delta` (an integer) to the integer at `key` (absent: 0) atomically and
         returns the result. A new key gets the function's default_ttl."""
-        if delta.__class__ is not int:
-            raise TypeError("delta is an integer, not %s" % type(delta).__name__)
         return self._call(
-            {"op": "incr", "scope": self._scope, "key": _check_key(key), "delta": delta}
+            {"op": "incr", "scope": self._scope, "key": _check_key(key),
+             "delta": _check_delta(delta)}
         )["value"]
 
     def decr(self, key, delta=1):
         """`incr(key, -delta)`."""
-        if delta.__class__ is not int:
-            raise TypeError("delta is an integer, not %s" % type(delta).__name__)
-        return self.incr(key, -delta)
+        return self.incr(key, -_check_delta(delta))
 
     def expire(self, key, ttl):
         """Lets `key` expire in `ttl` seconds (None: never); whether the key was there."""
@@ -278,7 +296,7 @@ class _Scope:
     def set_with_version(self, key, value, version, ttl=None):
         """Stores `value` only if `key` is still at `version` (0: only if absent); raises
         StateConflict (with `current_version`) otherwise. Returns the new version."""
-        if version.__class__ is not int or version < 0:
+        if version.__class__ is not int or not 0 <= version <= _INT64[1]:
             raise TypeError("version is what get_with_version returned, not %r" % (version,))
         return self._call(
             {"op": "set_with_version", "scope": self._scope, "key": _check_key(key),
