@@ -295,6 +295,8 @@ fn bench_smoke_run_reports_sane_numbers() {
             "3",
             "--snapshot-starts",
             "3",
+            "--state-gets",
+            "40",
             "--output",
             "json",
         ])
@@ -421,14 +423,52 @@ fn bench_smoke_run_reports_sane_numbers() {
     assert!(forked["processes"].as_u64().unwrap() > 0, "{report}");
     assert!(f(&forked["avg_pss_mib"]) > 0.0, "{report}");
 
+    // State: gets, protocol-only gets and sets timed in Python on a server per backend (the
+    // Redis of this machine, as in tests/state.rs), split into 4 rounds: 40 gets are 4 × 10,
+    // the sets (at least 50) 4 × 13.
+    let state = &report["state"];
+    assert!(report["state_skipped"].is_null(), "{report}");
+    assert_eq!(state["function"], "bench-state", "{report}");
+    assert_eq!(state["rounds"], 4, "{report}");
+    assert!(
+        state["redis_skipped"].is_null(),
+        "is Redis running at 127.0.0.1:6379? {report}"
+    );
+    for backend in ["embedded", "redis"] {
+        let run = &state[backend];
+        for (series, calls) in [("get", 40), ("baseline_get", 40), ("set", 52)] {
+            assert_eq!(
+                run[series]["samples"], calls,
+                "{backend} {series}: {report}"
+            );
+            assert!(
+                f(&run[series]["min_us"]) > 0.0,
+                "{backend} {series}: {report}"
+            );
+        }
+        assert_eq!(run["errors"], 0, "{backend}: {report}");
+        let expected = f(&run["get"]["p50_us"]) - f(&run["baseline_get"]["p50_us"]);
+        assert!(
+            (f(&run["backend_get_us"]) - expected).abs() < 1e-6,
+            "{backend}: {report}"
+        );
+    }
+    assert_eq!(state["embedded"]["state_url"], "embedded", "{report}");
+    assert_eq!(
+        state["redis"]["state_url"], "redis://127.0.0.1:6379",
+        "{report}"
+    );
+
     let targets = report["targets"].as_array().unwrap();
-    assert!(targets.len() >= 10, "{report}");
+    assert!(targets.len() >= 13, "{report}");
     for name in [
         "alias routing overhead",
         "isolation cold-start overhead",
         "warm invocation with isolation within noise",
         "template start p50",
         "PSS of an idle instance from a template",
+        "state get p50 (embedded, from Python)",
+        "state get p50 (Redis, from Python)",
     ] {
         assert!(
             targets

@@ -4,13 +4,16 @@
 //! process per invocation), the resident memory of idle workers, what isolation costs cold
 //! starts and warm invocations (against a server without it), and what starting new
 //! instances from a function's template saves in start time and memory (against cold
-//! starts); then reports against the product's targets.
+//! starts), and how long a call of the State API takes from Python on the embedded store
+//! and on Redis (against the protocol round trip alone); then reports against the
+//! product's targets.
 //!
 //! By default it starts its own server (this binary, `server` on a free port with a
 //! temporary data directory, functions isolated) and stops it at the end, also on error or
 //! Ctrl-C; the isolation phase then starts and stops two fresh ones the same way, one
 //! isolated and one with `--insecure-no-isolation`, and the snapshots phase five more, with
-//! and without snapshots, and one whose templates are evicted to disk. The load generator is a bare hyper HTTP/1 client with one
+//! and without snapshots, and one whose templates are evicted to disk, and the state phase
+//! two, one per state backend. The load generator is a bare hyper HTTP/1 client with one
 //! keep-alive connection per virtual client, so the client's own overhead stays small.
 //! Every loop is bounded by a count and a deadline.
 
@@ -24,6 +27,7 @@ mod routing;
 mod server;
 mod snapshots;
 mod starts;
+mod state;
 mod stats;
 
 use std::path::{Path, PathBuf};
@@ -47,6 +51,7 @@ use self::report::{targets, LatencyPhase, Machine, Report, ThroughputPhase};
 use self::routing::{measure_routing, prepare_canary};
 use self::server::{loopback_addr, ServerProcess, Setup};
 use self::snapshots::measure_snapshots;
+use self::state::measure_state;
 
 /// Name of the function the benchmark deploys.
 pub const FUNCTION_NAME: &str = "bench-noop";
@@ -90,7 +95,12 @@ pub struct BenchArgs {
     /// (0 skips the phase).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub snapshot_starts: u32,
-    /// Start the benchmark's server with --insecure-no-isolation (for hosts that cannot
+    /// State API calls from Python of the state phase, on each of a server with the
+    /// embedded store and one with Redis at 127.0.0.1:6379 (if reachable): as many gets
+    /// and protocol-only gets, a tenth as many sets (0 skips the phase).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    pub state_gets: u64,
+    /// Start the benchmark's servers with --insecure-no-isolation (for hosts that cannot
     /// isolate); skips the isolation and snapshots phases.
     #[arg(long)]
     pub insecure_no_isolation: bool,
@@ -222,20 +232,31 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
     }
 
     // After the server above is gone: these phases compare fresh servers of their own.
-    let (isolation, isolation_skipped) = match own_servers_skipped(args, "isolation") {
+    let (isolation, isolation_skipped) = match own_servers_skipped(args, "isolation", true) {
         Some(note) => (None, Some(note)),
         None => {
             let phase = measure_isolation(args.cold_starts, args.requests, args.warmup).await?;
             (Some(phase), None)
         }
     };
-    let (snapshots, snapshots_skipped) = match own_servers_skipped(args, "snapshots") {
+    let (snapshots, snapshots_skipped) = match own_servers_skipped(args, "snapshots", true) {
         Some(note) => (None, Some(note)),
         None if args.snapshot_starts == 0 => {
             progress("skipping the snapshots phase: --snapshot-starts 0");
             (None, Some("skipped: --snapshot-starts 0".to_owned()))
         }
         None => (Some(measure_snapshots(args.snapshot_starts).await?), None),
+    };
+    let (state, state_skipped) = match own_servers_skipped(args, "state", false) {
+        Some(note) => (None, Some(note)),
+        None if args.state_gets == 0 => {
+            progress("skipping the state phase: --state-gets 0");
+            (None, Some("skipped: --state-gets 0".to_owned()))
+        }
+        None => (
+            Some(measure_state(args.state_gets, !args.insecure_no_isolation).await?),
+            None,
+        ),
     };
 
     let python_version = baseline
@@ -254,15 +275,17 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
         isolation_skipped,
         snapshots,
         snapshots_skipped,
+        state,
+        state_skipped,
         targets: Vec::new(),
     };
     report.targets = targets(&report);
     Ok(report)
 }
 
-/// Why `phase`, which compares servers the benchmark starts itself, is skipped with these
-/// flags (and says so), or `None` when it runs.
-fn own_servers_skipped(args: &BenchArgs, phase: &str) -> Option<String> {
+/// Why `phase`, which compares servers the benchmark starts itself (isolated ones if
+/// `needs_isolation`), is skipped with these flags (and says so), or `None` when it runs.
+fn own_servers_skipped(args: &BenchArgs, phase: &str, needs_isolation: bool) -> Option<String> {
     let (reason, note) = if args.server.is_some() {
         (
             "--server is not a server bench started",
@@ -271,7 +294,7 @@ fn own_servers_skipped(args: &BenchArgs, phase: &str) -> Option<String> {
                  benchmark starts itself"
             ),
         )
-    } else if args.insecure_no_isolation {
+    } else if needs_isolation && args.insecure_no_isolation {
         (
             "--insecure-no-isolation",
             "--insecure-no-isolation (this host may not isolate)".to_owned(),

@@ -8,12 +8,14 @@ use super::memory::ProcessMemory;
 use super::report::{
     LatencyPhase, Machine, Report, TARGET_COLD_OVERHEAD_US, TARGET_DISK_START_US, TARGET_P50_US,
     TARGET_RATIO, TARGET_ROUTING_US, TARGET_RPS, TARGET_RPS_CLIENTS, TARGET_RSS_MIB,
-    TARGET_TEMPLATE_PSS_MIB, TARGET_TEMPLATE_SPEEDUP, TARGET_TEMPLATE_START_US,
-    TARGET_WARM_NOISE_FLOOR_US, TARGET_WARM_NOISE_SHARE,
+    TARGET_STATE_GET_EMBEDDED_US, TARGET_STATE_GET_REDIS_US, TARGET_TEMPLATE_PSS_MIB,
+    TARGET_TEMPLATE_SPEEDUP, TARGET_TEMPLATE_START_US, TARGET_WARM_NOISE_FLOOR_US,
+    TARGET_WARM_NOISE_SHARE,
 };
 use super::routing::RoutingPhase;
 use super::snapshots::{Burst, SnapshotDisk, SnapshotPhase};
 use super::starts::Starts;
+use super::state::{StateBackendRun, StatePhase};
 use super::stats::Latency;
 use super::BenchArgs;
 
@@ -34,6 +36,15 @@ pub(super) fn fmt_us(us: f64) -> String {
         format!("{:.2} ms", us / 1000.0)
     } else {
         format!("{:.2} s", us / 1_000_000.0)
+    }
+}
+
+/// `48.3 µs`, `1.25 ms`: [`fmt_us`] with tenths below 1 ms, for latencies of tens of µs.
+pub(super) fn fmt_us_tenths(us: f64) -> String {
+    if us < 1000.0 {
+        format!("{us:.1} µs")
+    } else {
+        fmt_us(us)
     }
 }
 
@@ -404,6 +415,83 @@ fn snapshot_memory_rows(p: &SnapshotPhase) -> [(&'static str, Option<&ProcessMem
     ]
 }
 
+/// The state phase's backends that ran: name, its target, and the run.
+fn state_backends(p: &StatePhase) -> Vec<(&'static str, f64, &StateBackendRun)> {
+    std::iter::once(("embedded", TARGET_STATE_GET_EMBEDDED_US, &p.embedded))
+        .chain(
+            p.redis
+                .as_ref()
+                .map(|r| ("Redis", TARGET_STATE_GET_REDIS_US, r)),
+        )
+        .collect()
+}
+
+/// A backend's three series: what was called, and its latency.
+fn state_calls(b: &StateBackendRun) -> [(&'static str, &Latency); 3] {
+    [
+        ("state.get (session)", &b.get),
+        (
+            "state.invocation().get (protocol only, baseline)",
+            &b.baseline_get,
+        ),
+        ("state.set (session)", &b.set),
+    ]
+}
+
+/// What one round invoked on each server.
+fn state_round_text(p: &StatePhase) -> String {
+    format!(
+        "{} rounds, each invoking {} gets, {} invocation-scope gets and {} sets on each server, \
+         interleaved",
+        p.rounds, p.gets_per_invocation, p.gets_per_invocation, p.sets_per_invocation
+    )
+}
+
+/// The state phase for people.
+fn human_state(p: &StatePhase) -> String {
+    let mut out = format!(
+        "State API from Python ({}, each call timed with time.perf_counter_ns; {}):\n",
+        p.function,
+        state_round_text(p)
+    );
+    let mut table = Table::new(&[
+        "backend", "call", "calls", "p50", "p90", "p99", "mean", "max",
+    ]);
+    let backends = state_backends(p);
+    for (name, _, b) in &backends {
+        for (call, l) in state_calls(b) {
+            table.row([
+                name.to_string(),
+                call.to_owned(),
+                l.samples.to_string(),
+                fmt_us_tenths(l.p50_us),
+                fmt_us_tenths(l.p90_us),
+                fmt_us_tenths(l.p99_us),
+                fmt_us_tenths(l.mean_us),
+                fmt_us_tenths(l.max_us),
+            ]);
+        }
+    }
+    out.push_str(&table.render());
+    for (name, _, b) in &backends {
+        out.push_str(&format!(
+            "  {name} ({}, {}): the backend adds {} to the get p50 (get − baseline); {} failed invocations\n",
+            b.state_url,
+            b.server,
+            fmt_delta_us(b.backend_get_us),
+            b.errors
+        ));
+        if let Some(e) = &b.first_error {
+            out.push_str(&format!("  first error ({name}): {e}\n"));
+        }
+    }
+    if let Some(note) = &p.redis_skipped {
+        out.push_str(&format!("  Redis: {note}\n"));
+    }
+    out.push('\n');
+    out
+}
+
 fn machine_line(m: &Machine) -> String {
     format!(
         "{} CPUs ({}), {}, {}, nimbus {} ({} build)",
@@ -521,6 +609,13 @@ pub(super) fn human_report(r: &Report) -> String {
             note.as_deref().unwrap_or("skipped")
         )),
     }
+    match (&r.state, &r.state_skipped) {
+        (Some(p), _) => out.push_str(&human_state(p)),
+        (None, note) => out.push_str(&format!(
+            "State API: {}\n\n",
+            note.as_deref().unwrap_or("skipped")
+        )),
+    }
     out.push_str("Targets:\n");
     let mut table = Table::new(&["target", "promise", "measured", "result"]);
     for t in &r.targets {
@@ -554,13 +649,14 @@ pub(super) fn markdown_report(r: &Report, args: &BenchArgs) -> String {
     ));
     let concurrency: Vec<String> = args.concurrency.iter().map(ToString::to_string).collect();
     out.push_str(&format!(
-        "Command: `nimbus bench --requests {} --duration {} --concurrency {} --baseline-runs {} --cold-starts {} --snapshot-starts {}`\n\n",
+        "Command: `nimbus bench --requests {} --duration {} --concurrency {} --baseline-runs {} --cold-starts {} --snapshot-starts {} --state-gets {}`\n\n",
         args.requests,
         args.duration,
         concurrency.join(","),
         args.baseline_runs,
         args.cold_starts,
-        args.snapshot_starts
+        args.snapshot_starts,
+        args.state_gets
     ));
     out.push_str("| Measurement | Target | Result | Met |\n|---|---|---|---|\n");
     let w = &r.warm_latency.latency;
@@ -648,6 +744,16 @@ pub(super) fn markdown_report(r: &Report, args: &BenchArgs) -> String {
         (Some(p), _) => out.push_str(&markdown_snapshots(p, met)),
         (None, note) => out.push_str(&format!(
             "| Snapshots (template tier) | – | {} | – |\n",
+            note.as_deref().unwrap_or("skipped")
+        )),
+    }
+    match (&r.state, &r.state_skipped) {
+        (Some(p), _) => {
+            out.push_str(&markdown_state(p, met));
+            out.push_str(&markdown_state_method(p));
+        }
+        (None, note) => out.push_str(&format!(
+            "| State API from Python | – | {} | – |\n",
             note.as_deref().unwrap_or("skipped")
         )),
     }
@@ -801,6 +907,77 @@ fn markdown_snapshots(p: &SnapshotPhase, met: impl Fn(&str) -> &'static str) -> 
     out
 }
 
+/// The state phase's Markdown rows; `met` answers for a target by its name's start.
+fn markdown_state(p: &StatePhase, met: impl Fn(&str) -> &'static str) -> String {
+    let mut out = String::new();
+    let spread = |l: &Latency| {
+        format!(
+            "p50 {}, p90 {}, p99 {}, mean {}",
+            fmt_us_tenths(l.p50_us),
+            fmt_us_tenths(l.p90_us),
+            fmt_us_tenths(l.p99_us),
+            fmt_us_tenths(l.mean_us)
+        )
+    };
+    for (name, target, b) in state_backends(p) {
+        let errors = if b.errors > 0 {
+            format!(" ({} failed invocations)", b.errors)
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "| State get from Python, {name} (`state.get`, session scope, {} calls) | p50 ≤ {} | {}{errors} | {} |\n",
+            b.get.samples,
+            fmt_us(target),
+            spread(&b.get),
+            met(&format!("state get p50 ({name}"))
+        ));
+        out.push_str(&format!(
+            "| Baseline on the same server: `state.invocation().get` (host memory, protocol only; {} calls) | – | {} | – |\n",
+            b.baseline_get.samples,
+            spread(&b.baseline_get)
+        ));
+        out.push_str(&format!(
+            "| What the {name} backend adds to a get (p50 get − p50 baseline) | – | {} | – |\n",
+            fmt_delta_us(b.backend_get_us)
+        ));
+        out.push_str(&format!(
+            "| State set from Python, {name} (`state.set`, session scope, {} calls) | – | {} | – |\n",
+            b.set.samples,
+            spread(&b.set)
+        ));
+    }
+    if let Some(note) = &p.redis_skipped {
+        out.push_str(&format!(
+            "| State get from Python, Redis | p50 ≤ {} | {note} | – |\n",
+            fmt_us(TARGET_STATE_GET_REDIS_US)
+        ));
+    }
+    out
+}
+
+/// How the state phase measures, for the Markdown section.
+fn markdown_state_method(p: &StatePhase) -> String {
+    format!(
+        "\nState API: a fresh {}server per backend (the embedded store; Redis with \
+         `--state-url redis://127.0.0.1:6379`), both `--no-snapshots`, run `{}` (state \
+         enabled). Each invocation makes its calls in a loop in the handler and times each one \
+         with `time.perf_counter_ns()`: the Python API, one `state` frame to the host over the \
+         worker connection, the host's work, one `state_result` frame back. The get reads a \
+         small dict set once before (session scope, the `_default` session). Baseline, in the \
+         same run on the same server: `state.invocation().get`, whose scope lives in the \
+         host's memory and touches no backend, so it is the protocol round trip alone. One \
+         uncounted invocation of each kind first, then {}.\n",
+        if p.isolated {
+            "isolated "
+        } else {
+            "unisolated "
+        },
+        p.function,
+        state_round_text(p)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -810,6 +987,8 @@ mod tests {
         assert_eq!(fmt_us(212.4), "212 µs");
         assert_eq!(fmt_us(1250.0), "1.25 ms");
         assert_eq!(fmt_us(2_100_000.0), "2.10 s");
+        assert_eq!(fmt_us_tenths(48.34), "48.3 µs");
+        assert_eq!(fmt_us_tenths(1250.0), "1.25 ms");
         assert_eq!(fmt_delta_us(4.24), "+4.2 µs");
         assert_eq!(fmt_delta_us(-0.8), "-0.8 µs");
         assert_eq!(fmt_delta_us(3172.0), "+3.17 ms");

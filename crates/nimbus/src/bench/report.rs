@@ -6,9 +6,10 @@ use super::baseline::Baseline;
 use super::isolation::IsolationPhase;
 use super::load::PhaseRun;
 use super::memory::IdleMemory;
-use super::render::{fmt_count, fmt_delta_us, fmt_us};
+use super::render::{fmt_count, fmt_delta_us, fmt_us, fmt_us_tenths};
 use super::routing::RoutingPhase;
 use super::snapshots::SnapshotPhase;
+use super::state::{StateBackendRun, StatePhase};
 use super::stats::Latency;
 
 /// The product's targets.
@@ -31,6 +32,10 @@ pub(super) const TARGET_TEMPLATE_SPEEDUP: f64 = 15.0;
 pub(super) const TARGET_TEMPLATE_PSS_MIB: f64 = 5.0;
 /// Server-reported p50 of a start from a checkpoint on disk (the disk tier).
 pub(super) const TARGET_DISK_START_US: f64 = 60_000.0;
+/// p50 of a `state.get` from Python on the embedded store.
+pub(super) const TARGET_STATE_GET_EMBEDDED_US: f64 = 60.0;
+/// p50 of a `state.get` from Python on Redis.
+pub(super) const TARGET_STATE_GET_REDIS_US: f64 = 250.0;
 
 /// Everything one run measured.
 #[derive(Debug, Serialize)]
@@ -59,6 +64,10 @@ pub struct Report {
     pub snapshots: Option<SnapshotPhase>,
     /// Why the snapshots phase was skipped.
     pub snapshots_skipped: Option<String>,
+    /// State API calls from Python, per backend (`None` when skipped).
+    pub state: Option<StatePhase>,
+    /// Why the state phase was skipped.
+    pub state_skipped: Option<String>,
     /// The product's targets and whether they were met.
     pub targets: Vec<TargetCheck>,
 }
@@ -216,6 +225,12 @@ pub(super) fn targets(r: &Report) -> Vec<TargetCheck> {
     let p50 = r.warm_latency.latency.p50_us;
     let routing = &r.routing;
     let overhead = routing.weighted_overhead_us;
+    let state_get = |run: Option<&StateBackendRun>, target: f64| {
+        run.filter(|b| b.get.samples > 0).map(|b| {
+            let p50 = b.get.p50_us;
+            (fmt_us_tenths(p50), p50 <= target)
+        })
+    };
     let rps = r
         .throughput
         .iter()
@@ -341,6 +356,22 @@ pub(super) fn targets(r: &Report) -> Vec<TargetCheck> {
                         m.avg_pss_mib <= TARGET_TEMPLATE_PSS_MIB,
                     )
                 }),
+        ),
+        check(
+            "state get p50 (embedded, from Python)",
+            format!("≤ {}", fmt_us(TARGET_STATE_GET_EMBEDDED_US)),
+            state_get(
+                r.state.as_ref().map(|s| &s.embedded),
+                TARGET_STATE_GET_EMBEDDED_US,
+            ),
+        ),
+        check(
+            "state get p50 (Redis, from Python)",
+            format!("≤ {}", fmt_us(TARGET_STATE_GET_REDIS_US)),
+            state_get(
+                r.state.as_ref().and_then(|s| s.redis.as_ref()),
+                TARGET_STATE_GET_REDIS_US,
+            ),
         ),
     ]
 }
