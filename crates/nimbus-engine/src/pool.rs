@@ -410,7 +410,11 @@ impl Pools {
                 }
                 Step::WaitFor => released.await,
                 // Only while the limit is being lowered: wait for running instances to retire.
-                Step::Wait => tokio::time::sleep(Duration::from_millis(5)).await,
+                // Also while every instance the session may wait for is still starting.
+                Step::Wait => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    patient &= tokio::time::Instant::now() < patience;
+                }
             }
         };
         if let Some(old) = evicted {
@@ -727,9 +731,11 @@ fn resize(pool: &FunctionPool, max_instances: u32) {
     }
 }
 
-fn take_least_recently_used(idle: &mut HashMap<u32, Vec<Instance>>) -> Option<Instance> {
+/// The least recently used idle instance of a version other than `keep`.
+fn take_least_recently_used(idle: &mut HashMap<u32, Vec<Instance>>, keep: u32) -> Option<Instance> {
     let (&version, _) = idle
         .iter()
+        .filter(|(v, _)| **v != keep)
         .filter_map(|(v, list)| list.first().map(|i| (v, i.last_used)))
         .min_by_key(|(_, used)| *used)?;
     let list = idle.get_mut(&version)?;
@@ -762,18 +768,19 @@ fn checked_out(state: &mut PoolState, mut instance: Instance) -> Step {
 fn any_step(state: &mut PoolState, version: u32) -> Step {
     match state.idle.get_mut(&version).and_then(Vec::pop) {
         Some(instance) => checked_out(state, instance),
-        None => make_room(state),
+        None => make_room(state, version),
     }
 }
 
-/// Room for a new instance: under the limit, or by stopping another version's least
-/// recently used idle instance at it.
-fn make_room(state: &mut PoolState) -> Step {
+/// Room for a new instance of `version`: under the limit, or by stopping another
+/// version's least recently used idle instance at it (never one of `version`'s own, which
+/// sessions may be bound to).
+fn make_room(state: &mut PoolState, version: u32) -> Step {
     if state.live < state.max_instances {
         state.live += 1;
         return Step::Start(None);
     }
-    match take_least_recently_used(&mut state.idle) {
+    match take_least_recently_used(&mut state.idle, version) {
         Some(old) => {
             state.members.remove(&old.id);
             Step::Start(Some(old))
@@ -820,10 +827,12 @@ fn session_step(
         });
     }
     // Where it goes, in order of preference along its walk of the ring (consistent
-    // hashing; the cap bounds loads over all of the version's instances): an idle instance
-    // under the cap; a new instance while under the limit (bound once started); an idle
-    // instance over the cap; a new one in place of another version's idle instance; else
-    // it waits, for the instance under the cap while patient, for any after that.
+    // hashing; the cap bounds loads over the version's instances, those still starting
+    // included, so the first instance up does not take every new session): an idle
+    // instance under the cap; a new instance while under the limit (bound once started);
+    // once impatient, any idle instance; a new one in place of another version's idle
+    // instance; else it waits, for the instance under the cap while patient, for any
+    // after that.
     let ids: Vec<String> = state
         .members
         .iter()
@@ -832,7 +841,8 @@ fn session_step(
         .collect();
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     let loads: Vec<usize> = refs.iter().map(|id| state.bindings.load(id)).collect();
-    let cap = affinity::cap(loads.iter().sum(), ids.len());
+    let starting = state.live as usize - state.members.len();
+    let cap = affinity::cap(loads.iter().sum(), ids.len() + starting);
     let order = affinity::ring_order(&session.key, &refs);
     let is_idle = |id: &str| {
         state
@@ -855,10 +865,12 @@ fn session_step(
         state.live += 1;
         return Step::Start(None);
     }
-    if let Some(i) = order.iter().copied().find(|&i| is_idle(&ids[i])) {
-        return pick(state, i);
+    if !patient {
+        if let Some(i) = order.iter().copied().find(|&i| is_idle(&ids[i])) {
+            return pick(state, i);
+        }
     }
-    match make_room(state) {
+    match make_room(state, version) {
         Step::Wait if patient => match under_cap.clone().next() {
             Some(i) => {
                 bind(&mut state.bindings, session, &ids[i]);

@@ -587,18 +587,27 @@ async fn sessions_stick_to_their_instance_and_rebind_when_it_dies(backend: State
         async move {
             let key = format!("user-{i}");
             let mut instances = std::collections::BTreeSet::new();
+            let mut trail = Vec::new();
             for n in 1..=20 {
                 let r = invoke(s, "sticky", Some(&key), json!({})).await;
                 assert_eq!(r["body"]["n"], n, "{r}");
                 instances.insert(r["instance_id"].as_str().unwrap().to_owned());
+                trail.push(format!(
+                    "{} {} {}",
+                    r["instance_id"], r["start_type"], r["duration_ms"]
+                ));
             }
-            (key, instances)
+            (key, instances, trail)
         }
     });
     let seen = futures::future::join_all(sessions).await;
     let mut per_instance = std::collections::BTreeMap::<String, usize>::new();
-    for (key, instances) in &seen {
-        assert_eq!(instances.len(), 1, "{key} was served by {instances:?}");
+    for (key, instances, trail) in &seen {
+        assert_eq!(
+            instances.len(),
+            1,
+            "{key} was served by {instances:?}: {trail:#?}"
+        );
         *per_instance
             .entry(instances.first().unwrap().clone())
             .or_default() += 1;
@@ -606,6 +615,12 @@ async fn sessions_stick_to_their_instance_and_rebind_when_it_dies(backend: State
     assert!(
         per_instance.len() > 1,
         "every session on one instance: {per_instance:?}"
+    );
+    // Bounded loads: none over its fair share plus the margin (10 instances, 100 sessions).
+    let most = per_instance.values().max().unwrap();
+    assert!(
+        *most <= 13,
+        "an instance holds {most} sessions: {per_instance:?}"
     );
     let (_, metrics) = s.call("GET", "/../../metrics", None).await;
     let metrics = metrics.as_str().unwrap_or_default().to_owned();
@@ -620,7 +635,7 @@ async fn sessions_stick_to_their_instance_and_rebind_when_it_dies(backend: State
     assert!(metrics.contains("nimbus_session_count 100"), "{metrics}");
 
     // The instance of user-0 dies: its sessions move, their state intact.
-    let (victim, instances) = &seen[0];
+    let (victim, instances, _) = &seen[0];
     let dead = instances.first().unwrap().clone();
     let (status, body) = s
         .invoke_raw(
@@ -633,8 +648,8 @@ async fn sessions_stick_to_their_instance_and_rebind_when_it_dies(backend: State
     assert_eq!(code_of(&body), "instance_crashed");
     let orphans: Vec<&String> = seen
         .iter()
-        .filter(|(_, i)| i.first() == Some(&dead))
-        .map(|(k, _)| k)
+        .filter(|(_, i, _)| i.first() == Some(&dead))
+        .map(|(k, _, _)| k)
         .collect();
     for key in &orphans {
         let r = invoke(&s, "sticky", Some(key), json!({})).await;
@@ -747,6 +762,199 @@ def handle(event, state):
     assert_eq!(long.await.unwrap().status(), StatusCode::OK);
 }
 
+/// The other examples of examples/, as the docs run them.
+const COUNTER: &str = include_str!("../../../examples/counter/handler.py");
+const CHAT: &str = include_str!("../../../examples/chat/handler.py");
+const TRANSFER: &str = include_str!("../../../examples/transfer/handler.py");
+
+async fn the_examples_run_as_documented(backend: StateBackend) {
+    let s = server(backend).await;
+    let on = json!({"state_config": {"enabled": true}});
+    s.deploy("counter", COUNTER, on.clone()).await;
+    assert_eq!(
+        invoke(&s, "counter", None, json!({})).await["body"],
+        json!({"count": 1})
+    );
+    let by = invoke(&s, "counter", Some("x"), json!({"by": 5})).await;
+    assert_eq!(
+        by["body"],
+        json!({"count": 6}),
+        "the function's state, whatever the session"
+    );
+
+    s.deploy("chat", CHAT, on.clone()).await;
+    invoke(
+        &s,
+        "chat",
+        Some("room-1"),
+        json!({"user": "ann", "text": "hi"}),
+    )
+    .await;
+    let r = invoke(
+        &s,
+        "chat",
+        Some("room-1"),
+        json!({"user": "bob", "text": "hello"}),
+    )
+    .await;
+    assert_eq!(r["body"]["messages"], 2, "{r}");
+    assert_eq!(
+        r["body"]["last"][1],
+        json!({"user": "bob", "text": "hello"})
+    );
+    let other = invoke(&s, "chat", Some("room-2"), json!({})).await;
+    assert_eq!(other["body"]["messages"], 0);
+    let (_, state) = s.call("GET", "/functions/chat/state/room-1", None).await;
+    let ttl = state["keys"][0]["ttl_ms"].as_u64().unwrap();
+    assert!(ttl > 590_000 && ttl <= 600_000, "{state}");
+
+    s.deploy("transfer", TRANSFER, on).await;
+    let opened = invoke(&s, "transfer", None, json!({"open": {"a": 100, "b": 0}})).await;
+    assert_eq!(opened["body"], json!({"a": 100, "b": 0}));
+    let moves =
+        (0..10).map(|_| s.invoke_raw("transfer", "", r#"{"from": "a", "to": "b", "amount": 7}"#));
+    for (status, body) in futures::future::join_all(moves).await {
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (_, state) = s
+        .call("GET", "/functions/transfer/state/_global?values=true", None)
+        .await;
+    let balance = |k: &str| {
+        state["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["key"] == k)
+            .unwrap()["value"]
+            .clone()
+    };
+    assert_eq!(
+        (balance("a"), balance("b")),
+        (json!(30), json!(70)),
+        "{state}"
+    );
+    let (status, body) = s
+        .invoke_raw("transfer", "", r#"{"from": "a", "to": "b", "amount": 31}"#)
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("insufficient funds"),
+        "{body}"
+    );
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_nimbus");
+
+/// Runs `nimbus <args>` against `s`; its stdout, which it must succeed to give.
+async fn cli(s: &Server, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(BIN)
+        .args(args)
+        .env("NIMBUS_SERVER", &s.base)
+        .env_remove("NIMBUS_API_KEY")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "nimbus {args:?}: {}\n{text}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+#[tokio::test]
+async fn the_cli_deploys_with_state_and_shows_and_deletes_sessions_and_state() {
+    let s = server(StateBackend::Embedded).await;
+    let cart = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/cart/handler.py"
+    );
+    let deploy = [
+        "deploy",
+        cart,
+        "--name",
+        "cart",
+        "--state",
+        "--session-affinity",
+        "on",
+    ];
+    let out = cli(&s, &deploy).await;
+    assert!(out.contains("created function cart"), "{out}");
+    let out = cli(&s, &["fn", "get", "cart"]).await;
+    assert!(
+        out.contains("state:          on: values ≤ 65536 B, ≤ 100 keys, no default TTL; affinity on (sessions last 3600 s)"),
+        "{out}"
+    );
+    let data = r#"{"item_id": "book"}"#;
+    let out = cli(
+        &s,
+        &["invoke", "cart", "--session", "alice", "--data", data],
+    )
+    .await;
+    assert!(out.contains(r#""cart_size": 1"#), "{out}");
+    let data = r#"{"item_id": "pen"}"#;
+    let out = cli(
+        &s,
+        &[
+            "invoke",
+            "cart",
+            "--session",
+            "alice",
+            "--data",
+            data,
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        r["body"],
+        json!({"cart_size": 2, "total_items": 2}),
+        "{out}"
+    );
+
+    let out = cli(&s, &["state", "get", "cart", "alice"]).await;
+    assert!(out.starts_with("session alice: 2 key(s), 15 B\n"), "{out}");
+    assert!(
+        out.contains(r#"cart        ["book","pen"]  14 B  "#),
+        "{out}"
+    );
+    let out = cli(&s, &["state", "get", "cart", "_global"]).await;
+    assert_eq!(out, "the function's state: no keys\n");
+    // The session is recorded behind the invocation.
+    let mut listed = String::new();
+    for _ in 0..50 {
+        listed = cli(&s, &["session", "list", "cart"]).await;
+        if listed.contains("alice") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        listed.contains(r["instance_id"].as_str().unwrap()),
+        "{listed}"
+    );
+    let out = cli(&s, &["session", "get", "cart", "alice"]).await;
+    assert!(
+        out.contains("keys:        cart (14 B), item_count (1 B)"),
+        "{out}"
+    );
+    let out = cli(&s, &["state", "delete", "cart", "alice", "--key", "cart"]).await;
+    assert_eq!(out, "deleted key \"cart\" of alice's state\n");
+    let out = cli(&s, &["session", "delete", "cart", "alice"]).await;
+    assert_eq!(out, "deleted session alice of cart and its state\n");
+    let out = cli(&s, &["state", "get", "cart", "alice", "--output", "json"]).await;
+    let state: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(state["keys"], json!([]), "{out}");
+}
+
 async fn embedded_state_survives_a_restart() {
     let mut s = server(StateBackend::Embedded).await;
     s.deploy("cart", CART, json!({"state_config": {"enabled": true}}))
@@ -784,6 +992,7 @@ on_both_state_backends!(
     sessions_and_state_admin_answers,
     sessions_stick_to_their_instance_and_rebind_when_it_dies,
     a_sessions_invocations_run_one_at_a_time_in_arrival_order,
+    the_examples_run_as_documented,
 );
 
 #[tokio::test]
