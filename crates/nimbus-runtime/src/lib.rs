@@ -4,8 +4,11 @@
 //!   message types both sides exchange.
 //! - [`worker`]: the host's end of one worker connection: handshake, invoke.
 //! - [`python`]: the Python worker bootstrap and the resolution of the real interpreter.
+//! - [`node`]: the Node.js worker and the resolution of the real `node`.
 //! - [`Runtimes`]: which runtimes this host can run, and the command that starts each.
 
+mod host;
+pub mod node;
 pub mod protocol;
 pub mod python;
 pub mod worker;
@@ -37,6 +40,8 @@ pub struct RuntimeCommand {
 pub struct RuntimeSettings {
     /// Python interpreter to use; when unset, the real interpreter is resolved.
     pub python: Option<PathBuf>,
+    /// Node.js binary to use; when unset, the real `node` is resolved.
+    pub node: Option<PathBuf>,
 }
 
 /// A runtime this host cannot run.
@@ -53,6 +58,7 @@ pub struct RuntimeUnavailable {
 #[derive(Debug, Clone)]
 pub struct Runtimes {
     python: Result<python::PythonRuntime, String>,
+    node: Result<node::NodeRuntime, String>,
 }
 
 impl Runtimes {
@@ -60,6 +66,7 @@ impl Runtimes {
     pub fn discover(settings: &RuntimeSettings, data_dir: &Path) -> Self {
         Runtimes {
             python: python::PythonRuntime::discover(settings.python.as_deref(), data_dir),
+            node: node::NodeRuntime::discover(settings.node.as_deref(), data_dir),
         }
     }
 
@@ -74,18 +81,29 @@ impl Runtimes {
                     runtime,
                     reason: reason.clone(),
                 }),
-            Runtime::NodeJs20 => Err(RuntimeUnavailable {
-                runtime,
-                reason: "the Node.js runtime is not implemented yet".into(),
-            }),
+            Runtime::NodeJs20 => {
+                self.node
+                    .as_ref()
+                    .map(node::NodeRuntime::command)
+                    .map_err(|reason| RuntimeUnavailable {
+                        runtime,
+                        reason: reason.clone(),
+                    })
+            }
         }
     }
 
     /// One line per runtime for the start-up banner (`python3.11: /usr/bin/python3.11 (3.11.2)`).
     pub fn describe(&self) -> Vec<String> {
-        vec![match &self.python {
-            Ok(p) => format!("python3.11: {}", p.describe()),
-            Err(e) => format!("python3.11: unavailable ({e})"),
-        }]
+        vec![
+            match &self.python {
+                Ok(p) => format!("python3.11: {}", p.describe()),
+                Err(e) => format!("python3.11: unavailable ({e})"),
+            },
+            match &self.node {
+                Ok(n) => format!("nodejs20: {}", n.describe()),
+                Err(e) => format!("nodejs20: unavailable ({e})"),
+            },
+        ]
     }
 }

@@ -20,13 +20,12 @@
 //! sandbox crate's `template` module) and `nimbus/__init__.py` (the API functions import).
 
 use std::ffi::OsString;
-use std::io::Read;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use crate::host::{find_on_path, is_executable_file, run_with_timeout, write_if_changed};
 use crate::RuntimeCommand;
 
 /// The worker: loads the handler, then serves invocations over fd 3.
@@ -51,9 +50,6 @@ const WORKER_ENV: &[(&str, &str)] = &[
     ("LANG", "C.UTF-8"),
     ("PATH", "/usr/local/bin:/usr/bin:/bin"),
 ];
-
-/// How long one run of an interpreter at discovery may take.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Prints `sys.executable` and the version; valid Python 2 too, so an old interpreter is
 /// reported by version rather than by a syntax error.
@@ -175,24 +171,6 @@ fn install(data_dir: &Path) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
-/// Replaces `path` with `content` through a temporary file and a rename, unless it already
-/// holds exactly that (then its modification time, which cached byte code checks, is kept).
-fn write_if_changed(path: &Path, content: &str) -> Result<(), String> {
-    if std::fs::read(path).is_ok_and(|old| old == content.as_bytes()) {
-        return Ok(());
-    }
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let result = std::fs::write(&tmp, content)
-        .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(format!("cannot write {}: {e}", path.display()));
-    }
-    Ok(())
-}
-
 fn resolve_configured(path: &Path) -> Result<(PathBuf, String), String> {
     let fail = |why: String| format!("configured Python interpreter {}: {why}", path.display());
     let meta = std::fs::metadata(path).map_err(|e| fail(format!("{e}")))?;
@@ -302,92 +280,10 @@ fn precompile(interpreter: &Path, runtime_dir: &Path) -> Result<(), String> {
     .map(drop)
 }
 
-/// Runs `cmd` (stdin closed) and returns its stdout, or why it failed.
-fn run_with_timeout(cmd: &mut Command) -> Result<Vec<u8>, String> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut attempts = 0;
-    let mut child = loop {
-        match cmd.spawn() {
-            Ok(child) => break child,
-            // A script just written may still be open in a child another thread is forking.
-            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempts < 50 => {
-                attempts += 1;
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => return Err(format!("cannot run it: {e}")),
-        }
-    };
-    // Both outputs are small; read them on threads so a full pipe cannot block the child.
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let out = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stdout.read_to_end(&mut buf);
-        buf
-    });
-    let err = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    });
-    let deadline = Instant::now() + PROBE_TIMEOUT;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "it did not finish within {} s",
-                    PROBE_TIMEOUT.as_secs()
-                ));
-            }
-            Err(e) => return Err(format!("cannot wait for it: {e}")),
-        }
-    };
-    let out = out.join().unwrap_or_default();
-    let err = err.join().unwrap_or_default();
-    if !status.success() {
-        let err = String::from_utf8_lossy(&err);
-        let err = err.trim();
-        let tail: String = err
-            .chars()
-            .rev()
-            .take(300)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        return Err(format!(
-            "it failed ({status}){}",
-            if tail.is_empty() {
-                String::new()
-            } else {
-                format!(": {tail}")
-            }
-        ));
-    }
-    Ok(out)
-}
-
-fn is_executable_file(path: &Path) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .filter(|dir| dir.is_absolute())
-        .map(|dir| dir.join(name))
-        .find(|p| is_executable_file(p))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     fn is_elf(path: &Path) -> bool {
         let mut magic = [0u8; 4];

@@ -1,0 +1,354 @@
+//! The Node.js worker end to end: the real `node`, started by the process driver, spoken to
+//! over its socket with [`WorkerConn`], as the engine does.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use nimbus_runtime::node::NodeRuntime;
+use nimbus_runtime::protocol::{ErrorPayload, StateFailure};
+use nimbus_runtime::{
+    InvokeOutcome, StateAnswer, StateCalls, StateRequest, WorkerConn, WorkerError,
+};
+use nimbus_sandbox::{Driver, LaunchSpec, ProcessDriver, Sandbox};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+/// One discovery per test binary; the data directory is shared and idempotent.
+fn runtime() -> &'static NodeRuntime {
+    static RUNTIME: OnceLock<NodeRuntime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        let data = Path::new(env!("CARGO_TARGET_TMPDIR")).join("nimbus-runtime-node-tests");
+        NodeRuntime::discover(None, &data).expect("Node.js 20+ on this host")
+    })
+}
+
+struct Worker {
+    conn: WorkerConn,
+    _sandbox: Box<dyn Sandbox>,
+    _code: TempDir,
+}
+
+async fn launch(files: &[(&str, &str)], handler: &str) -> Worker {
+    let code = tempfile::tempdir().unwrap();
+    for (name, content) in files {
+        let path = code.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+    }
+    let command = runtime().command();
+    let mut env = command.env;
+    env.push(("NIMBUS_HANDLER".into(), handler.into()));
+    let spec = LaunchSpec {
+        instance_id: "i_node".into(),
+        program: command.program,
+        args: command.args,
+        env,
+        workdir: code.path().to_owned(),
+        visible: command.visible,
+        memory_mb: 256,
+        network: nimbus_core::Network::Isolated,
+        template: false,
+    };
+    let launched = ProcessDriver::new().launch(&spec).await.unwrap();
+    Worker {
+        conn: WorkerConn::new(launched.stream),
+        _sandbox: launched.sandbox,
+        _code: code,
+    }
+}
+
+async fn start(files: &[(&str, &str)], handler: &str) -> Worker {
+    let mut worker = launch(files, handler).await;
+    let ready = worker.conn.handshake().await.expect("handshake");
+    assert!(ready.pid > 0);
+    worker
+}
+
+async fn invoke(worker: &mut Worker, event: Value) -> InvokeOutcome {
+    let raw = RawValue::from_string(event.to_string()).unwrap();
+    worker.conn.invoke("inv_node", &raw).await.expect("invoke")
+}
+
+fn body(outcome: &InvokeOutcome) -> Value {
+    match &outcome.result {
+        Ok(raw) => serde_json::from_str(raw.get()).unwrap(),
+        Err(e) => panic!("function error: {e:?}\nlogs: {}", outcome.logs),
+    }
+}
+
+fn error(outcome: &InvokeOutcome) -> &ErrorPayload {
+    match &outcome.result {
+        Ok(raw) => panic!("expected a function error, got {}", raw.get()),
+        Err(e) => e,
+    }
+}
+
+async fn init_error(files: &[(&str, &str)], handler: &str) -> ErrorPayload {
+    let mut worker = launch(files, handler).await;
+    match worker.conn.handshake().await.unwrap_err() {
+        WorkerError::Init { error, .. } => error,
+        other => panic!("expected an init error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn commonjs_handlers_sync_and_async_serve_with_their_logs() {
+    let mut w = start(
+        &[(
+            "index.js",
+            "let calls = 0;\n\
+             exports.handle = async (event) => { calls += 1; console.log('call', calls); return { echo: event, calls }; };\n\
+             exports.sync = (event) => event.n * 2;\n",
+        )],
+        "index.handle",
+    )
+    .await;
+    let out = invoke(&mut w, json!({"a": [1, "ü"]})).await;
+    assert_eq!(body(&out), json!({"echo": {"a": [1, "ü"]}, "calls": 1}));
+    assert_eq!(out.logs, "call 1\n");
+    assert!(out.max_rss_kb.unwrap() > 1000);
+    let out = invoke(&mut w, json!(null)).await;
+    assert_eq!(
+        body(&out)["calls"],
+        2,
+        "module state stays between invocations"
+    );
+    w.conn.ping().await.unwrap();
+
+    let mut sync = start(
+        &[("index.js", "exports.sync = (event) => event.n * 2;\n")],
+        "index.sync",
+    )
+    .await;
+    assert_eq!(body(&invoke(&mut sync, json!({"n": 21})).await), json!(42));
+}
+
+#[tokio::test]
+async fn es_modules_load_from_mjs_and_from_type_module_packages() {
+    let mut mjs = start(
+        &[(
+            "app/main.mjs",
+            "export async function handle(event) { return { esm: true, got: event }; }\n",
+        )],
+        "app.main.handle",
+    )
+    .await;
+    assert_eq!(
+        body(&invoke(&mut mjs, json!(1)).await),
+        json!({"esm": true, "got": 1})
+    );
+
+    let mut typed = start(
+        &[
+            ("package.json", r#"{"type": "module"}"#),
+            ("index.js", "export const handle = () => 'module .js';\n"),
+        ],
+        "index.handle",
+    )
+    .await;
+    assert_eq!(
+        body(&invoke(&mut typed, json!({})).await),
+        json!("module .js")
+    );
+}
+
+#[tokio::test]
+async fn errors_carry_name_message_and_stack_and_results_must_be_json() {
+    let mut w = start(
+        &[(
+            "index.js",
+            "class Oops extends Error { constructor(m) { super(m); this.name = 'Oops'; } }\n\
+             exports.handle = async (event) => {\n\
+               if (event.kind === 'throw') throw new Oops('it broke');\n\
+               if (event.kind === 'string') throw 'plain';\n\
+               if (event.kind === 'bigint') return { n: 1n };\n\
+               return undefined;\n\
+             };\n",
+        )],
+        "index.handle",
+    )
+    .await;
+    let out = invoke(&mut w, json!({"kind": "throw"})).await;
+    let e = error(&out);
+    assert_eq!(
+        (e.error_type.as_str(), e.message.as_str()),
+        ("Oops", "it broke")
+    );
+    assert!(e.traceback.contains("index.js:3"), "{}", e.traceback);
+    let out = invoke(&mut w, json!({"kind": "string"})).await;
+    assert!(
+        error(&out).message.contains("thrown: plain"),
+        "{:?}",
+        error(&out)
+    );
+    let out = invoke(&mut w, json!({"kind": "bigint"})).await;
+    assert_eq!(error(&out).error_type, "TypeError");
+    assert!(error(&out).message.contains("not JSON-serializable"));
+    assert_eq!(
+        body(&invoke(&mut w, json!({})).await),
+        Value::Null,
+        "undefined is null"
+    );
+}
+
+#[tokio::test]
+async fn load_failures_are_init_errors_that_name_the_problem() {
+    let e = init_error(&[("other.js", "")], "index.handle").await;
+    assert_eq!(e.error_type, "HandlerNotFound");
+    assert!(
+        e.message.contains("index.js, .mjs or .cjs"),
+        "{}",
+        e.message
+    );
+    let e = init_error(
+        &[("index.js", "exports.other = () => 1;\n")],
+        "index.handle",
+    )
+    .await;
+    assert!(
+        e.message.contains("no exported function \"handle\""),
+        "{}",
+        e.message
+    );
+    let e = init_error(&[("index.js", "exports.handle = (;\n")], "index.handle").await;
+    assert_eq!(e.error_type, "SyntaxError");
+    let e = init_error(
+        &[("index.js", "throw new RangeError('bad init');\n")],
+        "index.handle",
+    )
+    .await;
+    assert_eq!(
+        (e.error_type.as_str(), e.message.as_str()),
+        ("RangeError", "bad init")
+    );
+}
+
+/// The host side of the state API as a test double (the real host is tested in the
+/// server's tests): answers from a script, records the requests.
+struct ScriptedState {
+    answers: Vec<Result<StateAnswer, StateFailure>>,
+    asked: Vec<StateRequest>,
+}
+
+impl StateCalls for ScriptedState {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn session_key(&self) -> Option<&str> {
+        Some("s1")
+    }
+
+    async fn call(&mut self, request: StateRequest) -> Result<StateAnswer, StateFailure> {
+        self.asked.push(request);
+        self.answers.remove(0)
+    }
+}
+
+fn answer(value: Option<&str>, version: Option<u64>) -> StateAnswer {
+    StateAnswer {
+        value: value.map(|v| RawValue::from_string(v.to_owned()).unwrap()),
+        version,
+    }
+}
+
+#[tokio::test]
+async fn state_calls_are_promises_over_the_connection_with_typed_errors() {
+    let mut w = start(
+        &[(
+            "index.js",
+            r#"
+const nimbus = require('nimbus');
+exports.handle = async (event, state) => {
+  const out = {};
+  out.cart = await state.get('cart');
+  out.missing = await state.get('nope', 'dflt');
+  out.version = await state.function().set('n', { a: [1, 'ü'] }, 1.5);
+  try {
+    await state.setWithVersion('k', 1, 4);
+  } catch (e) {
+    out.conflict = [e instanceof nimbus.StateConflict, e instanceof nimbus.StateError, e.code, e.currentVersion];
+  }
+  const [a, b] = await Promise.all([state.invocation().incr('x'), state.keys('c*')]);
+  out.both = [a, b];
+  try { await state.incr('x', 1.5); } catch (e) { out.delta = e.constructor.name; }
+  out.requestId = nimbus.currentRequestId();
+  return out;
+};
+"#,
+        )],
+        "index.handle",
+    )
+    .await;
+    let mut state = ScriptedState {
+        answers: vec![
+            Ok(answer(Some(r#"["book"]"#), Some(3))),
+            Ok(answer(Some("null"), Some(0))),
+            Ok(answer(None, Some(9))),
+            Err(StateFailure {
+                code: "state_conflict".into(),
+                message: "version conflict".into(),
+                current_version: Some(7),
+            }),
+            Ok(answer(Some("1"), None)),
+            Ok(answer(Some(r#"["cart"]"#), None)),
+        ],
+        asked: Vec::new(),
+    };
+    let raw = RawValue::from_string("{}".into()).unwrap();
+    let out = w
+        .conn
+        .invoke_with_state("inv_state", &raw, &mut state)
+        .await
+        .unwrap();
+    let out = body(&out);
+    assert_eq!(out["cart"], json!(["book"]));
+    assert_eq!(out["missing"], "dflt");
+    assert_eq!(out["version"], 9);
+    assert_eq!(out["conflict"], json!([true, true, "state_conflict", 7]));
+    assert_eq!(out["both"], json!([1, ["cart"]]));
+    assert_eq!(out["delta"], "TypeError");
+    assert_eq!(out["requestId"], "inv_state");
+    let asked: Vec<(&str, &str)> = state
+        .asked
+        .iter()
+        .map(|r| (r.op.as_str(), r.scope.as_str()))
+        .collect();
+    assert_eq!(
+        asked,
+        [
+            ("get", "session"),
+            ("get", "session"),
+            ("set", "function"),
+            ("set_with_version", "session"),
+            ("incr", "invocation"),
+            ("keys", "session"),
+        ]
+    );
+    assert_eq!(state.asked[2].ttl, Some(1.5));
+    assert_eq!(
+        state.asked[2].value.as_ref().unwrap().get(),
+        r#"{"a":[1,"ü"]}"#
+    );
+    w.conn.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_function_without_state_gets_a_state_that_rejects() {
+    let mut w = start(
+        &[(
+            "index.js",
+            "const nimbus = require('nimbus');\n\
+             exports.handle = async (event, state) => {\n\
+               try { await state.get('k'); } catch (e) { return [e instanceof nimbus.StateNotEnabled, e.code]; }\n\
+             };\n",
+        )],
+        "index.handle",
+    )
+    .await;
+    assert_eq!(
+        body(&invoke(&mut w, json!({})).await),
+        json!([true, "state_not_enabled"])
+    );
+}
