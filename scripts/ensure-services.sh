@@ -4,7 +4,7 @@
 # stopped; Redis on 127.0.0.1:6379 (the Redis state backend's tests), installing and starting
 # it if nothing answers there; `ip` and `nft`, with which the sandbox gives outbound functions
 # their network; CRIU 4, with which templates are checkpointed to disk (the snapshot tests use
-# it).
+# it); Node.js 20 or newer (the nodejs20 runtime's tests), checked, not installed.
 set -euo pipefail
 
 pg_up() { pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; }
@@ -17,6 +17,14 @@ for tool in ip:iproute2 nft:nftables; do
 done
 
 "$(dirname "$0")/install-criu.sh" >&2
+
+# The nodejs20 runtime's tests need Node.js 20 or newer (Debian bookworm's own nodejs is 18,
+# too old): say so plainly rather than fail deep in a test.
+node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+if [ "$node_major" -lt 20 ]; then
+  echo "ensure-services: Node.js 20 or newer is required (found: $(node --version 2>/dev/null || echo none)); install it from NodeSource or your distribution" >&2
+  exit 1
+fi
 
 if ! command -v pg_isready >/dev/null 2>&1; then
   echo "ensure-services: PostgreSQL client tools not found; installing postgresql" >&2

@@ -152,7 +152,19 @@ impl CodeBundle {
         runtime: Runtime,
     ) -> Result<(), ValidationError> {
         let file = handler.module_file(runtime);
-        if self.files.contains_key(&file) {
+        // A Node.js module may also be an ES module (.mjs) or explicitly CommonJS (.cjs).
+        let alternatives: &[&str] = match runtime {
+            Runtime::NodeJs20 => &["mjs", "cjs"],
+            Runtime::Python311 => &[],
+        };
+        let stem = file
+            .strip_suffix(runtime.source_extension())
+            .unwrap_or(&file);
+        if self.files.contains_key(&file)
+            || alternatives
+                .iter()
+                .any(|ext| self.files.contains_key(&format!("{stem}{ext}")))
+        {
             return Ok(());
         }
         let mut listed: Vec<&str> = self.files.keys().map(String::as_str).take(10).collect();
@@ -260,6 +272,19 @@ mod tests {
         let other: Handler = "main.run".parse().unwrap();
         let err = b.check_handler(&other, Runtime::Python311).unwrap_err();
         assert!(err.message.contains("main.py"), "{}", err.message);
+    }
+
+    #[test]
+    fn a_node_module_may_be_js_mjs_or_cjs() {
+        let handler: Handler = "app.main.handle".parse().unwrap();
+        for file in ["app/main.js", "app/main.mjs", "app/main.cjs"] {
+            let b = CodeBundle::from_archive(&zip_of(&[(file, "")])).unwrap();
+            b.check_handler(&handler, Runtime::NodeJs20).unwrap();
+            assert!(b.check_handler(&handler, Runtime::Python311).is_err());
+        }
+        let b = CodeBundle::from_archive(&zip_of(&[("app/main.ts", "")])).unwrap();
+        let err = b.check_handler(&handler, Runtime::NodeJs20).unwrap_err();
+        assert!(err.message.contains("app/main.js"), "{}", err.message);
     }
 
     #[test]

@@ -34,6 +34,12 @@ impl Runtime {
         }
     }
 
+    /// Whether its worker has a template mode: an initialized worker that forks new
+    /// instances (function-level snapshots). Node.js is multi-threaded and is not forked.
+    pub fn forks_templates(self) -> bool {
+        matches!(self, Runtime::Python311)
+    }
+
     /// File extension of a handler module written in this runtime's language.
     pub fn source_extension(self) -> &'static str {
         match self {

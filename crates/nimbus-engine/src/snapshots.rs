@@ -391,7 +391,7 @@ impl Snapshots {
 
     /// A version just started cold: build its snapshot unless one exists or failed.
     pub(crate) fn wanted(&self, version: &Arc<VersionEntry>) {
-        if self.settings.enabled {
+        if self.settings.enabled && version.config.runtime.forks_templates() {
             self.enqueue(version, false);
         }
     }
@@ -440,6 +440,13 @@ impl Snapshots {
                 code: "snapshots_disabled",
                 message: "snapshots are disabled on this server ([snapshots] enabled = false)"
                     .into(),
+            });
+        }
+        let runtime = version.config.runtime;
+        if !runtime.forks_templates() {
+            return Err(EngineError::Conflict {
+                code: "snapshots_unsupported",
+                message: format!("the {runtime} runtime has no function-level snapshots yet"),
             });
         }
         let new = self.new_snapshot(version);

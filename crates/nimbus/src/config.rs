@@ -36,6 +36,9 @@ pub struct ServerArgs {
     /// Python interpreter for the python3.11 runtime (default: the real python3 on this host).
     #[arg(long, env = "NIMBUS_PYTHON")]
     pub python: Option<PathBuf>,
+    /// Node.js binary for the nodejs20 runtime (default: the real node on this host).
+    #[arg(long, env = "NIMBUS_NODE")]
+    pub node: Option<PathBuf>,
     /// Seconds an idle instance is kept [default: 300].
     #[arg(long, env = "NIMBUS_IDLE_TIMEOUT")]
     pub idle_timeout: Option<u64>,
@@ -71,6 +74,8 @@ pub struct ServerConfig {
     pub api_keys: Vec<String>,
     /// Python interpreter override.
     pub python: Option<PathBuf>,
+    /// Node.js binary override.
+    pub node: Option<PathBuf>,
     /// Seconds an idle instance is kept.
     pub idle_timeout_sec: u64,
     /// Invocations an instance serves before it is replaced.
@@ -162,6 +167,7 @@ impl Default for ServerConfig {
             data_dir,
             api_keys: Vec::new(),
             python: None,
+            node: None,
             idle_timeout_sec: engine.idle_timeout.as_secs(),
             max_invocations: engine.max_invocations,
             max_age_sec: engine.max_age.as_secs(),
@@ -207,6 +213,9 @@ impl ServerConfig {
         }
         if let Some(python) = &args.python {
             config.python = Some(python.clone());
+        }
+        if let Some(node) = &args.node {
+            config.node = Some(node.clone());
         }
         if let Some(idle) = args.idle_timeout {
             config.idle_timeout_sec = idle;
@@ -309,6 +318,7 @@ mod tests {
             state_url: None,
             api_keys: vec![],
             python: None,
+            node: None,
             idle_timeout: Some(9),
             example: false,
             insecure_no_isolation: false,
@@ -341,6 +351,7 @@ mod tests {
             state_url: None,
             api_keys: vec![],
             python: None,
+            node: None,
             idle_timeout: None,
             example: false,
             insecure_no_isolation: false,

@@ -48,6 +48,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let runtimes = Runtimes::discover(
         &RuntimeSettings {
             python: config.python.clone(),
+            node: config.node.clone(),
         },
         &config.data_dir,
     );
