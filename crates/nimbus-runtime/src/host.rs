@@ -110,3 +110,44 @@ pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
         .map(|dir| dir.join(name))
         .find(|p| is_executable_file(p))
 }
+
+/// What a sandbox must show of a runtime: its binary, its worker's files, and the
+/// installation prefix when it is not the system's (the shared libraries under `/usr` are
+/// shown anyway; a binary under `/opt/x/bin` needs `/opt/x`).
+pub(crate) fn visible_paths(binary: &Path, runtime_dir: &Path) -> Vec<PathBuf> {
+    let mut visible = vec![binary.to_path_buf(), runtime_dir.to_path_buf()];
+    if let Some(prefix) = binary.parent().and_then(Path::parent) {
+        if prefix != Path::new("/usr") && prefix != Path::new("/") {
+            visible.push(prefix.to_path_buf());
+        }
+    }
+    visible
+}
+
+/// The first of `candidates` (then `name` on `PATH`) that `resolve` accepts, or what was
+/// wrong with each.
+pub(crate) fn first_usable<T>(
+    candidates: &[&str],
+    name: &str,
+    resolve: impl Fn(&Path) -> Result<T, String>,
+) -> Result<T, Vec<String>> {
+    let mut tried = Vec::new();
+    let candidates = candidates
+        .iter()
+        .map(|c| (c.to_string(), Some(PathBuf::from(c))))
+        .chain(std::iter::once((
+            format!("{name} on PATH"),
+            find_on_path(name),
+        )));
+    for (label, candidate) in candidates {
+        let Some(path) = candidate.filter(|p| is_executable_file(p)) else {
+            tried.push(format!("{label}: not found"));
+            continue;
+        };
+        match resolve(&path) {
+            Ok(found) => return Ok(found),
+            Err(why) => tried.push(format!("{label}: {why}")),
+        }
+    }
+    Err(tried)
+}

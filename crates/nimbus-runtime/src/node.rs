@@ -13,7 +13,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::host::{find_on_path, is_executable_file, run_with_timeout, write_if_changed};
+use crate::host::{
+    first_usable, is_executable_file, run_with_timeout, visible_paths, write_if_changed,
+};
 use crate::RuntimeCommand;
 
 /// The worker: loads the handler, then serves invocations over fd 3.
@@ -74,20 +76,8 @@ impl NodeRuntime {
                 ("LANG".into(), "C.UTF-8".into()),
                 ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
             ],
-            visible: self.visible(),
+            visible: visible_paths(&self.binary, &self.runtime_dir),
         }
-    }
-
-    /// The binary, the worker's files, and the installation prefix when it is not the
-    /// system's (a `node` under `/opt/node/bin` needs `/opt/node`).
-    fn visible(&self) -> Vec<PathBuf> {
-        let mut visible = vec![self.binary.clone(), self.runtime_dir.clone()];
-        if let Some(prefix) = self.binary.parent().and_then(Path::parent) {
-            if prefix != Path::new("/usr") && prefix != Path::new("/") {
-                visible.push(prefix.to_path_buf());
-            }
-        }
-        visible
     }
 
     /// `/usr/bin/node (20.20.2)`.
@@ -129,28 +119,12 @@ fn install(data_dir: &Path) -> Result<PathBuf, String> {
 }
 
 fn resolve_default() -> Result<(PathBuf, String), String> {
-    let mut tried = Vec::new();
-    let candidates = DEFAULT_CANDIDATES
-        .iter()
-        .map(|c| (c.to_string(), Some(PathBuf::from(c))))
-        .chain(std::iter::once((
-            "node on PATH".to_owned(),
-            find_on_path("node"),
-        )));
-    for (label, candidate) in candidates {
-        let Some(path) = candidate.filter(|p| is_executable_file(p)) else {
-            tried.push(format!("{label}: not found"));
-            continue;
-        };
-        match resolve(&path) {
-            Ok(found) => return Ok(found),
-            Err(why) => tried.push(format!("{label}: {why}")),
-        }
-    }
-    Err(format!(
-        "no usable Node.js {MIN_MAJOR}+ found ({})",
-        tried.join("; ")
-    ))
+    first_usable(DEFAULT_CANDIDATES, "node", resolve).map_err(|tried| {
+        format!(
+            "no usable Node.js {MIN_MAJOR}+ found ({})",
+            tried.join("; ")
+        )
+    })
 }
 
 /// Runs `path` once and returns the real binary (its `process.execPath`) and its version.

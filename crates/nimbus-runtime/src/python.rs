@@ -25,7 +25,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::host::{find_on_path, is_executable_file, run_with_timeout, write_if_changed};
+use crate::host::{
+    first_usable, is_executable_file, run_with_timeout, visible_paths, write_if_changed,
+};
 use crate::RuntimeCommand;
 
 /// The worker: loads the handler, then serves invocations over fd 3.
@@ -113,21 +115,8 @@ impl PythonRuntime {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
-            visible: self.visible(),
+            visible: visible_paths(&self.interpreter, &self.runtime_dir),
         }
-    }
-
-    /// The interpreter, the worker's files, and the installation prefix when it is not the
-    /// system's (`/usr/lib/python3.11` is among the shared libraries a sandbox shows anyway;
-    /// an interpreter under `/opt/python` needs `/opt/python`).
-    fn visible(&self) -> Vec<PathBuf> {
-        let mut visible = vec![self.interpreter.clone(), self.runtime_dir.clone()];
-        if let Some(prefix) = self.interpreter.parent().and_then(Path::parent) {
-            if prefix != Path::new("/usr") && prefix != Path::new("/") {
-                visible.push(prefix.to_path_buf());
-            }
-        }
-        visible
     }
 
     /// `/usr/bin/python3.11 (3.11.2)`.
@@ -184,29 +173,15 @@ fn resolve_configured(path: &Path) -> Result<(PathBuf, String), String> {
 }
 
 fn resolve_default() -> Result<(PathBuf, String), String> {
-    let mut tried = Vec::new();
-    let on_path = find_on_path("python3");
-    let candidates = DEFAULT_CANDIDATES
-        .iter()
-        .map(|c| (c.to_string(), Some(PathBuf::from(c))))
-        .chain(std::iter::once(("python3 on PATH".to_owned(), on_path)));
-    for (label, candidate) in candidates {
-        let Some(path) = candidate.filter(|p| is_executable_file(p)) else {
-            tried.push(format!("{label}: not found"));
-            continue;
-        };
-        match resolve(&path) {
-            Ok(found) => return Ok(found),
-            Err(why) => tried.push(format!("{label}: {why}")),
-        }
-    }
-    Err(format!(
-        "no usable Python {}.{}+ interpreter found ({}); set the Python interpreter path in the \
-         runtime settings",
-        MIN_VERSION.0,
-        MIN_VERSION.1,
-        tried.join("; ")
-    ))
+    first_usable(DEFAULT_CANDIDATES, "python3", resolve).map_err(|tried| {
+        format!(
+            "no usable Python {}.{}+ interpreter found ({}); set the Python interpreter path in \
+             the runtime settings",
+            MIN_VERSION.0,
+            MIN_VERSION.1,
+            tried.join("; ")
+        )
+    })
 }
 
 /// Runs `path` once and returns the real interpreter (its `sys.executable`, verified by
