@@ -63,6 +63,7 @@ class Sink {
   }
 
   take() {
+    if (this.parts.length === 0) return '';
     const text = this.parts.join('');
     this.clear();
     const bytes = Buffer.from(text, 'utf8');
@@ -178,10 +179,12 @@ class Host {
   }
 
   sendText(text) {
-    const payload = Buffer.from(text, 'utf8');
-    const head = Buffer.alloc(4);
-    head.writeUInt32BE(payload.length, 0);
-    this.socket.write(Buffer.concat([head, payload]));
+    // One buffer, one write: the length, then the text.
+    const size = Buffer.byteLength(text, 'utf8');
+    const frame = Buffer.allocUnsafe(4 + size);
+    frame.writeUInt32BE(size, 0);
+    frame.write(text, 4, 'utf8');
+    this.socket.write(frame);
   }
 }
 
