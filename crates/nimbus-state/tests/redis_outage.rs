@@ -1,73 +1,18 @@
 //! Redis going away: every call fails fast with `state_unavailable` naming the server, and
 //! works again by itself once Redis is back. Runs a private `redis-server` on a free port.
 
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nimbus_state::{Bucket, Limits, RedisStore, State, StateResult};
+use common::{free_port, RedisServer, LIMITS};
+use nimbus_state::{Bucket, RedisStore, State, StateResult};
 
-const LIMITS: Limits = Limits {
-    max_value_bytes: 1024,
-    max_keys: 100,
-};
 /// The longest a call may take to fail while Redis is away.
 const FAIL_FAST: Duration = Duration::from_secs(2);
 /// The longest the store may take to work again once Redis is back.
 const RECOVERY: Duration = Duration::from_secs(5);
-
-/// A private `redis-server`, killed when dropped.
-struct RedisServer(Child);
-
-impl RedisServer {
-    fn start(port: u16) -> RedisServer {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run redis-server ({e}): install it (apt-get install redis-server, \
-                     or scripts/ensure-services.sh)"
-                )
-            });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        RedisServer(child)
-    }
-
-    /// Sends the server a signal (`STOP`, `CONT`).
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.0.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_fail_fast_while_redis_is_away_and_recover_by_themselves() {
@@ -80,13 +25,13 @@ async fn calls_fail_fast_while_redis_is_away_and_recover_by_themselves() {
     let server = format!("127.0.0.1:{port}");
 
     let mut slowest = fails_fast(&state, &server, "not started yet").await;
-    let redis = RedisServer::start(port);
+    let redis = RedisServer::start(port, &["--save", "", "--appendonly", "no"]);
     recovers(&state, "started").await;
 
     // Killed: connections are refused.
     drop(redis);
     slowest = slowest.max(fails_fast(&state, &server, "killed").await);
-    let redis = RedisServer::start(port);
+    let redis = RedisServer::start(port, &["--save", "", "--appendonly", "no"]);
     recovers(&state, "restarted").await;
 
     // Hung: connected, but no answer.

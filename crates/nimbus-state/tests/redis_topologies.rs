@@ -2,65 +2,15 @@
 //! ports: a three-node Redis Cluster (buckets spread over the nodes, a purge that crosses
 //! slots) and a Sentinel-managed master with a replica (the store follows a failover).
 
-use std::net::{TcpListener, TcpStream};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nimbus_state::{Bucket, Limits, RedisStore, State, StateResult};
-
-const LIMITS: Limits = Limits {
-    max_value_bytes: 1024,
-    max_keys: 100,
-};
-
-/// Private `redis-server`s, killed when dropped.
-#[derive(Default)]
-struct Servers(Vec<Child>);
-
-impl Servers {
-    /// Starts `redis-server` with `args` on `port` and waits until it accepts connections.
-    fn start(&mut self, port: u16, args: &[&str]) {
-        let child = Command::new("redis-server")
-            .args(args)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run redis-server ({e}): install it (apt-get install redis-server, \
-                     or scripts/ensure-services.sh)"
-                )
-            });
-        self.0.push(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{free_port, RedisServer, LIMITS};
+use nimbus_state::{Bucket, RedisStore, State, StateResult};
 
 /// Runs `redis-cli` with `args`; its output.
 fn redis_cli(args: &[&str]) -> String {
@@ -99,10 +49,10 @@ where
 async fn a_cluster_spreads_buckets_over_its_nodes_and_purges_across_slots() {
     let dir = tempfile::tempdir().unwrap();
     let ports = [free_port(), free_port(), free_port()];
-    let mut servers = Servers::default();
+    let mut servers = Vec::new();
     for port in ports {
         let config = dir.path().join(format!("nodes-{port}.conf"));
-        servers.start(
+        servers.push(RedisServer::start(
             port,
             &[
                 "--cluster-enabled",
@@ -116,7 +66,7 @@ async fn a_cluster_spreads_buckets_over_its_nodes_and_purges_across_slots() {
                 "--appendonly",
                 "no",
             ],
-        );
+        ));
     }
     let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let mut create = vec!["--cluster", "create"];
@@ -206,7 +156,7 @@ fn bucket_session(bucket: &Bucket) -> &str {
 async fn a_sentinel_master_is_followed_through_a_failover() {
     let dir = tempfile::tempdir().unwrap();
     let (master, replica, sentinel) = (free_port(), free_port(), free_port());
-    let mut servers = Servers::default();
+    let mut servers = Vec::new();
     // A replica stores what it syncs as a file: keep it in the temporary directory.
     let no_disk = [
         "--save",
@@ -216,13 +166,16 @@ async fn a_sentinel_master_is_followed_through_a_failover() {
         "--dir",
         dir.path().to_str().unwrap(),
     ];
-    servers.start(master, &no_disk);
+    servers.push(RedisServer::start(master, &no_disk));
     let replica_of = master.to_string();
     let mut args = no_disk.to_vec();
     args.extend(["--replicaof", "127.0.0.1", &replica_of]);
-    servers.start(replica, &args);
+    servers.push(RedisServer::start(replica, &args));
     let config = write_sentinel_config(dir.path(), master);
-    servers.start(sentinel, &[config.as_str(), "--sentinel"]);
+    servers.push(RedisServer::start(
+        sentinel,
+        &[config.as_str(), "--sentinel"],
+    ));
     wait_for("the replica to sync", || {
         redis_cli(&["-p", &replica.to_string(), "info", "replication"])
             .contains("master_link_status:up")
