@@ -139,26 +139,6 @@ async fn with_snapshots_on_a_node_function_starts_cold_and_builds_no_snapshot() 
     assert_eq!(list["snapshots"], json!([]), "{list}");
 }
 
-/// Runs `nimbus <args>` against `s`; its stdout, which it must succeed to give.
-async fn cli(s: &Server, args: &[&str]) -> String {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_nimbus"))
-        .args(args)
-        .env("NIMBUS_SERVER", &s.base)
-        .env_remove("NIMBUS_API_KEY")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "nimbus {args:?}: {}\n{text}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
 #[tokio::test]
 async fn the_node_examples_deploy_and_run_from_the_cli_as_documented() {
     let s = Server::start(Backend::Sqlite).await;
@@ -166,29 +146,23 @@ async fn the_node_examples_deploy_and_run_from_the_cli_as_documented() {
     let node = ["--runtime", "nodejs20", "--handler", "index.handle"];
 
     let hello = example("hello/index.js");
-    cli(
-        &s,
-        &[&["deploy", &hello, "--name", "hello-js"][..], &node].concat(),
-    )
-    .await;
-    let out = cli(
-        &s,
-        &[
+    s.cli(&[&["deploy", &hello, "--name", "hello-js"][..], &node].concat())
+        .await;
+    let out = s
+        .cli(&[
             "invoke",
             "hello-js",
             "--data",
             r#"{"name": "Nimbus"}"#,
             "--output",
             "json",
-        ],
-    )
-    .await;
+        ])
+        .await;
     let r: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r["body"]["message"], "Hello, Nimbus!", "{out}");
 
     let counter = example("counter/index.js");
-    cli(
-        &s,
+    s.cli(
         &[
             &["deploy", &counter, "--name", "counter-js", "--state"][..],
             &node,
@@ -196,32 +170,28 @@ async fn the_node_examples_deploy_and_run_from_the_cli_as_documented() {
         .concat(),
     )
     .await;
-    let out = cli(&s, &["invoke", "counter-js"]).await;
+    let out = s.cli(&["invoke", "counter-js"]).await;
     assert!(out.contains(r#""count": 1"#), "{out}");
-    let out = cli(&s, &["invoke", "counter-js", "--data", r#"{"by": 5}"#]).await;
+    let out = s
+        .cli(&["invoke", "counter-js", "--data", r#"{"by": 5}"#])
+        .await;
     assert!(out.contains(r#""count": 6"#), "{out}");
 
     // A directory: deployed as an archive; index.mjs is an ES module.
     let cart = example("cart");
     let flags = ["--name", "cart-js", "--state", "--session-affinity", "on"];
-    cli(&s, &[&["deploy", &cart][..], &flags, &node].concat()).await;
+    s.cli(&[&["deploy", &cart][..], &flags, &node].concat())
+        .await;
     let book = r#"{"item_id": "book"}"#;
     let pen = r#"{"item_id": "pen"}"#;
-    cli(
-        &s,
-        &["invoke", "cart-js", "--session", "alice", "--data", book],
-    )
-    .await;
-    let out = cli(
-        &s,
-        &["invoke", "cart-js", "--session", "alice", "--data", pen],
-    )
-    .await;
+    s.cli(&["invoke", "cart-js", "--session", "alice", "--data", book])
+        .await;
+    let out = s
+        .cli(&["invoke", "cart-js", "--session", "alice", "--data", pen])
+        .await;
     assert!(out.contains(r#""cart_size": 2"#), "{out}");
-    let out = cli(
-        &s,
-        &["invoke", "cart-js", "--session", "bob", "--data", book],
-    )
-    .await;
+    let out = s
+        .cli(&["invoke", "cart-js", "--session", "bob", "--data", book])
+        .await;
     assert!(out.contains(r#""cart_size": 1"#), "{out}");
 }

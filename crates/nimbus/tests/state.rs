@@ -3,10 +3,13 @@
 //! (127.0.0.1:6379), and the admin API of sessions and state.
 
 mod common;
+#[path = "../../nimbus-state/tests/common/mod.rs"]
+mod private_redis;
 
 use std::time::Duration;
 
 use common::{code_of, Backend, Server};
+use private_redis::RedisServer;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -846,28 +849,6 @@ async fn the_examples_run_as_documented(backend: StateBackend) {
     );
 }
 
-const BIN: &str = env!("CARGO_BIN_EXE_nimbus");
-
-/// Runs `nimbus <args>` against `s`; its stdout, which it must succeed to give.
-async fn cli(s: &Server, args: &[&str]) -> String {
-    let out = tokio::process::Command::new(BIN)
-        .args(args)
-        .env("NIMBUS_SERVER", &s.base)
-        .env_remove("NIMBUS_API_KEY")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "nimbus {args:?}: {}\n{text}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
 #[tokio::test]
 async fn the_cli_deploys_with_state_and_shows_and_deletes_sessions_and_state() {
     let s = server(StateBackend::Embedded).await;
@@ -884,24 +865,21 @@ async fn the_cli_deploys_with_state_and_shows_and_deletes_sessions_and_state() {
         "--session-affinity",
         "on",
     ];
-    let out = cli(&s, &deploy).await;
+    let out = s.cli(&deploy).await;
     assert!(out.contains("created function cart"), "{out}");
-    let out = cli(&s, &["fn", "get", "cart"]).await;
+    let out = s.cli(&["fn", "get", "cart"]).await;
     assert!(
         out.contains("state:          on: values ≤ 65536 B, ≤ 100 keys, no default TTL; affinity on (sessions last 3600 s)"),
         "{out}"
     );
     let data = r#"{"item_id": "book"}"#;
-    let out = cli(
-        &s,
-        &["invoke", "cart", "--session", "alice", "--data", data],
-    )
-    .await;
+    let out = s
+        .cli(&["invoke", "cart", "--session", "alice", "--data", data])
+        .await;
     assert!(out.contains(r#""cart_size": 1"#), "{out}");
     let data = r#"{"item_id": "pen"}"#;
-    let out = cli(
-        &s,
-        &[
+    let out = s
+        .cli(&[
             "invoke",
             "cart",
             "--session",
@@ -910,9 +888,8 @@ async fn the_cli_deploys_with_state_and_shows_and_deletes_sessions_and_state() {
             data,
             "--output",
             "json",
-        ],
-    )
-    .await;
+        ])
+        .await;
     let r: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
         r["body"],
@@ -920,18 +897,18 @@ async fn the_cli_deploys_with_state_and_shows_and_deletes_sessions_and_state() {
         "{out}"
     );
 
-    let out = cli(&s, &["state", "get", "cart", "alice"]).await;
+    let out = s.cli(&["state", "get", "cart", "alice"]).await;
     assert!(out.starts_with("session alice: 2 key(s), 15 B\n"), "{out}");
     assert!(
         out.contains(r#"cart        ["book","pen"]  14 B  "#),
         "{out}"
     );
-    let out = cli(&s, &["state", "get", "cart", "_global"]).await;
+    let out = s.cli(&["state", "get", "cart", "_global"]).await;
     assert_eq!(out, "the function's state: no keys\n");
     // The session is recorded behind the invocation.
     let mut listed = String::new();
     for _ in 0..50 {
-        listed = cli(&s, &["session", "list", "cart"]).await;
+        listed = s.cli(&["session", "list", "cart"]).await;
         if listed.contains("alice") {
             break;
         }
@@ -941,16 +918,20 @@ async fn the_cli_deploys_with_state_and_shows_and_deletes_sessions_and_state() {
         listed.contains(r["instance_id"].as_str().unwrap()),
         "{listed}"
     );
-    let out = cli(&s, &["session", "get", "cart", "alice"]).await;
+    let out = s.cli(&["session", "get", "cart", "alice"]).await;
     assert!(
         out.contains("keys:        cart (14 B), item_count (1 B)"),
         "{out}"
     );
-    let out = cli(&s, &["state", "delete", "cart", "alice", "--key", "cart"]).await;
+    let out = s
+        .cli(&["state", "delete", "cart", "alice", "--key", "cart"])
+        .await;
     assert_eq!(out, "deleted key \"cart\" of alice's state\n");
-    let out = cli(&s, &["session", "delete", "cart", "alice"]).await;
+    let out = s.cli(&["session", "delete", "cart", "alice"]).await;
     assert_eq!(out, "deleted session alice of cart and its state\n");
-    let out = cli(&s, &["state", "get", "cart", "alice", "--output", "json"]).await;
+    let out = s
+        .cli(&["state", "get", "cart", "alice", "--output", "json"])
+        .await;
     let state: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(state["keys"], json!([]), "{out}");
 }
@@ -1070,44 +1051,11 @@ async fn every_acknowledged_write_survives_kill_9_of_the_server() {
     }
 }
 
-/// A private `redis-server` on `port`, killed when dropped.
-struct PrivateRedis(std::process::Child);
-
-impl PrivateRedis {
-    fn start(port: u16) -> PrivateRedis {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server runs (scripts/ensure-services.sh installs it)");
-        // Owned (and so killed and reaped) before anything can panic.
-        let redis = PrivateRedis(child);
-        for _ in 0..500 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return redis;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("redis-server did not start on port {port}");
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn when_redis_goes_away_state_calls_fail_fast_and_recover_by_themselves() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let redis = PrivateRedis::start(port);
+    let port = private_redis::free_port();
+    let no_disk = ["--save", "", "--appendonly", "no"];
+    let redis = RedisServer::start(port, &no_disk);
     let url = format!("redis://127.0.0.1:{port}");
     let s = Server::start_with(Backend::Sqlite, "", &["--state-url", &url]).await;
     s.deploy("ops", OPS, json!({"state_config": {"enabled": true}}))
@@ -1138,7 +1086,7 @@ async fn when_redis_goes_away_state_calls_fail_fast_and_recover_by_themselves() 
     assert!(health.status().is_success(), "the server stays up");
 
     // Back (empty, as a restarted cache would be): the same server works again by itself.
-    let _redis = PrivateRedis::start(port);
+    let _redis = RedisServer::start(port, &no_disk);
     let mut answer = Value::Null;
     for _ in 0..100 {
         answer = op(&s, None, incr.clone()).await;

@@ -215,6 +215,27 @@ impl Server {
         (status, resp.json().await.unwrap())
     }
 
+    /// Runs `nimbus <args>` (the CLI) against this server; its stdout, which it must
+    /// succeed to give.
+    pub async fn cli(&self, args: &[&str]) -> String {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_nimbus"))
+            .args(args)
+            .env("NIMBUS_SERVER", &self.base)
+            .env_remove("NIMBUS_API_KEY")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "nimbus {args:?}: {}\n{text}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    }
+
     pub async fn deploy(&self, name: &str, code: &str, extra: Value) -> Value {
         let mut body = json!({ "name": name, "code": code });
         body.as_object_mut()
