@@ -1,18 +1,17 @@
 //! The Node.js worker end to end: the real `node`, started by the process driver, spoken to
-//! over its socket with [`WorkerConn`], as the engine does.
+//! over its socket with `WorkerConn`, as the engine does.
+
+mod common;
 
 use std::path::Path;
 use std::sync::OnceLock;
 
+use common::{answer, body, error, invoke, ScriptedState, Worker};
 use nimbus_runtime::node::NodeRuntime;
 use nimbus_runtime::protocol::{ErrorPayload, StateFailure};
-use nimbus_runtime::{
-    InvokeOutcome, StateAnswer, StateCalls, StateRequest, WorkerConn, WorkerError,
-};
-use nimbus_sandbox::{Driver, LaunchSpec, ProcessDriver, Sandbox};
+use nimbus_runtime::WorkerError;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use tempfile::TempDir;
 
 /// One discovery per test binary; the data directory is shared and idempotent.
 fn runtime() -> &'static NodeRuntime {
@@ -23,39 +22,8 @@ fn runtime() -> &'static NodeRuntime {
     })
 }
 
-struct Worker {
-    conn: WorkerConn,
-    _sandbox: Box<dyn Sandbox>,
-    _code: TempDir,
-}
-
 async fn launch(files: &[(&str, &str)], handler: &str) -> Worker {
-    let code = tempfile::tempdir().unwrap();
-    for (name, content) in files {
-        let path = code.path().join(name);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, content).unwrap();
-    }
-    let command = runtime().command();
-    let mut env = command.env;
-    env.push(("NIMBUS_HANDLER".into(), handler.into()));
-    let spec = LaunchSpec {
-        instance_id: "i_node".into(),
-        program: command.program,
-        args: command.args,
-        env,
-        workdir: code.path().to_owned(),
-        visible: command.visible,
-        memory_mb: 256,
-        network: nimbus_core::Network::Isolated,
-        template: false,
-    };
-    let launched = ProcessDriver::new().launch(&spec).await.unwrap();
-    Worker {
-        conn: WorkerConn::new(launched.stream),
-        _sandbox: launched.sandbox,
-        _code: code,
-    }
+    common::launch(runtime().command(), files, handler, &[]).await
 }
 
 async fn start(files: &[(&str, &str)], handler: &str) -> Worker {
@@ -63,25 +31,6 @@ async fn start(files: &[(&str, &str)], handler: &str) -> Worker {
     let ready = worker.conn.handshake().await.expect("handshake");
     assert!(ready.pid > 0);
     worker
-}
-
-async fn invoke(worker: &mut Worker, event: Value) -> InvokeOutcome {
-    let raw = RawValue::from_string(event.to_string()).unwrap();
-    worker.conn.invoke("inv_node", &raw).await.expect("invoke")
-}
-
-fn body(outcome: &InvokeOutcome) -> Value {
-    match &outcome.result {
-        Ok(raw) => serde_json::from_str(raw.get()).unwrap(),
-        Err(e) => panic!("function error: {e:?}\nlogs: {}", outcome.logs),
-    }
-}
-
-fn error(outcome: &InvokeOutcome) -> &ErrorPayload {
-    match &outcome.result {
-        Ok(raw) => panic!("expected a function error, got {}", raw.get()),
-        Err(e) => e,
-    }
 }
 
 async fn init_error(files: &[(&str, &str)], handler: &str) -> ErrorPayload {
@@ -222,35 +171,6 @@ async fn load_failures_are_init_errors_that_name_the_problem() {
         (e.error_type.as_str(), e.message.as_str()),
         ("RangeError", "bad init")
     );
-}
-
-/// The host side of the state API as a test double (the real host is tested in the
-/// server's tests): answers from a script, records the requests.
-struct ScriptedState {
-    answers: Vec<Result<StateAnswer, StateFailure>>,
-    asked: Vec<StateRequest>,
-}
-
-impl StateCalls for ScriptedState {
-    fn enabled(&self) -> bool {
-        true
-    }
-
-    fn session_key(&self) -> Option<&str> {
-        Some("s1")
-    }
-
-    async fn call(&mut self, request: StateRequest) -> Result<StateAnswer, StateFailure> {
-        self.asked.push(request);
-        self.answers.remove(0)
-    }
-}
-
-fn answer(value: Option<&str>, version: Option<u64>) -> StateAnswer {
-    StateAnswer {
-        value: value.map(|v| RawValue::from_string(v.to_owned()).unwrap()),
-        version,
-    }
 }
 
 #[tokio::test]

@@ -1,14 +1,17 @@
 //! The Python worker end to end: the real interpreter, started by the process driver, spoken
 //! to over its socket with [`WorkerConn`].
 
+mod common;
+
 use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::{answer, body, error, invoke, ScriptedState, Worker};
 use nimbus_runtime::protocol::ErrorPayload;
 use nimbus_runtime::python::PythonRuntime;
-use nimbus_runtime::{InvokeOutcome, WorkerConn, WorkerError};
-use nimbus_sandbox::{Driver, LaunchSpec, ProcessDriver, Sandbox};
+use nimbus_runtime::{WorkerConn, WorkerError};
+use nimbus_sandbox::{Driver, LaunchSpec, ProcessDriver};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -22,47 +25,9 @@ fn runtime() -> &'static PythonRuntime {
     })
 }
 
-/// A started worker and what keeps it alive.
-struct Worker {
-    conn: WorkerConn,
-    sandbox: Box<dyn Sandbox>,
-    _code: TempDir,
-}
-
 /// Writes `files` into a fresh code directory and starts a worker on it (without handshake).
 async fn launch(files: &[(&str, &str)], handler: &str, env: &[(&str, &str)]) -> Worker {
-    let code = tempfile::tempdir().unwrap();
-    for (name, content) in files {
-        let path = code.path().join(name);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, content).unwrap();
-    }
-    let command = runtime().command();
-    let mut vars = command.env;
-    vars.extend([
-        ("NIMBUS_HANDLER".to_owned(), handler.to_owned()),
-        ("NIMBUS_FUNCTION_NAME".to_owned(), "test-fn".to_owned()),
-        ("NIMBUS_FUNCTION_VERSION".to_owned(), "3".to_owned()),
-        ("NIMBUS_MEMORY_MB".to_owned(), "128".to_owned()),
-    ]);
-    vars.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-    let spec = LaunchSpec {
-        instance_id: "i_test".into(),
-        program: command.program,
-        args: command.args,
-        env: vars,
-        workdir: code.path().to_owned(),
-        visible: command.visible,
-        memory_mb: 128,
-        network: nimbus_core::Network::Isolated,
-        template: false,
-    };
-    let launched = ProcessDriver::new().launch(&spec).await.unwrap();
-    Worker {
-        conn: WorkerConn::new(launched.stream),
-        sandbox: launched.sandbox,
-        _code: code,
-    }
+    common::launch(runtime().command(), files, handler, env).await
 }
 
 /// Starts a worker on a single-file `handler.py` and completes the handshake.
@@ -89,25 +54,6 @@ async fn init_error(files: &[(&str, &str)], handler: &str) -> (ErrorPayload, Str
     match err {
         WorkerError::Init { error, logs } => (error, logs),
         other => panic!("expected an init error, got {other:?}"),
-    }
-}
-
-async fn invoke(worker: &mut Worker, event: Value) -> InvokeOutcome {
-    let raw = RawValue::from_string(event.to_string()).unwrap();
-    worker.conn.invoke("inv_test", &raw).await.expect("invoke")
-}
-
-fn body(outcome: &InvokeOutcome) -> Value {
-    match &outcome.result {
-        Ok(raw) => serde_json::from_str(raw.get()).unwrap(),
-        Err(e) => panic!("function error: {e:?}\nlogs: {}", outcome.logs),
-    }
-}
-
-fn error(outcome: &InvokeOutcome) -> &ErrorPayload {
-    match &outcome.result {
-        Ok(raw) => panic!("expected a function error, got {}", raw.get()),
-        Err(e) => e,
     }
 }
 
@@ -534,7 +480,7 @@ async fn the_worker_exits_when_the_host_end_is_dropped() {
     let Worker {
         conn,
         mut sandbox,
-        _code,
+        code: _code,
     } = w;
     drop(conn);
     let exit = tokio::time::timeout(Duration::from_secs(10), sandbox.wait())
@@ -637,7 +583,7 @@ fn take_over(
         network: nimbus_core::Network::Isolated,
         template: true,
     };
-    (ProcessDriver::new().template(&spec, launched), worker._code)
+    (ProcessDriver::new().template(&spec, launched), worker.code)
 }
 
 /// Starts a template on `source` and turns it over to the driver.
@@ -655,7 +601,7 @@ async fn fork(template: &dyn nimbus_sandbox::Template, id: &str) -> Result<Worke
     let mut worker = Worker {
         conn: WorkerConn::new(launched.stream),
         sandbox: launched.sandbox,
-        _code: tempfile::tempdir().unwrap(),
+        code: tempfile::tempdir().unwrap(),
     };
     worker.conn.handshake().await?;
     Ok(worker)
@@ -814,38 +760,6 @@ async fn the_first_instance_after_fork_ahead_is_the_spare_forked_before_it_was_a
     let spare: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
     let mut instance = fork(template.as_ref(), "i_a").await.unwrap();
     assert_eq!(body(&invoke(&mut instance, json!({})).await), json!(spare));
-}
-
-/// The host side of the state API as a test double: answers from a script and records what
-/// the worker asked (the real host, on real backends, is tested in the server's tests).
-struct ScriptedState {
-    answers: Vec<Result<nimbus_runtime::StateAnswer, nimbus_runtime::protocol::StateFailure>>,
-    asked: Vec<nimbus_runtime::StateRequest>,
-}
-
-impl nimbus_runtime::StateCalls for ScriptedState {
-    fn enabled(&self) -> bool {
-        true
-    }
-
-    fn session_key(&self) -> Option<&str> {
-        Some("s1")
-    }
-
-    async fn call(
-        &mut self,
-        request: nimbus_runtime::StateRequest,
-    ) -> Result<nimbus_runtime::StateAnswer, nimbus_runtime::protocol::StateFailure> {
-        self.asked.push(request);
-        self.answers.remove(0)
-    }
-}
-
-fn answer(value: Option<&str>, version: Option<u64>) -> nimbus_runtime::StateAnswer {
-    nimbus_runtime::StateAnswer {
-        value: value.map(|v| RawValue::from_string(v.to_owned()).unwrap()),
-        version,
-    }
 }
 
 #[tokio::test]

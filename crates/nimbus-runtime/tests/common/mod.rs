@@ -1,0 +1,109 @@
+//! What the worker tests of both runtimes share: starting a worker with the process driver
+//! on a fresh code directory, reading outcomes, and a scripted host side of the state API.
+
+#![allow(dead_code)] // Each test crate uses a different part of it.
+
+use nimbus_runtime::protocol::{ErrorPayload, StateFailure};
+use nimbus_runtime::{
+    InvokeOutcome, RuntimeCommand, StateAnswer, StateCalls, StateRequest, WorkerConn,
+};
+use nimbus_sandbox::{Driver, LaunchSpec, ProcessDriver, Sandbox};
+use serde_json::value::RawValue;
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// A started worker and what keeps it alive.
+pub struct Worker {
+    pub conn: WorkerConn,
+    pub sandbox: Box<dyn Sandbox>,
+    pub code: TempDir,
+}
+
+/// Writes `files` into a fresh code directory and starts `command`'s worker on it with
+/// `handler` (without handshake).
+pub async fn launch(
+    command: RuntimeCommand,
+    files: &[(&str, &str)],
+    handler: &str,
+    env: &[(&str, &str)],
+) -> Worker {
+    let code = tempfile::tempdir().unwrap();
+    for (name, content) in files {
+        let path = code.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+    }
+    let mut vars = command.env;
+    vars.extend([
+        ("NIMBUS_HANDLER".to_owned(), handler.to_owned()),
+        ("NIMBUS_FUNCTION_NAME".to_owned(), "test-fn".to_owned()),
+        ("NIMBUS_FUNCTION_VERSION".to_owned(), "3".to_owned()),
+        ("NIMBUS_MEMORY_MB".to_owned(), "128".to_owned()),
+    ]);
+    vars.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    let spec = LaunchSpec {
+        instance_id: "i_test".into(),
+        program: command.program,
+        args: command.args,
+        env: vars,
+        workdir: code.path().to_owned(),
+        visible: command.visible,
+        memory_mb: 128,
+        network: nimbus_core::Network::Isolated,
+        template: false,
+    };
+    let launched = ProcessDriver::new().launch(&spec).await.unwrap();
+    Worker {
+        conn: WorkerConn::new(launched.stream),
+        sandbox: launched.sandbox,
+        code,
+    }
+}
+
+pub async fn invoke(worker: &mut Worker, event: Value) -> InvokeOutcome {
+    let raw = RawValue::from_string(event.to_string()).unwrap();
+    worker.conn.invoke("inv_test", &raw).await.expect("invoke")
+}
+
+pub fn body(outcome: &InvokeOutcome) -> Value {
+    match &outcome.result {
+        Ok(raw) => serde_json::from_str(raw.get()).unwrap(),
+        Err(e) => panic!("function error: {e:?}\nlogs: {}", outcome.logs),
+    }
+}
+
+pub fn error(outcome: &InvokeOutcome) -> &ErrorPayload {
+    match &outcome.result {
+        Ok(raw) => panic!("expected a function error, got {}", raw.get()),
+        Err(e) => e,
+    }
+}
+
+/// The host side of the state API as a test double: answers from a script and records what
+/// the worker asked (the real host, on real backends, is tested in the server's tests).
+pub struct ScriptedState {
+    pub answers: Vec<Result<StateAnswer, StateFailure>>,
+    pub asked: Vec<StateRequest>,
+}
+
+impl StateCalls for ScriptedState {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn session_key(&self) -> Option<&str> {
+        Some("s1")
+    }
+
+    async fn call(&mut self, request: StateRequest) -> Result<StateAnswer, StateFailure> {
+        self.asked.push(request);
+        self.answers.remove(0)
+    }
+}
+
+pub fn answer(value: Option<&str>, version: Option<u64>) -> StateAnswer {
+    StateAnswer {
+        value: value.map(|v| RawValue::from_string(v.to_owned()).unwrap()),
+        version,
+    }
+}
