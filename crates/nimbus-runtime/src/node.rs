@@ -1,14 +1,25 @@
-//! The Node.js runtime: the worker's files and the resolution of the real `node` binary.
+//! The Node.js runtime: the worker's files and the resolution of the real `node`.
 //!
-//! At discovery the server writes the worker (embedded in the binary) under
-//! `<data_dir>/runtime/node/` and resolves `node` once, through `process.execPath`, so a
-//! version manager's shim never sits on the start path. A worker is then started as
-//! `node <runtime dir>/nimbus_worker.js` with `NODE_PATH` naming the runtime's
-//! `node_modules`, where the `nimbus` module functions `require` lives.
+//! At discovery the server writes the worker and the `nimbus` package (embedded in the
+//! binary) under the data directory and resolves `node` once, through `process.execPath`,
+//! so a version manager's shim never sits on the start path. A worker is then started as
+//! `node <data_dir>/runtime/node/nimbus_worker.js`.
 //!
-//! Installed files: `nimbus_worker.js` (the worker) and `node_modules/nimbus/index.js` (the
-//! API: the state errors, `currentRequestId`); the worker loads that same file, so an error
-//! class a function catches is the one the worker throws.
+//! Installed files:
+//!
+//! - `runtime/node/nimbus_worker.js`: the worker.
+//! - `node_modules/nimbus/`: the package functions `require` or `import` (the state errors,
+//!   `currentRequestId`): `package.json`, `index.js` (its names) and `nimbus.js` (the API,
+//!   which the worker loads too, so an error class a function catches is the one the worker
+//!   throws).
+//!
+//! The package sits in the data directory's own `node_modules`, an ancestor of every
+//! function's code directory (`<data_dir>/code/<hash>/`, at the same path in the sandbox):
+//! Node looks for packages in the `node_modules` of each ancestor of the importing file,
+//! so `import ... from 'nimbus'` resolves there with no loader hook (a hook, registered
+//! with `module.register`, costs tens of milliseconds per start on Node 20) and
+//! `require('nimbus')` too. `NODE_PATH` names it as well, for CommonJS code elsewhere. A
+//! `nimbus` package a function bundles in its own `node_modules` comes first.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,8 +31,19 @@ use crate::RuntimeCommand;
 
 /// The worker: loads the handler, then serves invocations over fd 3.
 pub const WORKER_SOURCE: &str = include_str!("node/nimbus_worker.js");
-/// The `nimbus` module functions can require.
+/// The API of the `nimbus` package (its `nimbus.js`).
 pub const NIMBUS_MODULE_SOURCE: &str = include_str!("node/nimbus.js");
+/// The entry of the `nimbus` package (its `index.js`): the names it exports, short so that
+/// Node reads them quickly when an ES module imports the package.
+pub const NIMBUS_INDEX_SOURCE: &str = include_str!("node/nimbus_index.js");
+/// The `package.json` of the `nimbus` package: CommonJS whatever a `package.json` above
+/// the data directory says.
+const NIMBUS_PACKAGE_JSON: &str = concat!(
+    r#"{"name": "nimbus", "version": ""#,
+    env!("CARGO_PKG_VERSION"),
+    r#"", "private": true, "type": "commonjs", "main": "index.js"}"#,
+    "\n"
+);
 
 /// Oldest Node.js major version the worker supports.
 pub const MIN_MAJOR: u32 = 20;
@@ -39,15 +61,17 @@ pub struct NodeRuntime {
     binary: PathBuf,
     version: String,
     runtime_dir: PathBuf,
+    modules_dir: PathBuf,
 }
 
 impl NodeRuntime {
-    /// Installs the worker under `data_dir/runtime/node/` and resolves `node`: `configured`
-    /// if given (it must work), otherwise the first of `/usr/bin/node`,
-    /// `/usr/local/bin/node` and `node` on `PATH` that is Node.js ≥ 20. The binary kept is
-    /// the one `process.execPath` names, never a shim.
+    /// Installs the worker under `data_dir/runtime/node/` and the `nimbus` package under
+    /// `data_dir/node_modules/`, and resolves `node`: `configured` if given (it must work),
+    /// otherwise the first of `/usr/bin/node`, `/usr/local/bin/node` and `node` on `PATH`
+    /// that is Node.js ≥ 20. The binary kept is the one `process.execPath` names, never a
+    /// shim.
     pub fn discover(configured: Option<&Path>, data_dir: &Path) -> Result<NodeRuntime, String> {
-        let runtime_dir = install(data_dir)?;
+        let (runtime_dir, modules_dir) = install(data_dir)?;
         let (binary, version) = match configured {
             Some(path) => resolve(path)
                 .map_err(|why| format!("configured Node.js binary {}: {why}", path.display()))?,
@@ -57,13 +81,15 @@ impl NodeRuntime {
             binary,
             version,
             runtime_dir,
+            modules_dir,
         })
     }
 
     /// The command that starts a worker (the engine adds `NIMBUS_HANDLER` and the function's
     /// variables, and starts it in the function's code directory with the socket on fd 3).
     pub fn command(&self) -> RuntimeCommand {
-        let modules = self.runtime_dir.join("node_modules");
+        let mut visible = visible_paths(&self.binary, &self.runtime_dir);
+        visible.push(self.modules_dir.clone());
         RuntimeCommand {
             program: self.binary.clone(),
             args: vec![self
@@ -72,11 +98,14 @@ impl NodeRuntime {
                 .to_string_lossy()
                 .into_owned()],
             env: vec![
-                ("NODE_PATH".into(), modules.to_string_lossy().into_owned()),
+                (
+                    "NODE_PATH".into(),
+                    self.modules_dir.to_string_lossy().into_owned(),
+                ),
                 ("LANG".into(), "C.UTF-8".into()),
                 ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
             ],
-            visible: visible_paths(&self.binary, &self.runtime_dir),
+            visible,
         }
     }
 
@@ -99,23 +128,36 @@ impl NodeRuntime {
     pub fn runtime_dir(&self) -> &Path {
         &self.runtime_dir
     }
+
+    /// The `node_modules` directory holding the `nimbus` package (`<data_dir>/node_modules`,
+    /// absolute): an ancestor of the code directories of the data directory.
+    pub fn modules_dir(&self) -> &Path {
+        &self.modules_dir
+    }
 }
 
-/// Writes the worker files (each only if its content differs) and returns the absolute
-/// runtime directory.
-fn install(data_dir: &Path) -> Result<PathBuf, String> {
-    let dir = data_dir.join("runtime").join("node");
-    let module = dir.join("node_modules").join("nimbus");
-    std::fs::create_dir_all(&module)
-        .map_err(|e| format!("cannot create {}: {e}", module.display()))?;
-    let dir = std::fs::canonicalize(&dir)
-        .map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
-    write_if_changed(&dir.join("nimbus_worker.js"), WORKER_SOURCE)?;
-    write_if_changed(
-        &dir.join("node_modules").join("nimbus").join("index.js"),
-        NIMBUS_MODULE_SOURCE,
-    )?;
-    Ok(dir)
+/// Writes the worker and the `nimbus` package (each file only if its content differs) and
+/// returns the absolute runtime and `node_modules` directories.
+fn install(data_dir: &Path) -> Result<(PathBuf, PathBuf), String> {
+    let runtime = data_dir.join("runtime").join("node");
+    let package = data_dir.join("node_modules").join("nimbus");
+    for dir in [&runtime, &package] {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let canonical = |dir: &Path| {
+        std::fs::canonicalize(dir).map_err(|e| format!("cannot resolve {}: {e}", dir.display()))
+    };
+    let runtime = canonical(&runtime)?;
+    let modules = canonical(&data_dir.join("node_modules"))?;
+    write_if_changed(&runtime.join("nimbus_worker.js"), WORKER_SOURCE)?;
+    let package = modules.join("nimbus");
+    write_if_changed(&package.join("package.json"), NIMBUS_PACKAGE_JSON)?;
+    write_if_changed(&package.join("nimbus.js"), NIMBUS_MODULE_SOURCE)?;
+    write_if_changed(&package.join("index.js"), NIMBUS_INDEX_SOURCE)?;
+    // Where earlier versions installed the package: nothing loads it any more.
+    let _ = std::fs::remove_dir_all(runtime.join("node_modules"));
+    Ok((runtime, modules))
 }
 
 fn resolve_default() -> Result<(PathBuf, String), String> {
@@ -183,17 +225,70 @@ mod tests {
             std::fs::read_to_string(dir.join("nimbus_worker.js")).unwrap(),
             WORKER_SOURCE
         );
+        let modules = rt.modules_dir();
         assert_eq!(
-            std::fs::read_to_string(dir.join("node_modules/nimbus/index.js")).unwrap(),
-            NIMBUS_MODULE_SOURCE
+            modules,
+            data.path().canonicalize().unwrap().join("node_modules")
         );
+        for (file, content) in [
+            ("index.js", NIMBUS_INDEX_SOURCE),
+            ("nimbus.js", NIMBUS_MODULE_SOURCE),
+            ("package.json", NIMBUS_PACKAGE_JSON),
+        ] {
+            let path = modules.join("nimbus").join(file);
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), content, "{file}");
+        }
+        let package: serde_json::Value = serde_json::from_str(NIMBUS_PACKAGE_JSON).unwrap();
+        assert_eq!(package["type"], "commonjs");
         let command = rt.command();
         assert_eq!(command.program, rt.binary());
         assert!(command
             .env
             .iter()
-            .any(|(k, v)| k == "NODE_PATH" && v.ends_with("node_modules")));
+            .any(|(k, v)| k == "NODE_PATH" && Path::new(v) == modules));
         assert!(command.visible.contains(&dir.to_path_buf()));
+        assert!(command.visible.contains(&modules.to_path_buf()));
+    }
+
+    #[test]
+    fn the_package_names_every_public_name_of_the_api() {
+        // index.js exports each name of nimbus.js's `module.exports` literal, in the
+        // `exports.<name> = api.<name>;` form Node's export scanner reads.
+        let literal = NIMBUS_MODULE_SOURCE
+            .split("module.exports = {")
+            .nth(1)
+            .and_then(|rest| rest.split("};").next())
+            .expect("nimbus.js ends with a module.exports literal");
+        let names: Vec<&str> = literal
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .collect();
+        assert!(names.contains(&"StateConflict"), "{names:?}");
+        let exported: Vec<&str> = NIMBUS_INDEX_SOURCE
+            .lines()
+            .filter_map(|l| l.strip_prefix("exports."))
+            .map(|l| l.split(' ').next().unwrap())
+            .collect();
+        assert_eq!(exported, names);
+        for name in names {
+            assert!(
+                NIMBUS_INDEX_SOURCE.contains(&format!("exports.{name} = api.{name};\n")),
+                "{name}"
+            );
+        }
+    }
+
+    /// A data directory installed by an earlier version keeps no second copy of the API.
+    #[test]
+    fn discovery_removes_the_package_of_the_earlier_layout() {
+        let data = tempfile::tempdir().unwrap();
+        let old = data.path().join("runtime/node/node_modules/nimbus");
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join("index.js"), "module.exports = {};").unwrap();
+        let rt = NodeRuntime::discover(None, data.path()).unwrap();
+        assert!(!rt.runtime_dir().join("node_modules").exists());
+        assert!(rt.modules_dir().join("nimbus/index.js").is_file());
     }
 
     #[test]

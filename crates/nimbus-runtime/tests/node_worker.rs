@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use common::{answer, body, error, invoke, ScriptedState, Worker};
@@ -13,17 +13,23 @@ use nimbus_runtime::WorkerError;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-/// One discovery per test binary; the data directory is shared and idempotent.
-fn runtime() -> &'static NodeRuntime {
-    static RUNTIME: OnceLock<NodeRuntime> = OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        let data = Path::new(env!("CARGO_TARGET_TMPDIR")).join("nimbus-runtime-node-tests");
-        NodeRuntime::discover(None, &data).expect("Node.js 20+ on this host")
-    })
+/// The data directory every test of this binary shares (discovery is idempotent).
+fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("nimbus-runtime-node-tests")
 }
 
+/// One discovery per test binary.
+fn runtime() -> &'static NodeRuntime {
+    static RUNTIME: OnceLock<NodeRuntime> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| NodeRuntime::discover(None, &data_dir()).expect("Node.js 20+ on this host"))
+}
+
+/// Starts a worker on `files`, in a code directory under `<data dir>/code` as the server
+/// makes them (where `import ... from 'nimbus'` finds the package).
 async fn launch(files: &[(&str, &str)], handler: &str) -> Worker {
-    common::launch(runtime().command(), files, handler, &[]).await
+    let command = runtime().command();
+    common::launch_in(&data_dir().join("code"), command, files, handler, &[]).await
 }
 
 async fn start(files: &[(&str, &str)], handler: &str) -> Worker {
@@ -271,4 +277,118 @@ async fn a_function_without_state_gets_a_state_that_rejects() {
         body(&invoke(&mut w, json!({})).await),
         json!([true, "state_not_enabled"])
     );
+}
+
+/// A state host that answers every call with a version conflict (current version 7).
+fn conflicting() -> ScriptedState {
+    ScriptedState {
+        answers: (0..4)
+            .map(|_| {
+                Err(StateFailure {
+                    code: "state_conflict".into(),
+                    message: "version conflict".into(),
+                    current_version: Some(7),
+                })
+            })
+            .collect(),
+        asked: Vec::new(),
+    }
+}
+
+async fn invoke_conflicting(w: &mut Worker) -> Value {
+    let raw = RawValue::from_string("{}".into()).unwrap();
+    let mut state = conflicting();
+    let out = w
+        .conn
+        .invoke_with_state("inv_esm", &raw, &mut state)
+        .await
+        .unwrap();
+    body(&out)
+}
+
+/// What the handlers below return: whether the worker's conflict is an instance of the
+/// classes the function imported, and what it sees of the package.
+const ESM_PROBE: &str = r#"
+import nimbus, { StateConflict, StateError, currentRequestId } from 'nimbus';
+import * as names from 'nimbus';
+import { createRequire } from 'node:module';
+
+const required = createRequire(import.meta.url)('nimbus');
+
+export async function handle(event, state) {
+  try {
+    await state.setWithVersion('k', 1, 4);
+    return 'no conflict';
+  } catch (e) {
+    return {
+      named: [e instanceof StateConflict, e instanceof StateError, e.currentVersion],
+      default: e instanceof nimbus.StateConflict,
+      sameAsRequire: nimbus === required && StateConflict === required.StateConflict,
+      names: Object.keys(names).filter((k) => k !== 'default').sort(),
+      defaultNames: Object.keys(nimbus).sort(),
+      requestId: currentRequestId(),
+    };
+  }
+}
+"#;
+
+#[tokio::test]
+async fn es_modules_import_the_nimbus_package_with_the_classes_the_worker_throws() {
+    let expected = json!({
+        "named": [true, true, 7],
+        "default": true,
+        "sameAsRequire": true,
+        "names": [
+            "StateConflict", "StateError", "StateKeyTooLong", "StateNotEnabled",
+            "StateTooManyKeys", "StateUnavailable", "StateValueTooLarge", "currentRequestId",
+        ],
+        "defaultNames": [
+            "StateConflict", "StateError", "StateKeyTooLong", "StateNotEnabled",
+            "StateTooManyKeys", "StateUnavailable", "StateValueTooLarge", "currentRequestId",
+        ],
+        "requestId": "inv_esm",
+    });
+    // An .mjs file at the top and deeper (a dotted module path), and a .js file of a
+    // `"type": "module"` package that awaits at top level.
+    let cases: [(&[(&str, &str)], &str); 3] = [
+        (&[("index.mjs", ESM_PROBE)], "index.handle"),
+        (&[("app/api/main.mjs", ESM_PROBE)], "app.api.main.handle"),
+        (
+            &[
+                ("package.json", r#"{"type": "module"}"#),
+                (
+                    "index.js",
+                    &format!("await Promise.resolve();\n{ESM_PROBE}"),
+                ),
+            ],
+            "index.handle",
+        ),
+    ];
+    for (files, handler) in cases {
+        let mut w = start(files, handler).await;
+        assert_eq!(invoke_conflicting(&mut w).await, expected, "{handler}");
+    }
+}
+
+#[tokio::test]
+async fn commonjs_require_and_import_of_nimbus_are_one_module() {
+    let mut w = start(
+        &[(
+            "index.js",
+            r#"
+const nimbus = require('nimbus');
+exports.handle = async (event, state) => {
+  const esm = await import('nimbus');
+  try {
+    await state.setWithVersion('k', 1, 4);
+  } catch (e) {
+    return [esm.default === nimbus, e instanceof esm.StateConflict, e instanceof nimbus.StateConflict];
+  }
+};
+"#,
+        )],
+        "index.handle",
+    )
+    .await;
+    assert_eq!(invoke_conflicting(&mut w).await, json!([true, true, true]));
 }

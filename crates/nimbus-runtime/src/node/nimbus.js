@@ -1,7 +1,8 @@
 'use strict';
-// Nimbus: the API that Node.js functions running on Nimbus can require.
+// Nimbus: the API that Node.js functions running on Nimbus can require or import (the
+// package's index.js names what it exports).
 //
-//   const nimbus = require('nimbus');   // or: import nimbus from 'nimbus';
+//   const nimbus = require('nimbus');   // or: import nimbus, { StateConflict } from 'nimbus';
 //
 //   exports.handle = async (event, state) => {
 //     const cart = (await state.get('cart')) ?? [];
@@ -240,6 +241,15 @@ function states(host) {
   };
 }
 
+/** What only the worker uses: the request id it serves and its side of the state API. */
+const worker = { requestId: null, states };
+
+/** The request id (`inv_...`) of the invocation being served, or null outside one. */
+function currentRequestId() {
+  return worker.requestId;
+}
+
+// The package's index.js exports each of these under the same name.
 module.exports = {
   StateError,
   StateNotEnabled,
@@ -248,8 +258,8 @@ module.exports = {
   StateTooManyKeys,
   StateKeyTooLong,
   StateUnavailable,
-  /** The request id (`inv_...`) of the invocation being served, or null outside one. */
-  currentRequestId: () => module.exports._requestId,
-  _requestId: null,
-  _states: states,
+  currentRequestId,
 };
+
+// Under a symbol: neither part of the API nor an importable name.
+module.exports[Symbol.for('nimbus.worker')] = worker;

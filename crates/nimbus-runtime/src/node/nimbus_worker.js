@@ -35,8 +35,13 @@ const MAX_MESSAGE_CHARS = 8192;
 const MAX_TRACEBACK_CHARS = 32768;
 const DEFAULT_HANDLER = 'index.handle';
 
-// The same file a function's `require('nimbus')` finds (NODE_PATH): one set of classes.
-const nimbus = require(path.join(__dirname, 'node_modules', 'nimbus'));
+// The API of the `nimbus` package, installed at <data dir>/node_modules/nimbus (this file is
+// <data dir>/runtime/node/nimbus_worker.js): the same file a function's `require('nimbus')`
+// and `import ... from 'nimbus'` reach, so the errors a function catches are the classes the
+// state calls here reject with.
+const internals = require(path.join(__dirname, '..', '..', 'node_modules', 'nimbus', 'nimbus.js'))[
+  Symbol.for('nimbus.worker')
+];
 
 // --- logs -----------------------------------------------------------------------------
 
@@ -234,8 +239,10 @@ async function load(spec) {
     try {
       exported = require(file);
     } catch (error) {
-      // A .js file of a `"type": "module"` package is an ES module.
-      if (error && error.code === 'ERR_REQUIRE_ESM') {
+      // A .js file of a `"type": "module"` package is an ES module: Node 20 before 20.19
+      // refuses to require it, later ones require it unless it awaits at top level (and
+      // then refuse before running any of it).
+      if (error && (error.code === 'ERR_REQUIRE_ESM' || error.code === 'ERR_REQUIRE_ASYNC_MODULE')) {
         exported = await import(pathToFileURL(file).href);
       } else {
         throw error;
@@ -300,7 +307,7 @@ function errorText(id, error, logs) {
 }
 
 async function serve(host, handler) {
-  const states = nimbus._states(host);
+  const states = internals.states(host);
   for (;;) {
     const text = await host.read();
     if (text === null) return;
@@ -315,7 +322,7 @@ async function serve(host, handler) {
     }
     if (message.type === 'invoke') {
       sink.clear(); // anything printed between invocations belongs to none
-      nimbus._requestId = message.request_id ?? null;
+      internals.requestId = message.request_id ?? null;
       const state = message.state ? states.live : states.disabled;
       states.begin();
       let reply;
@@ -325,7 +332,7 @@ async function serve(host, handler) {
       } catch (error) {
         reply = errorText(message.id, describe(error));
       } finally {
-        nimbus._requestId = null;
+        internals.requestId = null;
         states.done();
       }
       host.sendText(reply);

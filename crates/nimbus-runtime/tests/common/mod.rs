@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // Each test crate uses a different part of it.
 
+use std::path::Path;
+
 use nimbus_runtime::protocol::{ErrorPayload, StateFailure};
 use nimbus_runtime::{
     InvokeOutcome, RuntimeCommand, StateAnswer, StateCalls, StateRequest, WorkerConn,
@@ -27,7 +29,20 @@ pub async fn launch(
     handler: &str,
     env: &[(&str, &str)],
 ) -> Worker {
-    let code = tempfile::tempdir().unwrap();
+    launch_in(&std::env::temp_dir(), command, files, handler, env).await
+}
+
+/// [`launch`] with the code directory made in `parent` (created if need be), as the server
+/// makes them in `<data dir>/code`.
+pub async fn launch_in(
+    parent: &Path,
+    command: RuntimeCommand,
+    files: &[(&str, &str)],
+    handler: &str,
+    env: &[(&str, &str)],
+) -> Worker {
+    std::fs::create_dir_all(parent).unwrap();
+    let code = tempfile::tempdir_in(parent).unwrap();
     for (name, content) in files {
         let path = code.path().join(name);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
