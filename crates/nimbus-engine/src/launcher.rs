@@ -1,12 +1,13 @@
 //! Starting workers of a function version: cold (a new runtime loads the code), as a
-//! template (an initialized worker kept to fork instances from), or from a template.
+//! template (an initialized worker kept to fork instances from, or, for runtimes that
+//! cannot fork, a set of [`Spares`]), or from a template.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nimbus_core::ids;
 use nimbus_runtime::protocol::ErrorPayload;
-use nimbus_runtime::{Runtimes, WorkerConn, WorkerError};
+use nimbus_runtime::{peek_greeting, Runtimes, WorkerConn, WorkerError};
 use nimbus_sandbox::{Driver, LaunchSpec, Launched, Sandbox, Template};
 
 use crate::catalog::VersionEntry;
@@ -14,6 +15,7 @@ use crate::config::EngineConfig;
 use crate::error::EngineError;
 use crate::pool::Instance;
 use crate::snapshots::Resident;
+use crate::spares::Spares;
 
 /// Why a new instance (or template) did not come up.
 #[derive(Debug)]
@@ -137,11 +139,18 @@ impl Launcher {
     }
 
     /// Starts a template of `version`: a worker with the code loaded (and its
-    /// before-snapshot hooks and warm-up run), handed over to the driver.
+    /// before-snapshot hooks and warm-up run), handed over to the driver; for a runtime
+    /// whose workers cannot fork, [`Spares`] of the version instead.
     pub(crate) async fn template(
-        &self,
-        version: &VersionEntry,
+        self: &Arc<Self>,
+        version: &Arc<VersionEntry>,
     ) -> Result<Box<dyn Template>, StartError> {
+        if !version.config.runtime.forks_templates() {
+            let count = self.config.snapshots.spares;
+            return Ok(Box::new(
+                Spares::start(self.clone(), version.clone(), count).await?,
+            ));
+        }
         let id = ids::instance_id();
         let spec = self.spec(version, &id, true)?;
         let launched = self.launch(&spec).await?;
@@ -149,8 +158,13 @@ impl Launcher {
         let stream = conn
             .into_stream()
             .map_err(|e| StartError::Crashed(e.to_string()))?;
+        let launched = Launched {
+            instance_id: id,
+            stream,
+            sandbox,
+        };
         self.driver
-            .template(&spec, Launched { stream, sandbox })
+            .template(&spec, launched)
             // A refusal of what the function's code made of the template (threads or
             // processes left running) is the function's failure, not the platform's.
             .map_err(|e| match e.refused {
@@ -166,10 +180,30 @@ impl Launcher {
             })
     }
 
-    /// Whether the driver can checkpoint `version`'s template to disk.
+    /// Starts a new instance of `version` from scratch and returns it once its handler is
+    /// loaded, without reading its greeting: the instance a spare is made of.
+    pub(crate) async fn spare(&self, version: &VersionEntry) -> Result<Launched, StartError> {
+        let id = ids::instance_id();
+        let spec = self.spec(version, &id, false)?;
+        let mut launched = self.launch(&spec).await?;
+        let timeout = self.config.start_timeout;
+        match tokio::time::timeout(timeout, peek_greeting(&launched.stream)).await {
+            Ok(Ok(_ready)) => Ok(launched),
+            Ok(Err(e)) => Err(start_failed(e, &mut launched.sandbox).await),
+            Err(_) => {
+                launched.sandbox.kill();
+                Err(StartError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Whether the driver can checkpoint `version`'s template to disk (spares are not
+    /// checkpointed).
     pub(crate) fn can_checkpoint(&self, version: &VersionEntry) -> bool {
-        self.spec(version, "", true)
-            .is_ok_and(|spec| self.driver.can_checkpoint(&spec))
+        version.config.runtime.forks_templates()
+            && self
+                .spec(version, "", true)
+                .is_ok_and(|spec| self.driver.can_checkpoint(&spec))
     }
 
     /// Whether the driver can restore checkpoints on this server.
@@ -197,10 +231,9 @@ impl Launcher {
         version: &Arc<VersionEntry>,
         template: &Arc<Resident>,
     ) -> Result<Instance, StartError> {
-        let id = ids::instance_id();
         // A template that does not answer is broken (the driver then reports it ended).
         let timeout = self.config.start_timeout;
-        let launched = tokio::time::timeout(timeout, template.template.spawn(&id))
+        let launched = tokio::time::timeout(timeout, template.template.spawn(&ids::instance_id()))
             .await
             .map_err(|_| {
                 StartError::Crashed(format!(
@@ -209,6 +242,7 @@ impl Launcher {
                 ))
             })?
             .map_err(|e| StartError::Crashed(e.to_string()))?;
+        let id = launched.instance_id.clone();
         let (conn, sandbox) = self.handshake(launched).await?;
         Ok(Instance::new(
             id,
@@ -236,21 +270,27 @@ impl Launcher {
         let timeout = self.config.start_timeout;
         match tokio::time::timeout(timeout, conn.handshake()).await {
             Ok(Ok(_ready)) => Ok((conn, sandbox)),
-            Ok(Err(WorkerError::Init { error, logs })) => Err(StartError::Init { error, logs }),
-            Ok(Err(e)) => {
-                sandbox.kill();
-                let exit = tokio::time::timeout(Duration::from_millis(500), sandbox.wait()).await;
-                let how = exit
-                    .map(|x| x.to_string())
-                    .unwrap_or_else(|_| "did not exit".into());
-                Err(StartError::Crashed(format!(
-                    "the worker failed while starting ({e}); it {how}"
-                )))
-            }
+            Ok(Err(e)) => Err(start_failed(e, &mut sandbox).await),
             Err(_) => {
                 sandbox.kill();
                 Err(StartError::Timeout(timeout))
             }
+        }
+    }
+}
+
+/// What a worker's failed greeting means: the function's init failure, or a worker that
+/// broke (killed, and its end reported).
+async fn start_failed(error: WorkerError, sandbox: &mut Box<dyn Sandbox>) -> StartError {
+    match error {
+        WorkerError::Init { error, logs } => StartError::Init { error, logs },
+        e => {
+            sandbox.kill();
+            let exit = tokio::time::timeout(Duration::from_millis(500), sandbox.wait()).await;
+            let how = exit
+                .map(|x| x.to_string())
+                .unwrap_or_else(|_| "did not exit".into());
+            StartError::Crashed(format!("the worker failed while starting ({e}); it {how}"))
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod router;
 pub mod snapshot_admin;
 mod snapshot_files;
 pub(crate) mod snapshots;
+mod spares;
 mod state;
 pub mod state_admin;
 pub mod versions;

@@ -54,6 +54,9 @@ pub struct SnapshotSettings {
     pub disk: bool,
     /// Most bytes all checkpoints on disk may take; least recently used deleted first.
     pub disk_quota: u64,
+    /// Instances kept started ahead per version for runtimes whose workers cannot fork
+    /// (Node.js): their template tier.
+    pub spares: usize,
 }
 
 impl Default for SnapshotSettings {
@@ -68,6 +71,7 @@ impl Default for SnapshotSettings {
             hook_budget: Duration::from_secs(1),
             disk: true,
             disk_quota: 10 << 30,
+            spares: 2,
         }
     }
 }
@@ -391,7 +395,7 @@ impl Snapshots {
 
     /// A version just started cold: build its snapshot unless one exists or failed.
     pub(crate) fn wanted(&self, version: &Arc<VersionEntry>) {
-        if self.settings.enabled && version.config.runtime.forks_templates() {
+        if self.settings.enabled {
             self.enqueue(version, false);
         }
     }
@@ -440,13 +444,6 @@ impl Snapshots {
                 code: "snapshots_disabled",
                 message: "snapshots are disabled on this server ([snapshots] enabled = false)"
                     .into(),
-            });
-        }
-        let runtime = version.config.runtime;
-        if !runtime.forks_templates() {
-            return Err(EngineError::Conflict {
-                code: "snapshots_unsupported",
-                message: format!("the {runtime} runtime has no function-level snapshots yet"),
             });
         }
         let new = self.new_snapshot(version);

@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 use nimbus_core::Runtime;
 
 pub use worker::{
-    InvokeOutcome, StateAnswer, StateCalls, StateRequest, Stateless, WorkerConn, WorkerError,
+    peek_greeting, InvokeOutcome, StateAnswer, StateCalls, StateRequest, Stateless, WorkerConn,
+    WorkerError,
 };
 
 /// How to start a worker process for one runtime (before the sandbox wraps it).

@@ -12,7 +12,7 @@ use tokio::net::UnixStream;
 
 use crate::protocol::{
     read_frame, write_frame, ErrorPayload, FrameError, InvokeFrame, PingFrame, StateFailure,
-    StateResultFrame, WorkerMessage,
+    StateResultFrame, WorkerMessage, MAX_FRAME_BYTES,
 };
 
 /// A worker that could not serve.
@@ -171,24 +171,7 @@ impl WorkerConn {
     /// Waits for the worker's `ready` (or `init_error`).
     pub async fn handshake(&mut self) -> Result<Ready, WorkerError> {
         read_frame(&mut self.reader, &mut self.read_buf).await?;
-        let msg = parse(&self.read_buf)?;
-        match msg.kind {
-            "ready" => Ok(Ready {
-                pid: msg.pid.unwrap_or(0),
-                init_ms: msg.init_ms.unwrap_or(0.0),
-            }),
-            "init_error" => Err(WorkerError::Init {
-                error: msg.error.unwrap_or_else(|| ErrorPayload {
-                    error_type: "InitError".into(),
-                    message: "the worker reported an init error without details".into(),
-                    traceback: String::new(),
-                }),
-                logs: msg.logs.unwrap_or_default(),
-            }),
-            other => Err(WorkerError::Protocol(format!(
-                "expected ready, got {other:?}"
-            ))),
-        }
+        greeting(parse(&self.read_buf)?)
     }
 
     /// The connection's stream back, after a template's handshake: the driver speaks to a
@@ -322,6 +305,74 @@ fn state_request(msg: &WorkerMessage<'_>) -> Result<(u64, StateRequest), WorkerE
 
 fn json_null() -> Box<RawValue> {
     RawValue::from_string("null".to_owned()).expect("null is JSON")
+}
+
+/// What a worker's first message says: ready, or why its handler did not load.
+fn greeting(msg: WorkerMessage<'_>) -> Result<Ready, WorkerError> {
+    match msg.kind {
+        "ready" => Ok(Ready {
+            pid: msg.pid.unwrap_or(0),
+            init_ms: msg.init_ms.unwrap_or(0.0),
+        }),
+        "init_error" => Err(WorkerError::Init {
+            error: msg.error.unwrap_or_else(|| ErrorPayload {
+                error_type: "InitError".into(),
+                message: "the worker reported an init error without details".into(),
+                traceback: String::new(),
+            }),
+            logs: msg.logs.unwrap_or_default(),
+        }),
+        other => Err(WorkerError::Protocol(format!(
+            "expected ready, got {other:?}"
+        ))),
+    }
+}
+
+/// Waits for the greeting of the worker on `stream` and reads it without taking it off the
+/// socket, so that the [`WorkerConn::handshake`] of whoever uses the worker later gets it
+/// at once: a worker started ahead of its use is known to be ready (or not) by then.
+pub async fn peek_greeting(stream: &UnixStream) -> Result<Ready, WorkerError> {
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        stream.readable().await.map_err(WorkerError::Io)?;
+        let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
+            // SAFETY: `buf` is valid for writes of its length; the fd is the stream's own.
+            let n = unsafe {
+                libc::recv(
+                    stream.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_PEEK,
+                )
+            };
+            match n {
+                -1 => Err(std::io::Error::last_os_error()),
+                n => Ok(n as usize),
+            }
+        });
+        let n = match peeked {
+            Ok(0) => return Err(WorkerError::Closed),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(FrameError::Io(e).into()),
+        };
+        if n >= 4 {
+            let len = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+            if len > MAX_FRAME_BYTES {
+                return Err(FrameError::TooLarge(len).into());
+            }
+            if n >= 4 + len {
+                return greeting(parse(&buf[4..4 + len])?);
+            }
+            if buf.len() < 4 + len {
+                buf.resize(4 + len, 0);
+                continue;
+            }
+        }
+        // Part of the frame is in: the socket stays readable, so wait for the rest a moment.
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
 }
 
 fn parse(buf: &[u8]) -> Result<WorkerMessage<'_>, WorkerError> {

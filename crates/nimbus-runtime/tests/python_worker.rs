@@ -569,6 +569,7 @@ fn take_over(
         .into_stream()
         .expect("nothing after the greeting");
     let launched = nimbus_sandbox::Launched {
+        instance_id: "i_template".into(),
         stream,
         sandbox: worker.sandbox,
     };

@@ -555,6 +555,7 @@ pub(crate) async fn restore(
         .map_err(|e| format!("pidfd_open({pid}): {e}"))?;
     let stream = tokio::net::UnixStream::from_std(host).map_err(|e| format!("socket: {e}"))?;
     Ok(Launched {
+        instance_id: spec.instance_id.clone(),
         stream,
         sandbox: Box::new(sandbox),
     })

@@ -98,13 +98,42 @@ pub trait Sandbox: Send + Sync + fmt::Debug {
     /// while the instance waits for the next one. Called after every invocation: cheap when
     /// there is nothing to do.
     fn end_strays(&mut self) {}
+    /// Memory the sandbox's processes hold resident, bytes (what keeping it costs), if the
+    /// driver can tell.
+    fn resident_bytes(&self) -> Option<u64> {
+        None
+    }
     /// Waits until the worker has ended.
     async fn wait(&mut self) -> ExitInfo;
+}
+
+/// Resident memory of host process `pid` (`VmRSS`), bytes.
+pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Resident memory of the processes in `slot` (or of `pid` alone, without a slot), bytes.
+pub(crate) fn sandbox_rss(slot: Option<&cgroup::CgroupSlot>, pid: u32) -> Option<u64> {
+    match slot {
+        Some(slot) => Some(
+            slot.pids()
+                .into_iter()
+                .filter_map(|p| rss_bytes(p as u32))
+                .sum(),
+        ),
+        None => rss_bytes(pid),
+    }
 }
 
 /// A started worker: its sandbox and the host end of its socket.
 #[derive(Debug)]
 pub struct Launched {
+    /// The instance id the worker was started as (a worker started ahead of its use, as
+    /// a spare, has the id it was launched with, not the one its user asked for).
+    pub instance_id: String,
     /// The host end of the worker's connection.
     pub stream: UnixStream,
     /// The worker itself.

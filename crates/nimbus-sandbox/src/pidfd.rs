@@ -147,6 +147,10 @@ impl Sandbox for PidfdSandbox {
         self.pid
     }
 
+    fn resident_bytes(&self) -> Option<u64> {
+        crate::sandbox_rss(self.slot.as_ref(), self.pid)
+    }
+
     fn kill(&mut self) {
         // PID 1 of its namespace (isolated): everything it started dies with it; the slot,
         // emptied when the sandbox drops, holds anything else.

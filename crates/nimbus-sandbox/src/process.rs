@@ -194,13 +194,14 @@ impl Driver for ProcessDriver {
         let stream = UnixStream::from_std(host).map_err(|e| fail(format!("socket: {e}")))?;
         let pid = child.id().unwrap_or(0);
         Ok(Launched {
+            instance_id: spec.instance_id.clone(),
             stream,
             sandbox: Box::new(ProcessSandbox {
                 child,
                 pid,
                 exit: None,
                 slot,
-                residue,
+                expected_tasks: 3 + residue,
             }),
         })
     }
@@ -245,9 +246,10 @@ struct ProcessSandbox {
     exit: Option<ExitInfo>,
     /// Dropped with the sandbox: whatever is left in it is killed and the slot reused.
     slot: Option<CgroupSlot>,
-    /// Tasks charged to the slot before the sandbox started (exited, unreaped processes of
-    /// an earlier occupant).
-    residue: u64,
+    /// Tasks the slot holds after an invocation that left nothing running: the init, the
+    /// sandbox's PID 1, the worker's threads, and the tasks charged to the slot before the
+    /// sandbox started (exited, unreaped processes of an earlier occupant).
+    expected_tasks: u64,
 }
 
 impl ProcessSandbox {
@@ -291,23 +293,40 @@ impl Sandbox for ProcessSandbox {
         self.pid
     }
 
+    fn resident_bytes(&self) -> Option<u64> {
+        crate::sandbox_rss(self.slot.as_ref(), self.pid)
+    }
+
     fn kill(&mut self) {
         self.end();
     }
 
     fn end_strays(&mut self) {
         let Some(slot) = &self.slot else { return };
-        // The init, the sandbox's PID 1 and the single-threaded worker (plus any zombie of
-        // an earlier occupant of the slot not yet reaped): nothing else to look at. (The
-        // count is one read of a file kept open: this runs after every invocation.)
-        if slot.task_count().is_some_and(|n| n <= 3 + self.residue) {
+        // The init, the sandbox's PID 1 and the worker's threads (plus any zombie of an
+        // earlier occupant of the slot not yet reaped): nothing else to look at. (The count
+        // is one read of a file kept open: this runs after every invocation.)
+        let before = slot.task_count();
+        if let Some(n) = before.filter(|&n| n <= self.expected_tasks) {
+            // Fewer (threads ended): expect no more than that, so a stray born later shows.
+            self.expected_tasks = n;
             return;
         }
+        let mut strays = false;
         for pid in slot.pids() {
             if pid as u32 == self.pid || matches!(pid_in_sandbox(pid), Some(1 | 2) | None) {
                 continue;
             }
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            strays = true;
+        }
+        // None: the worker has more threads than last seen (a multi-threaded runtime, or
+        // its thread pool started), which the quick check then expects. The smaller of the
+        // counts around the listing leaves out a process that ended meanwhile.
+        if !strays {
+            if let (Some(before), Some(after)) = (before, slot.task_count()) {
+                self.expected_tasks = before.min(after);
+            }
         }
     }
 

@@ -284,6 +284,7 @@ impl Template for ProcessTemplate {
             .await
             .map_err(|e| fail(format!("releasing the instance: {e}")))?;
         Ok(Launched {
+            instance_id: instance_id.to_owned(),
             stream,
             sandbox: Box::new(watched.with(slot, residue, reservation)),
         })
@@ -435,11 +436,7 @@ impl Template for ProcessTemplate {
     }
 
     fn resident_bytes(&self) -> Option<u64> {
-        let worker = self.worker;
-        let status = std::fs::read_to_string(format!("/proc/{worker}/status")).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib * 1024)
+        crate::rss_bytes(self.worker)
     }
 }
 

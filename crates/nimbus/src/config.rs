@@ -119,6 +119,9 @@ pub struct SnapshotsConfig {
     pub disk: bool,
     /// MiB all checkpoints on disk may take; least recently used deleted first.
     pub disk_quota_mb: u64,
+    /// Instances of each version kept started ahead, with the function loaded, as the
+    /// template of runtimes that cannot fork (Node.js).
+    pub spares: usize,
 }
 
 impl Default for SnapshotsConfig {
@@ -134,6 +137,7 @@ impl Default for SnapshotsConfig {
             hook_timeout_ms: engine.hook_budget.as_millis() as u64,
             disk: engine.disk,
             disk_quota_mb: engine.disk_quota >> 20,
+            spares: engine.spares,
         }
     }
 }
@@ -150,6 +154,7 @@ impl SnapshotsConfig {
             hook_budget: Duration::from_millis(self.hook_timeout_ms.max(1)),
             disk: self.disk,
             disk_quota: self.disk_quota_mb << 20,
+            spares: self.spares.max(1),
         }
     }
 }

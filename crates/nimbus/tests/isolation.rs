@@ -691,3 +691,30 @@ def handle(event):
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
 }
+
+#[tokio::test]
+async fn a_node_workers_threads_are_left_alone_and_its_strays_are_ended() {
+    let s = Server::start(Backend::Sqlite).await;
+    // Node.js runs several threads of its own: the check after each invocation must tell
+    // them from processes the handler left behind (here a detached `node` that sleeps).
+    let code = r#"
+const { spawn } = require('node:child_process');
+exports.handle = async () => {
+  spawn(process.execPath, ['-e', 'setTimeout(() => {}, 120000)'], { detached: true, stdio: 'ignore' }).unref();
+  await new Promise((r) => setTimeout(r, 100));
+  return 'ok';
+};
+"#;
+    s.deploy("leaky-node", code, json!({ "runtime": "nodejs20" }))
+        .await;
+    for i in 0..4 {
+        let (status, body) = s.invoke_raw("leaky-node", "", "{}").await;
+        assert_eq!(status, StatusCode::OK, "call {i}: {body}");
+        assert_eq!(body["start_type"], if i == 0 { "cold" } else { "warm" });
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while sandboxed_pids(&s).len() > 3 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(sandboxed_pids(&s).len(), 3, "call {i} left a stray");
+    }
+}

@@ -115,28 +115,152 @@ async fn a_node_function_that_throws_reports_name_message_and_stack() {
     );
 }
 
+/// Module-level work done once per worker, and what an invocation sees of its instance.
+const LOADED: &str = r#"
+const loaded = Math.random();
+exports.handle = async (event) => {
+  if (event.sleep_ms) await new Promise((r) => setTimeout(r, event.sleep_ms));
+  return { loaded, instance: process.env.NIMBUS_INSTANCE_ID, pid: process.pid, uid: process.getuid() };
+};
+"#;
+
+/// A server whose every invocation starts a new instance, snapshots on.
+async fn fresh_instance_server() -> Server {
+    Server::start_with(Backend::Sqlite, "max_invocations = 1\n", &["--snapshots"]).await
+}
+
+/// Waits until `function`'s version 1 has a resident template (its spares) and returns
+/// its row.
+async fn wait_spares(s: &Server, function: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (status, body) = s
+            .call("GET", &format!("/functions/{function}/snapshots"), None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        if let Some(found) = body["snapshots"].as_array().and_then(|all| {
+            all.iter()
+                .find(|x| x["status"] == "ready" && x["resident"] == true)
+        }) {
+            return found.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no spares: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
-async fn with_snapshots_on_a_node_function_starts_cold_and_builds_no_snapshot() {
-    let s = Server::start_with(Backend::Sqlite, "", &["--snapshots"]).await;
+async fn new_node_instances_start_from_spares_loaded_ahead_each_in_its_own_sandbox() {
+    let s = fresh_instance_server().await;
     s.deploy(
-        "plain-node",
-        HELLO,
+        "spared",
+        LOADED,
         json!({"runtime": "nodejs20", "handler": "index.handle"}),
     )
     .await;
-    let r = invoke(&s, "plain-node", "", json!({})).await;
-    assert_eq!(r["start_type"], "cold", "{r}");
-    let (status, body) = s
-        .call(
-            "POST",
-            "/functions/plain-node/snapshots",
-            Some(json!({"wait": true})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    assert_eq!(body["error"]["code"], "snapshots_unsupported");
-    let (_, list) = s.call("GET", "/functions/plain-node/snapshots", None).await;
-    assert_eq!(list["snapshots"], json!([]), "{list}");
+    let row = wait_spares(&s, "spared").await;
+    assert_eq!(row["runtime"], "nodejs20", "{row}");
+    let (_, stats) = s.call("GET", "/snapshots/stats", None).await;
+    // Two spares of ~40 MiB each (the whole sandbox of each is counted).
+    let bytes = stats["resident_bytes"].as_u64().unwrap_or(0);
+    assert!(bytes > 40 << 20, "{stats}");
+    let mut instances = std::collections::HashSet::new();
+    for _ in 0..4 {
+        let r = invoke(&s, "spared", "", json!({})).await;
+        assert_eq!(r["start_type"], "template", "{r}");
+        assert_eq!(r["cold_start"], true, "{r}");
+        // The worker was started under the id the invocation reports.
+        assert_eq!(r["body"]["instance"], r["instance_id"], "{r}");
+        assert_eq!(r["body"]["pid"], 2, "{r}");
+        assert_eq!(r["body"]["uid"], 1000, "{r}");
+        instances.insert(r["instance_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(instances.len(), 4, "a new instance each time");
+
+    let (_, metrics) = s.call("GET", "/../../metrics", None).await;
+    let metrics = metrics.as_str().unwrap_or_default().to_owned();
+    for line in [
+        r#"nimbus_snapshot_build_total{status="success"} 1"#,
+        r#"nimbus_snapshot_restore_total{status="success"} 4"#,
+        r#"nimbus_cold_starts_total{runtime="nodejs20",start_type="template"} 4"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn a_burst_beyond_the_spares_waits_for_the_next_ones_instead_of_failing() {
+    let s = Server::start_with(Backend::Sqlite, "", &["--snapshots"]).await;
+    s.deploy(
+        "burst-node",
+        LOADED,
+        json!({"runtime": "nodejs20", "handler": "index.handle", "max_instances": 8}),
+    )
+    .await;
+    wait_spares(&s, "burst-node").await;
+    let calls = (0..8).map(|_| s.invoke_raw("burst-node", "", r#"{"sleep_ms": 300}"#));
+    let results = futures::future::join_all(calls).await;
+    let mut instances = std::collections::HashSet::new();
+    for (status, r) in &results {
+        assert_eq!(*status, StatusCode::OK, "{r}");
+        assert_eq!(r["start_type"], "template", "{r}");
+        instances.insert(r["instance_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(instances.len(), 8);
+}
+
+/// Host pids of the Node workers of `function` that are not serving (its spares, on a
+/// server that retires instances after each invocation).
+fn node_workers_of(function: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let wanted = format!("NIMBUS_FUNCTION_NAME={function}");
+        if String::from_utf8_lossy(&cmdline).contains("nimbus_worker.js")
+            && environ
+                .split(|b| *b == 0)
+                .any(|var| var == wanted.as_bytes())
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[tokio::test]
+async fn when_the_spares_are_killed_the_next_start_still_succeeds() {
+    let s = fresh_instance_server().await;
+    s.deploy(
+        "fragile",
+        LOADED,
+        json!({"runtime": "nodejs20", "handler": "index.handle"}),
+    )
+    .await;
+    wait_spares(&s, "fragile").await;
+    let spares = node_workers_of("fragile");
+    assert_eq!(spares.len(), 2, "the default two spares: {spares:?}");
+    for pid in &spares {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    for _ in 0..3 {
+        let r = invoke(&s, "fragile", "", json!({})).await;
+        assert_eq!(r["body"]["instance"], r["instance_id"], "{r}");
+        // The dead spares are passed over; their replacements serve.
+        assert_eq!(r["start_type"], "template", "{r}");
+    }
+    let survivors = node_workers_of("fragile");
+    assert!(
+        survivors.iter().all(|pid| !spares.contains(pid)),
+        "{survivors:?}"
+    );
 }
 
 #[tokio::test]
@@ -194,4 +318,214 @@ async fn the_node_examples_deploy_and_run_from_the_cli_as_documented() {
         .cli(&["invoke", "cart-js", "--session", "bob", "--data", book])
         .await;
     assert!(out.contains(r#""cart_size": 1"#), "{out}");
+}
+/// A zip archive of `files`, base64-encoded as `code_archive` takes it.
+fn zip_archive(files: &[(&str, &str)]) -> String {
+    use base64::Engine as _;
+    use std::io::Write as _;
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, body) in files {
+        zip.start_file(*name, zip::write::SimpleFileOptions::default())
+            .unwrap();
+        zip.write_all(body.as_bytes()).unwrap();
+    }
+    base64::engine::general_purpose::STANDARD.encode(zip.finish().unwrap().into_inner())
+}
+
+/// An ES module that imports from 'nimbus' and reports, for the real `StateConflict` of a
+/// stale `setWithVersion`, whether it is an instance of what it imported, and where its
+/// code and the package are.
+const ESM_NIMBUS: &str = r#"
+import nimbus, { StateConflict, StateError } from 'nimbus';
+import { createRequire } from 'node:module';
+
+const required = createRequire(import.meta.url)('nimbus');
+
+export async function handle(event, state) {
+  try {
+    await state.setWithVersion('never-written', 1, 5);
+    return 'no conflict';
+  } catch (e) {
+    return {
+      caught: [e instanceof StateConflict, e instanceof StateError, e instanceof nimbus.StateConflict, e.currentVersion],
+      sameAsRequire: nimbus === required,
+      code: import.meta.url,
+      cwd: process.cwd(),
+      nimbus: import.meta.resolve('nimbus'),
+    };
+  }
+}
+"#;
+
+/// The same from CommonJS, with `require` and `import()`.
+const CJS_NIMBUS: &str = r#"
+const nimbus = require('nimbus');
+exports.handle = async (event, state) => {
+  const esm = await import('nimbus');
+  try {
+    await state.setWithVersion('never-written', 1, 5);
+    return 'no conflict';
+  } catch (e) {
+    return {
+      caught: [e instanceof esm.StateConflict, e instanceof esm.StateError, e instanceof nimbus.StateConflict, e.currentVersion],
+      sameAsRequire: esm.default === nimbus,
+      code: __filename,
+      cwd: process.cwd(),
+      nimbus: require.resolve('nimbus'),
+      write: (() => {
+        try {
+          require('node:fs').appendFileSync(require.resolve('nimbus'), '// changed');
+          return 'written';
+        } catch (e) {
+          return e.code;
+        }
+      })(),
+    };
+  }
+};
+"#;
+
+#[tokio::test]
+async fn es_modules_and_commonjs_get_the_nimbus_package_in_the_sandbox() {
+    let s = Server::start(Backend::Sqlite).await;
+    let config = json!({"runtime": "nodejs20", "handler": "index.handle", "state_config": {"enabled": true}});
+    let mut esm =
+        json!({"name": "esm-nimbus", "code_archive": zip_archive(&[("index.mjs", ESM_NIMBUS)])});
+    esm.as_object_mut()
+        .unwrap()
+        .extend(config.as_object().unwrap().clone());
+    let (status, created) = s.call("POST", "/functions", Some(esm)).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    s.deploy("cjs-nimbus", CJS_NIMBUS, config).await;
+    // The data directory's own node_modules: an ancestor of every code directory, at the
+    // same path inside the sandbox as outside.
+    let data = s.dir.path().canonicalize().unwrap();
+    let package = data.join("node_modules/nimbus/index.js");
+    for (function, code) in [("esm-nimbus", "index.mjs"), ("cjs-nimbus", "index.js")] {
+        let r = invoke(&s, function, "", json!({})).await;
+        let body = &r["body"];
+        assert_eq!(
+            body["caught"],
+            json!([true, true, true, 0]),
+            "{function}: {r}"
+        );
+        assert_eq!(body["sameAsRequire"], true, "{function}: {r}");
+        let cwd = std::path::Path::new(body["cwd"].as_str().unwrap());
+        assert_eq!(cwd.parent(), Some(data.join("code").as_path()), "{r}");
+        let file = body["code"].as_str().unwrap().trim_start_matches("file://");
+        assert_eq!(std::path::Path::new(file), cwd.join(code), "{r}");
+        let resolved = body["nimbus"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("file://");
+        assert_eq!(std::path::Path::new(resolved), package, "{r}");
+    }
+    // Not the function's to change (a host root's file, on a read-only mount): no function
+    // alters what the others load.
+    let r = invoke(&s, "cjs-nimbus", "", json!({})).await;
+    let refused = r["body"]["write"].as_str().unwrap_or_default();
+    assert!(["EACCES", "EROFS"].contains(&refused), "{r}");
+}
+
+/// A CommonJS package (`main`) and an ES-module-only one (`"type": "module"`, `exports`)
+/// in the archive's node_modules, as `npm install` leaves them.
+const PACKAGES: &[(&str, &str)] = &[
+    (
+        "node_modules/pad-lite/package.json",
+        r#"{"name": "pad-lite", "version": "1.2.3", "main": "lib/pad.js"}"#,
+    ),
+    (
+        "node_modules/pad-lite/lib/pad.js",
+        "module.exports = (text, width, fill) => fill.repeat(Math.max(0, width - text.length)) + text;\n\
+         module.exports.version = require('../package.json').version;\n",
+    ),
+    (
+        "node_modules/shout-esm/package.json",
+        r#"{"name": "shout-esm", "version": "2.0.0", "type": "module", "exports": {".": "./src/index.js"}}"#,
+    ),
+    (
+        "node_modules/shout-esm/src/index.js",
+        "import { suffix } from './suffix.js';\n\
+         export const shout = (text) => text.toUpperCase() + suffix;\n\
+         export default shout;\n",
+    ),
+    ("node_modules/shout-esm/src/suffix.js", "export const suffix = '!';\n"),
+];
+
+const CJS_USER: &str = r#"
+const pad = require('pad-lite');
+exports.handle = async (event) => {
+  const { shout } = await import('shout-esm');
+  let deep;
+  try { await import('shout-esm/src/suffix.js'); deep = 'imported'; } catch (e) { deep = e.code; }
+  return { padded: pad(event.text, 6, '*'), version: pad.version, shouted: shout(event.text), deep };
+};
+"#;
+
+const ESM_USER: &str = r#"
+import pad from 'pad-lite';
+import shout, { shout as named } from 'shout-esm';
+import { StateError } from 'nimbus';
+export const handle = (event) => ({
+  padded: pad(event.text, 6, '*'),
+  shouted: shout(event.text),
+  same: shout === named,
+  nimbus: typeof StateError,
+});
+"#;
+
+#[tokio::test]
+async fn archives_carry_their_node_modules_for_commonjs_and_es_modules() {
+    let s = Server::start(Backend::Sqlite).await;
+    let mut files = PACKAGES.to_vec();
+    files.extend([("cjs.js", CJS_USER), ("app/esm.mjs", ESM_USER)]);
+    let archive = zip_archive(&files);
+    for (name, handler) in [("uses-cjs", "cjs.handle"), ("uses-esm", "app.esm.handle")] {
+        let (status, created) = s
+            .call(
+                "POST",
+                "/functions",
+                Some(json!({"name": name, "runtime": "nodejs20", "handler": handler, "code_archive": archive})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        assert_eq!(created["files"].as_array().unwrap().len(), 7, "{created}");
+    }
+    let r = invoke(&s, "uses-cjs", "", json!({"text": "hey"})).await;
+    assert_eq!(
+        r["body"],
+        json!({"padded": "***hey", "version": "1.2.3", "shouted": "HEY!", "deep": "ERR_PACKAGE_PATH_NOT_EXPORTED"}),
+        "{r}"
+    );
+    let r = invoke(&s, "uses-esm", "", json!({"text": "hey"})).await;
+    assert_eq!(
+        r["body"],
+        json!({"padded": "***hey", "shouted": "HEY!", "same": true, "nimbus": "function"}),
+        "{r}"
+    );
+
+    // The same files as a directory, packed by the CLI.
+    let dir = tempfile::tempdir().unwrap();
+    for (name, body) in &files {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, body).unwrap();
+    }
+    let root = dir.path().to_str().unwrap();
+    let flags = ["--runtime", "nodejs20", "--handler", "app.esm.handle"];
+    s.cli(&[&["deploy", root, "--name", "uses-esm-cli"][..], &flags].concat())
+        .await;
+    let out = s
+        .cli(&[
+            "invoke",
+            "uses-esm-cli",
+            "--data",
+            r#"{"text": "hi"}"#,
+            "--output",
+            "json",
+        ])
+        .await;
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["body"]["padded"], "****hi", "{out}");
+    assert_eq!(r["body"]["shouted"], "HI!", "{out}");
 }
