@@ -5,15 +5,16 @@
 //! starts and warm invocations (against a server without it), and what starting new
 //! instances from a function's template saves in start time and memory (against cold
 //! starts), and how long a call of the State API takes from Python on the embedded store
-//! and on Redis (against the protocol round trip alone); then reports against the
-//! product's targets.
+//! and on Redis (against the protocol round trip alone), and how the Node.js runtime
+//! compares with Python in warm latency and how fast its spares start new instances
+//! (against cold starts); then reports against the product's targets.
 //!
 //! By default it starts its own server (this binary, `server` on a free port with a
 //! temporary data directory, functions isolated) and stops it at the end, also on error or
 //! Ctrl-C; the isolation phase then starts and stops two fresh ones the same way, one
 //! isolated and one with `--insecure-no-isolation`, and the snapshots phase five more, with
-//! and without snapshots, and one whose templates are evicted to disk, and the state phase
-//! two, one per state backend. The load generator is a bare hyper HTTP/1 client with one
+//! and without snapshots, and one whose templates are evicted to disk, the state phase
+//! two, one per state backend, and the Node.js phase three. The load generator is a bare hyper HTTP/1 client with one
 //! keep-alive connection per virtual client, so the client's own overhead stays small.
 //! Every loop is bounded by a count and a deadline.
 
@@ -21,6 +22,7 @@ mod baseline;
 mod isolation;
 mod load;
 mod memory;
+mod node;
 mod render;
 mod report;
 mod routing;
@@ -46,6 +48,7 @@ use self::baseline::{baseline_python, python_version, run_baseline};
 use self::isolation::measure_isolation;
 use self::load::{run_phase, warm_up, LoadTarget};
 use self::memory::idle_memory;
+use self::node::measure_node;
 use self::render::{clients_text, human_report, markdown_report};
 use self::report::{targets, LatencyPhase, Machine, Report, ThroughputPhase};
 use self::routing::{measure_routing, prepare_canary};
@@ -100,6 +103,11 @@ pub struct BenchArgs {
     /// and protocol-only gets, a tenth as many sets (0 skips the phase).
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub state_gets: u64,
+    /// Rounds of new Node.js instances of the Node.js phase, each starting one from the
+    /// version's spares on one server and one cold on another; the phase also compares
+    /// warm Node.js and Python invocations (`--requests` each). 0 skips the phase.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub node_starts: u32,
     /// Start the benchmark's servers with --insecure-no-isolation (for hosts that cannot
     /// isolate); skips the isolation and snapshots phases.
     #[arg(long)]
@@ -259,6 +267,18 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
         ),
     };
 
+    let (node, node_skipped) = match own_servers_skipped(args, "Node.js", true) {
+        Some(note) => (None, Some(note)),
+        None if args.node_starts == 0 => {
+            progress("skipping the Node.js phase: --node-starts 0");
+            (None, Some("skipped: --node-starts 0".to_owned()))
+        }
+        None => (
+            Some(measure_node(args.requests, args.warmup, args.node_starts).await?),
+            None,
+        ),
+    };
+
     let python_version = baseline
         .as_ref()
         .and_then(|b| python_version(Path::new(&b.python)));
@@ -277,6 +297,8 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
         snapshots_skipped,
         state,
         state_skipped,
+        node,
+        node_skipped,
         targets: Vec::new(),
     };
     report.targets = targets(&report);

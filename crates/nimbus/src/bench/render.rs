@@ -5,9 +5,11 @@ use crate::client::table::Table;
 
 use super::isolation::IsolationPhase;
 use super::memory::ProcessMemory;
+use super::node::NodePhase;
 use super::report::{
-    LatencyPhase, Machine, Report, TARGET_COLD_OVERHEAD_US, TARGET_DISK_START_US, TARGET_P50_US,
-    TARGET_RATIO, TARGET_ROUTING_US, TARGET_RPS, TARGET_RPS_CLIENTS, TARGET_RSS_MIB,
+    LatencyPhase, Machine, Report, TARGET_COLD_OVERHEAD_US, TARGET_DISK_START_US,
+    TARGET_NODE_TEMPLATE_START_US, TARGET_NODE_WARM_RATIO, TARGET_P50_US, TARGET_RATIO,
+    TARGET_ROUTING_US, TARGET_RPS, TARGET_RPS_CLIENTS, TARGET_RSS_MIB,
     TARGET_STATE_GET_EMBEDDED_US, TARGET_STATE_GET_REDIS_US, TARGET_TEMPLATE_PSS_MIB,
     TARGET_TEMPLATE_SPEEDUP, TARGET_TEMPLATE_START_US, TARGET_WARM_NOISE_FLOOR_US,
     TARGET_WARM_NOISE_SHARE,
@@ -221,6 +223,83 @@ fn human_isolation(i: &IsolationPhase) -> String {
         fmt_delta_us(iso.p90_us - uni.p90_us),
         fmt_delta_us(iso.p99_us - uni.p99_us),
         noise_rule(i)
+    ));
+    out
+}
+
+/// The Node.js phase's warm rows: Python, then Node.js with its p50 over Python's.
+fn node_warm_rows(p: &NodePhase) -> [(String, &LatencyPhase, Option<f64>); 2] {
+    [
+        ("Python 3.11 no-op".to_owned(), &p.python, None),
+        (
+            "Node.js 20 no-op".to_owned(),
+            &p.node,
+            Some(p.node.latency.p50_us - p.python.latency.p50_us),
+        ),
+    ]
+}
+
+/// The Node.js phase's start rows.
+fn node_start_rows(p: &NodePhase) -> [(&'static str, &Starts); 2] {
+    [
+        ("template (a spare)", &p.template_starts),
+        ("cold (--no-snapshots)", &p.cold_starts),
+    ]
+}
+
+/// The Node.js phase for people.
+fn human_node(p: &NodePhase) -> String {
+    let mut out = format!(
+        "Node.js: warm latency beside Python on one server ({}), 1 client, {} interleaved rounds:\n",
+        p.warm_server, p.warm_rounds
+    );
+    out.push_str(&latency_table(
+        "function",
+        "p50 over Python",
+        &node_warm_rows(p),
+    ));
+    out.push_str(&format!("  Node.js p50 ÷ Python p50: {:.2}×\n", p.ratio));
+    out.push_str(&format!(
+        "Node.js starts of {}, {} rounds (max_invocations = 1; spares ready {:.2} s after the \
+         function was created; from spares {}, cold {}; interleaved):\n",
+        p.function, p.start_rounds, p.spares_ready_s, p.template_server, p.cold_server
+    ));
+    out.push_str(&starts_table(&node_start_rows(p)));
+    out.push_str(&format!(
+        "  cold p50 ÷ spare p50 (server-reported): {:.1}×\n\n",
+        p.speedup
+    ));
+    out
+}
+
+/// The Node.js phase's Markdown rows; `met` answers for a target by its name's start.
+fn markdown_node(p: &NodePhase, met: impl Fn(&str) -> &'static str) -> String {
+    let mut out = String::new();
+    for (name, phase, overhead) in node_warm_rows(p) {
+        out.push_str(&markdown_latency_row(&name, phase, overhead, "Python"));
+    }
+    out.push_str(&format!(
+        "| Node.js warm p50 ÷ Python warm p50 (same server, interleaved) | ≤ {TARGET_NODE_WARM_RATIO}× | {:.2}× | {} |\n",
+        p.ratio,
+        met("Node.js warm")
+    ));
+    let p50_p95 = |l: &Latency| format!("p50 {}, p95 {}", fmt_us(l.p50_us), fmt_us(l.p95_us));
+    for (name, c) in node_start_rows(p) {
+        out.push_str(&format!(
+            "| Node.js start, {name} ({} new instances, interleaved) | – | server {}; round trip {} ({} errors, {} unexpected) | – |\n",
+            c.server.samples,
+            p50_p95(&c.server),
+            p50_p95(&c.round_trip),
+            c.errors,
+            c.unexpected
+        ));
+    }
+    out.push_str(&format!(
+        "| Node.js start from a spare (p50, server) | ≤ {} | {} ({:.1}× faster than cold) | {} |\n",
+        fmt_us(TARGET_NODE_TEMPLATE_START_US),
+        fmt_us(p.template_starts.server.p50_us),
+        p.speedup,
+        met("Node.js start")
     ));
     out
 }
@@ -616,6 +695,13 @@ pub(super) fn human_report(r: &Report) -> String {
             note.as_deref().unwrap_or("skipped")
         )),
     }
+    match (&r.node, &r.node_skipped) {
+        (Some(p), _) => out.push_str(&human_node(p)),
+        (None, note) => out.push_str(&format!(
+            "Node.js: {}\n\n",
+            note.as_deref().unwrap_or("skipped")
+        )),
+    }
     out.push_str("Targets:\n");
     let mut table = Table::new(&["target", "promise", "measured", "result"]);
     for t in &r.targets {
@@ -649,14 +735,15 @@ pub(super) fn markdown_report(r: &Report, args: &BenchArgs) -> String {
     ));
     let concurrency: Vec<String> = args.concurrency.iter().map(ToString::to_string).collect();
     out.push_str(&format!(
-        "Command: `nimbus bench --requests {} --duration {} --concurrency {} --baseline-runs {} --cold-starts {} --snapshot-starts {} --state-gets {}`\n\n",
+        "Command: `nimbus bench --requests {} --duration {} --concurrency {} --baseline-runs {} --cold-starts {} --snapshot-starts {} --state-gets {} --node-starts {}`\n\n",
         args.requests,
         args.duration,
         concurrency.join(","),
         args.baseline_runs,
         args.cold_starts,
         args.snapshot_starts,
-        args.state_gets
+        args.state_gets,
+        args.node_starts
     ));
     out.push_str("| Measurement | Target | Result | Met |\n|---|---|---|---|\n");
     let w = &r.warm_latency.latency;
@@ -754,6 +841,13 @@ pub(super) fn markdown_report(r: &Report, args: &BenchArgs) -> String {
         }
         (None, note) => out.push_str(&format!(
             "| State API from Python | – | {} | – |\n",
+            note.as_deref().unwrap_or("skipped")
+        )),
+    }
+    match (&r.node, &r.node_skipped) {
+        (Some(p), _) => out.push_str(&markdown_node(p, met)),
+        (None, note) => out.push_str(&format!(
+            "| Node.js runtime | – | {} | – |\n",
             note.as_deref().unwrap_or("skipped")
         )),
     }

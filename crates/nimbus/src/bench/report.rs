@@ -6,6 +6,7 @@ use super::baseline::Baseline;
 use super::isolation::IsolationPhase;
 use super::load::PhaseRun;
 use super::memory::IdleMemory;
+use super::node::NodePhase;
 use super::render::{fmt_count, fmt_delta_us, fmt_us, fmt_us_tenths};
 use super::routing::RoutingPhase;
 use super::snapshots::SnapshotPhase;
@@ -36,6 +37,11 @@ pub(super) const TARGET_DISK_START_US: f64 = 60_000.0;
 pub(super) const TARGET_STATE_GET_EMBEDDED_US: f64 = 60.0;
 /// p50 of a `state.get` from Python on Redis.
 pub(super) const TARGET_STATE_GET_REDIS_US: f64 = 250.0;
+
+/// Node.js warm p50 ÷ Python warm p50, same server, same run.
+pub(super) const TARGET_NODE_WARM_RATIO: f64 = 1.5;
+/// Server-reported p50 of a Node.js start from a spare (its template tier).
+pub(super) const TARGET_NODE_TEMPLATE_START_US: f64 = 10_000.0;
 
 /// Everything one run measured.
 #[derive(Debug, Serialize)]
@@ -68,6 +74,10 @@ pub struct Report {
     pub state: Option<StatePhase>,
     /// Why the state phase was skipped.
     pub state_skipped: Option<String>,
+    /// Node.js beside Python: warm latency and starts (`None` when skipped).
+    pub node: Option<NodePhase>,
+    /// Why the Node.js phase was skipped.
+    pub node_skipped: Option<String>,
     /// The product's targets and whether they were met.
     pub targets: Vec<TargetCheck>,
 }
@@ -372,6 +382,27 @@ pub(super) fn targets(r: &Report) -> Vec<TargetCheck> {
                 r.state.as_ref().and_then(|s| s.redis.as_ref()),
                 TARGET_STATE_GET_REDIS_US,
             ),
+        ),
+        check(
+            "Node.js warm p50 ÷ Python warm p50",
+            format!("≤ {TARGET_NODE_WARM_RATIO}×"),
+            r.node.as_ref().filter(|n| n.ratio > 0.0).map(|n| {
+                (
+                    format!("{:.2}×", n.ratio),
+                    n.ratio <= TARGET_NODE_WARM_RATIO,
+                )
+            }),
+        ),
+        check(
+            "Node.js start from a spare p50 (server)",
+            format!("≤ {}", fmt_us(TARGET_NODE_TEMPLATE_START_US)),
+            r.node
+                .as_ref()
+                .filter(|n| n.template_starts.server.samples > 0)
+                .map(|n| {
+                    let p50 = n.template_starts.server.p50_us;
+                    (fmt_us(p50), p50 <= TARGET_NODE_TEMPLATE_START_US)
+                }),
         ),
     ]
 }

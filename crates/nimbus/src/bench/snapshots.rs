@@ -61,18 +61,22 @@ use super::starts::{StartSamples, Starts};
 use super::{progress, MAX_PHASE};
 
 /// A function the phase deploys.
-struct Function {
-    name: &'static str,
-    code: &'static str,
-    memory_mb: u32,
-    max_instances: u32,
+pub(super) struct Function {
+    pub(super) name: &'static str,
+    /// Its runtime (`python3.11`, `nodejs20`).
+    pub(super) runtime: &'static str,
+    /// Its code (the default handler module's).
+    pub(super) code: &'static str,
+    pub(super) memory_mb: u32,
+    pub(super) max_instances: u32,
     /// The event of every invocation.
-    event: &'static [u8],
+    pub(super) event: &'static [u8],
 }
 
 /// The function of the start-type comparison: a heavy init, a small answer.
 const HEAVY: Function = Function {
     name: "bench-snapshot-heavy",
+    runtime: "python3.11",
     code: r#"import asyncio, decimal, email.mime.multipart, http.client, json, logging, sqlite3, ssl
 import statistics, xml.etree.ElementTree, urllib.request, uuid, zipfile, csv, argparse
 import difflib, fractions, datetime, hashlib
@@ -112,6 +116,7 @@ const DISK_B: Function = Function {
 /// The function of the memory measurement: sleeps for `event["sleep"]` seconds.
 const IDLE: Function = Function {
     name: "bench-snapshot-idle",
+    runtime: "python3.11",
     code: "def handle(event):\n    import time\n    time.sleep(event.get(\"sleep\", 0))\n    return None\n",
     memory_mb: 128,
     max_instances: INSTANCES as u32,
@@ -119,7 +124,7 @@ const IDLE: Function = Function {
 };
 
 /// `nimbus.toml` of the start-type comparison: every invocation starts a new instance.
-const ONE_INVOCATION: &str = "max_invocations = 1\n";
+pub(super) const ONE_INVOCATION: &str = "max_invocations = 1\n";
 /// `nimbus.toml` of the disk tier: every invocation starts a new instance, and a template
 /// that becomes resident evicts every other one (to its checkpoint).
 const DISK_TIER: &str = "max_invocations = 1\n[snapshots]\nmemory_budget_mb = 1\n";
@@ -241,7 +246,7 @@ struct Deployed {
 }
 
 /// A server of the phase with its function deployed.
-struct Server {
+pub(super) struct Server {
     process: ServerProcess,
     url: String,
     client: Client,
@@ -261,7 +266,7 @@ enum Row<'a> {
 
 impl Server {
     /// Starts a server set up as `setup` says and creates `function` on it.
-    async fn start(setup: &Setup<'_>, function: &Function) -> anyhow::Result<Server> {
+    pub(super) async fn start(setup: &Setup<'_>, function: &Function) -> anyhow::Result<Server> {
         let (process, url, client) = ServerProcess::start_healthy(setup).await?;
         let function = deploy(&client, &url, function).await?;
         Ok(Server {
@@ -302,7 +307,7 @@ impl Server {
 
     /// Waits (at most [`READY_TIMEOUT`]) until the template of the function's version is
     /// ready and resident; returns how long after the function's creation it was.
-    async fn wait_resident(&self) -> anyhow::Result<Duration> {
+    pub(super) async fn wait_resident(&self) -> anyhow::Result<Duration> {
         let function = &self.function;
         loop {
             let (done, list) = self
@@ -393,7 +398,7 @@ impl Server {
     }
 
     /// Stops the server; returns its URL.
-    fn stop(mut self) -> String {
+    pub(super) fn stop(mut self) -> String {
         self.process.stop();
         self.url
     }
@@ -404,10 +409,11 @@ async fn deploy(client: &Client, url: &str, function: &Function) -> anyhow::Resu
     let (addr, authority) = loopback_addr(url)?;
     let body = json!({
         "name": function.name,
+        "runtime": function.runtime,
         "code": function.code,
         "memory_mb": function.memory_mb,
         "max_instances": function.max_instances,
-        "description": "nimbus bench: snapshots phase",
+        "description": "nimbus bench: new-instance starts",
     });
     let created = client
         .call(Method::POST, "/functions", &body)
@@ -446,7 +452,7 @@ fn has_files(row: &Value) -> bool {
 /// `rounds` starts on each of `servers` (template, cold), interleaved, after one uncounted
 /// invocation each; stops early at [`MAX_PHASE`]. Returns the starts and what the first
 /// answer said about the data structure.
-async fn compare_starts(
+pub(super) async fn compare_starts(
     servers: &[Server; 2],
     rounds: u32,
 ) -> anyhow::Result<([Starts; 2], Option<f64>)> {
