@@ -244,13 +244,14 @@ impl Launcher {
             .map_err(|e| StartError::Crashed(e.to_string()))?;
         let id = launched.instance_id.clone();
         let (conn, sandbox) = self.handshake(launched).await?;
-        Ok(Instance::new(
-            id,
-            version.clone(),
-            conn,
-            sandbox,
-            Some(template.clone()),
-        ))
+        // A forked instance lives in its template's pid namespace, which must outlive it; a
+        // spare owes its set nothing, and an evicted set's other spares should not linger.
+        let parent = version
+            .config
+            .runtime
+            .forks_templates()
+            .then(|| template.clone());
+        Ok(Instance::new(id, version.clone(), conn, sandbox, parent))
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, StartError> {

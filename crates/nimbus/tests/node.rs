@@ -22,6 +22,14 @@ exports.handle = async (event, state) => {
 };
 "#;
 
+/// `nimbus invoke <function> --data <data> --output json`, parsed.
+async fn cli_invoke(s: &Server, function: &str, data: &str) -> Value {
+    let out = s
+        .cli(&["invoke", function, "--data", data, "--output", "json"])
+        .await;
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
 async fn invoke(s: &Server, function: &str, query: &str, event: Value) -> Value {
     let (status, body) = s.invoke_raw(function, query, &event.to_string()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -272,18 +280,8 @@ async fn the_node_examples_deploy_and_run_from_the_cli_as_documented() {
     let hello = example("hello/index.js");
     s.cli(&[&["deploy", &hello, "--name", "hello-js"][..], &node].concat())
         .await;
-    let out = s
-        .cli(&[
-            "invoke",
-            "hello-js",
-            "--data",
-            r#"{"name": "Nimbus"}"#,
-            "--output",
-            "json",
-        ])
-        .await;
-    let r: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(r["body"]["message"], "Hello, Nimbus!", "{out}");
+    let r = cli_invoke(&s, "hello-js", r#"{"name": "Nimbus"}"#).await;
+    assert_eq!(r["body"]["message"], "Hello, Nimbus!", "{r}");
 
     let counter = example("counter/index.js");
     s.cli(
@@ -515,17 +513,38 @@ async fn archives_carry_their_node_modules_for_commonjs_and_es_modules() {
     let flags = ["--runtime", "nodejs20", "--handler", "app.esm.handle"];
     s.cli(&[&["deploy", root, "--name", "uses-esm-cli"][..], &flags].concat())
         .await;
-    let out = s
-        .cli(&[
-            "invoke",
-            "uses-esm-cli",
-            "--data",
-            r#"{"text": "hi"}"#,
-            "--output",
-            "json",
-        ])
-        .await;
-    let r: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(r["body"]["padded"], "****hi", "{out}");
-    assert_eq!(r["body"]["shouted"], "HI!", "{out}");
+    let r = cli_invoke(&s, "uses-esm-cli", r#"{"text": "hi"}"#).await;
+    assert_eq!(r["body"]["padded"], "****hi", "{r}");
+    assert_eq!(r["body"]["shouted"], "HI!", "{r}");
+}
+
+#[tokio::test]
+async fn an_evicted_set_of_spares_stops_its_spares_but_not_the_instances_taken_from_it() {
+    // A 1 MB budget for templates: each new set of spares evicts the one before.
+    let s = Server::start_with(
+        Backend::Sqlite,
+        "[snapshots]\nmemory_budget_mb = 1\n",
+        &["--snapshots"],
+    )
+    .await;
+    let node = json!({"runtime": "nodejs20", "handler": "index.handle"});
+    s.deploy("evicted-first", LOADED, node.clone()).await;
+    wait_spares(&s, "evicted-first").await;
+    let r = invoke(&s, "evicted-first", "", json!({})).await;
+    assert_eq!(r["start_type"], "template", "{r}");
+    s.deploy("evicting-second", LOADED, node).await;
+    wait_spares(&s, "evicting-second").await;
+    // The first set is gone with its spares; the instance taken from it still serves.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while node_workers_of("evicted-first").len() > 1 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        node_workers_of("evicted-first").len(),
+        1,
+        "only the warm instance"
+    );
+    let again = invoke(&s, "evicted-first", "", json!({})).await;
+    assert_eq!(again["start_type"], "warm", "{again}");
+    assert_eq!(again["instance_id"], r["instance_id"]);
 }
