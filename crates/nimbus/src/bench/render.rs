@@ -283,16 +283,8 @@ fn markdown_node(p: &NodePhase, met: impl Fn(&str) -> &'static str) -> String {
         p.ratio,
         met("Node.js warm")
     ));
-    let p50_p95 = |l: &Latency| format!("p50 {}, p95 {}", fmt_us(l.p50_us), fmt_us(l.p95_us));
     for (name, c) in node_start_rows(p) {
-        out.push_str(&format!(
-            "| Node.js start, {name} ({} new instances, interleaved) | – | server {}; round trip {} ({} errors, {} unexpected) | – |\n",
-            c.server.samples,
-            p50_p95(&c.server),
-            p50_p95(&c.round_trip),
-            c.errors,
-            c.unexpected
-        ));
+        out.push_str(&markdown_starts_row(&format!("Node.js start, {name}"), c));
     }
     out.push_str(&format!(
         "| Node.js start from a spare (p50, server) | ≤ {} | {} ({:.1}× faster than cold) | {} |\n",
@@ -302,6 +294,29 @@ fn markdown_node(p: &NodePhase, met: impl Fn(&str) -> &'static str) -> String {
         met("Node.js start")
     ));
     out
+}
+
+/// `p50 …, p95 …, p99 …` of a start series.
+fn spread(l: &Latency) -> String {
+    format!(
+        "p50 {}, p95 {}, p99 {}",
+        fmt_us(l.p50_us),
+        fmt_us(l.p95_us),
+        fmt_us(l.p99_us)
+    )
+}
+
+/// A Markdown row of interleaved starts: `what (N new instances, interleaved)`, the
+/// server's and the round trip's percentiles.
+fn markdown_starts_row(what: &str, c: &Starts) -> String {
+    format!(
+        "| {what} ({} new instances, interleaved) | – | server {}; round trip {} ({} errors, {} unexpected) | – |\n",
+        c.server.samples,
+        spread(&c.server),
+        spread(&c.round_trip),
+        c.errors,
+        c.unexpected
+    )
 }
 
 /// The snapshots phase's start rows.
@@ -835,10 +850,7 @@ pub(super) fn markdown_report(r: &Report, args: &BenchArgs) -> String {
         )),
     }
     match (&r.state, &r.state_skipped) {
-        (Some(p), _) => {
-            out.push_str(&markdown_state(p, met));
-            out.push_str(&markdown_state_method(p));
-        }
+        (Some(p), _) => out.push_str(&markdown_state(p, met)),
         (None, note) => out.push_str(&format!(
             "| State API from Python | – | {} | – |\n",
             note.as_deref().unwrap_or("skipped")
@@ -850,6 +862,10 @@ pub(super) fn markdown_report(r: &Report, args: &BenchArgs) -> String {
             "| Node.js runtime | – | {} | – |\n",
             note.as_deref().unwrap_or("skipped")
         )),
+    }
+    // After the table: how the state phase measures.
+    if let Some(p) = &r.state {
+        out.push_str(&markdown_state_method(p));
     }
     out
 }
@@ -912,22 +928,10 @@ fn markdown_isolation(i: &IsolationPhase, met: impl Fn(&str) -> &'static str) ->
 /// The snapshots phase's Markdown rows; `met` answers for a target by its name's start.
 fn markdown_snapshots(p: &SnapshotPhase, met: impl Fn(&str) -> &'static str) -> String {
     let mut out = String::new();
-    let spread = |l: &Latency| {
-        format!(
-            "p50 {}, p95 {}, p99 {}",
-            fmt_us(l.p50_us),
-            fmt_us(l.p95_us),
-            fmt_us(l.p99_us)
-        )
-    };
     for (name, c) in snapshot_start_rows(p) {
-        out.push_str(&format!(
-            "| Start, {name}, heavy init ({} new instances, interleaved) | – | server {}; round trip {} ({} errors, {} unexpected) | – |\n",
-            c.server.samples,
-            spread(&c.server),
-            spread(&c.round_trip),
-            c.errors,
-            c.unexpected
+        out.push_str(&markdown_starts_row(
+            &format!("Start, {name}, heavy init"),
+            c,
         ));
     }
     out.push_str(&format!(
@@ -1004,7 +1008,7 @@ fn markdown_snapshots(p: &SnapshotPhase, met: impl Fn(&str) -> &'static str) -> 
 /// The state phase's Markdown rows; `met` answers for a target by its name's start.
 fn markdown_state(p: &StatePhase, met: impl Fn(&str) -> &'static str) -> String {
     let mut out = String::new();
-    let spread = |l: &Latency| {
+    let state_spread = |l: &Latency| {
         format!(
             "p50 {}, p90 {}, p99 {}, mean {}",
             fmt_us_tenths(l.p50_us),
@@ -1023,13 +1027,13 @@ fn markdown_state(p: &StatePhase, met: impl Fn(&str) -> &'static str) -> String 
             "| State get from Python, {name} (`state.get`, session scope, {} calls) | p50 ≤ {} | {}{errors} | {} |\n",
             b.get.samples,
             fmt_us(target),
-            spread(&b.get),
+            state_spread(&b.get),
             met(&format!("state get p50 ({name}"))
         ));
         out.push_str(&format!(
             "| Baseline on the same server: `state.invocation().get` (host memory, protocol only; {} calls) | – | {} | – |\n",
             b.baseline_get.samples,
-            spread(&b.baseline_get)
+            state_spread(&b.baseline_get)
         ));
         out.push_str(&format!(
             "| What the {name} backend adds to a get (p50 get − p50 baseline) | – | {} | – |\n",
@@ -1038,7 +1042,7 @@ fn markdown_state(p: &StatePhase, met: impl Fn(&str) -> &'static str) -> String 
         out.push_str(&format!(
             "| State set from Python, {name} (`state.set`, session scope, {} calls) | – | {} | – |\n",
             b.set.samples,
-            spread(&b.set)
+            state_spread(&b.set)
         ));
     }
     if let Some(note) = &p.redis_skipped {
