@@ -718,3 +718,46 @@ exports.handle = async () => {
         assert_eq!(sandboxed_pids(&s).len(), 3, "call {i} left a stray");
     }
 }
+
+#[tokio::test]
+async fn a_node_function_is_held_to_its_timeout_and_memory_limit() {
+    let s = Server::start(Backend::Sqlite).await;
+    // A synchronous spin never yields to the event loop: only the host's timeout ends it.
+    s.deploy(
+        "spin-node",
+        "exports.handle = () => { for (;;) {} };\n",
+        json!({ "runtime": "nodejs20", "timeout_sec": 1 }),
+    )
+    .await;
+    let started = Instant::now();
+    let (status, body) = s.invoke_raw("spin-node", "", "{}").await;
+    assert_eq!(
+        (status, code_of(&body)),
+        (StatusCode::GATEWAY_TIMEOUT, "function_timeout"),
+        "{body}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Buffers outside V8's heap, written so that the pages are really used: the cgroup's
+    // limit, not V8's heap limit, stops it.
+    s.deploy(
+        "hog-node",
+        "exports.handle = () => { const all = []; for (let i = 0; i < 64; i++) all.push(Buffer.alloc(32 << 20, 1)); return all.length; };\n",
+        json!({ "runtime": "nodejs20", "memory_mb": 128 }),
+    )
+    .await;
+    let (status, body) = s.invoke_raw("hog-node", "", "{}").await;
+    assert_eq!(
+        (status, code_of(&body)),
+        (StatusCode::BAD_GATEWAY, "out_of_memory"),
+        "{body}"
+    );
+    // Both come back with fresh instances.
+    for function in ["spin-node", "hog-node"] {
+        let (status, _) = s.invoke_raw(function, "", "{}").await;
+        assert_ne!(status, StatusCode::OK);
+    }
+    assert_eq!(
+        result(&s, "calm", "def handle(e):\n    return 'ok'\n", json!({})).await,
+        "ok"
+    );
+}
