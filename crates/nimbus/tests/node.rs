@@ -316,6 +316,20 @@ async fn the_node_examples_deploy_and_run_from_the_cli_as_documented() {
         .cli(&["invoke", "cart-js", "--session", "bob", "--data", book])
         .await;
     assert!(out.contains(r#""cart_size": 1"#), "{out}");
+
+    // The same functions over HTTP, as curl calls them.
+    let r = invoke(&s, "hello-js", "", json!({"name": "curl"})).await;
+    assert_eq!(r["body"]["message"], "Hello, curl!", "{r}");
+    let r = invoke(&s, "counter-js", "", json!({})).await;
+    assert_eq!(r["body"]["count"], 7, "{r}");
+    let r = invoke(
+        &s,
+        "cart-js",
+        "?session_key=alice",
+        json!({"item_id": "cup"}),
+    )
+    .await;
+    assert_eq!(r["body"]["cart_size"], 3, "{r}");
 }
 /// A zip archive of `files`, base64-encoded as `code_archive` takes it.
 fn zip_archive(files: &[(&str, &str)]) -> String {
