@@ -562,3 +562,45 @@ async fn an_evicted_set_of_spares_stops_its_spares_but_not_the_instances_taken_f
     assert_eq!(again["start_type"], "warm", "{again}");
     assert_eq!(again["instance_id"], r["instance_id"]);
 }
+
+#[tokio::test]
+async fn a_node_versions_spares_are_built_listed_and_deleted_like_a_snapshot() {
+    let s = Server::start_with(Backend::Sqlite, "", &["--snapshots"]).await;
+    s.deploy(
+        "listed",
+        LOADED,
+        json!({"runtime": "nodejs20", "handler": "index.handle"}),
+    )
+    .await;
+    let (status, row) = s
+        .call(
+            "POST",
+            "/functions/listed/snapshots",
+            Some(json!({"wait": true})),
+        )
+        .await;
+    assert!(status.is_success(), "{row}");
+    assert_eq!(
+        (&row["status"], &row["resident"], &row["runtime"]),
+        (&json!("ready"), &json!(true), &json!("nodejs20")),
+        "{row}"
+    );
+    let listed = s.cli(&["snapshot", "list", "listed"]).await;
+    assert!(listed.contains("ready"), "{listed}");
+    assert_eq!(node_workers_of("listed").len(), 2, "two spares");
+
+    // Deleting the snapshot stops its spares; the next start is cold and builds new ones.
+    let id = row["id"].as_str().unwrap();
+    let (status, body) = s
+        .call("DELETE", &format!("/functions/listed/snapshots/{id}"), None)
+        .await;
+    assert!(status.is_success(), "{body}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !node_workers_of("listed").is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(node_workers_of("listed").is_empty(), "spares left running");
+    let r = invoke(&s, "listed", "", json!({})).await;
+    assert_eq!(r["start_type"], "cold", "{r}");
+    wait_spares(&s, "listed").await;
+}
