@@ -8,6 +8,7 @@
 //! itself) the worker is started directly with a clean environment.
 
 use std::ffi::CString;
+use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::process::Stdio;
@@ -201,7 +202,8 @@ impl Driver for ProcessDriver {
                 pid,
                 exit: None,
                 slot,
-                expected_tasks: 3 + residue,
+                residue,
+                worker_stat: None,
             }),
         })
     }
@@ -246,10 +248,12 @@ struct ProcessSandbox {
     exit: Option<ExitInfo>,
     /// Dropped with the sandbox: whatever is left in it is killed and the slot reused.
     slot: Option<CgroupSlot>,
-    /// Tasks the slot holds after an invocation that left nothing running: the init, the
-    /// sandbox's PID 1, the worker's threads, and the tasks charged to the slot before the
-    /// sandbox started (exited, unreaped processes of an earlier occupant).
-    expected_tasks: u64,
+    /// Tasks charged to the slot before the sandbox started (exited, unreaped processes of
+    /// an earlier occupant), less those reaped since.
+    residue: u64,
+    /// The worker's `/proc/<pid>/stat`, kept open once the worker is found: its thread
+    /// count tells the worker's own tasks from processes an invocation left running.
+    worker_stat: Option<File>,
 }
 
 impl ProcessSandbox {
@@ -304,28 +308,32 @@ impl Sandbox for ProcessSandbox {
     fn end_strays(&mut self) {
         let Some(slot) = &self.slot else { return };
         // The init, the sandbox's PID 1 and the worker's threads (plus any zombie of an
-        // earlier occupant of the slot not yet reaped): nothing else to look at. (The count
-        // is one read of a file kept open: this runs after every invocation.)
-        let before = slot.task_count();
-        if let Some(n) = before.filter(|&n| n <= self.expected_tasks) {
-            // Fewer (threads ended): expect no more than that, so a stray born later shows.
-            self.expected_tasks = n;
-            return;
+        // earlier occupant of the slot not yet reaped): nothing else to look at. Two reads
+        // of files kept open, since this runs after every invocation: the worker's thread
+        // count first, then the group's, so a thread born in between costs only a listing.
+        let threads = self.worker_stat.as_ref().and_then(thread_count);
+        if let (Some(threads), Some(tasks)) = (threads, slot.task_count()) {
+            let expected = 2 + threads + self.residue;
+            if tasks <= expected {
+                // Fewer: the earlier occupant's leftovers were reaped meanwhile.
+                self.residue = self.residue.saturating_sub(expected - tasks);
+                return;
+            }
         }
-        let mut strays = false;
         for pid in slot.pids() {
-            if pid as u32 == self.pid || matches!(pid_in_sandbox(pid), Some(1 | 2) | None) {
+            if pid as u32 == self.pid {
                 continue;
             }
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-            strays = true;
-        }
-        // None: the worker has more threads than last seen (a multi-threaded runtime, or
-        // its thread pool started), which the quick check then expects. The smaller of the
-        // counts around the listing leaves out a process that ended meanwhile.
-        if !strays {
-            if let (Some(before), Some(after)) = (before, slot.task_count()) {
-                self.expected_tasks = before.min(after);
+            match pid_in_sandbox(pid) {
+                Some(1) | None => {}
+                Some(2) => {
+                    if self.worker_stat.is_none() {
+                        self.worker_stat = File::open(format!("/proc/{pid}/stat")).ok();
+                    }
+                }
+                Some(_) => {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
             }
         }
     }
@@ -360,6 +368,18 @@ impl Sandbox for ProcessSandbox {
 pub(crate) fn first_child(pid: u32) -> Option<i32> {
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
     children.split_whitespace().next()?.parse().ok()
+}
+
+/// The thread count (field 20) of the process whose `/proc/<pid>/stat` is `stat`; `None`
+/// once the process has ended.
+fn thread_count(stat: &File) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 1024];
+    let n = stat.read_at(&mut buf, 0).ok()?;
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    // After the command name, which may hold spaces and parentheses: state is field 3.
+    let (_, fields) = text.rsplit_once(')')?;
+    fields.split_whitespace().nth(17)?.parse().ok()
 }
 
 /// A host process's pid in the innermost pid namespace it belongs to (the last `NSpid`
