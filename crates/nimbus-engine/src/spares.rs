@@ -25,10 +25,13 @@ pub(crate) struct Spares {
 }
 
 struct Shared {
+    /// Starts the spares.
     launcher: Arc<Launcher>,
+    /// The version they are instances of.
     version: Arc<VersionEntry>,
     /// Spares kept ready when no start is waiting.
     target: usize,
+    /// What is ready, coming and waiting.
     state: Mutex<State>,
     /// A spare came up, or the set broke.
     changed: Notify,
@@ -36,7 +39,9 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
+    /// Spares with the function loaded and their greeting unread, oldest first.
     ready: VecDeque<Launched>,
+    /// Spares being started.
     starting: usize,
     /// Starts waiting for a spare.
     waiting: usize,
@@ -87,6 +92,10 @@ impl Shared {
     /// start.
     fn top_up(self: &Arc<Self>) {
         let mut state = self.state.lock().expect("spares lock");
+        // A spare that ended while it waited (killed from outside) is replaced, not handed out.
+        state
+            .ready
+            .retain_mut(|spare| spare.sandbox.try_exit().is_none());
         while !state.closed
             && state.broken.is_none()
             && state.ready.len() + state.starting < self.target + state.waiting
@@ -100,6 +109,8 @@ impl Shared {
                 match started {
                     // Dropped meanwhile (evicted, or the server stops): not wanted.
                     _ if state.closed => {}
+                    // The start it was for gave up (timed out and went cold): one too many.
+                    Ok(_surplus) if state.ready.len() >= shared.target + state.waiting => {}
                     Ok(spare) => state.ready.push_back(spare),
                     Err(e) => {
                         tracing::warn!(
@@ -130,8 +141,8 @@ impl Drop for Waiting<'_> {
 #[async_trait]
 impl Template for Spares {
     /// A ready spare (started ahead as an instance of its own id, which
-    /// [`Launched::instance_id`] tells); `_instance_id` is not used.
-    async fn spawn(&self, _instance_id: &str) -> Result<Launched, DriverError> {
+    /// [`Launched::instance_id`] tells; `instance_id` only names a failure).
+    async fn spawn(&self, instance_id: &str) -> Result<Launched, DriverError> {
         let shared = &self.shared;
         let mut waiting = None;
         loop {
@@ -151,7 +162,7 @@ impl Template for Spares {
                 }
                 if let Some(why) = &state.broken {
                     return Err(DriverError {
-                        instance_id: String::new(),
+                        instance_id: instance_id.to_owned(),
                         message: why.clone(),
                         refused: false,
                     });
@@ -175,14 +186,15 @@ impl Template for Spares {
             .is_none()
     }
 
-    /// The memory the ready spares hold (what keeping the set costs).
+    /// The memory the ready spares hold (what keeping the set costs), as far as known.
     fn resident_bytes(&self) -> Option<u64> {
         let state = self.shared.state.lock().expect("spares lock");
-        state
+        let known: Vec<u64> = state
             .ready
             .iter()
-            .map(|spare| spare.sandbox.resident_bytes())
-            .sum()
+            .filter_map(|spare| spare.sandbox.resident_bytes())
+            .collect();
+        (!known.is_empty()).then(|| known.iter().sum())
     }
 }
 

@@ -331,11 +331,19 @@ fn greeting(msg: WorkerMessage<'_>) -> Result<Ready, WorkerError> {
 /// Waits for the greeting of the worker on `stream` and reads it without taking it off the
 /// socket, so that the [`WorkerConn::handshake`] of whoever uses the worker later gets it
 /// at once: a worker started ahead of its use is known to be ready (or not) by then.
+///
+/// A `ready` is small and always fits the socket's buffer. A greeting longer than
+/// [`PEEK_LIMIT`] (an `init_error` with a long message and logs may be over the buffer,
+/// and its writer waits until it is read) is read off instead: the worker is of no use
+/// then, whatever it says.
 pub async fn peek_greeting(stream: &UnixStream) -> Result<Ready, WorkerError> {
     use std::os::fd::AsRawFd;
     let mut buf = vec![0u8; 4096];
     loop {
-        stream.readable().await.map_err(WorkerError::Io)?;
+        let readiness = stream
+            .ready(tokio::io::Interest::READABLE)
+            .await
+            .map_err(WorkerError::Io)?;
         let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
             // SAFETY: `buf` is valid for writes of its length; the fd is the stream's own.
             let n = unsafe {
@@ -365,16 +373,126 @@ pub async fn peek_greeting(stream: &UnixStream) -> Result<Ready, WorkerError> {
             if n >= 4 + len {
                 return greeting(parse(&buf[4..4 + len])?);
             }
+            if len > PEEK_LIMIT {
+                return take_greeting(stream, len).await;
+            }
             if buf.len() < 4 + len {
                 buf.resize(4 + len, 0);
                 continue;
             }
         }
-        // Part of the frame is in: the socket stays readable, so wait for the rest a moment.
+        // Part of the frame is in. If the worker is gone, the rest never comes; otherwise
+        // the socket stays readable, so wait for the rest a moment.
+        if readiness.is_read_closed() {
+            return Err(WorkerError::Closed);
+        }
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
 }
 
+/// Longest greeting [`peek_greeting`] leaves on the socket.
+pub const PEEK_LIMIT: usize = 64 * 1024;
+
+/// Reads off `stream` a greeting of `len` bytes (after its 4-byte length): an error in any
+/// case, since the handshake of whoever takes the worker would not find it.
+async fn take_greeting(stream: &UnixStream, len: usize) -> Result<Ready, WorkerError> {
+    let mut frame = vec![0u8; 4 + len];
+    let mut filled = 0;
+    while filled < frame.len() {
+        stream.readable().await.map_err(WorkerError::Io)?;
+        match stream.try_read(&mut frame[filled..]) {
+            Ok(0) => return Err(WorkerError::Closed),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(FrameError::Io(e).into()),
+        }
+    }
+    greeting(parse(&frame[4..])?)?;
+    Err(WorkerError::Protocol(format!(
+        "a ready greeting of {len} bytes (at most {PEEK_LIMIT} are expected)"
+    )))
+}
+
 fn parse(buf: &[u8]) -> Result<WorkerMessage<'_>, WorkerError> {
     serde_json::from_slice(buf).map_err(|e| WorkerError::Protocol(format!("invalid message: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    fn framed(json: &str) -> Vec<u8> {
+        let mut frame = (json.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(json.as_bytes());
+        frame
+    }
+
+    #[tokio::test]
+    async fn a_peeked_ready_stays_on_the_socket_for_the_handshake() {
+        let (host, mut worker) = UnixStream::pair().unwrap();
+        let ready = framed(r#"{"type":"ready","pid":7,"init_ms":1.5}"#);
+        // In two writes, so that the peek sees a partial frame first.
+        worker.write_all(&ready[..10]).await.unwrap();
+        let peek = tokio::spawn(async move {
+            let ready = peek_greeting(&host).await;
+            (host, ready)
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        worker.write_all(&ready[10..]).await.unwrap();
+        let (host, peeked) = peek.await.unwrap();
+        assert_eq!(peeked.unwrap().pid, 7);
+        let mut conn = WorkerConn::new(host);
+        assert_eq!(conn.handshake().await.unwrap().pid, 7);
+    }
+
+    #[tokio::test]
+    async fn a_worker_gone_before_or_during_its_greeting_is_closed_at_once() {
+        for partial in [&b""[..], &[0, 0, 0, 40, b'{'][..]] {
+            let (host, mut worker) = UnixStream::pair().unwrap();
+            worker.write_all(partial).await.unwrap();
+            drop(worker);
+            let peeked = tokio::time::timeout(Duration::from_secs(2), peek_greeting(&host))
+                .await
+                .expect("no wait for a frame that cannot come");
+            assert!(matches!(peeked, Err(WorkerError::Closed)), "{peeked:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_init_error_larger_than_the_socket_buffer_is_read_off_and_reported() {
+        let (host, mut worker) = UnixStream::pair().unwrap();
+        let message = "\\u0001".repeat(100_000); // ~600 KB once framed
+        let error = framed(&format!(
+            r#"{{"type":"init_error","error":{{"type":"Error","message":"{message}"}},"logs":"loading"}}"#
+        ));
+        assert!(error.len() > 4 * PEEK_LIMIT);
+        let writer = tokio::spawn(async move { worker.write_all(&error).await });
+        let peeked = tokio::time::timeout(Duration::from_secs(5), peek_greeting(&host))
+            .await
+            .expect("the writer is not left waiting for buffer space");
+        match peeked {
+            Err(WorkerError::Init { error, logs }) => {
+                assert_eq!(error.message.chars().count(), 100_000);
+                assert_eq!(logs, "loading");
+            }
+            other => panic!("{other:?}"),
+        }
+        writer.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_announced_length_over_the_limit_is_refused_unread() {
+        let (host, mut worker) = UnixStream::pair().unwrap();
+        let too_long = (MAX_FRAME_BYTES as u32 + 1).to_be_bytes();
+        worker.write_all(&too_long).await.unwrap();
+        let peeked = peek_greeting(&host).await;
+        assert!(
+            matches!(peeked, Err(WorkerError::Protocol(ref m)) if m.contains("exceeds")),
+            "{peeked:?}"
+        );
+    }
 }

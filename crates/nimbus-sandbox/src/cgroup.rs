@@ -410,6 +410,10 @@ impl Cgroups {
             ),
         };
         let oom_baseline = read_key(&oom_file, "oom_kill");
+        let usage_file = memory_dir.join(match self.version {
+            CgroupVersion::V1 => "memory.usage_in_bytes",
+            CgroupVersion::V2 => "memory.current",
+        });
         let procs = dirs
             .iter()
             .map(|d| CString::new(d.join("cgroup.procs").as_os_str().as_bytes()))
@@ -424,6 +428,7 @@ impl Cgroups {
             procs,
             oom_file,
             oom_baseline,
+            usage_file,
             peak,
             tasks,
         })
@@ -468,6 +473,8 @@ pub struct CgroupSlot {
     procs: Vec<CString>,
     oom_file: PathBuf,
     oom_baseline: Option<u64>,
+    /// v1 `memory.usage_in_bytes`, v2 `memory.current`.
+    usage_file: PathBuf,
     /// Read from offset 0 each time: on v2 the peak reset applies to this descriptor only.
     peak: Option<File>,
     /// The pids controller's `pids.current`, kept open: counting the group's tasks after
@@ -524,6 +531,15 @@ impl CgroupSlot {
         let mut buf = [0u8; 32];
         let n = self.peak.as_ref()?.read_at(&mut buf, 0).ok()?;
         std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
+    }
+
+    /// Memory charged to the group now (v1 memory.usage_in_bytes, v2 memory.current).
+    pub fn memory_bytes(&self) -> Option<u64> {
+        std::fs::read_to_string(&self.usage_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Moves process `pid` (with its threads) into this group, in every hierarchy, in the

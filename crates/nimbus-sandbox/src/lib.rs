@@ -98,8 +98,8 @@ pub trait Sandbox: Send + Sync + fmt::Debug {
     /// while the instance waits for the next one. Called after every invocation: cheap when
     /// there is nothing to do.
     fn end_strays(&mut self) {}
-    /// Memory the sandbox's processes hold resident, bytes (what keeping it costs), if the
-    /// driver can tell.
+    /// Memory the sandbox holds, bytes (what keeping it costs: what is charged to its
+    /// cgroup, or the worker's resident memory without one), if the driver can tell.
     fn resident_bytes(&self) -> Option<u64> {
         None
     }
@@ -115,15 +115,11 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Resident memory of the processes in `slot` (or of `pid` alone, without a slot), bytes.
-pub(crate) fn sandbox_rss(slot: Option<&cgroup::CgroupSlot>, pid: u32) -> Option<u64> {
+/// Memory a sandbox holds: what is charged to its cgroup `slot`, or without one the
+/// resident memory of its process `pid`.
+pub(crate) fn sandbox_memory(slot: Option<&cgroup::CgroupSlot>, pid: u32) -> Option<u64> {
     match slot {
-        Some(slot) => Some(
-            slot.pids()
-                .into_iter()
-                .filter_map(|p| rss_bytes(p as u32))
-                .sum(),
-        ),
+        Some(slot) => slot.memory_bytes(),
         None => rss_bytes(pid),
     }
 }

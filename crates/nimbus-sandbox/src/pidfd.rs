@@ -148,7 +148,7 @@ impl Sandbox for PidfdSandbox {
     }
 
     fn resident_bytes(&self) -> Option<u64> {
-        crate::sandbox_rss(self.slot.as_ref(), self.pid)
+        crate::sandbox_memory(self.slot.as_ref(), self.pid)
     }
 
     fn kill(&mut self) {

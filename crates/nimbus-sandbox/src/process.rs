@@ -298,7 +298,7 @@ impl Sandbox for ProcessSandbox {
     }
 
     fn resident_bytes(&self) -> Option<u64> {
-        crate::sandbox_rss(self.slot.as_ref(), self.pid)
+        crate::sandbox_memory(self.slot.as_ref(), self.pid)
     }
 
     fn kill(&mut self) {
