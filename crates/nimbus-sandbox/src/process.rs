@@ -203,7 +203,7 @@ impl Driver for ProcessDriver {
                 exit: None,
                 slot,
                 residue,
-                worker_stat: None,
+                worker_tasks: None,
             }),
         })
     }
@@ -251,9 +251,9 @@ struct ProcessSandbox {
     /// Tasks charged to the slot before the sandbox started (exited, unreaped processes of
     /// an earlier occupant), less those reaped since.
     residue: u64,
-    /// The worker's `/proc/<pid>/stat`, kept open once the worker is found: its thread
+    /// The worker's `/proc/<pid>/task`, kept open once the worker is found: its thread
     /// count tells the worker's own tasks from processes an invocation left running.
-    worker_stat: Option<File>,
+    worker_tasks: Option<File>,
 }
 
 impl ProcessSandbox {
@@ -308,10 +308,11 @@ impl Sandbox for ProcessSandbox {
     fn end_strays(&mut self) {
         let Some(slot) = &self.slot else { return };
         // The init, the sandbox's PID 1 and the worker's threads (plus any zombie of an
-        // earlier occupant of the slot not yet reaped): nothing else to look at. Two reads
-        // of files kept open, since this runs after every invocation: the worker's thread
-        // count first, then the group's, so a thread born in between costs only a listing.
-        let threads = self.worker_stat.as_ref().and_then(thread_count);
+        // earlier occupant of the slot not yet reaped): nothing else to look at. Two cheap
+        // calls on files kept open, since this runs after every invocation: the worker's
+        // thread count first, then the group's, so a thread born in between costs only a
+        // listing.
+        let threads = self.worker_tasks.as_ref().and_then(thread_count);
         if let (Some(threads), Some(tasks)) = (threads, slot.task_count()) {
             let expected = 2 + threads + self.residue;
             if tasks <= expected {
@@ -327,8 +328,8 @@ impl Sandbox for ProcessSandbox {
             match pid_in_sandbox(pid) {
                 Some(1) | None => {}
                 Some(2) => {
-                    if self.worker_stat.is_none() {
-                        self.worker_stat = File::open(format!("/proc/{pid}/stat")).ok();
+                    if self.worker_tasks.is_none() {
+                        self.worker_tasks = File::open(format!("/proc/{pid}/task")).ok();
                     }
                 }
                 Some(_) => {
@@ -370,16 +371,13 @@ pub(crate) fn first_child(pid: u32) -> Option<i32> {
     children.split_whitespace().next()?.parse().ok()
 }
 
-/// The thread count (field 20) of the process whose `/proc/<pid>/stat` is `stat`; `None`
-/// once the process has ended.
-fn thread_count(stat: &File) -> Option<u64> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = [0u8; 1024];
-    let n = stat.read_at(&mut buf, 0).ok()?;
-    let text = std::str::from_utf8(&buf[..n]).ok()?;
-    // After the command name, which may hold spaces and parentheses: state is field 3.
-    let (_, fields) = text.rsplit_once(')')?;
-    fields.split_whitespace().nth(17)?.parse().ok()
+/// The thread count of the process whose `/proc/<pid>/task` directory is `tasks`: procfs
+/// gives that directory two links plus one per thread, so one `fstat` tells it (no text to
+/// format or parse). `None` once the process has ended.
+fn thread_count(tasks: &File) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let links = tasks.metadata().ok()?.nlink();
+    links.checked_sub(2).filter(|&n| n > 0)
 }
 
 /// A host process's pid in the innermost pid namespace it belongs to (the last `NSpid`

@@ -207,15 +207,10 @@ async fn a_burst_beyond_the_spares_waits_for_the_next_ones_instead_of_failing() 
     )
     .await;
     wait_spares(&s, "burst-node").await;
-    let calls = (0..8).map(|_| s.invoke_raw("burst-node", "", r#"{"sleep_ms": 300}"#));
-    let results = futures::future::join_all(calls).await;
-    let mut instances = std::collections::HashSet::new();
-    for (status, r) in &results {
-        assert_eq!(*status, StatusCode::OK, "{r}");
-        assert_eq!(r["start_type"], "template", "{r}");
-        instances.insert(r["instance_id"].as_str().unwrap().to_owned());
-    }
-    assert_eq!(instances.len(), 8);
+    let served = s
+        .burst_of_template_starts("burst-node", 8, r#"{"sleep_ms": 300}"#)
+        .await;
+    assert_eq!(served, 8);
 }
 
 /// Host pids of the Node workers of `function` that are not serving (its spares, on a

@@ -201,6 +201,19 @@ impl Server {
         )
     }
 
+    /// Invokes `function` `n` times at once with `event`: each must succeed as a new
+    /// instance started from the version's template. Returns how many instances served.
+    pub async fn burst_of_template_starts(&self, function: &str, n: usize, event: &str) -> usize {
+        let calls = (0..n).map(|_| self.invoke_raw(function, "", event));
+        let mut instances = std::collections::HashSet::new();
+        for (status, r) in futures::future::join_all(calls).await {
+            assert_eq!(status, StatusCode::OK, "{r}");
+            assert_eq!(r["start_type"], "template", "{r}");
+            instances.insert(r["instance_id"].as_str().unwrap().to_owned());
+        }
+        instances.len()
+    }
+
     pub async fn invoke_raw(&self, function: &str, query: &str, body: &str) -> (StatusCode, Value) {
         let resp = self
             .auth(
