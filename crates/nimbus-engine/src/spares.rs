@@ -3,18 +3,18 @@
 //! loaded and its `ready` greeting waiting unread in its socket.
 //!
 //! A start takes one, whose handshake then completes at once, and another is started
-//! behind it. Starts that find none ready wait for the next one to come up rather than
-//! starting more of their own, and each waiting start adds one to those being started, so
-//! a burst is served as fast as workers can be started. A spare that fails to come up
-//! breaks the set: the snapshot manager then drops it, and the version's next cold start
-//! builds a new one.
+//! behind it. Starts that find none ready queue for the next ones in arrival order rather
+//! than starting more of their own, and each queued start adds one to those being started,
+//! so a burst is served as fast as workers can be started, first come first served. A
+//! spare that fails to come up breaks the set: the snapshot manager then drops it, and the
+//! version's next cold start builds a new one.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use nimbus_sandbox::{DriverError, Launched, Template};
-use tokio::sync::Notify;
+use tokio::sync::oneshot;
 
 use crate::catalog::VersionEntry;
 use crate::launcher::{Launcher, StartError};
@@ -33,8 +33,6 @@ struct Shared {
     target: usize,
     /// What is ready, coming and waiting.
     state: Mutex<State>,
-    /// A spare came up, or the set broke.
-    changed: Notify,
 }
 
 #[derive(Default)]
@@ -43,12 +41,26 @@ struct State {
     ready: VecDeque<Launched>,
     /// Spares being started.
     starting: usize,
-    /// Starts waiting for a spare.
-    waiting: usize,
+    /// Starts waiting for a spare, in arrival order (a start that gave up has dropped its
+    /// receiver).
+    waiting: VecDeque<oneshot::Sender<Launched>>,
     /// Why a spare failed to come up: the set is not used any more.
     broken: Option<String>,
     /// The set was dropped: spares still coming up are stopped when they do.
     closed: bool,
+}
+
+impl State {
+    /// Hands `spare` to the first start still waiting; back if none is.
+    fn hand_over(&mut self, mut spare: Launched) -> Option<Launched> {
+        while let Some(start) = self.waiting.pop_front() {
+            match start.send(spare) {
+                Ok(()) => return None,
+                Err(back) => spare = back, // that start gave up (timed out)
+            }
+        }
+        Some(spare)
+    }
 }
 
 impl Spares {
@@ -81,7 +93,6 @@ impl Spares {
                     ready,
                     ..State::default()
                 }),
-                changed: Notify::new(),
             }),
         })
     }
@@ -92,13 +103,15 @@ impl Shared {
     /// start.
     fn top_up(self: &Arc<Self>) {
         let mut state = self.state.lock().expect("spares lock");
-        // A spare that ended while it waited (killed from outside) is replaced, not handed out.
+        // A spare that ended while it waited (killed from outside) is replaced, not handed
+        // out; a start that gave up waits for nothing.
         state
             .ready
             .retain_mut(|spare| spare.sandbox.try_exit().is_none());
+        state.waiting.retain(|start| !start.is_closed());
         while !state.closed
             && state.broken.is_none()
-            && state.ready.len() + state.starting < self.target + state.waiting
+            && state.ready.len() + state.starting < self.target + state.waiting.len()
         {
             state.starting += 1;
             let shared = self.clone();
@@ -109,9 +122,14 @@ impl Shared {
                 match started {
                     // Dropped meanwhile (evicted, or the server stops): not wanted.
                     _ if state.closed => {}
-                    // The start it was for gave up (timed out and went cold): one too many.
-                    Ok(_surplus) if state.ready.len() >= shared.target + state.waiting => {}
-                    Ok(spare) => state.ready.push_back(spare),
+                    Ok(spare) => {
+                        if let Some(spare) = state.hand_over(spare) {
+                            // Kept unless the start it was for gave up: one too many then.
+                            if state.ready.len() < shared.target {
+                                state.ready.push_back(spare);
+                            }
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(
                             function = %shared.version.function_name,
@@ -119,62 +137,61 @@ impl Shared {
                             "a spare instance did not start: {e}"
                         );
                         state.broken = Some(format!("a spare instance did not start: {e}"));
+                        // The waiting starts learn it as their senders drop.
+                        state.waiting.clear();
                     }
                 }
-                drop(state);
-                shared.changed.notify_waiters();
             });
         }
-    }
-}
-
-/// Counts a start among the waiting ones for as long as it waits (also if it is dropped
-/// while waiting, as by a timeout).
-struct Waiting<'a>(&'a Shared);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.state.lock().expect("spares lock").waiting -= 1;
     }
 }
 
 #[async_trait]
 impl Template for Spares {
     /// A ready spare (started ahead as an instance of its own id, which
-    /// [`Launched::instance_id`] tells; `instance_id` only names a failure).
+    /// [`Launched::instance_id`] tells; `instance_id` only names a failure), or the next one
+    /// to come up, after the starts that were waiting before this one.
     async fn spawn(&self, instance_id: &str) -> Result<Launched, DriverError> {
         let shared = &self.shared;
-        let mut waiting = None;
-        loop {
-            let changed = shared.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            {
-                let mut state = shared.state.lock().expect("spares lock");
-                while let Some(mut spare) = state.ready.pop_front() {
-                    if spare.sandbox.try_exit().is_some() {
-                        continue; // ended while it waited (killed from outside)
-                    }
-                    drop(state);
-                    drop(waiting);
-                    shared.top_up();
-                    return Ok(spare);
-                }
-                if let Some(why) = &state.broken {
-                    return Err(DriverError {
-                        instance_id: instance_id.to_owned(),
-                        message: why.clone(),
-                        refused: false,
-                    });
-                }
-                if waiting.is_none() {
-                    state.waiting += 1;
-                    waiting = Some(Waiting(shared));
+        let broken = |why: Option<&String>| DriverError {
+            instance_id: instance_id.to_owned(),
+            message: why.map_or_else(|| "the spares were dropped".to_owned(), Clone::clone),
+            refused: false,
+        };
+        let next = {
+            let mut state = shared.state.lock().expect("spares lock");
+            if let Some(why) = &state.broken {
+                return Err(broken(Some(why)));
+            }
+            // Spares that ended while they waited (killed from outside) are passed over.
+            state
+                .ready
+                .retain_mut(|spare| spare.sandbox.try_exit().is_none());
+            state.waiting.retain(|start| !start.is_closed());
+            // Earlier starts are served first.
+            let ready = match state.waiting.is_empty() {
+                true => state.ready.pop_front(),
+                false => None,
+            };
+            match ready {
+                Some(spare) => Ok(spare),
+                None => {
+                    let (start, next) = oneshot::channel();
+                    state.waiting.push_back(start);
+                    Err(next)
                 }
             }
-            shared.top_up();
-            changed.await;
-        }
+        };
+        shared.top_up(); // one more for this start if it waits
+        let spare = match next {
+            Ok(spare) => spare,
+            Err(next) => next.await.map_err(|_| {
+                let state = shared.state.lock().expect("spares lock");
+                broken(state.broken.as_ref())
+            })?,
+        };
+        shared.top_up();
+        Ok(spare)
     }
 
     fn alive(&self) -> bool {
@@ -204,6 +221,7 @@ impl std::fmt::Debug for Spares {
         f.debug_struct("Spares")
             .field("ready", &state.ready.len())
             .field("starting", &state.starting)
+            .field("waiting", &state.waiting.len())
             .field("broken", &state.broken)
             .finish()
     }
@@ -215,5 +233,6 @@ impl Drop for Spares {
         state.closed = true;
         // Dropping a launched worker kills it.
         state.ready.clear();
+        state.waiting.clear();
     }
 }
