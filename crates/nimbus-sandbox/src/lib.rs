@@ -107,6 +107,15 @@ pub trait Sandbox: Send + Sync + fmt::Debug {
     async fn wait(&mut self) -> ExitInfo;
 }
 
+/// The thread count of the process whose `/proc/<pid>/task` directory is `tasks`: procfs
+/// gives that directory two links plus one per thread, so one `fstat` tells it (no text to
+/// format or parse). `None` once the process has ended.
+pub(crate) fn thread_count(tasks: &std::fs::File) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let links = tasks.metadata().ok()?.nlink();
+    links.checked_sub(2).filter(|&n| n > 0)
+}
+
 /// Resident memory of host process `pid` (`VmRSS`), bytes.
 pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -54,8 +54,11 @@ pub(crate) struct PidfdSandbox {
     pid: u32,
     pidfd: AsyncFd<OwnedFd>,
     slot: Option<CgroupSlot>,
-    /// Tasks charged to the slot before the sandbox started.
+    /// Tasks charged to the slot before the sandbox started, less those reaped since.
     residue: u64,
+    /// Its `/proc/<pid>/task`: its thread count tells its own tasks from processes an
+    /// invocation left running.
+    tasks: Option<std::fs::File>,
     exit: Option<ExitInfo>,
     /// The outbound link's reservation, if any (held open with the sandbox).
     _reservation: Option<std::fs::File>,
@@ -73,6 +76,7 @@ impl PidfdSandbox {
         reap: bool,
     ) -> std::io::Result<PidfdSandbox> {
         let pidfd = pidfd_open(pid)?;
+        let tasks = std::fs::File::open(format!("/proc/{pid}/task")).ok();
         // SAFETY: an OwnedFd keeps its descriptor open and unchanged until it drops, with
         // the AsyncFd that owns it.
         let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
@@ -82,6 +86,7 @@ impl PidfdSandbox {
             pidfd,
             slot,
             residue,
+            tasks,
             exit: None,
             _reservation: reservation,
             reap,
@@ -175,8 +180,16 @@ impl Sandbox for PidfdSandbox {
 
     fn end_strays(&mut self) {
         let Some(slot) = &self.slot else { return };
-        if slot.task_count().is_some_and(|n| n <= 1 + self.residue) {
-            return;
+        // Its own threads (the handler may have started some) and an earlier occupant's
+        // leftovers: nothing else to look at. Its thread count first, then the group's, so
+        // a thread born in between costs only a listing.
+        let threads = self.tasks.as_ref().and_then(crate::thread_count);
+        if let (Some(threads), Some(tasks)) = (threads, slot.task_count()) {
+            let expected = threads + self.residue;
+            if tasks <= expected {
+                self.residue = self.residue.saturating_sub(expected - tasks);
+                return;
+            }
         }
         for pid in slot.pids() {
             if pid as u32 != self.pid {

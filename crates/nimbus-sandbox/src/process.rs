@@ -312,7 +312,7 @@ impl Sandbox for ProcessSandbox {
         // calls on files kept open, since this runs after every invocation: the worker's
         // thread count first, then the group's, so a thread born in between costs only a
         // listing.
-        let threads = self.worker_tasks.as_ref().and_then(thread_count);
+        let threads = self.worker_tasks.as_ref().and_then(crate::thread_count);
         if let (Some(threads), Some(tasks)) = (threads, slot.task_count()) {
             let expected = 2 + threads + self.residue;
             if tasks <= expected {
@@ -369,15 +369,6 @@ impl Sandbox for ProcessSandbox {
 pub(crate) fn first_child(pid: u32) -> Option<i32> {
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
     children.split_whitespace().next()?.parse().ok()
-}
-
-/// The thread count of the process whose `/proc/<pid>/task` directory is `tasks`: procfs
-/// gives that directory two links plus one per thread, so one `fstat` tells it (no text to
-/// format or parse). `None` once the process has ended.
-fn thread_count(tasks: &File) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let links = tasks.metadata().ok()?.nlink();
-    links.checked_sub(2).filter(|&n| n > 0)
 }
 
 /// A host process's pid in the innermost pid namespace it belongs to (the last `NSpid`

@@ -529,3 +529,52 @@ def handle(event):
     let again = invoke(&s, "tamper", "").await;
     assert_eq!(again["start_type"], "cold", "{again}");
 }
+
+#[tokio::test]
+async fn a_forked_instance_s_strays_are_ended_also_when_its_threads_end() {
+    let s = Server::start_with(Backend::Sqlite, "", &["--snapshots"]).await;
+    // The instance is PID 1 of its own pid namespace: what else runs there (zombies aside)
+    // was left by an invocation.
+    let code = r#"
+import os, threading, time
+done = threading.Event()
+def others():
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and name != "1":
+            with open(f"/proc/{name}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(int(name))
+    return found
+def handle(event):
+    global done
+    if event.get("threads"):
+        done = threading.Event()
+        for _ in range(4):
+            threading.Thread(target=done.wait, daemon=True).start()
+    elif event.get("stray"):
+        done.set()
+        time.sleep(0.1)
+        if os.fork() == 0:
+            time.sleep(120)
+            os._exit(0)
+    time.sleep(0.05)
+    return {"others": others(), "threads": threading.active_count()}
+"#;
+    s.deploy("threaded", code, json!({})).await;
+    wait_resident(&s, "threaded", 1).await;
+    for (event, start_type, threads) in [
+        (r#"{"threads": true}"#, "template", 5),
+        (r#"{"stray": true}"#, "warm", 1),
+    ] {
+        let (status, r) = s.invoke_raw("threaded", "", event).await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        assert_eq!(r["start_type"], start_type, "{r}");
+        assert_eq!(r["body"]["threads"], threads, "{r}");
+    }
+    // The stray forked as the threads ended is gone by the next invocation.
+    let (status, r) = s.invoke_raw("threaded", "", "{}").await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    assert_eq!(r["start_type"], "warm", "{r}");
+    assert_eq!(r["body"]["others"], json!([]), "{r}");
+}
