@@ -6,11 +6,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use common::{answer, body, error, invoke, ScriptedState, Worker};
+use common::{answer, body, error, invoke, invoke_with_state, ScriptedState, Worker};
 use nimbus_runtime::node::NodeRuntime;
 use nimbus_runtime::protocol::{ErrorPayload, StateFailure};
 use nimbus_runtime::WorkerError;
-use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 /// The data directory every test of this binary shares (discovery is idempotent).
@@ -222,13 +221,7 @@ exports.handle = async (event, state) => {
         ],
         asked: Vec::new(),
     };
-    let raw = RawValue::from_string("{}".into()).unwrap();
-    let out = w
-        .conn
-        .invoke_with_state("inv_state", &raw, &mut state)
-        .await
-        .unwrap();
-    let out = body(&out);
+    let out = invoke_with_state(&mut w, "inv_state", &mut state).await;
     assert_eq!(out["cart"], json!(["book"]));
     assert_eq!(out["missing"], "dflt");
     assert_eq!(out["version"], 9);
@@ -296,14 +289,7 @@ fn conflicting() -> ScriptedState {
 }
 
 async fn invoke_conflicting(w: &mut Worker) -> Value {
-    let raw = RawValue::from_string("{}".into()).unwrap();
-    let mut state = conflicting();
-    let out = w
-        .conn
-        .invoke_with_state("inv_esm", &raw, &mut state)
-        .await
-        .unwrap();
-    body(&out)
+    invoke_with_state(w, "inv_esm", &mut conflicting()).await
 }
 
 /// What the handlers below return: whether the worker's conflict is an instance of the

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{answer, body, error, invoke, ScriptedState, Worker};
+use common::{answer, body, error, invoke, invoke_with_state, ScriptedState, Worker};
 use nimbus_runtime::protocol::ErrorPayload;
 use nimbus_runtime::python::PythonRuntime;
 use nimbus_runtime::{WorkerConn, WorkerError};
@@ -831,13 +831,7 @@ def handle(event, state):
         ],
         asked: Vec::new(),
     };
-    let raw = RawValue::from_string("{}".into()).unwrap();
-    let outcome = w
-        .conn
-        .invoke_with_state("inv_state", &raw, &mut state)
-        .await
-        .unwrap();
-    let out = body(&outcome);
+    let out = invoke_with_state(&mut w, "inv_state", &mut state).await;
     assert_eq!(out["get"], json!(["book"]));
     assert_eq!(out["missing"], "dflt");
     assert_eq!(out["version"], 9);

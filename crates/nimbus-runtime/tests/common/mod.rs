@@ -80,6 +80,22 @@ pub async fn invoke(worker: &mut Worker, event: Value) -> InvokeOutcome {
     worker.conn.invoke("inv_test", &raw).await.expect("invoke")
 }
 
+/// Invokes with the event `{}` as request `request_id`, the state calls answered by
+/// `state`; the handler's result.
+pub async fn invoke_with_state(
+    worker: &mut Worker,
+    request_id: &str,
+    state: &mut ScriptedState,
+) -> Value {
+    let raw = RawValue::from_string("{}".into()).unwrap();
+    let outcome = worker
+        .conn
+        .invoke_with_state(request_id, &raw, state)
+        .await
+        .expect("invoke");
+    body(&outcome)
+}
+
 pub fn body(outcome: &InvokeOutcome) -> Value {
     match &outcome.result {
         Ok(raw) => serde_json::from_str(raw.get()).unwrap(),
