@@ -38,6 +38,9 @@ pub const SNAPSHOT_STORAGE_BYTES: &str = "nimbus_snapshot_storage_bytes";
 pub const SNAPSHOT_RESIDENT_BYTES: &str = "nimbus_snapshot_resident_bytes";
 /// `nimbus_snapshot_count{status}` (gauge): indexed snapshots by status.
 pub const SNAPSHOT_COUNT: &str = "nimbus_snapshot_count";
+/// `nimbus_snapshot_shared_random_total{stage}` (`build|restore`): templates refused
+/// because two instances started from them drew the same values from a generator.
+pub const SNAPSHOT_SHARED_RANDOM_TOTAL: &str = "nimbus_snapshot_shared_random_total";
 
 /// `nimbus_state_operation_total{operation,scope,status}` (status `ok` or the error code).
 pub const STATE_OPERATION_TOTAL: &str = "nimbus_state_operation_total";
@@ -118,6 +121,10 @@ pub fn describe() {
         "Memory held by resident templates."
     );
     metrics::describe_gauge!(SNAPSHOT_COUNT, "Indexed snapshots by status.");
+    metrics::describe_counter!(
+        SNAPSHOT_SHARED_RANDOM_TOTAL,
+        "Templates refused because instances started from them would share a random generator's output."
+    );
 }
 
 /// Counts and times one state call.
@@ -151,6 +158,11 @@ pub fn snapshot_restored(status: &'static str, ms: f64) {
     if status == "success" {
         histogram!(SNAPSHOT_RESTORE_DURATION_MS).record(ms);
     }
+}
+
+/// Counts one template refused for shared random state, at `stage` (`build|restore`).
+pub fn snapshot_shared_random(stage: &'static str) {
+    counter!(SNAPSHOT_SHARED_RANDOM_TOTAL, "stage" => stage).increment(1);
 }
 
 /// Sets the snapshot gauges: counts by status (every status, zeros included), bytes on

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use nimbus_core::{
     env_vars_hash, now, NewSnapshot, Snapshot, SnapshotFile, SnapshotKey, SnapshotStatus,
 };
+use nimbus_runtime::protocol::ErrorPayload;
 use nimbus_sandbox::Template;
 use nimbus_store::MetadataStore;
 use time::OffsetDateTime;
@@ -325,7 +326,16 @@ impl Snapshots {
                 let (verified, restored) =
                     tokio::join!(verify, self.launcher.restore(version, &copy.dir));
                 match (verified.unwrap_or_else(|e| Err(e.to_string())), restored) {
-                    (Ok(()), Ok(template)) => Ok(template),
+                    (Ok(()), Ok(template)) => {
+                        // Its first start is readied (a spare child forked and sandboxed)
+                        // while the probes run.
+                        if let Err(e) = template.fork_ahead().await {
+                            tracing::debug!(snapshot = %copy.snapshot_id, "no spare ahead of the first start: {e}");
+                        }
+                        self.check_randomness(template, Stage::Restore)
+                            .await
+                            .map_err(|e| format!("the restored template failed its check: {e}"))
+                    }
                     (Err(e), _) => Err(format!("its files do not verify: {e}")),
                     (Ok(()), Err(e)) => Err(format!("the restore failed: {e}")),
                 }
@@ -557,7 +567,10 @@ impl Snapshots {
                 return;
             }
         };
-        let outcome = self.launcher.template(version).await;
+        let outcome = match self.launcher.template(version).await {
+            Ok(template) => self.check_randomness(template, Stage::Build).await,
+            Err(e) => Err(e),
+        };
         let seconds = started.elapsed().as_secs_f64();
         match outcome {
             Ok(template) => {
@@ -636,6 +649,46 @@ impl Snapshots {
             }
         }
         self.refresh_gauges().await;
+    }
+
+    /// Checks, before `template` serves, that instances started from it would not share
+    /// random state (SPEC §6). The runtime reseeds every generator it knows in each new
+    /// instance; this does not take that list on trust: two probe instances forked from the
+    /// template draw from every generator found in them, and one that gives both the same
+    /// output refuses the template. After a build the probes search their whole heap (the
+    /// function's own generators included); after a restore of that same memory, only the
+    /// generators the runtime reseeds (what a restore could change).
+    async fn check_randomness(
+        &self,
+        template: Box<dyn Template>,
+        stage: Stage,
+    ) -> Result<Box<dyn Template>, StartError> {
+        let limit = self.launcher.start_timeout();
+        let started = Instant::now();
+        let whole_heap = matches!(stage, Stage::Build);
+        let probe = match tokio::time::timeout(limit, template.probe(whole_heap)).await {
+            Err(_) => return Err(StartError::Timeout(limit)),
+            Ok(Err(e)) => return Err(StartError::Crashed(e.message)),
+            Ok(Ok(probe)) => probe,
+        };
+        tracing::debug!(
+            stage = stage.as_str(),
+            ms = ms_since(started),
+            generators = probe.compared.len(),
+            "probed the template's instances for shared random state"
+        );
+        if probe.same.is_empty() {
+            return Ok(template);
+        }
+        metrics::snapshot_shared_random(stage.as_str());
+        Err(StartError::Init {
+            error: ErrorPayload {
+                error_type: "SharedRandomState".into(),
+                message: shared_random_message(&probe.same),
+                traceback: String::new(),
+            },
+            logs: String::new(),
+        })
     }
 
     /// Replaces the `Building` entry of the build `done` belongs to with `next`; false if
@@ -1086,6 +1139,47 @@ fn remove_dir(dir: &Path) {
             tracing::warn!("removing {}: {e}", dir.display());
         }
     }
+}
+
+/// When a template is checked for shared random state.
+#[derive(Clone, Copy)]
+enum Stage {
+    /// Built from the function's code.
+    Build,
+    /// Restored from its checkpoint.
+    Restore,
+}
+
+impl Stage {
+    fn as_str(self) -> &'static str {
+        match self {
+            Stage::Build => "build",
+            Stage::Restore => "restore",
+        }
+    }
+}
+
+/// Why a template whose probes agree is refused, naming (a few of) the generators.
+fn shared_random_message(same: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut names: Vec<String> = same
+        .iter()
+        .take(SHOWN)
+        .map(|name| match name.char_indices().nth(120) {
+            Some((at, _)) => format!("{}…", &name[..at]),
+            None => name.clone(),
+        })
+        .collect();
+    if same.len() > SHOWN {
+        names.push(format!("and {} more", same.len() - SHOWN));
+    }
+    format!(
+        "instances started from this snapshot would share random state: {} gave the same \
+         values in two of them; reseed it in an @nimbus.after_restore hook, or mark a \
+         generator meant to repeat with nimbus.deterministic() (docs/SNAPSHOTS.md). \
+         Instances start cold until a snapshot passes",
+        names.join(", ")
+    )
 }
 
 /// What a failed build reports: the error (its message names the exception type where

@@ -17,7 +17,9 @@
 //!
 //! Installed files: `nimbus_boot.py` (entry point), `nimbus_worker.py` (the worker, imported
 //! so its byte code is cached), `nimbus_fork.py` (template mode: forking instances, see the
-//! sandbox crate's `template` module) and `nimbus/__init__.py` (the API functions import).
+//! sandbox crate's `template` module), `nimbus_entropy.py` (template mode: fresh randomness
+//! in every forked instance, and the probe that checks it) and `nimbus/__init__.py` (the API
+//! functions import).
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
@@ -34,6 +36,8 @@ use crate::RuntimeCommand;
 pub const WORKER_SOURCE: &str = include_str!("python/nimbus_worker.py");
 /// Template mode: answers fork requests and enters each child's sandbox.
 pub const FORK_SOURCE: &str = include_str!("python/nimbus_fork.py");
+/// Template mode: reseeds generators in forked instances and fingerprints them in probes.
+pub const ENTROPY_SOURCE: &str = include_str!("python/nimbus_entropy.py");
 /// The entry script: imports the worker (so its byte code comes from `__pycache__`).
 pub const BOOT_SOURCE: &str = include_str!("python/nimbus_boot.py");
 /// The `nimbus` package functions can import (`nimbus.StateNotEnabled`, …).
@@ -60,7 +64,7 @@ const PROBE_SCRIPT: &str = "import sys; sys.stdout.write('%s\\n%d.%d.%d\\n' % \
 
 /// Writes the byte code of the worker and of the `nimbus` package (argv[1] is the runtime dir).
 const COMPILE_SCRIPT: &str = "import py_compile, sys\n\
-     for name in ('nimbus_worker.py', 'nimbus_fork.py', 'nimbus/__init__.py'):\n    \
+     for name in ('nimbus_worker.py', 'nimbus_fork.py', 'nimbus_entropy.py', 'nimbus/__init__.py'):\n    \
      py_compile.compile(sys.argv[1] + '/' + name, doraise=True)";
 
 /// A usable Python interpreter and the installed worker files.
@@ -153,6 +157,7 @@ fn install(data_dir: &Path) -> Result<PathBuf, String> {
     write_if_changed(&dir.join("nimbus_worker.py"), WORKER_SOURCE)?;
     write_if_changed(&dir.join("nimbus_boot.py"), BOOT_SOURCE)?;
     write_if_changed(&dir.join("nimbus_fork.py"), FORK_SOURCE)?;
+    write_if_changed(&dir.join("nimbus_entropy.py"), ENTROPY_SOURCE)?;
     write_if_changed(
         &dir.join("nimbus").join("__init__.py"),
         NIMBUS_PACKAGE_SOURCE,

@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use tokio::net::UnixStream;
 
 pub use process::ProcessDriver;
-pub use template::Template;
+pub use template::{Probe, Template};
 
 /// File descriptor on which a worker finds its end of the host connection.
 pub const WORKER_SOCKET_FD: i32 = 3;

@@ -62,6 +62,15 @@ pub trait Template: Send + Sync + fmt::Debug {
     async fn fork_ahead(&self) -> Result<(), DriverError> {
         Ok(())
     }
+    /// Forks two throwaway probes from the template, readied as instances are, in which the
+    /// runtime draws once from every per-process generator it finds (on its `whole_heap`,
+    /// or only those it reseeds itself), and reports which gave the same output in both:
+    /// instances started from this template would share them. A template whose instances
+    /// do not share its memory has nothing to compare.
+    async fn probe(&self, whole_heap: bool) -> Result<Probe, DriverError> {
+        let _ = whole_heap;
+        Ok(Probe::default())
+    }
     /// Writes a checkpoint of the template, left running, into the empty directory `dir`,
     /// from which [`Driver::restore_template`](crate::Driver::restore_template) starts it
     /// again. Returns the paths (relative to `dir`) of the regular files written.
@@ -81,6 +90,17 @@ pub trait Template: Send + Sync + fmt::Debug {
     fn refused(&self) -> Option<String> {
         None
     }
+}
+
+/// What two probes of a template found (see [`Template::probe`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct Probe {
+    /// The generators found in both probes, by the runtime's names for them.
+    #[serde(default)]
+    pub compared: Vec<String>,
+    /// Those of them that gave the same output in both.
+    #[serde(default)]
+    pub same: Vec<String>,
 }
 
 /// A process-driver template: the template's connection and its sandbox.
@@ -165,12 +185,15 @@ impl ProcessTemplate {
     }
 }
 
-/// The template's answer to a request (`forked`, `detached`).
+/// The template's answer to a request (`forked`, `detached`, `spared`, `probed`).
 #[derive(Deserialize)]
 struct Answer {
     ok: bool,
     #[serde(default)]
     error: Option<String>,
+    /// What a `probe` found.
+    #[serde(flatten)]
+    probe: Probe,
 }
 
 /// An exchange on the template's connection: if it ends before the answer is read (an
@@ -306,31 +329,21 @@ impl Template for ProcessTemplate {
     }
 
     async fn fork_ahead(&self) -> Result<(), DriverError> {
-        let fail = |message: String| DriverError {
-            instance_id: String::new(),
-            message,
-            refused: false,
-        };
-        let request = serde_json::to_vec(&serde_json::json!({ "type": "spare" }))
-            .map_err(|e| fail(e.to_string()))?;
-        let mut control = self.control.lock().await;
-        if self.broken.load(Ordering::Relaxed) {
-            return Err(fail("the template's connection is out of step".into()));
-        }
-        let exchange = Exchange(&self.broken);
-        control
-            .write_all(&frame(&request))
-            .await
-            .map_err(|e| fail(format!("asking the template for a spare: {e}")))?;
-        let reply = read_frame(&mut control)
-            .await
-            .map_err(|e| fail(format!("the template's answer: {e}")))?;
-        let reply: Answer = serde_json::from_slice(&reply)
-            .map_err(|e| fail(format!("the template's answer: {e}")))?;
-        exchange.done();
-        match reply.ok {
+        match self.ask(serde_json::json!({ "type": "spare" })).await?.ok {
             true => Ok(()),
-            false => Err(fail("the template could not fork a spare".into())),
+            false => Err(template_error("the template could not fork a spare".into())),
+        }
+    }
+
+    async fn probe(&self, whole_heap: bool) -> Result<Probe, DriverError> {
+        let request = serde_json::json!({ "type": "probe", "heap": whole_heap });
+        let reply = self.ask(request).await?;
+        match reply.ok {
+            true => Ok(reply.probe),
+            false => Err(template_error(format!(
+                "the template could not probe its instances: {}",
+                reply.error.unwrap_or_default()
+            ))),
         }
     }
 
@@ -437,6 +450,41 @@ impl Template for ProcessTemplate {
 
     fn resident_bytes(&self) -> Option<u64> {
         crate::rss_bytes(self.worker)
+    }
+}
+
+impl ProcessTemplate {
+    /// Sends the template `request` (no descriptor) and reads its answer.
+    async fn ask(&self, request: serde_json::Value) -> Result<Answer, DriverError> {
+        let kind = request["type"].as_str().unwrap_or_default().to_owned();
+        let request = serde_json::to_vec(&request).map_err(|e| template_error(e.to_string()))?;
+        let mut control = self.control.lock().await;
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(template_error(
+                "the template's connection is out of step".into(),
+            ));
+        }
+        let exchange = Exchange(&self.broken);
+        control
+            .write_all(&frame(&request))
+            .await
+            .map_err(|e| template_error(format!("sending the template a {kind} request: {e}")))?;
+        let reply = read_frame(&mut control)
+            .await
+            .map_err(|e| template_error(format!("the template's answer: {e}")))?;
+        let reply: Answer = serde_json::from_slice(&reply)
+            .map_err(|e| template_error(format!("the template's answer: {e}")))?;
+        exchange.done();
+        Ok(reply)
+    }
+}
+
+/// A failure of the template itself (not of one instance, not a refusal).
+fn template_error(message: String) -> DriverError {
+    DriverError {
+        instance_id: String::new(),
+        message,
+        refused: false,
     }
 }
 

@@ -505,7 +505,7 @@ async fn a_fork_that_skips_its_sandbox_is_refused_by_the_host_and_the_version_st
     // own fork code: here it makes children skip their sandbox.
     let code = r#"
 import nimbus_fork
-nimbus_fork._enter_sandbox = lambda config: None
+nimbus_fork._enter_sandbox = lambda *args: None
 
 def handle(event):
     return "ran"

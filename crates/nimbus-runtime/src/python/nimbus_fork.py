@@ -11,6 +11,8 @@ the nimbus-sandbox crate's `template` module):
     driver -> template   {"type": "detach"}    (before a checkpoint)
     template -> driver   {"type": "detached", "ok": true} + the driver's end of a new
                          connection made inside the sandbox, which replaces fd 3
+    driver -> template   {"type": "probe", "heap": bool}   (after a build or a restore)
+    template -> driver   {"type": "probed", "ok": true, "compared": [...], "same": [...]}
 
 and returns only in a forked child, once that child runs in a sandbox of its own (when the
 template's root holds /.nimbus/fork.json) and the driver has moved it into its cgroup: the
@@ -122,9 +124,11 @@ def _send(sock, encode, message):
     sock.sendall(len(payload).to_bytes(4, "big") + payload)
 
 
-def serve(sock, config, loads, encode):
+def serve(sock, config, loads, encode, measure):
     """Answers fork requests until the driver closes the connection (then exits the
     template). Returns the new instance id in a forked child, ready to serve.
+    `measure(heap)` readies a probe as an instance and reports its generators (see
+    `probe`).
 
     The template keeps one child forked ahead (a spare), already in its sandbox and
     waiting on a channel of its own: the next request is handed to it, which spares that
@@ -148,6 +152,10 @@ def serve(sock, config, loads, encode):
                 if channel is not None:
                     return _become_spare(sock, channel, config, loads)
             _send(sock, encode, {"type": "spared", "ok": spare is not None})
+            continue
+        if message.get("type") == "probe" and not fds:
+            heap = message.get("heap") is True
+            _send(sock, encode, probe(config, loads, encode, lambda: measure(heap)))
             continue
         if message.get("type") == "detach" and not fds:
             if spare is not None:
@@ -191,6 +199,81 @@ def serve(sock, config, loads, encode):
         spare, channel = _fork_spare()
         if channel is not None:
             return _become_spare(sock, channel, config, loads)
+
+
+def probe(config, loads, encode, measure):
+    """Forks two probes readied as instances are (each in a sandbox of its own, PID 1 of its
+    pid namespace like every instance), in which `measure` reseeds, runs the after-restore
+    hooks and draws once from every generator it finds (JSON bytes); compares what the two
+    report. The answer lists the generators that gave the same output in both: instances
+    forked from this template would share them. Returns once both probes are gone, so the
+    template is alone again (a checkpoint may follow)."""
+    if _threads() != 1:
+        return {"type": "probed", "ok": False, "error": "the template runs threads"}
+    probes = []
+    for _ in range(2):
+        read_end, write_end = posix.pipe()
+        try:
+            pid = posix.fork()
+        except OSError as exc:
+            posix.close(read_end)
+            posix.close(write_end)
+            probes.append((None, {"error": "fork: %s" % exc}))
+            continue
+        if pid == 0:
+            posix.close(read_end)
+            _probe_child(write_end, config, encode, measure)
+        posix.close(write_end)
+        probes.append((pid, read_end))
+    reports = []
+    for pid, source in probes:
+        if pid is None:
+            reports.append(source)
+            continue
+        try:
+            data = _read_all(source)
+        finally:
+            posix.close(source)
+        try:
+            posix.waitpid(pid, 0)
+        except ChildProcessError:
+            pass  # reaped by the SIGCHLD handler
+        try:
+            reports.append(loads(data.decode("utf-8")) if data else {"error": "it ended silently"})
+        except ValueError as exc:
+            reports.append({"error": "its report: %s" % exc})
+    for report in reports:
+        if "error" in report or not isinstance(report.get("fingerprints"), dict):
+            return {"type": "probed", "ok": False, "error": "a probe failed: %s" % report.get("error")}
+    first, second = (report["fingerprints"] for report in reports)
+    compared = sorted(name for name in first if name in second)
+    same = [name for name in compared if first[name] == second[name]]
+    return {"type": "probed", "ok": True, "compared": compared, "same": same}
+
+
+def _probe_child(write_end, config, encode, measure):
+    """In a probe: readies itself as an instance, writes its report, exits."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        posix.close(_SOCKET_FD)  # the driver's connection stays the template's alone
+        _prepare(config, wait=True)
+        report = measure()
+    except BaseException as exc:
+        report = encode({"error": "%s: %s" % (type(exc).__name__, exc)})
+    try:
+        while report:
+            report = report[posix.write(write_end, report) :]
+    finally:
+        posix._exit(0)
+
+
+def _read_all(fd):
+    chunks = []
+    while True:
+        chunk = posix.read(fd, 1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def _fork_spare():
@@ -292,13 +375,14 @@ def _become_instance(control, instance_fd, config, instance_id):
     return _as_instance(instance_fd, instance_id, config, prepared=False)
 
 
-def _prepare(config):
-    """The sandbox of a child (isolated), or its tie to the template's life (not)."""
+def _prepare(config, wait=False):
+    """The sandbox of a child (isolated), or its tie to the template's life (not). `wait`:
+    see `_enter_sandbox`."""
     if config is None:
         # Not isolated: die with the template, as the template dies with the server.
         _check(_libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0), "prctl")
     else:
-        _enter_sandbox(config)
+        _enter_sandbox(config, wait)
 
 
 def _as_instance(instance_fd, instance_id, config, prepared):
@@ -321,8 +405,11 @@ def _as_instance(instance_fd, instance_id, config, prepared):
     return instance_id
 
 
-def _enter_sandbox(config):
-    """Namespaces, private /tmp, /dev/shm and /proc, no capabilities, the worker filter."""
+def _enter_sandbox(config, wait=False):
+    """Namespaces, private /tmp, /dev/shm and /proc, no capabilities, the worker filter.
+    Goes on in a child, PID 1 of a new pid namespace; the process that called it exits at
+    once, or with `wait` once that child has ended (so that whoever waits for it knows the
+    child is gone too)."""
     uid, gid = posix.geteuid(), posix.getegid()
     _check(_libc.unshare(config["namespaces"]), "unshare")
     _write("/proc/self/setgroups", "deny")
@@ -330,7 +417,10 @@ def _enter_sandbox(config):
     _write("/proc/self/gid_map", "%d %d 1" % (gid, gid))
     # The new pid namespace takes this process's next child as its PID 1. (A template
     # can make a pid namespace for its children only once, so each child makes its own.)
-    if posix.fork() != 0:
+    child = posix.fork()
+    if child != 0:
+        if wait:
+            posix.waitpid(child, 0)
         posix._exit(0)
     tmpfs, private, bind = config["mount_flags"]
     size = ("size=%dm,mode=1777" % config["tmp_mb"]).encode()

@@ -670,8 +670,10 @@ def _prepare_template(handler, takes_state, api):
                 _loop.close()
                 _loop = None
     try:
+        import nimbus_entropy
         import nimbus_fork
 
+        nimbus_entropy.prepare()
         return nimbus_fork, nimbus_fork.load_config(_loads)
     except BaseException as exc:
         raise _InitFailure(_error(exc, "the template could not be prepared: %s" % exc)) from None
@@ -684,10 +686,20 @@ def _restored(instance_id, api):
         import os
 
         os.environ["NIMBUS_INSTANCE_ID"] = instance_id
-    random = sys.modules.get("random")
-    if random is not None:
-        random.seed()
+    sys.modules["nimbus_entropy"].reseed()
     _run_hooks(api._after_restore, "after_restore")
+
+
+def _measure(api, heap):
+    """In a probe of the template (see nimbus_fork's `probe`): readied as an instance is,
+    what every generator found (on the whole `heap`, or those the runtime reseeds) gives
+    once (JSON)."""
+    try:
+        _restored(None, api)
+    except _InitFailure:
+        pass  # a failing hook fails the real starts, naming it; generators still compare
+    found = sys.modules["nimbus_entropy"].fingerprints(api._deterministic, heap)
+    return _dumps({"fingerprints": found})
 
 
 async def _probe_coroutine():
@@ -769,7 +781,7 @@ def main():
     gc.freeze()
     if template is not None:
         nimbus_fork, config = template
-        instance_id = nimbus_fork.serve(host.sock, config, _loads, _dumps)
+        instance_id = nimbus_fork.serve(host.sock, config, _loads, _dumps, lambda heap: _measure(api, heap))
         # In a forked child from here on, in its own sandbox, on its own connection.
         forked = perf_counter()
         host = _Host()

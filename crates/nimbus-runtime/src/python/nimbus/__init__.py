@@ -25,6 +25,7 @@ __all__ = [
     "after_restore",
     "before_snapshot",
     "current_request_id",
+    "deterministic",
 ]
 
 # Set by the worker before each invocation.
@@ -32,6 +33,8 @@ _request_id = None
 # Registered hooks, run by the worker.
 _before_snapshot = []
 _after_restore = []
+# Generators meant to repeat in every instance (see `deterministic`).
+_deterministic = []
 
 
 def before_snapshot(fn):
@@ -49,13 +52,25 @@ def before_snapshot(fn):
 def after_restore(fn):
     """Decorator: run `fn()` in every instance started from a snapshot, before its first
     invocation (not in instances started cold, whose module code just ran). Reopen
-    connections, reseed random generators of your own (`random` is reseeded already),
-    refresh per-instance values.
+    connections, reseed random generators of your own (`random`, `tempfile`, OpenSSL and
+    NumPy's global generator are reseeded already), refresh per-instance values.
 
     A hook that raises or runs past its time budget fails the instance's start.
     """
     _after_restore.append(fn)
     return fn
+
+
+def deterministic(generator):
+    """Marks `generator` (a `random.Random` or NumPy generator) as meant to give the same
+    sequence in every instance, e.g. one seeded with a constant, and returns it.
+
+    Before a snapshot serves, two probe instances are forked from it and every generator
+    found in them is drawn from: a snapshot whose instances would share a generator's
+    output is refused (its instances start cold), unless the generator is marked here.
+    """
+    _deterministic.append(generator)
+    return generator
 
 
 class NimbusError(Exception):
