@@ -23,6 +23,7 @@ pub mod snapshot_admin;
 mod snapshot_files;
 pub(crate) mod snapshots;
 mod spares;
+mod start_estimates;
 mod state;
 pub mod state_admin;
 pub mod versions;

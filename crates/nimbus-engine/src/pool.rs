@@ -548,50 +548,65 @@ impl Pools {
         &self,
         version: &Arc<VersionEntry>,
     ) -> Result<Instance, StartError> {
-        self.launcher.cold(version).await
+        let started = Instant::now();
+        let instance = self.launcher.cold(version).await?;
+        self.snapshots.started_cold(version, started.elapsed());
+        Ok(instance)
     }
 
     /// Starts a new instance of `version`: forked from its template when there is one
-    /// (falling back to a cold start if the template fails), cold otherwise. A failure
-    /// says how the instance was being started.
+    /// (falling back to a cold start if the template fails), restored from its checkpoint,
+    /// forked from the template being built or restored when waiting for it is faster, cold
+    /// otherwise. A failure says how the instance was being started.
     async fn start(
         &self,
         version: &Arc<VersionEntry>,
     ) -> Result<(Instance, StartType), (StartError, StartType)> {
-        if let Some(template) = self.snapshots.resident(version).await {
-            let started = Instant::now();
-            match self.launcher.fork(version, &template).await {
-                Ok(instance) => {
-                    self.snapshots.restored(&template, ms_since(started));
-                    return Ok((instance, StartType::Template));
-                }
-                // The user's after-restore hook failed: the instance's failure, not the
-                // template's.
-                Err(e @ StartError::Init { .. }) => return Err((e, StartType::Template)),
-                Err(e) => self.snapshots.restore_failed(version, &template, &e).await,
-            }
-        } else if let Some(copy) = self.snapshots.take_on_disk(version) {
-            // From disk: the template comes back, then this instance forks from it.
-            let started = Instant::now();
-            if let Some(template) = self.snapshots.restore(version, copy).await {
+        let mut waited = false;
+        loop {
+            if let Some(template) = self.snapshots.resident(version).await {
+                let started = Instant::now();
                 match self.launcher.fork(version, &template).await {
                     Ok(instance) => {
                         self.snapshots.restored(&template, ms_since(started));
-                        return Ok((instance, StartType::Snapshot));
+                        return Ok((instance, StartType::Template));
                     }
-                    Err(e @ StartError::Init { .. }) => return Err((e, StartType::Snapshot)),
-                    Err(e) => {
-                        self.snapshots
-                            .restored_template_failed(version, &template, &e)
-                            .await
+                    // The user's after-restore hook failed: the instance's failure, not the
+                    // template's.
+                    Err(e @ StartError::Init { .. }) => return Err((e, StartType::Template)),
+                    Err(e) => self.snapshots.restore_failed(version, &template, &e).await,
+                }
+            } else if let Some(copy) = self.snapshots.take_on_disk(version) {
+                // From disk: the template comes back, then this instance forks from it.
+                let started = Instant::now();
+                if let Some(template) = self.snapshots.restore(version, copy).await {
+                    match self.launcher.fork(version, &template).await {
+                        Ok(instance) => {
+                            self.snapshots.restored(&template, ms_since(started));
+                            return Ok((instance, StartType::Snapshot));
+                        }
+                        Err(e @ StartError::Init { .. }) => return Err((e, StartType::Snapshot)),
+                        Err(e) => {
+                            self.snapshots
+                                .restored_template_failed(version, &template, &e)
+                                .await
+                        }
                     }
                 }
+            } else if !waited && self.snapshots.wait_pending(version).await {
+                waited = true;
+                continue;
+            } else {
+                self.snapshots.wanted(version);
             }
-        } else {
-            self.snapshots.wanted(version);
+            break;
         }
+        let started = Instant::now();
         match self.launcher.cold(version).await {
-            Ok(instance) => Ok((instance, StartType::Cold)),
+            Ok(instance) => {
+                self.snapshots.started_cold(version, started.elapsed());
+                Ok((instance, StartType::Cold))
+            }
             Err(e) => Err((e, StartType::Cold)),
         }
     }

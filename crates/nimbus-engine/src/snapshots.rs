@@ -33,6 +33,7 @@ use crate::error::{EngineError, EngineResult};
 use crate::launcher::{ms_since, Launcher, StartError};
 use crate::metrics;
 use crate::snapshot_files;
+use crate::start_estimates::{StartEstimates, Underway};
 
 /// Snapshot settings (the `[snapshots]` section of the server configuration).
 #[derive(Debug, Clone)]
@@ -129,13 +130,14 @@ impl std::fmt::Debug for Resident {
 }
 
 enum Entry {
-    /// Queued or being built; waiters are woken when it ends.
-    Building(Arc<Notify>),
+    /// Queued or being built.
+    Building(Pending),
     Ready(Arc<Resident>),
     /// Not in memory, but checkpointed on disk: the next start restores it.
     OnDisk(Arc<DiskCopy>),
-    /// A restore from this checkpoint is under way (other starts meanwhile go cold).
-    Restoring(Arc<DiskCopy>),
+    /// A restore from this checkpoint is under way (other starts meanwhile wait for it, or
+    /// go cold when that is faster: see [`Snapshots::wait_pending`]).
+    Restoring(Arc<DiskCopy>, Pending),
     /// The last build failed. The function's own failures (its init or hooks raised) are
     /// not retried by themselves, since the same code fails the same way, only on request;
     /// the platform's (a timeout under load, a cgroup error) are, on a start after
@@ -143,6 +145,22 @@ enum Entry {
     Failed {
         retry_at: Option<Instant>,
     },
+}
+
+/// A build or restore under way: since when, and what wakes those waiting for its end.
+#[derive(Clone)]
+struct Pending {
+    done: Arc<Notify>,
+    since: Instant,
+}
+
+impl Pending {
+    fn new() -> Self {
+        Pending {
+            done: Arc::new(Notify::new()),
+            since: Instant::now(),
+        }
+    }
 }
 
 /// How long a build that failed for the platform's reasons waits before the next try.
@@ -162,6 +180,8 @@ pub(crate) struct Snapshots {
     dir: PathBuf,
     entries: Mutex<HashMap<Key, Entry>>,
     queue: mpsc::UnboundedSender<Job>,
+    /// How long restores, builds and cold starts take here.
+    estimates: Mutex<StartEstimates<Key>>,
 }
 
 impl Snapshots {
@@ -181,6 +201,7 @@ impl Snapshots {
             dir,
             entries: Mutex::default(),
             queue,
+            estimates: Mutex::default(),
         });
         let jobs = Arc::new(tokio::sync::Mutex::new(jobs));
         for _ in 0..workers {
@@ -287,7 +308,7 @@ impl Snapshots {
             return None;
         };
         let copy = copy.clone();
-        entries.insert(key, Entry::Restoring(copy.clone()));
+        entries.insert(key, Entry::Restoring(copy.clone(), Pending::new()));
         Some(copy)
     }
 
@@ -303,6 +324,7 @@ impl Snapshots {
         version: &Arc<VersionEntry>,
         copy: Arc<DiskCopy>,
     ) -> Option<Arc<Resident>> {
+        let started = Instant::now();
         let mut guard = RestoreGuard {
             snapshots: self,
             copy: &copy,
@@ -356,6 +378,10 @@ impl Snapshots {
                 if !self.settle(&copy, Some(Entry::Ready(resident.clone()))) {
                     return None; // deleted meanwhile: the template drops with `resident`
                 }
+                self.estimates
+                    .lock()
+                    .expect("estimates lock")
+                    .restored(started.elapsed());
                 self.enforce_limits(&version.function_id, &resident).await;
                 return Some(resident);
             }
@@ -392,15 +418,61 @@ impl Snapshots {
     /// `None`); false if the entry is not its own any more (deleted or forgotten).
     fn settle(&self, copy: &Arc<DiskCopy>, next: Option<Entry>) -> bool {
         let mut entries = self.entries.lock().expect("snapshots lock");
-        match entries.get(&copy.key) {
-            Some(Entry::Restoring(c)) if Arc::ptr_eq(c, copy) => {}
+        let pending = match entries.get(&copy.key) {
+            Some(Entry::Restoring(c, pending)) if Arc::ptr_eq(c, copy) => pending.clone(),
             _ => return false,
-        }
+        };
         match next {
             Some(entry) => entries.insert(copy.key.clone(), entry),
             None => entries.remove(&copy.key),
         };
+        pending.done.notify_waiters();
         true
+    }
+
+    /// A start of `version` that found no template resident: if the template is being built
+    /// or restored and waiting beats a cold start (see [`StartEstimates`]), waits until
+    /// that ends (or for twice what is left of it and a second more, at most the start
+    /// timeout). True if it waited: the caller looks for the template again.
+    pub(crate) async fn wait_pending(&self, version: &VersionEntry) -> bool {
+        if !self.settings.enabled {
+            return false;
+        }
+        let key = key_of(version);
+        let (pending, underway) = match self.entries.lock().expect("snapshots lock").get(&key) {
+            Some(Entry::Building(pending)) => (pending.clone(), Underway::Build),
+            Some(Entry::Restoring(_, pending)) => (pending.clone(), Underway::Restore),
+            _ => return false,
+        };
+        let left = self.estimates.lock().expect("estimates lock").wait_for(
+            &key,
+            underway,
+            pending.since.elapsed(),
+        );
+        let Some(left) = left else {
+            return false;
+        };
+        let notified = pending.done.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let still = matches!(
+            self.entries.lock().expect("snapshots lock").get(&key),
+            Some(Entry::Building(p) | Entry::Restoring(_, p)) if Arc::ptr_eq(&p.done, &pending.done)
+        );
+        if still {
+            let patience = (left * 2 + Duration::from_secs(1)).min(self.launcher.start_timeout());
+            let _ = tokio::time::timeout(patience, notified).await;
+        }
+        true
+    }
+
+    /// A cold start of `version` took `took` (what waiting for its template is weighed
+    /// against).
+    pub(crate) fn started_cold(&self, version: &VersionEntry, took: Duration) {
+        self.estimates
+            .lock()
+            .expect("estimates lock")
+            .started_cold(&key_of(version), took);
     }
 
     /// A version just started cold: build its snapshot unless one exists or failed.
@@ -416,8 +488,8 @@ impl Snapshots {
         let key = key_of(version);
         let mut entries = self.entries.lock().expect("snapshots lock");
         match entries.get(&key) {
-            Some(Entry::Building(done)) => return Some(done.clone()),
-            Some(Entry::Ready(_) | Entry::OnDisk(_) | Entry::Restoring(_)) => return None,
+            Some(Entry::Building(pending)) => return Some(pending.done.clone()),
+            Some(Entry::Ready(_) | Entry::OnDisk(_) | Entry::Restoring(..)) => return None,
             Some(Entry::Failed { retry_at })
                 if !retry && retry_at.is_none_or(|t| t > Instant::now()) =>
             {
@@ -425,8 +497,9 @@ impl Snapshots {
             }
             _ => {}
         }
-        let done = Arc::new(Notify::new());
-        entries.insert(key, Entry::Building(done.clone()));
+        let pending = Pending::new();
+        let done = pending.done.clone();
+        entries.insert(key, Entry::Building(pending));
         drop(entries);
         let job = Job {
             version: version.clone(),
@@ -616,6 +689,10 @@ impl Snapshots {
                         tracing::warn!(snapshot = %row.id, "the template did not fork a spare in time")
                     }
                 }
+                self.estimates
+                    .lock()
+                    .expect("estimates lock")
+                    .built(&key, started.elapsed());
                 if !self.finish_build(&key, done, Entry::Ready(resident.clone())) {
                     // Forgotten meanwhile (its version or function deleted).
                     if let Some(copy) = resident.disk_copy() {
@@ -696,7 +773,7 @@ impl Snapshots {
     fn finish_build(&self, key: &Key, done: &Arc<Notify>, next: Entry) -> bool {
         let mut entries = self.entries.lock().expect("snapshots lock");
         match entries.get(key) {
-            Some(Entry::Building(d)) if Arc::ptr_eq(d, done) => {
+            Some(Entry::Building(pending)) if Arc::ptr_eq(&pending.done, done) => {
                 entries.insert(key.clone(), next);
                 true
             }
@@ -1047,8 +1124,12 @@ impl Snapshots {
     /// Drops the template and the files of a snapshot (it is being deleted).
     pub(crate) fn drop_snapshot(&self, snapshot_id: &str) {
         self.entries.lock().expect("snapshots lock").retain(|_, e| {
-            !matches!(e, Entry::Ready(r) if r.snapshot_id == snapshot_id)
-                && !matches!(e, Entry::OnDisk(c) | Entry::Restoring(c) if c.snapshot_id == snapshot_id)
+            let gone = matches!(e, Entry::Ready(r) if r.snapshot_id == snapshot_id)
+                || matches!(e, Entry::OnDisk(c) | Entry::Restoring(c, _) if c.snapshot_id == snapshot_id);
+            if let (true, Entry::Restoring(_, pending)) = (gone, &e) {
+                pending.done.notify_waiters();
+            }
+            !gone
         });
         remove_dir(&self.dir.join(snapshot_id));
     }
@@ -1065,12 +1146,20 @@ impl Snapshots {
                 if !keep {
                     match e {
                         Entry::Ready(r) => gone.extend(r.disk_copy().map(|c| c.dir.clone())),
-                        Entry::OnDisk(c) | Entry::Restoring(c) => gone.push(c.dir.clone()),
+                        Entry::OnDisk(c) => gone.push(c.dir.clone()),
+                        Entry::Restoring(c, pending) => {
+                            gone.push(c.dir.clone());
+                            pending.done.notify_waiters();
+                        }
                         _ => {}
                     }
                 }
                 keep
             });
+        self.estimates
+            .lock()
+            .expect("estimates lock")
+            .forget_where(|(f, v, _)| f == function_id && version.is_none_or(|n| n == *v));
         for dir in gone {
             remove_dir(&dir);
         }

@@ -411,6 +411,26 @@ async fn a_restarted_server_starts_instances_from_the_checkpoint_on_disk() {
 }
 
 #[tokio::test]
+async fn a_burst_after_a_restart_waits_for_the_one_restore_and_forks_from_it() {
+    let mut s = server().await;
+    s.deploy("slow", SLOW_INIT, json!({})).await;
+    wait_on_disk(&s, "slow", 1).await;
+    s.restart().await;
+    // Twenty first calls at once: one restores the template, the others wait for it (a
+    // cold start of this function takes over half a second) and fork from it.
+    let calls = (0..20).map(|_| s.invoke_raw("slow", "", "{}"));
+    let mut starts = std::collections::HashMap::new();
+    for (status, r) in futures::future::join_all(calls).await {
+        assert_eq!(status, StatusCode::OK, "{r}");
+        *starts
+            .entry(r["start_type"].as_str().unwrap().to_owned())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(starts.get("snapshot"), Some(&1), "{starts:?}");
+    assert_eq!(starts.get("template"), Some(&19), "{starts:?}");
+}
+
+#[tokio::test]
 async fn a_corrupted_checkpoint_is_caught_the_invocation_succeeds_and_it_is_rebuilt() {
     let mut s = server().await;
     s.deploy("fragile", SLOW_INIT, json!({})).await;
