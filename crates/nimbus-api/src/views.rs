@@ -182,7 +182,15 @@ pub fn snapshot(view: &SnapshotView) -> Value {
         "size_bytes": s.size_bytes,
         "status": s.status.as_str(),
         "error_message": s.error_message,
+        "failure_count": s.failure_count,
+        "last_failure": s.last_failure.as_ref().map(|f| json!({
+            "status": f.status.as_str(),
+            "message": f.message,
+            "at": timestamp(f.at),
+        })),
         "resident": view.resident,
+        "fork_count": s.fork_count,
+        "avg_fork_ms": s.avg_fork_ms,
         "restore_count": s.restore_count,
         "avg_restore_ms": s.avg_restore_ms,
         "created_at": timestamp(s.created_at),
@@ -235,6 +243,14 @@ mod tests {
                 size_bytes: 0,
                 status: SnapshotStatus::Failed,
                 error_message: Some("RuntimeError: no".into()),
+                failure_count: 3,
+                last_failure: Some(nimbus_core::SnapshotFailure {
+                    status: SnapshotStatus::Failed,
+                    message: Some("RuntimeError: no".into()),
+                    at: datetime!(2026-01-02 03:04:05.5 UTC),
+                }),
+                fork_count: 9,
+                avg_fork_ms: 4.0,
                 restore_count: 2,
                 avg_restore_ms: 1.5,
                 created_at: datetime!(2026-01-02 03:04:05.6789 UTC),
@@ -250,6 +266,10 @@ mod tests {
         assert_eq!(json["status"], "failed");
         assert_eq!(json["runtime"], "python3.11");
         assert_eq!(json["error_message"], "RuntimeError: no");
+        assert_eq!(json["failure_count"], 3);
+        assert_eq!(json["last_failure"]["at"], "2026-01-02T03:04:05.500Z");
+        assert_eq!(json["last_failure"]["status"], "failed");
+        assert_eq!(json["fork_count"], 9);
         assert_eq!(json["resident"], true);
         assert_eq!(json["files"], serde_json::json!([]));
         let cleanup = super::snapshot_cleanup(&nimbus_engine::Cleanup {

@@ -26,7 +26,8 @@ pub use function::{
 };
 pub use invocation::{Invocation, InvocationError, InvocationStatus, StartType, Trigger};
 pub use snapshot::{
-    env_vars_hash, NewSnapshot, Snapshot, SnapshotFile, SnapshotKey, SnapshotStatus,
+    env_vars_hash, NewSnapshot, Snapshot, SnapshotFailure, SnapshotFile, SnapshotKey,
+    SnapshotStatus, SnapshotUse,
 };
 
 /// Current wall-clock time, truncated to milliseconds (the precision every store keeps).

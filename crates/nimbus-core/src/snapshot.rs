@@ -36,6 +36,34 @@ impl SnapshotStatus {
     pub fn is_live(self) -> bool {
         matches!(self, SnapshotStatus::Building | SnapshotStatus::Ready)
     }
+
+    /// Failed or corrupt: kept in the snapshot's failure history.
+    pub fn is_failure(self) -> bool {
+        matches!(self, SnapshotStatus::Failed | SnapshotStatus::Corrupt)
+    }
+}
+
+/// How an instance was started from a snapshot (counted apart: a fork takes milliseconds,
+/// a restore from disk tens of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotUse {
+    /// Forked from the resident template (`start_type: template`).
+    Fork,
+    /// From the checkpoint on disk, restored as the template first
+    /// (`start_type: snapshot`).
+    Restore,
+}
+
+/// The last time a snapshot failed or was found corrupt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotFailure {
+    /// `failed` or `corrupt`.
+    pub status: SnapshotStatus,
+    /// Why.
+    pub message: Option<String>,
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
 }
 
 /// One file of a snapshot's on-disk tier.
@@ -124,11 +152,22 @@ pub struct Snapshot {
     pub size_bytes: u64,
     /// Where it is in its life.
     pub status: SnapshotStatus,
-    /// Why it failed or was found corrupt.
+    /// Why it failed or was found corrupt (cleared when it is rebuilt: see
+    /// `last_failure`).
     pub error_message: Option<String>,
-    /// Instances restored from it, over its whole life (kept across rebuilds).
+    /// Times it failed or was found corrupt, over its whole life (kept across rebuilds).
+    pub failure_count: u64,
+    /// The last of those failures.
+    pub last_failure: Option<SnapshotFailure>,
+    /// Instances forked from its resident template, over its whole life (kept across
+    /// rebuilds).
+    pub fork_count: u64,
+    /// Mean start time of those instances, ms.
+    pub avg_fork_ms: f64,
+    /// Instances started from its checkpoint on disk (each restoring the template first),
+    /// over its whole life.
     pub restore_count: u64,
-    /// Mean restore time over those restores, ms.
+    /// Mean start time of those instances, ms.
     pub avg_restore_ms: f64,
     /// When its current build started.
     #[serde(with = "time::serde::rfc3339")]
@@ -239,8 +278,16 @@ mod tests {
             size_bytes: 5 << 30,
             status: SnapshotStatus::Ready,
             error_message: None,
+            failure_count: 1,
+            last_failure: Some(SnapshotFailure {
+                status: SnapshotStatus::Corrupt,
+                message: Some("its files do not verify".into()),
+                at: time::macros::datetime!(2026-01-02 03:00 UTC),
+            }),
+            fork_count: 40,
+            avg_fork_ms: 4.5,
             restore_count: 2,
-            avg_restore_ms: 15.0,
+            avg_restore_ms: 85.0,
             created_at: time::macros::datetime!(2026-01-02 03:04:05.678 UTC),
             last_used_at: None,
             expires_at: Some(time::macros::datetime!(2026-02-01 00:00 UTC)),
@@ -250,6 +297,8 @@ mod tests {
         assert_eq!(json["runtime"], "python3.11");
         assert_eq!(json["created_at"], "2026-01-02T03:04:05.678Z");
         assert_eq!(json["last_used_at"], serde_json::Value::Null);
+        assert_eq!(json["last_failure"]["status"], "corrupt");
+        assert_eq!(json["last_failure"]["at"], "2026-01-02T03:00:00Z");
         let back: Snapshot = serde_json::from_value(json).unwrap();
         assert_eq!(back, snapshot);
         assert_eq!(back.key().driver, "process");

@@ -26,11 +26,12 @@ pub const INVOCATION_BY_VERSION_TOTAL: &str = "nimbus_invocation_by_version_tota
 pub const SNAPSHOT_BUILD_TOTAL: &str = "nimbus_snapshot_build_total";
 /// `nimbus_snapshot_build_duration_seconds` (histogram).
 pub const SNAPSHOT_BUILD_DURATION_SECONDS: &str = "nimbus_snapshot_build_duration_seconds";
-/// `nimbus_snapshot_restore_total{status}` (`success|failed`): instances started from a
-/// snapshot (forked from its template or restored from disk).
+/// `nimbus_snapshot_restore_total{status,start_type}` (`success|failed`; `template`: forked
+/// from the resident template, `snapshot`: from the checkpoint on disk): instances started
+/// from a snapshot.
 pub const SNAPSHOT_RESTORE_TOTAL: &str = "nimbus_snapshot_restore_total";
-/// `nimbus_snapshot_restore_duration_ms` (histogram): from the request to the instance's
-/// `ready`.
+/// `nimbus_snapshot_restore_duration_ms{start_type}` (histogram): from the request to the
+/// instance's `ready`.
 pub const SNAPSHOT_RESTORE_DURATION_MS: &str = "nimbus_snapshot_restore_duration_ms";
 /// `nimbus_snapshot_storage_bytes` (gauge): snapshot files on disk.
 pub const SNAPSHOT_STORAGE_BYTES: &str = "nimbus_snapshot_storage_bytes";
@@ -152,11 +153,13 @@ pub fn snapshot_built(status: &'static str, seconds: f64) {
     histogram!(SNAPSHOT_BUILD_DURATION_SECONDS).record(seconds);
 }
 
-/// Counts one start from a snapshot (its duration only when it succeeded).
-pub fn snapshot_restored(status: &'static str, ms: f64) {
-    counter!(SNAPSHOT_RESTORE_TOTAL, "status" => status).increment(1);
+/// Counts one start from a snapshot, of `start_type` `template` or `snapshot` (its
+/// duration only when it succeeded).
+pub fn snapshot_restored(status: &'static str, start_type: StartType, ms: f64) {
+    let start_type = start_type.as_str();
+    counter!(SNAPSHOT_RESTORE_TOTAL, "status" => status, "start_type" => start_type).increment(1);
     if status == "success" {
-        histogram!(SNAPSHOT_RESTORE_DURATION_MS).record(ms);
+        histogram!(SNAPSHOT_RESTORE_DURATION_MS, "start_type" => start_type).record(ms);
     }
 }
 

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nimbus_core::StartType;
+use nimbus_core::{SnapshotUse, StartType};
 use nimbus_runtime::WorkerConn;
 use nimbus_sandbox::{ExitInfo, Sandbox};
 use tokio::sync::{Notify, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
@@ -568,7 +568,8 @@ impl Pools {
                 let started = Instant::now();
                 match self.launcher.fork(version, &template).await {
                     Ok(instance) => {
-                        self.snapshots.restored(&template, ms_since(started));
+                        let ms = ms_since(started);
+                        self.snapshots.restored(&template, SnapshotUse::Fork, ms);
                         return Ok((instance, StartType::Template));
                     }
                     // The user's after-restore hook failed: the instance's failure, not the
@@ -582,7 +583,8 @@ impl Pools {
                 if let Some(template) = self.snapshots.restore(version, copy).await {
                     match self.launcher.fork(version, &template).await {
                         Ok(instance) => {
-                            self.snapshots.restored(&template, ms_since(started));
+                            let ms = ms_since(started);
+                            self.snapshots.restored(&template, SnapshotUse::Restore, ms);
                             return Ok((instance, StartType::Snapshot));
                         }
                         Err(e @ StartError::Init { .. }) => return Err((e, StartType::Snapshot)),

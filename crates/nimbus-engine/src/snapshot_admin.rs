@@ -35,10 +35,17 @@ pub struct SnapshotStats {
     pub memory_budget_bytes: u64,
     /// Snapshot files on disk, bytes.
     pub storage_bytes: u64,
-    /// Instances started from snapshots.
+    /// Instances forked from resident templates.
+    pub forks: u64,
+    /// Mean time of those starts, ms.
+    pub avg_fork_ms: f64,
+    /// Instances started from checkpoints on disk.
     pub restores: u64,
     /// Mean time of those starts, ms.
     pub avg_restore_ms: f64,
+    /// Failures of snapshots (failed builds, corrupt checkpoints), over the snapshots'
+    /// lives.
+    pub failures: u64,
 }
 
 /// What a cleanup removed (or, dry, would remove).
@@ -139,11 +146,9 @@ impl Engine {
         for snapshot in &all {
             *by_status.entry(snapshot.status.as_str()).or_default() += 1;
         }
-        let restores: u64 = all.iter().map(|s| s.restore_count).sum();
-        let weighted: f64 = all
-            .iter()
-            .map(|s| s.avg_restore_ms * s.restore_count as f64)
-            .sum();
+        let (forks, avg_fork_ms) = weighted_mean(all.iter().map(|s| (s.fork_count, s.avg_fork_ms)));
+        let (restores, avg_restore_ms) =
+            weighted_mean(all.iter().map(|s| (s.restore_count, s.avg_restore_ms)));
         let (resident_templates, resident_bytes) = self.snapshots.resident_totals();
         Ok(SnapshotStats {
             total: all.len() as u64,
@@ -152,12 +157,11 @@ impl Engine {
             resident_bytes,
             memory_budget_bytes: self.snapshots.settings().memory_budget,
             storage_bytes: all.iter().map(|s| s.size_bytes).sum(),
+            forks,
+            avg_fork_ms,
             restores,
-            avg_restore_ms: if restores > 0 {
-                weighted / restores as f64
-            } else {
-                0.0
-            },
+            avg_restore_ms,
+            failures: all.iter().map(|s| s.failure_count).sum(),
         })
     }
 
@@ -204,4 +208,12 @@ impl Engine {
             }
         }
     }
+}
+
+/// The total count and the mean over `(count, mean)` pairs (0 without any).
+fn weighted_mean(parts: impl Iterator<Item = (u64, f64)>) -> (u64, f64) {
+    let (count, sum) = parts.fold((0u64, 0.0f64), |(n, sum), (count, mean)| {
+        (n + count, sum + mean * count as f64)
+    });
+    (count, if count > 0 { sum / count as f64 } else { 0.0 })
 }

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use nimbus_core::{
     env_vars_hash, now, NewSnapshot, Snapshot, SnapshotFile, SnapshotKey, SnapshotStatus,
+    SnapshotUse, StartType,
 };
 use nimbus_runtime::protocol::ErrorPayload;
 use nimbus_sandbox::Template;
@@ -390,7 +391,7 @@ impl Snapshots {
         if !self.settle(&copy, None) {
             return None;
         }
-        metrics::snapshot_restored("failed", 0.0);
+        metrics::snapshot_restored("failed", StartType::Snapshot, 0.0);
         tracing::warn!(
             function = %version.function_name,
             version = version.version,
@@ -573,7 +574,20 @@ impl Snapshots {
             ) {
                 // Only where this server writes them: the path is derived, not trusted.
                 let dir = self.dir.join(&row.id);
-                if *path == dir.display().to_string() && dir.is_dir() {
+                if *path != dir.display().to_string() {
+                    continue;
+                }
+                if !dir.is_dir() {
+                    // Lost (deleted by hand, a data directory restored without it): the
+                    // version starts cold and rebuilds it.
+                    let why = format!("its checkpoint directory {} is missing", dir.display());
+                    tracing::warn!(snapshot = %row.id, "snapshot on disk is corrupt: {why}");
+                    metrics::snapshot_restored("failed", StartType::Snapshot, 0.0);
+                    let _ = self
+                        .store
+                        .set_snapshot_status(&row.id, SnapshotStatus::Corrupt, Some(&why))
+                        .await;
+                } else {
                     let copy = Arc::new(DiskCopy {
                         snapshot_id: row.id.clone(),
                         key: (row.function_id.clone(), row.version, row.code_hash.clone()),
@@ -787,14 +801,19 @@ impl Snapshots {
             .and_then(|ttl| from.checked_add(ttl))
     }
 
-    /// A start from `resident` succeeded in `ms`.
-    pub(crate) fn restored(&self, resident: &Arc<Resident>, ms: f64) {
-        metrics::snapshot_restored("success", ms);
+    /// A start from `resident` (`how`: forked, or restored from disk first) succeeded in
+    /// `ms`.
+    pub(crate) fn restored(&self, resident: &Arc<Resident>, how: SnapshotUse, ms: f64) {
+        let start_type = match how {
+            SnapshotUse::Fork => StartType::Template,
+            SnapshotUse::Restore => StartType::Snapshot,
+        };
+        metrics::snapshot_restored("success", start_type, ms);
         let (store, id) = (self.store.clone(), resident.snapshot_id.clone());
         let used = now();
         let expires = self.expiry(used);
         tokio::spawn(async move {
-            let _ = store.record_snapshot_use(&id, ms, used, expires).await;
+            let _ = store.record_snapshot_use(&id, how, ms, used, expires).await;
         });
     }
 
@@ -807,7 +826,7 @@ impl Snapshots {
         resident: &Arc<Resident>,
         error: &StartError,
     ) {
-        metrics::snapshot_restored("failed", 0.0);
+        metrics::snapshot_restored("failed", StartType::Template, 0.0);
         if resident.template.alive() {
             // A passing failure (the template could not fork just now): this start goes
             // cold, the template stays.
@@ -850,7 +869,7 @@ impl Snapshots {
         if resident.template.alive() || resident.template.refused().is_some() {
             return self.restore_failed(version, resident, error).await;
         }
-        metrics::snapshot_restored("failed", 0.0);
+        metrics::snapshot_restored("failed", StartType::Snapshot, 0.0);
         if !self.replace_resident(resident, None) {
             return;
         }

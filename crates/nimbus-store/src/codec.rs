@@ -10,7 +10,7 @@ use std::str::FromStr;
 
 use nimbus_core::{
     AliasRevision, CodeBundle, Function, FunctionAlias, FunctionConfig, FunctionVersion,
-    Invocation, Snapshot,
+    Invocation, Snapshot, SnapshotFailure,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -230,6 +230,17 @@ pub(crate) fn snapshot(row: &AnyRow) -> StoreResult<Snapshot> {
         size_bytes: count(row, "size_bytes")?,
         status: parsed(row, "status")?,
         error_message: optional_text(row, "error_message")?,
+        failure_count: count(row, "failure_count")?,
+        last_failure: match optional_timestamp(row, "last_failure_at")? {
+            Some(at) => Some(SnapshotFailure {
+                status: parsed(row, "last_failure_status")?,
+                message: optional_text(row, "last_failure")?,
+                at,
+            }),
+            None => None,
+        },
+        fork_count: count(row, "fork_count")?,
+        avg_fork_ms: row.try_get("avg_fork_ms")?,
         restore_count: count(row, "restore_count")?,
         avg_restore_ms: row.try_get("avg_restore_ms")?,
         created_at: timestamp(row, "created_at")?,

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use nimbus_core::{
     AliasRevision, Function, FunctionAlias, FunctionVersion, Invocation, InvocationStatus,
-    NewSnapshot, RoutingConfig, Snapshot, SnapshotFile, SnapshotKey, SnapshotStatus,
+    NewSnapshot, RoutingConfig, Snapshot, SnapshotFile, SnapshotKey, SnapshotStatus, SnapshotUse,
 };
 use time::OffsetDateTime;
 
@@ -340,8 +340,8 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// - a `building` or `ready` row: returns it unchanged (`false`), so a snapshot is
     ///   never built twice at once nor rebuilt while it is usable;
     /// - a `failed`, `expired` or `corrupt` row: resets it in place to `building` (same id;
-    ///   error, path, files, size and expiry cleared; `created_at` now; restore statistics
-    ///   and `last_used_at` kept) and returns it (`true`).
+    ///   error, path, files, size and expiry cleared; `created_at` now; start statistics,
+    ///   failure history and `last_used_at` kept) and returns it (`true`).
     ///
     /// Of concurrent calls for one key, exactly one gets `true`: that caller builds the
     /// snapshot and reports with [`MetadataStore::finish_snapshot`]. `NotFound` if the
@@ -349,7 +349,9 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn begin_snapshot(&self, new: &NewSnapshot) -> StoreResult<(Snapshot, bool)>;
 
     /// Records the outcome of a build: status, error message, on-disk directory, files,
-    /// bytes on disk and expiry, all replaced. False if there is no such snapshot.
+    /// bytes on disk and expiry, all replaced; a `failed` or `corrupt` outcome also counts
+    /// in the failure history (`failure_count`, `last_failure`), which rebuilds keep. False
+    /// if there is no such snapshot.
     // One argument per column it sets.
     #[allow(clippy::too_many_arguments)]
     async fn finish_snapshot(
@@ -364,7 +366,8 @@ pub trait MetadataStore: Send + Sync + 'static {
     ) -> StoreResult<bool>;
 
     /// Sets a snapshot's status and error message (`None` clears it), e.g. `expired` by the
-    /// reaper or `corrupt` when its files do not verify. False if there is no such snapshot.
+    /// reaper or `corrupt` when its files do not verify (a failure, counted in the history
+    /// as by [`MetadataStore::finish_snapshot`]). False if there is no such snapshot.
     async fn set_snapshot_status(
         &self,
         id: &str,
@@ -372,14 +375,16 @@ pub trait MetadataStore: Send + Sync + 'static {
         error_message: Option<&str>,
     ) -> StoreResult<bool>;
 
-    /// Counts one restore from the snapshot, taking `restore_ms`, at `used_at`: bumps
-    /// `restore_count`, folds `restore_ms` into the running mean `avg_restore_ms` and sets
+    /// Counts one instance started from the snapshot (`how`: forked from its template, or
+    /// from its checkpoint on disk), taking `start_ms`, at `used_at`: bumps `fork_count` or
+    /// `restore_count`, folds `start_ms` into the matching running mean and sets
     /// `last_used_at` and `expires_at`, in one statement, so concurrent calls all count.
     /// False if there is no such snapshot.
     async fn record_snapshot_use(
         &self,
         id: &str,
-        restore_ms: f64,
+        how: SnapshotUse,
+        start_ms: f64,
         used_at: OffsetDateTime,
         expires_at: Option<OffsetDateTime>,
     ) -> StoreResult<bool>;

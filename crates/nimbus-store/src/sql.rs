@@ -17,7 +17,7 @@ use futures::TryStreamExt;
 use nimbus_core::{
     ids, AliasAction, AliasRevision, CodeBundle, Function, FunctionAlias, FunctionConfig,
     FunctionVersion, Invocation, NewSnapshot, RoutingConfig, Snapshot, SnapshotFile, SnapshotKey,
-    SnapshotStatus, LATEST_ALIAS,
+    SnapshotStatus, SnapshotUse, LATEST_ALIAS,
 };
 use sqlx::any::AnyArguments;
 use sqlx::query::Query;
@@ -74,12 +74,24 @@ macro_rules! invocation_columns {
     };
 }
 
+/// The failure history's part of [`FINISH_SNAPSHOT`]: `$8` is 1 for a failure, `$9` its
+/// time.
+macro_rules! failure_history {
+    () => {
+        "failure_count = failure_count + $8, \
+         last_failure_status = CASE WHEN $8 = 1 THEN $2 ELSE last_failure_status END, \
+         last_failure = CASE WHEN $8 = 1 THEN $3 ELSE last_failure END, \
+         last_failure_at = CASE WHEN $8 = 1 THEN $9 ELSE last_failure_at END"
+    };
+}
+
 /// Columns of `snapshots`, as selected.
 macro_rules! snapshot_columns {
     () => {
         "id, function_id, version, code_hash, runtime, memory_mb, env_vars_hash, driver, \
          path, files, size_bytes, status, error_message, restore_count, avg_restore_ms, \
-         created_at, last_used_at, expires_at"
+         created_at, last_used_at, expires_at, failure_count, last_failure_status, \
+         last_failure, last_failure_at, fork_count, avg_fork_ms"
     };
 }
 
@@ -217,7 +229,8 @@ const LIST_INVOCATIONS_WITH_STATUS: &str = concat!(
 const BEGIN_SNAPSHOT: &str = concat!(
     "INSERT INTO snapshots (",
     snapshot_columns!(),
-    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, 0, $10, NULL, 0, 0.0, $11, NULL, NULL) \
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, 0, $10, NULL, 0, 0.0, $11, NULL, NULL, \
+     0, NULL, NULL, NULL, 0, 0.0) \
      ON CONFLICT (function_id, version, code_hash, env_vars_hash, driver) DO UPDATE SET \
      runtime = excluded.runtime, memory_mb = excluded.memory_mb, path = excluded.path, \
      files = excluded.files, size_bytes = excluded.size_bytes, status = excluded.status, \
@@ -228,12 +241,31 @@ const BEGIN_SNAPSHOT: &str = concat!(
     snapshot_columns!()
 );
 
-const FINISH_SNAPSHOT: &str = "UPDATE snapshots SET status = $2, error_message = $3, \
-     path = $4, files = $5, size_bytes = $6, expires_at = $7 WHERE id = $1";
+/// Sets a build's outcome. With `$8` = 1 (a failure: `$2` is failed or corrupt) it also
+/// enters the failure history: the count, and status, message and time (`$9`) of the last.
+const FINISH_SNAPSHOT: &str = concat!(
+    "UPDATE snapshots SET status = $2, error_message = $3, \
+     path = $4, files = $5, size_bytes = $6, expires_at = $7, ",
+    failure_history!(),
+    " WHERE id = $1"
+);
 
-/// Counts a restore of `$2` ms: every right-hand side reads the row as it was, so the mean
-/// folds in the new value against the old count, atomically with the count's increment.
-const RECORD_SNAPSHOT_USE: &str = "UPDATE snapshots SET restore_count = restore_count + 1, \
+/// Sets a status and error message; the failure history as in [`FINISH_SNAPSHOT`] (`$4`
+/// = 1 for a failure, at `$5`).
+const SET_SNAPSHOT_STATUS: &str = "UPDATE snapshots SET status = $2, error_message = $3, \
+     failure_count = failure_count + $4, \
+     last_failure_status = CASE WHEN $4 = 1 THEN $2 ELSE last_failure_status END, \
+     last_failure = CASE WHEN $4 = 1 THEN $3 ELSE last_failure END, \
+     last_failure_at = CASE WHEN $4 = 1 THEN $5 ELSE last_failure_at END WHERE id = $1";
+
+/// Counts an instance forked from the template, of `$2` ms: every right-hand side reads
+/// the row as it was, so the mean folds in the new value against the old count, atomically
+/// with the count's increment.
+const RECORD_SNAPSHOT_FORK: &str = "UPDATE snapshots SET fork_count = fork_count + 1, \
+     avg_fork_ms = (avg_fork_ms * fork_count + $2) / (fork_count + 1), \
+     last_used_at = $3, expires_at = $4 WHERE id = $1";
+/// Counts an instance started from the checkpoint on disk, as [`RECORD_SNAPSHOT_FORK`].
+const RECORD_SNAPSHOT_RESTORE: &str = "UPDATE snapshots SET restore_count = restore_count + 1, \
      avg_restore_ms = (avg_restore_ms * restore_count + $2) / (restore_count + 1), \
      last_used_at = $3, expires_at = $4 WHERE id = $1";
 
@@ -1290,6 +1322,8 @@ impl MetadataStore for SqlStore {
             .bind(to_json("files", &files)?)
             .bind(to_bigint("size_bytes", size_bytes)?)
             .bind(expires_at.map(millis))
+            .bind(i64::from(status.is_failure()))
+            .bind(millis(nimbus_core::now()))
             .execute(&self.pool)
             .await?
             .rows_affected();
@@ -1302,27 +1336,33 @@ impl MetadataStore for SqlStore {
         status: SnapshotStatus,
         error_message: Option<&str>,
     ) -> StoreResult<bool> {
-        let updated =
-            sqlx::query("UPDATE snapshots SET status = $2, error_message = $3 WHERE id = $1")
-                .bind(id)
-                .bind(status.as_str())
-                .bind(error_message)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
+        let updated = sqlx::query(SET_SNAPSHOT_STATUS)
+            .bind(id)
+            .bind(status.as_str())
+            .bind(error_message)
+            .bind(i64::from(status.is_failure()))
+            .bind(millis(nimbus_core::now()))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
         Ok(updated > 0)
     }
 
     async fn record_snapshot_use(
         &self,
         id: &str,
-        restore_ms: f64,
+        how: SnapshotUse,
+        start_ms: f64,
         used_at: OffsetDateTime,
         expires_at: Option<OffsetDateTime>,
     ) -> StoreResult<bool> {
-        let updated = sqlx::query(RECORD_SNAPSHOT_USE)
+        let statement = match how {
+            SnapshotUse::Fork => RECORD_SNAPSHOT_FORK,
+            SnapshotUse::Restore => RECORD_SNAPSHOT_RESTORE,
+        };
+        let updated = sqlx::query(statement)
             .bind(id)
-            .bind(restore_ms)
+            .bind(start_ms)
             .bind(millis(used_at))
             .bind(expires_at.map(millis))
             .execute(&self.pool)

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use nimbus_core::{
     ids, AliasAction, AliasRevision, CodeBundle, Function, FunctionAlias, FunctionConfig,
     FunctionStatus, FunctionVersion, Handler, Invocation, InvocationError, InvocationStatus,
-    Network, NewSnapshot, RoutingConfig, Runtime, Snapshot, SnapshotFile, SnapshotStatus,
-    StartType, StateConfig, Trigger, WeightedVersion,
+    Network, NewSnapshot, RoutingConfig, Runtime, Snapshot, SnapshotFailure, SnapshotFile,
+    SnapshotStatus, SnapshotUse, StartType, StateConfig, Trigger, WeightedVersion,
 };
 use nimbus_store::{
     AliasChange, AliasWrite, InvocationFilter, MetadataStore, Page, Published, RollbackTarget,
@@ -2762,6 +2762,10 @@ fn building(id: &str, new: &NewSnapshot, created_at: OffsetDateTime) -> Snapshot
         size_bytes: 0,
         status: SnapshotStatus::Building,
         error_message: None,
+        failure_count: 0,
+        last_failure: None,
+        fork_count: 0,
+        avg_fork_ms: 0.0,
         restore_count: 0,
         avg_restore_ms: 0.0,
         created_at,
@@ -2834,7 +2838,7 @@ async fn begin_snapshot_claims_a_key_once_and_rebuilds_dead_ones(store: &dyn Met
     finish_ready(store, &first.id, expires).await;
     let used = nimbus_core::now();
     assert!(store
-        .record_snapshot_use(&first.id, 12.5, used, Some(expires))
+        .record_snapshot_use(&first.id, SnapshotUse::Restore, 12.5, used, Some(expires))
         .await
         .unwrap());
     let ready = get_snapshot(store, &first.id).await;
@@ -2862,18 +2866,34 @@ async fn begin_snapshot_claims_a_key_once_and_rebuilds_dead_ones(store: &dyn Met
         seen.push(snapshot.id);
     }
 
-    // Dead rows are rebuilt in place: same id, nothing of the old build left, the restore
-    // statistics kept.
+    // Dead rows are rebuilt in place: same id, nothing of the old build left, the start
+    // statistics and the failure history kept.
     let mut last_build = first.created_at;
+    let (mut failures, mut last_failure) = (0, None);
     for dead in [
         SnapshotStatus::Failed,
         SnapshotStatus::Expired,
         SnapshotStatus::Corrupt,
     ] {
+        let before = nimbus_core::now();
         assert!(store
             .set_snapshot_status(&first.id, dead, Some("went wrong"))
             .await
             .unwrap());
+        if dead != SnapshotStatus::Expired {
+            failures += 1;
+            let at = get_snapshot(store, &first.id)
+                .await
+                .last_failure
+                .expect("a failure is kept")
+                .at;
+            assert_set_since(at, before);
+            last_failure = Some(SnapshotFailure {
+                status: dead,
+                message: Some("went wrong".to_string()),
+                at,
+            });
+        }
         pause().await;
         let before = nimbus_core::now();
         let rebuilt = begin_new(store, &new).await;
@@ -2886,6 +2906,8 @@ async fn begin_snapshot_claims_a_key_once_and_rebuilds_dead_ones(store: &dyn Met
                 restore_count: 1,
                 avg_restore_ms: 12.5,
                 last_used_at: Some(used),
+                failure_count: failures,
+                last_failure: last_failure.clone(),
                 ..building(&first.id, &new, rebuilt.created_at)
             },
             "{dead}"
@@ -2984,7 +3006,9 @@ async fn finish_snapshot_stores_the_build_and_its_files(store: &dyn MetadataStor
         vec![ready]
     );
 
-    // A failed build: everything replaced, the files included.
+    // A failed build: everything replaced, the files included; the failure kept in the
+    // history.
+    let before = nimbus_core::now();
     assert!(store
         .finish_snapshot(
             &started.id,
@@ -2997,13 +3021,35 @@ async fn finish_snapshot_stores_the_build_and_its_files(store: &dyn MetadataStor
         )
         .await
         .unwrap());
+    let failed = get_snapshot(store, &started.id).await;
+    let at = failed
+        .last_failure
+        .as_ref()
+        .expect("the failure is kept")
+        .at;
+    assert_set_since(at, before);
     assert_eq!(
-        get_snapshot(store, &started.id).await,
+        failed,
         Snapshot {
             status: SnapshotStatus::Failed,
             error_message: Some("driver said: no space left on device".to_string()),
+            failure_count: 1,
+            last_failure: Some(SnapshotFailure {
+                status: SnapshotStatus::Failed,
+                message: Some("driver said: no space left on device".to_string()),
+                at,
+            }),
             ..started.clone()
         }
+    );
+    // Built again: ready, with the history as it was.
+    finish_ready(store, &started.id, expires).await;
+    let ready = get_snapshot(store, &started.id).await;
+    assert_eq!(ready.status, SnapshotStatus::Ready);
+    assert_eq!(ready.error_message, None);
+    assert_eq!(
+        (ready.failure_count, ready.last_failure),
+        (1, failed.last_failure)
     );
 }
 
@@ -3014,6 +3060,7 @@ async fn set_snapshot_status_changes_status_and_error_only(store: &dyn MetadataS
     finish_ready(store, &started.id, expires).await;
     let ready = get_snapshot(store, &started.id).await;
 
+    let before = nimbus_core::now();
     assert!(store
         .set_snapshot_status(
             &started.id,
@@ -3022,15 +3069,29 @@ async fn set_snapshot_status_changes_status_and_error_only(store: &dyn MetadataS
         )
         .await
         .unwrap());
+    let corrupt = get_snapshot(store, &started.id).await;
+    let at = corrupt
+        .last_failure
+        .as_ref()
+        .expect("the failure is kept")
+        .at;
+    assert_set_since(at, before);
+    let history = Some(SnapshotFailure {
+        status: SnapshotStatus::Corrupt,
+        message: Some("memory.img does not match its checksum".to_string()),
+        at,
+    });
     assert_eq!(
-        get_snapshot(store, &started.id).await,
+        corrupt,
         Snapshot {
             status: SnapshotStatus::Corrupt,
             error_message: Some("memory.img does not match its checksum".to_string()),
+            failure_count: 1,
+            last_failure: history.clone(),
             ..ready.clone()
         }
     );
-    // No message clears it.
+    // No message clears it; an expiry is no failure: the history stays.
     assert!(store
         .set_snapshot_status(&started.id, SnapshotStatus::Expired, None)
         .await
@@ -3039,6 +3100,8 @@ async fn set_snapshot_status_changes_status_and_error_only(store: &dyn MetadataS
         get_snapshot(store, &started.id).await,
         Snapshot {
             status: SnapshotStatus::Expired,
+            failure_count: 1,
+            last_failure: history,
             ..ready
         }
     );
@@ -3054,13 +3117,25 @@ async fn record_snapshot_use_keeps_a_running_mean(store: &dyn MetadataStore) {
     let first_use = nimbus_core::now();
     let later = first_use + Duration::from_secs(600);
     assert!(store
-        .record_snapshot_use(&started.id, 10.0, first_use, Some(later))
+        .record_snapshot_use(
+            &started.id,
+            SnapshotUse::Restore,
+            10.0,
+            first_use,
+            Some(later)
+        )
         .await
         .unwrap());
     let second_use = first_use + Duration::from_millis(5);
     let latest = second_use + Duration::from_secs(600);
     assert!(store
-        .record_snapshot_use(&started.id, 20.0, second_use, Some(latest))
+        .record_snapshot_use(
+            &started.id,
+            SnapshotUse::Restore,
+            20.0,
+            second_use,
+            Some(latest)
+        )
         .await
         .unwrap());
     assert_eq!(
@@ -3080,7 +3155,7 @@ async fn record_snapshot_use_keeps_a_running_mean(store: &dyn MetadataStore) {
         let id = started.id.clone();
         async move {
             store
-                .record_snapshot_use(&id, f64::from(ms), third_use, None)
+                .record_snapshot_use(&id, SnapshotUse::Restore, f64::from(ms), third_use, None)
                 .await
                 .expect("concurrent use")
         }
@@ -3100,7 +3175,25 @@ async fn record_snapshot_use_keeps_a_running_mean(store: &dyn MetadataStore) {
         (after.last_used_at, after.expires_at),
         (Some(third_use), None)
     );
-    assert_eq!((after.status, after.files), (ready.status, ready.files));
+    assert_eq!((after.status, &after.files), (ready.status, &ready.files));
+
+    // Forks count apart from restores.
+    assert_eq!((after.fork_count, after.avg_fork_ms), (0, 0.0));
+    for ms in [3.0, 5.0] {
+        assert!(store
+            .record_snapshot_use(&started.id, SnapshotUse::Fork, ms, third_use, None)
+            .await
+            .unwrap());
+    }
+    let forked = get_snapshot(store, &started.id).await;
+    assert_eq!(
+        forked,
+        Snapshot {
+            fork_count: 2,
+            avg_fork_ms: 4.0,
+            ..after
+        }
+    );
 }
 
 async fn list_snapshots_is_newest_first_per_function_or_all(store: &dyn MetadataStore) {
@@ -3278,7 +3371,7 @@ async fn unknown_snapshots_are_false_or_none(store: &dyn MetadataStore) {
         .await
         .unwrap());
     assert!(!store
-        .record_snapshot_use(&unknown, 1.0, at, None)
+        .record_snapshot_use(&unknown, SnapshotUse::Fork, 1.0, at, None)
         .await
         .unwrap());
     assert!(!store.delete_snapshot(&unknown).await.unwrap());
@@ -3326,9 +3419,9 @@ async fn reopening_keeps_data_and_reapplies_nothing(store: &dyn MetadataStore, u
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    // 0001_init, 0002_alias_history, 0003_network, 0004_snapshots and 0005_state_config,
-    // each once.
-    assert_eq!(applied, 5);
+    // 0001_init, 0002_alias_history, 0003_network, 0004_snapshots, 0005_state_config and
+    // 0006_snapshot_history, each once.
+    assert_eq!(applied, 6);
 }
 
 async fn corrupt_rows_are_reported_as_corrupt(store: &dyn MetadataStore, url: &str) {

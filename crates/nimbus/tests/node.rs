@@ -190,7 +190,7 @@ async fn new_node_instances_start_from_spares_loaded_ahead_each_in_its_own_sandb
     let metrics = metrics.as_str().unwrap_or_default().to_owned();
     for line in [
         r#"nimbus_snapshot_build_total{status="success"} 1"#,
-        r#"nimbus_snapshot_restore_total{status="success"} 4"#,
+        r#"nimbus_snapshot_restore_total{status="success",start_type="template"} 4"#,
         r#"nimbus_cold_starts_total{runtime="nodejs20",start_type="template"} 4"#,
     ] {
         assert!(metrics.contains(line), "{line} missing from:\n{metrics}");

@@ -135,7 +135,7 @@ async fn cli_builds_lists_uses_stats_and_deletes_a_snapshot() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 2, "{out}");
     assert!(
-        lines[0].starts_with("ID") && lines[0].contains("AVG RESTORE"),
+        lines[0].starts_with("ID") && lines[0].contains("FORKS  RESTORES  FAILURES"),
         "{out}"
     );
     let row: Vec<&str> = lines[1].split_whitespace().collect();
@@ -148,15 +148,16 @@ async fn cli_builds_lists_uses_stats_and_deletes_a_snapshot() {
         assert_eq!(r["start_type"], "template", "{r}");
     }
 
-    // Restores are recorded behind the invocations.
+    // Forks are recorded behind the invocations.
     let deadline = Instant::now() + Duration::from_secs(10);
     let listed = loop {
         let (out, _) = ok(&s, &["snapshot", "list", "shop", "--output", "json"]).await;
         let listed = parse(&out);
-        if listed["snapshots"][0]["restore_count"] == 2 {
+        if listed["snapshots"][0]["fork_count"] == 2 {
+            assert_eq!(listed["snapshots"][0]["restore_count"], 0, "{listed}");
             break listed;
         }
-        assert!(Instant::now() < deadline, "restores not recorded: {listed}");
+        assert!(Instant::now() < deadline, "forks not recorded: {listed}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let snap = &listed["snapshots"][0];
@@ -170,13 +171,15 @@ async fn cli_builds_lists_uses_stats_and_deletes_a_snapshot() {
         field(&out, "resident templates").starts_with("1 ("),
         "{out}"
     );
-    assert!(field(&out, "restores").starts_with("2 (avg "), "{out}");
+    assert!(field(&out, "forks").starts_with("2 (avg "), "{out}");
+    assert_eq!(field(&out, "restores"), "0", "{out}");
     let (out, _) = ok(&s, &["snapshot", "stats", "--output", "json"]).await;
     let st = parse(&out);
     assert_eq!(st["total"], 1, "{st}");
     assert_eq!(st["by_status"]["ready"], 1, "{st}");
     assert_eq!(st["resident_templates"], 1, "{st}");
-    assert_eq!(st["restores"], 2, "{st}");
+    assert_eq!(st["forks"], 2, "{st}");
+    assert_eq!(st["restores"], 0, "{st}");
 
     // Unknown ids and functions.
     let (_, err) = fails(&s, &["snapshot", "delete", "shop", "snap_nope"]).await;
@@ -411,8 +414,11 @@ async fn http_answers_of_the_snapshot_endpoints() {
         "resident_bytes",
         "memory_budget_bytes",
         "storage_bytes",
+        "forks",
+        "avg_fork_ms",
         "restores",
         "avg_restore_ms",
+        "failures",
     ] {
         assert!(!st[key].is_null(), "{key} missing: {st}");
     }

@@ -79,7 +79,7 @@ async fn new_instances_start_from_the_template_and_never_share_randomness() {
     let metrics = metrics.as_str().unwrap_or_default().to_owned();
     for line in [
         r#"nimbus_snapshot_build_total{status="success"} 1"#,
-        r#"nimbus_snapshot_restore_total{status="success"} 2"#,
+        r#"nimbus_snapshot_restore_total{status="success",start_type="template"} 2"#,
         r#"nimbus_cold_starts_total{runtime="python3.11",start_type="template"} 2"#,
         r#"nimbus_snapshot_count{status="ready"} 1"#,
     ] {
@@ -408,6 +408,27 @@ async fn a_restarted_server_starts_instances_from_the_checkpoint_on_disk() {
             .contains(r#"nimbus_cold_starts_total{runtime="python3.11",start_type="snapshot"} 1"#),
         "{metrics}"
     );
+    // Restores from disk and forks are counted apart, in the row and the metrics.
+    for line in [
+        r#"nimbus_snapshot_restore_total{status="success",start_type="snapshot"} 1"#,
+        r#"nimbus_snapshot_restore_total{status="success",start_type="template"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let row = loop {
+        let row = wait_resident(&s, "slow", 1).await;
+        // The row counts the starts behind the invocations: the fork before restarting too.
+        if row["fork_count"] == 2 && row["restore_count"] == 1 {
+            break row;
+        }
+        assert!(Instant::now() < deadline, "starts not recorded: {row}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        row["avg_restore_ms"].as_f64().unwrap() > row["avg_fork_ms"].as_f64().unwrap(),
+        "a restore from disk outlasts a fork: {row}"
+    );
 }
 
 #[tokio::test]
@@ -459,39 +480,71 @@ async fn a_corrupted_checkpoint_is_caught_the_invocation_succeeds_and_it_is_rebu
     let r = invoke(&s, "fragile", "").await;
     assert_eq!(r["start_type"], "cold", "{r}");
     assert_eq!(r["body"]["size"], 100000, "{r}");
-    // Marked corrupt, then rebuilt and checkpointed again under the same id.
+    // Marked corrupt, then rebuilt and checkpointed again under the same id, the failure
+    // kept in its history.
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut seen_corrupt = false;
-    loop {
+    let row = loop {
         let (_, body) = s.call("GET", "/functions/fragile/snapshots", None).await;
         let row = &body["snapshots"][0];
-        if row["status"] == "corrupt" {
-            seen_corrupt = true;
-            assert!(
-                row["error_message"]
-                    .as_str()
-                    .unwrap()
-                    .contains("does not match its checksum"),
-                "{row}"
-            );
-        }
         if row["status"] == "ready" && row["path"].is_string() {
-            assert_eq!(row["id"], snapshot["id"]);
-            break;
+            break row.clone();
         }
         assert!(Instant::now() < deadline, "not rebuilt: {body}");
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    };
+    assert_eq!(row["id"], snapshot["id"]);
+    assert_eq!(row["error_message"], Value::Null, "{row}");
+    assert_eq!(row["failure_count"], 1, "{row}");
+    assert_eq!(row["last_failure"]["status"], "corrupt", "{row}");
+    assert!(
+        row["last_failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not match its checksum"),
+        "{row}"
+    );
     let (_, metrics) = s.call("GET", "/../../metrics", None).await;
     let metrics = metrics.as_str().unwrap_or_default().to_owned();
     assert!(
-        seen_corrupt || metrics.contains(r#"nimbus_snapshot_restore_total{status="failed"} 1"#),
+        metrics
+            .contains(r#"nimbus_snapshot_restore_total{status="failed",start_type="snapshot"} 1"#),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn a_checkpoint_directory_gone_while_the_server_was_down_is_reported_and_rebuilt() {
+    let mut s = server().await;
+    s.deploy("lost", SLOW_INIT, json!({})).await;
+    let snapshot = wait_on_disk(&s, "lost", 1).await;
+    let dir = std::path::PathBuf::from(snapshot["path"].as_str().unwrap());
+    s.stop_cleanly();
+    std::fs::remove_dir_all(&dir).unwrap();
+    s.start_again().await;
+    let (_, body) = s.call("GET", "/functions/lost/snapshots", None).await;
+    let row = &body["snapshots"][0];
+    assert_eq!(row["status"], "corrupt", "{row}");
     assert!(
-        metrics.contains(r#"nimbus_snapshot_restore_total{status="failed"} 1"#),
+        row["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("is missing"),
+        "{row}"
+    );
+    assert_eq!(row["failure_count"], 1, "{row}");
+    let (_, metrics) = s.call("GET", "/../../metrics", None).await;
+    let metrics = metrics.as_str().unwrap_or_default().to_owned();
+    assert!(
+        metrics
+            .contains(r#"nimbus_snapshot_restore_total{status="failed",start_type="snapshot"} 1"#),
         "{metrics}"
     );
+    // The version starts cold, and its snapshot is built again.
+    let r = invoke(&s, "lost", "").await;
+    assert_eq!(r["start_type"], "cold", "{r}");
+    let rebuilt = wait_on_disk(&s, "lost", 1).await;
+    assert_eq!(rebuilt["id"], snapshot["id"]);
+    assert_eq!(rebuilt["last_failure"]["status"], "corrupt", "{rebuilt}");
 }
 
 #[tokio::test]

@@ -208,7 +208,12 @@ fn snapshot_details(s: &Value) -> String {
         ("driver", text(&s["driver"])),
         ("runtime", text(&s["runtime"])),
         ("memory", format!("{} MB", text(&s["memory_mb"]))),
-        ("restores", restores_text(s)),
+        ("forks", count_text(&s["fork_count"], &s["avg_fork_ms"])),
+        (
+            "restores",
+            count_text(&s["restore_count"], &s["avg_restore_ms"]),
+        ),
+        ("failures", failures_text(s)),
         ("created", text(&s["created_at"])),
         ("last used", text(&s["last_used_at"])),
         ("expires", text(&s["expires_at"])),
@@ -225,12 +230,33 @@ fn yes_no(value: &Value) -> String {
 }
 
 /// `3 (avg 1.4 ms)`, or `0`.
-fn restores_text(s: &Value) -> String {
-    let count = s["restore_count"].as_u64().unwrap_or(0);
-    if count == 0 {
-        "0".into()
-    } else {
-        format!("{count} (avg {})", avg_ms(&s["avg_restore_ms"]))
+fn count_text(count: &Value, avg: &Value) -> String {
+    match count.as_u64().unwrap_or(0) {
+        0 => "0".into(),
+        count => format!("{count} (avg {})", avg_ms(avg)),
+    }
+}
+
+/// `2, the last corrupt at <time>: <why>`, or `0`.
+fn failures_text(s: &Value) -> String {
+    let count = s["failure_count"].as_u64().unwrap_or(0);
+    let last = &s["last_failure"];
+    if count == 0 || last.is_null() {
+        return count.to_string();
+    }
+    format!(
+        "{count}, the last {} at {}: {}",
+        text(&last["status"]),
+        text(&last["at"]),
+        one_line(last["message"].as_str().unwrap_or("-"))
+    )
+}
+
+/// `3 (1.4 ms)` for a table cell, or `0`.
+fn short_count_text(count: &Value, avg: &Value) -> String {
+    match count.as_u64().unwrap_or(0) {
+        0 => "0".into(),
+        count => format!("{count} ({})", avg_ms(avg)),
     }
 }
 
@@ -257,24 +283,21 @@ fn list_table(list: &Value) -> String {
         "version",
         "status",
         "resident",
+        "forks",
         "restores",
-        "avg restore",
+        "failures",
         "last used",
         "expires",
     ]);
     for s in snapshots {
-        let restored = s["restore_count"].as_u64().unwrap_or(0) > 0;
         table.row([
             text(&s["id"]),
             text(&s["version"]),
             text(&s["status"]),
             yes_no(&s["resident"]),
-            text(&s["restore_count"]),
-            if restored {
-                avg_ms(&s["avg_restore_ms"])
-            } else {
-                "-".into()
-            },
+            short_count_text(&s["fork_count"], &s["avg_fork_ms"]),
+            short_count_text(&s["restore_count"], &s["avg_restore_ms"]),
+            text(&s["failure_count"]),
             text(&s["last_used_at"]),
             text(&s["expires_at"]),
         ]);
@@ -291,6 +314,8 @@ fn list_table(list: &Value) -> String {
         out.push('\n');
         if let Some(error) = s["error_message"].as_str() {
             out.push_str(&format!("  └ error: {}\n", one_line(error)));
+        } else if s["failure_count"].as_u64().unwrap_or(0) > 0 {
+            out.push_str(&format!("  └ failures: {}\n", failures_text(s)));
         }
     }
     out
@@ -389,7 +414,6 @@ fn stats_text(stats: &Value) -> String {
     } else {
         format!("{total} ({})", by_status.join(", "))
     };
-    let restores = stats["restores"].as_u64().unwrap_or(0);
     let bytes = |key: &str| bytes_text(stats[key].as_u64().unwrap_or(0));
     details(&[
         ("snapshots", snapshots),
@@ -403,14 +427,12 @@ fn stats_text(stats: &Value) -> String {
             ),
         ),
         ("storage", format!("{} on disk", bytes("storage_bytes"))),
+        ("forks", count_text(&stats["forks"], &stats["avg_fork_ms"])),
         (
             "restores",
-            if restores == 0 {
-                "0".into()
-            } else {
-                format!("{restores} (avg {})", avg_ms(&stats["avg_restore_ms"]))
-            },
+            count_text(&stats["restores"], &stats["avg_restore_ms"]),
         ),
+        ("failures", text(&stats["failures"])),
     ])
 }
 
@@ -438,9 +460,12 @@ mod tests {
             "id": "snap_1", "function_id": "fn_1", "version": 3, "status": status,
             "error_message": error, "resident": status == "ready", "driver": "process",
             "runtime": "python3.11", "memory_mb": 256,
+            "fork_count": if status == "ready" { 7 } else { 0 }, "avg_fork_ms": 4.0,
             "restore_count": if status == "ready" { 2 } else { 0 },
-            "avg_restore_ms": 1.25, "created_at": "t0", "last_used_at": null,
-            "expires_at": "t9"
+            "avg_restore_ms": 81.25, "created_at": "t0", "last_used_at": null,
+            "expires_at": "t9",
+            "failure_count": if status == "ready" { 1 } else { 2 },
+            "last_failure": {"status": "corrupt", "at": "t1", "message": "a file\nis missing"}
         })
     }
 
@@ -452,9 +477,10 @@ mod tests {
         ]});
         assert_eq!(
             list_table(&list),
-            "ID      VERSION  STATUS  RESIDENT  RESTORES  AVG RESTORE  LAST USED  EXPIRES\n\
-             snap_1  3        ready   yes       2         1.2 ms       -          t9\n\
-             snap_1  3        failed  no        0         -            -          t9\n  \
+            "ID      VERSION  STATUS  RESIDENT  FORKS       RESTORES     FAILURES  LAST USED  EXPIRES\n\
+             snap_1  3        ready   yes       7 (4.0 ms)  2 (81.2 ms)  1         -          t9\n  \
+             └ failures: 1, the last corrupt at t1: a file is missing\n\
+             snap_1  3        failed  no        0           0            2         -          t9\n  \
              └ error: RuntimeError: no more\n"
         );
         assert_eq!(list_table(&json!({"snapshots": []})), "no snapshots\n");
@@ -483,6 +509,13 @@ mod tests {
         assert!(text.contains("error:     RuntimeError: no\n"), "{text}");
         assert!(text.contains("resident:  no\n"), "{text}");
         assert!(!snapshot_details(&ready).contains("error"));
+        let text = snapshot_details(&ready);
+        assert!(text.contains("forks:     7 (avg 4.0 ms)\n"), "{text}");
+        assert!(text.contains("restores:  2 (avg 81.2 ms)\n"), "{text}");
+        assert!(
+            text.contains("failures:  1, the last corrupt at t1: a file is missing\n"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -505,13 +538,16 @@ mod tests {
         let stats = json!({"total": 3, "by_status": {"building": 0, "failed": 1, "ready": 2},
             "resident_templates": 2, "resident_bytes": 3 << 20,
             "memory_budget_bytes": 1u64 << 30, "storage_bytes": 0,
-            "restores": 4, "avg_restore_ms": 1.5});
+            "forks": 9, "avg_fork_ms": 3.5, "restores": 4, "avg_restore_ms": 81.5,
+            "failures": 1});
         assert_eq!(
             stats_text(&stats),
             "snapshots:          3 (failed 1, ready 2)\n\
              resident templates: 2 (3.0 MiB of a 1.0 GiB budget)\n\
              storage:            0 B on disk\n\
-             restores:           4 (avg 1.5 ms)\n"
+             forks:              9 (avg 3.5 ms)\n\
+             restores:           4 (avg 81.5 ms)\n\
+             failures:           1\n"
         );
         assert_eq!(bytes_text(1023), "1023 B");
     }

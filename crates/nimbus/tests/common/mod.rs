@@ -163,6 +163,12 @@ impl Server {
 
     /// SIGTERM, wait for a clean exit, start again on the same data.
     pub async fn restart(&mut self) {
+        self.stop_cleanly();
+        self.start_again().await;
+    }
+
+    /// SIGTERM and wait for a clean exit ([`Server::start_again`] brings it back).
+    pub fn stop_cleanly(&mut self) {
         let pid = self.child.id() as i32;
         Command::new("kill")
             .args(["-TERM", &pid.to_string()])
@@ -170,6 +176,10 @@ impl Server {
             .unwrap();
         let status = self.child.wait().unwrap();
         assert!(status.success(), "server exited with {status}");
+    }
+
+    /// Starts the server again on the same data, with the same arguments.
+    pub async fn start_again(&mut self) {
         let args = self.args.clone();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.spawn(&args).await;
