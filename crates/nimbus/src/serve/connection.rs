@@ -78,7 +78,10 @@ pub async fn serve(
                 None => std::future::pending().await,
             }
         };
+        // The connection first: a deadline is judged only after hyper has had its turn
+        // with what is ready (a response it can still flush is not cut off).
         tokio::select! {
+            biased;
             result = conn.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error");
