@@ -38,7 +38,7 @@ struct Open {
 
 impl Open {
     fn new(place: OwnedSemaphorePermit, trimmer: Arc<Trimmer>) -> Self {
-        metrics::open(true);
+        metrics::connection_opened();
         trimmer.opened();
         Open {
             _place: place,
@@ -49,7 +49,7 @@ impl Open {
 
 impl Drop for Open {
     fn drop(&mut self) {
-        metrics::open(false);
+        metrics::connection_closed();
         self.trimmer.closed();
     }
 }

@@ -34,14 +34,14 @@ pub fn refused() {
     metrics::counter!(REFUSED_TOTAL).increment(1);
 }
 
-/// A connection opened (`false`: closed).
-pub fn open(opened: bool) {
-    let gauge = metrics::gauge!(CONNECTIONS);
-    if opened {
-        gauge.increment(1.0);
-    } else {
-        gauge.decrement(1.0);
-    }
+/// A connection opened.
+pub fn connection_opened() {
+    metrics::gauge!(CONNECTIONS).increment(1.0);
+}
+
+/// A connection closed.
+pub fn connection_closed() {
+    metrics::gauge!(CONNECTIONS).decrement(1.0);
 }
 
 /// One connection closed by a deadline.

@@ -51,8 +51,8 @@ pub struct Settings {
 /// Longest wait of each step of a refusal (see [`answer_refusal`]).
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
-/// Refused connections lingering at once, out of `max_connections`: beyond, a refused
-/// connection is closed at once.
+/// Refusals answered in a task at once, for a limit of `max_connections`: beyond, a
+/// refused connection is answered at best and closed at once (see [`refuse`]).
 pub fn lingering_refusals(max_connections: usize) -> usize {
     (max_connections / 16).clamp(16, 1024)
 }
@@ -100,21 +100,18 @@ pub fn start(listener: TcpListener, app: Router, settings: &Settings) -> Serving
 
 impl Serving {
     /// Stops accepting; open connections finish the request they are in (idle ones close
-    /// at once) for at most `bound`, then the rest are closed.
+    /// at once). Waits for them at most `bound`: the rest close with the process.
     pub async fn stop(self, bound: Duration) {
         let _ = self.stop.send(());
         let Ok(graceful) = self.accepting.await else {
             return;
         };
-        let open = graceful.count();
+        tracing::info!(open = graceful.count(), "closing client connections");
         if tokio::time::timeout(bound, graceful.shutdown())
             .await
             .is_err()
         {
-            tracing::warn!(
-                open,
-                "closing connections whose requests did not finish within {bound:?}"
-            );
+            tracing::warn!("some requests did not finish within {bound:?}; they are cut short");
         }
     }
 }
@@ -150,7 +147,7 @@ async fn accept_loop(
     graceful
 }
 
-/// The answer at the connection limit, written before any request is read.
+/// The answer at the connection limit, built once.
 fn refusal(max_connections: usize) -> Bytes {
     let body = serde_json::json!({
         "error": {
@@ -170,7 +167,7 @@ fn refusal(max_connections: usize) -> Bytes {
 }
 
 /// Answers a connection over the limit and closes it, in a task of its own while few
-/// refusals are in progress (each holds a descriptor for up to 2 × [`REFUSAL_LINGER`]);
+/// refusals are in progress (each holds a descriptor for up to 3 × [`REFUSAL_LINGER`]);
 /// beyond, the answer is written at once if the socket takes it, and the socket closed.
 fn refuse(stream: TcpStream, refusal: &Bytes, lingering: &Arc<Semaphore>) {
     metrics::refused();
