@@ -1,10 +1,15 @@
 //! The one mapping from failures to HTTP: status, stable code, message naming the problem.
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nimbus_engine::EngineError;
 use serde_json::json;
+
+/// `Retry-After` of every 429 (`throttled`), seconds. Capacity frees as soon as one running
+/// invocation ends, and a throttled call has already waited its queue's turn: one second
+/// spaces retries without keeping a client away longer than a typical invocation.
+pub const RETRY_AFTER_SECS: u32 = 1;
 
 /// An error answered as `{"error":{"code":…,"message":…}}`.
 #[derive(Debug)]
@@ -81,7 +86,13 @@ impl IntoResponse for ApiError {
         error.insert("code".into(), json!(self.code));
         error.insert("message".into(), json!(self.message));
         error.extend(self.details);
-        (self.status, Json(json!({ "error": error }))).into_response()
+        let mut response = (self.status, Json(json!({ "error": error }))).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        response
     }
 }
 

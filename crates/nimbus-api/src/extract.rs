@@ -53,11 +53,20 @@ pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiErro
     to_bytes(body, limit).await.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        // The server's stall timeout on request bodies (see the binary's `serve`).
+        let stalled = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+            .any(|e| e.is::<tower_http::timeout::TimeoutError>());
         if too_large {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
                 format!("the request body is larger than the {limit}-byte limit"),
+            )
+        } else if stalled {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body stopped arriving: nothing came within the stall timeout",
             )
         } else {
             ApiError::bad_request(format!("could not read the request body: {e}"))

@@ -14,8 +14,12 @@ pub async fn health() -> Json<Value> {
     Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
 }
 
-/// `GET /ready`: the metadata store answers.
+/// `GET /ready`: the metadata store answers and the server is not stopping (503
+/// `shutting_down` from the shutdown signal on, so load balancers stop sending work).
 pub async fn ready(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    if state.engine.is_draining() {
+        return Err(nimbus_engine::EngineError::ShuttingDown.into());
+    }
     state
         .engine
         .ready()

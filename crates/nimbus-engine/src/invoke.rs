@@ -94,6 +94,7 @@ impl Engine {
     /// Runs an invocation to completion. The work runs in its own task, so a caller that
     /// goes away does not cut an invocation short.
     pub async fn invoke(self: &Arc<Self>, req: InvokeRequest) -> EngineResult<InvokeResponse> {
+        self.admit()?;
         let target = self.resolve(&req).await?;
         let this = self.clone();
         let request_id = ids::request_id();
@@ -106,6 +107,7 @@ impl Engine {
     /// Accepts an invocation to run in the background; returns its request id at once.
     pub async fn invoke_async(self: &Arc<Self>, mut req: InvokeRequest) -> EngineResult<String> {
         req.trigger = Trigger::Async;
+        self.admit()?;
         let target = self.resolve(&req).await?;
         let request_id = ids::request_id();
         self.recorder.record(Invocation {

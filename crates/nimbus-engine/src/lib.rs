@@ -28,6 +28,7 @@ mod state;
 pub mod state_admin;
 pub mod versions;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,6 +69,8 @@ pub struct Engine {
     driver_name: &'static str,
     /// Every running invocation task, so shutdown can wait for them.
     inflight: TaskTracker,
+    /// Set when the server starts stopping: new invocations are refused from then on.
+    draining: AtomicBool,
 }
 
 impl Engine {
@@ -101,6 +104,7 @@ impl Engine {
             store,
             config,
             inflight: TaskTracker::new(),
+            draining: AtomicBool::new(false),
         });
         metrics::describe();
         let weak = Arc::downgrade(&engine);
@@ -178,14 +182,38 @@ impl Engine {
         self.pools.live_instances(function_id)
     }
 
-    /// Waits (up to `grace`) for running invocations, synchronous and asynchronous, then
-    /// stops every instance and writes every pending record.
-    pub async fn shutdown(&self, grace: Duration) {
+    /// Starts stopping: from now on new invocations (synchronous and asynchronous) are
+    /// refused with [`EngineError::ShuttingDown`], while running ones go on.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
         self.inflight.close();
-        if tokio::time::timeout(grace, self.inflight.wait())
+    }
+
+    /// Whether [`Engine::begin_drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Refuses a new invocation once the server is stopping.
+    fn admit(&self) -> EngineResult<()> {
+        if self.is_draining() {
+            return Err(EngineError::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    /// Begins the drain and waits up to `grace` for running invocations, synchronous and
+    /// asynchronous, to finish. True if none is left.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.begin_drain();
+        tokio::time::timeout(grace, self.inflight.wait())
             .await
-            .is_err()
-        {
+            .is_ok()
+    }
+
+    /// Drains (up to `grace`), then stops every instance and writes every pending record.
+    pub async fn shutdown(&self, grace: Duration) {
+        if !self.drain(grace).await {
             tracing::warn!(
                 running = self.inflight.len(),
                 "invocations still running at shutdown are cut short"

@@ -53,6 +53,17 @@ pub struct ServerArgs {
     /// `[snapshots] enabled = false`).
     #[arg(long, env = "NIMBUS_NO_SNAPSHOTS")]
     pub no_snapshots: bool,
+    /// Client connections served at once; one more is answered 503 `too_many_connections`
+    /// [default: half the open-files limit, at most 10,000].
+    #[arg(long, env = "NIMBUS_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Seconds a client has to send a request's head [default: 10].
+    #[arg(long, env = "NIMBUS_HEADER_TIMEOUT")]
+    pub header_timeout: Option<u64>,
+    /// Seconds an idle keep-alive connection is kept open; 0 turns keep-alive off
+    /// [default: 75].
+    #[arg(long, env = "NIMBUS_KEEPALIVE_TIMEOUT")]
+    pub keepalive_timeout: Option<u64>,
 }
 
 /// `state_url` of the embedded state store.
@@ -94,6 +105,100 @@ pub struct ServerConfig {
     pub shutdown_grace_sec: u64,
     /// Function-level snapshots (`[snapshots]`).
     pub snapshots: SnapshotsConfig,
+    /// Client connections and requests (`[http]`).
+    pub http: HttpConfig,
+}
+
+/// The `[http]` section: connections and request heads. See docs/LIMITS.md.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Connections served at once (absent: half the open-files limit, at most 10,000).
+    pub max_connections: Option<usize>,
+    /// Seconds for a request's head: from the accept (first request) or from its first
+    /// byte (later requests on a kept-alive connection).
+    pub header_timeout_sec: u64,
+    /// Seconds a kept-alive connection may wait for its next request; 0: no keep-alive.
+    pub keepalive_timeout_sec: u64,
+    /// Seconds a request body may send nothing (408 `request_timeout`), or a response go
+    /// unread (the connection is closed).
+    pub stall_timeout_sec: u64,
+    /// Longest request target (path and query), bytes.
+    pub max_uri_bytes: usize,
+    /// Most bytes of header fields of a request.
+    pub max_header_bytes: usize,
+    /// Most header fields of a request.
+    pub max_headers: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            max_connections: None,
+            header_timeout_sec: 10,
+            keepalive_timeout_sec: 75,
+            stall_timeout_sec: 30,
+            max_uri_bytes: 8 * 1024,
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Refuses settings that would leave the server unreachable or undefended.
+    fn validate(&self) -> anyhow::Result<()> {
+        let checks = [
+            (
+                "max_connections",
+                self.max_connections.unwrap_or(1) >= 1,
+                "at least 1",
+            ),
+            (
+                "header_timeout_sec",
+                self.header_timeout_sec >= 1,
+                "at least 1",
+            ),
+            (
+                "stall_timeout_sec",
+                self.stall_timeout_sec >= 1,
+                "at least 1",
+            ),
+            ("max_uri_bytes", self.max_uri_bytes >= 256, "at least 256"),
+            (
+                "max_header_bytes",
+                self.max_header_bytes >= 1024,
+                "at least 1024",
+            ),
+            ("max_headers", self.max_headers >= 8, "at least 8"),
+        ];
+        for (key, ok, rule) in checks {
+            anyhow::ensure!(ok, "[http] {key} must be {rule}");
+        }
+        Ok(())
+    }
+
+    /// The HTTP front's settings, with the connection limit sized from `open_files` unless
+    /// it is set.
+    pub fn settings(&self, open_files: u64) -> crate::serve::Settings {
+        let stall = Duration::from_secs(self.stall_timeout_sec);
+        crate::serve::Settings {
+            max_connections: self
+                .max_connections
+                .unwrap_or_else(|| crate::serve::default_max_connections(open_files)),
+            timeouts: crate::serve::Timeouts {
+                header: Duration::from_secs(self.header_timeout_sec),
+                keepalive: Duration::from_secs(self.keepalive_timeout_sec),
+                stall,
+            },
+            limits: crate::serve::RequestLimits {
+                max_uri_bytes: self.max_uri_bytes,
+                max_header_bytes: self.max_header_bytes,
+                max_headers: self.max_headers,
+                body_stall: stall,
+            },
+        }
+    }
 }
 
 /// The `[snapshots]` section. See docs/SNAPSHOTS.md.
@@ -182,6 +287,7 @@ impl Default for ServerConfig {
             cache_ttl_ms: engine.cache_ttl.as_millis() as u64,
             shutdown_grace_sec: 30,
             snapshots: SnapshotsConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -228,6 +334,16 @@ impl ServerConfig {
         if args.no_snapshots {
             config.snapshots.enabled = false;
         }
+        if let Some(max) = args.max_connections {
+            config.http.max_connections = Some(max);
+        }
+        if let Some(secs) = args.header_timeout {
+            config.http.header_timeout_sec = secs;
+        }
+        if let Some(secs) = args.keepalive_timeout {
+            config.http.keepalive_timeout_sec = secs;
+        }
+        config.http.validate()?;
         // Sandboxes and CRIU resolve paths from elsewhere: a relative data directory would
         // name another place for them.
         config.data_dir = std::path::absolute(&config.data_dir)
@@ -312,7 +428,8 @@ mod tests {
         let path = dir.path().join("nimbus.toml");
         std::fs::write(
             &path,
-            "listen = \"127.0.0.1:9000\"\nidle_timeout_sec = 5\nqueue_depth = 7\n",
+            "listen = \"127.0.0.1:9000\"\nidle_timeout_sec = 5\nqueue_depth = 7\n\
+             [http]\nmax_connections = 40\nheader_timeout_sec = 3\n",
         )
         .unwrap();
         let args = ServerArgs {
@@ -328,9 +445,15 @@ mod tests {
             example: false,
             insecure_no_isolation: false,
             no_snapshots: false,
+            max_connections: None,
+            header_timeout: Some(4),
+            keepalive_timeout: None,
         };
         let c = ServerConfig::load(&args).unwrap();
         assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.http.max_connections, Some(40));
+        assert_eq!(c.http.header_timeout_sec, 4);
+        assert_eq!(c.http.keepalive_timeout_sec, 75);
         assert_eq!(c.queue_depth, 7);
         assert_eq!(c.idle_timeout_sec, 9);
         assert_eq!(
@@ -344,6 +467,9 @@ mod tests {
         };
         let err = format!("{:#}", ServerConfig::load(&bad).unwrap_err());
         assert!(err.contains("listn"), "{err}");
+        std::fs::write(dir.path().join("bad.toml"), "[http]\nmax_uri_bytes = 10").unwrap();
+        let err = format!("{:#}", ServerConfig::load(&bad).unwrap_err());
+        assert!(err.contains("max_uri_bytes must be at least 256"), "{err}");
     }
 
     #[test]
@@ -361,6 +487,9 @@ mod tests {
             example: false,
             insecure_no_isolation: false,
             no_snapshots: false,
+            max_connections: None,
+            header_timeout: None,
+            keepalive_timeout: None,
         };
         let c = ServerConfig::load(&args).unwrap();
         assert_eq!(

@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod config;
+mod serve;
 mod server;
 
 use std::process::ExitCode;

@@ -1,5 +1,8 @@
 //! `nimbus server`: wires the store, runtimes, sandbox driver, engine and HTTP API together,
-//! serves until SIGINT/SIGTERM, then drains in-flight requests and writes pending records.
+//! and serves until SIGINT/SIGTERM. Then it drains: `/ready` answers 503 `shutting_down`
+//! and new invocations are refused while running ones finish (up to `shutdown_grace_sec`;
+//! `/health` and everything else keep answering), then it stops accepting connections,
+//! stops the instances and writes pending records. A second signal cuts the wait short.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,7 +20,10 @@ use nimbus_state::embedded::EmbeddedStore;
 use nimbus_state::redis::RedisStore;
 use nimbus_state::{State, StateStore};
 
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
 use crate::config::{ServerArgs, ServerConfig, EMBEDDED_STATE};
+use crate::serve;
 
 /// First argument that makes this binary the sandbox init (see `nimbus_sandbox::init`).
 pub const SANDBOX_INIT: &str = "__sandbox-init";
@@ -28,6 +34,18 @@ const EXAMPLE_CODE: &str = include_str!("../../../examples/hello/handler.py");
 /// Runs the server until a shutdown signal.
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let config = ServerConfig::load(&args)?;
+    // From here on a stop signal waits until serving has begun, then drains.
+    let mut signals = StopSignals::install()?;
+    let open_files = serve::raise_open_files_limit();
+    let http = config.http.settings(open_files);
+    let http_fds = http.max_connections + serve::lingering_refusals(http.max_connections);
+    if http_fds as u64 > open_files * 3 / 4 {
+        tracing::warn!(
+            "max_connections = {} leaves few of the {open_files} open files this process may \
+             have to instances, sandboxes and the stores",
+            http.max_connections
+        );
+    }
     let keys = ApiKeys::new(&config.api_keys);
     if keys.is_empty() && !config.listen.ip().is_loopback() {
         bail!(
@@ -76,7 +94,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         println!("Try the example function:");
         println!("  curl -s -X POST http://{addr}/api/v1/functions/{EXAMPLE_NAME}/invoke -d '{{\"name\":\"Nimbus\"}}'");
     }
-    tracing::info!(%addr, "listening");
+    tracing::info!(
+        %addr,
+        max_connections = http.max_connections,
+        open_files,
+        "listening"
+    );
 
     let app = nimbus_api::router(
         AppState {
@@ -85,14 +108,22 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         },
         keys,
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
-    tracing::info!("draining: stopping instances and writing pending records");
-    engine
-        .shutdown(Duration::from_secs(config.shutdown_grace_sec))
-        .await;
+    let serving = serve::start(listener, app, &http);
+
+    signals.next().await;
+    let grace = Duration::from_secs(config.shutdown_grace_sec);
+    let deadline = tokio::time::Instant::now() + grace;
+    tracing::info!("draining: /ready answers 503, running invocations may finish within {grace:?}");
+    engine.begin_drain();
+    tokio::select! {
+        _ = engine.drain(grace) => {}
+        () = signals.next() => tracing::warn!("second stop signal: not waiting any longer"),
+    }
+    // Responses of the invocations that just finished are still being written.
+    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    serving.stop(remaining.max(Duration::from_secs(1))).await;
+    tracing::info!("stopping instances and writing pending records");
+    engine.shutdown(Duration::ZERO).await;
     if let Some(isolation) = &isolation {
         isolation.shutdown();
     }
@@ -264,13 +295,25 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
+/// SIGTERM and SIGINT, as one stream of stop requests.
+struct StopSignals {
+    term: Signal,
+    interrupt: Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
     }
-    tracing::info!("shutdown signal received");
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+        tracing::info!("stop signal received");
+    }
 }
