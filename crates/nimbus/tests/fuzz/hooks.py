@@ -1,11 +1,11 @@
 """Schemathesis hooks of the OpenAPI fuzz test (crates/nimbus/tests/openapi_fuzz.rs).
 
 One check, `positive_data_acceptance_within_rules`, replaces schemathesis's
-`positive_data_acceptance` (turned off in schemathesis.toml): a request the document calls
-valid must not be refused with 400, except where the server applies a rule that JSON Schema
-(OpenAPI 3.0) cannot state. Each such rule is listed below with the error it gives and, where
-the request shows it, a test that the request really breaks it; any other 400 to a valid
-request fails the run, as the built-in check would.
+`positive_data_acceptance` (the test runs with --exclude-checks positive_data_acceptance): a
+request the document calls valid must not be refused with 400, except where the server
+applies a rule that JSON Schema (OpenAPI 3.0) cannot state. Each such rule is listed below
+with the error it gives and, where the request shows it, a test that the request really
+breaks it; any other 400 to a valid request fails the run, as the built-in check would.
 """
 
 import re
