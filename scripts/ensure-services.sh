@@ -4,7 +4,8 @@
 # stopped; Redis on 127.0.0.1:6379 (the Redis state backend's tests), installing and starting
 # it if nothing answers there; `ip` and `nft`, with which the sandbox gives outbound functions
 # their network; CRIU 4, with which templates are checkpointed to disk (the snapshot tests use
-# it); Node.js 20 or newer (the nodejs20 runtime's tests), checked, not installed.
+# it); Node.js 20 or newer (the nodejs20 runtime's tests), checked, not installed;
+# schemathesis and openapi-spec-validator (the OpenAPI tests), in a virtualenv under target/.
 set -euo pipefail
 
 pg_up() { pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; }
@@ -62,3 +63,21 @@ if ! redis_up; then
 fi
 redis_up || { echo "ensure-services: Redis is not reachable on 127.0.0.1:6379" >&2; exit 1; }
 echo "ensure-services: Redis ready" >&2
+
+# The OpenAPI tests (crates/nimbus/tests/openapi_fuzz.rs) run schemathesis and
+# openapi-spec-validator from a virtualenv of their own, installed from PyPI through pip's own
+# configuration by the real interpreter (not a version manager's shim on PATH).
+fuzz_tools="schemathesis==4.32.5 openapi-spec-validator==0.9.0"
+venv="$(cd "$(dirname "$0")/.." && pwd)/target/schemathesis"
+if [ "$(cat "$venv/installed" 2>/dev/null)" != "$fuzz_tools" ]; then
+  echo "ensure-services: installing $fuzz_tools into $venv" >&2
+  if ! /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+  fi
+  rm -rf "$venv"
+  /usr/bin/python3 -m venv "$venv"
+  # shellcheck disable=SC2086 # one requirement per word
+  "$venv/bin/pip" install -q $fuzz_tools
+  echo "$fuzz_tools" >"$venv/installed"
+fi
+echo "ensure-services: schemathesis ready" >&2

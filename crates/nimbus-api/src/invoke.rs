@@ -74,8 +74,16 @@ async fn invoke_request(
         ),
         None => None,
     };
-    // Checked by the engine (1-256 bytes, no control characters, not `_global`).
-    let session_key = target.session_key.or(header_key).filter(|k| !k.is_empty());
+    // Checked by the engine (1-256 bytes, no control characters, not `_global`). Given both
+    // ways, the two must agree: otherwise one would be dropped unchecked and unsaid.
+    let query_key = target.session_key.filter(|k| !k.is_empty());
+    let session_key =
+        match (query_key, header_key.filter(|k| !k.is_empty())) {
+            (Some(query), Some(header)) if query != header => return Err(ApiError::bad_request(
+                "session_key and the X-Nimbus-Session-Key header name different sessions; give one",
+            )),
+            (query, header) => query.or(header),
+        };
     if let Some(alias) = &target.alias {
         nimbus_core::alias::validate_alias_name(alias)
             .map_err(|e| ApiError::bad_request(format!("alias: {}", e.message)))?;

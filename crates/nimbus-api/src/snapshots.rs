@@ -134,19 +134,23 @@ mod tests {
     fn openapi_documents_every_snapshot_answer() {
         let doc: Value = serde_json::from_str(include_str!("../openapi.json")).unwrap();
         for (path, method, codes) in [
-            ("/functions/{id}/snapshots", "get", &["200", "404"][..]),
             (
-                "/functions/{id}/snapshots",
+                "/api/v1/functions/{id}/snapshots",
+                "get",
+                &["200", "404"][..],
+            ),
+            (
+                "/api/v1/functions/{id}/snapshots",
                 "post",
                 &["200", "201", "202", "400", "404", "409"][..],
             ),
             (
-                "/functions/{id}/snapshots/{sid}",
+                "/api/v1/functions/{id}/snapshots/{sid}",
                 "delete",
                 &["204", "404", "409"][..],
             ),
-            ("/snapshots/stats", "get", &["200"][..]),
-            ("/snapshots/cleanup", "post", &["200", "400"][..]),
+            ("/api/v1/snapshots/stats", "get", &["200"][..]),
+            ("/api/v1/snapshots/cleanup", "post", &["200", "400"][..]),
         ] {
             for code in codes {
                 assert!(

@@ -108,27 +108,27 @@ mod tests {
         let doc: Value = serde_json::from_str(include_str!("../openapi.json")).unwrap();
         for (path, method, codes) in [
             (
-                "/functions/{id}/sessions",
+                "/api/v1/functions/{id}/sessions",
                 "get",
                 &["200", "404", "503"][..],
             ),
             (
-                "/functions/{id}/sessions/{key}",
+                "/api/v1/functions/{id}/sessions/{key}",
                 "get",
                 &["200", "400", "404", "503"][..],
             ),
             (
-                "/functions/{id}/sessions/{key}",
+                "/api/v1/functions/{id}/sessions/{key}",
                 "delete",
                 &["204", "404", "503"][..],
             ),
             (
-                "/functions/{id}/state/{session_key}",
+                "/api/v1/functions/{id}/state/{session_key}",
                 "get",
                 &["200", "400", "404", "503"][..],
             ),
             (
-                "/functions/{id}/state/{session_key}",
+                "/api/v1/functions/{id}/state/{session_key}",
                 "delete",
                 &["200", "404", "503"][..],
             ),

@@ -477,9 +477,9 @@ async fn metrics_and_ops_endpoints() {
         .await
         .unwrap();
     for path in [
-        "/functions/{id}/invoke",
-        "/functions/{id}/versions/{n}",
-        "/functions/{id}/aliases/{name}/rollback",
+        "/api/v1/functions/{id}/invoke",
+        "/api/v1/functions/{id}/versions/{n}",
+        "/api/v1/functions/{id}/aliases/{name}/rollback",
     ] {
         assert!(openapi["paths"][path].is_object(), "{path} undocumented");
     }

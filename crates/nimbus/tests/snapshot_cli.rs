@@ -466,19 +466,23 @@ async fn http_answers_of_the_snapshot_endpoints() {
 
     let (_, openapi) = s.call("GET", "/openapi.json", None).await;
     for (path, method, codes) in [
-        ("/functions/{id}/snapshots", "get", &["200", "404"][..]),
         (
-            "/functions/{id}/snapshots",
+            "/api/v1/functions/{id}/snapshots",
+            "get",
+            &["200", "404"][..],
+        ),
+        (
+            "/api/v1/functions/{id}/snapshots",
             "post",
             &["200", "201", "202", "404", "409"][..],
         ),
         (
-            "/functions/{id}/snapshots/{sid}",
+            "/api/v1/functions/{id}/snapshots/{sid}",
             "delete",
             &["204", "404", "409"][..],
         ),
-        ("/snapshots/stats", "get", &["200"][..]),
-        ("/snapshots/cleanup", "post", &["200"][..]),
+        ("/api/v1/snapshots/stats", "get", &["200"][..]),
+        ("/api/v1/snapshots/cleanup", "post", &["200"][..]),
     ] {
         for code in codes {
             assert!(
