@@ -228,6 +228,20 @@ fn statuses_follow_from_what_each_operation_does() {
         if path.starts_with("/api/v1/") && path != "/api/v1/openapi.json" {
             assert!(has("503"), "{method} {path}: the store can be unreachable");
         }
+        // What the HTTP front answers before any route: a head over its limits, a
+        // connection over the limit, a body that stops arriving.
+        for status in ["414", "431", "503"] {
+            assert!(has(status), "{method} {path}: the front can answer {status}");
+        }
+        if op.get("requestBody").is_some() {
+            assert!(has("408"), "{method} {path}: a stalled body answers 408");
+        }
+        if has("429") {
+            assert!(
+                op["responses"]["429"]["headers"]["Retry-After"].is_object(),
+                "{method} {path}: a 429 says when to retry"
+            );
+        }
     }
 }
 
