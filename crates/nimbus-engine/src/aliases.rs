@@ -8,6 +8,7 @@
 //! within the cache TTL).
 
 use nimbus_core::alias::validate_alias_name;
+use nimbus_core::echo;
 use nimbus_core::function::validate_description;
 use nimbus_core::{
     AliasRevision, Function, FunctionAlias, RoutingConfig, ValidationError, LATEST_ALIAS,
@@ -91,8 +92,9 @@ impl Engine {
                 return Err(EngineError::Conflict {
                     code: "alias_exists",
                     message: format!(
-                        "function {:?} already has an alias {:?}",
-                        function.name, alias.name
+                        "function {} already has an alias {}",
+                        echo(&function.name),
+                        echo(&alias.name)
                     ),
                 })
             }
@@ -188,7 +190,8 @@ impl Engine {
                 return Err(EngineError::Conflict {
                     code: "version_deleted",
                     message: format!(
-                        "cannot roll back alias {name:?} to {what}: {}",
+                        "cannot roll back alias {} to {what}: {}",
+                        echo(name),
                         StoreError::MissingVersions(missing)
                     ),
                 });
