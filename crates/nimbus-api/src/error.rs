@@ -1,6 +1,6 @@
 //! The one mapping from failures to HTTP: status, stable code, message naming the problem.
 
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nimbus_engine::EngineError;
@@ -82,6 +82,56 @@ impl IntoResponse for ApiError {
         error.insert("message".into(), json!(self.message));
         error.extend(self.details);
         (self.status, Json(json!({ "error": error }))).into_response()
+    }
+}
+
+/// The last layer of the router: an error response that is not JSON (one answered by axum
+/// or a tower layer rather than by a handler, such as an extractor's rejection) is
+/// answered again in the API's shape, with the code of its status and its text (cut
+/// short) as the message. Other responses pass untouched.
+pub async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_owned(),
+        text => nimbus_core::echo::cut(text, 160).into_owned(),
+    };
+    let mut answer = ApiError::new(status, code_of_status(status), message).into_response();
+    // Headers the answer needs beyond its body (`Allow`, `Retry-After`) are kept.
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            answer.headers_mut().append(name, value.clone());
+        }
+    }
+    answer
+}
+
+/// The stable code of an error answered by the HTTP layer: one per status it can answer,
+/// `invalid_request` for other client errors and `internal` for other server errors.
+pub fn code_of_status(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => "invalid_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::NOT_FOUND => "route_not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::TOO_MANY_REQUESTS => "throttled",
+        StatusCode::SERVICE_UNAVAILABLE => "service_unavailable",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::URI_TOO_LONG => "uri_too_long",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "headers_too_large",
+        s if s.is_client_error() => "invalid_request",
+        _ => "internal",
     }
 }
 
