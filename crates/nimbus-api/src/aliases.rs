@@ -22,14 +22,18 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(views::alias(&alias))))
 }
 
-/// `GET /functions/{id}/aliases`: by name.
+/// `GET /functions/{id}/aliases?limit=&offset=`: by name.
 pub async fn list(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
+    ApiQuery(paging): ApiQuery<Paging>,
 ) -> ApiResult<Json<Value>> {
-    let aliases = state.engine.list_aliases(&id).await?;
-    let aliases: Vec<Value> = aliases.iter().map(views::alias).collect();
-    Ok(Json(json!({ "aliases": aliases })))
+    let page = state
+        .engine
+        .list_aliases(&id, paging.limit(), paging.offset())
+        .await?;
+    let aliases: Vec<Value> = page.items.iter().map(views::alias).collect();
+    Ok(Json(paging.page("aliases", aliases, page.total)))
 }
 
 /// `GET /functions/{id}/aliases/{name}`.

@@ -66,7 +66,8 @@ pub struct RolledBack {
 }
 
 impl Engine {
-    /// Creates an alias. `alias_exists` (409) if the function has one of that name.
+    /// Creates an alias. `alias_exists` (409) if the function has one of that name,
+    /// `too_many_aliases` (409) if it has `MAX_ALIASES_PER_FUNCTION` already.
     pub async fn create_alias(
         &self,
         reference: &str,
@@ -104,10 +105,18 @@ impl Engine {
         Ok(created)
     }
 
-    /// A function's aliases, by name.
-    pub async fn list_aliases(&self, reference: &str) -> EngineResult<Vec<FunctionAlias>> {
+    /// One page of a function's aliases, by name.
+    pub async fn list_aliases(
+        &self,
+        reference: &str,
+        limit: u32,
+        offset: u32,
+    ) -> EngineResult<Page<FunctionAlias>> {
         let function = self.get_function(reference).await?;
-        self.aliases_of(&function.id).await
+        Ok(self
+            .store
+            .list_aliases_page(&function.id, limit, offset)
+            .await?)
     }
 
     /// One alias.

@@ -140,6 +140,13 @@ impl From<StoreError> for EngineError {
                 code: "nothing_to_roll_back",
                 message,
             },
+            StoreError::TooManyAliases { limit } => EngineError::Conflict {
+                code: "too_many_aliases",
+                message: format!(
+                    "the function has {limit} aliases, as many as a function may have; delete \
+                     one it no longer needs first"
+                ),
+            },
             StoreError::RevisionMismatch { .. } => EngineError::Conflict {
                 code: "revision_mismatch",
                 message: e.to_string(),

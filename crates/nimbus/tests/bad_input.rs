@@ -592,3 +592,71 @@ async fn archives_the_server_cannot_unpack_are_refused_naming_the_entry() {
         "{r}"
     );
 }
+
+#[tokio::test]
+async fn aliases_are_bounded_per_function_and_listed_in_pages() {
+    let s = Server::start(Backend::Sqlite).await;
+    s.deploy("f", ECHO_PY, json!({})).await;
+    let routing = json!({"weights": [{"version": 1, "weight": 100}]});
+    // `latest` and 99 more: the limit.
+    for i in 1..100 {
+        let (status, answer) = s
+            .call(
+                "POST",
+                "/functions/f/aliases",
+                Some(json!({"name": format!("a{i:03}"), "routing_config": routing})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{i}: {answer}");
+    }
+    let (status, answer) = s
+        .call(
+            "POST",
+            "/functions/f/aliases",
+            Some(json!({"name": "one-more", "routing_config": routing})),
+        )
+        .await;
+    assert_eq!(
+        (status, code_of(&answer)),
+        (StatusCode::CONFLICT, "too_many_aliases"),
+        "{answer}"
+    );
+    // Pages like the versions list: 20 by default, `limit` and `offset`, with the total.
+    let (_, first) = s.call("GET", "/functions/f/aliases", None).await;
+    assert_eq!(first["aliases"].as_array().unwrap().len(), 20, "{first}");
+    assert_eq!(
+        (first["total"].clone(), first["limit"].clone()),
+        (json!(100), json!(20))
+    );
+    let (_, last) = s
+        .call("GET", "/functions/f/aliases?limit=30&offset=90", None)
+        .await;
+    let names: Vec<&str> = last["aliases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 10);
+    assert_eq!((names[0], names[9]), ("a091", "latest"));
+    // The CLI lists them all, page after page.
+    let listed = s.cli(&["alias", "list", "f"]).await;
+    let rows = listed
+        .lines()
+        .filter(|l| l.starts_with('a') || l.starts_with("latest"));
+    assert_eq!(rows.count(), 100, "{listed}");
+    let json_list: Value =
+        serde_json::from_str(&s.cli(&["alias", "list", "f", "--output", "json"]).await).unwrap();
+    assert_eq!(json_list["aliases"].as_array().unwrap().len(), 100);
+    // Deleting one makes room again.
+    let (status, _) = s.call("DELETE", "/functions/f/aliases/a001", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, answer) = s
+        .call(
+            "POST",
+            "/functions/f/aliases",
+            Some(json!({"name": "one-more", "routing_config": routing})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+}
