@@ -660,3 +660,44 @@ async fn aliases_are_bounded_per_function_and_listed_in_pages() {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{answer}");
 }
+
+#[tokio::test]
+async fn errors_show_paths_in_the_sandbox_not_the_data_directory() {
+    let s = Server::start(Backend::Sqlite).await;
+    let data_dir = s.dir.path().canonicalize().unwrap();
+    let data_dir = data_dir.to_str().unwrap();
+    let python = "def handle(event):\n    raise ValueError('bad ' + __file__)\n";
+    let node = "exports.handle = () => { throw new Error(`bad ${__filename}`); };\n";
+    s.deploy("py", python, json!({})).await;
+    s.deploy("js", node, json!({"runtime": "nodejs20"})).await;
+    for (function, file) in [("py", "handler.py"), ("js", "handler.js")] {
+        let (status, r) = s.invoke_raw(function, "", "{}").await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{r}");
+        let message = r["error"]["message"].as_str().unwrap();
+        assert!(message.ends_with(&format!("bad {file}")), "{r}");
+        let traceback = r["error"]["traceback"].as_str().unwrap();
+        assert!(traceback.contains(file), "{traceback}");
+        assert!(!r.to_string().contains(data_dir), "{function}: {r}");
+    }
+    // A deploy whose code fails to load says so without the data directory either.
+    let (status, r) = s
+        .call(
+            "POST",
+            "/functions",
+            Some(json!({"name": "broken", "code": "raise RuntimeError('no config next to ' + __file__)\n"})),
+        )
+        .await;
+    assert_eq!(
+        (status, code_of(&r)),
+        (StatusCode::BAD_REQUEST, "function_init_failed"),
+        "{r}"
+    );
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("no config next to handler.py"),
+        "{r}"
+    );
+    assert!(!r.to_string().contains(data_dir), "{r}");
+}

@@ -54,6 +54,13 @@ _CO_VARARGS = 0x04
 _SELF_FILE = __file__
 _RUNTIME_DIR = __file__.rpartition("/")[0] or "."
 _API_DIR = _RUNTIME_DIR + "/nimbus/"
+# Host paths errors must not show (see _sandbox_paths): the function's code directory (the
+# working directory the worker starts in) and the data directory holding it and the runtime
+# (`<data dir>/runtime/python`).
+_CODE_DIR = posix.getcwd()
+_DATA_DIR = (
+    _RUNTIME_DIR[: -len("/runtime/python")] if _RUNTIME_DIR.endswith("/runtime/python") else None
+)
 
 
 # --- logs -------------------------------------------------------------------------------
@@ -219,8 +226,19 @@ def _user_traceback(tb):
     return out
 
 
+def _sandbox_paths(text):
+    """`text` without the host paths of the data directory: a path in the function's code
+    as the function knows it, relative to its working directory (`lib/util.py`), and any
+    other path of the data directory (the runtime's files) under `<nimbus>`."""
+    for path, shown in ((_CODE_DIR, "."), (_DATA_DIR, "<nimbus>")):
+        if path and path != "/" and path in text:
+            text = text.replace(path + "/", "" if shown == "." else shown + "/")
+            text = text.replace(path, shown)
+    return text
+
+
 def _error(exc, message=None, type_name=None):
-    """The `{type, message, traceback}` payload of an exception."""
+    """The `{type, message, traceback}` payload of an exception, without host paths."""
     if message is None:
         try:
             message = str(exc)
@@ -236,8 +254,8 @@ def _error(exc, message=None, type_name=None):
         text = "(traceback unavailable: %s)" % type(failure).__name__
     return {
         "type": type_name or type(exc).__qualname__,
-        "message": _clean(message, _MAX_MESSAGE_CHARS),
-        "traceback": _clean(text, _MAX_TRACEBACK_CHARS, tail=True),
+        "message": _clean(_sandbox_paths(message), _MAX_MESSAGE_CHARS),
+        "traceback": _clean(_sandbox_paths(text), _MAX_TRACEBACK_CHARS, tail=True),
     }
 
 
