@@ -238,6 +238,23 @@ async fn errors_show_paths_in_the_code_not_on_the_host() {
 }
 
 #[tokio::test]
+async fn a_handler_module_named_like_a_builtin_is_the_functions_own_file() {
+    // The handler names a file of the code: `fs.readFileSync` loads ./fs.js, never Node's
+    // `fs`, and a handler without its file is refused at deploy (nimbus-core).
+    let mut w = start(
+        &[("fs.js", "exports.readFileSync = () => 'mine';\n")],
+        "fs.readFileSync",
+    )
+    .await;
+    assert_eq!(
+        body(&invoke(&mut w, json!("/etc/passwd")).await),
+        json!("mine")
+    );
+    let e = init_error(&[("index.js", "")], "fs.readFileSync").await;
+    assert_eq!(e.error_type, "HandlerNotFound", "{e:?}");
+}
+
+#[tokio::test]
 async fn state_calls_are_promises_over_the_connection_with_typed_errors() {
     let mut w = start(
         &[(

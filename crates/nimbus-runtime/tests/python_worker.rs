@@ -444,6 +444,54 @@ async fn errors_show_paths_in_the_code_not_on_the_host() {
 }
 
 #[tokio::test]
+async fn handler_modules_named_after_the_standard_library_or_the_runtime_are_refused() {
+    let cases: &[(&[(&str, &str)], &str, &str)] = &[
+        (
+            &[("os.py", "def system(event):\n    return 'mine'\n")],
+            "os.system",
+            "'os' is the name of a standard-library module, which the function's os.py",
+        ),
+        (
+            &[("json.py", "def loads(event):\n    return 1\n")],
+            "json.loads",
+            "'json' is the name of a standard-library module",
+        ),
+        (
+            &[("code.py", "def handle(event):\n    return 1\n")],
+            "code.handle",
+            "'code' is the name of a standard-library module",
+        ),
+        (
+            &[
+                ("email/__init__.py", ""),
+                ("email/handler.py", "def handle(event):\n    return 1\n"),
+            ],
+            "email.handler.handle",
+            "'email' is the name of a standard-library module, which the function's email/",
+        ),
+        (
+            &[("nimbus.py", "def handle(event):\n    return 1\n")],
+            "nimbus.handle",
+            "'nimbus' is the name of a module of the runtime",
+        ),
+    ];
+    for (files, handler, needle) in cases {
+        let (e, _) = init_error(files, handler).await;
+        assert_eq!(e.error_type, "InvalidHandler", "{handler}: {e:?}");
+        assert!(e.message.contains(needle), "{handler}: {}", e.message);
+        assert!(e.message.contains("rename it"), "{handler}: {}", e.message);
+    }
+    // A module of the function's own that only starts like one is fine.
+    let mut w = start_with(
+        &[("osx.py", "def handle(event):\n    return 'mine'\n")],
+        "osx.handle",
+        &[],
+    )
+    .await;
+    assert_eq!(body(&invoke(&mut w, json!({})).await), json!("mine"));
+}
+
+#[tokio::test]
 async fn a_dotted_handler_in_a_package_loads() {
     let files = [
         ("pkg/__init__.py", ""),

@@ -701,3 +701,51 @@ async fn errors_show_paths_in_the_sandbox_not_the_data_directory() {
     );
     assert!(!r.to_string().contains(data_dir), "{r}");
 }
+
+#[tokio::test]
+async fn a_handler_module_shadowing_the_standard_library_is_refused_at_deploy() {
+    let s = Server::start(Backend::Sqlite).await;
+    let cases = [
+        (
+            "os.system",
+            vec![("os.py", "def system(event):\n    return 'mine'\n")],
+            "os",
+        ),
+        (
+            "json.loads",
+            vec![("json.py", "def loads(event):\n    return 1\n")],
+            "json",
+        ),
+        (
+            "email.handler.handle",
+            vec![
+                ("email/__init__.py", ""),
+                ("email/handler.py", "def handle(event):\n    return 1\n"),
+            ],
+            "email",
+        ),
+    ];
+    for (handler, files, module) in cases {
+        let (status, r) = s
+            .call(
+                "POST",
+                "/functions",
+                Some(json!({"name": "shadow", "handler": handler, "code_archive": zip_base64(&files)})),
+            )
+            .await;
+        assert_eq!(
+            (status, code_of(&r)),
+            (StatusCode::BAD_REQUEST, "function_init_failed"),
+            "{handler}: {r}"
+        );
+        let message = r["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!(
+                "'{module}' is the name of a standard-library module"
+            )),
+            "{handler}: {message}"
+        );
+    }
+    let (status, _) = s.call("GET", "/functions/shadow", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

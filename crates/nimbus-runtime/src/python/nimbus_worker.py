@@ -58,6 +58,8 @@ _API_DIR = _RUNTIME_DIR + "/nimbus/"
 # working directory the worker starts in) and the data directory holding it and the runtime
 # (`<data dir>/runtime/python`).
 _CODE_DIR = posix.getcwd()
+# Modules of the runtime itself, which a handler module cannot be named after either.
+_RUNTIME_MODULES = ("nimbus", "nimbus_worker", "nimbus_fork", "nimbus_boot", "__main__")
 _DATA_DIR = (
     _RUNTIME_DIR[: -len("/runtime/python")] if _RUNTIME_DIR.endswith("/runtime/python") else None
 )
@@ -281,6 +283,26 @@ def _load(spec):
                 "InvalidHandler",
                 "handler %r must be 'module.function' (e.g. 'handler.handle' or "
                 "'pkg.mod.run')" % spec,
+            )
+        )
+    top = module_name.partition(".")[0]
+    if top in sys.modules or top in getattr(sys, "stdlib_module_names", ()):
+        # Loaded first, the function's file would replace the standard library's module for
+        # the function and the runtime alike; loaded already, it would never be imported and
+        # the handler would name the library's own function (`os.system`).
+        raise _InitFailure(
+            _simple_error(
+                "InvalidHandler",
+                "handler module '%s' cannot be loaded: '%s' is the name of %s, which the "
+                "function's %s would shadow; rename it"
+                % (
+                    module_name,
+                    top,
+                    "a module of the runtime"
+                    if top in _RUNTIME_MODULES
+                    else "a standard-library module",
+                    top + ("/" if "." in module_name else ".py"),
+                ),
             )
         )
     try:
