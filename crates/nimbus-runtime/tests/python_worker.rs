@@ -445,7 +445,9 @@ async fn errors_show_paths_in_the_code_not_on_the_host() {
 
 #[tokio::test]
 async fn handler_modules_named_after_the_standard_library_or_the_runtime_are_refused() {
-    let cases: &[(&[(&str, &str)], &str, &str)] = &[
+    // The files, the handler, what the refusal says.
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+    let cases: &[Case] = &[
         (
             &[("os.py", "def system(event):\n    return 'mine'\n")],
             "os.system",
