@@ -31,8 +31,21 @@ pub fn too_deep_at(text: &[u8], max: usize) -> Option<usize> {
 }
 
 /// The index of the quote that closes the string whose text starts at `from` (or the end
-/// of `text` if it is never closed), skipping escaped characters.
+/// of `text` if it is never closed), skipping escaped characters. Most strings are short
+/// keys and values: their first bytes are looked at one by one, the rest of a longer one
+/// is searched with `memchr` (measured: faster than either alone on both kinds).
 fn string_end(text: &[u8], mut from: usize) -> usize {
+    let short = text.len().min(from + 16);
+    while from < short {
+        match text[from] {
+            b'"' => return from,
+            b'\\' => from += 2,
+            _ => from += 1,
+        }
+    }
+    if from >= text.len() {
+        return text.len();
+    }
     while let Some(offset) = memchr::memchr2(b'"', b'\\', &text[from..]) {
         let at = from + offset;
         if text[at] == b'"' {
@@ -74,6 +87,17 @@ mod tests {
         assert_eq!(too_deep_at(br#"["\"[[[", "\\", ["x"]]"#, 1), Some(16));
         assert_eq!(too_deep_at(br#"["\\\"[[["]"#, 1), None);
         assert_eq!(too_deep_at(br#"{"k\"[": [1]}"#, 1), Some(9));
+        // Escapes on each side of where the scan of a long string changes pace.
+        for pad in 10..24 {
+            let text = format!(
+                r#"["{}\"[[[ {} \\", [1]]"#,
+                "x".repeat(pad),
+                "y".repeat(pad)
+            );
+            let inner = text.rfind("[1]").unwrap();
+            assert_eq!(too_deep_at(text.as_bytes(), 1), Some(inner), "{text}");
+            assert_eq!(too_deep_at(text.as_bytes(), 2), None, "{text}");
+        }
     }
 
     #[test]
