@@ -137,3 +137,107 @@ pub fn code_of_status(status: StatusCode) -> &'static str {
 
 /// Result of API handlers.
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use axum::body::{to_bytes, Body};
+    use axum::http::{Request, StatusCode};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    use axum::{middleware, Router};
+    use serde_json::Value;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// Answers of handlers that do not use the API's shape, as axum's own rejections do.
+    fn router() -> Router {
+        Router::new()
+            .route(
+                "/text-400",
+                get(|| async { (StatusCode::BAD_REQUEST, "Invalid URL") }),
+            )
+            .route(
+                "/empty-500",
+                get(|| async { StatusCode::INTERNAL_SERVER_ERROR }),
+            )
+            .route(
+                "/text-503",
+                get(|| async {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        [(header::RETRY_AFTER, "1")],
+                        "x".repeat(10_000),
+                    )
+                }),
+            )
+            .route(
+                "/json-409",
+                get(|| async {
+                    ApiError::new(StatusCode::CONFLICT, "alias_exists", "taken").into_response()
+                }),
+            )
+            .route("/ok", get(|| async { "fine" }))
+            .layer(middleware::map_response(json_errors))
+    }
+
+    async fn call(path: &str) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+        let request = Request::get(path).body(Body::empty()).unwrap();
+        let response = router().oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = to_bytes(body, usize::MAX).await.unwrap().to_vec();
+        (parts.status, parts.headers, body)
+    }
+
+    #[tokio::test]
+    async fn error_answers_without_json_are_put_in_the_apis_shape() {
+        for (path, status, code, message) in [
+            (
+                "/text-400",
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "Invalid URL",
+            ),
+            (
+                "/empty-500",
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal Server Error",
+            ),
+        ] {
+            let (got, headers, body) = call(path).await;
+            assert_eq!(got, status, "{path}");
+            assert_eq!(headers[header::CONTENT_TYPE], "application/json", "{path}");
+            let body: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(body["error"]["code"], code, "{path}");
+            assert_eq!(body["error"]["message"], message, "{path}");
+        }
+        // Long text is cut; headers the answer needs are kept.
+        let (_, headers, body) = call("/text-503").await;
+        assert_eq!(headers[header::RETRY_AFTER], "1");
+        assert!(body.len() < 400, "{} bytes", body.len());
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "service_unavailable");
+    }
+
+    #[tokio::test]
+    async fn json_errors_and_successes_pass_untouched() {
+        let (status, _, body) = call("/json-409").await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "alias_exists");
+        let (status, headers, body) = call("/ok").await;
+        assert_eq!((status, body.as_slice()), (StatusCode::OK, &b"fine"[..]));
+        assert!(headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"));
+    }
+
+    #[test]
+    fn every_status_has_a_stable_code() {
+        assert_eq!(code_of_status(StatusCode::NOT_FOUND), "route_not_found");
+        assert_eq!(code_of_status(StatusCode::IM_A_TEAPOT), "invalid_request");
+        assert_eq!(code_of_status(StatusCode::BAD_GATEWAY), "internal");
+    }
+}
