@@ -1,6 +1,6 @@
 //! `/api/v1/functions/{id}/aliases`: create, list, get, update, delete, history, rollback.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use nimbus_engine::{AliasPatch, NewAlias, RollbackRequest};
@@ -8,31 +8,38 @@ use serde_json::{json, Value};
 
 use crate::auth::Caller;
 use crate::error::ApiResult;
-use crate::extract::{ApiJson, ApiJsonOrDefault, ApiQuery, Paging};
+use crate::extract::{ApiJson, ApiJsonOrDefault, ApiPath, ApiQuery, Paging};
 use crate::{views, AppState};
 
 /// `POST /functions/{id}/aliases` → 201.
 pub async fn create(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<NewAlias>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let alias = state.engine.create_alias(&id, req, &caller.0).await?;
     Ok((StatusCode::CREATED, Json(views::alias(&alias))))
 }
 
-/// `GET /functions/{id}/aliases`: by name.
-pub async fn list(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let aliases = state.engine.list_aliases(&id).await?;
-    let aliases: Vec<Value> = aliases.iter().map(views::alias).collect();
-    Ok(Json(json!({ "aliases": aliases })))
+/// `GET /functions/{id}/aliases?limit=&offset=`: by name.
+pub async fn list(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(paging): ApiQuery<Paging>,
+) -> ApiResult<Json<Value>> {
+    let page = state
+        .engine
+        .list_aliases(&id, paging.limit(), paging.offset())
+        .await?;
+    let aliases: Vec<Value> = page.items.iter().map(views::alias).collect();
+    Ok(Json(paging.page("aliases", aliases, page.total)))
 }
 
 /// `GET /functions/{id}/aliases/{name}`.
 pub async fn get(
     State(state): State<AppState>,
-    Path((id, name)): Path<(String, String)>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let alias = state.engine.get_alias(&id, &name).await?;
     Ok(Json(views::alias(&alias)))
@@ -42,7 +49,7 @@ pub async fn get(
 pub async fn update(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path((id, name)): Path<(String, String)>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
     ApiJson(patch): ApiJson<AliasPatch>,
 ) -> ApiResult<Json<Value>> {
     let alias = state
@@ -55,7 +62,7 @@ pub async fn update(
 /// `DELETE /functions/{id}/aliases/{name}`: `latest` → 409.
 pub async fn delete(
     State(state): State<AppState>,
-    Path((id, name)): Path<(String, String)>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let function_id = state.engine.delete_alias(&id, &name).await?;
     Ok(Json(
@@ -66,7 +73,7 @@ pub async fn delete(
 /// `GET /functions/{id}/aliases/{name}/history?limit=&offset=`: newest first.
 pub async fn history(
     State(state): State<AppState>,
-    Path((id, name)): Path<(String, String)>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
     ApiQuery(paging): ApiQuery<Paging>,
 ) -> ApiResult<Json<Value>> {
     let page = state
@@ -83,7 +90,7 @@ pub async fn history(
 pub async fn rollback(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path((id, name)): Path<(String, String)>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
     ApiJsonOrDefault(req): ApiJsonOrDefault<RollbackRequest>,
 ) -> ApiResult<Json<Value>> {
     let rolled_back = state

@@ -1,5 +1,10 @@
 //! API keys: `Authorization: Bearer <key>` on every route but `/health` and `/ready`.
 //! With no key configured (allowed only on a loopback listener) every caller is `anonymous`.
+//!
+//! A presented key is compared with every configured one as SHA-256 digests, in constant
+//! time (`subtle`): neither how long the comparison takes nor which byte differs tells an
+//! attacker anything about a key's contents or length. The scheme name is matched without
+//! regard to case (RFC 7235: `bearer`, `BEARER` and `Bearer` are the same scheme).
 
 use std::sync::Arc;
 
@@ -7,6 +12,9 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
 
@@ -17,7 +25,15 @@ pub struct Caller(pub String);
 /// The configured keys. Each is `name:secret` or a bare secret (named `key1`, `key2`, …).
 #[derive(Debug, Clone, Default)]
 pub struct ApiKeys {
-    keys: Arc<Vec<(String, String)>>,
+    keys: Arc<Vec<Key>>,
+}
+
+/// A configured key: its name and the SHA-256 digest of its secret (the secret itself is
+/// not kept).
+#[derive(Debug)]
+struct Key {
+    name: String,
+    digest: [u8; 32],
 }
 
 impl ApiKeys {
@@ -28,11 +44,17 @@ impl ApiKeys {
             .map(|e| e.as_ref().trim())
             .filter(|e| !e.is_empty())
             .enumerate()
-            .map(|(i, entry)| match entry.split_once(':') {
-                Some((name, secret)) if !name.is_empty() && !secret.is_empty() => {
-                    (name.to_owned(), secret.to_owned())
+            .map(|(i, entry)| {
+                let (name, secret) = match entry.split_once(':') {
+                    Some((name, secret)) if !name.is_empty() && !secret.is_empty() => {
+                        (name.to_owned(), secret)
+                    }
+                    _ => (format!("key{}", i + 1), entry),
+                };
+                Key {
+                    name,
+                    digest: Sha256::digest(secret.as_bytes()).into(),
                 }
-                _ => (format!("key{}", i + 1), entry.to_owned()),
             })
             .collect();
         ApiKeys {
@@ -45,16 +67,26 @@ impl ApiKeys {
         self.keys.is_empty()
     }
 
+    /// The name of the key `presented` is. Digests have one size whatever the key's, and
+    /// every configured key is compared, each in constant time.
     fn name_of(&self, presented: &str) -> Option<&str> {
-        self.keys
-            .iter()
-            .find(|(_, secret)| constant_time_eq(secret.as_bytes(), presented.as_bytes()))
-            .map(|(name, _)| name.as_str())
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let mut found = None;
+        for key in self.keys.iter() {
+            if bool::from(key.digest.ct_eq(&digest)) && found.is_none() {
+                found = Some(key.name.as_str());
+            }
+        }
+        found
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The credentials of an `Authorization: Bearer <key>` header; the scheme in any case.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credentials.trim())
 }
 
 /// Middleware: checks the bearer key and records the caller.
@@ -66,8 +98,8 @@ pub async fn require_key(State(keys): State<ApiKeys>, mut req: Request, next: Ne
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match presented.and_then(|p| keys.name_of(p.trim())) {
+            .and_then(bearer);
+        match presented.and_then(|p| keys.name_of(p)) {
             Some(name) => name.to_owned(),
             None => {
                 let message = if presented.is_some() {
@@ -96,5 +128,23 @@ mod tests {
         assert_eq!(keys.name_of("s3cre"), None);
         assert_eq!(keys.name_of(""), None);
         assert!(ApiKeys::new::<&str>(&[]).is_empty());
+        assert_eq!(keys.name_of("s3cret\0"), None);
+        assert_eq!(keys.name_of(&"s".repeat(10_000)), None);
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case() {
+        for header in [
+            "Bearer k",
+            "bearer k",
+            "BEARER k",
+            "bEaReR   k ",
+            " Bearer k",
+        ] {
+            assert_eq!(bearer(header), Some("k"), "{header:?}");
+        }
+        for header in ["Basic k", "Bearerk", "Bearer", "Token k"] {
+            assert_eq!(bearer(header), None, "{header:?}");
+        }
     }
 }

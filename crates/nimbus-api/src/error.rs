@@ -96,5 +96,159 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The last layer of the router: an error response that is not JSON (one answered by axum
+/// or a tower layer rather than by a handler, such as an extractor's rejection) is
+/// answered again in the API's shape, with the code of its status and its text (cut
+/// short) as the message. Other responses pass untouched.
+pub async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_owned(),
+        text => nimbus_core::echo::cut(text, 160).into_owned(),
+    };
+    let mut answer = ApiError::new(status, code_of_status(status), message).into_response();
+    // Headers the answer needs beyond its body (`Allow`, `Retry-After`) are kept.
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            answer.headers_mut().append(name, value.clone());
+        }
+    }
+    answer
+}
+
+/// The stable code of an error answered by the HTTP layer: one per status it can answer,
+/// `invalid_request` for other client errors and `internal` for other server errors.
+pub fn code_of_status(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => "invalid_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::NOT_FOUND => "route_not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::TOO_MANY_REQUESTS => "throttled",
+        StatusCode::SERVICE_UNAVAILABLE => "service_unavailable",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::URI_TOO_LONG => "uri_too_long",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "headers_too_large",
+        s if s.is_client_error() => "invalid_request",
+        _ => "internal",
+    }
+}
+
 /// Result of API handlers.
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use axum::body::{to_bytes, Body};
+    use axum::http::{Request, StatusCode};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    use axum::{middleware, Router};
+    use serde_json::Value;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// Answers of handlers that do not use the API's shape, as axum's own rejections do.
+    fn router() -> Router {
+        Router::new()
+            .route(
+                "/text-400",
+                get(|| async { (StatusCode::BAD_REQUEST, "Invalid URL") }),
+            )
+            .route(
+                "/empty-500",
+                get(|| async { StatusCode::INTERNAL_SERVER_ERROR }),
+            )
+            .route(
+                "/text-503",
+                get(|| async {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        [(header::RETRY_AFTER, "1")],
+                        "x".repeat(10_000),
+                    )
+                }),
+            )
+            .route(
+                "/json-409",
+                get(|| async {
+                    ApiError::new(StatusCode::CONFLICT, "alias_exists", "taken").into_response()
+                }),
+            )
+            .route("/ok", get(|| async { "fine" }))
+            .layer(middleware::map_response(json_errors))
+    }
+
+    async fn call(path: &str) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+        let request = Request::get(path).body(Body::empty()).unwrap();
+        let response = router().oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = to_bytes(body, usize::MAX).await.unwrap().to_vec();
+        (parts.status, parts.headers, body)
+    }
+
+    #[tokio::test]
+    async fn error_answers_without_json_are_put_in_the_apis_shape() {
+        for (path, status, code, message) in [
+            (
+                "/text-400",
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "Invalid URL",
+            ),
+            (
+                "/empty-500",
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal Server Error",
+            ),
+        ] {
+            let (got, headers, body) = call(path).await;
+            assert_eq!(got, status, "{path}");
+            assert_eq!(headers[header::CONTENT_TYPE], "application/json", "{path}");
+            let body: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(body["error"]["code"], code, "{path}");
+            assert_eq!(body["error"]["message"], message, "{path}");
+        }
+        // Long text is cut; headers the answer needs are kept.
+        let (_, headers, body) = call("/text-503").await;
+        assert_eq!(headers[header::RETRY_AFTER], "1");
+        assert!(body.len() < 400, "{} bytes", body.len());
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "service_unavailable");
+    }
+
+    #[tokio::test]
+    async fn json_errors_and_successes_pass_untouched() {
+        let (status, _, body) = call("/json-409").await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "alias_exists");
+        let (status, headers, body) = call("/ok").await;
+        assert_eq!((status, body.as_slice()), (StatusCode::OK, &b"fine"[..]));
+        assert!(headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"));
+    }
+
+    #[test]
+    fn every_status_has_a_stable_code() {
+        assert_eq!(code_of_status(StatusCode::NOT_FOUND), "route_not_found");
+        assert_eq!(code_of_status(StatusCode::IM_A_TEAPOT), "invalid_request");
+        assert_eq!(code_of_status(StatusCode::BAD_GATEWAY), "internal");
+    }
+}

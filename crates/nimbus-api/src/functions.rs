@@ -1,6 +1,6 @@
 //! `/api/v1/functions`: create, list, get, update, delete.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use nimbus_engine::{FunctionPatch, NewFunction};
@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::auth::Caller;
 use crate::error::ApiResult;
-use crate::extract::{ApiJson, ApiQuery, Paging};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, Paging};
 use crate::{views, AppState};
 
 /// `POST /functions`.
@@ -37,7 +37,10 @@ pub async fn list(
 }
 
 /// `GET /functions/{id}`.
-pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn get(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<Value>> {
     let function = state.engine.get_function(&id).await?;
     Ok(Json(views::function(&function)))
 }
@@ -46,7 +49,7 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiRe
 pub async fn update(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(patch): ApiJson<FunctionPatch>,
 ) -> ApiResult<Json<Value>> {
     let updated = state.engine.update_function(&id, patch, &caller.0).await?;
@@ -58,7 +61,7 @@ pub async fn update(
 /// `DELETE /functions/{id}`.
 pub async fn delete(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     let function = state.engine.delete_function(&id).await?;
     Ok(Json(

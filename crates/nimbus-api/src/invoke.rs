@@ -1,7 +1,7 @@
 //! `POST /functions/{id}/invoke` and `/async`, and the invocation records.
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{read_body, ApiQuery};
+use crate::extract::{check_depth, json_error, read_body, ApiPath, ApiQuery};
 use crate::{views, AppState};
 
 /// Header carrying the session key (same as `?session_key=`).
@@ -31,7 +31,7 @@ pub struct Target {
 /// `POST /functions/{id}/invoke`.
 pub async fn invoke(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(target): ApiQuery<Target>,
     headers: HeaderMap,
     body: Body,
@@ -44,7 +44,7 @@ pub async fn invoke(
 /// `POST /functions/{id}/async`: 202 with the request id.
 pub async fn invoke_async(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(target): ApiQuery<Target>,
     headers: HeaderMap,
     body: Body,
@@ -92,11 +92,12 @@ async fn invoke_request(
     let event = if bytes.iter().all(u8::is_ascii_whitespace) {
         RawValue::from_string("{}".into()).expect("valid JSON")
     } else {
+        check_depth(&bytes, "invalid_json")?;
         serde_json::from_slice::<Box<RawValue>>(&bytes).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_json",
-                format!("the request body is not valid JSON: {e}"),
+                format!("the request body is not valid JSON: {}", json_error(&e)),
             )
         })?
     };
@@ -160,7 +161,7 @@ fn status_of(code: &str) -> StatusCode {
 /// `GET /invocations/{request_id}`.
 pub async fn get_invocation(
     State(state): State<AppState>,
-    Path(request_id): Path<String>,
+    ApiPath(request_id): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     let record = state.engine.get_invocation(&request_id).await?;
     Ok(Json(views::invocation(&record)))
@@ -176,7 +177,7 @@ pub struct ListInvocations {
 /// `GET /functions/{id}/invocations`.
 pub async fn list_invocations(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<ListInvocations>,
 ) -> ApiResult<Json<Value>> {
     let status = q

@@ -10,6 +10,7 @@ pub mod invoke;
 pub mod ops;
 pub mod snapshots;
 pub mod state;
+pub mod strict;
 pub mod versions;
 pub mod views;
 
@@ -93,20 +94,30 @@ pub fn router(state: AppState, keys: ApiKeys) -> Router {
     let protected = Router::new()
         .nest("/api/v1", api)
         .route("/metrics", get(ops::metrics))
-        .layer(middleware::from_fn_with_state(keys, auth::require_key));
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state.clone());
+    // Every request but `/health` and `/ready` is checked for a key before it is routed: a
+    // caller without one learns nothing of which routes and methods exist (401, never
+    // 404 or 405 with its `Allow`).
     Router::new()
+        .fallback_service(protected)
+        .layer(middleware::from_fn_with_state(keys, auth::require_key))
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
-        .merge(protected)
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such endpoint")
-        })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this endpoint does not take that method",
-            )
-        })
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::map_response(error::json_errors))
         .with_state(state)
+}
+
+async fn route_not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method",
+    )
 }

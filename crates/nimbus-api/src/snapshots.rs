@@ -1,7 +1,7 @@
 //! `/api/v1/functions/{id}/snapshots` (list, build, delete) and `/api/v1/snapshots`
 //! (stats, cleanup): function-level snapshots.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiJsonOrDefault, ApiQuery};
+use crate::extract::{ApiJsonOrDefault, ApiPath, ApiQuery};
 use crate::{views, AppState};
 
 /// Body of `POST /functions/{id}/snapshots`; every field is optional.
@@ -33,7 +33,10 @@ pub struct CleanupQuery {
 }
 
 /// `GET /functions/{id}/snapshots`: `{"snapshots":[…]}`, newest build first.
-pub async fn list(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn list(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<Value>> {
     let snapshots = state.engine.list_snapshots(&id).await?;
     let snapshots: Vec<Value> = snapshots.iter().map(views::snapshot).collect();
     Ok(Json(json!({ "snapshots": snapshots })))
@@ -43,7 +46,7 @@ pub async fn list(State(state): State<AppState>, Path(id): Path<String>) -> ApiR
 /// or joins the build under way. See [`build_status`] for the status codes.
 pub async fn build(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJsonOrDefault(req): ApiJsonOrDefault<BuildRequest>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     if req.version == Some(0) {
@@ -77,7 +80,7 @@ pub fn build_status(started: bool, wait: bool, status: SnapshotStatus) -> Status
 /// `snapshot_building`.
 pub async fn delete(
     State(state): State<AppState>,
-    Path((id, sid)): Path<(String, String)>,
+    ApiPath((id, sid)): ApiPath<(String, String)>,
 ) -> ApiResult<Response> {
     state.engine.delete_snapshot(&id, &sid).await?;
     Ok(StatusCode::NO_CONTENT.into_response())

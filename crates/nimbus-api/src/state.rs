@@ -1,7 +1,7 @@
 //! `/api/v1/functions/{id}/sessions` and `/api/v1/functions/{id}/state`: the sessions of a
 //! stateful function and their state (SPEC §3 "Sessions and state").
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use nimbus_engine::{SessionView, StateView};
@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::ApiResult;
-use crate::extract::ApiQuery;
+use crate::extract::{ApiPath, ApiQuery};
 use crate::AppState;
 
 /// `?limit=` of a session listing.
@@ -44,7 +44,7 @@ pub struct DeleteStateQuery {
 /// most recently used first.
 pub async fn list_sessions(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<SessionsQuery>,
 ) -> ApiResult<Json<Value>> {
     let sessions = state.engine.list_sessions(&id, query.limit).await?;
@@ -55,7 +55,7 @@ pub async fn list_sessions(
 /// `session_not_found`.
 pub async fn get_session(
     State(state): State<AppState>,
-    Path((id, key)): Path<(String, String)>,
+    ApiPath((id, key)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<SessionView>> {
     Ok(Json(state.engine.get_session(&id, &key).await?))
 }
@@ -64,7 +64,7 @@ pub async fn get_session(
 /// 404 `session_not_found` if it had neither.
 pub async fn delete_session(
     State(state): State<AppState>,
-    Path((id, key)): Path<(String, String)>,
+    ApiPath((id, key)): ApiPath<(String, String)>,
 ) -> ApiResult<StatusCode> {
     state.engine.delete_session(&id, &key).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -74,7 +74,7 @@ pub async fn delete_session(
 /// values with `values=true`) and total size; `_global` is the function's own state.
 pub async fn get_state(
     State(state): State<AppState>,
-    Path((id, session_key)): Path<(String, String)>,
+    ApiPath((id, session_key)): ApiPath<(String, String)>,
     ApiQuery(query): ApiQuery<StateQuery>,
 ) -> ApiResult<Json<StateView>> {
     Ok(Json(
@@ -89,7 +89,7 @@ pub async fn get_state(
 /// `state_key_not_found` if absent), or every key without `key`.
 pub async fn delete_state(
     State(state): State<AppState>,
-    Path((id, session_key)): Path<(String, String)>,
+    ApiPath((id, session_key)): ApiPath<(String, String)>,
     ApiQuery(query): ApiQuery<DeleteStateQuery>,
 ) -> ApiResult<Json<Value>> {
     let deleted = state

@@ -1,6 +1,6 @@
 //! `/api/v1/functions/{id}/versions`: publish, list, get, delete.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use nimbus_engine::PublishRequest;
@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiJsonOrDefault, ApiQuery, Paging};
+use crate::extract::{ApiJsonOrDefault, ApiPath, ApiQuery, Paging};
 use crate::{views, AppState};
 
 /// `POST /functions/{id}/versions`: 201 with the new version, or 200 with the newest one
@@ -16,7 +16,7 @@ use crate::{views, AppState};
 pub async fn publish(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJsonOrDefault(req): ApiJsonOrDefault<PublishRequest>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let published = state.engine.publish_version(&id, req, &caller.0).await?;
@@ -37,7 +37,7 @@ pub async fn publish(
 /// `GET /functions/{id}/versions?limit=&offset=`: newest first, without code.
 pub async fn list(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(paging): ApiQuery<Paging>,
 ) -> ApiResult<Json<Value>> {
     let page = state
@@ -60,7 +60,7 @@ pub async fn list(
 /// `GET /functions/{id}/versions/{n}`: with code.
 pub async fn get(
     State(state): State<AppState>,
-    Path((id, n)): Path<(String, String)>,
+    ApiPath((id, n)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let number = version_number(&n)?;
     let version = state.engine.get_version(&id, number).await?;
@@ -71,7 +71,7 @@ pub async fn get(
 /// `DELETE /functions/{id}/versions/{n}`: 409 `version_in_use` while an alias routes to it.
 pub async fn delete(
     State(state): State<AppState>,
-    Path((id, n)): Path<(String, String)>,
+    ApiPath((id, n)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let number = version_number(&n)?;
     let function_id = state.engine.delete_version(&id, number).await?;
@@ -85,7 +85,8 @@ fn version_number(text: &str) -> ApiResult<u32> {
     match text.parse::<u32>() {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(ApiError::bad_request(format!(
-            "{text:?} is not a version number; versions are integers from 1"
+            "{} is not a version number; versions are integers from 1",
+            nimbus_core::echo(text)
         ))),
     }
 }

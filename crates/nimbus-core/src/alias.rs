@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::echo::echo;
 use crate::error::ValidationError;
 
 /// The alias every function has, moved by each publish.
@@ -184,7 +185,7 @@ pub fn validate_alias_name(name: &str) -> Result<(), ValidationError> {
     } else {
         Err(ValidationError::new(
             "name",
-            format!("{name:?} is not a valid alias name: 1-64 characters of a-z, 0-9, '-', '_', starting with a letter"),
+            format!("{} is not a valid alias name: 1-64 characters of a-z, 0-9, '-', '_', starting with a letter", echo(name)),
         ))
     }
 }

@@ -2,15 +2,22 @@
 //!
 //! The normalized encoding is the bundle's identity: files sorted by path, each written as
 //! `path NUL length(u64 BE) bytes`. `code_hash` is `sha256:` of it and stores keep it as is.
+//!
+//! Every file is checked as it is added, so that a bundle is always one the server can
+//! unpack: a safe relative path of at most [`MAX_CODE_PATH_BYTES`] bytes whose names are at
+//! most [`MAX_CODE_NAME_BYTES`] bytes each, no path twice, and no path that is a file and
+//! also a directory of another file. Paths are compared exactly: names that differ only in
+//! case are different files, as on the Linux file systems the code is unpacked on.
 
 use std::collections::BTreeMap;
 use std::io::{Cursor, Read};
 
 use sha2::{Digest, Sha256};
 
+use crate::echo::echo;
 use crate::error::ValidationError;
 use crate::function::{Handler, Runtime};
-use crate::limits::{MAX_CODE_BYTES, MAX_CODE_FILES};
+use crate::limits::{MAX_CODE_BYTES, MAX_CODE_FILES, MAX_CODE_NAME_BYTES, MAX_CODE_PATH_BYTES};
 
 const MAGIC: &[u8; 8] = b"NIMBUS1\0";
 
@@ -54,6 +61,19 @@ impl CodeBundle {
     fn from_zip(bytes: &[u8]) -> Result<Self, String> {
         let mut archive =
             zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| format!("invalid zip: {e}"))?;
+        // The reader keeps one entry per name: a second entry of a name would be dropped
+        // without a word, so the central directory is counted too.
+        let names = zip_entry_names(bytes, archive.central_directory_start());
+        if names.len() > archive.len() {
+            let mut seen = std::collections::HashSet::new();
+            return Err(match names.into_iter().find(|n| !seen.insert(*n)) {
+                Some(name) => format!(
+                    "{}: the archive holds this path twice",
+                    echo(&String::from_utf8_lossy(name))
+                ),
+                None => "two entries of the archive have one name".into(),
+            });
+        }
         let mut bundle = CodeBundle::default();
         for i in 0..archive.len() {
             let mut entry = archive
@@ -63,14 +83,17 @@ impl CodeBundle {
                 continue;
             }
             if entry.is_symlink() {
-                return Err(format!("{}: symbolic links are not allowed", entry.name()));
+                return Err(format!(
+                    "{}: symbolic links are not allowed",
+                    echo(entry.name())
+                ));
             }
             let name = entry.name().to_string();
             let mut data = Vec::new();
             (&mut entry)
                 .take(MAX_CODE_BYTES as u64 + 1)
                 .read_to_end(&mut data)
-                .map_err(|e| format!("{name}: {e}"))?;
+                .map_err(|e| format!("{}: {e}", echo(&name)))?;
             bundle
                 .insert(&name, data, "code_archive")
                 .map_err(|e| e.message)?;
@@ -91,14 +114,15 @@ impl CodeBundle {
             }
             if !kind.is_file() {
                 return Err(format!(
-                    "{name}: only regular files and directories are allowed"
+                    "{}: only regular files and directories are allowed",
+                    echo(&name)
                 ));
             }
             let mut data = Vec::new();
             (&mut entry)
                 .take(MAX_CODE_BYTES as u64 + 1)
                 .read_to_end(&mut data)
-                .map_err(|e| format!("{name}: {e}"))?;
+                .map_err(|e| format!("{}: {e}", echo(&name)))?;
             bundle
                 .insert(&name, data, "code_archive")
                 .map_err(|e| e.message)?;
@@ -124,8 +148,13 @@ impl CodeBundle {
         field: &str,
     ) -> Result<(), ValidationError> {
         let path = normalize_path(raw_path).ok_or_else(|| {
-            ValidationError::new(field, format!("{raw_path:?} is not a safe relative path"))
+            ValidationError::new(
+                field,
+                format!("{} is not a safe relative path", echo(raw_path)),
+            )
         })?;
+        self.check_writable(&path)
+            .map_err(|why| ValidationError::new(field, format!("{}: {why}", echo(&path))))?;
         if self.files.len() >= MAX_CODE_FILES {
             return Err(ValidationError::new(
                 field,
@@ -139,8 +168,45 @@ impl CodeBundle {
                 format!("code is larger than {} MiB unpacked", MAX_CODE_BYTES >> 20),
             ));
         }
-        if self.files.insert(path.clone(), data).is_some() {
-            return Err(ValidationError::new(field, format!("{path} appears twice")));
+        self.files.insert(path, data);
+        Ok(())
+    }
+
+    /// Why `path` (normalized) could not be written next to the files already in the
+    /// bundle: a name or the whole path too long for the file system, the same path twice,
+    /// or a path that is a file and a directory at once.
+    fn check_writable(&self, path: &str) -> Result<(), String> {
+        if let Some(name) = path.split('/').find(|n| n.len() > MAX_CODE_NAME_BYTES) {
+            return Err(format!(
+                "the name {} is {} bytes; names are at most {MAX_CODE_NAME_BYTES} bytes",
+                echo(name),
+                name.len()
+            ));
+        }
+        if path.len() > MAX_CODE_PATH_BYTES {
+            return Err(format!(
+                "the path is {} bytes; paths are at most {MAX_CODE_PATH_BYTES} bytes",
+                path.len()
+            ));
+        }
+        if self.files.contains_key(path) {
+            return Err("the archive holds this path twice".into());
+        }
+        let parents = path.match_indices('/').map(|(at, _)| &path[..at]);
+        if let Some(parent) = parents.into_iter().find(|p| self.files.contains_key(*p)) {
+            return Err(format!(
+                "its directory {} is also a file in the archive",
+                echo(parent)
+            ));
+        }
+        let below = format!("{path}/");
+        if let Some((inside, _)) = self.files.range(below.clone()..).next() {
+            if inside.starts_with(&below) {
+                return Err(format!(
+                    "it is a file, and also the directory of {} in the archive",
+                    echo(inside)
+                ));
+            }
         }
         Ok(())
     }
@@ -167,14 +233,21 @@ impl CodeBundle {
         {
             return Ok(());
         }
-        let mut listed: Vec<&str> = self.files.keys().map(String::as_str).take(10).collect();
+        let mut listed: Vec<String> = self
+            .files
+            .keys()
+            .take(10)
+            .map(|f| echo(f).to_string())
+            .collect();
         if self.files.len() > 10 {
-            listed.push("…");
+            listed.push("…".into());
         }
         Err(ValidationError::new(
             "handler",
             format!(
-                "handler {handler} needs {file}, which the code does not contain (files: {})",
+                "handler {} needs {}, which the code does not contain (files: {})",
+                echo(&handler.to_string()),
+                echo(&file),
                 listed.join(", ")
             ),
         ))
@@ -237,6 +310,27 @@ impl CodeBundle {
         }
         out
     }
+}
+
+/// The raw names of a zip's entries as its central directory (at byte `start`) lists
+/// them, every entry of a name included.
+fn zip_entry_names(bytes: &[u8], start: u64) -> Vec<&[u8]> {
+    const HEADER: usize = 46;
+    let mut names = Vec::new();
+    let mut at = usize::try_from(start).unwrap_or(usize::MAX);
+    while let Some(header) = bytes.get(at..at.saturating_add(HEADER)) {
+        if !header.starts_with(b"PK\x01\x02") {
+            break;
+        }
+        let field = |i: usize| usize::from(u16::from_le_bytes([header[i], header[i + 1]]));
+        let (name_len, extra_len, comment_len) = (field(28), field(30), field(32));
+        let Some(name) = bytes.get(at + HEADER..at + HEADER + name_len) else {
+            break;
+        };
+        names.push(name);
+        at += HEADER + name_len + extra_len + comment_len;
+    }
+    names
 }
 
 /// `./a//b.py` → `a/b.py`; `None` for absolute paths, `..`, empty names or NUL bytes.
@@ -302,16 +396,35 @@ mod tests {
         assert!(CodeBundle::decode(&truncated).is_err());
     }
 
+    /// A zip of `(path, body)` entries, the same path twice included (the writer refuses
+    /// that: the second is written under a stand-in of the same length, renamed in the bytes).
     fn zip_of(files: &[(&str, &str)]) -> Vec<u8> {
         let mut buf = Cursor::new(Vec::new());
         let mut w = zip::ZipWriter::new(&mut buf);
-        for (name, body) in files {
-            w.start_file(*name, zip::write::SimpleFileOptions::default())
+        let mut renames = Vec::new();
+        for (i, (name, body)) in files.iter().enumerate() {
+            let name = if files[..i].iter().any(|(n, _)| n == name) {
+                let stand_in = format!("{i:~>width$}", width = name.len());
+                renames.push((stand_in.clone(), name.to_string()));
+                stand_in
+            } else {
+                name.to_string()
+            };
+            w.start_file(name, zip::write::SimpleFileOptions::default())
                 .unwrap();
             w.write_all(body.as_bytes()).unwrap();
         }
         w.finish().unwrap();
-        buf.into_inner()
+        let mut bytes = buf.into_inner();
+        for (stand_in, name) in renames {
+            let (from, to) = (stand_in.as_bytes(), name.as_bytes());
+            let mut at = 0;
+            while let Some(i) = bytes[at..].windows(from.len()).position(|w| w == from) {
+                bytes[at + i..at + i + from.len()].copy_from_slice(to);
+                at += i + from.len();
+            }
+        }
+        bytes
     }
 
     fn tar_of(files: &[(&str, &str)]) -> Vec<u8> {
@@ -357,6 +470,69 @@ mod tests {
             .unwrap_err()
             .message
             .contains("no files"));
+    }
+
+    /// A tar of `(path, body)` entries written as given, names of any length included (the
+    /// builder's `append_data` refuses some, which is the point here).
+    fn raw_tar_of(files: &[(&str, &str)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, body) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(body.len() as u64);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, name, body.as_bytes()).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn archives_the_server_could_not_unpack_are_refused_naming_the_entry() {
+        let long_name = format!("{}.py", "n".repeat(300));
+        let long_path = format!("{}/x.py", vec!["d".repeat(200); 6].join("/"));
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("a", "file"), ("a/b.py", "")],
+                "its directory \"a\" is also a file",
+            ),
+            (
+                &[("a/b.py", ""), ("a", "file")],
+                "also the directory of \"a/b.py\"",
+            ),
+            (
+                &[("p/q", ""), ("p/q/r/s.py", "")],
+                "its directory \"p/q\" is also a file",
+            ),
+            (&[("x.py", "1"), ("x.py", "2")], "this path twice"),
+            (&[("x.py", "1"), ("./x.py", "2")], "this path twice"),
+            (&[("a//b.py", "1"), ("a/b.py", "2")], "this path twice"),
+            (&[(long_name.as_str(), "")], "names are at most 255 bytes"),
+            (&[(long_path.as_str(), "")], "paths are at most 1024 bytes"),
+        ];
+        for (files, needle) in cases {
+            for (format, archive) in [("zip", zip_of(files)), ("tar", raw_tar_of(files))] {
+                let e = CodeBundle::from_archive(&archive).unwrap_err();
+                assert_eq!(e.field, "code_archive");
+                assert!(
+                    e.message.contains(needle),
+                    "{format} {files:?}: {}",
+                    e.message
+                );
+                assert!(e.message.len() < 400, "{format}: {} bytes", e.message.len());
+            }
+        }
+        // Within the limits, and names that differ only in case, are fine.
+        let name = format!("{}.py", "n".repeat(252));
+        let path = format!("{}/x.py", vec!["d".repeat(200); 4].join("/"));
+        let fine = [
+            (name.as_str(), ""),
+            (path.as_str(), ""),
+            ("A.py", "1"),
+            ("a.py", "2"),
+        ];
+        for archive in [zip_of(&fine), raw_tar_of(&fine)] {
+            assert_eq!(CodeBundle::from_archive(&archive).unwrap().files().len(), 4);
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::code::CodeBundle;
+use crate::echo::echo;
 use crate::error::ValidationError;
 use crate::limits;
 
@@ -65,7 +66,10 @@ impl FromStr for Runtime {
             .ok_or_else(|| {
                 ValidationError::new(
                     "runtime",
-                    format!("unknown runtime {s:?}; expected one of python3.11, nodejs20"),
+                    format!(
+                        "unknown runtime {}; expected one of python3.11, nodejs20",
+                        echo(s)
+                    ),
                 )
             })
     }
@@ -127,7 +131,7 @@ impl FromStr for Handler {
         let bad = |why: &str| {
             ValidationError::new(
                 "handler",
-                format!("{s:?} is not a valid handler: {why} (expected module.function, e.g. handler.handle)"),
+                format!("{} is not a valid handler: {why} (expected module.function, e.g. handler.handle)", echo(s)),
             )
         };
         let (module, function) = s.rsplit_once('.').ok_or_else(|| bad("no '.'"))?;
@@ -196,7 +200,7 @@ impl FromStr for FunctionStatus {
             "failed" => Ok(Self::Failed),
             other => Err(ValidationError::new(
                 "status",
-                format!("unknown function status {other:?}"),
+                format!("unknown function status {}", echo(other)),
             )),
         }
     }
@@ -361,20 +365,27 @@ pub fn validate_env_vars(env: &BTreeMap<String, String>) -> Result<(), Validatio
         if !is_identifier(name) {
             return Err(ValidationError::new(
                 "env_vars",
-                format!("{name:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"),
+                format!(
+                    "{} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)",
+                    echo(name)
+                ),
             ));
         }
         if name.starts_with("NIMBUS_") {
             return Err(ValidationError::new(
                 "env_vars",
-                format!("{name:?}: the NIMBUS_ prefix is reserved for the platform"),
+                format!(
+                    "{}: the NIMBUS_ prefix is reserved for the platform",
+                    echo(name)
+                ),
             ));
         }
         if value.len() > limits::MAX_ENV_VALUE_BYTES || value.contains('\0') {
             return Err(ValidationError::new(
                 "env_vars",
                 format!(
-                    "value of {name:?} must be at most {} bytes and contain no NUL",
+                    "value of {} must be at most {} bytes and contain no NUL",
+                    echo(name),
                     limits::MAX_ENV_VALUE_BYTES
                 ),
             ));
@@ -392,7 +403,7 @@ pub fn validate_function_name(name: &str) -> Result<(), ValidationError> {
     if !ok {
         return Err(ValidationError::new(
             "name",
-            format!("{name:?} is not a valid function name: 1-64 characters of a-z, 0-9, '-', '_', starting with a letter or digit"),
+            format!("{} is not a valid function name: 1-64 characters of a-z, 0-9, '-', '_', starting with a letter or digit", echo(name)),
         ));
     }
     if name.starts_with("fn_") {

@@ -8,10 +8,12 @@ mod string_enum;
 
 pub mod alias;
 pub mod code;
+pub mod echo;
 pub mod error;
 pub mod function;
 pub mod ids;
 pub mod invocation;
+pub mod json_depth;
 pub mod limits;
 pub mod snapshot;
 
@@ -19,6 +21,7 @@ pub use alias::{
     AliasAction, AliasRevision, FunctionAlias, RoutingConfig, WeightedVersion, LATEST_ALIAS,
 };
 pub use code::CodeBundle;
+pub use echo::echo;
 pub use error::ValidationError;
 pub use function::{
     Function, FunctionConfig, FunctionStatus, FunctionVersion, Handler, Network, Runtime,

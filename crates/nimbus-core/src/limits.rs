@@ -34,3 +34,16 @@ pub const MAX_DESCRIPTION_CHARS: usize = 1024;
 pub const MAX_ENV_VARS: usize = 128;
 /// Largest environment variable value, bytes.
 pub const MAX_ENV_VALUE_BYTES: usize = 4096;
+/// Deepest nesting of arrays and objects in a JSON body the server accepts (invocation
+/// events and management bodies). Below serde_json's own recursion limit (128), so the
+/// server can always read back what it stored and clients built on it can parse an
+/// answer that wraps such a value, and far below what the Python (≈ 990) and Node.js
+/// workers decode.
+pub const MAX_JSON_DEPTH: usize = 100;
+/// Most aliases of one function, `latest` included.
+pub const MAX_ALIASES_PER_FUNCTION: usize = 100;
+/// Longest name of one file or directory in a code bundle, bytes (Linux's `NAME_MAX`).
+pub const MAX_CODE_NAME_BYTES: usize = 255;
+/// Longest relative path of a file in a code bundle, bytes (leaves room in Linux's
+/// `PATH_MAX`, 4096, for the data directory the code is unpacked in).
+pub const MAX_CODE_PATH_BYTES: usize = 1024;

@@ -33,7 +33,7 @@ macro_rules! string_enum {
                     $($text => Ok($name::$variant),)+
                     other => Err($crate::ValidationError::new(
                         stringify!($name),
-                        format!("unknown value {other:?}; expected one of {}", [$($text),+].join(", ")),
+                        format!("unknown value {}; expected one of {}", $crate::echo(other), [$($text),+].join(", ")),
                     )),
                 }
             }

@@ -8,6 +8,7 @@
 //! within the cache TTL).
 
 use nimbus_core::alias::validate_alias_name;
+use nimbus_core::echo;
 use nimbus_core::function::validate_description;
 use nimbus_core::{
     AliasRevision, Function, FunctionAlias, RoutingConfig, ValidationError, LATEST_ALIAS,
@@ -65,7 +66,8 @@ pub struct RolledBack {
 }
 
 impl Engine {
-    /// Creates an alias. `alias_exists` (409) if the function has one of that name.
+    /// Creates an alias. `alias_exists` (409) if the function has one of that name,
+    /// `too_many_aliases` (409) if it has `MAX_ALIASES_PER_FUNCTION` already.
     pub async fn create_alias(
         &self,
         reference: &str,
@@ -91,8 +93,9 @@ impl Engine {
                 return Err(EngineError::Conflict {
                     code: "alias_exists",
                     message: format!(
-                        "function {:?} already has an alias {:?}",
-                        function.name, alias.name
+                        "function {} already has an alias {}",
+                        echo(&function.name),
+                        echo(&alias.name)
                     ),
                 })
             }
@@ -102,10 +105,18 @@ impl Engine {
         Ok(created)
     }
 
-    /// A function's aliases, by name.
-    pub async fn list_aliases(&self, reference: &str) -> EngineResult<Vec<FunctionAlias>> {
+    /// One page of a function's aliases, by name.
+    pub async fn list_aliases(
+        &self,
+        reference: &str,
+        limit: u32,
+        offset: u32,
+    ) -> EngineResult<Page<FunctionAlias>> {
         let function = self.get_function(reference).await?;
-        self.aliases_of(&function.id).await
+        Ok(self
+            .store
+            .list_aliases_page(&function.id, limit, offset)
+            .await?)
     }
 
     /// One alias.
@@ -188,7 +199,8 @@ impl Engine {
                 return Err(EngineError::Conflict {
                     code: "version_deleted",
                     message: format!(
-                        "cannot roll back alias {name:?} to {what}: {}",
+                        "cannot roll back alias {} to {what}: {}",
+                        echo(name),
                         StoreError::MissingVersions(missing)
                     ),
                 });

@@ -80,4 +80,31 @@ mod tests {
         let entries = std::fs::read_dir(root.path().join("code")).unwrap().count();
         assert_eq!(entries, 1, "no temporary directories left behind");
     }
+
+    #[test]
+    fn bundles_at_the_name_and_path_limits_unpack() {
+        use nimbus_core::limits::{MAX_CODE_NAME_BYTES, MAX_CODE_PATH_BYTES};
+        let longest_name = "n".repeat(MAX_CODE_NAME_BYTES);
+        let mut longest_path = vec!["d".repeat(200); 4].join("/");
+        longest_path.push('/');
+        longest_path.push_str(&"p".repeat(MAX_CODE_PATH_BYTES - longest_path.len()));
+        assert_eq!(longest_path.len(), MAX_CODE_PATH_BYTES);
+        // The normalized encoding (see nimbus_core::code), as a stored bundle is read.
+        let mut encoded = b"NIMBUS1\0".to_vec();
+        for path in [&longest_name, &longest_path] {
+            encoded.extend_from_slice(path.as_bytes());
+            encoded.push(0);
+            encoded.extend_from_slice(&2u64.to_be_bytes());
+            encoded.extend_from_slice(b"ok");
+        }
+        let bundle = CodeBundle::decode(&encoded).unwrap();
+        // Under a data directory as long as a deep real one.
+        let root = tempfile::tempdir().unwrap();
+        let data_dir = root.path().join("x".repeat(200)).join("y".repeat(200));
+        let dir = CodeCache::new(data_dir.join("code"))
+            .materialize(&bundle)
+            .unwrap();
+        assert_eq!(std::fs::read(dir.join(&longest_name)).unwrap(), b"ok");
+        assert_eq!(std::fs::read(dir.join(&longest_path)).unwrap(), b"ok");
+    }
 }

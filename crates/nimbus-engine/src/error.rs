@@ -3,7 +3,7 @@
 //! Failures of user code (exceptions, timeouts, crashes) are not errors of the engine:
 //! they are outcomes of an invocation, carried in [`crate::InvokeResponse`].
 
-use nimbus_core::ValidationError;
+use nimbus_core::{echo, ValidationError};
 use nimbus_runtime::protocol::ErrorPayload;
 use nimbus_store::StoreError;
 
@@ -74,7 +74,7 @@ impl EngineError {
     pub fn version_not_found(function: &str, version: u32) -> Self {
         EngineError::NotFound {
             code: "version_not_found",
-            message: format!("function {function:?} has no version {version}"),
+            message: format!("function {} has no version {version}", echo(function)),
         }
     }
 
@@ -82,7 +82,7 @@ impl EngineError {
     pub fn alias_not_found(function: &str, alias: &str) -> Self {
         EngineError::NotFound {
             code: "alias_not_found",
-            message: format!("function {function:?} has no alias {alias:?}"),
+            message: format!("function {} has no alias {}", echo(function), echo(alias)),
         }
     }
 
@@ -90,14 +90,14 @@ impl EngineError {
     pub fn function_not_found(reference: &str) -> Self {
         EngineError::NotFound {
             code: "function_not_found",
-            message: format!("function {reference:?} not found"),
+            message: format!("function {} not found", echo(reference)),
         }
     }
 }
 
 /// `alias "prod"` or `aliases "canary", "prod"`.
 fn routed_by(aliases: &[String]) -> String {
-    let quoted: Vec<String> = aliases.iter().map(|a| format!("{a:?}")).collect();
+    let quoted: Vec<String> = aliases.iter().map(|a| echo(a).to_string()).collect();
     match quoted.as_slice() {
         [one] => format!("alias {one}"),
         _ => format!("aliases {}", quoted.join(", ")),
@@ -139,6 +139,13 @@ impl From<StoreError> for EngineError {
             StoreError::NothingToRollBack(message) => EngineError::Conflict {
                 code: "nothing_to_roll_back",
                 message,
+            },
+            StoreError::TooManyAliases { limit } => EngineError::Conflict {
+                code: "too_many_aliases",
+                message: format!(
+                    "the function has {limit} aliases, as many as a function may have; delete \
+                     one it no longer needs first"
+                ),
             },
             StoreError::RevisionMismatch { .. } => EngineError::Conflict {
                 code: "revision_mismatch",

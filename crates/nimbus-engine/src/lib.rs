@@ -162,7 +162,7 @@ impl Engine {
             .await?
             .ok_or_else(|| EngineError::NotFound {
                 code: "invocation_not_found",
-                message: format!("invocation {request_id:?} not found"),
+                message: format!("invocation {} not found", nimbus_core::echo(request_id)),
             })
     }
 

@@ -259,13 +259,14 @@ impl FunctionPool {
         let _leave = WaitGuard(&self.waiting);
         if queued >= config.queue_depth {
             return Err(EngineError::Throttled(format!(
-                "function {function_name:?} has {queued} invocations waiting already; session {key:?} waits for its previous invocation"
+                "function {function_name:?} has {queued} invocations waiting already; session {} waits for its previous invocation", nimbus_core::echo(key)
             )));
         }
         match tokio::time::timeout(config.queue_timeout, lock.lock_owned()).await {
             Ok(guard) => Ok(turn(guard)),
             Err(_) => Err(EngineError::Throttled(format!(
-                "session {key:?} of function {function_name:?} was busy with earlier invocations for {:?}",
+                "session {} of function {function_name:?} was busy with earlier invocations for {:?}",
+                nimbus_core::echo(key),
                 config.queue_timeout
             ))),
         }

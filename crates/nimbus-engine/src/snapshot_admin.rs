@@ -110,8 +110,9 @@ impl Engine {
         let not_found = || EngineError::NotFound {
             code: "snapshot_not_found",
             message: format!(
-                "function {:?} has no snapshot {snapshot_id:?}",
-                function.name
+                "function {:?} has no snapshot {}",
+                function.name,
+                nimbus_core::echo(snapshot_id)
             ),
         };
         let snapshot = self
@@ -124,7 +125,8 @@ impl Engine {
             return Err(EngineError::Conflict {
                 code: "snapshot_building",
                 message: format!(
-                    "snapshot {snapshot_id:?} is being built; delete it once the build has ended"
+                    "snapshot {} is being built; delete it once the build has ended",
+                    nimbus_core::echo(snapshot_id)
                 ),
             });
         }

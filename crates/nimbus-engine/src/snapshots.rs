@@ -1273,10 +1273,7 @@ fn shared_random_message(same: &[String]) -> String {
     let mut names: Vec<String> = same
         .iter()
         .take(SHOWN)
-        .map(|name| match name.char_indices().nth(120) {
-            Some((at, _)) => format!("{}…", &name[..at]),
-            None => name.clone(),
-        })
+        .map(|name| nimbus_core::echo::cut(name, 120).into_owned())
         .collect();
     if same.len() > SHOWN {
         names.push(format!("and {} more", same.len() - SHOWN));

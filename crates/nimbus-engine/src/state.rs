@@ -329,7 +329,11 @@ impl Failure {
             ),
             Failure::Unknown(op, scope) => (
                 "invalid_argument",
-                format!("unknown state operation {op:?} on scope {scope:?}"),
+                format!(
+                    "unknown state operation {} on scope {}",
+                    nimbus_core::echo(&op),
+                    nimbus_core::echo(&scope)
+                ),
                 None,
             ),
             Failure::NotEnabled => (

@@ -2,7 +2,7 @@
 //! bindings and keys, a session's (or the function's) keys with sizes and TTLs, deleting
 //! keys and sessions.
 
-use nimbus_core::limits;
+use nimbus_core::{echo, limits};
 use nimbus_state::{Bucket, KeyInfo, Session, DEFAULT_SESSION};
 use serde::Serialize;
 
@@ -56,7 +56,7 @@ pub fn check_session_key(key: &str) -> EngineResult<()> {
     let bad = |why: &str| {
         EngineError::Validation(nimbus_core::ValidationError::new(
             "session_key",
-            format!("{key:?} is not a valid session key: {why}"),
+            format!("{} is not a valid session key: {why}", echo(key)),
         ))
     };
     if key.is_empty() || key.len() > limits::MAX_SESSION_KEY_BYTES {
@@ -183,8 +183,10 @@ impl Engine {
                 false => Err(EngineError::NotFound {
                     code: "state_key_not_found",
                     message: format!(
-                        "function {:?} has no key {key:?} in the state of {session_key:?}",
-                        function.name
+                        "function {} has no key {} in the state of {}",
+                        echo(&function.name),
+                        echo(key),
+                        echo(session_key)
                     ),
                 }),
             },
@@ -195,6 +197,10 @@ impl Engine {
 fn session_not_found(function: &str, session_key: &str) -> EngineError {
     EngineError::NotFound {
         code: "session_not_found",
-        message: format!("function {function:?} has no live session {session_key:?}"),
+        message: format!(
+            "function {} has no live session {}",
+            echo(function),
+            echo(session_key)
+        ),
     }
 }

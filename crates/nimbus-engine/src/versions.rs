@@ -5,6 +5,7 @@
 //! next invocation on this server routes by the new table.
 
 use nimbus_core::alias::validate_alias_name;
+use nimbus_core::echo;
 use nimbus_core::function::validate_description;
 use nimbus_core::{Function, FunctionAlias, FunctionVersion, ValidationError, LATEST_ALIAS};
 use nimbus_store::{Page, Published, StoreError};
@@ -54,8 +55,9 @@ impl Engine {
                 return Err(ValidationError::new(
                     "publish_alias",
                     format!(
-                        "function {:?} has no alias {alias:?}; create it first",
-                        function.name
+                        "function {} has no alias {}; create it first",
+                        echo(&function.name),
+                        echo(&alias)
                     ),
                 )
                 .into())

@@ -179,6 +179,82 @@ async fn load_failures_are_init_errors_that_name_the_problem() {
 }
 
 #[tokio::test]
+async fn errors_show_paths_in_the_code_not_on_the_host() {
+    runtime();
+    let data_dir = data_dir().canonicalize().unwrap();
+    let data_dir = data_dir.to_str().unwrap();
+    let files = [
+        (
+            "index.js",
+            "const util = require('./lib/util');\nexports.handle = () => util.fail();\n",
+        ),
+        (
+            "lib/util.js",
+            "const fs = require('fs');\nexports.fail = () => fs.readFileSync(__dirname + '/missing.json');\n",
+        ),
+        (
+            "esm.mjs",
+            "export const handle = () => {\n  throw new Error(`no config next to ${import.meta.url}`);\n};\n",
+        ),
+    ];
+    let mut w = start(&files, "index.handle").await;
+    let out = invoke(&mut w, json!({})).await;
+    let e = error(&out);
+    assert!(
+        e.message
+            .contains("no such file or directory, open 'lib/missing.json'"),
+        "{}",
+        e.message
+    );
+    assert!(e.traceback.contains("(lib/util.js:2:"), "{}", e.traceback);
+    assert!(e.traceback.contains("(index.js:2:"), "{}", e.traceback);
+    // The worker's own frames keep their place, under the data directory's stand-in.
+    assert!(
+        e.traceback
+            .contains("<nimbus>/runtime/node/nimbus_worker.js"),
+        "{}",
+        e.traceback
+    );
+    for text in [&e.message, &e.traceback] {
+        assert!(!text.contains(data_dir), "{text}");
+    }
+    let mut w = start(&files, "esm.handle").await;
+    let out = invoke(&mut w, json!({})).await;
+    let e = error(&out);
+    assert_eq!(e.message, "no config next to esm.mjs");
+    assert!(e.traceback.contains("(esm.mjs:2:"), "{}", e.traceback);
+    assert!(!e.traceback.contains(data_dir), "{}", e.traceback);
+    // Init failures alike.
+    let e = init_error(
+        &[(
+            "index.js",
+            "throw new Error(`no config in ${process.cwd()} for ${__filename}`);\n",
+        )],
+        "index.handle",
+    )
+    .await;
+    assert_eq!(e.message, "no config in . for index.js");
+    assert!(!e.traceback.contains(data_dir), "{}", e.traceback);
+}
+
+#[tokio::test]
+async fn a_handler_module_named_like_a_builtin_is_the_functions_own_file() {
+    // The handler names a file of the code: `fs.readFileSync` loads ./fs.js, never Node's
+    // `fs`, and a handler without its file is refused at deploy (nimbus-core).
+    let mut w = start(
+        &[("fs.js", "exports.readFileSync = () => 'mine';\n")],
+        "fs.readFileSync",
+    )
+    .await;
+    assert_eq!(
+        body(&invoke(&mut w, json!("/etc/passwd")).await),
+        json!("mine")
+    );
+    let e = init_error(&[("index.js", "")], "fs.readFileSync").await;
+    assert_eq!(e.error_type, "HandlerNotFound", "{e:?}");
+}
+
+#[tokio::test]
 async fn state_calls_are_promises_over_the_connection_with_typed_errors() {
     let mut w = start(
         &[(

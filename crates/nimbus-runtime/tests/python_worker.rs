@@ -372,6 +372,128 @@ async fn output_and_exceptions_during_init_are_reported() {
 }
 
 #[tokio::test]
+async fn errors_show_paths_in_the_code_not_on_the_host() {
+    let files = [
+        (
+            "handler.py",
+            "from lib import util\n\ndef handle(event):\n    return util.fail()\n",
+        ),
+        ("lib/__init__.py", ""),
+        (
+            "lib/util.py",
+            "import os\n\ndef fail():\n    open(os.path.join(os.path.dirname(__file__), 'missing.json'))\n",
+        ),
+    ];
+    let mut w = start_with(&files, "handler.handle", &[]).await;
+    let code_dir = w.code.path().canonicalize().unwrap();
+    let data_dir = runtime()
+        .runtime_dir()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_owned();
+    let hidden = [code_dir.to_str().unwrap(), data_dir.to_str().unwrap()];
+    let out = invoke(&mut w, json!({})).await;
+    let e = error(&out);
+    assert_eq!(
+        e.message,
+        "[Errno 2] No such file or directory: 'lib/missing.json'"
+    );
+    assert!(
+        e.traceback
+            .contains("File \"lib/util.py\", line 4, in fail"),
+        "{}",
+        e.traceback
+    );
+    assert!(
+        e.traceback
+            .contains("File \"handler.py\", line 4, in handle"),
+        "{}",
+        e.traceback
+    );
+    for text in [&e.message, &e.traceback] {
+        for path in hidden {
+            assert!(!text.contains(path), "{path} in {text}");
+        }
+    }
+
+    // An init failure that names paths in its message: the code's own, its working
+    // directory, and the runtime's package.
+    let source = "import os, nimbus\nraise RuntimeError(f'no config next to {__file__} in {os.getcwd()} for {nimbus.__file__}')\n";
+    let (e, _) = init_error(&[("handler.py", source)], "handler.handle").await;
+    assert!(
+        e.message.ends_with(
+            "no config next to handler.py in . for <nimbus>/runtime/python/nimbus/__init__.py"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        e.traceback
+            .contains("File \"handler.py\", line 2, in <module>"),
+        "{}",
+        e.traceback
+    );
+    for text in [&e.message, &e.traceback] {
+        assert!(!text.contains(data_dir.to_str().unwrap()), "{text}");
+        assert!(
+            !text.contains(&std::env::temp_dir().display().to_string()),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn handler_modules_named_after_the_standard_library_or_the_runtime_are_refused() {
+    // The files, the handler, what the refusal says.
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+    let cases: &[Case] = &[
+        (
+            &[("os.py", "def system(event):\n    return 'mine'\n")],
+            "os.system",
+            "'os' is the name of a standard-library module, which the function's os.py",
+        ),
+        (
+            &[("json.py", "def loads(event):\n    return 1\n")],
+            "json.loads",
+            "'json' is the name of a standard-library module",
+        ),
+        (
+            &[("code.py", "def handle(event):\n    return 1\n")],
+            "code.handle",
+            "'code' is the name of a standard-library module",
+        ),
+        (
+            &[
+                ("email/__init__.py", ""),
+                ("email/handler.py", "def handle(event):\n    return 1\n"),
+            ],
+            "email.handler.handle",
+            "'email' is the name of a standard-library module, which the function's email/",
+        ),
+        (
+            &[("nimbus.py", "def handle(event):\n    return 1\n")],
+            "nimbus.handle",
+            "'nimbus' is the name of a module of the runtime",
+        ),
+    ];
+    for (files, handler, needle) in cases {
+        let (e, _) = init_error(files, handler).await;
+        assert_eq!(e.error_type, "InvalidHandler", "{handler}: {e:?}");
+        assert!(e.message.contains(needle), "{handler}: {}", e.message);
+        assert!(e.message.contains("rename it"), "{handler}: {}", e.message);
+    }
+    // A module of the function's own that only starts like one is fine.
+    let mut w = start_with(
+        &[("osx.py", "def handle(event):\n    return 'mine'\n")],
+        "osx.handle",
+        &[],
+    )
+    .await;
+    assert_eq!(body(&invoke(&mut w, json!({})).await), json!("mine"));
+}
+
+#[tokio::test]
 async fn a_dotted_handler_in_a_package_loads() {
     let files = [
         ("pkg/__init__.py", ""),

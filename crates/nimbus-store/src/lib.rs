@@ -86,6 +86,12 @@ pub enum StoreError {
     /// for is the current one.
     #[error("{0}")]
     NothingToRollBack(String),
+    /// The function has as many aliases as one may have.
+    #[error("the function has {limit} aliases, as many as a function may have")]
+    TooManyAliases {
+        /// The limit ([`nimbus_core::limits::MAX_ALIASES_PER_FUNCTION`]).
+        limit: usize,
+    },
     /// A guarded change found the alias at another revision than the caller expected.
     #[error("alias {alias:?} is at revision {current}, not {expected}: it changed meanwhile")]
     RevisionMismatch {
@@ -267,7 +273,9 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn delete_version(&self, function_id: &str, version: u32) -> StoreResult<bool>;
 
     /// Creates an alias at revision 1 (its `revision`, `created_at` and `updated_at` are
-    /// set by the store) and returns it as stored. `Conflict` if the function has an alias
+    /// set by the store) and returns it as stored. `TooManyAliases` if the function has
+    /// [`nimbus_core::limits::MAX_ALIASES_PER_FUNCTION`] already (counted under the
+    /// function's lock, so concurrent creations cannot pass it). `Conflict` if the function has an alias
     /// of that name, `MissingVersions` if the routing names versions that do not exist,
     /// `NotFound` if the function is gone.
     async fn create_alias(
@@ -318,8 +326,17 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// One alias.
     async fn get_alias(&self, function_id: &str, name: &str) -> StoreResult<Option<FunctionAlias>>;
 
-    /// All aliases of a function, by name.
+    /// All aliases of a function (at most
+    /// [`MAX_ALIASES_PER_FUNCTION`](nimbus_core::limits::MAX_ALIASES_PER_FUNCTION)), by name.
     async fn list_aliases(&self, function_id: &str) -> StoreResult<Vec<FunctionAlias>>;
+
+    /// One page of a function's aliases, by name (`limit` 0: the default page size).
+    async fn list_aliases_page(
+        &self,
+        function_id: &str,
+        limit: u32,
+        offset: u32,
+    ) -> StoreResult<Page<FunctionAlias>>;
 
     /// Inserts a batch of invocation records in one transaction; a record whose
     /// request_id exists already replaces it (so a pending record can be completed).

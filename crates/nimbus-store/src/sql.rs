@@ -183,6 +183,12 @@ const LIST_ALIASES: &str = concat!(
     alias_columns!(),
     " FROM function_aliases WHERE function_id = $1 ORDER BY name"
 );
+const LIST_ALIASES_PAGE: &str = concat!(
+    "SELECT ",
+    alias_columns!(),
+    " FROM function_aliases WHERE function_id = $1 ORDER BY name LIMIT $2 OFFSET $3"
+);
+const COUNT_ALIASES: &str = "SELECT COUNT(*) AS total FROM function_aliases WHERE function_id = $1";
 
 const SELECT_REVISION: &str = concat!(
     "SELECT ",
@@ -1041,6 +1047,14 @@ impl MetadataStore for SqlStore {
                 alias.name
             )));
         }
+        let count = sqlx::query(COUNT_ALIASES)
+            .bind(&alias.function_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let limit = nimbus_core::limits::MAX_ALIASES_PER_FUNCTION;
+        if codec::count(&count, "total")? >= limit as u64 {
+            return Err(StoreError::TooManyAliases { limit });
+        }
         check_versions_exist(&mut tx, &alias.function_id, &alias.routing).await?;
         let stored = insert_alias(&mut tx, alias, created_by, nimbus_core::now()).await?;
         tx.commit().await?;
@@ -1212,6 +1226,30 @@ impl MetadataStore for SqlStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(codec::alias).collect()
+    }
+
+    async fn list_aliases_page(
+        &self,
+        function_id: &str,
+        limit: u32,
+        offset: u32,
+    ) -> StoreResult<Page<FunctionAlias>> {
+        let mut tx = self.pool.begin().await?;
+        let total = sqlx::query(COUNT_ALIASES)
+            .bind(function_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let rows = sqlx::query(LIST_ALIASES_PAGE)
+            .bind(function_id)
+            .bind(page_size(limit))
+            .bind(i64::from(offset))
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Page {
+            items: rows.iter().map(codec::alias).collect::<StoreResult<_>>()?,
+            total: codec::count(&total, "total")?,
+        })
     }
 
     async fn record_invocations(&self, records: &[Invocation]) -> StoreResult<()> {

@@ -161,6 +161,7 @@ conformance!(
         get_version_returns_the_saved_code,
         list_versions_is_newest_first_without_code,
         aliases_get_and_list,
+        aliases_are_bounded_per_function_and_listed_in_pages,
         record_invocations_batch_then_get_and_list,
         record_invocations_crosses_statement_chunks,
         upsert_replaces_a_pending_record,
@@ -1340,6 +1341,60 @@ async fn aliases_get_and_list(store: &dyn MetadataStore) {
         store.get_alias(&b.id, "staging").await.unwrap(),
         Some(staging)
     );
+}
+
+async fn aliases_are_bounded_per_function_and_listed_in_pages(store: &dyn MetadataStore) {
+    let limit = nimbus_core::limits::MAX_ALIASES_PER_FUNCTION;
+    let (f, _) = create(store, "many").await;
+    let (other, _) = create(store, "other").await;
+    // `latest` counts: room for `limit - 1` more, created concurrently so that only the
+    // function's lock keeps the count.
+    let aliases: Vec<FunctionAlias> = (1..=limit + 4)
+        .map(|i| new_alias(&f, &format!("a{i:03}"), single(1), ""))
+        .collect();
+    let results =
+        futures::future::join_all(aliases.iter().map(|a| store.create_alias(a, "ops"))).await;
+    let created = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(created, limit - 1);
+    for refused in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(
+            matches!(refused, StoreError::TooManyAliases { limit: l } if *l == limit),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(store.list_aliases(&f.id).await.unwrap().len(), limit);
+    // Another function has its own count.
+    create_alias(store, &other, "prod", single(1)).await;
+
+    let page = store.list_aliases_page(&f.id, 30, 0).await.unwrap();
+    assert_eq!((page.items.len(), page.total), (30, limit as u64));
+    let mut names: Vec<String> = Vec::new();
+    for offset in (0..limit).step_by(30) {
+        let page = store
+            .list_aliases_page(&f.id, 30, offset as u32)
+            .await
+            .unwrap();
+        names.extend(page.items.into_iter().map(|a| a.name));
+    }
+    let all: Vec<String> = store
+        .list_aliases(&f.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
+    assert_eq!(
+        names, all,
+        "pages are disjoint, in name order, and cover every alias"
+    );
+    let past = store
+        .list_aliases_page(&f.id, 30, limit as u32)
+        .await
+        .unwrap();
+    assert!(past.items.is_empty() && past.total == limit as u64);
+    // A deletion makes room again.
+    assert!(store.delete_alias(&f.id, "a001").await.unwrap());
+    create_alias(store, &f, "again", single(1)).await;
 }
 
 async fn record_invocations_batch_then_get_and_list(store: &dyn MetadataStore) {

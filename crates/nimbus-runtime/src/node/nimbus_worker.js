@@ -101,18 +101,47 @@ function clean(text, limit) {
   return text.length > limit ? text.slice(0, limit) + '…' : text;
 }
 
-/** An error (or anything thrown) as the protocol's `{type, message, traceback}`. */
+// Host paths errors must not show (see sandboxPaths): the function's code directory (the
+// working directory the worker starts in), as a path and as the file URL of an ES module, and
+// the data directory holding it and the runtime (this file is <data dir>/runtime/node/...).
+const CODE_DIR = process.cwd();
+const HIDDEN_PATHS = [
+  [pathToFileURL(CODE_DIR).href, '.'],
+  [CODE_DIR, '.'],
+  [path.join(__dirname, '..', '..'), '<nimbus>'],
+].filter(([hidden]) => hidden !== '/' && hidden !== 'file:///');
+
+/**
+ * `text` without the host paths of the data directory: a path in the function's code as the
+ * function knows it, relative to its working directory (`lib/util.js`), and any other path of
+ * the data directory (the runtime's files) under `<nimbus>`.
+ */
+function sandboxPaths(text) {
+  for (const [hidden, shown] of HIDDEN_PATHS) {
+    if (text.includes(hidden)) {
+      text = text
+        .replaceAll(hidden + '/', shown === '.' ? '' : shown + '/')
+        .replaceAll(hidden, shown);
+    }
+  }
+  return text;
+}
+
+/** An error (or anything thrown) as the protocol's `{type, message, traceback}`, no host paths. */
 function describe(error, message) {
   if (error instanceof Error) {
     return {
       type: error.name || error.constructor?.name || 'Error',
-      message: clean(message ?? error.message, MAX_MESSAGE_CHARS),
-      traceback: clean(error.stack || '', MAX_TRACEBACK_CHARS),
+      message: clean(sandboxPaths(String(message ?? error.message)), MAX_MESSAGE_CHARS),
+      traceback: clean(sandboxPaths(String(error.stack || '')), MAX_TRACEBACK_CHARS),
     };
   }
   return {
     type: 'Error',
-    message: clean(message ?? `a non-Error value was thrown: ${safeString(error)}`, MAX_MESSAGE_CHARS),
+    message: clean(
+      sandboxPaths(String(message ?? `a non-Error value was thrown: ${safeString(error)}`)),
+      MAX_MESSAGE_CHARS,
+    ),
     traceback: '',
   };
 }

@@ -54,6 +54,15 @@ _CO_VARARGS = 0x04
 _SELF_FILE = __file__
 _RUNTIME_DIR = __file__.rpartition("/")[0] or "."
 _API_DIR = _RUNTIME_DIR + "/nimbus/"
+# Host paths errors must not show (see _sandbox_paths): the function's code directory (the
+# working directory the worker starts in) and the data directory holding it and the runtime
+# (`<data dir>/runtime/python`).
+_CODE_DIR = posix.getcwd()
+# Modules of the runtime itself, which a handler module cannot be named after either.
+_RUNTIME_MODULES = ("nimbus", "nimbus_worker", "nimbus_fork", "nimbus_boot", "__main__")
+_DATA_DIR = (
+    _RUNTIME_DIR[: -len("/runtime/python")] if _RUNTIME_DIR.endswith("/runtime/python") else None
+)
 
 
 # --- logs -------------------------------------------------------------------------------
@@ -219,8 +228,19 @@ def _user_traceback(tb):
     return out
 
 
+def _sandbox_paths(text):
+    """`text` without the host paths of the data directory: a path in the function's code
+    as the function knows it, relative to its working directory (`lib/util.py`), and any
+    other path of the data directory (the runtime's files) under `<nimbus>`."""
+    for path, shown in ((_CODE_DIR, "."), (_DATA_DIR, "<nimbus>")):
+        if path and path != "/" and path in text:
+            text = text.replace(path + "/", "" if shown == "." else shown + "/")
+            text = text.replace(path, shown)
+    return text
+
+
 def _error(exc, message=None, type_name=None):
-    """The `{type, message, traceback}` payload of an exception."""
+    """The `{type, message, traceback}` payload of an exception, without host paths."""
     if message is None:
         try:
             message = str(exc)
@@ -236,8 +256,8 @@ def _error(exc, message=None, type_name=None):
         text = "(traceback unavailable: %s)" % type(failure).__name__
     return {
         "type": type_name or type(exc).__qualname__,
-        "message": _clean(message, _MAX_MESSAGE_CHARS),
-        "traceback": _clean(text, _MAX_TRACEBACK_CHARS, tail=True),
+        "message": _clean(_sandbox_paths(message), _MAX_MESSAGE_CHARS),
+        "traceback": _clean(_sandbox_paths(text), _MAX_TRACEBACK_CHARS, tail=True),
     }
 
 
@@ -263,6 +283,26 @@ def _load(spec):
                 "InvalidHandler",
                 "handler %r must be 'module.function' (e.g. 'handler.handle' or "
                 "'pkg.mod.run')" % spec,
+            )
+        )
+    top = module_name.partition(".")[0]
+    if top in sys.modules or top in getattr(sys, "stdlib_module_names", ()):
+        # Loaded first, the function's file would replace the standard library's module for
+        # the function and the runtime alike; loaded already, it would never be imported and
+        # the handler would name the library's own function (`os.system`).
+        raise _InitFailure(
+            _simple_error(
+                "InvalidHandler",
+                "handler module '%s' cannot be loaded: '%s' is the name of %s, which the "
+                "function's %s would shadow; rename it"
+                % (
+                    module_name,
+                    top,
+                    "a module of the runtime"
+                    if top in _RUNTIME_MODULES
+                    else "a standard-library module",
+                    top + ("/" if "." in module_name else ".py"),
+                ),
             )
         )
     try:

@@ -38,7 +38,7 @@ pub enum AliasCommand {
         #[arg(long, value_name = "TEXT")]
         description: Option<String>,
     },
-    /// List a function's aliases and their routing.
+    /// List a function's aliases and their routing (all of them: every page is fetched).
     List {
         /// Function name or id.
         function: String,
@@ -161,7 +161,7 @@ pub async fn run(args: AliasArgs) -> Result<(), CliError> {
             });
         }
         AliasCommand::List { function } => {
-            let list = client.get(&aliases_path(&function), &[]).await?;
+            let list = all_aliases(&client, &function).await?;
             if json {
                 print_json(&list);
             } else {
@@ -309,6 +309,33 @@ fn split_text(alias: &Value) -> String {
     routing_of(&alias["routing_config"])
         .map(|r| split_table(&r))
         .unwrap_or_else(|| "-\n".into())
+}
+
+/// Aliases asked for per page: a function may have this many, so one page usually does.
+const PAGE: usize = nimbus_core::limits::MAX_ALIASES_PER_FUNCTION;
+
+/// Every alias of `function`, page after page: `{"aliases": […], "total": n}`.
+async fn all_aliases(client: &Client, function: &str) -> Result<Value, CliError> {
+    let mut aliases: Vec<Value> = Vec::new();
+    loop {
+        let page = client
+            .get(
+                &aliases_path(function),
+                &[
+                    ("limit", PAGE.to_string()),
+                    ("offset", aliases.len().to_string()),
+                ],
+            )
+            .await?;
+        let items = page["aliases"].as_array().cloned().unwrap_or_default();
+        let total = page["total"].as_u64().unwrap_or(0) as usize;
+        let done = items.is_empty();
+        aliases.extend(items);
+        // An alias deleted meanwhile shortens the total: stop at what is known, never loop.
+        if done || aliases.len() >= total {
+            return Ok(json!({ "aliases": aliases, "total": aliases.len() }));
+        }
+    }
 }
 
 /// The aliases of `{"aliases":[…]}` as a table.
