@@ -156,13 +156,18 @@ pub struct Snapshot {
     /// `last_failure`).
     pub error_message: Option<String>,
     /// Times it failed or was found corrupt, over its whole life (kept across rebuilds).
+    /// (Absent from what earlier versions wrote, such as a checkpoint's metadata.json.)
+    #[serde(default)]
     pub failure_count: u64,
     /// The last of those failures.
+    #[serde(default)]
     pub last_failure: Option<SnapshotFailure>,
     /// Instances forked from its resident template, over its whole life (kept across
     /// rebuilds).
+    #[serde(default)]
     pub fork_count: u64,
     /// Mean start time of those instances, ms.
+    #[serde(default)]
     pub avg_fork_ms: f64,
     /// Instances started from its checkpoint on disk (each restoring the template first),
     /// over its whole life.
