@@ -10,7 +10,7 @@
 //! transaction here starts with its write: concurrent writers then wait on the busy
 //! timeout instead of failing on a lock upgrade.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
@@ -27,8 +27,8 @@ use time::OffsetDateTime;
 use crate::backend::{self, Dialect};
 use crate::codec::{self, millis, to_bigint, to_json};
 use crate::{
-    AliasChange, AliasWrite, InvocationFilter, MetadataStore, Page, Published, RollbackTarget,
-    StoreError, StoreResult, DEFAULT_LIST_LIMIT,
+    AliasChange, AliasWrite, DeletedFunction, InvocationFilter, MetadataStore, Page, Published,
+    RollbackTarget, StoreError, StoreResult, DEFAULT_LIST_LIMIT,
 };
 
 type AnyQuery<'q> = Query<'q, Any, AnyArguments<'q>>;
@@ -276,6 +276,11 @@ impl SqlStore {
         tracing::debug!(backend = dialect.name(), "metadata store opened");
         Ok(SqlStore { pool, dialect })
     }
+
+    /// The database behind it.
+    pub(crate) fn dialect(&self) -> Dialect {
+        self.dialect
+    }
 }
 
 /// Binds the configuration a version freezes and its code, in the column order
@@ -342,8 +347,18 @@ fn invocation_columns() -> impl Iterator<Item = &'static str> + Clone {
     invocation_columns!().split(',').map(str::trim)
 }
 
+/// Appends `n` bind parameters, comma-separated, numbered from 1.
+fn push_placeholders(dialect: Dialect, sql: &mut String, n: usize) {
+    for i in 1..=n {
+        if i > 1 {
+            sql.push_str(", ");
+        }
+        dialect.push_placeholder(sql, i);
+    }
+}
+
 /// `INSERT INTO invocations … VALUES (…), (…) … ON CONFLICT (request_id) DO UPDATE` for
-/// `rows` records, every column replaced on conflict.
+/// `rows` records, every column replaced on conflict unless the stored record is finished.
 fn upsert_invocations_sql(dialect: Dialect, rows: usize) -> String {
     let columns = invocation_columns().count();
     let mut sql = String::with_capacity(800 + rows * columns * 7);
@@ -368,6 +383,7 @@ fn upsert_invocations_sql(dialect: Dialect, rows: usize) -> String {
         .map(|column| format!("{column} = excluded.{column}"))
         .collect();
     sql.push_str(&updates.join(", "));
+    sql.push_str(" WHERE invocations.completed_at IS NULL");
     sql
 }
 
@@ -900,8 +916,67 @@ impl MetadataStore for SqlStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+        sqlx::query(
+            "INSERT INTO deleted_functions (function_id, deleted_at) VALUES ($1, $2) \
+             ON CONFLICT (function_id) DO NOTHING",
+        )
+        .bind(function_id)
+        .bind(millis(OffsetDateTime::now_utc()))
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(deleted > 0)
+    }
+
+    async fn deleted_functions(&self) -> StoreResult<Vec<DeletedFunction>> {
+        let rows = sqlx::query(
+            "SELECT function_id, deleted_at FROM deleted_functions \
+             ORDER BY deleted_at, function_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(codec::deleted_function).collect()
+    }
+
+    async fn purge_deleted_function(&self, function_id: &str) -> StoreResult<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM invocations WHERE function_id = $1 \
+             AND EXISTS (SELECT 1 FROM deleted_functions WHERE function_id = $1)",
+        )
+        .bind(function_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    async fn forget_deleted_functions(&self, before: OffsetDateTime) -> StoreResult<u64> {
+        Ok(
+            sqlx::query("DELETE FROM deleted_functions WHERE deleted_at < $1")
+                .bind(millis(before))
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
+    }
+
+    async fn existing_functions(&self, function_ids: &[String]) -> StoreResult<HashSet<String>> {
+        if function_ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let mut found = HashSet::new();
+        for chunk in function_ids.chunks(self.dialect.max_bind_params()) {
+            let mut sql = String::from("SELECT id FROM functions WHERE id IN (");
+            push_placeholders(self.dialect, &mut sql, chunk.len());
+            sql.push(')');
+            let mut query = sqlx::query(&sql).persistent(false);
+            for id in chunk {
+                query = query.bind(id.as_str());
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                found.insert(row.try_get::<String, _>(0)?);
+            }
+        }
+        Ok(found)
     }
 
     async fn get_version(
@@ -1198,6 +1273,25 @@ impl MetadataStore for SqlStore {
             }
             query.execute(&mut *tx).await?;
         }
+        // Records of functions deleted meanwhile (run by a server that had not learned of
+        // it yet, or replayed after an outage) are not kept: nothing could reach them. (After
+        // the writes, which take SQLite's write lock first.)
+        let mut functions: Vec<&str> = records.iter().map(|r| r.function_id.as_str()).collect();
+        functions.sort_unstable();
+        functions.dedup();
+        for chunk in functions.chunks(self.dialect.max_bind_params()) {
+            let mut sql = String::from("DELETE FROM invocations WHERE function_id IN (");
+            push_placeholders(self.dialect, &mut sql, chunk.len());
+            sql.push_str(
+                ") AND EXISTS (SELECT 1 FROM deleted_functions d \
+                 WHERE d.function_id = invocations.function_id)",
+            );
+            let mut query = sqlx::query(&sql).persistent(false);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            query.execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -1395,7 +1489,7 @@ mod tests {
              start_type = excluded.start_type, instance_id = excluded.instance_id, \
              started_at = excluded.started_at, completed_at = excluded.completed_at, \
              duration_ms = excluded.duration_ms, memory_used_mb = excluded.memory_used_mb, \
-             logs = excluded.logs"
+             logs = excluded.logs WHERE invocations.completed_at IS NULL"
         ));
 
         let sql = upsert_invocations_sql(Dialect::Sqlite, 2);
