@@ -1,12 +1,12 @@
 //! Operational endpoints: `/health`, `/ready`, `/metrics`, `/api/v1/openapi.json`.
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::AppState;
 
 /// `GET /health`: the process is up.
@@ -14,13 +14,10 @@ pub async fn health() -> Json<Value> {
     Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
 }
 
-/// `GET /ready`: the metadata store answers.
+/// `GET /ready`: the metadata store answers (its last health check, so this never
+/// waits); 503 `store_unavailable` while it does not.
 pub async fn ready(State(state): State<AppState>) -> ApiResult<Json<Value>> {
-    state
-        .engine
-        .ready()
-        .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string()))?;
+    state.engine.ready().await?;
     Ok(Json(
         json!({ "status": "ready", "driver": state.engine.driver_name() }),
     ))

@@ -2,9 +2,11 @@
 //!
 //! Request path: [`Engine::invoke`] → [`catalog`] (function, alias, version; cached) →
 //! [`router`] (alias → version) → [`pool`] (warm instance or a new one) → the worker
-//! protocol (`nimbus_runtime::WorkerConn`) → outcome → [`recorder`] (write-behind).
-//! Function management ([`functions`]) validates, loads new code once, and writes the store;
-//! [`versions`] publishes and deletes versions, [`aliases`] manages the routing tables.
+//! protocol (`nimbus_runtime::WorkerConn`) → outcome → [`recorder`] (journaled, then
+//! written behind). Function management ([`functions`]) validates, loads new code once, and
+//! writes the store; [`versions`] publishes and deletes versions, [`aliases`] manages the
+//! routing tables. Deletions converge across servers: what a server finds deleted elsewhere
+//! it drops ([`catalog::Gone`]), and a periodic pass purges what was written late.
 
 mod affinity;
 pub mod aliases;
@@ -14,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod functions;
 pub mod invoke;
+mod journal;
 mod launcher;
 pub mod metrics;
 pub mod pool;
@@ -27,14 +30,15 @@ mod state;
 pub mod state_admin;
 pub mod versions;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nimbus_core::Invocation;
+use nimbus_core::{limits, Invocation};
 use nimbus_runtime::Runtimes;
 use nimbus_sandbox::Driver;
 use nimbus_state::State;
 use nimbus_store::{InvocationFilter, MetadataStore};
+use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 
 pub use aliases::{AliasPatch, NewAlias, RollbackRequest, RolledBack};
@@ -46,7 +50,7 @@ pub use snapshot_admin::{Cleanup, SnapshotStats, SnapshotView};
 pub use state_admin::{KeyView, SessionView, StateView};
 pub use versions::PublishRequest;
 
-use catalog::Catalog;
+use catalog::{Catalog, Freshness, Gone};
 use code_cache::CodeCache;
 use launcher::Launcher;
 use pool::Pools;
@@ -61,6 +65,8 @@ pub struct Engine {
     pools: Pools,
     snapshots: Arc<Snapshots>,
     recorder: Recorder,
+    /// The recorder's writing task, stopped at shutdown.
+    recorder_task: Mutex<Option<JoinHandle<()>>>,
     code: CodeCache,
     /// Functions' state (SPEC §7) and the session registry.
     state: State,
@@ -70,17 +76,27 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the engine and its background tasks (recorder, idle reaper).
+    /// Starts the engine and its background tasks (recorder, idle reaper, purge pass).
+    /// Fails if the invocation journal (`<data_dir>/records`) cannot be opened.
     pub fn start(
         config: EngineConfig,
         store: Arc<dyn MetadataStore>,
         state: State,
         driver: Arc<dyn Driver>,
         runtimes: Runtimes,
-    ) -> Arc<Engine> {
+    ) -> EngineResult<Arc<Engine>> {
         let config = Arc::new(config);
         let code = CodeCache::new(config.data_dir.join("code"));
-        let (recorder, _task) = Recorder::start(store.clone());
+        let journal = config.data_dir.join("records");
+        let (recorder, recorder_task) =
+            Recorder::start(&journal, Arc::new(store.clone()), config.record_retry).map_err(
+                |e| {
+                    EngineError::Internal(format!(
+                        "opening the invocation journal {}: {e}",
+                        journal.display()
+                    ))
+                },
+            )?;
         let driver_name = driver.name();
         let launcher = Arc::new(Launcher::new(config.clone(), driver, runtimes));
         let snapshots = Snapshots::start(
@@ -89,12 +105,18 @@ impl Engine {
             launcher.clone(),
             config.data_dir.join("snapshots"),
         );
+        let freshness = Freshness {
+            ttl: config.cache_ttl,
+            stale_ttl: config.stale_ttl,
+        };
+        let (catalog, mut gone) = Catalog::new(store.clone(), code.clone(), freshness);
         let engine = Arc::new(Engine {
-            catalog: Catalog::new(store.clone(), code.clone(), config.cache_ttl),
+            catalog,
             driver_name,
             pools: Pools::new(config.clone(), launcher, snapshots.clone()),
             snapshots,
             recorder,
+            recorder_task: Mutex::new(Some(recorder_task)),
             code,
             state,
             store,
@@ -125,7 +147,26 @@ impl Engine {
                 engine.snapshots.sweep().await;
             }
         });
-        engine
+        let weak = Arc::downgrade(&engine);
+        tokio::spawn(async move {
+            while let Some(gone) = gone.recv().await {
+                let Some(engine) = weak.upgrade() else { break };
+                engine.drop_gone(gone);
+            }
+        });
+        let weak = Arc::downgrade(&engine);
+        let every = engine.config.purge_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(engine) = weak.upgrade() else { break };
+                engine.purge().await;
+            }
+        });
+        Ok(engine)
     }
 
     /// Takes over the snapshots an earlier run of this server left: its checkpoints on disk
@@ -141,9 +182,9 @@ impl Engine {
         self.driver_name
     }
 
-    /// Whether the metadata store answers.
+    /// Whether the metadata store answers: its last health check, so this never waits.
     pub async fn ready(&self) -> EngineResult<()> {
-        Ok(self.store.ping().await?)
+        Ok(self.store.available()?)
     }
 
     /// One invocation record. Records are written behind; a miss waits for pending writes.
@@ -192,6 +233,88 @@ impl Engine {
         }
         self.pools.shutdown();
         self.snapshots.shutdown();
-        self.recorder.flush().await;
+        let writer = self.recorder_task.lock().expect("recorder lock").take();
+        match writer {
+            Some(writer) => self.recorder.close(writer).await,
+            None => self.recorder.flush().await,
+        }
+    }
+
+    /// Drops what this server holds for something deleted (here or elsewhere): a
+    /// function's pools, instances, templates and metric series, a version's idle
+    /// instances, templates and series, an alias's series.
+    fn drop_gone(&self, gone: Gone) {
+        match gone {
+            Gone::Function { id, name } => {
+                self.catalog.remove(&id);
+                self.pools.remove_function(&id);
+                self.snapshots.forget(&id, None);
+                metrics::retire_function(&name);
+                tracing::info!(function = %name, %id, "function deleted: its instances and templates here are stopped");
+            }
+            Gone::Version {
+                function_id,
+                function,
+                version,
+            } => {
+                self.pools.retire_version(&function_id, version);
+                self.snapshots.forget(&function_id, Some(version));
+                metrics::retire_version(&function, version);
+            }
+            Gone::Alias { function, alias } => metrics::retire_alias(&function, &alias),
+        }
+    }
+
+    /// The periodic pass (every `purge_interval`): finds what was deleted elsewhere among
+    /// what this server holds, and purges the state and records written for deleted
+    /// functions after their deletion, by any server that had not learned of it yet.
+    async fn purge(&self) {
+        if let Err(e) = self.catalog.revalidate().await {
+            tracing::debug!("checking cached metadata against the store: {e}");
+        }
+        let deleted = match self.store.deleted_functions().await {
+            Ok(deleted) => deleted,
+            Err(e) => {
+                tracing::debug!("listing deleted functions: {e}");
+                return;
+            }
+        };
+        let now = nimbus_core::now();
+        // Late writes come from invocations that began before a server learned of the
+        // deletion: within its cache TTL (or, while the store did not answer it, its stale
+        // TTL), and running for at most the longest timeout a function may have.
+        let window = self.config.cache_ttl
+            + self.config.stale_ttl
+            + Duration::from_secs(limits::TIMEOUT_SEC.1.into())
+            + self.config.purge_interval;
+        for function in deleted {
+            if now - function.deleted_at > window {
+                continue;
+            }
+            let id = &function.function_id;
+            if let Err(e) = self.state.store().purge_function(id).await {
+                tracing::debug!(function = %id, "purging the state of a deleted function: {e}");
+            }
+            match self.store.purge_deleted_function(id).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(function = %id, records = n, "removed invocation records written after the function was deleted")
+                }
+                Err(e) => {
+                    tracing::debug!(function = %id, "purging the records of a deleted function: {e}")
+                }
+            }
+        }
+        if let Err(e) = self
+            .store
+            .forget_deleted_functions(now - DELETED_FUNCTIONS_KEPT)
+            .await
+        {
+            tracing::debug!("forgetting deleted functions: {e}");
+        }
     }
 }
+
+/// How long a deleted function is remembered: records written for it (a server's journal
+/// replayed after an outage, say) are not kept meanwhile.
+const DELETED_FUNCTIONS_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);

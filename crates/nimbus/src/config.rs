@@ -90,6 +90,15 @@ pub struct ServerConfig {
     pub start_timeout_sec: u64,
     /// Milliseconds cached metadata is trusted (bounds cross-server staleness).
     pub cache_ttl_ms: u64,
+    /// Milliseconds cached metadata may still be served while the metadata store does not
+    /// answer (warm invocations of known functions go on through an outage this long).
+    pub stale_ttl_ms: u64,
+    /// Milliseconds the metadata store (PostgreSQL) may take to answer a health check
+    /// before calls that need it fail at once with 503 `store_unavailable`.
+    pub store_timeout_ms: u64,
+    /// Seconds between passes that drop what this server holds of functions deleted
+    /// elsewhere and purge state and records written late for deleted functions.
+    pub purge_interval_sec: u64,
     /// Seconds a stopping server waits for running invocations before stopping instances.
     pub shutdown_grace_sec: u64,
     /// Function-level snapshots (`[snapshots]`).
@@ -180,6 +189,9 @@ impl Default for ServerConfig {
             queue_timeout_ms: engine.queue_timeout.as_millis() as u64,
             start_timeout_sec: engine.start_timeout.as_secs(),
             cache_ttl_ms: engine.cache_ttl.as_millis() as u64,
+            stale_ttl_ms: engine.stale_ttl.as_millis() as u64,
+            store_timeout_ms: nimbus_store::StoreOptions::default().timeout.as_millis() as u64,
+            purge_interval_sec: engine.purge_interval.as_secs(),
             shutdown_grace_sec: 30,
             snapshots: SnapshotsConfig::default(),
         }
@@ -255,8 +267,18 @@ impl ServerConfig {
             queue_timeout: Duration::from_millis(self.queue_timeout_ms),
             start_timeout: Duration::from_secs(self.start_timeout_sec),
             cache_ttl: Duration::from_millis(self.cache_ttl_ms),
+            stale_ttl: Duration::from_millis(self.stale_ttl_ms),
+            purge_interval: Duration::from_secs(self.purge_interval_sec.max(1)),
             snapshots: self.snapshots.settings(),
             ..EngineConfig::new(self.data_dir.clone())
+        }
+    }
+
+    /// How the metadata store is opened.
+    pub fn store(&self) -> nimbus_store::StoreOptions {
+        nimbus_store::StoreOptions {
+            // A check every quarter of it must be possible.
+            timeout: Duration::from_millis(self.store_timeout_ms.max(20)),
         }
     }
 
