@@ -347,6 +347,35 @@ fn invocation_columns() -> impl Iterator<Item = &'static str> + Clone {
     invocation_columns!().split(',').map(str::trim)
 }
 
+/// `… IN (` completed by [`ids_in`]: which of some function ids are deleted ones.
+const DELETED_AMONG: &str = "SELECT function_id FROM deleted_functions WHERE function_id IN (";
+/// `… IN (` completed by [`ids_in`]: which of some function ids exist.
+const EXISTING_AMONG: &str = "SELECT id FROM functions WHERE id IN (";
+
+/// Runs `select` (a statement ending in `IN (`) over `ids`, in statements within the
+/// parameter limit; the ids it returns.
+async fn ids_in(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    select: &str,
+    ids: &[&str],
+) -> StoreResult<HashSet<String>> {
+    let mut found = HashSet::new();
+    for chunk in ids.chunks(dialect.max_bind_params()) {
+        let mut sql = select.to_owned();
+        push_placeholders(dialect, &mut sql, chunk.len());
+        sql.push(')');
+        let mut query = sqlx::query(&sql).persistent(false);
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            found.insert(row.try_get::<String, _>(0)?);
+        }
+    }
+    Ok(found)
+}
+
 /// Appends `n` bind parameters, comma-separated, numbered from 1.
 fn push_placeholders(dialect: Dialect, sql: &mut String, n: usize) {
     for i in 1..=n {
@@ -963,20 +992,9 @@ impl MetadataStore for SqlStore {
         if function_ids.is_empty() {
             return Ok(HashSet::new());
         }
-        let mut found = HashSet::new();
-        for chunk in function_ids.chunks(self.dialect.max_bind_params()) {
-            let mut sql = String::from("SELECT id FROM functions WHERE id IN (");
-            push_placeholders(self.dialect, &mut sql, chunk.len());
-            sql.push(')');
-            let mut query = sqlx::query(&sql).persistent(false);
-            for id in chunk {
-                query = query.bind(id.as_str());
-            }
-            for row in query.fetch_all(&self.pool).await? {
-                found.insert(row.try_get::<String, _>(0)?);
-            }
-        }
-        Ok(found)
+        let ids: Vec<&str> = function_ids.iter().map(String::as_str).collect();
+        let mut conn = self.pool.acquire().await?;
+        ids_in(&mut conn, self.dialect, EXISTING_AMONG, &ids).await
     }
 
     async fn get_version(
@@ -1279,13 +1297,14 @@ impl MetadataStore for SqlStore {
         let mut functions: Vec<&str> = records.iter().map(|r| r.function_id.as_str()).collect();
         functions.sort_unstable();
         functions.dedup();
-        for chunk in functions.chunks(self.dialect.max_bind_params()) {
+        // Looked up first (by key, in a table that is mostly empty), so that the usual batch,
+        // with no deleted function, deletes nothing and scans no records.
+        let deleted = ids_in(&mut tx, self.dialect, DELETED_AMONG, &functions).await?;
+        let deleted: Vec<&str> = deleted.iter().map(String::as_str).collect();
+        for chunk in deleted.chunks(self.dialect.max_bind_params()) {
             let mut sql = String::from("DELETE FROM invocations WHERE function_id IN (");
             push_placeholders(self.dialect, &mut sql, chunk.len());
-            sql.push_str(
-                ") AND EXISTS (SELECT 1 FROM deleted_functions d \
-                 WHERE d.function_id = invocations.function_id)",
-            );
+            sql.push(')');
             let mut query = sqlx::query(&sql).persistent(false);
             for id in chunk {
                 query = query.bind(*id);
