@@ -65,10 +65,13 @@ pub(crate) struct Journal {
 }
 
 impl Journal {
-    /// Opens the journal in `dir` (created if missing): earlier segments are kept for
-    /// reading, and appends go to a new segment after them.
+    /// Opens the journal in `dir` (created if missing, readable by its owner only: records
+    /// hold events and results): earlier segments are kept for reading, and appends go to
+    /// a new segment after them.
     pub(crate) fn open(dir: &Path) -> io::Result<Journal> {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         let next = segments(dir)?.last().map_or(1, |n| n + 1);
         let file = create_segment(dir, next)?;
         Ok(Journal {
