@@ -9,6 +9,7 @@
 //! record twice stores it once (the store's insert keeps a finished record as it is).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -81,6 +82,8 @@ struct Shared {
     journal: Journal,
     /// Records the journal could not take, written from memory.
     overflow: Mutex<Vec<Invocation>>,
+    /// The last append failed (logged once per run of failures).
+    journal_failing: AtomicBool,
     /// Woken by every record.
     appended: Notify,
     /// Woken by a flush: write now, without lingering or waiting out a backoff.
@@ -107,6 +110,7 @@ impl Recorder {
         let shared = Arc::new(Shared {
             journal,
             overflow: Mutex::default(),
+            journal_failing: AtomicBool::new(false),
             appended: Notify::new(),
             hurry: Notify::new(),
             progress: watch::Sender::new(Progress::default()),
@@ -119,24 +123,39 @@ impl Recorder {
     /// Records an invocation: appended to the journal when this returns. Never waits on
     /// the store.
     pub fn record(&self, invocation: Invocation) {
-        if let Err(e) = self.shared.journal.append(&invocation) {
-            let mut overflow = self.shared.overflow.lock().expect("overflow lock");
-            if overflow.len() < MAX_OVERFLOW {
-                tracing::error!(
-                    "the invocation journal cannot be written ({e}): a record is kept in memory \
-                     until it is stored, and is lost if the server stops first"
-                );
-                overflow.push(invocation);
-            } else {
-                tracing::error!(
-                    request_id = %invocation.request_id,
-                    "an invocation record was dropped: the journal cannot be written ({e}) \
-                     and {MAX_OVERFLOW} records already wait in memory"
-                );
-                metrics::record_dropped();
+        let shared = &self.shared;
+        match shared.journal.append(&invocation) {
+            Ok(_) => {
+                if shared.journal_failing.load(Ordering::Relaxed)
+                    && shared.journal_failing.swap(false, Ordering::Relaxed)
+                {
+                    tracing::info!("the invocation journal is written again");
+                }
             }
+            Err(e) => self.keep_in_memory(invocation, e),
         }
-        self.shared.appended.notify_one();
+        shared.appended.notify_one();
+    }
+
+    /// Keeps a record the journal could not take (bounded; see [`MAX_OVERFLOW`]).
+    fn keep_in_memory(&self, invocation: Invocation, e: std::io::Error) {
+        if !self.shared.journal_failing.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                "the invocation journal cannot be written ({e}): records are kept in memory \
+                 until they are stored, and are lost if the server stops first"
+            );
+        }
+        let mut overflow = self.shared.overflow.lock().expect("overflow lock");
+        if overflow.len() < MAX_OVERFLOW {
+            overflow.push(invocation);
+        } else {
+            tracing::error!(
+                request_id = %invocation.request_id,
+                "an invocation record was dropped: the journal cannot be written ({e}) \
+                 and {MAX_OVERFLOW} records already wait in memory"
+            );
+            metrics::record_dropped();
+        }
     }
 
     /// Waits until everything recorded before this call is in the store, or a write tried
