@@ -20,6 +20,7 @@ mod journal;
 mod launcher;
 pub mod metrics;
 pub mod pool;
+mod purge;
 pub mod recorder;
 pub mod router;
 pub mod snapshot_admin;
@@ -33,7 +34,7 @@ pub mod versions;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nimbus_core::{limits, Invocation};
+use nimbus_core::Invocation;
 use nimbus_runtime::Runtimes;
 use nimbus_sandbox::Driver;
 use nimbus_state::State;
@@ -67,6 +68,8 @@ pub struct Engine {
     recorder: Recorder,
     /// The recorder's writing task, stopped at shutdown.
     recorder_task: Mutex<Option<JoinHandle<()>>>,
+    /// When deleted functions are purged next (see [`purge`]).
+    purges: purge::PurgeSchedule,
     code: CodeCache,
     /// Functions' state (SPEC §7) and the session registry.
     state: State,
@@ -117,6 +120,7 @@ impl Engine {
             snapshots,
             recorder,
             recorder_task: Mutex::new(Some(recorder_task)),
+            purges: purge::PurgeSchedule::default(),
             code,
             state,
             store,
@@ -264,57 +268,4 @@ impl Engine {
             Gone::Alias { function, alias } => metrics::retire_alias(&function, &alias),
         }
     }
-
-    /// The periodic pass (every `purge_interval`): finds what was deleted elsewhere among
-    /// what this server holds, and purges the state and records written for deleted
-    /// functions after their deletion, by any server that had not learned of it yet.
-    async fn purge(&self) {
-        if let Err(e) = self.catalog.revalidate().await {
-            tracing::debug!("checking cached metadata against the store: {e}");
-        }
-        let deleted = match self.store.deleted_functions().await {
-            Ok(deleted) => deleted,
-            Err(e) => {
-                tracing::debug!("listing deleted functions: {e}");
-                return;
-            }
-        };
-        let now = nimbus_core::now();
-        // Late writes come from invocations that began before a server learned of the
-        // deletion: within its cache TTL (or, while the store did not answer it, its stale
-        // TTL), and running for at most the longest timeout a function may have.
-        let window = self.config.cache_ttl
-            + self.config.stale_ttl
-            + Duration::from_secs(limits::TIMEOUT_SEC.1.into())
-            + self.config.purge_interval;
-        for function in deleted {
-            if now - function.deleted_at > window {
-                continue;
-            }
-            let id = &function.function_id;
-            if let Err(e) = self.state.store().purge_function(id).await {
-                tracing::debug!(function = %id, "purging the state of a deleted function: {e}");
-            }
-            match self.store.purge_deleted_function(id).await {
-                Ok(0) => {}
-                Ok(n) => {
-                    tracing::info!(function = %id, records = n, "removed invocation records written after the function was deleted")
-                }
-                Err(e) => {
-                    tracing::debug!(function = %id, "purging the records of a deleted function: {e}")
-                }
-            }
-        }
-        if let Err(e) = self
-            .store
-            .forget_deleted_functions(now - DELETED_FUNCTIONS_KEPT)
-            .await
-        {
-            tracing::debug!("forgetting deleted functions: {e}");
-        }
-    }
 }
-
-/// How long a deleted function is remembered: records written for it (a server's journal
-/// replayed after an outage, say) are not kept meanwhile.
-const DELETED_FUNCTIONS_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
