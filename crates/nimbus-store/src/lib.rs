@@ -146,12 +146,16 @@ fn missing_versions_message(versions: &[u32]) -> String {
 
 impl From<sqlx::Error> for StoreError {
     /// Unique violations become [`StoreError::Conflict`], values that do not decode
-    /// [`StoreError::Corrupt`], failures to reach the database [`StoreError::Unavailable`],
-    /// everything else [`StoreError::Backend`].
+    /// [`StoreError::Corrupt`], failures to reach the database and refusals that go away by
+    /// themselves (see [`is_transient`]) [`StoreError::Unavailable`], everything else
+    /// [`StoreError::Backend`].
     fn from(error: sqlx::Error) -> Self {
         match &error {
             sqlx::Error::Database(db) if db.is_unique_violation() => {
                 StoreError::Conflict(db.message().to_string())
+            }
+            sqlx::Error::Database(db) if is_transient(db.as_ref()) => {
+                StoreError::Unavailable(error.to_string())
             }
             sqlx::Error::ColumnDecode { .. }
             | sqlx::Error::Decode(_)
@@ -164,6 +168,31 @@ impl From<sqlx::Error> for StoreError {
             _ => StoreError::Backend(error.to_string()),
         }
     }
+}
+
+/// Whether the database refused a statement for a reason that goes away by itself, so that
+/// the same statement succeeds later: PostgreSQL's connection exceptions (SQLSTATE class
+/// 08), insufficient resources (53), operator intervention (57: shutting down, starting
+/// up, cancelled) and transaction rollbacks (40: serialization failures, deadlocks);
+/// SQLite's busy and locked.
+fn is_transient(error: &dyn sqlx::error::DatabaseError) -> bool {
+    if let Some(pg) = error.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        return ["08", "53", "57", "40"].contains(&&pg.code()[..2]);
+    }
+    if error
+        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+        .is_some()
+    {
+        // Extended result codes keep the primary one in their low byte.
+        const BUSY: i64 = 5;
+        const LOCKED: i64 = 6;
+        let primary = error
+            .code()
+            .and_then(|code| code.parse::<i64>().ok())
+            .map(|code| code & 0xff);
+        return matches!(primary, Some(BUSY | LOCKED));
+    }
+    false
 }
 
 /// Result of store calls.
@@ -400,7 +429,8 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// exists already replaces it only while the stored one is unfinished (no
     /// `completed_at`): a pending record can be completed, and writing a batch again (a
     /// replay) changes nothing. Records of functions deleted (see
-    /// [`MetadataStore::deleted_functions`]) are left out.
+    /// [`MetadataStore::deleted_functions`]) are left out. NUL characters in logs are
+    /// stored as U+FFFD.
     async fn record_invocations(&self, records: &[Invocation]) -> StoreResult<()>;
 
     /// One invocation record.
@@ -474,6 +504,54 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Deletes a snapshot's row (its files are the caller's to remove). False if absent.
     async fn delete_snapshot(&self, id: &str) -> StoreResult<bool>;
 
-    /// Cheap liveness check of the connection (used by `GET /ready`).
+    /// Cheap liveness check: a round trip through the pool.
     async fn ping(&self) -> StoreResult<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{Connection, Executor};
+
+    use super::*;
+
+    const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+    /// A refusal that goes away by itself is `Unavailable` (retried, served stale around),
+    /// one that would come back the same is not.
+    #[tokio::test]
+    async fn transient_refusals_are_unavailable_and_others_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}?mode=rwc", dir.path().join("x.db").display());
+        let mut holder = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        holder
+            .execute("CREATE TABLE t (n INTEGER); BEGIN EXCLUSIVE")
+            .await
+            .unwrap();
+        let mut writer = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        writer.execute("PRAGMA busy_timeout = 0").await.unwrap();
+        let busy = writer
+            .execute("INSERT INTO t VALUES (1)")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(StoreError::from(busy), StoreError::Unavailable(_)),
+            "SQLite busy"
+        );
+
+        let url = std::env::var("NIMBUS_TEST_DATABASE_URL").unwrap_or_else(|_| POSTGRES_URL.into());
+        let mut pg = sqlx::PgConnection::connect(&url).await.unwrap();
+        let refused = pg.execute("SELECT 1 / 0").await.unwrap_err();
+        assert!(
+            matches!(StoreError::from(refused), StoreError::Backend(_)),
+            "division by zero"
+        );
+        let cancelled = pg
+            .execute("SET statement_timeout = 1; SELECT pg_sleep(1)")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(StoreError::from(cancelled), StoreError::Unavailable(_)),
+            "a cancelled statement (57014)"
+        );
+    }
 }

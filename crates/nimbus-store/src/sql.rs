@@ -340,7 +340,13 @@ fn bind_invocation<'q>(query: AnyQuery<'q>, record: &'q Invocation) -> StoreResu
         .bind(record.completed_at.map(millis))
         .bind(record.duration_ms)
         .bind(record.memory_used_mb.map(i64::from))
-        .bind(record.logs.as_str()))
+        .bind(storable_text(&record.logs)))
+}
+
+/// `text` with NUL characters replaced by U+FFFD: PostgreSQL refuses them in text columns,
+/// and a function's output (its logs) may hold anything.
+fn storable_text(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
 }
 
 fn invocation_columns() -> impl Iterator<Item = &'static str> + Clone {

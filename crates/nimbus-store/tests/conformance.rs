@@ -165,6 +165,7 @@ conformance!(
         record_invocations_crosses_statement_chunks,
         upsert_replaces_a_pending_record,
         a_finished_record_is_never_replaced,
+        logs_with_nul_characters_are_stored,
         delete_cascades_to_versions_aliases_history_and_invocations,
         deleted_functions_keep_no_late_records,
         existing_functions_are_told_from_missing_ones,
@@ -1531,6 +1532,25 @@ async fn a_finished_record_is_never_replaced(store: &dyn MetadataStore) {
     assert_eq!(
         store.get_invocation(&pending.request_id).await.unwrap(),
         Some(done)
+    );
+}
+
+/// A function may print anything; PostgreSQL takes no NUL in text, so a record whose logs
+/// hold one was refused (and, retried, held up every record after it).
+async fn logs_with_nul_characters_are_stored(store: &dyn MetadataStore) {
+    let (function, _) = create(store, "binary-output").await;
+    let record = Invocation {
+        logs: "before\0after\n".into(),
+        ..invocation(&function, 0, nimbus_core::now())
+    };
+    store
+        .record_invocations(std::slice::from_ref(&record))
+        .await
+        .unwrap();
+    let stored = store.get_invocation(&record.request_id).await.unwrap();
+    assert_eq!(
+        stored.map(|r| r.logs),
+        Some("before\u{FFFD}after\n".to_owned())
     );
 }
 
