@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use nimbus_core::Invocation;
-use nimbus_store::{MetadataStore, StoreResult};
+use nimbus_store::{MetadataStore, StoreError, StoreResult};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
@@ -233,6 +233,8 @@ async fn write_behind(
     let mut finished: Vec<u64> = Vec::new();
     let mut outage = Outage::default();
     let mut delay = retry.first;
+    // The store refused the batch last time for a reason other than being unavailable.
+    let mut refused = false;
     loop {
         if batch.is_empty() {
             let hurried = fill(&shared, &mut cursor, &mut batch, &mut finished).await;
@@ -244,7 +246,19 @@ async fn write_behind(
                 read(&shared, &mut cursor, &mut batch, &mut finished);
             }
         }
-        let result = sink.write(&batch).await;
+        let result = match sink.write(&batch).await {
+            // Refused twice in a row: some record of it is refused for itself.
+            Err(e) if !matches!(e, StoreError::Unavailable(_)) && refused => {
+                batch = isolate(&*sink, std::mem::take(&mut batch)).await;
+                if batch.is_empty() {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+            other => other,
+        };
+        refused = matches!(&result, Err(e) if !matches!(e, StoreError::Unavailable(_)));
         let stored = cursor.position();
         match result {
             Ok(()) => {
@@ -275,6 +289,32 @@ async fn write_behind(
             }
         }
     }
+}
+
+/// Writes a batch the store refused one record at a time: a record the store refuses on
+/// its own (PostgreSQL: a data exception, say) can never be stored, and would hold up every
+/// record after it, so it is dropped, logged with its request id and counted in
+/// `nimbus_records_dropped_total`. Returns the records left when the store became
+/// unavailable meanwhile (they are retried as usual).
+async fn isolate(sink: &dyn RecordSink, batch: Vec<Invocation>) -> Vec<Invocation> {
+    let mut records = batch.into_iter();
+    while let Some(record) = records.next() {
+        match sink.write(std::slice::from_ref(&record)).await {
+            Ok(()) => {}
+            Err(StoreError::Unavailable(_)) => {
+                return std::iter::once(record).chain(records).collect();
+            }
+            Err(e) => {
+                tracing::error!(
+                    request_id = %record.request_id,
+                    function = %record.function_name,
+                    "an invocation record was dropped: the store refuses it ({e})"
+                );
+                metrics::record_dropped();
+            }
+        }
+    }
+    Vec::new()
 }
 
 /// Waits until there is something to write and reads it; whether a flush asked for it.
@@ -493,6 +533,52 @@ mod tests {
         let (recorder, writer) = Recorder::start(dir.path(), sink.clone(), FAST).unwrap();
         recorder.flush().await;
         assert_eq!(*sink.stored.lock().unwrap(), records);
+        recorder.close(writer).await;
+    }
+
+    /// A store that refuses one record for itself (not for being down).
+    struct Picky {
+        poison: String,
+        stored: Mutex<Vec<Invocation>>,
+    }
+
+    #[async_trait]
+    impl RecordSink for Picky {
+        async fn write(&self, records: &[Invocation]) -> StoreResult<()> {
+            if records.iter().any(|r| r.request_id == self.poison) {
+                return Err(StoreError::Backend("invalid byte sequence".into()));
+            }
+            self.stored.lock().unwrap().extend_from_slice(records);
+            Ok(())
+        }
+    }
+
+    /// A record the store refuses for itself is dropped (logged, counted) instead of holding
+    /// up every record after it, or taking its batch down with it.
+    #[tokio::test]
+    async fn a_record_the_store_refuses_holds_up_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let records: Vec<Invocation> = (0..100).map(|_| record()).collect();
+        let sink = Arc::new(Picky {
+            poison: records[40].request_id.clone(),
+            stored: Mutex::default(),
+        });
+        let (recorder, writer) = Recorder::start(dir.path(), sink.clone(), FAST).unwrap();
+        for r in &records {
+            recorder.record(r.clone());
+        }
+        let later = record();
+        recorder.record(later.clone());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while sink.stored.lock().unwrap().len() < records.len() {
+            assert!(Instant::now() < deadline, "records were held up");
+            recorder.flush().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut expected = records.clone();
+        expected.remove(40);
+        expected.push(later);
+        assert_eq!(*sink.stored.lock().unwrap(), expected);
         recorder.close(writer).await;
     }
 
