@@ -334,7 +334,8 @@ mod tests {
         let path = dir.path().join("nimbus.toml");
         std::fs::write(
             &path,
-            "listen = \"127.0.0.1:9000\"\nidle_timeout_sec = 5\nqueue_depth = 7\n",
+            "listen = \"127.0.0.1:9000\"\nidle_timeout_sec = 5\nqueue_depth = 7\n\
+             stale_ttl_ms = 5000\nstore_timeout_ms = 400\npurge_interval_sec = 7\n",
         )
         .unwrap();
         let args = ServerArgs {
@@ -355,6 +356,10 @@ mod tests {
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.queue_depth, 7);
         assert_eq!(c.idle_timeout_sec, 9);
+        let engine = c.engine();
+        assert_eq!(engine.stale_ttl, Duration::from_secs(5));
+        assert_eq!(engine.purge_interval, Duration::from_secs(7));
+        assert_eq!(c.store().timeout, Duration::from_millis(400));
         assert_eq!(
             c.database_url,
             format!("sqlite:{}", dir.path().join("nimbus.db").display())
