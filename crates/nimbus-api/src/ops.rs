@@ -1,12 +1,12 @@
 //! Operational endpoints: `/health`, `/ready`, `/metrics`, `/api/v1/openapi.json`.
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::AppState;
 
 /// `GET /health`: the process is up.
@@ -14,17 +14,14 @@ pub async fn health() -> Json<Value> {
     Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
 }
 
-/// `GET /ready`: the metadata store answers and the server is not stopping (503
-/// `shutting_down` from the shutdown signal on, so load balancers stop sending work).
+/// `GET /ready`: the metadata store answers (its last health check, so this never waits)
+/// and the server is not stopping: 503 `store_unavailable` while the store does not answer,
+/// 503 `shutting_down` from the shutdown signal on (so load balancers stop sending work).
 pub async fn ready(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     if state.engine.is_draining() {
         return Err(nimbus_engine::EngineError::ShuttingDown.into());
     }
-    state
-        .engine
-        .ready()
-        .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string()))?;
+    state.engine.ready().await?;
     Ok(Json(
         json!({ "status": "ready", "driver": state.engine.driver_name() }),
     ))

@@ -232,6 +232,7 @@ impl Engine {
         }
         self.catalog.invalidate(&function.id);
         metrics::alias_updated(&function.name, name, "delete");
+        metrics::retire_alias(&function.name, name);
         tracing::info!(function = %function.name, alias = name, "alias deleted");
         Ok(function.id)
     }

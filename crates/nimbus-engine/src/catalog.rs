@@ -6,18 +6,27 @@
 //! after `cache_ttl`, which bounds how stale a change made on
 //! another server can look; changes made through this server invalidate at once. A read
 //! that raced with an invalidation is not cached: it may predate the change.
+//!
+//! When the store does not answer a re-read, the cached entry is served while it is younger
+//! than `stale_ttl` (counted in `nimbus_metadata_stale_total`, logged once per outage), so
+//! warm invocations go on through an outage; past that, and for anything not cached, the
+//! lookup fails with the store's error. A re-read (or [`Catalog::revalidate`]) that finds a
+//! function, alias or version gone tells the engine ([`Gone`]), which drops what this
+//! server holds for it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use nimbus_core::FunctionConfig;
 use nimbus_store::MetadataStore;
+use tokio::sync::mpsc;
 
 use crate::code_cache::CodeCache;
 use crate::error::{EngineError, EngineResult};
+use crate::metrics;
 use crate::router::Route;
 
 /// What the invoke path needs of a function.
@@ -46,17 +55,54 @@ pub struct VersionEntry {
     pub code_dir: PathBuf,
 }
 
+/// Something a re-read found deleted (on another server, or behind this one's back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gone {
+    /// A function, with everything of it.
+    Function {
+        /// Its id.
+        id: String,
+        /// Its name.
+        name: String,
+    },
+    /// An alias of a function.
+    Alias {
+        /// The function's name.
+        function: String,
+        /// The alias.
+        alias: String,
+    },
+    /// A version of a function.
+    Version {
+        /// The function's id.
+        function_id: String,
+        /// The function's name.
+        function: String,
+        /// The version.
+        version: u32,
+    },
+}
+
 struct Timed<T> {
     value: Arc<T>,
     /// When the store read began: the value is at least this fresh.
     fetched: Instant,
 }
 
+/// How long cached metadata is used.
+#[derive(Debug, Clone, Copy)]
+pub struct Freshness {
+    /// Re-read after this long.
+    pub ttl: Duration,
+    /// Served while the store does not answer, up to this old.
+    pub stale_ttl: Duration,
+}
+
 /// Cached metadata in front of the store.
 pub struct Catalog {
     store: Arc<dyn MetadataStore>,
     code: CodeCache,
-    ttl: Duration,
+    freshness: Freshness,
     /// By id and by name.
     functions: RwLock<HashMap<String, Timed<FunctionEntry>>>,
     /// By (function id, alias name).
@@ -66,33 +112,63 @@ pub struct Catalog {
     /// Bumped by every invalidation; a store read started under an older generation is
     /// returned but not cached.
     generation: AtomicU64,
+    /// Where what re-reads find gone is reported.
+    gone: mpsc::UnboundedSender<Gone>,
+    /// Stale entries are being served (the store did not answer the last re-read).
+    serving_stale: AtomicBool,
 }
 
 impl Catalog {
-    /// A catalog over `store`, unpacking code through `code`.
-    pub fn new(store: Arc<dyn MetadataStore>, code: CodeCache, ttl: Duration) -> Self {
-        Catalog {
+    /// A catalog over `store`, unpacking code through `code`; what it finds gone arrives
+    /// on the receiver.
+    pub fn new(
+        store: Arc<dyn MetadataStore>,
+        code: CodeCache,
+        freshness: Freshness,
+    ) -> (Self, mpsc::UnboundedReceiver<Gone>) {
+        let (gone, found) = mpsc::unbounded_channel();
+        let catalog = Catalog {
             store,
             code,
-            ttl,
+            freshness,
             functions: RwLock::default(),
             aliases: RwLock::default(),
             versions: RwLock::default(),
             generation: AtomicU64::new(0),
-        }
+            gone,
+            serving_stale: AtomicBool::new(false),
+        };
+        (catalog, found)
     }
 
     /// A function by id or name.
     pub async fn function(&self, reference: &str) -> EngineResult<Arc<FunctionEntry>> {
-        if let Some(hit) = fresh(&self.functions, reference, self.ttl) {
-            return Ok(hit);
+        let cached = cached(&self.functions, reference);
+        if let Some((entry, fetched)) = &cached {
+            if fetched.elapsed() < self.freshness.ttl {
+                return Ok(entry.clone());
+            }
         }
         let (generation, fetched) = (self.generation.load(Ordering::Acquire), Instant::now());
-        let function = self
-            .store
-            .get_function(reference)
-            .await?
-            .ok_or_else(|| EngineError::function_not_found(reference))?;
+        let read = match self.store.get_function(reference).await {
+            Ok(read) => read,
+            Err(e) => return self.stale(cached, "function", e.into()),
+        };
+        self.answered();
+        let old = cached.map(|(entry, _)| entry);
+        let function = match read {
+            Some(function) => function,
+            None => {
+                if let Some(old) = old {
+                    self.function_gone(&old);
+                }
+                return Err(EngineError::function_not_found(reference));
+            }
+        };
+        // The name now belongs to another function: the one cached is gone.
+        if let Some(old) = old.filter(|old| old.id != function.id) {
+            self.function_gone(&old);
+        }
         let entry = Arc::new(FunctionEntry {
             id: function.id.clone(),
             name: function.name.clone(),
@@ -114,15 +190,28 @@ impl Catalog {
     /// route's deck, so its rounds of draws stay whole.
     pub async fn alias(&self, function: &FunctionEntry, name: &str) -> EngineResult<Arc<Route>> {
         let key = (function.id.clone(), name.to_owned());
-        if let Some(hit) = fresh(&self.aliases, &key, self.ttl) {
-            return Ok(hit);
+        let cached = cached(&self.aliases, &key);
+        if let Some((route, fetched)) = &cached {
+            if fetched.elapsed() < self.freshness.ttl {
+                return Ok(route.clone());
+            }
         }
         let (generation, fetched) = (self.generation.load(Ordering::Acquire), Instant::now());
-        let alias = self
-            .store
-            .get_alias(&function.id, name)
-            .await?
-            .ok_or_else(|| EngineError::alias_not_found(&function.name, name))?;
+        let read = match self.store.get_alias(&function.id, name).await {
+            Ok(read) => read,
+            Err(e) => return self.stale(cached, "alias", e.into()),
+        };
+        self.answered();
+        let Some(alias) = read else {
+            if cached.is_some() {
+                self.aliases.write().expect("catalog lock").remove(&key);
+                self.report(Gone::Alias {
+                    function: function.name.clone(),
+                    alias: name.to_owned(),
+                });
+            }
+            return Err(EngineError::alias_not_found(&function.name, name));
+        };
         let mut map = self.aliases.write().expect("catalog lock");
         let route = match map.get(&key) {
             Some(old) if old.value.routing == alias.routing => old.value.clone(),
@@ -150,20 +239,22 @@ impl Catalog {
         version: u32,
     ) -> EngineResult<Arc<VersionEntry>> {
         let key = (function.id.clone(), version);
-        let cached = self
-            .versions
-            .read()
-            .expect("catalog lock")
-            .get(&key)
-            .map(|e| (e.value.clone(), e.fetched.elapsed() < self.ttl));
+        let cached = cached(&self.versions, &key);
         let (generation, fetched) = (self.generation.load(Ordering::Acquire), Instant::now());
         let entry = match cached {
-            Some((entry, true)) => return Ok(entry),
-            Some((entry, false)) if self.store.has_version(&function.id, version).await? => entry,
-            Some((_, false)) => {
-                self.versions.write().expect("catalog lock").remove(&key);
-                return Err(EngineError::version_not_found(&function.name, version));
-            }
+            Some((entry, at)) if at.elapsed() < self.freshness.ttl => return Ok(entry),
+            Some((entry, at)) => match self.store.has_version(&function.id, version).await {
+                Ok(true) => {
+                    self.answered();
+                    entry
+                }
+                Ok(false) => {
+                    self.answered();
+                    self.version_gone(&function.id, &function.name, version);
+                    return Err(EngineError::version_not_found(&function.name, version));
+                }
+                Err(e) => return self.stale(Some((entry, at)), "version", e.into()),
+            },
             None => self.load_version(function, version).await?,
         };
         let mut map = self.versions.write().expect("catalog lock");
@@ -206,6 +297,67 @@ impl Catalog {
         }))
     }
 
+    /// Checks every entry older than the TTL against the store, so that what was deleted
+    /// elsewhere is found gone (and reported) even if this server is not asked for it
+    /// again: one query for the functions, one per alias and version cached.
+    pub async fn revalidate(&self) -> EngineResult<()> {
+        let ttl = self.freshness.ttl;
+        let functions: HashMap<String, Arc<FunctionEntry>> = {
+            let map = self.functions.read().expect("catalog lock");
+            map.values()
+                .filter(|e| e.fetched.elapsed() >= ttl)
+                .map(|e| (e.value.id.clone(), e.value.clone()))
+                .collect()
+        };
+        let ids: Vec<String> = functions.keys().cloned().collect();
+        let existing = self.store.existing_functions(&ids).await?;
+        for (id, entry) in &functions {
+            if !existing.contains(id) {
+                self.function_gone(entry);
+            }
+        }
+        let names: HashMap<String, String> = {
+            let map = self.functions.read().expect("catalog lock");
+            map.values()
+                .map(|e| (e.value.id.clone(), e.value.name.clone()))
+                .collect()
+        };
+        let aliases: Vec<(String, String)> = {
+            let map = self.aliases.read().expect("catalog lock");
+            map.iter()
+                .filter(|(_, e)| e.fetched.elapsed() >= ttl)
+                .map(|(key, _)| key.clone())
+                .collect()
+        };
+        for (function_id, alias) in aliases {
+            if self.store.get_alias(&function_id, &alias).await?.is_none() {
+                self.aliases
+                    .write()
+                    .expect("catalog lock")
+                    .remove(&(function_id.clone(), alias.clone()));
+                if let Some(function) = names.get(&function_id) {
+                    self.report(Gone::Alias {
+                        function: function.clone(),
+                        alias,
+                    });
+                }
+            }
+        }
+        let versions: Vec<(String, String, u32)> = {
+            let map = self.versions.read().expect("catalog lock");
+            map.iter()
+                .filter(|(_, e)| e.fetched.elapsed() >= ttl)
+                .map(|((id, n), e)| (id.clone(), e.value.function_name.clone(), *n))
+                .collect()
+        };
+        for (function_id, function, version) in versions {
+            if !self.store.has_version(&function_id, version).await? {
+                self.version_gone(&function_id, &function, version);
+            }
+        }
+        Ok(())
+    }
+
     /// Forgets everything cached about a function's draft and aliases (after a change).
     pub fn invalidate(&self, function_id: &str) {
         // Bumped before the entries go: a read that began earlier either sees the new
@@ -238,14 +390,75 @@ impl Catalog {
             .expect("catalog lock")
             .retain(|(id, _), _| id != function_id);
     }
+
+    /// A cached function found deleted: forgotten here, and reported.
+    fn function_gone(&self, function: &FunctionEntry) {
+        self.remove(&function.id);
+        self.report(Gone::Function {
+            id: function.id.clone(),
+            name: function.name.clone(),
+        });
+    }
+
+    /// A cached version found deleted: forgotten here, and reported.
+    fn version_gone(&self, function_id: &str, function: &str, version: u32) {
+        self.forget_version(function_id, version);
+        self.report(Gone::Version {
+            function_id: function_id.to_owned(),
+            function: function.to_owned(),
+            version,
+        });
+    }
+
+    fn report(&self, gone: Gone) {
+        // The engine may be gone itself (shutting down): nothing is left to drop then.
+        let _ = self.gone.send(gone);
+    }
+
+    /// The cached entry, if the store did not answer and it is younger than `stale_ttl`;
+    /// else `error`.
+    fn stale<T>(
+        &self,
+        cached: Option<(Arc<T>, Instant)>,
+        kind: &'static str,
+        error: EngineError,
+    ) -> EngineResult<Arc<T>> {
+        let EngineError::Unavailable(why) = &error else {
+            return Err(error);
+        };
+        let Some((entry, fetched)) = cached else {
+            return Err(error);
+        };
+        if fetched.elapsed() >= self.freshness.stale_ttl {
+            return Err(error);
+        }
+        metrics::metadata_stale(kind);
+        if !self.serving_stale.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "{why}: invocations of functions known here go on with cached metadata up to \
+                 stale_ttl ({} s) old",
+                self.freshness.stale_ttl.as_secs()
+            );
+        }
+        Ok(entry)
+    }
+
+    /// The store answered a re-read.
+    fn answered(&self) {
+        if self.serving_stale.load(Ordering::Relaxed)
+            && self.serving_stale.swap(false, Ordering::Relaxed)
+        {
+            tracing::info!("the metadata store answers again: cached metadata is fresh again");
+        }
+    }
 }
 
-fn fresh<K, Q, T>(map: &RwLock<HashMap<K, Timed<T>>>, key: &Q, ttl: Duration) -> Option<Arc<T>>
+/// An entry and when it was read, however old.
+fn cached<K, Q, T>(map: &RwLock<HashMap<K, Timed<T>>>, key: &Q) -> Option<(Arc<T>, Instant)>
 where
     K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
     Q: std::hash::Hash + Eq + ?Sized,
 {
     let map = map.read().expect("catalog lock");
-    let entry = map.get(key)?;
-    (entry.fetched.elapsed() < ttl).then(|| entry.value.clone())
+    map.get(key).map(|e| (e.value.clone(), e.fetched))
 }

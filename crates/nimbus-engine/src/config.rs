@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::recorder::RetryPolicy;
 pub use crate::snapshots::SnapshotSettings;
 
 /// How the engine runs instances and records invocations.
@@ -25,6 +26,15 @@ pub struct EngineConfig {
     /// How long a cached function or alias may be served before it is re-read
     /// (bounds how stale another server's change can look).
     pub cache_ttl: Duration,
+    /// How old cached metadata may be served while the store does not answer (warm
+    /// invocations of known functions go on through an outage this long).
+    pub stale_ttl: Duration,
+    /// How often this server checks for functions deleted elsewhere (dropping their
+    /// instances and templates here) and purges state and records written late for
+    /// deleted functions.
+    pub purge_interval: Duration,
+    /// How failed writes of invocation records are retried (they wait in the journal).
+    pub record_retry: RetryPolicy,
     /// Largest event or result kept in an invocation record, bytes (larger ones are omitted).
     pub record_payload_limit: usize,
     /// Function-level snapshots.
@@ -43,6 +53,9 @@ impl EngineConfig {
             queue_timeout: Duration::from_secs(10),
             start_timeout: Duration::from_secs(30),
             cache_ttl: Duration::from_secs(1),
+            stale_ttl: Duration::from_secs(600),
+            purge_interval: Duration::from_secs(60),
+            record_retry: RetryPolicy::default(),
             record_payload_limit: 64 * 1024,
             snapshots: SnapshotSettings::default(),
         }

@@ -54,7 +54,7 @@ pub enum EngineError {
     /// No capacity within the queue bound or timeout.
     #[error("{0}")]
     Throttled(String),
-    /// The metadata store is unreachable.
+    /// The metadata store is unreachable or does not answer (`store_unavailable`).
     #[error("{0}")]
     Unavailable(String),
     /// A state operation of the admin API failed (the backend is unreachable, or the key
@@ -115,7 +115,7 @@ impl From<StoreError> for EngineError {
                 code: "not_found",
                 message,
             },
-            StoreError::Backend(message) => {
+            StoreError::Backend(message) | StoreError::Unavailable(message) => {
                 EngineError::Unavailable(format!("metadata store unavailable: {message}"))
             }
             StoreError::Corrupt(message) => {
@@ -169,7 +169,7 @@ impl EngineError {
             EngineError::InvalidCode { .. } => "function_init_failed",
             EngineError::RuntimeUnavailable(_) => "runtime_unavailable",
             EngineError::Throttled(_) => "throttled",
-            EngineError::Unavailable(_) => "service_unavailable",
+            EngineError::Unavailable(_) => "store_unavailable",
             EngineError::State(e) => e.code(),
             EngineError::ShuttingDown => "shutting_down",
             EngineError::Internal(_) => "internal",

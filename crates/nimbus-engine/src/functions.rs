@@ -290,6 +290,7 @@ impl Engine {
     }
 
     /// Deletes a function with its versions, aliases and records, and stops its instances.
+    /// Other servers drop theirs when they learn of it (see [`crate::catalog::Gone`]).
     pub async fn delete_function(&self, reference: &str) -> EngineResult<Function> {
         let function = self.get_function(reference).await?;
         if !self.store.delete_function(&function.id).await? {
@@ -298,6 +299,7 @@ impl Engine {
         self.catalog.remove(&function.id);
         self.pools.remove_function(&function.id);
         self.snapshots.forget(&function.id, None);
+        metrics::retire_function(&function.name);
         // Its state and sessions go with it; a backend that is down now leaves them to
         // expire (the function id is never reused).
         if let Err(e) = self.state.store().purge_function(&function.id).await {

@@ -2,9 +2,11 @@
 //!
 //! Request path: [`Engine::invoke`] → [`catalog`] (function, alias, version; cached) →
 //! [`router`] (alias → version) → [`pool`] (warm instance or a new one) → the worker
-//! protocol (`nimbus_runtime::WorkerConn`) → outcome → [`recorder`] (write-behind).
-//! Function management ([`functions`]) validates, loads new code once, and writes the store;
-//! [`versions`] publishes and deletes versions, [`aliases`] manages the routing tables.
+//! protocol (`nimbus_runtime::WorkerConn`) → outcome → [`recorder`] (journaled, then
+//! written behind). Function management ([`functions`]) validates, loads new code once, and
+//! writes the store; [`versions`] publishes and deletes versions, [`aliases`] manages the
+//! routing tables. Deletions converge across servers: what a server finds deleted elsewhere
+//! it drops ([`catalog::Gone`]), and a periodic pass purges what was written late.
 
 mod affinity;
 pub mod aliases;
@@ -14,9 +16,11 @@ pub mod config;
 pub mod error;
 pub mod functions;
 pub mod invoke;
+mod journal;
 mod launcher;
 pub mod metrics;
 pub mod pool;
+mod purge;
 pub mod recorder;
 pub mod router;
 pub mod snapshot_admin;
@@ -29,7 +33,7 @@ pub mod state_admin;
 pub mod versions;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nimbus_core::Invocation;
@@ -37,6 +41,7 @@ use nimbus_runtime::Runtimes;
 use nimbus_sandbox::Driver;
 use nimbus_state::State;
 use nimbus_store::{InvocationFilter, MetadataStore};
+use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 
 pub use aliases::{AliasPatch, NewAlias, RollbackRequest, RolledBack};
@@ -48,7 +53,7 @@ pub use snapshot_admin::{Cleanup, SnapshotStats, SnapshotView};
 pub use state_admin::{KeyView, SessionView, StateView};
 pub use versions::PublishRequest;
 
-use catalog::Catalog;
+use catalog::{Catalog, Freshness, Gone};
 use code_cache::CodeCache;
 use launcher::Launcher;
 use pool::Pools;
@@ -63,6 +68,10 @@ pub struct Engine {
     pools: Pools,
     snapshots: Arc<Snapshots>,
     recorder: Recorder,
+    /// The recorder's writing task, stopped at shutdown.
+    recorder_task: Mutex<Option<JoinHandle<()>>>,
+    /// When deleted functions are purged next (see [`purge`]).
+    purges: purge::PurgeSchedule,
     code: CodeCache,
     /// Functions' state (SPEC §7) and the session registry.
     state: State,
@@ -74,17 +83,27 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the engine and its background tasks (recorder, idle reaper).
+    /// Starts the engine and its background tasks (recorder, idle reaper, purge pass).
+    /// Fails if the invocation journal (`<data_dir>/records`) cannot be opened.
     pub fn start(
         config: EngineConfig,
         store: Arc<dyn MetadataStore>,
         state: State,
         driver: Arc<dyn Driver>,
         runtimes: Runtimes,
-    ) -> Arc<Engine> {
+    ) -> EngineResult<Arc<Engine>> {
         let config = Arc::new(config);
         let code = CodeCache::new(config.data_dir.join("code"));
-        let (recorder, _task) = Recorder::start(store.clone());
+        let journal = config.data_dir.join("records");
+        let (recorder, recorder_task) =
+            Recorder::start(&journal, Arc::new(store.clone()), config.record_retry).map_err(
+                |e| {
+                    EngineError::Internal(format!(
+                        "opening the invocation journal {}: {e}",
+                        journal.display()
+                    ))
+                },
+            )?;
         let driver_name = driver.name();
         let launcher = Arc::new(Launcher::new(config.clone(), driver, runtimes));
         let snapshots = Snapshots::start(
@@ -93,12 +112,19 @@ impl Engine {
             launcher.clone(),
             config.data_dir.join("snapshots"),
         );
+        let freshness = Freshness {
+            ttl: config.cache_ttl,
+            stale_ttl: config.stale_ttl,
+        };
+        let (catalog, mut gone) = Catalog::new(store.clone(), code.clone(), freshness);
         let engine = Arc::new(Engine {
-            catalog: Catalog::new(store.clone(), code.clone(), config.cache_ttl),
+            catalog,
             driver_name,
             pools: Pools::new(config.clone(), launcher, snapshots.clone()),
             snapshots,
             recorder,
+            recorder_task: Mutex::new(Some(recorder_task)),
+            purges: purge::PurgeSchedule::default(),
             code,
             state,
             store,
@@ -130,7 +156,26 @@ impl Engine {
                 engine.snapshots.sweep().await;
             }
         });
-        engine
+        let weak = Arc::downgrade(&engine);
+        tokio::spawn(async move {
+            while let Some(gone) = gone.recv().await {
+                let Some(engine) = weak.upgrade() else { break };
+                engine.drop_gone(gone);
+            }
+        });
+        let weak = Arc::downgrade(&engine);
+        let every = engine.config.purge_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(engine) = weak.upgrade() else { break };
+                engine.purge().await;
+            }
+        });
+        Ok(engine)
     }
 
     /// Takes over the snapshots an earlier run of this server left: its checkpoints on disk
@@ -146,9 +191,9 @@ impl Engine {
         self.driver_name
     }
 
-    /// Whether the metadata store answers.
+    /// Whether the metadata store answers: its last health check, so this never waits.
     pub async fn ready(&self) -> EngineResult<()> {
-        Ok(self.store.ping().await?)
+        Ok(self.store.available()?)
     }
 
     /// One invocation record. Records are written behind; a miss waits for pending writes.
@@ -221,6 +266,35 @@ impl Engine {
         }
         self.pools.shutdown();
         self.snapshots.shutdown();
-        self.recorder.flush().await;
+        let writer = self.recorder_task.lock().expect("recorder lock").take();
+        match writer {
+            Some(writer) => self.recorder.close(writer).await,
+            None => self.recorder.flush().await,
+        }
+    }
+
+    /// Drops what this server holds for something deleted (here or elsewhere): a
+    /// function's pools, instances, templates and metric series, a version's idle
+    /// instances, templates and series, an alias's series.
+    fn drop_gone(&self, gone: Gone) {
+        match gone {
+            Gone::Function { id, name } => {
+                self.catalog.remove(&id);
+                self.pools.remove_function(&id);
+                self.snapshots.forget(&id, None);
+                metrics::retire_function(&name);
+                tracing::info!(function = %name, %id, "function deleted: its instances and templates here are stopped");
+            }
+            Gone::Version {
+                function_id,
+                function,
+                version,
+            } => {
+                self.pools.retire_version(&function_id, version);
+                self.snapshots.forget(&function_id, Some(version));
+                metrics::retire_version(&function, version);
+            }
+            Gone::Alias { function, alias } => metrics::retire_alias(&function, &alias),
+        }
     }
 }

@@ -1,7 +1,25 @@
 //! The engine's Prometheus metrics. Names and labels are part of the product contract
 //! (SPEC §8); the exporter is installed by the binary.
+//!
+//! Series of functions, aliases and versions that are deleted leave `/metrics`: the
+//! Prometheus exporter cannot remove one series, but it drops counters that go unchanged
+//! for an idle timeout ([`COUNTER_IDLE_TIMEOUT`]). So every counter handed out is kept in
+//! an index ([`Retiring`], a recorder layer in front of the exporter), and the binary calls
+//! [`touch_counters`] every [`TOUCH_EVERY`], which re-registers and bumps (by 0) each
+//! indexed counter: live counters never idle. Deleting a function, alias or version takes
+//! its counters out of the index ([`retire_function`], [`retire_alias`],
+//! [`retire_version`]), so the exporter drops them once they sit unchanged for the idle
+//! timeout; counters of it that appear during [`RETIRED_GRACE`] (an invocation that was
+//! still running) are not indexed again.
 
-use metrics::{counter, gauge, histogram};
+use std::collections::HashSet;
+use std::sync::{LazyLock, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use metrics::{
+    counter, gauge, histogram, Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder,
+    SharedString, Unit,
+};
 use nimbus_core::{Runtime, StartType};
 
 /// `nimbus_invocations_total{function,runtime,status}`.
@@ -53,6 +71,16 @@ pub const SESSION_COUNT: &str = "nimbus_session_count";
 /// `nimbus_session_route_total{result}` (`hit|miss|rebound`): how invocations of functions
 /// with session affinity found their instance.
 pub const SESSION_ROUTE_TOTAL: &str = "nimbus_session_route_total";
+
+/// `nimbus_metadata_stale_total{kind}` (`function|alias|version`): lookups answered from
+/// cached metadata older than `cache_ttl` because the store did not answer.
+pub const METADATA_STALE_TOTAL: &str = "nimbus_metadata_stale_total";
+/// `nimbus_record_write_failures_total`: failed writes of invocation records to the store
+/// (the records wait in the journal and are written later).
+pub const RECORD_WRITE_FAILURES_TOTAL: &str = "nimbus_record_write_failures_total";
+/// `nimbus_records_dropped_total`: invocation records lost because the journal could not
+/// be written and too many already waited in memory.
+pub const RECORDS_DROPPED_TOTAL: &str = "nimbus_records_dropped_total";
 
 /// Registers descriptions so `/metrics` documents each series.
 pub fn describe() {
@@ -126,6 +154,33 @@ pub fn describe() {
         SNAPSHOT_SHARED_RANDOM_TOTAL,
         "Templates refused because instances started from them would share a random generator's output."
     );
+    metrics::describe_counter!(
+        METADATA_STALE_TOTAL,
+        "Lookups answered from cached metadata past cache_ttl because the store did not answer."
+    );
+    metrics::describe_counter!(
+        RECORD_WRITE_FAILURES_TOTAL,
+        "Failed writes of invocation records to the store (the records wait in the journal)."
+    );
+    metrics::describe_counter!(
+        RECORDS_DROPPED_TOTAL,
+        "Invocation records lost: the journal could not be written and memory was full."
+    );
+}
+
+/// Counts one lookup answered from stale metadata (`function`, `alias` or `version`).
+pub fn metadata_stale(kind: &'static str) {
+    counter!(METADATA_STALE_TOTAL, "kind" => kind).increment(1);
+}
+
+/// Counts one failed write of invocation records.
+pub fn record_write_failed() {
+    counter!(RECORD_WRITE_FAILURES_TOTAL).increment(1);
+}
+
+/// Counts one invocation record lost.
+pub fn record_dropped() {
+    counter!(RECORDS_DROPPED_TOTAL).increment(1);
 }
 
 /// Counts and times one state call.
@@ -260,4 +315,147 @@ pub fn invocation_by_version(
         "status" => status
     )
     .increment(1);
+}
+
+/// How long a counter may go unchanged before the exporter drops it; the binary sets it as
+/// the exporter's idle timeout for counters.
+pub const COUNTER_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the binary calls [`touch_counters`] (well within the idle timeout, so a late
+/// tick on a busy server does not drop a live counter).
+pub const TOUCH_EVERY: Duration = Duration::from_secs(2);
+/// How long after a retirement counters of what was retired are not indexed again.
+pub const RETIRED_GRACE: Duration = Duration::from_secs(60);
+
+/// Counters handed out and still live (see the module docs).
+static LIVE: LazyLock<RwLock<HashSet<Key>>> = LazyLock::new(RwLock::default);
+/// What was retired recently, and when.
+static RETIRED: Mutex<Vec<(Retired, Instant)>> = Mutex::new(Vec::new());
+
+/// Series of a deleted function, or of one of its aliases or versions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Retired {
+    function: String,
+    alias: Option<String>,
+    version: Option<String>,
+}
+
+impl Retired {
+    fn matches(&self, key: &Key) -> bool {
+        let label = |name: &str| key.labels().find(|l| l.key() == name).map(|l| l.value());
+        label("function") == Some(self.function.as_str())
+            && self
+                .alias
+                .as_deref()
+                .is_none_or(|a| label("alias") == Some(a))
+            && self
+                .version
+                .as_deref()
+                .is_none_or(|v| label("version") == Some(v))
+    }
+}
+
+/// Takes the counters of a deleted function out of `/metrics`.
+pub fn retire_function(function: &str) {
+    retire(Retired {
+        function: function.to_owned(),
+        alias: None,
+        version: None,
+    });
+}
+
+/// Takes the counters of a deleted alias out of `/metrics`.
+pub fn retire_alias(function: &str, alias: &str) {
+    retire(Retired {
+        function: function.to_owned(),
+        alias: Some(alias.to_owned()),
+        version: None,
+    });
+}
+
+/// Takes the counters of a deleted version out of `/metrics`.
+pub fn retire_version(function: &str, version: u32) {
+    retire(Retired {
+        function: function.to_owned(),
+        alias: None,
+        version: Some(version.to_string()),
+    });
+}
+
+fn retire(retired: Retired) {
+    LIVE.write()
+        .expect("metrics index lock")
+        .retain(|key| !retired.matches(key));
+    let mut recent = RETIRED.lock().expect("metrics index lock");
+    recent.retain(|(_, at)| at.elapsed() < RETIRED_GRACE);
+    recent.push((retired, Instant::now()));
+}
+
+/// Re-registers every live counter and bumps it by 0, so the exporter keeps it (call it
+/// every [`TOUCH_EVERY`]).
+pub fn touch_counters() {
+    static META: Metadata<'static> =
+        Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+    let live: Vec<Key> = LIVE
+        .read()
+        .expect("metrics index lock")
+        .iter()
+        .cloned()
+        .collect();
+    metrics::with_recorder(|recorder| {
+        for key in &live {
+            recorder.register_counter(key, &META).increment(0);
+        }
+    });
+}
+
+/// The recorder layer that indexes counters for [`touch_counters`] (see the module docs).
+#[derive(Debug)]
+pub struct Retiring<R> {
+    inner: R,
+}
+
+impl<R> Retiring<R> {
+    /// `inner`, with its counters indexed.
+    pub fn new(inner: R) -> Self {
+        Retiring { inner }
+    }
+}
+
+impl<R: Recorder> Recorder for Retiring<R> {
+    fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.inner.describe_counter(key, unit, description);
+    }
+
+    fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.inner.describe_gauge(key, unit, description);
+    }
+
+    fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.inner.describe_histogram(key, unit, description);
+    }
+
+    fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
+        let counter = self.inner.register_counter(key, metadata);
+        if !LIVE.read().expect("metrics index lock").contains(key) {
+            let retired = RETIRED
+                .lock()
+                .expect("metrics index lock")
+                .iter()
+                .any(|(r, at)| at.elapsed() < RETIRED_GRACE && r.matches(key));
+            if !retired {
+                LIVE.write()
+                    .expect("metrics index lock")
+                    .insert(key.clone());
+            }
+        }
+        counter
+    }
+
+    fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {
+        self.inner.register_gauge(key, metadata)
+    }
+
+    fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> Histogram {
+        self.inner.register_histogram(key, metadata)
+    }
 }

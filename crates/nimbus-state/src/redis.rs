@@ -59,9 +59,10 @@ const MAX_REGISTERED: usize = 10_000;
 pub struct RedisStore {
     prefix: String,
     link: Link,
-    /// Bucket key prefixes known to be in their function's `buckets` set. (A purge by
-    /// another process leaves entries here stale, which matters only to writes racing the
-    /// deletion of their function.)
+    /// Bucket key prefixes known to be in their function's `buckets` set. A purge by
+    /// another process leaves entries here stale: a write racing the deletion of its
+    /// function then fills a bucket the set no longer names, so `purge_function` clears the
+    /// buckets named here too.
     registered: Mutex<HashSet<String>>,
 }
 
@@ -342,7 +343,7 @@ impl StateStore for RedisStore {
     async fn purge_function(&self, function_id: &str) -> StateResult<()> {
         let base = self.function_base(function_id);
         let set = &format!("{base}buckets");
-        let buckets: Vec<String> = self
+        let mut buckets: Vec<String> = self
             .run(|mut conn| async move {
                 ::redis::cmd("SMEMBERS")
                     .arg(set)
@@ -350,6 +351,13 @@ impl StateStore for RedisStore {
                     .await
             })
             .await?;
+        // Buckets this process wrote to after another one purged them (see `registered`).
+        let own = format!("{}:{{{}:", self.prefix, escape(function_id));
+        for bucket in self.registered.lock().unwrap().iter() {
+            if bucket.starts_with(&own) && !buckets.contains(bucket) {
+                buckets.push(bucket.clone());
+            }
+        }
         // Each bucket is its own slot: clear them one by one, then forget each.
         for bucket in &buckets {
             self.script::<u64>(clear_bucket(bucket, true)).await?;

@@ -22,6 +22,11 @@ static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
 /// How long a SQLite connection waits for another writer before giving up.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a PostgreSQL call waits for a pooled connection (sqlx's default is 30 s). An
+/// outage fails calls sooner (see `guard`); this bounds a pool that is only busy, or a
+/// database that answers the health check but refuses new connections.
+const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Per-connection SQLite settings, run on every new pooled connection. (`journal_mode = WAL`
 /// is a property of the file, set once before the pool opens; see [`connect_sqlite`].)
 const SQLITE_CONNECTION_PRAGMAS: &str =
@@ -117,7 +122,10 @@ async fn connect_postgres(url: &str) -> StoreResult<AnyPool> {
         .await
         .map_err(|e| StoreError::Backend(format!("cannot connect to PostgreSQL: {e}")))?;
     probe.close().await?;
-    Ok(AnyPoolOptions::new().connect(url).await?)
+    Ok(AnyPoolOptions::new()
+        .acquire_timeout(POSTGRES_ACQUIRE_TIMEOUT)
+        .connect(url)
+        .await?)
 }
 
 /// Whether a `sqlite:` URL names an in-memory database (`:memory:` or `mode=memory`).

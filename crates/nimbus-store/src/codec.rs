@@ -127,6 +127,14 @@ fn config(row: &AnyRow) -> StoreResult<FunctionConfig> {
     })
 }
 
+/// A `deleted_functions` row.
+pub(crate) fn deleted_function(row: &AnyRow) -> StoreResult<crate::DeletedFunction> {
+    Ok(crate::DeletedFunction {
+        function_id: text(row, "function_id")?,
+        deleted_at: timestamp(row, "deleted_at")?,
+    })
+}
+
 /// A `functions` row, code included.
 pub(crate) fn function(row: &AnyRow) -> StoreResult<Function> {
     Ok(Function {

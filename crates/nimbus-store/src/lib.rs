@@ -10,13 +10,17 @@
 //! Both backends share one implementation over sqlx's `Any` driver (`sql`): the SQL is
 //! written once in the dialect both databases accept; per-backend differences (URL,
 //! connection setup, migrations, parameter limits) live in `backend`, column conversions
-//! in `codec`.
+//! in `codec`. On PostgreSQL, `guard` makes every call fail fast while the database does
+//! not answer.
 
 mod backend;
 mod codec;
+mod guard;
 mod sql;
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use nimbus_core::{
@@ -37,9 +41,39 @@ pub const DEFAULT_LIST_LIMIT: u32 = 100;
 ///   the URL, e.g. `?options=-c%20search_path%3Dmy_schema` to use a schema other than
 ///   `public` (it must exist; the tables and the migration history are created in it).
 ///
-/// Any other scheme is a [`StoreError::Backend`] naming the accepted ones.
+/// Any other scheme is a [`StoreError::Backend`] naming the accepted ones. Opened with the
+/// default [`StoreOptions`].
 pub async fn open(url: &str) -> StoreResult<Arc<dyn MetadataStore>> {
-    Ok(Arc::new(sql::SqlStore::open(url).await?))
+    open_with(url, &StoreOptions::default()).await
+}
+
+/// [`open`] with `options`. A PostgreSQL store is watched by a health check on a
+/// connection of its own (see [`StoreOptions::timeout`]); while the database does not
+/// answer it, every call fails at once with [`StoreError::Unavailable`], and calls already
+/// waiting on it fail too. SQLite, a local file, is not watched.
+pub async fn open_with(url: &str, options: &StoreOptions) -> StoreResult<Arc<dyn MetadataStore>> {
+    let store = sql::SqlStore::open(url).await?;
+    Ok(match store.dialect() {
+        backend::Dialect::Sqlite => Arc::new(store),
+        backend::Dialect::Postgres => Arc::new(guard::Guarded::start(store, url, options.timeout)),
+    })
+}
+
+/// How a store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// The longest the database may take to answer a health check (`SELECT 1` on its own
+    /// connection, every quarter of this) before it counts as unavailable: calls then fail
+    /// within this bound instead of waiting for the database (default 1 s).
+    pub timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            timeout: Duration::from_secs(1),
+        }
+    }
 }
 
 /// What can go wrong in a store call.
@@ -54,9 +88,13 @@ pub enum StoreError {
     /// Stored data could not be read back (corrupt row, unknown enum value).
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
-    /// The database failed or is unreachable.
+    /// The database failed.
     #[error("database error: {0}")]
     Backend(String),
+    /// The database cannot be reached or does not answer (refused connections, no
+    /// connection within the pool's bound, a failed or late health check).
+    #[error("{0}")]
+    Unavailable(String),
     /// The alias a change names does not exist.
     #[error("alias {alias:?} not found")]
     AliasNotFound {
@@ -114,18 +152,53 @@ fn missing_versions_message(versions: &[u32]) -> String {
 
 impl From<sqlx::Error> for StoreError {
     /// Unique violations become [`StoreError::Conflict`], values that do not decode
-    /// [`StoreError::Corrupt`], everything else [`StoreError::Backend`].
+    /// [`StoreError::Corrupt`], failures to reach the database and refusals that go away by
+    /// themselves (see [`is_transient`]) [`StoreError::Unavailable`], everything else
+    /// [`StoreError::Backend`].
     fn from(error: sqlx::Error) -> Self {
         match &error {
             sqlx::Error::Database(db) if db.is_unique_violation() => {
                 StoreError::Conflict(db.message().to_string())
             }
+            sqlx::Error::Database(db) if is_transient(db.as_ref()) => {
+                StoreError::Unavailable(error.to_string())
+            }
             sqlx::Error::ColumnDecode { .. }
             | sqlx::Error::Decode(_)
             | sqlx::Error::ColumnNotFound(_) => StoreError::Corrupt(error.to_string()),
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(error.to_string()),
             _ => StoreError::Backend(error.to_string()),
         }
     }
+}
+
+/// Whether the database refused a statement for a reason that goes away by itself, so that
+/// the same statement succeeds later: PostgreSQL's connection exceptions (SQLSTATE class
+/// 08), insufficient resources (53), operator intervention (57: shutting down, starting
+/// up, cancelled) and transaction rollbacks (40: serialization failures, deadlocks);
+/// SQLite's busy and locked.
+fn is_transient(error: &dyn sqlx::error::DatabaseError) -> bool {
+    if let Some(pg) = error.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        return ["08", "53", "57", "40"].contains(&&pg.code()[..2]);
+    }
+    if error
+        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+        .is_some()
+    {
+        // Extended result codes keep the primary one in their low byte.
+        const BUSY: i64 = 5;
+        const LOCKED: i64 = 6;
+        let primary = error
+            .code()
+            .and_then(|code| code.parse::<i64>().ok())
+            .map(|code| code & 0xff);
+        return matches!(primary, Some(BUSY | LOCKED));
+    }
+    false
 }
 
 /// Result of store calls.
@@ -194,11 +267,26 @@ pub struct InvocationFilter {
     pub limit: u32,
 }
 
+/// A function deleted recently (see [`MetadataStore::deleted_functions`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeletedFunction {
+    /// Its id (never given to another function).
+    pub function_id: String,
+    /// When it was deleted.
+    pub deleted_at: OffsetDateTime,
+}
+
 /// The metadata store. Every method is one transaction: it happens whole or not at all.
 #[async_trait]
 pub trait MetadataStore: Send + Sync + 'static {
     /// Backend name (`sqlite`, `postgres`), for logs.
     fn backend(&self) -> &'static str;
+
+    /// `Ok` while the store answers its health checks; otherwise
+    /// [`StoreError::Unavailable`] saying why, at once (no round trip).
+    fn available(&self) -> StoreResult<()> {
+        Ok(())
+    }
 
     /// Inserts a new function with its version 1 and alias `latest` → 1.
     /// `Conflict` if the name is taken.
@@ -246,8 +334,24 @@ pub trait MetadataStore: Send + Sync + 'static {
     ) -> StoreResult<Published>;
 
     /// Deletes the function with its versions, aliases (and their history), invocation
-    /// records and snapshot rows. False if absent.
+    /// records and snapshot rows, and remembers it as deleted (see
+    /// [`MetadataStore::deleted_functions`]). False if absent.
     async fn delete_function(&self, function_id: &str) -> StoreResult<bool>;
+
+    /// Functions deleted and not yet forgotten, oldest first. Records of them written after
+    /// the deletion (by servers that ran them meanwhile) are not kept, and
+    /// [`MetadataStore::purge_deleted_function`] removes any that raced it.
+    async fn deleted_functions(&self) -> StoreResult<Vec<DeletedFunction>>;
+
+    /// Deletes the invocation records of a deleted function written since its deletion;
+    /// returns how many. Nothing for a function not remembered as deleted.
+    async fn purge_deleted_function(&self, function_id: &str) -> StoreResult<u64>;
+
+    /// Forgets the deleted functions deleted before `before`; returns how many.
+    async fn forget_deleted_functions(&self, before: OffsetDateTime) -> StoreResult<u64>;
+
+    /// Which of `function_ids` exist (a cheap check that loads no code).
+    async fn existing_functions(&self, function_ids: &[String]) -> StoreResult<HashSet<String>>;
 
     /// One version, code included.
     async fn get_version(
@@ -338,8 +442,12 @@ pub trait MetadataStore: Send + Sync + 'static {
         offset: u32,
     ) -> StoreResult<Page<FunctionAlias>>;
 
-    /// Inserts a batch of invocation records in one transaction; a record whose
-    /// request_id exists already replaces it (so a pending record can be completed).
+    /// Inserts a batch of invocation records in one transaction. A record whose request_id
+    /// exists already replaces it only while the stored one is unfinished (no
+    /// `completed_at`): a pending record can be completed, and writing a batch again (a
+    /// replay) changes nothing. Records of functions deleted (see
+    /// [`MetadataStore::deleted_functions`]) are left out. NUL characters in logs are
+    /// stored as U+FFFD.
     async fn record_invocations(&self, records: &[Invocation]) -> StoreResult<()>;
 
     /// One invocation record.
@@ -418,6 +526,54 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Deletes a snapshot's row (its files are the caller's to remove). False if absent.
     async fn delete_snapshot(&self, id: &str) -> StoreResult<bool>;
 
-    /// Cheap liveness check of the connection (used by `GET /ready`).
+    /// Cheap liveness check: a round trip through the pool.
     async fn ping(&self) -> StoreResult<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{Connection, Executor};
+
+    use super::*;
+
+    const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+    /// A refusal that goes away by itself is `Unavailable` (retried, served stale around),
+    /// one that would come back the same is not.
+    #[tokio::test]
+    async fn transient_refusals_are_unavailable_and_others_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}?mode=rwc", dir.path().join("x.db").display());
+        let mut holder = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        holder
+            .execute("CREATE TABLE t (n INTEGER); BEGIN EXCLUSIVE")
+            .await
+            .unwrap();
+        let mut writer = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        writer.execute("PRAGMA busy_timeout = 0").await.unwrap();
+        let busy = writer
+            .execute("INSERT INTO t VALUES (1)")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(StoreError::from(busy), StoreError::Unavailable(_)),
+            "SQLite busy"
+        );
+
+        let url = std::env::var("NIMBUS_TEST_DATABASE_URL").unwrap_or_else(|_| POSTGRES_URL.into());
+        let mut pg = sqlx::PgConnection::connect(&url).await.unwrap();
+        let refused = pg.execute("SELECT 1 / 0").await.unwrap_err();
+        assert!(
+            matches!(StoreError::from(refused), StoreError::Backend(_)),
+            "division by zero"
+        );
+        let cancelled = pg
+            .execute("SET statement_timeout = 1; SELECT pg_sleep(1)")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(StoreError::from(cancelled), StoreError::Unavailable(_)),
+            "a cancelled statement (57014)"
+        );
+    }
 }

@@ -10,7 +10,7 @@
 //! transaction here starts with its write: concurrent writers then wait on the busy
 //! timeout instead of failing on a lock upgrade.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
@@ -27,8 +27,8 @@ use time::OffsetDateTime;
 use crate::backend::{self, Dialect};
 use crate::codec::{self, millis, to_bigint, to_json};
 use crate::{
-    AliasChange, AliasWrite, InvocationFilter, MetadataStore, Page, Published, RollbackTarget,
-    StoreError, StoreResult, DEFAULT_LIST_LIMIT,
+    AliasChange, AliasWrite, DeletedFunction, InvocationFilter, MetadataStore, Page, Published,
+    RollbackTarget, StoreError, StoreResult, DEFAULT_LIST_LIMIT,
 };
 
 type AnyQuery<'q> = Query<'q, Any, AnyArguments<'q>>;
@@ -314,6 +314,11 @@ impl SqlStore {
         tracing::debug!(backend = dialect.name(), "metadata store opened");
         Ok(SqlStore { pool, dialect })
     }
+
+    /// The database behind it.
+    pub(crate) fn dialect(&self) -> Dialect {
+        self.dialect
+    }
 }
 
 /// Binds the configuration a version freezes and its code, in the column order
@@ -373,15 +378,60 @@ fn bind_invocation<'q>(query: AnyQuery<'q>, record: &'q Invocation) -> StoreResu
         .bind(record.completed_at.map(millis))
         .bind(record.duration_ms)
         .bind(record.memory_used_mb.map(i64::from))
-        .bind(record.logs.as_str()))
+        .bind(storable_text(&record.logs)))
+}
+
+/// `text` with NUL characters replaced by U+FFFD: PostgreSQL refuses them in text columns,
+/// and a function's output (its logs) may hold anything.
+fn storable_text(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
 }
 
 fn invocation_columns() -> impl Iterator<Item = &'static str> + Clone {
     invocation_columns!().split(',').map(str::trim)
 }
 
+/// `… IN (` completed by [`ids_in`]: which of some function ids are deleted ones.
+const DELETED_AMONG: &str = "SELECT function_id FROM deleted_functions WHERE function_id IN (";
+/// `… IN (` completed by [`ids_in`]: which of some function ids exist.
+const EXISTING_AMONG: &str = "SELECT id FROM functions WHERE id IN (";
+
+/// Runs `select` (a statement ending in `IN (`) over `ids`, in statements within the
+/// parameter limit; the ids it returns.
+async fn ids_in(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    select: &str,
+    ids: &[&str],
+) -> StoreResult<HashSet<String>> {
+    let mut found = HashSet::new();
+    for chunk in ids.chunks(dialect.max_bind_params()) {
+        let mut sql = select.to_owned();
+        push_placeholders(dialect, &mut sql, chunk.len());
+        sql.push(')');
+        let mut query = sqlx::query(&sql).persistent(false);
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            found.insert(row.try_get::<String, _>(0)?);
+        }
+    }
+    Ok(found)
+}
+
+/// Appends `n` bind parameters, comma-separated, numbered from 1.
+fn push_placeholders(dialect: Dialect, sql: &mut String, n: usize) {
+    for i in 1..=n {
+        if i > 1 {
+            sql.push_str(", ");
+        }
+        dialect.push_placeholder(sql, i);
+    }
+}
+
 /// `INSERT INTO invocations … VALUES (…), (…) … ON CONFLICT (request_id) DO UPDATE` for
-/// `rows` records, every column replaced on conflict.
+/// `rows` records, every column replaced on conflict unless the stored record is finished.
 fn upsert_invocations_sql(dialect: Dialect, rows: usize) -> String {
     let columns = invocation_columns().count();
     let mut sql = String::with_capacity(800 + rows * columns * 7);
@@ -406,6 +456,7 @@ fn upsert_invocations_sql(dialect: Dialect, rows: usize) -> String {
         .map(|column| format!("{column} = excluded.{column}"))
         .collect();
     sql.push_str(&updates.join(", "));
+    sql.push_str(" WHERE invocations.completed_at IS NULL");
     sql
 }
 
@@ -938,8 +989,56 @@ impl MetadataStore for SqlStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+        sqlx::query(
+            "INSERT INTO deleted_functions (function_id, deleted_at) VALUES ($1, $2) \
+             ON CONFLICT (function_id) DO NOTHING",
+        )
+        .bind(function_id)
+        .bind(millis(OffsetDateTime::now_utc()))
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(deleted > 0)
+    }
+
+    async fn deleted_functions(&self) -> StoreResult<Vec<DeletedFunction>> {
+        let rows = sqlx::query(
+            "SELECT function_id, deleted_at FROM deleted_functions \
+             ORDER BY deleted_at, function_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(codec::deleted_function).collect()
+    }
+
+    async fn purge_deleted_function(&self, function_id: &str) -> StoreResult<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM invocations WHERE function_id = $1 \
+             AND EXISTS (SELECT 1 FROM deleted_functions WHERE function_id = $1)",
+        )
+        .bind(function_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    async fn forget_deleted_functions(&self, before: OffsetDateTime) -> StoreResult<u64> {
+        Ok(
+            sqlx::query("DELETE FROM deleted_functions WHERE deleted_at < $1")
+                .bind(millis(before))
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
+    }
+
+    async fn existing_functions(&self, function_ids: &[String]) -> StoreResult<HashSet<String>> {
+        if function_ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let ids: Vec<&str> = function_ids.iter().map(String::as_str).collect();
+        let mut conn = self.pool.acquire().await?;
+        ids_in(&mut conn, self.dialect, EXISTING_AMONG, &ids).await
     }
 
     async fn get_version(
@@ -1268,6 +1367,26 @@ impl MetadataStore for SqlStore {
             }
             query.execute(&mut *tx).await?;
         }
+        // Records of functions deleted meanwhile (run by a server that had not learned of
+        // it yet, or replayed after an outage) are not kept: nothing could reach them. (After
+        // the writes, which take SQLite's write lock first.)
+        let mut functions: Vec<&str> = records.iter().map(|r| r.function_id.as_str()).collect();
+        functions.sort_unstable();
+        functions.dedup();
+        // Looked up first (by key, in a table that is mostly empty), so that the usual batch,
+        // with no deleted function, deletes nothing and scans no records.
+        let deleted = ids_in(&mut tx, self.dialect, DELETED_AMONG, &functions).await?;
+        let deleted: Vec<&str> = deleted.iter().map(String::as_str).collect();
+        for chunk in deleted.chunks(self.dialect.max_bind_params()) {
+            let mut sql = String::from("DELETE FROM invocations WHERE function_id IN (");
+            push_placeholders(self.dialect, &mut sql, chunk.len());
+            sql.push(')');
+            let mut query = sqlx::query(&sql).persistent(false);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            query.execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -1473,7 +1592,7 @@ mod tests {
              start_type = excluded.start_type, instance_id = excluded.instance_id, \
              started_at = excluded.started_at, completed_at = excluded.completed_at, \
              duration_ms = excluded.duration_ms, memory_used_mb = excluded.memory_used_mb, \
-             logs = excluded.logs"
+             logs = excluded.logs WHERE invocations.completed_at IS NULL"
         ));
 
         let sql = upsert_invocations_sql(Dialect::Sqlite, 2);

@@ -165,7 +165,11 @@ conformance!(
         record_invocations_batch_then_get_and_list,
         record_invocations_crosses_statement_chunks,
         upsert_replaces_a_pending_record,
+        a_finished_record_is_never_replaced,
+        logs_with_nul_characters_are_stored,
         delete_cascades_to_versions_aliases_history_and_invocations,
+        deleted_functions_keep_no_late_records,
+        existing_functions_are_told_from_missing_ones,
         // Aliases and versions
         create_alias_returns_the_alias_as_stored,
         create_alias_refuses_taken_names_missing_versions_and_unknown_functions,
@@ -200,6 +204,7 @@ conformance!(
     ],
     with_url: [
         reopening_keeps_data_and_reapplies_nothing,
+        records_that_raced_a_deletion_are_purged,
         corrupt_rows_are_reported_as_corrupt,
     ],
 );
@@ -1548,6 +1553,59 @@ async fn upsert_replaces_a_pending_record(store: &dyn MetadataStore) {
             .await
             .unwrap(),
         newest_first(&[done, failed])
+    );
+}
+
+/// Writing a batch again (a journal replayed after a crash) changes nothing: a record that
+/// is finished stays as it was stored, even if a pending state of it comes after.
+async fn a_finished_record_is_never_replaced(store: &dyn MetadataStore) {
+    let (function, _) = create(store, "replayed").await;
+    let base = nimbus_core::now();
+    let pending = invocation(&function, 3, base);
+    let done = Invocation {
+        status: InvocationStatus::Success,
+        completed_at: Some(pending.started_at + Duration::from_millis(5)),
+        duration_ms: Some(5.0),
+        ..pending.clone()
+    };
+    store
+        .record_invocations(&[pending.clone(), done.clone()])
+        .await
+        .unwrap();
+    store
+        .record_invocations(std::slice::from_ref(&pending))
+        .await
+        .unwrap();
+    let other_end = Invocation {
+        status: InvocationStatus::Error,
+        ..done.clone()
+    };
+    store
+        .record_invocations(&[pending.clone(), other_end])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_invocation(&pending.request_id).await.unwrap(),
+        Some(done)
+    );
+}
+
+/// A function may print anything; PostgreSQL takes no NUL in text, so a record whose logs
+/// hold one was refused (and, retried, held up every record after it).
+async fn logs_with_nul_characters_are_stored(store: &dyn MetadataStore) {
+    let (function, _) = create(store, "binary-output").await;
+    let record = Invocation {
+        logs: "before\0after\n".into(),
+        ..invocation(&function, 0, nimbus_core::now())
+    };
+    store
+        .record_invocations(std::slice::from_ref(&record))
+        .await
+        .unwrap();
+    let stored = store.get_invocation(&record.request_id).await.unwrap();
+    assert_eq!(
+        stored.map(|r| r.logs),
+        Some("before\u{FFFD}after\n".to_owned())
     );
 }
 
@@ -3474,9 +3532,9 @@ async fn reopening_keeps_data_and_reapplies_nothing(store: &dyn MetadataStore, u
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    // 0001_init, 0002_alias_history, 0003_network, 0004_snapshots, 0005_state_config and
-    // 0006_snapshot_history, each once.
-    assert_eq!(applied, 6);
+    // 0001_init, 0002_alias_history, 0003_network, 0004_snapshots, 0005_state_config,
+    // 0006_snapshot_history and 0007_deleted_functions, each once.
+    assert_eq!(applied, 7);
 }
 
 async fn corrupt_rows_are_reported_as_corrupt(store: &dyn MetadataStore, url: &str) {
@@ -3612,6 +3670,114 @@ async fn raw_connection(url: &str) -> sqlx::AnyConnection {
     sqlx::AnyConnection::connect(url)
         .await
         .expect("raw connection")
+}
+
+/// A deleted function is remembered: records written for it afterwards (by a server that
+/// ran it meanwhile, or replayed from a journal) are not kept, in a batch with others that
+/// are; and it is forgotten when asked.
+async fn deleted_functions_keep_no_late_records(store: &dyn MetadataStore) {
+    let (doomed, _) = create(store, "doomed").await;
+    let (kept, _) = create(store, "kept").await;
+    let before = nimbus_core::now();
+    assert!(store.delete_function(&doomed.id).await.unwrap());
+    let deleted = store.deleted_functions().await.unwrap();
+    assert_eq!(deleted.len(), 1, "{deleted:?}");
+    assert_eq!(deleted[0].function_id, doomed.id);
+    let at = deleted[0].deleted_at;
+    assert!(at >= before - Duration::from_secs(1), "{at} vs {before}");
+    assert!(at <= nimbus_core::now() + Duration::from_secs(1), "{at}");
+
+    let late = invocation(&doomed, 0, before);
+    let live = invocation(&kept, 0, before);
+    store
+        .record_invocations(&[late.clone(), live.clone()])
+        .await
+        .unwrap();
+    assert_eq!(store.get_invocation(&late.request_id).await.unwrap(), None);
+    assert_eq!(
+        store.get_invocation(&live.request_id).await.unwrap(),
+        Some(live.clone())
+    );
+    // Purging a function that is not deleted removes nothing.
+    assert_eq!(store.purge_deleted_function(&kept.id).await.unwrap(), 0);
+    assert!(store
+        .get_invocation(&live.request_id)
+        .await
+        .unwrap()
+        .is_some());
+
+    assert_eq!(
+        store
+            .forget_deleted_functions(at - Duration::from_secs(1))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .forget_deleted_functions(at + Duration::from_secs(1))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.deleted_functions().await.unwrap(), vec![]);
+}
+
+async fn existing_functions_are_told_from_missing_ones(store: &dyn MetadataStore) {
+    let (a, _) = create(store, "here").await;
+    let (b, _) = create(store, "also-here").await;
+    let (gone, _) = create(store, "gone").await;
+    assert!(store.delete_function(&gone.id).await.unwrap());
+    let asked = [
+        a.id.clone(),
+        gone.id.clone(),
+        "fn_never".into(),
+        b.id.clone(),
+    ];
+    let existing = store.existing_functions(&asked).await.unwrap();
+    assert_eq!(existing, [a.id, b.id].into_iter().collect());
+    assert!(store.existing_functions(&[]).await.unwrap().is_empty());
+}
+
+/// A record that was written as its function was being deleted on another connection (a
+/// race the insert's check cannot close) is removed by the purge.
+async fn records_that_raced_a_deletion_are_purged(store: &dyn MetadataStore, url: &str) {
+    let (doomed, _) = create(store, "raced").await;
+    let (kept, _) = create(store, "bystander").await;
+    let base = nimbus_core::now();
+    let raced = invocation(&doomed, 0, base);
+    let live = invocation(&kept, 0, base);
+    assert!(store.delete_function(&doomed.id).await.unwrap());
+    // Written as if the check ran before the deletion committed.
+    let mut conn = raw_connection(url).await;
+    sqlx::query(
+        "INSERT INTO invocations (request_id, function_id, function_name, version, \
+         trigger_kind, status, started_at, logs) VALUES ($1, $2, 'raced', 1, 'http', \
+         'success', 0, '')",
+    )
+    .bind(&raced.request_id)
+    .bind(&doomed.id)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    store
+        .record_invocations(std::slice::from_ref(&live))
+        .await
+        .unwrap();
+    assert!(store
+        .get_invocation(&raced.request_id)
+        .await
+        .unwrap()
+        .is_some());
+
+    assert_eq!(store.purge_deleted_function(&doomed.id).await.unwrap(), 1);
+    assert_eq!(store.get_invocation(&raced.request_id).await.unwrap(), None);
+    assert!(store
+        .get_invocation(&live.request_id)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(store.purge_deleted_function(&doomed.id).await.unwrap(), 0);
 }
 
 // ---------------------------------------------------------------------------------------

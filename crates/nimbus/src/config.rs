@@ -101,6 +101,15 @@ pub struct ServerConfig {
     pub start_timeout_sec: u64,
     /// Milliseconds cached metadata is trusted (bounds cross-server staleness).
     pub cache_ttl_ms: u64,
+    /// Milliseconds cached metadata may still be served while the metadata store does not
+    /// answer (warm invocations of known functions go on through an outage this long).
+    pub stale_ttl_ms: u64,
+    /// Milliseconds the metadata store (PostgreSQL) may take to answer a health check
+    /// before calls that need it fail at once with 503 `store_unavailable`.
+    pub store_timeout_ms: u64,
+    /// Seconds between passes that drop what this server holds of functions deleted
+    /// elsewhere and purge state and records written late for deleted functions.
+    pub purge_interval_sec: u64,
     /// Seconds a stopping server waits for running invocations before stopping instances.
     pub shutdown_grace_sec: u64,
     /// Function-level snapshots (`[snapshots]`).
@@ -285,6 +294,9 @@ impl Default for ServerConfig {
             queue_timeout_ms: engine.queue_timeout.as_millis() as u64,
             start_timeout_sec: engine.start_timeout.as_secs(),
             cache_ttl_ms: engine.cache_ttl.as_millis() as u64,
+            stale_ttl_ms: engine.stale_ttl.as_millis() as u64,
+            store_timeout_ms: nimbus_store::StoreOptions::default().timeout.as_millis() as u64,
+            purge_interval_sec: engine.purge_interval.as_secs(),
             shutdown_grace_sec: 30,
             snapshots: SnapshotsConfig::default(),
             http: HttpConfig::default(),
@@ -371,8 +383,18 @@ impl ServerConfig {
             queue_timeout: Duration::from_millis(self.queue_timeout_ms),
             start_timeout: Duration::from_secs(self.start_timeout_sec),
             cache_ttl: Duration::from_millis(self.cache_ttl_ms),
+            stale_ttl: Duration::from_millis(self.stale_ttl_ms),
+            purge_interval: Duration::from_secs(self.purge_interval_sec.max(1)),
             snapshots: self.snapshots.settings(),
             ..EngineConfig::new(self.data_dir.clone())
+        }
+    }
+
+    /// How the metadata store is opened.
+    pub fn store(&self) -> nimbus_store::StoreOptions {
+        nimbus_store::StoreOptions {
+            // A check every quarter of it must be possible.
+            timeout: Duration::from_millis(self.store_timeout_ms.max(20)),
         }
     }
 
@@ -429,6 +451,7 @@ mod tests {
         std::fs::write(
             &path,
             "listen = \"127.0.0.1:9000\"\nidle_timeout_sec = 5\nqueue_depth = 7\n\
+             stale_ttl_ms = 5000\nstore_timeout_ms = 400\npurge_interval_sec = 7\n\
              [http]\nmax_connections = 40\nheader_timeout_sec = 3\n",
         )
         .unwrap();
@@ -456,6 +479,10 @@ mod tests {
         assert_eq!(c.http.keepalive_timeout_sec, 75);
         assert_eq!(c.queue_depth, 7);
         assert_eq!(c.idle_timeout_sec, 9);
+        let engine = c.engine();
+        assert_eq!(engine.stale_ttl, Duration::from_secs(5));
+        assert_eq!(engine.purge_interval, Duration::from_secs(7));
+        assert_eq!(c.store().timeout, Duration::from_millis(400));
         assert_eq!(
             c.database_url,
             format!("sqlite:{}", dir.path().join("nimbus.db").display())

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 use nimbus_api::{ApiKeys, AppState};
+use nimbus_engine::metrics as engine_metrics;
 use nimbus_engine::{Engine, NewFunction};
 use nimbus_runtime::{RuntimeSettings, Runtimes};
 use nimbus_sandbox::checkpoint::Criu;
@@ -60,7 +62,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     tracing::info!("configuration:\n{}", config.redacted());
 
     let metrics = install_metrics()?;
-    let store = nimbus_store::open(&config.database_url)
+    let store = nimbus_store::open_with(&config.database_url, &config.store())
         .await
         .with_context(|| "opening the metadata store")?;
     let runtimes = Runtimes::discover(
@@ -79,7 +81,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         Some(isolation) => with_disk_tier(ProcessDriver::isolated(isolation.clone()), &config),
         None => ProcessDriver::new(),
     };
-    let engine = Engine::start(config.engine(), store, state, Arc::new(driver), runtimes);
+    let engine = Engine::start(config.engine(), store, state, Arc::new(driver), runtimes)?;
     engine.recover_snapshots().await;
     tracing::info!(store = %config.database_url.split(':').next().unwrap_or(""), driver = engine.driver_name(), "engine started");
 
@@ -274,21 +276,30 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Installs the Prometheus recorder with the duration buckets the product documents.
+/// Installs the Prometheus recorder with the duration buckets the product documents, behind
+/// the engine's layer that lets series of deleted functions, aliases and versions go (see
+/// `nimbus_engine::metrics`).
 fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     let buckets = [
         0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0,
         5000.0, 10000.0, 30000.0,
     ];
-    let handle = PrometheusBuilder::new()
+    let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_ms".into()), &buckets)?
-        .install_recorder()
-        .context("installing the metrics recorder")?;
+        .idle_timeout(
+            MetricKindMask::COUNTER,
+            Some(engine_metrics::COUNTER_IDLE_TIMEOUT),
+        )
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(engine_metrics::Retiring::new(recorder))
+        .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
     let upkeep = handle.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut tick = tokio::time::interval(engine_metrics::TOUCH_EVERY);
         loop {
             tick.tick().await;
+            engine_metrics::touch_counters();
             upkeep.run_upkeep();
         }
     });

@@ -35,6 +35,7 @@ pub async fn harness(tune: impl FnOnce(&mut EngineConfig)) -> Harness {
         state,
         Arc::new(ProcessDriver::new()),
         runtimes,
-    );
+    )
+    .unwrap();
     Harness { engine, _dir: dir }
 }

@@ -70,6 +70,18 @@ impl Server {
                 )
             }
         };
+        Self::start_on(dir, database_url, schema, toml, args).await
+    }
+
+    /// A server on the metadata store at `database_url` (owning `schema`, dropped with it),
+    /// its data in `dir`.
+    pub async fn start_on(
+        dir: tempfile::TempDir,
+        database_url: String,
+        schema: Option<String>,
+        toml: &str,
+        args: &[&str],
+    ) -> Server {
         std::fs::write(dir.path().join("nimbus.toml"), toml).unwrap();
         let mut server = Server {
             child: Command::new("true").spawn().unwrap(),
@@ -92,6 +104,11 @@ impl Server {
     /// A second server on the same metadata database (its own data directory), as another
     /// node of a fleet. The schema stays owned by `self`.
     pub async fn start_peer(&self) -> Server {
+        self.start_peer_with("", &[]).await
+    }
+
+    /// [`Server::start_peer`] with its own `nimbus.toml` and arguments.
+    pub async fn start_peer_with(&self, toml: &str, args: &[&str]) -> Server {
         let mut peer = Server {
             child: Command::new("true").spawn().unwrap(),
             base: String::new(),
@@ -100,10 +117,10 @@ impl Server {
             database_url: self.database_url.clone(),
             schema: None,
             key: self.key.clone(),
-            args: Vec::new(),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
-        std::fs::write(peer.dir.path().join("nimbus.toml"), "").unwrap();
-        peer.spawn(&[]).await;
+        std::fs::write(peer.dir.path().join("nimbus.toml"), toml).unwrap();
+        peer.spawn(args).await;
         peer
     }
 
