@@ -138,6 +138,12 @@ impl FromStr for Handler {
         if !module.split('.').all(is_identifier) {
             return Err(bad("the module path must be identifiers separated by '.'"));
         }
+        if module.split('.').count() > crate::limits::MAX_HANDLER_MODULE_DEPTH {
+            return Err(bad(&format!(
+                "the module path has more than {} modules",
+                crate::limits::MAX_HANDLER_MODULE_DEPTH
+            )));
+        }
         if !is_identifier(function) {
             return Err(bad("the function name must be an identifier"));
         }
@@ -491,6 +497,22 @@ mod tests {
         ] {
             assert!(bad.parse::<Handler>().is_err(), "{bad} accepted");
         }
+        // Module paths as deep as the limit, not deeper.
+        let path = |depth: usize| {
+            let modules: Vec<String> = (0..depth).map(|i| format!("m{i}")).collect();
+            format!("{}.handle", modules.join("."))
+        };
+        let deepest: Handler = path(crate::limits::MAX_HANDLER_MODULE_DEPTH)
+            .parse()
+            .unwrap();
+        assert_eq!(deepest.module().split('.').count(), 10);
+        let error = path(crate::limits::MAX_HANDLER_MODULE_DEPTH + 1)
+            .parse::<Handler>()
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("more than 10 modules"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub const MAX_ENV_VALUE_BYTES: usize = 4096;
 /// answer that wraps such a value, and far below what the Python (≈ 990) and Node.js
 /// workers decode.
 pub const MAX_JSON_DEPTH: usize = 100;
+/// Most modules in a handler's module path (`a.b.c.handle`: 3). CPython imports nested
+/// namespace packages in time that doubles with each level past about a dozen (20 levels:
+/// about a second; 26: over a minute); real package paths stay well under this.
+pub const MAX_HANDLER_MODULE_DEPTH: usize = 10;
 /// Most aliases of one function, `latest` included.
 pub const MAX_ALIASES_PER_FUNCTION: usize = 100;
 /// Longest name of one file or directory in a code bundle, bytes (Linux's `NAME_MAX`).
