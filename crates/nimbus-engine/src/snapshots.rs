@@ -433,8 +433,8 @@ impl Snapshots {
 
     /// A start of `version` that found no template resident: if the template is being built
     /// or restored and waiting beats a cold start (see [`StartEstimates`]), waits until
-    /// that ends (or for twice what is left of it and a second more, at most the start
-    /// timeout). True if it waited: the caller looks for the template again.
+    /// that ends (for as long as the estimates allow, at most the start timeout). True if
+    /// it waited: the caller looks for the template again.
     pub(crate) async fn wait_pending(&self, version: &VersionEntry) -> bool {
         if !self.settings.enabled {
             return false;
@@ -445,12 +445,12 @@ impl Snapshots {
             Some(Entry::Restoring(_, pending)) => (pending.clone(), Underway::Restore),
             _ => return false,
         };
-        let left = self.estimates.lock().expect("estimates lock").wait_for(
+        let patience = self.estimates.lock().expect("estimates lock").wait_for(
             &key,
             underway,
             pending.since.elapsed(),
         );
-        let Some(left) = left else {
+        let Some(patience) = patience else {
             return false;
         };
         let notified = pending.done.notified();
@@ -461,7 +461,7 @@ impl Snapshots {
             Some(Entry::Building(p) | Entry::Restoring(_, p)) if Arc::ptr_eq(&p.done, &pending.done)
         );
         if still {
-            let patience = (left * 2 + Duration::from_secs(1)).min(self.launcher.start_timeout());
+            let patience = patience.min(self.launcher.start_timeout());
             let _ = tokio::time::timeout(patience, notified).await;
         }
         true
@@ -636,6 +636,14 @@ impl Snapshots {
     async fn build(&self, version: &Arc<VersionEntry>, done: &Arc<Notify>) {
         let key = key_of(version);
         let started = Instant::now();
+        // Starts that wait for it weigh what is left of the build, not of its queueing.
+        if let Some(Entry::Building(pending)) =
+            self.entries.lock().expect("snapshots lock").get_mut(&key)
+        {
+            if Arc::ptr_eq(&pending.done, done) {
+                pending.since = started;
+            }
+        }
         let new = self.new_snapshot(version);
         let row = match self.store.begin_snapshot(&new).await {
             Ok((row, true)) => row,
@@ -745,10 +753,9 @@ impl Snapshots {
     /// Checks, before `template` serves, that instances started from it would not share
     /// random state (SPEC §6). The runtime reseeds every generator it knows in each new
     /// instance; this does not take that list on trust: two probe instances forked from the
-    /// template draw from every generator found in them, and one that gives both the same
-    /// output refuses the template. After a build the probes search their whole heap (the
-    /// function's own generators included); after a restore of that same memory, only the
-    /// generators the runtime reseeds (what a restore could change).
+    /// template draw from every generator object the template holds (the function's own
+    /// included) and from each OpenSSL, and one that gives both the same output refuses the
+    /// template (`stage`: after its build, or after its restore from disk).
     async fn check_randomness(
         &self,
         template: Box<dyn Template>,
@@ -756,8 +763,7 @@ impl Snapshots {
     ) -> Result<Box<dyn Template>, StartError> {
         let limit = self.launcher.start_timeout();
         let started = Instant::now();
-        let whole_heap = matches!(stage, Stage::Build);
-        let probe = match tokio::time::timeout(limit, template.probe(whole_heap)).await {
+        let probe = match tokio::time::timeout(limit, template.probe()).await {
             Err(_) => return Err(StartError::Timeout(limit)),
             Ok(Err(e)) => return Err(StartError::Crashed(e.message)),
             Ok(Ok(probe)) => probe,
@@ -765,7 +771,7 @@ impl Snapshots {
         tracing::debug!(
             stage = stage.as_str(),
             ms = ms_since(started),
-            generators = probe.compared.len(),
+            generators = probe.compared,
             "probed the template's instances for shared random state"
         );
         if probe.same.is_empty() {

@@ -6,7 +6,9 @@
 //! loads in a few milliseconds, waiting for a long build is the slower choice. So a start
 //! waits when what is left of the build or restore, by the times measured here, is less
 //! than a cold start of the version takes, and always when no cold start has been measured
-//! (a template exists because a cold start is slow).
+//! (a template exists because a cold start is slow). It waits at most what is left plus a
+//! cold start's time (so an estimate that was wrong costs at most one more cold start), or,
+//! with no cold start measured, twice what is left and a second more.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -95,8 +97,8 @@ impl<K: Eq + Hash + Clone> StartEstimates<K> {
         self.versions.retain(|key, _| !gone(key));
     }
 
-    /// How long a start should wait for the `underway` work on `key`'s template, begun
-    /// `elapsed` ago, before it forks from it: `None` when a cold start is faster.
+    /// How long at most a start should wait for the `underway` work on `key`'s template,
+    /// begun `elapsed` ago, to fork from it then: `None` when a cold start is faster.
     pub(crate) fn wait_for(
         &self,
         key: &K,
@@ -115,7 +117,8 @@ impl<K: Eq + Hash + Clone> StartEstimates<K> {
         let left = typical.saturating_sub(elapsed);
         match cold {
             Some(cold) if left >= cold => None,
-            _ => Some(left),
+            Some(cold) => Some(left + cold),
+            None => Some(left * 2 + Duration::from_secs(1)),
         }
     }
 }
@@ -131,17 +134,18 @@ mod tests {
     #[test]
     fn without_a_measured_cold_start_a_start_waits_for_what_is_under_way() {
         let estimates = StartEstimates::<u32>::default();
+        let patience = |left: Duration| Some(left * 2 + ms(1000));
         assert_eq!(
             estimates.wait_for(&1, Underway::Restore, ms(0)),
-            Some(FIRST_RESTORE)
+            patience(FIRST_RESTORE)
         );
         assert_eq!(
             estimates.wait_for(&1, Underway::Restore, ms(400)),
-            Some(ms(0))
+            patience(ms(0))
         );
         assert_eq!(
             estimates.wait_for(&1, Underway::Build, ms(0)),
-            Some(BUILD_OVERHEAD)
+            patience(BUILD_OVERHEAD)
         );
     }
 
@@ -149,11 +153,12 @@ mod tests {
     fn a_start_waits_only_when_what_is_left_beats_a_cold_start() {
         let mut estimates = StartEstimates::default();
         estimates.restored(ms(100));
-        // A slow init: waiting for the restore wins.
+        // A slow init: waiting for the restore wins (for what is left, and a cold start's
+        // time more if the estimate was wrong).
         estimates.started_cold(&"slow", ms(900));
         assert_eq!(
             estimates.wait_for(&"slow", Underway::Restore, ms(10)),
-            Some(ms(90))
+            Some(ms(90 + 900))
         );
         // A function that loads in a few milliseconds goes cold...
         estimates.started_cold(&"quick", ms(30));
@@ -161,26 +166,31 @@ mod tests {
             estimates.wait_for(&"quick", Underway::Restore, ms(10)),
             None
         );
-        // ...unless the restore is almost done.
+        // ...unless the restore is almost done; past its estimate, it waits a cold start's
+        // time at most.
         assert_eq!(
             estimates.wait_for(&"quick", Underway::Restore, ms(80)),
-            Some(ms(20))
+            Some(ms(20 + 30))
+        );
+        assert_eq!(
+            estimates.wait_for(&"quick", Underway::Restore, ms(900)),
+            Some(ms(30))
         );
         // A build lasts a cold start and more, until one was measured.
         assert_eq!(estimates.wait_for(&"slow", Underway::Build, ms(0)), None);
         assert_eq!(
             estimates.wait_for(&"slow", Underway::Build, ms(300)),
-            Some(ms(850))
+            Some(ms(850 + 900))
         );
         estimates.built(&"slow", ms(1000));
         assert_eq!(
             estimates.wait_for(&"slow", Underway::Build, ms(300)),
-            Some(ms(700))
+            Some(ms(700 + 900))
         );
         estimates.forget_where(|key| *key == "slow");
         assert_eq!(
             estimates.wait_for(&"slow", Underway::Build, ms(0)),
-            Some(BUILD_OVERHEAD)
+            Some(BUILD_OVERHEAD * 2 + ms(1000))
         );
     }
 
@@ -189,10 +199,10 @@ mod tests {
         let mut estimates = StartEstimates::<u32>::default();
         estimates.restored(ms(100));
         estimates.restored(ms(200));
-        // 100 + (200 - 100) × 0.3
+        // 100 + (200 - 100) × 0.3, twice, and a second.
         assert_eq!(
             estimates.wait_for(&1, Underway::Restore, ms(0)),
-            Some(ms(130))
+            Some(ms(130) * 2 + ms(1000))
         );
     }
 }

@@ -63,12 +63,11 @@ pub trait Template: Send + Sync + fmt::Debug {
         Ok(())
     }
     /// Forks two throwaway probes from the template, readied as instances are, in which the
-    /// runtime draws once from every per-process generator it finds (on its `whole_heap`,
-    /// or only those it reseeds itself), and reports which gave the same output in both:
-    /// instances started from this template would share them. A template whose instances
-    /// do not share its memory has nothing to compare.
-    async fn probe(&self, whole_heap: bool) -> Result<Probe, DriverError> {
-        let _ = whole_heap;
+    /// runtime draws once from every per-process generator it knows in the template, and
+    /// reports which gave the same output in both: instances started from this template
+    /// would share them. A template whose instances do not share its memory has nothing to
+    /// compare.
+    async fn probe(&self) -> Result<Probe, DriverError> {
         Ok(Probe::default())
     }
     /// Writes a checkpoint of the template, left running, into the empty directory `dir`,
@@ -95,9 +94,9 @@ pub trait Template: Send + Sync + fmt::Debug {
 /// What two probes of a template found (see [`Template::probe`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Probe {
-    /// The generators found in both probes, by the runtime's names for them.
+    /// How many generators both probes drew from.
     #[serde(default)]
-    pub compared: Vec<String>,
+    pub compared: usize,
     /// Those of them that gave the same output in both.
     #[serde(default)]
     pub same: Vec<String>,
@@ -335,9 +334,8 @@ impl Template for ProcessTemplate {
         }
     }
 
-    async fn probe(&self, whole_heap: bool) -> Result<Probe, DriverError> {
-        let request = serde_json::json!({ "type": "probe", "heap": whole_heap });
-        let reply = self.ask(request).await?;
+    async fn probe(&self) -> Result<Probe, DriverError> {
+        let reply = self.ask(serde_json::json!({ "type": "probe" })).await?;
         match reply.ok {
             true => Ok(reply.probe),
             false => Err(template_error(format!(

@@ -74,14 +74,31 @@ macro_rules! invocation_columns {
     };
 }
 
-/// The failure history's part of [`FINISH_SNAPSHOT`]: `$8` is 1 for a failure, `$9` its
-/// time.
+/// The failure history's part of an update of a snapshot's status: with the placeholder
+/// `$failed` 1 (a failure), one more in the count, and the last failure's status, message
+/// and time taken from the placeholders `$status`, `$message` and `$at`.
 macro_rules! failure_history {
-    () => {
-        "failure_count = failure_count + $8, \
-         last_failure_status = CASE WHEN $8 = 1 THEN $2 ELSE last_failure_status END, \
-         last_failure = CASE WHEN $8 = 1 THEN $3 ELSE last_failure END, \
-         last_failure_at = CASE WHEN $8 = 1 THEN $9 ELSE last_failure_at END"
+    ($status:literal, $message:literal, $failed:literal, $at:literal) => {
+        concat!(
+            "failure_count = failure_count + ",
+            $failed,
+            ", ",
+            "last_failure_status = CASE WHEN ",
+            $failed,
+            " = 1 THEN ",
+            $status,
+            " ELSE last_failure_status END, ",
+            "last_failure = CASE WHEN ",
+            $failed,
+            " = 1 THEN ",
+            $message,
+            " ELSE last_failure END, ",
+            "last_failure_at = CASE WHEN ",
+            $failed,
+            " = 1 THEN ",
+            $at,
+            " ELSE last_failure_at END"
+        )
     };
 }
 
@@ -252,17 +269,17 @@ const BEGIN_SNAPSHOT: &str = concat!(
 const FINISH_SNAPSHOT: &str = concat!(
     "UPDATE snapshots SET status = $2, error_message = $3, \
      path = $4, files = $5, size_bytes = $6, expires_at = $7, ",
-    failure_history!(),
+    failure_history!("$2", "$3", "$8", "$9"),
     " WHERE id = $1"
 );
 
 /// Sets a status and error message; the failure history as in [`FINISH_SNAPSHOT`] (`$4`
 /// = 1 for a failure, at `$5`).
-const SET_SNAPSHOT_STATUS: &str = "UPDATE snapshots SET status = $2, error_message = $3, \
-     failure_count = failure_count + $4, \
-     last_failure_status = CASE WHEN $4 = 1 THEN $2 ELSE last_failure_status END, \
-     last_failure = CASE WHEN $4 = 1 THEN $3 ELSE last_failure END, \
-     last_failure_at = CASE WHEN $4 = 1 THEN $5 ELSE last_failure_at END WHERE id = $1";
+const SET_SNAPSHOT_STATUS: &str = concat!(
+    "UPDATE snapshots SET status = $2, error_message = $3, ",
+    failure_history!("$2", "$3", "$4", "$5"),
+    " WHERE id = $1"
+);
 
 /// Counts an instance forked from the template, of `$2` ms: every right-hand side reads
 /// the row as it was, so the mean folds in the new value against the old count, atomically

@@ -169,3 +169,71 @@ async fn a_snapshot_whose_instances_would_share_a_generator_of_the_function_is_r
     assert_eq!(a["start_type"], "template", "{a}");
     assert_eq!(a["body"], b["body"]);
 }
+
+#[tokio::test]
+async fn a_large_template_with_many_generators_of_its_own_is_checked_without_walking_its_heap() {
+    let s = server().await;
+    // A million small objects the garbage collector tracks, and 4,000 generators the
+    // function reseeds itself: probes that walked the heap would copy much of it, and
+    // naming each generator (a walk per generator) would outlast the start timeout.
+    let code = r#"
+import random, nimbus
+DATA = [[i] for i in range(1_000_000)]
+RNGS = [random.Random() for _ in range(4_000)]
+
+@nimbus.after_restore
+def reseed():
+    for rng in RNGS:
+        rng.seed()
+
+def handle(event):
+    return [rng.random() for rng in RNGS[:3]]
+"#;
+    s.deploy("large", code, json!({ "memory_mb": 384 })).await;
+    wait_status(&s, "large", 1, "ready").await;
+    let a = invoke(&s, "large").await;
+    let b = invoke(&s, "large").await;
+    assert_eq!(a["start_type"], "template", "{a}");
+    assert_eq!(b["start_type"], "template", "{b}");
+    assert_ne!(a["body"], b["body"]);
+}
+
+#[tokio::test]
+async fn files_of_the_function_named_like_the_runtime_s_template_modules_do_not_replace_them() {
+    let s = server().await;
+    // Were these imported in their place, reseeding and the probes would be the
+    // function's to replace (here: to break).
+    let archive = common::zip_base64(&[
+        (
+            "handler.py",
+            "import random
+def handle(event):
+    return random.random()
+",
+        ),
+        (
+            "nimbus_entropy.py",
+            "def prepare(skip=()):
+    raise RuntimeError('not the runtime')
+",
+        ),
+        (
+            "nimbus_fork.py",
+            "raise RuntimeError('not the runtime')
+",
+        ),
+    ]);
+    let (status, body) = s
+        .call(
+            "POST",
+            "/functions",
+            Some(json!({ "name": "namesakes", "code_archive": archive })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    wait_status(&s, "namesakes", 1, "ready").await;
+    let a = invoke(&s, "namesakes").await;
+    let b = invoke(&s, "namesakes").await;
+    assert_eq!(a["start_type"], "template", "{a}");
+    assert_ne!(a["body"], b["body"]);
+}

@@ -6,15 +6,17 @@ its own pid namespace, so a library that detects a fork by a change of `getpid()
 3 does — sees none. Imported by nimbus_worker in a template, before the template's memory
 is frozen, so that every instance shares this module's pages.
 
+- `prepare()` runs once in the template, when the function's code is loaded: it finds the
+  OpenSSL copies mapped in the process and every random generator object on the heap
+  (`random.Random` and NumPy's, the function's own included).
 - `reseed()` runs in every new instance before the function's code runs again: Python's
-  `random` (its module instance), `tempfile`'s name sequence, every OpenSSL copy loaded in
-  the process (`RAND_add` of fresh kernel entropy: the next draw of each thread's generator
-  reseeds from it), NumPy's legacy global generator.
-- `fingerprints(skip)` does not trust that list: in a probe instance (see nimbus_fork's
-  `probe`) it draws from every generator it can find — the known ones and every
-  `random.Random` and NumPy generator object on the heap, the function's own included —
-  so that the template can compare two probes and refuse to start instances whose
-  generators agree.
+  `random` (its module instance), `tempfile`'s name sequence, the `ssl` module's OpenSSL
+  and every OpenSSL copy loaded in the process (`RAND_add` of fresh kernel entropy: the next
+  draw of each thread's generator reseeds from it), NumPy's legacy global generator.
+- `fingerprints()` does not trust that list: in a probe instance (see nimbus_fork's
+  `probe`) it draws once from every generator `prepare` found and from the OpenSSL copies,
+  and `same(first, second)` names those that gave two probes the same output. The probes
+  only read the generators, so they copy little of the template's memory however large.
 """
 
 import _random
@@ -26,12 +28,19 @@ import sys
 _SEED_BYTES = 48
 # The OpenSSL copies of the template, found once by `prepare` (instances inherit them).
 _copies = None
+# The generator objects on the template's heap when `prepare` ran, but those meant to repeat.
+_generators = ()
 
 
-def prepare():
-    """Finds, in the template, what `reseed` reseeds in every instance."""
-    global _copies
+def prepare(skip=()):
+    """In the template, once the function's code is loaded: finds what `reseed` reseeds in
+    every instance and what the probes compare. `skip` holds generators meant to repeat."""
+    global _copies, _generators
     _copies = [lib for _path, lib in _openssl_copies()]
+    skipped = {id(obj) for obj in skip}
+    _generators = tuple(
+        obj for obj in gc.get_objects() if _is_generator(obj) and id(obj) not in skipped
+    )
 
 
 def reseed():
@@ -45,6 +54,10 @@ def reseed():
     if generator is not None:
         # Remade only when the pid changes, and every instance is PID 1.
         generator.seed()
+    ssl = sys.modules.get("ssl")
+    if ssl is not None:
+        # The OpenSSL `ssl` uses, even linked into the interpreter (no libcrypto to find).
+        ssl.RAND_add(posix.urandom(_SEED_BYTES), float(_SEED_BYTES))
     if _copies is None:
         prepare()
     for lib in _copies:
@@ -55,36 +68,36 @@ def reseed():
         numpy_random.seed()
 
 
-def fingerprints(skip=(), heap=True):
-    """`{name: output}` of every generator found in this process, each drawn once (the
-    process is a probe, thrown away after). `skip` holds objects meant to repeat. Without
-    `heap`, only the generators `reseed` knows (the heap's were compared when the template
-    was built: a scan touches, hence copies, every page of the probe's memory)."""
-    if heap:
-        gc.unfreeze()  # frozen objects are not listed otherwise
-        skipped = {id(obj) for obj in skip}
-        found = [obj for obj in gc.get_objects() if _is_generator(obj) and id(obj) not in skipped]
-    else:
-        random = sys.modules.get("random")
-        numpy_random = sys.modules.get("numpy.random.mtrand")
-        known = (getattr(random, "_inst", None), getattr(numpy_random, "_rand", None))
-        found = [obj for obj in known if obj is not None]
-    names = _global_names()
+def fingerprints():
+    """`{key: output}` of every generator `prepare` found and of the OpenSSL copies, each
+    drawn once (the process is a probe, thrown away after). A generator's key is its
+    address, the same in every fork of the template; `same` turns keys into names."""
     out = {}
-    for obj in found:
-        name = _describe(obj, names)
+    for obj in _generators:
         try:
-            out[name] = _draw(obj)
+            out["%#x" % id(obj)] = _draw(obj)
         except Exception as exc:
-            out[name] = "draw failed: %s" % type(exc).__name__
+            out["%#x" % id(obj)] = "draw failed: %s" % type(exc).__name__
     tempfile = sys.modules.get("tempfile")
     if tempfile is not None:
         out["tempfile names"] = next(tempfile._get_candidate_names())
+    ssl = sys.modules.get("ssl")
+    if ssl is not None:
+        out["ssl.RAND_bytes"] = ssl.RAND_bytes(16).hex()
     for path, lib in _openssl_copies():
         buffer = (_ctypes().c_ubyte * 16)()
         if lib.RAND_bytes(buffer, 16) == 1:
             out["OpenSSL RAND_bytes (%s)" % path.rpartition("/")[2]] = bytes(buffer).hex()
     return out
+
+
+def same(first, second):
+    """The names of the generators that gave the two probes' `fingerprints` the same output
+    (in the template: where each generator lives, looked up only for these)."""
+    keys = [key for key in first if key in second and first[key] == second[key]]
+    by_key = {"%#x" % id(obj): obj for obj in _generators}
+    names = _global_names() if any(key in by_key for key in keys) else {}
+    return [_describe(by_key[key], names) if key in by_key else key for key in keys]
 
 
 def _is_generator(obj):

@@ -11,7 +11,7 @@ the nimbus-sandbox crate's `template` module):
     driver -> template   {"type": "detach"}    (before a checkpoint)
     template -> driver   {"type": "detached", "ok": true} + the driver's end of a new
                          connection made inside the sandbox, which replaces fd 3
-    driver -> template   {"type": "probe", "heap": bool}   (after a build or a restore)
+    driver -> template   {"type": "probe"}     (after a build or a restore, see `probe`)
     template -> driver   {"type": "probed", "ok": true, "compared": [...], "same": [...]}
 
 and returns only in a forked child, once that child runs in a sandbox of its own (when the
@@ -124,11 +124,10 @@ def _send(sock, encode, message):
     sock.sendall(len(payload).to_bytes(4, "big") + payload)
 
 
-def serve(sock, config, loads, encode, measure):
+def serve(sock, config, loads, encode, prober):
     """Answers fork requests until the driver closes the connection (then exits the
     template). Returns the new instance id in a forked child, ready to serve.
-    `measure(heap)` readies a probe as an instance and reports its generators (see
-    `probe`).
+    `prober` is `(measure, same)`: see `probe`.
 
     The template keeps one child forked ahead (a spare), already in its sandbox and
     waiting on a channel of its own: the next request is handed to it, which spares that
@@ -154,8 +153,7 @@ def serve(sock, config, loads, encode, measure):
             _send(sock, encode, {"type": "spared", "ok": spare is not None})
             continue
         if message.get("type") == "probe" and not fds:
-            heap = message.get("heap") is True
-            _send(sock, encode, probe(config, loads, encode, lambda: measure(heap)))
+            _send(sock, encode, probe(config, loads, encode, *prober))
             continue
         if message.get("type") == "detach" and not fds:
             if spare is not None:
@@ -201,13 +199,14 @@ def serve(sock, config, loads, encode, measure):
             return _become_spare(sock, channel, config, loads)
 
 
-def probe(config, loads, encode, measure):
+def probe(config, loads, encode, measure, same):
     """Forks two probes readied as instances are (each in a sandbox of its own, PID 1 of its
     pid namespace like every instance), in which `measure` reseeds, runs the after-restore
-    hooks and draws once from every generator it finds (JSON bytes); compares what the two
-    report. The answer lists the generators that gave the same output in both: instances
-    forked from this template would share them. Returns once both probes are gone, so the
-    template is alone again (a checkpoint may follow)."""
+    hooks and draws once from every generator the template holds (JSON bytes of
+    `{"fingerprints": {key: output}}`); `same(first, second)` names the generators that
+    gave both the same output: instances forked from this template would share them.
+    Returns once both probes are gone, so the template is alone again (a checkpoint may
+    follow)."""
     if _threads() != 1:
         return {"type": "probed", "ok": False, "error": "the template runs threads"}
     probes = []
@@ -246,9 +245,8 @@ def probe(config, loads, encode, measure):
         if "error" in report or not isinstance(report.get("fingerprints"), dict):
             return {"type": "probed", "ok": False, "error": "a probe failed: %s" % report.get("error")}
     first, second = (report["fingerprints"] for report in reports)
-    compared = sorted(name for name in first if name in second)
-    same = [name for name in compared if first[name] == second[name]]
-    return {"type": "probed", "ok": True, "compared": compared, "same": same}
+    compared = sum(1 for key in first if key in second)
+    return {"type": "probed", "ok": True, "compared": compared, "same": same(first, second)}
 
 
 def _probe_child(write_end, config, encode, measure):

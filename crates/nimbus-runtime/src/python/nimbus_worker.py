@@ -59,7 +59,14 @@ _API_DIR = _RUNTIME_DIR + "/nimbus/"
 # (`<data dir>/runtime/python`).
 _CODE_DIR = posix.getcwd()
 # Modules of the runtime itself, which a handler module cannot be named after either.
-_RUNTIME_MODULES = ("nimbus", "nimbus_worker", "nimbus_fork", "nimbus_boot", "__main__")
+_RUNTIME_MODULES = (
+    "nimbus",
+    "nimbus_worker",
+    "nimbus_fork",
+    "nimbus_entropy",
+    "nimbus_boot",
+    "__main__",
+)
 _DATA_DIR = (
     _RUNTIME_DIR[: -len("/runtime/python")] if _RUNTIME_DIR.endswith("/runtime/python") else None
 )
@@ -713,7 +720,7 @@ def _prepare_template(handler, takes_state, api):
         import nimbus_entropy
         import nimbus_fork
 
-        nimbus_entropy.prepare()
+        nimbus_entropy.prepare(api._deterministic)
         return nimbus_fork, nimbus_fork.load_config(_loads)
     except BaseException as exc:
         raise _InitFailure(_error(exc, "the template could not be prepared: %s" % exc)) from None
@@ -730,16 +737,14 @@ def _restored(instance_id, api):
     _run_hooks(api._after_restore, "after_restore")
 
 
-def _measure(api, heap):
+def _measure(api):
     """In a probe of the template (see nimbus_fork's `probe`): readied as an instance is,
-    what every generator found (on the whole `heap`, or those the runtime reseeds) gives
-    once (JSON)."""
+    what every generator the template holds gives once (JSON)."""
     try:
         _restored(None, api)
     except _InitFailure:
         pass  # a failing hook fails the real starts, naming it; generators still compare
-    found = sys.modules["nimbus_entropy"].fingerprints(api._deterministic, heap)
-    return _dumps({"fingerprints": found})
+    return _dumps({"fingerprints": sys.modules["nimbus_entropy"].fingerprints()})
 
 
 async def _probe_coroutine():
@@ -798,6 +803,12 @@ def main():
         sys.path.insert(0, _RUNTIME_DIR)
         try:
             import nimbus as api
+
+            if posix.environ.get(b"NIMBUS_TEMPLATE") == b"1":
+                # So are the template's own modules: a file of the function's code named
+                # like one must not take its place.
+                import nimbus_entropy  # noqa: F401
+                import nimbus_fork  # noqa: F401
         except BaseException as exc:
             raise _InitFailure(_error(exc, "the runtime's nimbus package failed to load: %s" % exc))
         # The function's code first, then the runtime directory, then the stdlib.
@@ -821,7 +832,8 @@ def main():
     gc.freeze()
     if template is not None:
         nimbus_fork, config = template
-        instance_id = nimbus_fork.serve(host.sock, config, _loads, _dumps, lambda heap: _measure(api, heap))
+        prober = (lambda: _measure(api), sys.modules["nimbus_entropy"].same)
+        instance_id = nimbus_fork.serve(host.sock, config, _loads, _dumps, prober)
         # In a forked child from here on, in its own sandbox, on its own connection.
         forked = perf_counter()
         host = _Host()

@@ -313,6 +313,20 @@ impl Drop for Server {
     }
 }
 
+/// A zip archive of `files` (path, contents), base64-encoded as `code_archive` takes it.
+#[allow(dead_code)] // not every test file deploys archives
+pub fn zip_base64(files: &[(&str, &str)]) -> String {
+    use base64::Engine as _;
+    use std::io::Write as _;
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, body) in files {
+        zip.start_file(*name, zip::write::SimpleFileOptions::default())
+            .unwrap();
+        zip.write_all(body.as_bytes()).unwrap();
+    }
+    base64::engine::general_purpose::STANDARD.encode(zip.finish().unwrap().into_inner())
+}
+
 pub fn code_of(v: &Value) -> &str {
     v["error"]["code"].as_str().unwrap_or_default()
 }
