@@ -5,8 +5,10 @@
 //! back in order and writes batches to the store (up to 512 records, lingering 20 ms for a
 //! fuller one), deleting journal segments once everything in them is stored. A store that
 //! fails is retried with backoff for as long as it takes, the records waiting on disk, not
-//! in memory; a server that died is replayed from its journal at the next start. Writing a
-//! record twice stores it once (the store's insert keeps a finished record as it is).
+//! in memory; only a record the store refuses for its data ([`StoreError::Rejected`]) is
+//! dropped, since it would hold up every record after it. A server that died is replayed
+//! from its journal at the next start. Writing a record twice stores it once (the store's
+//! insert keeps a finished record as it is).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -233,8 +235,6 @@ async fn write_behind(
     let mut finished: Vec<u64> = Vec::new();
     let mut outage = Outage::default();
     let mut delay = retry.first;
-    // The store refused the batch last time for a reason other than being unavailable.
-    let mut refused = false;
     loop {
         if batch.is_empty() {
             let hurried = fill(&shared, &mut cursor, &mut batch, &mut finished).await;
@@ -247,18 +247,10 @@ async fn write_behind(
             }
         }
         let result = match sink.write(&batch).await {
-            // Refused twice in a row: some record of it is refused for itself.
-            Err(e) if !matches!(e, StoreError::Unavailable(_)) && refused => {
-                batch = isolate(&*sink, std::mem::take(&mut batch)).await;
-                if batch.is_empty() {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
+            // Some record of it is refused for its data.
+            Err(StoreError::Rejected(_)) => isolate(&*sink, &mut batch).await,
             other => other,
         };
-        refused = matches!(&result, Err(e) if !matches!(e, StoreError::Unavailable(_)));
         let stored = cursor.position();
         match result {
             Ok(()) => {
@@ -291,30 +283,34 @@ async fn write_behind(
     }
 }
 
-/// Writes a batch the store refused one record at a time: a record the store refuses on
-/// its own (PostgreSQL: a data exception, say) can never be stored, and would hold up every
-/// record after it, so it is dropped, logged with its request id and counted in
-/// `nimbus_records_dropped_total`. Returns the records left when the store became
-/// unavailable meanwhile (they are retried as usual).
-async fn isolate(sink: &dyn RecordSink, batch: Vec<Invocation>) -> Vec<Invocation> {
-    let mut records = batch.into_iter();
-    while let Some(record) = records.next() {
-        match sink.write(std::slice::from_ref(&record)).await {
+/// Writes a batch the store refused for the data of some record one record at a time: a
+/// record refused so ([`StoreError::Rejected`]: PostgreSQL's data exceptions, say) can
+/// never be stored, and would hold up every record after it, so it is dropped, logged with
+/// its request id and counted in `nimbus_records_dropped_total`. Any other failure (the
+/// store went down meanwhile, its disk filled) affects every record alike: the records
+/// not yet written stay in `batch` and the failure is returned, to be retried as usual.
+async fn isolate(sink: &dyn RecordSink, batch: &mut Vec<Invocation>) -> StoreResult<()> {
+    let mut done = 0;
+    let result = loop {
+        let Some(record) = batch.get(done) else {
+            break Ok(());
+        };
+        match sink.write(std::slice::from_ref(record)).await {
             Ok(()) => {}
-            Err(StoreError::Unavailable(_)) => {
-                return std::iter::once(record).chain(records).collect();
-            }
-            Err(e) => {
+            Err(StoreError::Rejected(e)) => {
                 tracing::error!(
                     request_id = %record.request_id,
                     function = %record.function_name,
-                    "an invocation record was dropped: the store refuses it ({e})"
+                    "an invocation record was dropped: the store refuses its data ({e})"
                 );
                 metrics::record_dropped();
             }
+            Err(e) => break Err(e),
         }
-    }
-    Vec::new()
+        done += 1;
+    };
+    batch.drain(..done);
+    result
 }
 
 /// Waits until there is something to write and reads it; whether a flush asked for it.
@@ -546,7 +542,7 @@ mod tests {
     impl RecordSink for Picky {
         async fn write(&self, records: &[Invocation]) -> StoreResult<()> {
             if records.iter().any(|r| r.request_id == self.poison) {
-                return Err(StoreError::Backend("invalid byte sequence".into()));
+                return Err(StoreError::Rejected("invalid byte sequence".into()));
             }
             self.stored.lock().unwrap().extend_from_slice(records);
             Ok(())
@@ -579,6 +575,59 @@ mod tests {
         expected.remove(40);
         expected.push(later);
         assert_eq!(*sink.stored.lock().unwrap(), expected);
+        recorder.close(writer).await;
+    }
+
+    /// A store that refuses every write alike for a while (its disk is full, it is
+    /// read-only during a failover), as a `Backend` error, not `Unavailable`.
+    struct Full {
+        refusals: usize,
+        attempts: AtomicUsize,
+        stored: Mutex<Vec<Invocation>>,
+    }
+
+    #[async_trait]
+    impl RecordSink for Full {
+        async fn write(&self, records: &[Invocation]) -> StoreResult<()> {
+            if self.attempts.fetch_add(1, Ordering::SeqCst) < self.refusals {
+                return Err(StoreError::Backend(
+                    "error returned from database: (code: 13) database or disk is full".into(),
+                ));
+            }
+            self.stored.lock().unwrap().extend_from_slice(records);
+            Ok(())
+        }
+    }
+
+    /// A failure that affects every record is waited out, not taken for records refused
+    /// for themselves: the recorder used to write a batch refused twice one record at a
+    /// time and drop each record the (full) store refused.
+    #[tokio::test]
+    async fn a_store_refusing_every_record_alike_drops_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Arc::new(Full {
+            refusals: 30,
+            attempts: AtomicUsize::new(0),
+            stored: Mutex::default(),
+        });
+        let (recorder, writer) = Recorder::start(dir.path(), sink.clone(), FAST).unwrap();
+        let records: Vec<Invocation> = (0..10).map(|_| record()).collect();
+        for r in &records {
+            recorder.record(r.clone());
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while sink.stored.lock().unwrap().len() < records.len() {
+            assert!(
+                Instant::now() < deadline,
+                "stored {:?} of 10 after {} attempts",
+                sink.stored.lock().unwrap().len(),
+                sink.attempts.load(Ordering::SeqCst)
+            );
+            recorder.flush().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(sink.attempts.load(Ordering::SeqCst) > 30);
+        assert_eq!(*sink.stored.lock().unwrap(), records);
         recorder.close(writer).await;
     }
 
