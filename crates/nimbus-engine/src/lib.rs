@@ -282,7 +282,7 @@ impl Engine {
                 self.catalog.remove(&id);
                 self.pools.remove_function(&id);
                 self.snapshots.forget(&id, None);
-                metrics::retire_function(&name);
+                metrics::retire_function(&name, &id);
                 tracing::info!(function = %name, %id, "function deleted: its instances and templates here are stopped");
             }
             Gone::Version {
@@ -292,9 +292,13 @@ impl Engine {
             } => {
                 self.pools.retire_version(&function_id, version);
                 self.snapshots.forget(&function_id, Some(version));
-                metrics::retire_version(&function, version);
+                metrics::retire_version(&function, &function_id, version);
             }
-            Gone::Alias { function, alias } => metrics::retire_alias(&function, &alias),
+            Gone::Alias {
+                function_id,
+                function,
+                alias,
+            } => metrics::retire_alias(&function, &function_id, &alias),
         }
     }
 }
