@@ -86,6 +86,8 @@ struct Shared {
     overflow: Mutex<Vec<Invocation>>,
     /// The last append failed (logged once per run of failures).
     journal_failing: AtomicBool,
+    /// [`Recorder::close`] ran: nothing writes the journal to the store any more.
+    closed: AtomicBool,
     /// Woken by every record.
     appended: Notify,
     /// Woken by a flush: write now, without lingering or waiting out a backoff.
@@ -113,6 +115,7 @@ impl Recorder {
             journal,
             overflow: Mutex::default(),
             journal_failing: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             appended: Notify::new(),
             hurry: Notify::new(),
             progress: watch::Sender::new(Progress::default()),
@@ -123,7 +126,8 @@ impl Recorder {
     }
 
     /// Records an invocation: appended to the journal when this returns. Never waits on
-    /// the store.
+    /// the store. After [`Recorder::close`] the record stays in the journal, and the next
+    /// start of the server writes it to the store.
     pub fn record(&self, invocation: Invocation) {
         let shared = &self.shared;
         match shared.journal.append(&invocation) {
@@ -132,6 +136,13 @@ impl Recorder {
                     && shared.journal_failing.swap(false, Ordering::Relaxed)
                 {
                     tracing::info!("the invocation journal is written again");
+                }
+                if shared.closed.load(Ordering::Acquire) {
+                    tracing::warn!(
+                        request_id = %invocation.request_id,
+                        "an invocation ended after its records were written for the last time: \
+                         its record is kept in the journal and written at the next start"
+                    );
                 }
             }
             Err(e) => self.keep_in_memory(invocation, e),
@@ -180,28 +191,37 @@ impl Recorder {
             .await;
     }
 
-    /// Flushes, then syncs the journal; if the store holds everything, the journal's
-    /// segments are deleted (else they are written at the next start). Call it last: a
-    /// record made after it may be lost.
+    /// Flushes, stops writing to the store, syncs the journal and deletes the segments
+    /// whose records are all stored. What the store did not take stays in the journal and
+    /// is written at the next start, and so does a record made after this (an invocation
+    /// that ended late): the segment it is appended to is never one deleted here.
     pub async fn close(&self, writer: JoinHandle<()>) {
         self.flush().await;
-        let end = self.shared.journal.end();
-        let stored = self.shared.progress.borrow().stored >= end;
         writer.abort();
         let _ = writer.await;
+        self.shared.closed.store(true, Ordering::Release);
+        let stored = self.shared.progress.borrow().stored;
         if let Err(e) = self.shared.journal.sync() {
             tracing::error!("syncing the invocation journal: {e}");
         }
-        if stored {
-            if let Err(e) = journal::delete_segments_through(self.shared.journal.dir(), end.segment)
-            {
-                tracing::warn!("deleting the invocation journal: {e}");
-            }
-        } else {
-            tracing::warn!(
+        match self.shared.journal.delete_stored(stored) {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
                 "the metadata store did not take every invocation record before the server \
                  stopped: the rest are kept in the journal and written at the next start"
+            ),
+            Err(e) => tracing::warn!("deleting the stored part of the invocation journal: {e}"),
+        }
+        let unwritten = self.shared.overflow.lock().expect("overflow lock").len();
+        if unwritten > 0 {
+            tracing::error!(
+                records = unwritten,
+                "invocation records lost: neither the journal nor the store took them \
+                 before the server stopped"
             );
+            for _ in 0..unwritten {
+                metrics::record_dropped();
+            }
         }
     }
 }
@@ -629,6 +649,32 @@ mod tests {
         assert!(sink.attempts.load(Ordering::SeqCst) > 30);
         assert_eq!(*sink.stored.lock().unwrap(), records);
         recorder.close(writer).await;
+    }
+
+    /// A record made after the recorder closed (an invocation that ended late at
+    /// shutdown) is kept in the journal, and so is whatever the store had not taken:
+    /// the next recorder writes them. Closing used to delete every segment once the store
+    /// held what was there, the one being appended to included.
+    #[tokio::test]
+    async fn records_made_after_close_are_written_by_the_next_recorder() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = flaky(0);
+        let (recorder, writer) = Recorder::start(dir.path(), sink.clone(), FAST).unwrap();
+        let early = record();
+        recorder.record(early.clone());
+        recorder.close(writer).await;
+        assert_eq!(*sink.stored.lock().unwrap(), vec![early]);
+        let late = record();
+        recorder.record(late.clone());
+        drop(recorder);
+
+        let next = flaky(0);
+        let (recorder, writer) = Recorder::start(dir.path(), next.clone(), FAST).unwrap();
+        recorder.flush().await;
+        assert_eq!(*next.stored.lock().unwrap(), vec![late]);
+        recorder.close(writer).await;
+        let left = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(left, 0, "everything stored: no journal left");
     }
 
     /// A flush while the store is down returns once a write tried after it failed.

@@ -1,7 +1,8 @@
 //! Store outages, crashes and deletions lose nothing silently: the real server through a
 //! PostgreSQL of its own that the tests stop (hung, then shut down) and start again, a
-//! server killed with SIGKILL right after answering, two servers on one PostgreSQL and one
-//! Redis where one deletes a function the other runs, and `/metrics` after deletions.
+//! server killed with SIGKILL right after answering, a server stopped while invocations still run, two servers on one
+//! PostgreSQL and one Redis where one deletes a function the other runs, and `/metrics`
+//! after deletions.
 
 mod common;
 #[path = "../../nimbus-state/tests/common/mod.rs"]
@@ -363,6 +364,69 @@ async fn a_server_killed_right_after_answering_loses_no_record() {
         .map(|r| r["request_id"].as_str().unwrap())
         .collect();
     assert_eq!(listed.len(), answered.len(), "each record once");
+}
+
+/// Sleeps as long as asked, then answers its event.
+const SLEEPER: &str =
+    "import time\ndef handle(event):\n    time.sleep(event.get('sleep', 0))\n    return event\n";
+
+/// Instances busy with an invocation, from `/metrics`.
+async fn busy_instances(s: &Server) -> f64 {
+    metrics(s)
+        .await
+        .lines()
+        .filter(|l| l.starts_with("nimbus_pool_instances{") && l.contains("state=\"busy\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn invocations_cut_short_by_a_shutdown_are_recorded() {
+    let mut s = Server::start_with(Backend::Sqlite, "shutdown_grace_sec = 1\n", &[]).await;
+    s.deploy("slow", SLEEPER, json!({})).await;
+    let event = json!({"sleep": 120});
+    let sync = {
+        let (http, url) = (s.http.clone(), s.url("/functions/slow/invoke"));
+        let event = event.clone();
+        tokio::spawn(async move {
+            let r = http.post(url).json(&event).send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        })
+    };
+    let (status, accepted) = s.call("POST", "/functions/slow/async", Some(event)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let async_id = accepted["request_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while busy_instances(&s).await < 2.0 {
+        assert!(Instant::now() < deadline, "the invocations did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Stopped while both run: past the grace period they are cut short, and answered.
+    Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    let (status, answer) = timed("the cut-short invocation", sync).await.0.unwrap();
+    assert_eq!(
+        (status, code_of(&answer)),
+        (StatusCode::BAD_GATEWAY, "instance_crashed"),
+        "{answer}"
+    );
+    let sync_id = answer["request_id"].as_str().unwrap().to_owned();
+    assert!(s.child.wait().unwrap().success());
+
+    // Their records were written before the server exited.
+    s.start_again().await;
+    for id in [&sync_id, &async_id] {
+        let (status, record) = s.call("GET", &format!("/invocations/{id}"), None).await;
+        assert_eq!(status, StatusCode::OK, "{id}: {record}");
+        assert_eq!(
+            (record["status"].as_str(), record["error"]["code"].as_str()),
+            (Some("error"), Some("instance_crashed")),
+            "{record}"
+        );
+    }
 }
 
 /// The function of the deletion test: sleeps if asked, then writes a state key.
