@@ -205,12 +205,13 @@ impl Engine {
         Ok(self.store.available()?)
     }
 
-    /// One invocation record. Records are written behind; a miss waits for pending writes.
+    /// One invocation record. Records are written behind; a miss waits for pending writes
+    /// (at most [`recorder::READ_WAIT`]).
     pub async fn get_invocation(&self, request_id: &str) -> EngineResult<Invocation> {
         if let Some(found) = self.store.get_invocation(request_id).await? {
             return Ok(found);
         }
-        self.recorder.flush().await;
+        self.recorder.flush_for_read().await;
         self.store
             .get_invocation(request_id)
             .await?
@@ -220,14 +221,15 @@ impl Engine {
             })
     }
 
-    /// A function's invocation records, newest first, including ones not yet written.
+    /// A function's invocation records, newest first, including ones pending a moment
+    /// ago (waiting for them at most [`recorder::READ_WAIT`]).
     pub async fn list_invocations(
         &self,
         function: &str,
         filter: &InvocationFilter,
     ) -> EngineResult<Vec<Invocation>> {
         let function = self.get_function(function).await?;
-        self.recorder.flush().await;
+        self.recorder.flush_for_read().await;
         Ok(self.store.list_invocations(&function.id, filter).await?)
     }
 

@@ -35,6 +35,9 @@ const SYNC_EVERY: Duration = Duration::from_secs(1);
 const MAX_OVERFLOW: usize = 100_000;
 /// How often a store failure that goes on is logged again.
 const REPORT_EVERY: Duration = Duration::from_secs(60);
+/// Longest a read of records waits for pending ones to be stored (see
+/// [`Recorder::flush_for_read`]).
+pub const READ_WAIT: Duration = Duration::from_secs(2);
 
 /// Where records go in the end: the metadata store (or, in tests, a stand-in).
 #[async_trait]
@@ -189,6 +192,13 @@ impl Recorder {
                 (p.stored >= target && overflow_empty) || (p.failing && p.attempts > tried)
             })
             .await;
+    }
+
+    /// [`Recorder::flush`] for a read of records, waiting at most [`READ_WAIT`]: after an
+    /// outage the journal may hold a backlog that takes long to store, and a read then
+    /// answers from what the store has rather than wait for all of it.
+    pub async fn flush_for_read(&self) {
+        let _ = tokio::time::timeout(READ_WAIT, self.flush()).await;
     }
 
     /// Flushes, stops writing to the store, syncs the journal and deletes the segments
@@ -675,6 +685,43 @@ mod tests {
         recorder.close(writer).await;
         let left = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(left, 0, "everything stored: no journal left");
+    }
+
+    /// A store that takes its time over each write.
+    struct Slow {
+        per_write: Duration,
+        stored: Mutex<Vec<Invocation>>,
+    }
+
+    #[async_trait]
+    impl RecordSink for Slow {
+        async fn write(&self, records: &[Invocation]) -> StoreResult<()> {
+            tokio::time::sleep(self.per_write).await;
+            self.stored.lock().unwrap().extend_from_slice(records);
+            Ok(())
+        }
+    }
+
+    /// A read does not wait for a long backlog to be stored (after an outage): it answers
+    /// from what the store has after [`READ_WAIT`]. (`flush`, which reads used to wait on,
+    /// returns only once the whole backlog is stored.)
+    #[tokio::test]
+    async fn a_read_waits_for_a_backlog_at_most_read_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Arc::new(Slow {
+            per_write: Duration::from_millis(250),
+            stored: Mutex::default(),
+        });
+        let (recorder, writer) = Recorder::start(dir.path(), sink.clone(), FAST).unwrap();
+        // 40 batches of 250 ms each: at least 10 s to store.
+        let total = MAX_BATCH * 40;
+        for _ in 0..total {
+            recorder.record(record());
+        }
+        recorder.flush_for_read().await;
+        let stored = sink.stored.lock().unwrap().len();
+        assert!(stored < total, "the read waited for the whole backlog");
+        writer.abort();
     }
 
     /// A flush while the store is down returns once a write tried after it failed.
