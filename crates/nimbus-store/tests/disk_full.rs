@@ -7,62 +7,12 @@
 //! later writes would land in a transaction that never commits: readable through that one
 //! connection, invisible to the others, gone when the server stops.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use common::tmpfs::Tmpfs;
 use futures::future::join_all;
 use nimbus_core::{ids, Invocation, InvocationStatus, StartType, Trigger};
 use nimbus_store::{MetadataStore, StoreError};
-
-/// A tmpfs mounted on a temporary directory; unmounted when dropped.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    /// Mounts one of `size` (`mount -o size=`), or `None` (said on stderr) where mounting
-    /// is impossible (not root, no mount namespace rights).
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        if !out.status.success() {
-            eprintln!(
-                "SKIPPED: cannot mount a tmpfs to fill ({}); this test needs root",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            return None;
-        }
-        Some(Tmpfs { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Fills the disk with a file; returns its path.
-    fn fill(&self) -> PathBuf {
-        let path = self.path().join("filler");
-        let mut file = std::fs::File::create(&path).unwrap();
-        let chunk = vec![0u8; 16 * 1024];
-        while file.write_all(&chunk).is_ok() {}
-        path
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        // Lazily: connections of the stores may still be closing.
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
 
 /// A finished record with `bytes` of input (enough records need more room than the
 /// database's write-ahead log has left over).

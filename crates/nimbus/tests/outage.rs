@@ -1,12 +1,15 @@
 //! Store outages, crashes and deletions lose nothing silently: the real server through a
 //! PostgreSQL of its own that the tests stop (hung, then shut down) and start again, a
-//! server killed with SIGKILL right after answering, a server stopped while invocations still run, two servers on one
+//! SQLite database on a disk that fills up, a server killed with SIGKILL right after
+//! answering, a server stopped while invocations still run, two servers on one
 //! PostgreSQL and one Redis where one deletes a function the other runs, and `/metrics`
 //! after deletions.
 
 mod common;
 #[path = "../../nimbus-state/tests/common/mod.rs"]
 mod private_redis;
+#[path = "../../nimbus-store/tests/common/tmpfs.rs"]
+mod tmpfs;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -427,6 +430,56 @@ async fn invocations_cut_short_by_a_shutdown_are_recorded() {
             "{record}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_full_disk_under_sqlite_loses_no_record_and_reads_stay_consistent() {
+    let Some(disk) = tmpfs::Tmpfs::mount("4m") else {
+        return;
+    };
+    let database = format!("sqlite:{}", disk.path().join("nimbus.db").display());
+    let mut s = Server::start_on(tempfile::tempdir().unwrap(), database, None, "", &[]).await;
+    s.deploy("echo", ECHO, json!({})).await;
+    let mut ids = vec![invoke_ok(&s, "echo", 0).await];
+
+    // Records large enough that the database must grow to take them.
+    let filler = disk.fill();
+    let big = json!({"pad": "x".repeat(30_000)}).to_string();
+    for _ in 0..10 {
+        let (status, body) = s.invoke_raw("echo", "", &big).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        ids.push(body["request_id"].as_str().unwrap().to_owned());
+    }
+    // The recorder tries (and fails) a few times.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    std::fs::remove_file(filler).unwrap();
+
+    // Every record is stored, and every read finds it, whichever pooled connection
+    // serves it; and still after a restart.
+    for id in &ids {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while s.call("GET", &format!("/invocations/{id}"), None).await.0 != StatusCode::OK {
+            assert!(Instant::now() < deadline, "record {id} is missing");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert_eq!(reads_found(&s, &ids).await, 4 * ids.len());
+    s.restart().await;
+    assert_eq!(reads_found(&s, &ids).await, 4 * ids.len());
+    drop(s);
+}
+
+/// How many of four concurrent reads of each record of `ids` find it.
+async fn reads_found(s: &Server, ids: &[String]) -> usize {
+    let paths: Vec<String> = (0..4)
+        .flat_map(|_| ids.iter().map(|id| format!("/invocations/{id}")))
+        .collect();
+    let reads = paths.iter().map(|path| s.call("GET", path, None));
+    futures::future::join_all(reads)
+        .await
+        .iter()
+        .filter(|(status, _)| *status == StatusCode::OK)
+        .count()
 }
 
 /// The function of the deletion test: sleeps if asked, then writes a state key.
