@@ -129,7 +129,7 @@ async fn connect_postgres(url: &str) -> StoreResult<AnyPool> {
 }
 
 /// Whether a `sqlite:` URL names an in-memory database (`:memory:` or `mode=memory`).
-fn is_in_memory(url: &str) -> bool {
+pub(crate) fn is_in_memory(url: &str) -> bool {
     let rest = url
         .trim_start_matches("sqlite://")
         .trim_start_matches("sqlite:");

@@ -10,8 +10,8 @@
 //! Both backends share one implementation over sqlx's `Any` driver (`sql`): the SQL is
 //! written once in the dialect both databases accept; per-backend differences (URL,
 //! connection setup, migrations, parameter limits) live in `backend`, column conversions
-//! in `codec`. On PostgreSQL, `guard` makes every call fail fast while the database does
-//! not answer.
+//! in `codec`. `guard` watches the database with a health check; on PostgreSQL it makes
+//! every call fail fast while the database does not answer.
 
 mod backend;
 mod codec;
@@ -47,24 +47,31 @@ pub async fn open(url: &str) -> StoreResult<Arc<dyn MetadataStore>> {
     open_with(url, &StoreOptions::default()).await
 }
 
-/// [`open`] with `options`. A PostgreSQL store is watched by a health check on a
-/// connection of its own (see [`StoreOptions::timeout`]); while the database does not
-/// answer it, every call fails at once with [`StoreError::Unavailable`], and calls already
-/// waiting on it fail too. SQLite, a local file, is not watched.
+/// [`open`] with `options`. The database is watched by a health check (see
+/// [`StoreOptions::timeout`]) that [`MetadataStore::available`] reports. On PostgreSQL,
+/// while the database does not answer it, every call fails at once with
+/// [`StoreError::Unavailable`], and calls already waiting on it fail once they have waited
+/// the timeout. SQLite, a local file, is checked but its calls are not held back; an
+/// in-memory SQLite database is not watched.
 pub async fn open_with(url: &str, options: &StoreOptions) -> StoreResult<Arc<dyn MetadataStore>> {
     let store = sql::SqlStore::open(url).await?;
-    Ok(match store.dialect() {
-        backend::Dialect::Sqlite => Arc::new(store),
-        backend::Dialect::Postgres => Arc::new(guard::Guarded::start(store, url, options.timeout)),
-    })
+    if store.dialect() == backend::Dialect::Sqlite && backend::is_in_memory(url) {
+        return Ok(Arc::new(store));
+    }
+    Ok(Arc::new(guard::Guarded::start(
+        store,
+        url,
+        options.timeout,
+    )?))
 }
 
 /// How a store is opened.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    /// The longest the database may take to answer a health check (`SELECT 1` on its own
-    /// connection, every quarter of this) before it counts as unavailable: calls then fail
-    /// within this bound instead of waiting for the database (default 1 s).
+    /// The longest the database may take to answer a health check (every quarter of
+    /// this; see `open_with`): after two checks in a row that it failed, it counts as
+    /// unavailable, and calls then fail within this bound instead of waiting for the
+    /// database (default 1 s).
     pub timeout: Duration,
 }
 

@@ -319,6 +319,11 @@ impl SqlStore {
     pub(crate) fn dialect(&self) -> Dialect {
         self.dialect
     }
+
+    /// Its pool of connections.
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
 }
 
 /// Binds the configuration a version freezes and its code, in the column order

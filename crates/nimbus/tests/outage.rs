@@ -340,6 +340,145 @@ async fn through_a_postgres_outage_warm_functions_run_the_rest_fails_fast_and_no
     all_recorded(&s, &refused).await;
 }
 
+/// Runs `sql` on the private PostgreSQL as its superuser; the rows it prints.
+fn pg_sql(pg: &PrivatePg, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([pg.url().as_str(), "-qAtc", sql])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Polls `/ready` for `period`: every answer must be 200.
+async fn ready_throughout(s: &Server, period: Duration, during: &str) {
+    let until = Instant::now() + period;
+    while Instant::now() < until {
+        let ((status, body), _) = timed("/ready", ready(s)).await;
+        assert_eq!(status, StatusCode::OK, "{during}: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One slow answer to the health check is not an outage: a PostgreSQL that stops
+/// answering for longer than one check may take (¾ of `store_timeout_ms`), but less than
+/// two in a row, is never reported down, and a call waiting on it meanwhile is not cut
+/// (both happened after one check failed).
+#[tokio::test]
+async fn a_postgres_slow_for_one_health_check_is_not_down() {
+    let pg = PrivatePg::start();
+    let s = Server::start_on(
+        tempfile::tempdir().unwrap(),
+        pg.url(),
+        None,
+        // Checks every 750 ms, each failing after 2250 ms.
+        "store_timeout_ms = 3000\n",
+        &[],
+    )
+    .await;
+    s.deploy("f", ECHO, json!({})).await;
+    wait_ready(&s, StatusCode::OK).await;
+
+    pg.signal("STOP");
+    // The check under way when it stopped, or the next one (at most 750 ms later), fails
+    // 2250 ms after it began, and the check after it begins then: it has at least 1200 ms
+    // after the database answers again at 3300 ms.
+    let waiting = {
+        let (http, url) = (s.http.clone(), s.url("/functions/f"));
+        tokio::spawn(async move {
+            let r = http.get(url).send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        })
+    };
+    ready_throughout(&s, Duration::from_millis(3300), "PostgreSQL paused").await;
+    pg.signal("CONT");
+    let (status, body) = timed("the call waiting on PostgreSQL", waiting)
+        .await
+        .0
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    ready_throughout(&s, Duration::from_secs(2), "PostgreSQL back").await;
+}
+
+/// A PostgreSQL that refuses new connections (at `max_connections`; here, the server's
+/// role at its connection limit, the same refusal, SQLSTATE 53300) while the pool's
+/// connections work is available: the health check that cannot connect asks a pooled
+/// connection, and reconnects once it can (it marked the store down before).
+#[tokio::test]
+async fn a_postgres_refusing_new_connections_is_checked_through_the_pool() {
+    let pg = PrivatePg::start();
+    pg_sql(&pg, "CREATE ROLE nimbus LOGIN");
+    pg_sql(&pg, "CREATE DATABASE nimbus OWNER nimbus");
+    let url = format!("postgres://nimbus@127.0.0.1:{}/nimbus", pg.port);
+    let s = Server::start_on(tempfile::tempdir().unwrap(), url, None, "", &[]).await;
+    s.deploy("f", ECHO, json!({})).await;
+    invoke_ok(&s, "f", 0).await;
+    wait_ready(&s, StatusCode::OK).await;
+
+    let connections = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'nimbus'";
+    let health_check =
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'nimbus-health-check'";
+    assert_eq!(
+        pg_sql(&pg, health_check),
+        "1",
+        "the check names its connection"
+    );
+    // No new connection for the role: the pool's stay, the check's is closed.
+    let pooled: u32 = pg_sql(&pg, connections).parse::<u32>().unwrap() - 1;
+    pg_sql(&pg, &format!("ALTER ROLE nimbus CONNECTION LIMIT {pooled}"));
+    pg_sql(
+        &pg,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'nimbus-health-check'",
+    );
+    ready_throughout(&s, Duration::from_secs(3), "new connections refused").await;
+    let (status, body) = timed("reading a function", s.call("GET", "/functions/f", None))
+        .await
+        .0;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        pg_sql(&pg, health_check),
+        "0",
+        "the check could not connect"
+    );
+
+    pg_sql(&pg, "ALTER ROLE nimbus CONNECTION LIMIT -1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pg_sql(&pg, health_check) != "1" {
+        assert!(Instant::now() < deadline, "the check did not reconnect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// With SQLite, `/ready` checks the database file (it answered 200 whatever became of
+/// it): a database file that is gone from its path (moved, deleted) makes it answer 503
+/// `store_unavailable` at once, and it is ready again when the file is back.
+#[tokio::test]
+async fn ready_checks_the_sqlite_database() {
+    let s = Server::start(Backend::Sqlite).await;
+    wait_ready(&s, StatusCode::OK).await;
+    let path = s.dir.path().join("nimbus.db");
+    let moved = s.dir.path().join("nimbus.db.moved");
+    std::fs::rename(&path, &moved).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ((status, body), took) = timed("/ready", ready(&s)).await;
+        assert!(took < FAST, "/ready took {took:?}");
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(code_of(&body), "store_unavailable", "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "/ready stayed {status}: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::rename(&moved, &path).unwrap();
+    wait_ready(&s, StatusCode::OK).await;
+}
+
 #[tokio::test]
 async fn a_server_killed_right_after_answering_loses_no_record() {
     let mut s = Server::start(Backend::Sqlite).await;
@@ -604,7 +743,9 @@ async fn series_of_deleted_functions_aliases_and_versions_leave_metrics() {
     assert_eq!(s.invoke_raw(reborn, "", "{}").await.0, StatusCode::OK);
     let routing = json!({"weights": [{"version": 1, "weight": 100}]});
     let again = json!({"name": "a0", "routing_config": routing});
-    let (status, body) = s.call("POST", "/functions/churn/aliases", Some(again)).await;
+    let (status, body) = s
+        .call("POST", "/functions/churn/aliases", Some(again))
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert_eq!(
         s.invoke_raw("churn", "?alias=a0", "{}").await.0,
