@@ -232,7 +232,7 @@ impl Engine {
         }
         self.catalog.invalidate(&function.id);
         metrics::alias_updated(&function.name, name, "delete");
-        metrics::retire_alias(&function.name, name);
+        metrics::retire_alias(&function.name, &function.id, name);
         tracing::info!(function = %function.name, alias = name, "alias deleted");
         Ok(function.id)
     }
@@ -255,6 +255,7 @@ impl Engine {
     /// After an alias change: route by it from now on, count and log it.
     fn alias_changed(&self, function: &Function, alias: &FunctionAlias, action: &'static str) {
         self.catalog.invalidate(&function.id);
+        metrics::alias_live(&function.id, &alias.name);
         metrics::alias_updated(&function.name, &alias.name, action);
         tracing::info!(
             function = %function.name,

@@ -67,6 +67,8 @@ pub enum Gone {
     },
     /// An alias of a function.
     Alias {
+        /// The function's id.
+        function_id: String,
         /// The function's name.
         function: String,
         /// The alias.
@@ -176,6 +178,8 @@ impl Catalog {
         });
         let mut map = self.functions.write().expect("catalog lock");
         if self.generation.load(Ordering::Acquire) == generation {
+            // Not for a read that raced a change here: it may predate a deletion.
+            metrics::function_live(&function.name, &function.id);
             let timed = || Timed {
                 value: entry.clone(),
                 fetched,
@@ -206,6 +210,7 @@ impl Catalog {
             if cached.is_some() {
                 self.aliases.write().expect("catalog lock").remove(&key);
                 self.report(Gone::Alias {
+                    function_id: function.id.clone(),
                     function: function.name.clone(),
                     alias: name.to_owned(),
                 });
@@ -218,6 +223,7 @@ impl Catalog {
             _ => Arc::new(Route::new(alias.routing)),
         };
         if self.generation.load(Ordering::Acquire) == generation {
+            metrics::alias_live(&function.id, name);
             map.insert(
                 key,
                 Timed {
@@ -337,6 +343,7 @@ impl Catalog {
                     .remove(&(function_id.clone(), alias.clone()));
                 if let Some(function) = names.get(&function_id) {
                     self.report(Gone::Alias {
+                        function_id,
                         function: function.clone(),
                         alias,
                     });

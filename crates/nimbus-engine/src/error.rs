@@ -115,7 +115,9 @@ impl From<StoreError> for EngineError {
                 code: "not_found",
                 message,
             },
-            StoreError::Backend(message) | StoreError::Unavailable(message) => {
+            StoreError::Backend(message)
+            | StoreError::Rejected(message)
+            | StoreError::Unavailable(message) => {
                 EngineError::Unavailable(format!("metadata store unavailable: {message}"))
             }
             StoreError::Corrupt(message) => {

@@ -177,6 +177,7 @@ impl Engine {
                 nimbus_store::StoreError::Conflict(_) => function_exists(&function.name),
                 other => other.into(),
             })?;
+        metrics::function_live(&function.name, &function.id);
         metrics::version_published(&function.name);
         metrics::alias_updated(&function.name, LATEST_ALIAS, "create");
         tracing::info!(function = %function.name, id = %function.id, "function created");
@@ -299,7 +300,7 @@ impl Engine {
         self.catalog.remove(&function.id);
         self.pools.remove_function(&function.id);
         self.snapshots.forget(&function.id, None);
-        metrics::retire_function(&function.name);
+        metrics::retire_function(&function.name, &function.id);
         // Its state and sessions go with it; a backend that is down now leaves them to
         // expire (the function id is never reused).
         if let Err(e) = self.state.store().purge_function(&function.id).await {

@@ -279,7 +279,19 @@ impl Engine {
         let invocation = instance
             .conn
             .invoke_with_state(request_id, event, &mut state);
-        match tokio::time::timeout(timeout, invocation).await {
+        let ran = tokio::select! {
+            ran = tokio::time::timeout(timeout, invocation) => ran,
+            () = self.stopping.cancelled() => {
+                tokio::spawn(lease.retire().kill());
+                return failed(
+                    "instance_crashed",
+                    "the server stopped during the invocation (it ran past the shutdown \
+                     grace period) and stopped its instance"
+                        .into(),
+                );
+            }
+        };
+        match ran {
             Ok(Ok(done)) => {
                 self.pools.release(lease);
                 let outcome = match done.result {

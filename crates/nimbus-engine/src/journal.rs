@@ -56,6 +56,9 @@ struct Active {
     dirty: bool,
     /// Closed segments (and the directory, once a segment was created) still to sync.
     unsynced: Vec<File>,
+    /// Its file was deleted (everything in it was stored): the next append begins a new
+    /// segment.
+    deleted: bool,
 }
 
 /// The journal's appending side. Shared by every invocation; one append at a time.
@@ -82,6 +85,7 @@ impl Journal {
                 len: 0,
                 dirty: false,
                 unsynced: vec![File::open(dir)?],
+                deleted: false,
             }),
         })
     }
@@ -101,6 +105,9 @@ impl Journal {
         frame.extend_from_slice(&payload);
 
         let mut active = self.active.lock().expect("journal lock");
+        if active.deleted {
+            self.rotate(&mut active)?;
+        }
         if let Err(e) = active.file.write_all(&frame) {
             // Cut off whatever part of the frame was written, so the next one follows a
             // whole frame; if even that fails, go on in a new segment.
@@ -151,13 +158,39 @@ impl Journal {
         let dir = File::open(&self.dir)?;
         let file = create_segment(&self.dir, next)?;
         let closed = std::mem::replace(&mut active.file, file);
-        if std::mem::take(&mut active.dirty) {
+        if std::mem::take(&mut active.dirty) && !active.deleted {
             active.unsynced.push(closed);
         }
         active.unsynced.push(dir);
         active.number = next;
         active.len = 0;
+        active.deleted = false;
         Ok(())
+    }
+
+    /// Deletes every segment whose records are all stored (all before `stored`, where a
+    /// cursor reading the journal stands), the one being appended to included when
+    /// everything in it is stored: under the append lock, so no record is appended to a
+    /// segment deleted here (the next append begins a new one). True if the journal held
+    /// nothing else.
+    pub(crate) fn delete_stored(&self, stored: Position) -> io::Result<bool> {
+        let mut active = self.active.lock().expect("journal lock");
+        let all = stored
+            >= Position {
+                segment: active.number,
+                offset: active.len,
+            };
+        for number in segments(&self.dir)? {
+            let is_active = number == active.number;
+            if number < stored.segment || (is_active && all) {
+                delete_segment(&self.dir, number);
+            }
+        }
+        if all {
+            active.deleted = true;
+            active.dirty = false;
+        }
+        Ok(all)
     }
 }
 
@@ -322,14 +355,6 @@ impl Cursor {
         self.file = None;
         Ok(Frame::End)
     }
-}
-
-/// Deletes every segment up to `last` (their records are all stored).
-pub(crate) fn delete_segments_through(dir: &Path, last: u64) -> io::Result<()> {
-    for number in segments(dir)?.into_iter().filter(|n| *n <= last) {
-        delete_segment(dir, number);
-    }
-    Ok(())
 }
 
 /// Deletes segment `number` (its records are all stored).

@@ -42,6 +42,7 @@ use nimbus_sandbox::Driver;
 use nimbus_state::State;
 use nimbus_store::{InvocationFilter, MetadataStore};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use aliases::{AliasPatch, NewAlias, RollbackRequest, RolledBack};
@@ -80,7 +81,14 @@ pub struct Engine {
     inflight: TaskTracker,
     /// Set when the server starts stopping: new invocations are refused from then on.
     draining: AtomicBool,
+    /// Cancelled when the server stops: invocations still running are cut short.
+    stopping: CancellationToken,
 }
+
+/// Longest [`Engine::shutdown`] waits for the invocations it cut short to record their end
+/// (an instance being started cannot be cut short; one that ends later is recorded at the
+/// next start, from the journal).
+const CUT_SHORT_WAIT: Duration = Duration::from_secs(5);
 
 impl Engine {
     /// Starts the engine and its background tasks (recorder, idle reaper, purge pass).
@@ -131,6 +139,7 @@ impl Engine {
             config,
             inflight: TaskTracker::new(),
             draining: AtomicBool::new(false),
+            stopping: CancellationToken::new(),
         });
         metrics::describe();
         let weak = Arc::downgrade(&engine);
@@ -196,12 +205,13 @@ impl Engine {
         Ok(self.store.available()?)
     }
 
-    /// One invocation record. Records are written behind; a miss waits for pending writes.
+    /// One invocation record. Records are written behind; a miss waits for pending writes
+    /// (at most [`recorder::READ_WAIT`]).
     pub async fn get_invocation(&self, request_id: &str) -> EngineResult<Invocation> {
         if let Some(found) = self.store.get_invocation(request_id).await? {
             return Ok(found);
         }
-        self.recorder.flush().await;
+        self.recorder.flush_for_read().await;
         self.store
             .get_invocation(request_id)
             .await?
@@ -211,14 +221,15 @@ impl Engine {
             })
     }
 
-    /// A function's invocation records, newest first, including ones not yet written.
+    /// A function's invocation records, newest first, including ones pending a moment
+    /// ago (waiting for them at most [`recorder::READ_WAIT`]).
     pub async fn list_invocations(
         &self,
         function: &str,
         filter: &InvocationFilter,
     ) -> EngineResult<Vec<Invocation>> {
         let function = self.get_function(function).await?;
-        self.recorder.flush().await;
+        self.recorder.flush_for_read().await;
         Ok(self.store.list_invocations(&function.id, filter).await?)
     }
 
@@ -256,7 +267,9 @@ impl Engine {
             .is_ok()
     }
 
-    /// Drains (up to `grace`), then stops every instance and writes every pending record.
+    /// Drains (up to `grace`), then stops every instance, cutting short the invocations
+    /// still running (each records its end: `instance_crashed`), waits for them to record
+    /// it (up to [`CUT_SHORT_WAIT`]) and writes every pending record.
     pub async fn shutdown(&self, grace: Duration) {
         if !self.drain(grace).await {
             tracing::warn!(
@@ -264,8 +277,19 @@ impl Engine {
                 "invocations still running at shutdown are cut short"
             );
         }
+        self.stopping.cancel();
         self.pools.shutdown();
         self.snapshots.shutdown();
+        if tokio::time::timeout(CUT_SHORT_WAIT, self.inflight.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = self.inflight.len(),
+                "invocations cut short have not ended within {CUT_SHORT_WAIT:?}: a record \
+                 they make later is written at the next start"
+            );
+        }
         let writer = self.recorder_task.lock().expect("recorder lock").take();
         match writer {
             Some(writer) => self.recorder.close(writer).await,
@@ -282,7 +306,7 @@ impl Engine {
                 self.catalog.remove(&id);
                 self.pools.remove_function(&id);
                 self.snapshots.forget(&id, None);
-                metrics::retire_function(&name);
+                metrics::retire_function(&name, &id);
                 tracing::info!(function = %name, %id, "function deleted: its instances and templates here are stopped");
             }
             Gone::Version {
@@ -292,9 +316,13 @@ impl Engine {
             } => {
                 self.pools.retire_version(&function_id, version);
                 self.snapshots.forget(&function_id, Some(version));
-                metrics::retire_version(&function, version);
+                metrics::retire_version(&function, &function_id, version);
             }
-            Gone::Alias { function, alias } => metrics::retire_alias(&function, &alias),
+            Gone::Alias {
+                function_id,
+                function,
+                alias,
+            } => metrics::retire_alias(&function, &function_id, &alias),
         }
     }
 }

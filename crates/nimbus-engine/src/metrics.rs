@@ -10,7 +10,10 @@
 //! its counters out of the index ([`retire_function`], [`retire_alias`],
 //! [`retire_version`]), so the exporter drops them once they sit unchanged for the idle
 //! timeout; counters of it that appear during [`RETIRED_GRACE`] (an invocation that was
-//! still running) are not indexed again.
+//! still running) are not indexed again. Series are named by the function's name, which a
+//! new function may take at once: a function or alias found to exist again (created here,
+//! or read from the store) lifts the retirement of its name ([`function_live`],
+//! [`alias_live`]).
 
 use std::collections::HashSet;
 use std::sync::{LazyLock, Mutex, RwLock};
@@ -334,7 +337,10 @@ static RETIRED: Mutex<Vec<(Retired, Instant)>> = Mutex::new(Vec::new());
 /// Series of a deleted function, or of one of its aliases or versions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Retired {
+    /// The function's name: what the series are labelled with.
     function: String,
+    /// The function's id: a function of the same name with another id is not retired.
+    function_id: String,
     alias: Option<String>,
     version: Option<String>,
 }
@@ -354,31 +360,53 @@ impl Retired {
     }
 }
 
-/// Takes the counters of a deleted function out of `/metrics`.
-pub fn retire_function(function: &str) {
+/// Takes the counters of a deleted function (`function` by name, `function_id`) out of
+/// `/metrics`.
+pub fn retire_function(function: &str, function_id: &str) {
     retire(Retired {
         function: function.to_owned(),
+        function_id: function_id.to_owned(),
         alias: None,
         version: None,
     });
 }
 
 /// Takes the counters of a deleted alias out of `/metrics`.
-pub fn retire_alias(function: &str, alias: &str) {
+pub fn retire_alias(function: &str, function_id: &str, alias: &str) {
     retire(Retired {
         function: function.to_owned(),
+        function_id: function_id.to_owned(),
         alias: Some(alias.to_owned()),
         version: None,
     });
 }
 
 /// Takes the counters of a deleted version out of `/metrics`.
-pub fn retire_version(function: &str, version: u32) {
+pub fn retire_version(function: &str, function_id: &str, version: u32) {
     retire(Retired {
         function: function.to_owned(),
+        function_id: function_id.to_owned(),
         alias: None,
         version: Some(version.to_string()),
     });
+}
+
+/// The function `function_id` named `function` exists: series of that name retired with
+/// another function (deleted, its name taken again) are indexed again from now on.
+pub fn function_live(function: &str, function_id: &str) {
+    let mut recent = RETIRED.lock().expect("metrics index lock");
+    if !recent.is_empty() {
+        recent.retain(|(r, _)| r.function != function || r.function_id == function_id);
+    }
+}
+
+/// The alias `alias` of function `function_id` exists: its series retired with an alias
+/// of that name deleted earlier are indexed again from now on.
+pub fn alias_live(function_id: &str, alias: &str) {
+    let mut recent = RETIRED.lock().expect("metrics index lock");
+    if !recent.is_empty() {
+        recent.retain(|(r, _)| r.function_id != function_id || r.alias.as_deref() != Some(alias));
+    }
 }
 
 fn retire(retired: Retired) {
@@ -457,5 +485,59 @@ impl<R: Recorder> Recorder for Retiring<R> {
 
     fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> Histogram {
         self.inner.register_histogram(key, metadata)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether a series of `metric` labelled `label` = `value` is indexed (kept live).
+    fn indexed(metric: &str, label: &str, value: &str) -> bool {
+        LIVE.read().unwrap().iter().any(|k| {
+            k.name() == metric && k.labels().any(|l| l.key() == label && l.value() == value)
+        })
+    }
+
+    /// A function deleted and created again under its name within [`RETIRED_GRACE`] keeps
+    /// its series, and so does an alias deleted and created again; what the deleted ones
+    /// count late stays out meanwhile.
+    #[test]
+    fn a_name_taken_again_within_the_grace_keeps_its_series() {
+        let recorder = Retiring::new(metrics::NoopRecorder);
+        let count = |function: &str, alias: &str| {
+            metrics::with_local_recorder(&recorder, || {
+                invocation(function, Runtime::Python311, "success");
+                invocation_by_version(function, 1, Some(alias), "success");
+            })
+        };
+        let (function, alias) = ("metrics-test-recreated", "metrics-test-alias");
+        count(function, alias);
+        assert!(indexed(INVOCATIONS_TOTAL, "function", function));
+
+        retire_function(function, "fn_old");
+        assert!(!indexed(INVOCATIONS_TOTAL, "function", function));
+        // An invocation of the deleted function that was still running ends.
+        count(function, alias);
+        assert!(!indexed(INVOCATIONS_TOTAL, "function", function));
+        // The same id read again (a read that raced the deletion) lifts nothing.
+        function_live(function, "fn_old");
+        count(function, alias);
+        assert!(!indexed(INVOCATIONS_TOTAL, "function", function));
+
+        // A new function takes the name.
+        function_live(function, "fn_new");
+        count(function, alias);
+        assert!(indexed(INVOCATIONS_TOTAL, "function", function));
+        assert!(indexed(INVOCATION_BY_VERSION_TOTAL, "alias", alias));
+
+        // Its alias is deleted and created again.
+        retire_alias(function, "fn_new", alias);
+        count(function, alias);
+        assert!(!indexed(INVOCATION_BY_VERSION_TOTAL, "alias", alias));
+        assert!(indexed(INVOCATIONS_TOTAL, "function", function));
+        alias_live("fn_new", alias);
+        count(function, alias);
+        assert!(indexed(INVOCATION_BY_VERSION_TOTAL, "alias", alias));
     }
 }

@@ -30,28 +30,29 @@ pub(crate) struct PurgeSchedule {
 }
 
 impl PurgeSchedule {
-    /// Whether the function `id`, deleted `age` ago, is purged in this pass, given the
-    /// pass interval `every` and the `window` of late writes.
-    fn due(&self, id: &str, age: Duration, every: Duration, window: Duration) -> bool {
-        let mut next = self.next.lock().expect("purge schedule lock");
-        let due = match next.get(id) {
+    /// Whether the function `id`, deleted `age` ago, is purged in this pass.
+    fn due(&self, id: &str, age: Duration) -> bool {
+        match self.next.lock().expect("purge schedule lock").get(id) {
             None => true,
             Some(None) => false,
             Some(Some(mark)) => age >= *mark,
-        };
-        if due {
-            // The next mark: the first doubling of `every` past `age`, at most the window;
-            // none once the window has passed.
-            let mark = (age < window).then(|| {
-                let mut mark = every.max(Duration::from_millis(1));
-                while mark <= age {
-                    mark *= 2;
-                }
-                mark.min(window)
-            });
-            next.insert(id.to_owned(), mark);
         }
-        due
+    }
+
+    /// The function `id`, deleted `age` ago, was purged: its next purge is at the first
+    /// doubling of the pass interval `every` past `age`, at most the `window` of late
+    /// writes; none once the window has passed. (A purge that failed leaves the schedule
+    /// as it was, so the next pass tries again.)
+    fn purged(&self, id: &str, age: Duration, every: Duration, window: Duration) {
+        let mark = (age < window).then(|| {
+            let mut mark = every.max(Duration::from_millis(1));
+            while mark <= age {
+                mark *= 2;
+            }
+            mark.min(window)
+        });
+        let mut next = self.next.lock().expect("purge schedule lock");
+        next.insert(id.to_owned(), mark);
     }
 
     /// Forgets the functions no longer remembered as deleted.
@@ -83,13 +84,15 @@ impl Engine {
         for function in &deleted {
             let age = Duration::try_from(now - function.deleted_at).unwrap_or_default();
             let id = &function.function_id;
-            if !self.purges.due(id, age, every, window) {
+            if !self.purges.due(id, age) {
                 continue;
             }
-            if let Err(e) = self.state.store().purge_function(id).await {
+            let state = self.state.store().purge_function(id).await;
+            if let Err(e) = &state {
                 tracing::debug!(function = %id, "purging the state of a deleted function: {e}");
             }
-            match self.store.purge_deleted_function(id).await {
+            let records = self.store.purge_deleted_function(id).await;
+            match &records {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(
                     function = %id,
@@ -99,6 +102,9 @@ impl Engine {
                 Err(e) => {
                     tracing::debug!(function = %id, "purging the records of a deleted function: {e}")
                 }
+            }
+            if state.is_ok() && records.is_ok() {
+                self.purges.purged(id, age, every, window);
             }
         }
         self.purges
@@ -118,14 +124,17 @@ mod tests {
     use super::*;
 
     /// The ages at which passes every `every` purge a function deleted at age 0, seen
-    /// first at `first`.
-    fn purges(first: Duration, every: Duration, window: Duration) -> Vec<u64> {
+    /// first at `first`, when the purges at the ages in `failing` fail.
+    fn purges(first: Duration, every: Duration, window: Duration, failing: &[u64]) -> Vec<u64> {
         let schedule = PurgeSchedule::default();
         let mut age = first;
         let mut at = Vec::new();
         while age < window * 3 {
-            if schedule.due("fn_1", age, every, window) {
+            if schedule.due("fn_1", age) {
                 at.push(age.as_secs());
+                if !failing.contains(&age.as_secs()) {
+                    schedule.purged("fn_1", age, every, window);
+                }
             }
             age += every;
         }
@@ -136,25 +145,44 @@ mod tests {
     fn a_deleted_function_is_purged_at_doubling_intervals_and_once_past_the_window() {
         let (every, window) = (Duration::from_secs(60), Duration::from_secs(1561));
         assert_eq!(
-            purges(Duration::from_secs(5), every, window),
+            purges(Duration::from_secs(5), every, window, &[]),
             [5, 65, 125, 245, 485, 965, 1565]
         );
         // A server that first sees it late purges at once, then keeps the schedule.
         assert_eq!(
-            purges(Duration::from_secs(700), every, window),
+            purges(Duration::from_secs(700), every, window, &[]),
             [700, 1000, 1600]
         );
         // One that first sees it after the window purges once.
-        assert_eq!(purges(Duration::from_secs(2000), every, window), [2000]);
+        assert_eq!(
+            purges(Duration::from_secs(2000), every, window, &[]),
+            [2000]
+        );
+    }
+
+    /// A purge that fails (the store or the state backend is down) is tried again at the
+    /// next pass, the last one past the window included; it used to count as done.
+    #[test]
+    fn a_purge_that_fails_is_tried_again_at_the_next_pass() {
+        let (every, window) = (Duration::from_secs(60), Duration::from_secs(1561));
+        assert_eq!(
+            purges(Duration::from_secs(5), every, window, &[65, 1565, 1625]),
+            [5, 65, 125, 245, 485, 965, 1565, 1625, 1685]
+        );
+        let schedule = PurgeSchedule::default();
+        assert!(schedule.due("fn_1", Duration::from_secs(2000)));
+        // Failed: nothing marks it done.
+        assert!(schedule.due("fn_1", Duration::from_secs(2060)));
     }
 
     #[test]
     fn functions_no_longer_deleted_are_forgotten() {
         let schedule = PurgeSchedule::default();
         let (every, window) = (Duration::from_secs(1), Duration::from_secs(10));
-        assert!(schedule.due("fn_1", Duration::ZERO, every, window));
-        assert!(!schedule.due("fn_1", Duration::ZERO, every, window));
+        assert!(schedule.due("fn_1", Duration::ZERO));
+        schedule.purged("fn_1", Duration::ZERO, every, window);
+        assert!(!schedule.due("fn_1", Duration::ZERO));
         schedule.keep_only(&HashSet::new());
-        assert!(schedule.due("fn_1", Duration::ZERO, every, window));
+        assert!(schedule.due("fn_1", Duration::ZERO));
     }
 }

@@ -5,8 +5,10 @@
 //! back in order and writes batches to the store (up to 512 records, lingering 20 ms for a
 //! fuller one), deleting journal segments once everything in them is stored. A store that
 //! fails is retried with backoff for as long as it takes, the records waiting on disk, not
-//! in memory; a server that died is replayed from its journal at the next start. Writing a
-//! record twice stores it once (the store's insert keeps a finished record as it is).
+//! in memory; only a record the store refuses for its data ([`StoreError::Rejected`]) is
+//! dropped, since it would hold up every record after it. A server that died is replayed
+//! from its journal at the next start. Writing a record twice stores it once (the store's
+//! insert keeps a finished record as it is).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +35,9 @@ const SYNC_EVERY: Duration = Duration::from_secs(1);
 const MAX_OVERFLOW: usize = 100_000;
 /// How often a store failure that goes on is logged again.
 const REPORT_EVERY: Duration = Duration::from_secs(60);
+/// Longest a read of records waits for pending ones to be stored (see
+/// [`Recorder::flush_for_read`]).
+pub const READ_WAIT: Duration = Duration::from_secs(2);
 
 /// Where records go in the end: the metadata store (or, in tests, a stand-in).
 #[async_trait]
@@ -84,6 +89,8 @@ struct Shared {
     overflow: Mutex<Vec<Invocation>>,
     /// The last append failed (logged once per run of failures).
     journal_failing: AtomicBool,
+    /// [`Recorder::close`] ran: nothing writes the journal to the store any more.
+    closed: AtomicBool,
     /// Woken by every record.
     appended: Notify,
     /// Woken by a flush: write now, without lingering or waiting out a backoff.
@@ -111,6 +118,7 @@ impl Recorder {
             journal,
             overflow: Mutex::default(),
             journal_failing: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             appended: Notify::new(),
             hurry: Notify::new(),
             progress: watch::Sender::new(Progress::default()),
@@ -121,7 +129,8 @@ impl Recorder {
     }
 
     /// Records an invocation: appended to the journal when this returns. Never waits on
-    /// the store.
+    /// the store. After [`Recorder::close`] the record stays in the journal, and the next
+    /// start of the server writes it to the store.
     pub fn record(&self, invocation: Invocation) {
         let shared = &self.shared;
         match shared.journal.append(&invocation) {
@@ -130,6 +139,13 @@ impl Recorder {
                     && shared.journal_failing.swap(false, Ordering::Relaxed)
                 {
                     tracing::info!("the invocation journal is written again");
+                }
+                if shared.closed.load(Ordering::Acquire) {
+                    tracing::warn!(
+                        request_id = %invocation.request_id,
+                        "an invocation ended after its records were written for the last time: \
+                         its record is kept in the journal and written at the next start"
+                    );
                 }
             }
             Err(e) => self.keep_in_memory(invocation, e),
@@ -178,28 +194,44 @@ impl Recorder {
             .await;
     }
 
-    /// Flushes, then syncs the journal; if the store holds everything, the journal's
-    /// segments are deleted (else they are written at the next start). Call it last: a
-    /// record made after it may be lost.
+    /// [`Recorder::flush`] for a read of records, waiting at most [`READ_WAIT`]: after an
+    /// outage the journal may hold a backlog that takes long to store, and a read then
+    /// answers from what the store has rather than wait for all of it.
+    pub async fn flush_for_read(&self) {
+        let _ = tokio::time::timeout(READ_WAIT, self.flush()).await;
+    }
+
+    /// Flushes, stops writing to the store, syncs the journal and deletes the segments
+    /// whose records are all stored. What the store did not take stays in the journal and
+    /// is written at the next start, and so does a record made after this (an invocation
+    /// that ended late): the segment it is appended to is never one deleted here.
     pub async fn close(&self, writer: JoinHandle<()>) {
         self.flush().await;
-        let end = self.shared.journal.end();
-        let stored = self.shared.progress.borrow().stored >= end;
         writer.abort();
         let _ = writer.await;
+        self.shared.closed.store(true, Ordering::Release);
+        let stored = self.shared.progress.borrow().stored;
         if let Err(e) = self.shared.journal.sync() {
             tracing::error!("syncing the invocation journal: {e}");
         }
-        if stored {
-            if let Err(e) = journal::delete_segments_through(self.shared.journal.dir(), end.segment)
-            {
-                tracing::warn!("deleting the invocation journal: {e}");
-            }
-        } else {
-            tracing::warn!(
+        match self.shared.journal.delete_stored(stored) {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
                 "the metadata store did not take every invocation record before the server \
                  stopped: the rest are kept in the journal and written at the next start"
+            ),
+            Err(e) => tracing::warn!("deleting the stored part of the invocation journal: {e}"),
+        }
+        let unwritten = self.shared.overflow.lock().expect("overflow lock").len();
+        if unwritten > 0 {
+            tracing::error!(
+                records = unwritten,
+                "invocation records lost: neither the journal nor the store took them \
+                 before the server stopped"
             );
+            for _ in 0..unwritten {
+                metrics::record_dropped();
+            }
         }
     }
 }
@@ -233,8 +265,6 @@ async fn write_behind(
     let mut finished: Vec<u64> = Vec::new();
     let mut outage = Outage::default();
     let mut delay = retry.first;
-    // The store refused the batch last time for a reason other than being unavailable.
-    let mut refused = false;
     loop {
         if batch.is_empty() {
             let hurried = fill(&shared, &mut cursor, &mut batch, &mut finished).await;
@@ -247,18 +277,10 @@ async fn write_behind(
             }
         }
         let result = match sink.write(&batch).await {
-            // Refused twice in a row: some record of it is refused for itself.
-            Err(e) if !matches!(e, StoreError::Unavailable(_)) && refused => {
-                batch = isolate(&*sink, std::mem::take(&mut batch)).await;
-                if batch.is_empty() {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
+            // Some record of it is refused for its data.
+            Err(StoreError::Rejected(_)) => isolate(&*sink, &mut batch).await,
             other => other,
         };
-        refused = matches!(&result, Err(e) if !matches!(e, StoreError::Unavailable(_)));
         let stored = cursor.position();
         match result {
             Ok(()) => {
@@ -291,30 +313,34 @@ async fn write_behind(
     }
 }
 
-/// Writes a batch the store refused one record at a time: a record the store refuses on
-/// its own (PostgreSQL: a data exception, say) can never be stored, and would hold up every
-/// record after it, so it is dropped, logged with its request id and counted in
-/// `nimbus_records_dropped_total`. Returns the records left when the store became
-/// unavailable meanwhile (they are retried as usual).
-async fn isolate(sink: &dyn RecordSink, batch: Vec<Invocation>) -> Vec<Invocation> {
-    let mut records = batch.into_iter();
-    while let Some(record) = records.next() {
-        match sink.write(std::slice::from_ref(&record)).await {
+/// Writes a batch the store refused for the data of some record one record at a time: a
+/// record refused so ([`StoreError::Rejected`]: PostgreSQL's data exceptions, say) can
+/// never be stored, and would hold up every record after it, so it is dropped, logged with
+/// its request id and counted in `nimbus_records_dropped_total`. Any other failure (the
+/// store went down meanwhile, its disk filled) affects every record alike: the records
+/// not yet written stay in `batch` and the failure is returned, to be retried as usual.
+async fn isolate(sink: &dyn RecordSink, batch: &mut Vec<Invocation>) -> StoreResult<()> {
+    let mut done = 0;
+    let result = loop {
+        let Some(record) = batch.get(done) else {
+            break Ok(());
+        };
+        match sink.write(std::slice::from_ref(record)).await {
             Ok(()) => {}
-            Err(StoreError::Unavailable(_)) => {
-                return std::iter::once(record).chain(records).collect();
-            }
-            Err(e) => {
+            Err(StoreError::Rejected(e)) => {
                 tracing::error!(
                     request_id = %record.request_id,
                     function = %record.function_name,
-                    "an invocation record was dropped: the store refuses it ({e})"
+                    "an invocation record was dropped: the store refuses its data ({e})"
                 );
                 metrics::record_dropped();
             }
+            Err(e) => break Err(e),
         }
-    }
-    Vec::new()
+        done += 1;
+    };
+    batch.drain(..done);
+    result
 }
 
 /// Waits until there is something to write and reads it; whether a flush asked for it.
@@ -546,7 +572,7 @@ mod tests {
     impl RecordSink for Picky {
         async fn write(&self, records: &[Invocation]) -> StoreResult<()> {
             if records.iter().any(|r| r.request_id == self.poison) {
-                return Err(StoreError::Backend("invalid byte sequence".into()));
+                return Err(StoreError::Rejected("invalid byte sequence".into()));
             }
             self.stored.lock().unwrap().extend_from_slice(records);
             Ok(())
@@ -580,6 +606,122 @@ mod tests {
         expected.push(later);
         assert_eq!(*sink.stored.lock().unwrap(), expected);
         recorder.close(writer).await;
+    }
+
+    /// A store that refuses every write alike for a while (its disk is full, it is
+    /// read-only during a failover), as a `Backend` error, not `Unavailable`.
+    struct Full {
+        refusals: usize,
+        attempts: AtomicUsize,
+        stored: Mutex<Vec<Invocation>>,
+    }
+
+    #[async_trait]
+    impl RecordSink for Full {
+        async fn write(&self, records: &[Invocation]) -> StoreResult<()> {
+            if self.attempts.fetch_add(1, Ordering::SeqCst) < self.refusals {
+                return Err(StoreError::Backend(
+                    "error returned from database: (code: 13) database or disk is full".into(),
+                ));
+            }
+            self.stored.lock().unwrap().extend_from_slice(records);
+            Ok(())
+        }
+    }
+
+    /// A failure that affects every record is waited out, not taken for records refused
+    /// for themselves: the recorder used to write a batch refused twice one record at a
+    /// time and drop each record the (full) store refused.
+    #[tokio::test]
+    async fn a_store_refusing_every_record_alike_drops_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Arc::new(Full {
+            refusals: 30,
+            attempts: AtomicUsize::new(0),
+            stored: Mutex::default(),
+        });
+        let (recorder, writer) = Recorder::start(dir.path(), sink.clone(), FAST).unwrap();
+        let records: Vec<Invocation> = (0..10).map(|_| record()).collect();
+        for r in &records {
+            recorder.record(r.clone());
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while sink.stored.lock().unwrap().len() < records.len() {
+            assert!(
+                Instant::now() < deadline,
+                "stored {:?} of 10 after {} attempts",
+                sink.stored.lock().unwrap().len(),
+                sink.attempts.load(Ordering::SeqCst)
+            );
+            recorder.flush().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(sink.attempts.load(Ordering::SeqCst) > 30);
+        assert_eq!(*sink.stored.lock().unwrap(), records);
+        recorder.close(writer).await;
+    }
+
+    /// A record made after the recorder closed (an invocation that ended late at
+    /// shutdown) is kept in the journal, and so is whatever the store had not taken:
+    /// the next recorder writes them. Closing used to delete every segment once the store
+    /// held what was there, the one being appended to included.
+    #[tokio::test]
+    async fn records_made_after_close_are_written_by_the_next_recorder() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = flaky(0);
+        let (recorder, writer) = Recorder::start(dir.path(), sink.clone(), FAST).unwrap();
+        let early = record();
+        recorder.record(early.clone());
+        recorder.close(writer).await;
+        assert_eq!(*sink.stored.lock().unwrap(), vec![early]);
+        let late = record();
+        recorder.record(late.clone());
+        drop(recorder);
+
+        let next = flaky(0);
+        let (recorder, writer) = Recorder::start(dir.path(), next.clone(), FAST).unwrap();
+        recorder.flush().await;
+        assert_eq!(*next.stored.lock().unwrap(), vec![late]);
+        recorder.close(writer).await;
+        let left = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(left, 0, "everything stored: no journal left");
+    }
+
+    /// A store that takes its time over each write.
+    struct Slow {
+        per_write: Duration,
+        stored: Mutex<Vec<Invocation>>,
+    }
+
+    #[async_trait]
+    impl RecordSink for Slow {
+        async fn write(&self, records: &[Invocation]) -> StoreResult<()> {
+            tokio::time::sleep(self.per_write).await;
+            self.stored.lock().unwrap().extend_from_slice(records);
+            Ok(())
+        }
+    }
+
+    /// A read does not wait for a long backlog to be stored (after an outage): it answers
+    /// from what the store has after [`READ_WAIT`]. (`flush`, which reads used to wait on,
+    /// returns only once the whole backlog is stored.)
+    #[tokio::test]
+    async fn a_read_waits_for_a_backlog_at_most_read_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Arc::new(Slow {
+            per_write: Duration::from_millis(250),
+            stored: Mutex::default(),
+        });
+        let (recorder, writer) = Recorder::start(dir.path(), sink.clone(), FAST).unwrap();
+        // 40 batches of 250 ms each: at least 10 s to store.
+        let total = MAX_BATCH * 40;
+        for _ in 0..total {
+            recorder.record(record());
+        }
+        recorder.flush_for_read().await;
+        let stored = sink.stored.lock().unwrap().len();
+        assert!(stored < total, "the read waited for the whole backlog");
+        writer.abort();
     }
 
     /// A flush while the store is down returns once a write tried after it failed.

@@ -119,7 +119,7 @@ impl Engine {
         self.catalog.forget_version(&function.id, number);
         self.pools.retire_version(&function.id, number);
         self.snapshots.forget(&function.id, Some(number));
-        metrics::retire_version(&function.name, number);
+        metrics::retire_version(&function.name, &function.id, number);
         tracing::info!(function = %function.name, version = number, "version deleted");
         Ok(function.id)
     }

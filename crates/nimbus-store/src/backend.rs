@@ -129,7 +129,7 @@ async fn connect_postgres(url: &str) -> StoreResult<AnyPool> {
 }
 
 /// Whether a `sqlite:` URL names an in-memory database (`:memory:` or `mode=memory`).
-fn is_in_memory(url: &str) -> bool {
+pub(crate) fn is_in_memory(url: &str) -> bool {
     let rest = url
         .trim_start_matches("sqlite://")
         .trim_start_matches("sqlite:");
@@ -139,11 +139,28 @@ fn is_in_memory(url: &str) -> bool {
 
 /// Opens a SQLite database: creates the file (and its directory) when missing, switches it
 /// to WAL once, then pools connections that each set their pragmas.
+///
+/// A connection goes back to the pool only outside a transaction. When SQLite rolls a
+/// transaction back by itself (a full disk, an I/O error: at a COMMIT or mid-statement),
+/// the ROLLBACK sqlx then queues fails ("no transaction is active") and sqlx goes on
+/// counting the transaction open: that connection's next BEGIN would be a SAVEPOINT and its
+/// COMMIT a RELEASE, leaving every later write of it in a transaction that never commits
+/// (visible through that connection alone, holding the write lock, lost at exit). Such a
+/// connection is closed instead.
 async fn connect_sqlite(url: &str) -> StoreResult<AnyPool> {
     let options = SqliteConnectOptions::from_str(url)?;
-    let pool = AnyPoolOptions::new().after_connect(|conn, _meta| {
-        Box::pin(async move { conn.execute(SQLITE_CONNECTION_PRAGMAS).await.map(drop) })
-    });
+    let pool = AnyPoolOptions::new()
+        .after_connect(|conn, _meta| {
+            Box::pin(async move { conn.execute(SQLITE_CONNECTION_PRAGMAS).await.map(drop) })
+        })
+        .after_release(|conn, _meta| {
+            Box::pin(async move {
+                // Runs the rollback a dropped transaction queued, then asks where it left
+                // the connection.
+                conn.ping().await?;
+                Ok(!conn.is_in_transaction())
+            })
+        });
 
     if is_in_memory(url) {
         // The database lives exactly as long as its connection: keep one, forever.

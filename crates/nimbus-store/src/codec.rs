@@ -28,13 +28,13 @@ pub(crate) fn millis(t: OffsetDateTime) -> i64 {
 /// A value as JSON text.
 pub(crate) fn to_json<T: Serialize>(what: &str, value: &T) -> StoreResult<String> {
     serde_json::to_string(value)
-        .map_err(|e| StoreError::Backend(format!("cannot encode {what} as JSON: {e}")))
+        .map_err(|e| StoreError::Rejected(format!("cannot encode {what} as JSON: {e}")))
 }
 
-/// A `u64` as BIGINT; `Backend` for values past `i64::MAX`, which no column can hold.
+/// A `u64` as BIGINT; `Rejected` for values past `i64::MAX`, which no column can hold.
 pub(crate) fn to_bigint(what: &str, value: u64) -> StoreResult<i64> {
     i64::try_from(value)
-        .map_err(|_| StoreError::Backend(format!("{what} {value} is too large to store")))
+        .map_err(|_| StoreError::Rejected(format!("{what} {value} is too large to store")))
 }
 
 fn corrupt(column: &str, why: impl Display) -> StoreError {
@@ -268,7 +268,7 @@ mod tests {
         assert!(matches!(to_u32("v", -1), Err(StoreError::Corrupt(m)) if m.contains("v:")));
         assert_eq!(to_bigint("size", 5 << 30).unwrap(), 5 << 30);
         assert!(
-            matches!(to_bigint("size", u64::MAX), Err(StoreError::Backend(m)) if m.contains("size"))
+            matches!(to_bigint("size", u64::MAX), Err(StoreError::Rejected(m)) if m.contains("size"))
         );
     }
 }

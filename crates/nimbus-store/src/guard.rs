@@ -1,71 +1,132 @@
-//! Failing fast while PostgreSQL does not answer.
+//! Watching the database: a health check that makes calls fail fast while it does not
+//! answer, and that `/ready` reads.
 //!
-//! A database that is down refuses connections, and sqlx's pool retries them until its
-//! acquire timeout; a database that hangs (stopped, partitioned) leaves queries waiting on
-//! their sockets with no bound at all. Neither should hold a request. So a health check
-//! runs on a connection of its own (not the pool's, which a busy server may have all in
-//! use): `SELECT 1` every quarter of the store's timeout, bounded by three quarters of it.
-//! While the last check failed, every call fails at once with [`StoreError::Unavailable`]
-//! naming why, and a check that fails also fails the calls already waiting on the database;
-//! so no call waits longer than about the timeout for a database that stopped answering.
+//! A PostgreSQL that is down refuses connections, and sqlx's pool retries them until its
+//! acquire timeout; one that hangs (stopped, partitioned) leaves queries waiting on their
+//! sockets with no bound at all. Neither should hold a request. So a health check runs
+//! every quarter of the store's timeout: `SELECT 1` on a connection of its own (not the
+//! pool's, which a busy server may have all in use), bounded by three quarters of the
+//! timeout; when that connection cannot be made (a database at `max_connections` refuses
+//! new connections while the pool's work), a pooled connection answers instead. After
+//! [`FAILURES_TO_DOWN`] failed checks in a row (one slow answer from a busy database is not
+//! an outage), every call fails at once with [`StoreError::Unavailable`] naming why, and a
+//! call already waiting on the database fails once it has waited the store's timeout (one
+//! that began a moment ago may be progressing on a live connection: it keeps its time). So
+//! no call waits much longer than twice the timeout for a database that stopped answering.
 //! The first check that passes again lets calls through: the store resumes by itself.
 //!
-//! A call cut short this way may still have been applied (as with any timeout, its
-//! outcome is unknown); every write is one transaction, so it happened whole or not at all.
+//! A SQLite database, a local file, does not hang, so its calls are never held back; its
+//! check opens the file afresh and reads its schema (a file deleted, replaced or unreadable
+//! fails it, where a pooled connection would go on with what it has open), and only
+//! [`MetadataStore::available`] (`/ready`) reports it.
+//!
+//! A call cut short may still have been applied (as with any timeout, its outcome is
+//! unknown); every write is one transaction, so it happened whole or not at all.
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::path::PathBuf;
+use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use nimbus_core::{
     AliasRevision, Function, FunctionAlias, FunctionVersion, Invocation, NewSnapshot, Snapshot,
     SnapshotFile, SnapshotKey, SnapshotStatus, SnapshotUse,
 };
-use sqlx::{AnyConnection, Connection, Executor};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{AnyPool, ConnectOptions, Connection, Executor};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
+use crate::backend::Dialect;
 use crate::sql::SqlStore;
 use crate::{
     AliasChange, AliasWrite, DeletedFunction, InvocationFilter, MetadataStore, Page, Published,
     RollbackTarget, StoreError, StoreResult,
 };
 
+/// Failed checks in a row after which the database counts as unavailable.
+pub(crate) const FAILURES_TO_DOWN: u32 = 2;
+
+/// The `application_name` of the health check's own PostgreSQL connection (so an operator
+/// can tell it in `pg_stat_activity`).
+pub(crate) const HEALTH_CHECK_NAME: &str = "nimbus-health-check";
+
 /// Why the store is unavailable, or `None` while its health checks pass.
 type Health = Option<Arc<str>>;
 
-/// A store whose calls fail fast while its database does not answer (see the module docs).
+/// A store watched by a health check (see the module docs).
 pub(crate) struct Guarded {
     inner: SqlStore,
     health: watch::Receiver<Health>,
+    /// How long a call may wait on a database found unavailable.
+    timeout: Duration,
+    /// Whether calls fail while the database is unavailable (PostgreSQL), or only
+    /// [`MetadataStore::available`] says so (SQLite).
+    cuts_calls: bool,
     checks: JoinHandle<()>,
 }
 
 impl Guarded {
-    /// Guards `inner`, checking the database at `url` with a connection of its own.
-    pub(crate) fn start(inner: SqlStore, url: &str, timeout: Duration) -> Self {
+    /// Watches `inner`, a store on the database at `url`, checking it every quarter of
+    /// `timeout`.
+    pub(crate) fn start(inner: SqlStore, url: &str, timeout: Duration) -> StoreResult<Self> {
+        let (probe, cuts_calls) = match inner.dialect() {
+            Dialect::Postgres => {
+                let options = PgConnectOptions::from_str(url)?.application_name(HEALTH_CHECK_NAME);
+                let probe = Probe::Postgres {
+                    options,
+                    conn: None,
+                    pool: inner.pool().clone(),
+                };
+                (probe, true)
+            }
+            Dialect::Sqlite => {
+                let options = SqliteConnectOptions::from_str(url)?;
+                let path = std::path::absolute(options.get_filename()).map_err(|e| {
+                    StoreError::Backend(format!(
+                        "sqlite path {}: {e}",
+                        options.get_filename().display()
+                    ))
+                })?;
+                (Probe::Sqlite { options, path }, false)
+            }
+        };
         let (report, health) = watch::channel(None);
-        let checks = tokio::spawn(check(url.to_owned(), timeout, report));
-        Guarded {
+        let checks = tokio::spawn(check(probe, timeout, report));
+        Ok(Guarded {
             inner,
             health,
+            timeout,
+            cuts_calls,
             checks,
-        }
+        })
     }
 
-    /// Runs `call` unless the store is known to be unavailable, and fails it as soon as
-    /// the store becomes so.
+    /// Runs `call` unless the store is known to be unavailable; if it is found so while the
+    /// call runs, the call fails once it has run for the store's timeout.
     async fn guard<T>(&self, call: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
+        if !self.cuts_calls {
+            return call.await;
+        }
         let mut health = self.health.clone();
         if let Some(why) = health.borrow_and_update().clone() {
             return Err(unavailable(&why));
         }
-        tokio::select! {
-            result = call => result,
-            Ok(down) = health.wait_for(Option::is_some) => Err(unavailable(down.as_deref().unwrap_or_default())),
+        let started = Instant::now();
+        let mut call = std::pin::pin!(call);
+        let why = tokio::select! {
+            result = &mut call => return result,
+            Ok(down) = health.wait_for(Option::is_some) => down.clone().unwrap_or_default(),
+        };
+        match tokio::time::timeout_at(started + self.timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(unavailable(&why)),
         }
     }
 }
@@ -80,55 +141,123 @@ fn unavailable(why: &str) -> StoreError {
     StoreError::Unavailable(format!("the database does not answer: {why}"))
 }
 
+/// How the health check reaches the database.
+enum Probe {
+    /// A connection of its own, and the pool when that cannot be made.
+    Postgres {
+        options: PgConnectOptions,
+        conn: Option<PgConnection>,
+        pool: AnyPool,
+    },
+    /// The file, opened afresh each time.
+    Sqlite {
+        options: SqliteConnectOptions,
+        path: PathBuf,
+    },
+}
+
+impl Probe {
+    /// One check, bounded by `limit`: why it failed, if it did.
+    async fn check(&mut self, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        let late = || format!("no answer within {} ms", limit.as_millis());
+        match self {
+            Probe::Postgres {
+                options,
+                conn,
+                pool,
+            } => {
+                let why = match tokio::time::timeout_at(deadline, ping_own(options, conn)).await {
+                    Ok(Ok(())) => return Ok(()),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => {
+                        // Its state is unknown (a query may be half sent): start afresh.
+                        *conn = None;
+                        return Err(late());
+                    }
+                };
+                let pooled = sqlx::query("SELECT 1").execute(&*pool);
+                match tokio::time::timeout_at(deadline, pooled).await {
+                    Ok(Ok(_)) => {
+                        tracing::debug!(
+                            "the health check cannot use a connection of its own ({why}); \
+                             a pooled connection answered"
+                        );
+                        Ok(())
+                    }
+                    _ => Err(why),
+                }
+            }
+            Probe::Sqlite { options, path } => {
+                let read = async {
+                    let mut conn = options
+                        .clone()
+                        .filename(&*path)
+                        .create_if_missing(false)
+                        .connect()
+                        .await?;
+                    conn.execute("SELECT count(*) FROM sqlite_master").await?;
+                    conn.close().await
+                };
+                match tokio::time::timeout_at(deadline, read).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(late()),
+                }
+            }
+        }
+    }
+}
+
+/// `SELECT 1` on the check's own connection, connecting first if needed (and once more if
+/// the connection it had failed: the database may have closed it).
+async fn ping_own(
+    options: &PgConnectOptions,
+    conn: &mut Option<PgConnection>,
+) -> Result<(), sqlx::Error> {
+    if let Some(live) = conn.as_mut() {
+        if live.execute("SELECT 1").await.is_ok() {
+            return Ok(());
+        }
+        *conn = None;
+    }
+    let mut fresh = options.connect().await?;
+    fresh.execute("SELECT 1").await?;
+    *conn = Some(fresh);
+    Ok(())
+}
+
 /// Checks the database every quarter of `timeout` and reports its health on change.
-async fn check(url: String, timeout: Duration, report: watch::Sender<Health>) {
+async fn check(mut probe: Probe, timeout: Duration, report: watch::Sender<Health>) {
     let limit = timeout * 3 / 4;
     let mut tick = tokio::time::interval(timeout / 4);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut conn: Option<AnyConnection> = None;
+    let mut failures = 0;
     let mut down_since: Option<Instant> = None;
     loop {
         tick.tick().await;
-        let why = match tokio::time::timeout(limit, ping(&url, &mut conn)).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some(format!("no answer within {} ms", limit.as_millis())),
-        };
-        match (&why, down_since) {
-            (Some(why), None) => {
-                tracing::warn!("metadata store unavailable: {why}");
-                down_since = Some(Instant::now());
-            }
-            (None, Some(since)) => {
+        let Err(why) = probe.check(limit).await else {
+            failures = 0;
+            if let Some(since) = down_since.take() {
                 tracing::info!(
                     "metadata store available again after {:.1} s",
                     since.elapsed().as_secs_f64()
                 );
-                down_since = None;
+                report.send_replace(None);
             }
-            _ => {}
+            continue;
+        };
+        failures += 1;
+        if failures < FAILURES_TO_DOWN {
+            tracing::debug!("a health check of the metadata store failed: {why}");
+            continue;
         }
-        if why.is_some() {
-            // Its state is unknown (a query may be half sent): start afresh next time.
-            conn = None;
+        if down_since.is_none() {
+            tracing::warn!("metadata store unavailable: {why}");
+            down_since = Some(Instant::now());
+            report.send_replace(Some(why.into()));
         }
-        let why: Health = why.map(Into::into);
-        report.send_if_modified(|health| {
-            let changed = health.is_some() != why.is_some();
-            *health = why;
-            changed
-        });
     }
-}
-
-/// One `SELECT 1`, connecting first if needed.
-async fn ping(url: &str, conn: &mut Option<AnyConnection>) -> Result<(), sqlx::Error> {
-    if conn.is_none() {
-        *conn = Some(AnyConnection::connect(url).await?);
-    }
-    let live = conn.as_mut().expect("connected above");
-    live.execute("SELECT 1").await?;
-    Ok(())
 }
 
 #[async_trait]
@@ -404,5 +533,62 @@ impl MetadataStore for Guarded {
 
     async fn ping(&self) -> StoreResult<()> {
         self.guard(self.inner.ping()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guard whose health the test sets, cutting calls as on PostgreSQL.
+    async fn guard(timeout: Duration) -> (Guarded, watch::Sender<Health>) {
+        let (report, health) = watch::channel(None);
+        let guarded = Guarded {
+            inner: SqlStore::open("sqlite::memory:").await.unwrap(),
+            health,
+            timeout,
+            cuts_calls: true,
+            checks: tokio::spawn(async {}),
+        };
+        (guarded, report)
+    }
+
+    /// A call that takes `took`, then succeeds.
+    async fn call(took: Duration) -> StoreResult<()> {
+        tokio::time::sleep(took).await;
+        Ok(())
+    }
+
+    /// A store found unavailable fails new calls at once and calls that have waited its
+    /// timeout, but not a call that began a moment ago (it may be progressing on a live
+    /// connection): that one keeps its time. (Every call waiting used to fail at once.)
+    #[tokio::test]
+    async fn a_store_found_down_cuts_only_calls_that_waited_its_timeout() {
+        let (guarded, report) = guard(Duration::from_secs(2)).await;
+        let recent = guarded.guard(call(Duration::from_millis(300)));
+        let down = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            report.send_replace(Some("no answer".into()));
+        };
+        let (recent, ()) = tokio::join!(recent, down);
+        assert!(recent.is_ok(), "{recent:?}");
+
+        let refused = guarded.guard(call(Duration::ZERO)).await;
+        assert!(
+            matches!(refused, Err(StoreError::Unavailable(_))),
+            "{refused:?}"
+        );
+
+        report.send_replace(None);
+        let hung = guarded.guard(std::future::pending::<StoreResult<()>>());
+        let down = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            report.send_replace(Some("no answer".into()));
+        };
+        let (hung, ()) =
+            tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(hung, down) })
+                .await
+                .expect("a hung call fails once it has waited the timeout");
+        assert!(matches!(hung, Err(StoreError::Unavailable(_))), "{hung:?}");
     }
 }

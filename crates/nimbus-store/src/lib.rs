@@ -10,8 +10,8 @@
 //! Both backends share one implementation over sqlx's `Any` driver (`sql`): the SQL is
 //! written once in the dialect both databases accept; per-backend differences (URL,
 //! connection setup, migrations, parameter limits) live in `backend`, column conversions
-//! in `codec`. On PostgreSQL, `guard` makes every call fail fast while the database does
-//! not answer.
+//! in `codec`. `guard` watches the database with a health check; on PostgreSQL it makes
+//! every call fail fast while the database does not answer.
 
 mod backend;
 mod codec;
@@ -47,24 +47,31 @@ pub async fn open(url: &str) -> StoreResult<Arc<dyn MetadataStore>> {
     open_with(url, &StoreOptions::default()).await
 }
 
-/// [`open`] with `options`. A PostgreSQL store is watched by a health check on a
-/// connection of its own (see [`StoreOptions::timeout`]); while the database does not
-/// answer it, every call fails at once with [`StoreError::Unavailable`], and calls already
-/// waiting on it fail too. SQLite, a local file, is not watched.
+/// [`open`] with `options`. The database is watched by a health check (see
+/// [`StoreOptions::timeout`]) that [`MetadataStore::available`] reports. On PostgreSQL,
+/// while the database does not answer it, every call fails at once with
+/// [`StoreError::Unavailable`], and calls already waiting on it fail once they have waited
+/// the timeout. SQLite, a local file, is checked but its calls are not held back; an
+/// in-memory SQLite database is not watched.
 pub async fn open_with(url: &str, options: &StoreOptions) -> StoreResult<Arc<dyn MetadataStore>> {
     let store = sql::SqlStore::open(url).await?;
-    Ok(match store.dialect() {
-        backend::Dialect::Sqlite => Arc::new(store),
-        backend::Dialect::Postgres => Arc::new(guard::Guarded::start(store, url, options.timeout)),
-    })
+    if store.dialect() == backend::Dialect::Sqlite && backend::is_in_memory(url) {
+        return Ok(Arc::new(store));
+    }
+    Ok(Arc::new(guard::Guarded::start(
+        store,
+        url,
+        options.timeout,
+    )?))
 }
 
 /// How a store is opened.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    /// The longest the database may take to answer a health check (`SELECT 1` on its own
-    /// connection, every quarter of this) before it counts as unavailable: calls then fail
-    /// within this bound instead of waiting for the database (default 1 s).
+    /// The longest the database may take to answer a health check (every quarter of
+    /// this; see `open_with`): after two checks in a row that it failed, it counts as
+    /// unavailable, and calls then fail within this bound instead of waiting for the
+    /// database (default 1 s).
     pub timeout: Duration,
 }
 
@@ -91,6 +98,11 @@ pub enum StoreError {
     /// The database failed.
     #[error("database error: {0}")]
     Backend(String),
+    /// The database refused the data itself (a value it cannot store, a broken
+    /// constraint): the same call with the same data is refused again, whatever the state
+    /// of the database.
+    #[error("the database refuses the data: {0}")]
+    Rejected(String),
     /// The database cannot be reached or does not answer (refused connections, no
     /// connection within the pool's bound, a failed or late health check).
     #[error("{0}")]
@@ -151,7 +163,8 @@ fn missing_versions_message(versions: &[u32]) -> String {
 }
 
 impl From<sqlx::Error> for StoreError {
-    /// Unique violations become [`StoreError::Conflict`], values that do not decode
+    /// Unique violations become [`StoreError::Conflict`], refusals of the data itself
+    /// (see [`is_data_refusal`]) [`StoreError::Rejected`], values that do not decode
     /// [`StoreError::Corrupt`], failures to reach the database and refusals that go away by
     /// themselves (see [`is_transient`]) [`StoreError::Unavailable`], everything else
     /// [`StoreError::Backend`].
@@ -159,6 +172,9 @@ impl From<sqlx::Error> for StoreError {
         match &error {
             sqlx::Error::Database(db) if db.is_unique_violation() => {
                 StoreError::Conflict(db.message().to_string())
+            }
+            sqlx::Error::Database(db) if is_data_refusal(db.as_ref()) => {
+                StoreError::Rejected(error.to_string())
             }
             sqlx::Error::Database(db) if is_transient(db.as_ref()) => {
                 StoreError::Unavailable(error.to_string())
@@ -189,16 +205,44 @@ fn is_transient(error: &dyn sqlx::error::DatabaseError) -> bool {
         .try_downcast_ref::<sqlx::sqlite::SqliteError>()
         .is_some()
     {
-        // Extended result codes keep the primary one in their low byte.
         const BUSY: i64 = 5;
         const LOCKED: i64 = 6;
-        let primary = error
-            .code()
-            .and_then(|code| code.parse::<i64>().ok())
-            .map(|code| code & 0xff);
-        return matches!(primary, Some(BUSY | LOCKED));
+        return matches!(sqlite_primary_code(error), Some(BUSY | LOCKED));
     }
     false
+}
+
+/// Whether the database refused a statement for the data it carries, so that the same data
+/// is refused again whatever the database's state: PostgreSQL's data exceptions (SQLSTATE
+/// class 22: a value out of range, an invalid byte sequence) and integrity constraint
+/// violations (23); SQLite's constraint (a NOT NULL or CHECK, say), too big and datatype
+/// mismatch. A full disk, an I/O error, a read-only database (a failover under way),
+/// missing privileges or an internal error are not: they affect every statement alike.
+fn is_data_refusal(error: &dyn sqlx::error::DatabaseError) -> bool {
+    if let Some(pg) = error.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        return ["22", "23"].contains(&&pg.code()[..2]);
+    }
+    if error
+        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+        .is_some()
+    {
+        const TOOBIG: i64 = 18;
+        const CONSTRAINT: i64 = 19;
+        const MISMATCH: i64 = 20;
+        return matches!(
+            sqlite_primary_code(error),
+            Some(TOOBIG | CONSTRAINT | MISMATCH)
+        );
+    }
+    false
+}
+
+/// A SQLite error's primary result code (extended codes keep it in their low byte).
+fn sqlite_primary_code(error: &dyn sqlx::error::DatabaseError) -> Option<i64> {
+    error
+        .code()
+        .and_then(|code| code.parse::<i64>().ok())
+        .map(|code| code & 0xff)
 }
 
 /// Result of store calls.
@@ -562,11 +606,6 @@ mod tests {
 
         let url = std::env::var("NIMBUS_TEST_DATABASE_URL").unwrap_or_else(|_| POSTGRES_URL.into());
         let mut pg = sqlx::PgConnection::connect(&url).await.unwrap();
-        let refused = pg.execute("SELECT 1 / 0").await.unwrap_err();
-        assert!(
-            matches!(StoreError::from(refused), StoreError::Backend(_)),
-            "division by zero"
-        );
         let cancelled = pg
             .execute("SET statement_timeout = 1; SELECT pg_sleep(1)")
             .await
@@ -575,5 +614,79 @@ mod tests {
             matches!(StoreError::from(cancelled), StoreError::Unavailable(_)),
             "a cancelled statement (57014)"
         );
+    }
+
+    /// Only a refusal of the data itself is `Rejected` (the recorder drops a record refused
+    /// so, and retries every other failure): a full disk, a read-only transaction (what a
+    /// failover looks like), missing privileges are refusals of every statement alike.
+    #[tokio::test]
+    async fn only_refusals_of_the_data_itself_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}?mode=rwc", dir.path().join("x.db").display());
+        let mut sqlite = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlite
+            .execute("CREATE TABLE t (n INTEGER NOT NULL, s TEXT)")
+            .await
+            .unwrap();
+        let rejected = |e: sqlx::Error| matches!(StoreError::from(e), StoreError::Rejected(_));
+        let null = sqlite
+            .execute("INSERT INTO t VALUES (NULL, '')")
+            .await
+            .unwrap_err();
+        assert!(rejected(null), "SQLite NOT NULL (constraint)");
+        // The file may not grow past its current pages: SQLITE_FULL, as on a full disk.
+        let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+            .fetch_one(&mut sqlite)
+            .await
+            .unwrap();
+        sqlite
+            .execute(format!("PRAGMA max_page_count = {pages}").as_str())
+            .await
+            .unwrap();
+        let full = sqlite
+            .execute(
+                "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 20) \
+                 INSERT INTO t SELECT n, zeroblob(100000) FROM c",
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            full.as_database_error()
+                .and_then(|e| e.code())
+                .is_some_and(|c| c == "13"),
+            "{full}"
+        );
+        assert!(!rejected(full), "SQLite full");
+
+        let url = std::env::var("NIMBUS_TEST_DATABASE_URL").unwrap_or_else(|_| POSTGRES_URL.into());
+        let mut pg = sqlx::PgConnection::connect(&url).await.unwrap();
+        let refused = pg.execute("SELECT 1 / 0").await.unwrap_err();
+        assert!(rejected(refused), "division by zero (22012)");
+        let read_only = pg
+            .execute("BEGIN READ ONLY; CREATE TABLE nimbus_read_only (n int)")
+            .await
+            .unwrap_err();
+        pg.execute("ROLLBACK").await.unwrap();
+        assert!(
+            read_only
+                .as_database_error()
+                .and_then(|e| e.code())
+                .is_some_and(|c| c == "25006"),
+            "{read_only}"
+        );
+        assert!(!rejected(read_only), "read-only transaction (25006)");
+        let denied = pg
+            .execute("SET ROLE pg_read_all_stats; SELECT pg_read_file('/etc/hostname')")
+            .await
+            .unwrap_err();
+        pg.execute("RESET ROLE").await.unwrap();
+        assert!(
+            denied
+                .as_database_error()
+                .and_then(|e| e.code())
+                .is_some_and(|c| c == "42501"),
+            "{denied}"
+        );
+        assert!(!rejected(denied), "insufficient privilege (42501)");
     }
 }

@@ -336,6 +336,11 @@ impl SqlStore {
     pub(crate) fn dialect(&self) -> Dialect {
         self.dialect
     }
+
+    /// Its pool of connections.
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
 }
 
 /// Binds the configuration a version freezes and its code, in the column order

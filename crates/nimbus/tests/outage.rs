@@ -1,11 +1,15 @@
 //! Store outages, crashes and deletions lose nothing silently: the real server through a
 //! PostgreSQL of its own that the tests stop (hung, then shut down) and start again, a
-//! server killed with SIGKILL right after answering, two servers on one PostgreSQL and one
-//! Redis where one deletes a function the other runs, and `/metrics` after deletions.
+//! SQLite database on a disk that fills up, a server killed with SIGKILL right after
+//! answering, a server stopped while invocations still run, two servers on one
+//! PostgreSQL and one Redis where one deletes a function the other runs, and `/metrics`
+//! after deletions.
 
 mod common;
 #[path = "../../nimbus-state/tests/common/mod.rs"]
 mod private_redis;
+#[path = "../../nimbus-store/tests/common/tmpfs.rs"]
+mod tmpfs;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -336,6 +340,145 @@ async fn through_a_postgres_outage_warm_functions_run_the_rest_fails_fast_and_no
     all_recorded(&s, &refused).await;
 }
 
+/// Runs `sql` on the private PostgreSQL as its superuser; the rows it prints.
+fn pg_sql(pg: &PrivatePg, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([pg.url().as_str(), "-qAtc", sql])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Polls `/ready` for `period`: every answer must be 200.
+async fn ready_throughout(s: &Server, period: Duration, during: &str) {
+    let until = Instant::now() + period;
+    while Instant::now() < until {
+        let ((status, body), _) = timed("/ready", ready(s)).await;
+        assert_eq!(status, StatusCode::OK, "{during}: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One slow answer to the health check is not an outage: a PostgreSQL that stops
+/// answering for longer than one check may take (¾ of `store_timeout_ms`), but less than
+/// two in a row, is never reported down, and a call waiting on it meanwhile is not cut
+/// (both happened after one check failed).
+#[tokio::test]
+async fn a_postgres_slow_for_one_health_check_is_not_down() {
+    let pg = PrivatePg::start();
+    let s = Server::start_on(
+        tempfile::tempdir().unwrap(),
+        pg.url(),
+        None,
+        // Checks every 750 ms, each failing after 2250 ms.
+        "store_timeout_ms = 3000\n",
+        &[],
+    )
+    .await;
+    s.deploy("f", ECHO, json!({})).await;
+    wait_ready(&s, StatusCode::OK).await;
+
+    pg.signal("STOP");
+    // The check under way when it stopped, or the next one (at most 750 ms later), fails
+    // 2250 ms after it began, and the check after it begins then: it has at least 1200 ms
+    // after the database answers again at 3300 ms.
+    let waiting = {
+        let (http, url) = (s.http.clone(), s.url("/functions/f"));
+        tokio::spawn(async move {
+            let r = http.get(url).send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        })
+    };
+    ready_throughout(&s, Duration::from_millis(3300), "PostgreSQL paused").await;
+    pg.signal("CONT");
+    let (status, body) = timed("the call waiting on PostgreSQL", waiting)
+        .await
+        .0
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    ready_throughout(&s, Duration::from_secs(2), "PostgreSQL back").await;
+}
+
+/// A PostgreSQL that refuses new connections (at `max_connections`; here, the server's
+/// role at its connection limit, the same refusal, SQLSTATE 53300) while the pool's
+/// connections work is available: the health check that cannot connect asks a pooled
+/// connection, and reconnects once it can (it marked the store down before).
+#[tokio::test]
+async fn a_postgres_refusing_new_connections_is_checked_through_the_pool() {
+    let pg = PrivatePg::start();
+    pg_sql(&pg, "CREATE ROLE nimbus LOGIN");
+    pg_sql(&pg, "CREATE DATABASE nimbus OWNER nimbus");
+    let url = format!("postgres://nimbus@127.0.0.1:{}/nimbus", pg.port);
+    let s = Server::start_on(tempfile::tempdir().unwrap(), url, None, "", &[]).await;
+    s.deploy("f", ECHO, json!({})).await;
+    invoke_ok(&s, "f", 0).await;
+    wait_ready(&s, StatusCode::OK).await;
+
+    let connections = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'nimbus'";
+    let health_check =
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'nimbus-health-check'";
+    assert_eq!(
+        pg_sql(&pg, health_check),
+        "1",
+        "the check names its connection"
+    );
+    // No new connection for the role: the pool's stay, the check's is closed.
+    let pooled: u32 = pg_sql(&pg, connections).parse::<u32>().unwrap() - 1;
+    pg_sql(&pg, &format!("ALTER ROLE nimbus CONNECTION LIMIT {pooled}"));
+    pg_sql(
+        &pg,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'nimbus-health-check'",
+    );
+    ready_throughout(&s, Duration::from_secs(3), "new connections refused").await;
+    let (status, body) = timed("reading a function", s.call("GET", "/functions/f", None))
+        .await
+        .0;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        pg_sql(&pg, health_check),
+        "0",
+        "the check could not connect"
+    );
+
+    pg_sql(&pg, "ALTER ROLE nimbus CONNECTION LIMIT -1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pg_sql(&pg, health_check) != "1" {
+        assert!(Instant::now() < deadline, "the check did not reconnect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// With SQLite, `/ready` checks the database file (it answered 200 whatever became of
+/// it): a database file that is gone from its path (moved, deleted) makes it answer 503
+/// `store_unavailable` at once, and it is ready again when the file is back.
+#[tokio::test]
+async fn ready_checks_the_sqlite_database() {
+    let s = Server::start(Backend::Sqlite).await;
+    wait_ready(&s, StatusCode::OK).await;
+    let path = s.dir.path().join("nimbus.db");
+    let moved = s.dir.path().join("nimbus.db.moved");
+    std::fs::rename(&path, &moved).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ((status, body), took) = timed("/ready", ready(&s)).await;
+        assert!(took < FAST, "/ready took {took:?}");
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(code_of(&body), "store_unavailable", "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "/ready stayed {status}: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::rename(&moved, &path).unwrap();
+    wait_ready(&s, StatusCode::OK).await;
+}
+
 #[tokio::test]
 async fn a_server_killed_right_after_answering_loses_no_record() {
     let mut s = Server::start(Backend::Sqlite).await;
@@ -363,6 +506,119 @@ async fn a_server_killed_right_after_answering_loses_no_record() {
         .map(|r| r["request_id"].as_str().unwrap())
         .collect();
     assert_eq!(listed.len(), answered.len(), "each record once");
+}
+
+/// Sleeps as long as asked, then answers its event.
+const SLEEPER: &str =
+    "import time\ndef handle(event):\n    time.sleep(event.get('sleep', 0))\n    return event\n";
+
+/// Instances busy with an invocation, from `/metrics`.
+async fn busy_instances(s: &Server) -> f64 {
+    metrics(s)
+        .await
+        .lines()
+        .filter(|l| l.starts_with("nimbus_pool_instances{") && l.contains("state=\"busy\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn invocations_cut_short_by_a_shutdown_are_recorded() {
+    let mut s = Server::start_with(Backend::Sqlite, "shutdown_grace_sec = 1\n", &[]).await;
+    s.deploy("slow", SLEEPER, json!({})).await;
+    let event = json!({"sleep": 120});
+    let sync = {
+        let (http, url) = (s.http.clone(), s.url("/functions/slow/invoke"));
+        let event = event.clone();
+        tokio::spawn(async move {
+            let r = http.post(url).json(&event).send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        })
+    };
+    let (status, accepted) = s.call("POST", "/functions/slow/async", Some(event)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let async_id = accepted["request_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while busy_instances(&s).await < 2.0 {
+        assert!(Instant::now() < deadline, "the invocations did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Stopped while both run: past the grace period they are cut short, and answered.
+    Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    let (status, answer) = timed("the cut-short invocation", sync).await.0.unwrap();
+    assert_eq!(
+        (status, code_of(&answer)),
+        (StatusCode::BAD_GATEWAY, "instance_crashed"),
+        "{answer}"
+    );
+    let sync_id = answer["request_id"].as_str().unwrap().to_owned();
+    assert!(s.child.wait().unwrap().success());
+
+    // Their records were written before the server exited.
+    s.start_again().await;
+    for id in [&sync_id, &async_id] {
+        let (status, record) = s.call("GET", &format!("/invocations/{id}"), None).await;
+        assert_eq!(status, StatusCode::OK, "{id}: {record}");
+        assert_eq!(
+            (record["status"].as_str(), record["error"]["code"].as_str()),
+            (Some("error"), Some("instance_crashed")),
+            "{record}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_under_sqlite_loses_no_record_and_reads_stay_consistent() {
+    let Some(disk) = tmpfs::Tmpfs::mount("4m") else {
+        return;
+    };
+    let database = format!("sqlite:{}", disk.path().join("nimbus.db").display());
+    let mut s = Server::start_on(tempfile::tempdir().unwrap(), database, None, "", &[]).await;
+    s.deploy("echo", ECHO, json!({})).await;
+    let mut ids = vec![invoke_ok(&s, "echo", 0).await];
+
+    // Records large enough that the database must grow to take them.
+    let filler = disk.fill();
+    let big = json!({"pad": "x".repeat(30_000)}).to_string();
+    for _ in 0..10 {
+        let (status, body) = s.invoke_raw("echo", "", &big).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        ids.push(body["request_id"].as_str().unwrap().to_owned());
+    }
+    // The recorder tries (and fails) a few times.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    std::fs::remove_file(filler).unwrap();
+
+    // Every record is stored, and every read finds it, whichever pooled connection
+    // serves it; and still after a restart.
+    for id in &ids {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while s.call("GET", &format!("/invocations/{id}"), None).await.0 != StatusCode::OK {
+            assert!(Instant::now() < deadline, "record {id} is missing");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert_eq!(reads_found(&s, &ids).await, 4 * ids.len());
+    s.restart().await;
+    assert_eq!(reads_found(&s, &ids).await, 4 * ids.len());
+    drop(s);
+}
+
+/// How many of four concurrent reads of each record of `ids` find it.
+async fn reads_found(s: &Server, ids: &[String]) -> usize {
+    let paths: Vec<String> = (0..4)
+        .flat_map(|_| ids.iter().map(|id| format!("/invocations/{id}")))
+        .collect();
+    let reads = paths.iter().map(|path| s.call("GET", path, None));
+    futures::future::join_all(reads)
+        .await
+        .iter()
+        .filter(|(status, _)| *status == StatusCode::OK)
+        .count()
 }
 
 /// The function of the deletion test: sleeps if asked, then writes a state key.
@@ -480,6 +736,22 @@ async fn series_of_deleted_functions_aliases_and_versions_leave_metrics() {
         let path = format!("/functions/{name}");
         assert_eq!(s.call("DELETE", &path, None).await.0, StatusCode::OK);
     }
+    // A function and an alias deleted and created again at once under their names keep
+    // their series (they used to stay retired for 60 s, and so left /metrics).
+    let reborn = "gone0";
+    s.deploy(reborn, ECHO, json!({})).await;
+    assert_eq!(s.invoke_raw(reborn, "", "{}").await.0, StatusCode::OK);
+    let routing = json!({"weights": [{"version": 1, "weight": 100}]});
+    let again = json!({"name": "a0", "routing_config": routing});
+    let (status, body) = s
+        .call("POST", "/functions/churn/aliases", Some(again))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(
+        s.invoke_raw("churn", "?alias=a0", "{}").await.0,
+        StatusCode::OK
+    );
+    let reborn_counted = Instant::now();
     // Version 2 routed by `latest` cannot go; move `latest` back to 1 and delete 2.
     let back = json!({"routing_config": {"weights": [{"version": 1, "weight": 100}]}});
     let (status, body) = s
@@ -494,28 +766,38 @@ async fn series_of_deleted_functions_aliases_and_versions_leave_metrics() {
     );
 
     let deadline = Instant::now() + Duration::from_secs(60);
-    let text = loop {
+    loop {
         let text = metrics(&s).await;
         let named: Vec<&str> = text
             .lines()
             .filter(|l| {
-                aliases
+                aliases[1..]
                     .iter()
                     .any(|a| l.contains(&format!("alias=\"{a}\"")))
-                    || doomed
+                    || doomed[1..]
                         .iter()
                         .any(|f| l.contains(&format!("function=\"{f}\"")))
                     || (l.contains("function=\"churn\"") && l.contains("version=\"2\""))
             })
             .collect();
         if named.is_empty() {
-            break text;
+            break;
         }
         assert!(Instant::now() < deadline, "still named: {named:#?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    // What lives keeps its series, though idle all along.
+    }
+    // What lives keeps its series, though idle all along (the ones created again too, once
+    // idle past the exporter's idle timeout of 10 s).
+    tokio::time::sleep(
+        (reborn_counted + Duration::from_secs(13)).saturating_duration_since(Instant::now()),
+    )
+    .await;
+    let text = metrics(&s).await;
     for live in [
+        "nimbus_invocations_total{function=\"gone0\"",
+        "nimbus_version_publish_total{function=\"gone0\"}",
+        "function=\"churn\",version=\"1\",alias=\"a0\"",
+        "nimbus_alias_update_total{function=\"churn\",alias=\"a0\",action=\"create\"}",
         "nimbus_invocations_total{function=\"kept\"",
         "function=\"kept\",version=\"1\",alias=\"latest\"",
         "nimbus_invocations_total{function=\"churn\"",

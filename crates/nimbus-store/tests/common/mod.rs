@@ -1,0 +1,3 @@
+//! Helpers of the store's integration tests.
+
+pub mod tmpfs;
