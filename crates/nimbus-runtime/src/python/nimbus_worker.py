@@ -274,8 +274,12 @@ def _simple_error(type_name, message):
     return {"type": type_name, "message": message, "traceback": ""}
 
 
-def _load(spec):
-    """Imports the handler named by `spec` (`module.function`) and returns the callable."""
+def _load(spec, new_code):
+    """Imports the handler named by `spec` (`module.function`) and returns the callable.
+
+    `new_code`: this is the deploy's check of new code (NIMBUS_DEPLOY_CHECK=1), which also
+    applies the rules only new code must meet; a version deployed before a rule existed is
+    immutable and keeps starting as it did."""
     module_name, _, func_name = spec.rpartition(".")
     if not module_name or not func_name or "" in module_name.split("."):
         raise _InitFailure(
@@ -286,7 +290,7 @@ def _load(spec):
             )
         )
     top = module_name.partition(".")[0]
-    if top in sys.modules or top in getattr(sys, "stdlib_module_names", ()):
+    if new_code and (top in sys.modules or top in getattr(sys, "stdlib_module_names", ())):
         # Loaded first, the function's file would replace the standard library's module for
         # the function and the runtime alike; loaded already, it would never be imported and
         # the handler would name the library's own function (`os.system`).
@@ -802,7 +806,8 @@ def main():
             raise _InitFailure(_error(exc, "the runtime's nimbus package failed to load: %s" % exc))
         # The function's code first, then the runtime directory, then the stdlib.
         sys.path[0:1] = [posix.getcwd(), _RUNTIME_DIR]
-        handler = _load(spec or _DEFAULT_HANDLER)
+        new_code = posix.environ.get(b"NIMBUS_DEPLOY_CHECK") == b"1"
+        handler = _load(spec or _DEFAULT_HANDLER, new_code)
         takes_state = _takes_state(handler)
     except _InitFailure as failure:
         _init_failed(host, failure.payload, sink)
