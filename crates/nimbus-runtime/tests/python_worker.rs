@@ -525,6 +525,37 @@ async fn versions_deployed_before_the_shadowing_rule_keep_starting() {
 }
 
 #[tokio::test]
+async fn only_whole_host_paths_are_hidden_in_errors() {
+    // With a data directory D and a code directory C: D/x, D and C/x are paths of theirs;
+    // Dbase, D-old, D.bak, /mnt/D and C2/x are other paths, shown as they are.
+    let mut w = start_with(
+        &[(
+            "handler.py",
+            "def handle(event):\n    raise RuntimeError(event['text'])\n",
+        )],
+        "handler.handle",
+        &[],
+    )
+    .await;
+    let code = w.code.path().canonicalize().unwrap();
+    let code = code.to_str().unwrap();
+    let data = runtime().runtime_dir().parent().unwrap().parent().unwrap();
+    let data = data.to_str().unwrap();
+    let text = format!(
+        "{data}base {data}-old/x {data}.bak /mnt{data}/y {code}2/z | {data}/x ({data}) \
+         '{code}/lib/u.py' {code}: in {data}."
+    );
+    let out = invoke(&mut w, json!({ "text": text })).await;
+    assert_eq!(
+        error(&out).message,
+        format!(
+            "{data}base {data}-old/x {data}.bak /mnt{data}/y {code}2/z | <nimbus>/x (<nimbus>) \
+             'lib/u.py' .: in <nimbus>."
+        )
+    );
+}
+
+#[tokio::test]
 async fn a_dotted_handler_in_a_package_loads() {
     let files = [
         ("pkg/__init__.py", ""),

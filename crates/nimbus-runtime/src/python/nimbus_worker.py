@@ -231,12 +231,56 @@ def _user_traceback(tb):
 def _sandbox_paths(text):
     """`text` without the host paths of the data directory: a path in the function's code
     as the function knows it, relative to its working directory (`lib/util.py`), and any
-    other path of the data directory (the runtime's files) under `<nimbus>`."""
+    other path of the data directory (the runtime's files) under `<nimbus>`. Only whole
+    paths are replaced: `/data/x` and `/data` with a data directory `/data`, not `/database`
+    nor `/mnt/data`."""
     for path, shown in ((_CODE_DIR, "."), (_DATA_DIR, "<nimbus>")):
         if path and path != "/" and path in text:
-            text = text.replace(path + "/", "" if shown == "." else shown + "/")
-            text = text.replace(path, shown)
+            text = _replace_path(text, path, shown)
     return text
+
+
+# Characters of file names besides letters and digits: one of them next to a path means a
+# longer name (`/data` in `/database`, `/data-old`, `/mnt/data`), not that path.
+_NAME_CHARS = frozenset("_-~+@%=#$.")
+
+
+def _is_name_char(char):
+    return char.isalnum() or char in _NAME_CHARS
+
+
+def _ends_path(text, end):
+    """Whether a path that stops at `end` in `text` ends there: the text ends, a `/` or a
+    character no file name here has follows, or a `.` that ends a sentence (not `.bak`)."""
+    after = text[end : end + 1]
+    if after == ".":
+        after = text[end + 1 : end + 2]
+        return not after or (after != "/" and not _is_name_char(after))
+    return not after or after == "/" or not _is_name_char(after)
+
+
+def _replace_path(text, path, shown):
+    """`text` with each whole occurrence of the absolute `path` replaced by `shown`, and
+    `path/` by `shown/` (by nothing when `shown` is `.`)."""
+    out = []
+    start = at = 0
+    while True:
+        at = text.find(path, at)
+        if at < 0:
+            break
+        end = at + len(path)
+        if (at > 0 and _is_name_char(text[at - 1])) or not _ends_path(text, end):
+            at += 1
+            continue
+        out.append(text[start:at])
+        if text.startswith("/", end):
+            out.append("" if shown == "." else shown + "/")
+            end += 1
+        else:
+            out.append(shown)
+        start = at = end
+    out.append(text[start:])
+    return "".join(out)
 
 
 def _error(exc, message=None, type_name=None):
