@@ -102,6 +102,24 @@ impl Handler {
         &self.function
     }
 
+    /// Checks the rules a handler of new code must meet besides its syntax: at most
+    /// [`limits::MAX_HANDLER_MODULE_DEPTH`] modules in the module path. Parsing does not
+    /// apply them, so a version stored before a rule existed still reads back and runs.
+    pub fn check_new(&self) -> Result<(), ValidationError> {
+        let depth = self.module.split('.').count();
+        if depth > limits::MAX_HANDLER_MODULE_DEPTH {
+            return Err(ValidationError::new(
+                "handler",
+                format!(
+                    "{} has {depth} modules in its module path; at most {} are allowed",
+                    echo(&self.to_string()),
+                    limits::MAX_HANDLER_MODULE_DEPTH
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Path of the module's source file inside a code bundle (`pkg/mod.py`).
     pub fn module_file(&self, runtime: Runtime) -> String {
         format!(
@@ -137,12 +155,6 @@ impl FromStr for Handler {
         let (module, function) = s.rsplit_once('.').ok_or_else(|| bad("no '.'"))?;
         if !module.split('.').all(is_identifier) {
             return Err(bad("the module path must be identifiers separated by '.'"));
-        }
-        if module.split('.').count() > crate::limits::MAX_HANDLER_MODULE_DEPTH {
-            return Err(bad(&format!(
-                "the module path has more than {} modules",
-                crate::limits::MAX_HANDLER_MODULE_DEPTH
-            )));
         }
         if !is_identifier(function) {
             return Err(bad("the function name must be an identifier"));
@@ -497,20 +509,23 @@ mod tests {
         ] {
             assert!(bad.parse::<Handler>().is_err(), "{bad} accepted");
         }
-        // Module paths as deep as the limit, not deeper.
+        // New handlers have module paths as deep as the limit, not deeper; a deeper one
+        // still parses, as a version stored before the limit must read back.
         let path = |depth: usize| {
             let modules: Vec<String> = (0..depth).map(|i| format!("m{i}")).collect();
             format!("{}.handle", modules.join("."))
         };
-        let deepest: Handler = path(crate::limits::MAX_HANDLER_MODULE_DEPTH)
-            .parse()
-            .unwrap();
+        let deepest: Handler = path(limits::MAX_HANDLER_MODULE_DEPTH).parse().unwrap();
         assert_eq!(deepest.module().split('.').count(), 10);
-        let error = path(crate::limits::MAX_HANDLER_MODULE_DEPTH + 1)
-            .parse::<Handler>()
-            .unwrap_err();
+        deepest.check_new().unwrap();
+        let deeper: Handler = path(limits::MAX_HANDLER_MODULE_DEPTH + 1).parse().unwrap();
+        assert_eq!(deeper.to_string(), path(11));
+        let error = deeper.check_new().unwrap_err();
+        assert_eq!(error.field, "handler");
         assert!(
-            error.to_string().contains("more than 10 modules"),
+            error
+                .message
+                .contains("has 11 modules in its module path; at most 10"),
             "{error}"
         );
     }

@@ -106,8 +106,8 @@ impl Engine {
         validate_function_name(&req.name)?;
         validate_description(&req.description)?;
         let runtime: Runtime = req.runtime.as_deref().unwrap_or("python3.11").parse()?;
-        let handler: Handler = match &req.handler {
-            Some(h) => h.parse()?,
+        let handler = match &req.handler {
+            Some(h) => new_handler(h)?,
             None => Handler::default(),
         };
         let code = match (&req.code, &req.code_archive) {
@@ -146,7 +146,7 @@ impl Engine {
         if self.store.get_function(&req.name).await?.is_some() {
             return Err(function_exists(&req.name));
         }
-        self.load_once(&req.name, &config, &code).await?;
+        self.load_once(&req.name, &config, &code, true).await?;
 
         let at = now();
         let function = Function {
@@ -204,7 +204,7 @@ impl Engine {
             function.config.runtime = runtime.parse()?;
         }
         if let Some(handler) = &patch.handler {
-            function.config.handler = handler.parse()?;
+            function.config.handler = new_handler(handler)?;
         }
         let (runtime, handler) = (function.config.runtime, function.config.handler.clone());
         match (&patch.code, &patch.code_archive) {
@@ -249,7 +249,13 @@ impl Engine {
             .check_handler(&function.config.handler, runtime)?;
 
         if function.config != before.config {
-            self.load_once(&function.name, &function.config, &function.code)
+            // Rules of new code apply to the handler, code and runtime a request brings; a
+            // change of other settings loads the stored ones as they are.
+            let (new, old) = (&function.config, &before.config);
+            let new_code = new.code_hash != old.code_hash
+                || new.handler != old.handler
+                || new.runtime != old.runtime;
+            self.load_once(&function.name, new, &function.code, new_code)
                 .await?;
         }
         function.updated_at = now();
@@ -310,12 +316,14 @@ impl Engine {
         Ok(function)
     }
 
-    /// Loads the code in a throwaway worker to prove the handler imports.
+    /// Loads the code in a throwaway worker to prove the handler imports; with `new_code`,
+    /// under the rules only new code must meet as well.
     async fn load_once(
         &self,
         name: &str,
         config: &FunctionConfig,
         code: &CodeBundle,
+        new_code: bool,
     ) -> EngineResult<()> {
         let cache = self.code.clone();
         let bundle = code.clone();
@@ -338,7 +346,7 @@ impl Engine {
             },
             logs: String::new(),
         };
-        match self.pools.start_cold(&probe).await {
+        match self.pools.start_deploy_check(&probe, new_code).await {
             Ok(instance) => {
                 instance.kill().await;
                 Ok(())
@@ -355,6 +363,14 @@ impl Engine {
             Err(StartError::Platform(e)) => Err(e),
         }
     }
+}
+
+/// A handler a request names: the rules of new code apply (a version's stored handler only
+/// has to parse).
+fn new_handler(text: &str) -> Result<Handler, ValidationError> {
+    let handler: Handler = text.parse()?;
+    handler.check_new()?;
+    Ok(handler)
 }
 
 fn decode_archive(archive: &str) -> EngineResult<Vec<u8>> {

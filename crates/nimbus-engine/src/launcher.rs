@@ -131,8 +131,31 @@ impl Launcher {
 
     /// Starts a new instance of `version` from scratch and waits until its handler is loaded.
     pub(crate) async fn cold(&self, version: &Arc<VersionEntry>) -> Result<Instance, StartError> {
+        self.cold_with(version, None).await
+    }
+
+    /// [`Launcher::cold`] for the deploy's check that code loads. With `new_code` (the
+    /// request brings a handler, code or runtime) the worker also applies the rules only new
+    /// code must meet (`NIMBUS_DEPLOY_CHECK=1`: a Python handler module must not be named
+    /// after a standard-library module), which spare versions deployed before a rule existed.
+    pub(crate) async fn deploy_check(
+        &self,
+        version: &Arc<VersionEntry>,
+        new_code: bool,
+    ) -> Result<Instance, StartError> {
+        self.cold_with(version, new_code.then_some(("NIMBUS_DEPLOY_CHECK", "1")))
+            .await
+    }
+
+    async fn cold_with(
+        &self,
+        version: &Arc<VersionEntry>,
+        extra_env: Option<(&str, &str)>,
+    ) -> Result<Instance, StartError> {
         let id = ids::instance_id();
-        let spec = self.spec(version, &id, false)?;
+        let mut spec = self.spec(version, &id, false)?;
+        spec.env
+            .extend(extra_env.map(|(k, v)| (k.to_owned(), v.to_owned())));
         let launched = self.launch(&spec).await?;
         let (conn, sandbox) = self.handshake(launched).await?;
         Ok(Instance::new(id, version.clone(), conn, sandbox, None))

@@ -543,14 +543,15 @@ impl Pools {
         // The permit is released when `lease` drops, after the instance is back in the pool.
     }
 
-    /// Starts a new instance of `version` from scratch, outside any pool (the deploy-time
-    /// check that new code loads).
-    pub(crate) async fn start_cold(
+    /// Starts a new instance of `version` from scratch, outside any pool, as the deploy-time
+    /// check that its code loads (see [`Launcher::deploy_check`] for `new_code`).
+    pub(crate) async fn start_deploy_check(
         &self,
         version: &Arc<VersionEntry>,
+        new_code: bool,
     ) -> Result<Instance, StartError> {
         let started = Instant::now();
-        let instance = self.launcher.cold(version).await?;
+        let instance = self.launcher.deploy_check(version, new_code).await?;
         self.snapshots.started_cold(version, started.elapsed());
         Ok(instance)
     }

@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use nimbus_core::{InvocationStatus, StartType, Trigger};
+use nimbus_core::{
+    CodeBundle, Function, FunctionConfig, FunctionStatus, FunctionVersion, Handler,
+    InvocationStatus, Runtime, StartType, Trigger,
+};
 use nimbus_engine::{
     EngineConfig, EngineError, FunctionPatch, InvokeRequest, InvokeResponse, NewFunction,
 };
@@ -381,5 +384,141 @@ async fn alias_changes_keep_instances_and_deleting_a_version_stops_its_own() {
     assert_eq!(
         e.invoke(on("prod")).await.unwrap().start_type,
         StartType::Warm
+    );
+}
+
+/// Stores `name` as a version deployed before today's rules for new code would have: the
+/// handler and code as given, straight into the store.
+async fn store_as_deployed_earlier(h: &Harness, name: &str, handler: &str, source: &str) {
+    let handler: Handler = handler.parse().expect("a stored handler parses");
+    let code = CodeBundle::from_inline(source, &handler, Runtime::Python311).unwrap();
+    let at = nimbus_core::now();
+    let function = Function {
+        id: nimbus_core::ids::function_id(),
+        name: name.into(),
+        description: String::new(),
+        config: FunctionConfig {
+            runtime: Runtime::Python311,
+            handler,
+            code_hash: code.hash(),
+            env_vars: Default::default(),
+            memory_mb: 128,
+            timeout_sec: 30,
+            network: Default::default(),
+            state: Default::default(),
+        },
+        code,
+        max_instances: 5,
+        status: FunctionStatus::Active,
+        latest_version: 1,
+        created_at: at,
+        updated_at: at,
+    };
+    let first = FunctionVersion {
+        function_id: function.id.clone(),
+        version: 1,
+        description: String::new(),
+        config: function.config.clone(),
+        code: function.code.clone(),
+        created_at: at,
+        created_by: "an earlier release".into(),
+    };
+    h.store.create_function(&function, &first).await.unwrap();
+}
+
+fn patch(body: serde_json::Value) -> FunctionPatch {
+    serde_json::from_value(body).unwrap()
+}
+
+/// Versions are immutable: one deployed before a rule for new code existed reads back,
+/// starts and serves, and its other settings can still change; code or a handler that a
+/// request brings meets the rule. The rules: a Python handler module is not named after a
+/// standard-library module (`code.py`), a module path is at most 10 modules deep.
+#[tokio::test]
+async fn versions_deployed_before_a_rule_of_new_code_keep_working() {
+    let h = harness(|_| {}).await;
+    let e = &h.engine;
+    let deep = format!(
+        "{}.handle",
+        (0..12)
+            .map(|i| format!("m{i}"))
+            .collect::<Vec<_>>()
+            .join(".")
+    );
+    let source = |says: &str| format!("def handle(event):\n    return '{says}'\n");
+    store_as_deployed_earlier(&h, "shadowing", "code.handle", &source("mine")).await;
+    store_as_deployed_earlier(&h, "deep", &deep, &source("deep")).await;
+    assert_eq!(e.list_functions(10, 0).await.unwrap().items.len(), 2);
+    for (name, says) in [("shadowing", "\"mine\""), ("deep", "\"deep\"")] {
+        let out = invoke(&h, name, "{}").await;
+        assert_eq!(out.outcome.unwrap().get(), says, "{name}");
+        assert_eq!(out.start_type, StartType::Cold);
+        let updated = e
+            .update_function(name, patch(serde_json::json!({ "memory_mb": 256 })), "test")
+            .await
+            .unwrap();
+        assert_eq!(updated.published_version, Some(2), "{name}");
+        let out = invoke(&h, name, "{}").await;
+        assert_eq!((out.version, out.outcome.unwrap().get()), (2, says));
+    }
+
+    // New code under the shadowing handler, or the deep handler named again: refused, and
+    // the versions stay as they were.
+    let err = e
+        .update_function(
+            "shadowing",
+            patch(serde_json::json!({ "code": source("new") })),
+            "test",
+        )
+        .await
+        .unwrap_err();
+    match &err {
+        EngineError::InvalidCode { error, .. } => {
+            assert_eq!(error.error_type, "InvalidHandler", "{error:?}");
+            assert!(error.message.contains("'code'"), "{}", error.message);
+        }
+        other => panic!("expected InvalidCode, got {other:?}"),
+    }
+    let err = e
+        .update_function(
+            "deep",
+            patch(serde_json::json!({ "handler": deep })),
+            "test",
+        )
+        .await
+        .unwrap_err();
+    match &err {
+        EngineError::Validation(v) => {
+            assert_eq!(v.field, "handler");
+            assert!(v.message.contains("12 modules"), "{}", v.message);
+        }
+        other => panic!("expected a validation error, got {other:?}"),
+    }
+    for name in ["shadowing", "deep"] {
+        assert_eq!(e.get_function(name).await.unwrap().latest_version, 2);
+    }
+
+    // New functions alike.
+    let new = |name: &str, handler: &str| -> NewFunction {
+        serde_json::from_value(
+            serde_json::json!({ "name": name, "code": source("x"), "handler": handler }),
+        )
+        .unwrap()
+    };
+    let err = e
+        .create_function(new("queue", "queue.handle"), "test")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, EngineError::InvalidCode { error, .. } if error.error_type == "InvalidHandler"),
+        "{err:?}"
+    );
+    let err = e
+        .create_function(new("deeper", &deep), "test")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Validation(v) if v.field == "handler"),
+        "{err:?}"
     );
 }

@@ -238,6 +238,38 @@ async fn errors_show_paths_in_the_code_not_on_the_host() {
 }
 
 #[tokio::test]
+async fn only_whole_host_paths_are_hidden_in_errors() {
+    // With a data directory D and a code directory C: D/x, D and C/x are paths of theirs;
+    // Dbase, D-old, D.bak, /mnt/D and C2/x are other paths, shown as they are (C2 is in D,
+    // the code directories' parent, as D/code/...).
+    let mut w = start(
+        &[(
+            "index.js",
+            "exports.handle = (event) => { throw new Error(event.text); };\n",
+        )],
+        "index.handle",
+    )
+    .await;
+    let code = w.code.path().canonicalize().unwrap();
+    let code = code.to_str().unwrap();
+    let data = data_dir().canonicalize().unwrap();
+    let data = data.to_str().unwrap();
+    let text = format!(
+        "{data}base {data}-old/x {data}.bak /mnt{data}/y {code}2/z | {data}/x ({data}) \
+         '{code}/lib/u.js' {code}: in {data}."
+    );
+    let out = invoke(&mut w, json!({ "text": text })).await;
+    let sibling = format!("<nimbus>{}2/z", code.strip_prefix(data).unwrap());
+    assert_eq!(
+        error(&out).message,
+        format!(
+            "{data}base {data}-old/x {data}.bak /mnt{data}/y {sibling} | <nimbus>/x (<nimbus>) \
+             'lib/u.js' .: in <nimbus>."
+        )
+    );
+}
+
+#[tokio::test]
 async fn a_handler_module_named_like_a_builtin_is_the_functions_own_file() {
     // The handler names a file of the code: `fs.readFileSync` loads ./fs.js, never Node's
     // `fs`, and a handler without its file is refused at deploy (nimbus-core).

@@ -45,7 +45,15 @@ async fn start_with(files: &[(&str, &str)], handler: &str, env: &[(&str, &str)])
 
 /// Starts a worker that must fail to load; returns the init error and its logs.
 async fn init_error(files: &[(&str, &str)], handler: &str) -> (ErrorPayload, String) {
-    let mut worker = launch(files, handler, &[]).await;
+    init_error_with(files, handler, &[]).await
+}
+
+async fn init_error_with(
+    files: &[(&str, &str)],
+    handler: &str,
+    env: &[(&str, &str)],
+) -> (ErrorPayload, String) {
+    let mut worker = launch(files, handler, env).await;
     let err = worker.conn.handshake().await.unwrap_err();
     let exit = tokio::time::timeout(Duration::from_secs(10), worker.sandbox.wait())
         .await
@@ -443,8 +451,11 @@ async fn errors_show_paths_in_the_code_not_on_the_host() {
     }
 }
 
+/// What the engine sets for its deploy-time check of new code (and only then).
+const DEPLOY_CHECK: &[(&str, &str)] = &[("NIMBUS_DEPLOY_CHECK", "1")];
+
 #[tokio::test]
-async fn handler_modules_named_after_the_standard_library_or_the_runtime_are_refused() {
+async fn handler_modules_named_after_the_standard_library_or_the_runtime_are_refused_at_deploy() {
     // The files, the handler, what the refusal says.
     type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
     let cases: &[Case] = &[
@@ -478,7 +489,7 @@ async fn handler_modules_named_after_the_standard_library_or_the_runtime_are_ref
         ),
     ];
     for (files, handler, needle) in cases {
-        let (e, _) = init_error(files, handler).await;
+        let (e, _) = init_error_with(files, handler, DEPLOY_CHECK).await;
         assert_eq!(e.error_type, "InvalidHandler", "{handler}: {e:?}");
         assert!(e.message.contains(needle), "{handler}: {}", e.message);
         assert!(e.message.contains("rename it"), "{handler}: {}", e.message);
@@ -487,10 +498,61 @@ async fn handler_modules_named_after_the_standard_library_or_the_runtime_are_ref
     let mut w = start_with(
         &[("osx.py", "def handle(event):\n    return 'mine'\n")],
         "osx.handle",
-        &[],
+        DEPLOY_CHECK,
     )
     .await;
     assert_eq!(body(&invoke(&mut w, json!({})).await), json!("mine"));
+}
+
+#[tokio::test]
+async fn versions_deployed_before_the_shadowing_rule_keep_starting() {
+    // Versions are immutable: one deployed before the rule, whose handler module is named
+    // after a standard-library module the runtime has not loaded, starts as it always did
+    // (outside the deploy check) and runs the function's own module.
+    for module in ["code", "queue"] {
+        let file = format!("{module}.py");
+        let handler = format!("{module}.handle");
+        let source = format!("def handle(event):\n    return 'mine: {module}'\n");
+        let mut w = start_with(&[(&file, &source)], &handler, &[]).await;
+        assert_eq!(
+            body(&invoke(&mut w, json!({})).await),
+            json!(format!("mine: {module}")),
+            "{handler}"
+        );
+        let (e, _) = init_error_with(&[(&file, &source)], &handler, DEPLOY_CHECK).await;
+        assert_eq!(e.error_type, "InvalidHandler", "{handler}: {e:?}");
+    }
+}
+
+#[tokio::test]
+async fn only_whole_host_paths_are_hidden_in_errors() {
+    // With a data directory D and a code directory C: D/x, D and C/x are paths of theirs;
+    // Dbase, D-old, D.bak, /mnt/D and C2/x are other paths, shown as they are.
+    let mut w = start_with(
+        &[(
+            "handler.py",
+            "def handle(event):\n    raise RuntimeError(event['text'])\n",
+        )],
+        "handler.handle",
+        &[],
+    )
+    .await;
+    let code = w.code.path().canonicalize().unwrap();
+    let code = code.to_str().unwrap();
+    let data = runtime().runtime_dir().parent().unwrap().parent().unwrap();
+    let data = data.to_str().unwrap();
+    let text = format!(
+        "{data}base {data}-old/x {data}.bak /mnt{data}/y {code}2/z | {data}/x ({data}) \
+         '{code}/lib/u.py' {code}: in {data}."
+    );
+    let out = invoke(&mut w, json!({ "text": text })).await;
+    assert_eq!(
+        error(&out).message,
+        format!(
+            "{data}base {data}-old/x {data}.bak /mnt{data}/y {code}2/z | <nimbus>/x (<nimbus>) \
+             'lib/u.py' .: in <nimbus>."
+        )
+    );
 }
 
 #[tokio::test]

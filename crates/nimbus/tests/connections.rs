@@ -446,6 +446,48 @@ async fn request_heads_over_the_limits_answer_in_json() {
     assert_eq!(s.health().await, Some(200));
 }
 
+/// A client that sends its whole request before it reads, as many do, gets the answer even
+/// when the server answers before reading the body (a head over the limits, a route that
+/// does not exist): the server reads the body and discards it instead of closing the
+/// connection on it, which would reset it and fail the client's write (EPIPE).
+#[tokio::test]
+async fn answers_given_before_the_body_reach_a_client_that_sends_it_all_first() {
+    let s = Logged::start("").await;
+    // Past what the kernel's socket buffers take without the server reading.
+    const BODY: usize = 32 << 20;
+    let body = vec![b'x'; BODY];
+    let long_target = format!("/api/v1/functions?x={}", "a".repeat(9_000));
+    let big_header = format!("x-big: {}\r\n", "b".repeat(17_000));
+    let cases = [
+        (long_target.as_str(), String::new(), 414, "uri_too_long"),
+        ("/api/v1/functions", big_header, 431, "headers_too_large"),
+        ("/api/v1/nowhere", String::new(), 404, "route_not_found"),
+    ];
+    for (target, extra, status, code) in cases {
+        let mut stream = TcpStream::connect(&s.addr).await.unwrap();
+        let head = format!(
+            "POST {target} HTTP/1.1\r\nHost: t\r\ncontent-type: application/json\r\n\
+             {extra}content-length: {BODY}\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let sent = tokio::time::timeout(Duration::from_secs(60), stream.write_all(&body))
+            .await
+            .expect("the body is taken within 60 s");
+        assert!(sent.is_ok(), "{status}: the body was cut off: {sent:?}");
+        let (head, answer) = read_response(&mut stream).await;
+        assert!(head.starts_with(&format!("http/1.1 {status} ")), "{head}");
+        let answer: Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(code_of(&answer), code, "{answer}");
+        if head.contains("connection: close") {
+            assert!(closed_within(&mut stream, Duration::from_secs(10)).await);
+        } else {
+            // The whole body was read: the connection serves the next request.
+            let (head, _) = exchange(&mut stream, HEALTH).await;
+            assert!(head.starts_with("http/1.1 200 "), "{head}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn throttled_answers_say_when_to_retry() {
     let s = Server::start_with(Backend::Sqlite, "queue_depth = 0\n", &[]).await;

@@ -9,7 +9,9 @@
 //! records have something to hit (`tests/fuzz/schemathesis.toml`).
 //!
 //! A second run against a copy of the document with one response field left out must fail,
-//! so a harness that checks nothing cannot pass. The tests at the end pin down defects the
+//! so a harness that checks nothing cannot pass; and the refusals the hooks excuse are
+//! excused only for requests that break their rule (judged on cases that keep and break
+//! each one). The tests at the end pin down defects the
 //! fuzzer found.
 
 mod common;
@@ -251,6 +253,93 @@ async fn a_document_that_misdescribes_an_answer_fails_the_run() {
         run.output.contains("Response violates schema") && run.output.contains("code_size"),
         "{}",
         run.output
+    );
+}
+
+/// Judges refusals as `hooks.py` does for the fuzz run, against the real server: each case is
+/// an operation, a body, the error the server would give, and whether a schema-valid request
+/// may get it. Run by the venv's Python with the hooks imported.
+const HOOKS_CASES: &str = r#"
+import base64, io, json, sys, types, zipfile
+import hooks
+
+base, secret = sys.argv[1], sys.argv[2]
+f = base + "/api/v1/functions/f"
+
+def zip_of(name):
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr(name, "def handle(event):\n    return event\n")
+    return base64.b64encode(out.getvalue()).decode()
+
+class Answer:
+    def __init__(self, url, code, field):
+        self.request = types.SimpleNamespace(url=url, headers={"Authorization": "Bearer " + secret})
+        self.error = {"code": code, "field": field}
+    def json(self):
+        return {"error": self.error}
+
+GOOD = "def handle(event):\n    return event\n"
+CASES = [
+    # (operation, url, body, error code, field, allowed)
+    ("updateFunction", f, {"memory_mb": 128}, "function_init_failed", None, False),
+    ("updateFunction", f, {"code": GOOD, "handler": "app.handle"}, "function_init_failed", None, False),
+    ("updateFunction", f, {"code": "x = ("}, "function_init_failed", None, True),
+    ("updateFunction", f, {"handler": "handler.run"}, "function_init_failed", None, True),
+    ("createFunction", base + "/api/v1/functions", {"name": "g", "code": GOOD, "handler": "json.handle"}, "function_init_failed", None, True),
+    ("createFunction", base + "/api/v1/functions", {"name": "g", "code_archive": zip_of("handler.py")}, "validation_error", "code_archive", False),
+    ("createFunction", base + "/api/v1/functions", {"name": "g", "code_archive": "bm90IGFuIGFyY2hpdmU="}, "validation_error", "code_archive", True),
+    ("createFunction", base + "/api/v1/functions", {"name": "g", "code_archive": zip_of("handler.py")}, "validation_error", "handler", False),
+    ("createFunction", base + "/api/v1/functions", {"name": "g", "code_archive": zip_of("main.py")}, "validation_error", "handler", True),
+    ("updateFunction", f, {"handler": "handler.handle", "memory_mb": 128}, "validation_error", "handler", False),
+    ("updateFunction", f, {"handler": "app.handle", "code": GOOD}, "validation_error", "handler", False),
+    ("updateFunction", f, {"handler": "app.handle"}, "validation_error", "handler", True),
+    ("updateFunction", f, {"runtime": "nodejs20"}, "validation_error", "handler", True),
+    ("createAlias", f + "/aliases", {"name": "a", "routing_config": {"weights": [{"version": 1, "weight": 100}]}}, "validation_error", "routing_config.weights", False),
+    ("updateAlias", f + "/aliases/latest", {"routing_config": {"weights": [{"version": 1, "weight": 100}]}}, "validation_error", "routing_config.weights", False),
+    ("createAlias", f + "/aliases", {"name": "a", "routing_config": {"weights": [{"version": 2, "weight": 100}]}}, "validation_error", "routing_config.weights", True),
+    ("createAlias", f + "/aliases", {"name": "a", "routing_config": {"weights": [{"version": 1, "weight": 90}]}}, "validation_error", "routing_config.weights", True),
+    ("createAlias", f + "/aliases", {"name": "a", "routing_config": {"weights": [{"version": 1, "weight": 50}, {"version": 1, "weight": 50}]}}, "validation_error", "routing_config.weights", True),
+    ("publishVersion", f + "/versions", {"publish_alias": "latest"}, "validation_error", "publish_alias", False),
+    ("publishVersion", f + "/versions", {"publish_alias": "nope"}, "validation_error", "publish_alias", True),
+    ("rollbackAlias", f + "/aliases/latest/rollback", {"to_version": 1}, "validation_error", "to_version", False),
+    ("rollbackAlias", f + "/aliases/latest/rollback", {"to_version": 5}, "validation_error", "to_version", True),
+]
+wrong = []
+for operation, url, body, code, field, allowed in CASES:
+    case = types.SimpleNamespace(
+        body=body,
+        operation=types.SimpleNamespace(definition=types.SimpleNamespace(raw={"operationId": operation})),
+    )
+    if hooks.allowed_by_rule(case, Answer(url, code, field)) != allowed:
+        wrong.append((operation, body, code, field, "allowed" if not allowed else "refused"))
+print("\n".join(json.dumps(w) for w in wrong))
+sys.exit(1 if wrong else 0)
+"#;
+
+/// The hooks excuse a 400 under one of the rules JSON Schema cannot state only for a request
+/// that breaks that rule (asking the server where it depends on what is stored), so a wrong
+/// refusal under those codes fails the run like any other.
+#[tokio::test]
+async fn the_hooks_excuse_a_refusal_only_for_a_request_that_breaks_its_rule() {
+    let s = server().await;
+    s.deploy("f", "def handle(event):\n    return event\n", json!({}))
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(tool("python"))
+        .args(["-c", HOOKS_CASES, &s.base, SECRET])
+        .env("PYTHONPATH", PathBuf::from(HOOKS).parent().unwrap())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cases the hooks judge wrongly (operation, body, error, field, what they did):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 

@@ -9,9 +9,11 @@ use nimbus_sandbox::ProcessDriver;
 use nimbus_state::embedded::EmbeddedStore;
 use nimbus_state::State;
 
-/// An engine and the directory it keeps its files in.
+/// An engine, its metadata store and the directory it keeps its files in.
+#[allow(dead_code)] // Each test crate uses a different part of it.
 pub struct Harness {
     pub engine: Arc<Engine>,
+    pub store: Arc<dyn nimbus_store::MetadataStore>,
     _dir: tempfile::TempDir,
 }
 
@@ -31,11 +33,15 @@ pub async fn harness(tune: impl FnOnce(&mut EngineConfig)) -> Harness {
     let state = State::new(Arc::new(state));
     let engine = Engine::start(
         config,
-        store,
+        store.clone(),
         state,
         Arc::new(ProcessDriver::new()),
         runtimes,
     )
     .unwrap();
-    Harness { engine, _dir: dir }
+    Harness {
+        engine,
+        store,
+        _dir: dir,
+    }
 }

@@ -105,23 +105,39 @@ function clean(text, limit) {
 // working directory the worker starts in), as a path and as the file URL of an ES module, and
 // the data directory holding it and the runtime (this file is <data dir>/runtime/node/...).
 const CODE_DIR = process.cwd();
+// Characters of file names besides letters and digits: one of them next to a path means a
+// longer name (`/data` in `/database`, `/data-old`, `/mnt/data`), not that path.
+const NAME = String.raw`\p{L}\p{N}_\-~+@%=#$.`;
+// A hidden path where it is whole: no name character before it; after it a `/` (replaced
+// along with it), the end of the text, a character no name has, or a `.` that ends a
+// sentence (not `.bak`).
+const wholePath = (hidden) =>
+  new RegExp(
+    `(?<![${NAME}])${hidden.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}` +
+      String.raw`(?:(/)|(?=$|\.(?:$|[^${NAME}/])|[^${NAME}/]))`,
+    'gu',
+  );
 const HIDDEN_PATHS = [
   [pathToFileURL(CODE_DIR).href, '.'],
   [CODE_DIR, '.'],
   [path.join(__dirname, '..', '..'), '<nimbus>'],
-].filter(([hidden]) => hidden !== '/' && hidden !== 'file:///');
+]
+  .filter(([hidden]) => hidden !== '/' && hidden !== 'file:///')
+  .map(([hidden, shown]) => [hidden, wholePath(hidden), shown]);
 
 /**
  * `text` without the host paths of the data directory: a path in the function's code as the
  * function knows it, relative to its working directory (`lib/util.js`), and any other path of
- * the data directory (the runtime's files) under `<nimbus>`.
+ * the data directory (the runtime's files) under `<nimbus>`. Only whole paths are replaced:
+ * `/data/x` and `/data` with a data directory `/data`, not `/database` nor `/mnt/data`.
  */
 function sandboxPaths(text) {
-  for (const [hidden, shown] of HIDDEN_PATHS) {
+  for (const [hidden, pattern, shown] of HIDDEN_PATHS) {
     if (text.includes(hidden)) {
-      text = text
-        .replaceAll(hidden + '/', shown === '.' ? '' : shown + '/')
-        .replaceAll(hidden, shown);
+      text = text.replace(pattern, (_, slash) => {
+        if (!slash) return shown;
+        return shown === '.' ? '' : shown + '/';
+      });
     }
   }
   return text;

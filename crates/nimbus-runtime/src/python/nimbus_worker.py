@@ -238,12 +238,56 @@ def _user_traceback(tb):
 def _sandbox_paths(text):
     """`text` without the host paths of the data directory: a path in the function's code
     as the function knows it, relative to its working directory (`lib/util.py`), and any
-    other path of the data directory (the runtime's files) under `<nimbus>`."""
+    other path of the data directory (the runtime's files) under `<nimbus>`. Only whole
+    paths are replaced: `/data/x` and `/data` with a data directory `/data`, not `/database`
+    nor `/mnt/data`."""
     for path, shown in ((_CODE_DIR, "."), (_DATA_DIR, "<nimbus>")):
         if path and path != "/" and path in text:
-            text = text.replace(path + "/", "" if shown == "." else shown + "/")
-            text = text.replace(path, shown)
+            text = _replace_path(text, path, shown)
     return text
+
+
+# Characters of file names besides letters and digits: one of them next to a path means a
+# longer name (`/data` in `/database`, `/data-old`, `/mnt/data`), not that path.
+_NAME_CHARS = frozenset("_-~+@%=#$.")
+
+
+def _is_name_char(char):
+    return char.isalnum() or char in _NAME_CHARS
+
+
+def _ends_path(text, end):
+    """Whether a path that stops at `end` in `text` ends there: the text ends, a `/` or a
+    character no file name here has follows, or a `.` that ends a sentence (not `.bak`)."""
+    after = text[end : end + 1]
+    if after == ".":
+        after = text[end + 1 : end + 2]
+        return not after or (after != "/" and not _is_name_char(after))
+    return not after or after == "/" or not _is_name_char(after)
+
+
+def _replace_path(text, path, shown):
+    """`text` with each whole occurrence of the absolute `path` replaced by `shown`, and
+    `path/` by `shown/` (by nothing when `shown` is `.`)."""
+    out = []
+    start = at = 0
+    while True:
+        at = text.find(path, at)
+        if at < 0:
+            break
+        end = at + len(path)
+        if (at > 0 and _is_name_char(text[at - 1])) or not _ends_path(text, end):
+            at += 1
+            continue
+        out.append(text[start:at])
+        if text.startswith("/", end):
+            out.append("" if shown == "." else shown + "/")
+            end += 1
+        else:
+            out.append(shown)
+        start = at = end
+    out.append(text[start:])
+    return "".join(out)
 
 
 def _error(exc, message=None, type_name=None):
@@ -281,8 +325,12 @@ def _simple_error(type_name, message):
     return {"type": type_name, "message": message, "traceback": ""}
 
 
-def _load(spec):
-    """Imports the handler named by `spec` (`module.function`) and returns the callable."""
+def _load(spec, new_code):
+    """Imports the handler named by `spec` (`module.function`) and returns the callable.
+
+    `new_code`: this is the deploy's check of new code (NIMBUS_DEPLOY_CHECK=1), which also
+    applies the rules only new code must meet; a version deployed before a rule existed is
+    immutable and keeps starting as it did."""
     module_name, _, func_name = spec.rpartition(".")
     if not module_name or not func_name or "" in module_name.split("."):
         raise _InitFailure(
@@ -293,7 +341,7 @@ def _load(spec):
             )
         )
     top = module_name.partition(".")[0]
-    if top in sys.modules or top in getattr(sys, "stdlib_module_names", ()):
+    if new_code and (top in sys.modules or top in getattr(sys, "stdlib_module_names", ())):
         # Loaded first, the function's file would replace the standard library's module for
         # the function and the runtime alike; loaded already, it would never be imported and
         # the handler would name the library's own function (`os.system`).
@@ -813,7 +861,8 @@ def main():
             raise _InitFailure(_error(exc, "the runtime's nimbus package failed to load: %s" % exc))
         # The function's code first, then the runtime directory, then the stdlib.
         sys.path[0:1] = [posix.getcwd(), _RUNTIME_DIR]
-        handler = _load(spec or _DEFAULT_HANDLER)
+        new_code = posix.environ.get(b"NIMBUS_DEPLOY_CHECK") == b"1"
+        handler = _load(spec or _DEFAULT_HANDLER, new_code)
         takes_state = _takes_state(handler)
     except _InitFailure as failure:
         _init_failed(host, failure.payload, sink)

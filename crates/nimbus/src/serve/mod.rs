@@ -9,10 +9,13 @@
 //! - a request head over `max_uri_bytes`, `max_header_bytes` or `max_headers` is answered
 //!   414/431 in the API's error shape ([`service`]); hyper's own parser stops at twice
 //!   those, which bounds the memory a connection can make the server hold;
+//! - a request body the answer leaves unread is read and discarded, within bounds, so the
+//!   client can finish sending and read the answer ([`drain`]);
 //! - the memory of closed connections goes back to the system ([`memory`]).
 
 mod activity;
 mod connection;
+mod drain;
 mod io;
 mod memory;
 mod metrics;

@@ -1,7 +1,8 @@
 //! The application as one connection's hyper service: request heads over the limits are
 //! answered here in the API's error shape (so hyper's own empty 414/431 stay out of
-//! reach), request bodies get a stall timeout, and the end of each response is reported
-//! to the connection's [`Activity`].
+//! reach), request bodies get a stall timeout and are discarded where the answer leaves
+//! them unread ([`DrainedBody`]), and the end of each response is reported to the
+//! connection's [`Activity`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,6 +22,7 @@ use tower::ServiceExt;
 use tower_http::timeout::TimeoutBody;
 
 use super::activity::{Activity, RequestGuard};
+use super::drain::DrainedBody;
 
 /// Limits of one request, checked before the application sees it.
 #[derive(Debug, Clone)]
@@ -108,9 +110,16 @@ impl hyper::service::Service<Request<Incoming>> for AppService {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let guard = self.activity.request_started();
+        let expects_continue = req
+            .headers()
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        // Whatever of the body the answer leaves unread is read and discarded meanwhile.
+        let req = req.map(|body| DrainedBody::new(body, expects_continue));
         if let Err(refusal) = self.limits.check(&req) {
+            drop(req);
             let mut response = refusal.into_response();
-            // The body, if any, is left unread: the connection cannot carry another request.
+            // A head over the limits ends the connection (once its body is discarded).
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
