@@ -487,6 +487,17 @@ async fn handler_modules_named_after_the_standard_library_or_the_runtime_are_ref
             "nimbus.handle",
             "'nimbus' is the name of a module of the runtime",
         ),
+        // Modules of the runtime's template mode, not loaded by the deploy's check.
+        (
+            &[("nimbus_entropy.py", "def handle(event):\n    return 1\n")],
+            "nimbus_entropy.handle",
+            "'nimbus_entropy' is the name of a module of the runtime",
+        ),
+        (
+            &[("nimbus_fork.py", "def handle(event):\n    return 1\n")],
+            "nimbus_fork.handle",
+            "'nimbus_fork' is the name of a module of the runtime",
+        ),
     ];
     for (files, handler, needle) in cases {
         let (e, _) = init_error_with(files, handler, DEPLOY_CHECK).await;

@@ -341,7 +341,8 @@ def _load(spec, new_code):
             )
         )
     top = module_name.partition(".")[0]
-    if new_code and (top in sys.modules or top in getattr(sys, "stdlib_module_names", ())):
+    stdlib = getattr(sys, "stdlib_module_names", ())
+    if new_code and (top in sys.modules or top in stdlib or top in _RUNTIME_MODULES):
         # Loaded first, the function's file would replace the standard library's module for
         # the function and the runtime alike; loaded already, it would never be imported and
         # the handler would name the library's own function (`os.system`).
