@@ -311,16 +311,7 @@ async fn errors_repeat_long_inputs_only_as_a_short_prefix() {
     long_key.insert(body_input.clone(), json!(1));
     let mut long_env = serde_json::Map::new();
     long_env.insert(body_input.clone(), json!("v"));
-    let long_name_zip = {
-        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-        zip.start_file(
-            format!("{}.py", "n".repeat(4000)),
-            zip::write::SimpleFileOptions::default(),
-        )
-        .unwrap();
-        zip.write_all(b"x = 1\n").unwrap();
-        base64::engine::general_purpose::STANDARD.encode(zip.finish().unwrap().into_inner())
-    };
+    let long_name_zip = common::zip_base64(&[(&format!("{}.py", "n".repeat(4000)), "x = 1\n")]);
     let bodies: Vec<(&str, String, Value)> = vec![
         (
             "POST",
@@ -491,16 +482,6 @@ async fn keys_are_checked_before_routing_and_the_scheme_in_any_case() {
     );
 }
 
-fn zip_base64(files: &[(&str, &str)]) -> String {
-    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    for (name, body) in files {
-        zip.start_file(*name, zip::write::SimpleFileOptions::default())
-            .unwrap();
-        zip.write_all(body.as_bytes()).unwrap();
-    }
-    base64::engine::general_purpose::STANDARD.encode(zip.finish().unwrap().into_inner())
-}
-
 fn tar_gz_base64(files: &[(&str, &str)]) -> String {
     let mut tar = tar::Builder::new(Vec::new());
     for (name, body) in files {
@@ -540,7 +521,10 @@ async fn archives_the_server_cannot_unpack_are_refused_naming_the_entry() {
         ),
     ];
     for (files, needle) in &cases {
-        for (format, archive) in [("zip", zip_base64(files)), ("tar.gz", tar_gz_base64(files))] {
+        for (format, archive) in [
+            ("zip", common::zip_base64(files)),
+            ("tar.gz", tar_gz_base64(files)),
+        ] {
             let (status, answer) = s
                 .call(
                     "POST",
@@ -581,7 +565,7 @@ async fn archives_the_server_cannot_unpack_are_refused_naming_the_entry() {
         .call(
             "POST",
             "/functions",
-            Some(json!({"name": "cases", "code_archive": zip_base64(&files)})),
+            Some(json!({"name": "cases", "code_archive": common::zip_base64(&files)})),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{answer}");
@@ -730,7 +714,7 @@ async fn a_handler_module_shadowing_the_standard_library_is_refused_at_deploy() 
             .call(
                 "POST",
                 "/functions",
-                Some(json!({"name": "shadow", "handler": handler, "code_archive": zip_base64(&files)})),
+                Some(json!({"name": "shadow", "handler": handler, "code_archive": common::zip_base64(&files)})),
             )
             .await;
         assert_eq!(

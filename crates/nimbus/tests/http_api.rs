@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -296,22 +294,14 @@ def handle(event):
 
 async fn code_archives_with_packages(backend: Backend) {
     let s = Server::start(backend).await;
-    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let files = [
+    let archive = common::zip_base64(&[
         ("app/__init__.py", ""),
         (
             "app/main.py",
             "from app.util import shout\ndef run(event):\n    return shout(event['w'])\n",
         ),
         ("app/util.py", "def shout(w):\n    return w.upper() + '!'\n"),
-    ];
-    for (name, body) in files {
-        zip.start_file(name, zip::write::SimpleFileOptions::default())
-            .unwrap();
-        zip.write_all(body.as_bytes()).unwrap();
-    }
-    let archive =
-        base64::engine::general_purpose::STANDARD.encode(zip.finish().unwrap().into_inner());
+    ]);
     let (status, created) = s
         .call(
             "POST",

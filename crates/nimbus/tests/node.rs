@@ -327,19 +327,6 @@ async fn the_node_examples_deploy_and_run_from_the_cli_as_documented() {
     .await;
     assert_eq!(r["body"]["cart_size"], 3, "{r}");
 }
-/// A zip archive of `files`, base64-encoded as `code_archive` takes it.
-fn zip_archive(files: &[(&str, &str)]) -> String {
-    use base64::Engine as _;
-    use std::io::Write as _;
-    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    for (name, body) in files {
-        zip.start_file(*name, zip::write::SimpleFileOptions::default())
-            .unwrap();
-        zip.write_all(body.as_bytes()).unwrap();
-    }
-    base64::engine::general_purpose::STANDARD.encode(zip.finish().unwrap().into_inner())
-}
-
 /// An ES module that imports from 'nimbus' and reports, for the real `StateConflict` of a
 /// stale `setWithVersion`, whether it is an instance of what it imported, and where its
 /// code and the package are.
@@ -397,8 +384,7 @@ exports.handle = async (event, state) => {
 async fn es_modules_and_commonjs_get_the_nimbus_package_in_the_sandbox() {
     let s = Server::start(Backend::Sqlite).await;
     let config = json!({"runtime": "nodejs20", "handler": "index.handle", "state_config": {"enabled": true}});
-    let mut esm =
-        json!({"name": "esm-nimbus", "code_archive": zip_archive(&[("index.mjs", ESM_NIMBUS)])});
+    let mut esm = json!({"name": "esm-nimbus", "code_archive": common::zip_base64(&[("index.mjs", ESM_NIMBUS)])});
     esm.as_object_mut()
         .unwrap()
         .extend(config.as_object().unwrap().clone());
@@ -487,7 +473,7 @@ async fn archives_carry_their_node_modules_for_commonjs_and_es_modules() {
     let s = Server::start(Backend::Sqlite).await;
     let mut files = PACKAGES.to_vec();
     files.extend([("cjs.js", CJS_USER), ("app/esm.mjs", ESM_USER)]);
-    let archive = zip_archive(&files);
+    let archive = common::zip_base64(&files);
     for (name, handler) in [("uses-cjs", "cjs.handle"), ("uses-esm", "app.esm.handle")] {
         let (status, created) = s
             .call(

@@ -314,7 +314,6 @@ impl Drop for Server {
 }
 
 /// A zip archive of `files` (path, contents), base64-encoded as `code_archive` takes it.
-#[allow(dead_code)] // not every test file deploys archives
 pub fn zip_base64(files: &[(&str, &str)]) -> String {
     use base64::Engine as _;
     use std::io::Write as _;
