@@ -781,7 +781,7 @@ impl Snapshots {
         Err(StartError::Init {
             error: ErrorPayload {
                 error_type: "SharedRandomState".into(),
-                message: shared_random_message(&probe.same),
+                message: shared_random_message(&probe.same, probe.same_count),
                 traceback: String::new(),
             },
             logs: String::new(),
@@ -1273,16 +1273,18 @@ impl Stage {
     }
 }
 
-/// Why a template whose probes agree is refused, naming (a few of) the generators.
-fn shared_random_message(same: &[String]) -> String {
+/// Why a template whose probes agree is refused, naming (a few of) the `count`
+/// generators, of which `same` names the first.
+fn shared_random_message(same: &[String], count: usize) -> String {
     const SHOWN: usize = 5;
     let mut names: Vec<String> = same
         .iter()
         .take(SHOWN)
         .map(|name| nimbus_core::echo::cut(name, 120).into_owned())
         .collect();
-    if same.len() > SHOWN {
-        names.push(format!("and {} more", same.len() - SHOWN));
+    let count = count.max(same.len());
+    if count > names.len() {
+        names.push(format!("and {} more", count - names.len()));
     }
     format!(
         "instances started from this snapshot would share random state: {} gave the same \
@@ -1309,5 +1311,26 @@ fn build_error(error: &StartError) -> String {
             text
         }
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_names_a_few_generators_and_counts_the_rest() {
+        let names: Vec<String> = (0..20).map(|i| format!("handler.RNG{i}")).collect();
+        let message = shared_random_message(&names, 4000);
+        assert!(message.contains("handler.RNG0, handler.RNG1"), "{message}");
+        assert!(
+            message.contains("handler.RNG4, and 3995 more gave"),
+            "{message}"
+        );
+        assert!(!message.contains("RNG5"), "{message}");
+        let one = shared_random_message(&["tempfile names".to_owned()], 1);
+        assert!(one.contains(": tempfile names gave the same"), "{one}");
+        let long = shared_random_message(&["x".repeat(1000)], 1);
+        assert!(long.len() < 600, "{long}");
     }
 }

@@ -97,9 +97,12 @@ pub struct Probe {
     /// How many generators both probes drew from.
     #[serde(default)]
     pub compared: usize,
-    /// Those of them that gave the same output in both.
+    /// Those of them that gave the same output in both (the first few, by name).
     #[serde(default)]
     pub same: Vec<String>,
+    /// How many gave the same output in both.
+    #[serde(default)]
+    pub same_count: usize,
 }
 
 /// A process-driver template: the template's connection and its sandbox.

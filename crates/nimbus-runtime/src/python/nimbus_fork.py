@@ -12,7 +12,8 @@ the nimbus-sandbox crate's `template` module):
     template -> driver   {"type": "detached", "ok": true} + the driver's end of a new
                          connection made inside the sandbox, which replaces fd 3
     driver -> template   {"type": "probe"}     (after a build or a restore, see `probe`)
-    template -> driver   {"type": "probed", "ok": true, "compared": [...], "same": [...]}
+    template -> driver   {"type": "probed", "ok": true, "compared": N, "same": [...],
+                          "same_count": N}
 
 and returns only in a forked child, once that child runs in a sandbox of its own (when the
 template's root holds /.nimbus/fork.json) and the driver has moved it into its cgroup: the
@@ -29,6 +30,8 @@ import stat
 
 _SOCKET_FD = 3
 _FORK_CONFIG = "/.nimbus/fork.json"
+# Most generator names a probe's answer carries.
+_SAME_NAMES_SHOWN = 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (
@@ -246,7 +249,15 @@ def probe(config, loads, encode, measure, same):
             return {"type": "probed", "ok": False, "error": "a probe failed: %s" % report.get("error")}
     first, second = (report["fingerprints"] for report in reports)
     compared = sum(1 for key in first if key in second)
-    return {"type": "probed", "ok": True, "compared": compared, "same": same(first, second)}
+    names = same(first, second)
+    return {
+        "type": "probed",
+        "ok": True,
+        "compared": compared,
+        # A few names say what to fix; all of them could outgrow a frame.
+        "same": names[:_SAME_NAMES_SHOWN],
+        "same_count": len(names),
+    }
 
 
 def _probe_child(write_end, config, encode, measure):
