@@ -1,0 +1,1 @@
+//! What Nimbus's own tests share: never a dependency of the server, only of tests.
