@@ -10,8 +10,9 @@
 //! - its session starts in its namespace and it maps no host file the namespace cannot
 //!   name (it execs itself as PID 1: no init binary stays mapped);
 //! - its connection must belong to its own network namespace: before the dump it is moved
-//!   onto a socket pair made inside ([`ProcessTemplate::checkpoint`] asks it to `detach`),
-//!   which the dump records as external and the restore replaces (`--inherit-fd`);
+//!   onto a socket pair made inside (the process driver's [`Template::checkpoint`] asks it
+//!   to `detach`), which the dump records as external and the restore replaces
+//!   (`--inherit-fd`);
 //! - the host paths bound into it (runtime, libraries, code) are external mounts, bound
 //!   again from the same host paths at restore; everything else of its root is tmpfs,
 //!   whose contents the checkpoint holds.
@@ -19,7 +20,7 @@
 //! CRIU 4 or later is needed (Debian bookworm's 3.17 fails on kernels ≥ 6.13);
 //! `scripts/install-criu.sh` builds it. Without it templates stay in memory only.
 //!
-//! [`ProcessTemplate::checkpoint`]: crate::template::ProcessTemplate
+//! [`Template::checkpoint`]: crate::Template::checkpoint
 
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
@@ -28,9 +29,9 @@ use std::process::Stdio;
 
 use serde::{Deserialize, Serialize};
 
+use crate::child::socket_and_cgroups;
 use crate::isolation::Isolation;
 use crate::pidfd::PidfdSandbox;
-use crate::process::socket_and_cgroups;
 use crate::{LaunchSpec, Launched, WORKER_SOCKET_FD};
 
 /// The manifest the driver keeps next to CRIU's images.

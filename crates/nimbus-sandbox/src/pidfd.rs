@@ -153,7 +153,7 @@ impl Sandbox for PidfdSandbox {
     }
 
     fn resident_bytes(&self) -> Option<u64> {
-        crate::sandbox_memory(self.slot.as_ref(), self.pid)
+        crate::procfs::sandbox_memory(self.slot.as_ref(), self.pid)
     }
 
     fn kill(&mut self) {
@@ -183,7 +183,7 @@ impl Sandbox for PidfdSandbox {
         // Its own threads (the handler may have started some) and an earlier occupant's
         // leftovers: nothing else to look at. Its thread count first, then the group's, so
         // a thread born in between costs only a listing.
-        let threads = self.tasks.as_ref().and_then(crate::thread_count);
+        let threads = self.tasks.as_ref().and_then(crate::procfs::thread_count);
         if let (Some(threads), Some(tasks)) = (threads, slot.task_count()) {
             let expected = threads + self.residue;
             if tasks <= expected {

@@ -9,7 +9,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -23,9 +23,11 @@ use tokio::process::{Child, Command};
 
 use crate::cgroup::CgroupSlot;
 use crate::checkpoint::{self, Criu};
+use crate::child::socket_and_cgroups;
 use crate::isolation::Isolation;
+use crate::procfs::{self, first_child, pid_in_sandbox};
 use crate::template::{ProcessTemplate, Template};
-use crate::{Driver, DriverError, ExitInfo, LaunchSpec, Launched, Sandbox, WORKER_SOCKET_FD};
+use crate::{Driver, DriverError, ExitInfo, LaunchSpec, Launched, Sandbox};
 
 /// Starts workers as child processes, isolated or not.
 #[derive(Debug, Default, Clone)]
@@ -209,37 +211,6 @@ impl Driver for ProcessDriver {
     }
 }
 
-/// In a forked child before exec: puts the socket `raw` on [`WORKER_SOCKET_FD`] and joins
-/// the cgroups whose `cgroup.procs` files are `join` ("0" is the writer itself).
-///
-/// Async-signal-safe: only `fcntl`, `dup2`, `open`, `write` and `close`, on data prepared
-/// before the fork.
-///
-/// # Safety
-///
-/// Only for a pre-exec hook: it replaces whatever descriptor is 3 in the calling process.
-pub(crate) unsafe fn socket_and_cgroups(raw: RawFd, join: &[CString]) -> std::io::Result<()> {
-    // SAFETY: plain system calls on descriptors and NUL-terminated paths this process owns.
-    unsafe {
-        if raw == WORKER_SOCKET_FD {
-            // dup2 onto itself keeps FD_CLOEXEC set; clear it instead.
-            if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        } else if libc::dup2(raw, WORKER_SOCKET_FD) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        for procs in join {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::close(fd);
-        }
-    }
-    Ok(())
-}
-
 /// A worker running as a child process group (and, isolated, in its cgroup slot).
 #[derive(Debug)]
 struct ProcessSandbox {
@@ -298,7 +269,7 @@ impl Sandbox for ProcessSandbox {
     }
 
     fn resident_bytes(&self) -> Option<u64> {
-        crate::sandbox_memory(self.slot.as_ref(), self.pid)
+        procfs::sandbox_memory(self.slot.as_ref(), self.pid)
     }
 
     fn kill(&mut self) {
@@ -312,7 +283,7 @@ impl Sandbox for ProcessSandbox {
         // calls on files kept open, since this runs after every invocation: the worker's
         // thread count first, then the group's, so a thread born in between costs only a
         // listing.
-        let threads = self.worker_tasks.as_ref().and_then(crate::thread_count);
+        let threads = self.worker_tasks.as_ref().and_then(procfs::thread_count);
         if let (Some(threads), Some(tasks)) = (threads, slot.task_count()) {
             let expected = 2 + threads + self.residue;
             if tasks <= expected {
@@ -363,20 +334,6 @@ impl Sandbox for ProcessSandbox {
         self.exit = Some(exit);
         exit
     }
-}
-
-/// The first child of host process `pid` (the sandbox's PID 1, for the init).
-pub(crate) fn first_child(pid: u32) -> Option<i32> {
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-    children.split_whitespace().next()?.parse().ok()
-}
-
-/// A host process's pid in the innermost pid namespace it belongs to (the last `NSpid`
-/// field of its status): 1 for the sandbox's init, 2 for the worker.
-fn pid_in_sandbox(pid: i32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
-    line.split_whitespace().last()?.parse().ok()
 }
 
 impl Drop for ProcessSandbox {

@@ -139,7 +139,7 @@ impl ProcessTemplate {
         let pid = launched.sandbox.pid();
         // Isolated, the sandbox's pid is its init's, and the template is its PID 1.
         let worker = match &isolation {
-            Some(_) => crate::process::first_child(pid)
+            Some(_) => crate::procfs::first_child(pid)
                 .ok_or(("the template's sandbox has no PID 1".to_owned(), false))?
                 as u32,
             None => pid,
@@ -450,7 +450,7 @@ impl Template for ProcessTemplate {
     }
 
     fn resident_bytes(&self) -> Option<u64> {
-        crate::rss_bytes(self.worker)
+        crate::procfs::rss_bytes(self.worker)
     }
 }
 
