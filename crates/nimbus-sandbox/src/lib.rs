@@ -135,6 +135,17 @@ pub struct DriverError {
     pub refused: bool,
 }
 
+impl DriverError {
+    /// The platform failed to start `instance_id` (not a refusal), for `error`.
+    pub(crate) fn failed(instance_id: &str, error: impl fmt::Display) -> DriverError {
+        DriverError {
+            instance_id: instance_id.to_owned(),
+            message: error.to_string(),
+            refused: false,
+        }
+    }
+}
+
 /// A way of starting isolated workers.
 #[async_trait]
 pub trait Driver: Send + Sync + 'static {

@@ -22,12 +22,45 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
 use crate::cgroup::CgroupSlot;
+use crate::checkpoint::RestoreError;
 use crate::checkpoint::{self, Criu};
 use crate::child::socket_and_cgroups;
-use crate::isolation::Isolation;
+use crate::isolation::{Isolation, OutboundUnavailable};
 use crate::procfs::{self, first_child, pid_in_sandbox};
 use crate::template::{ProcessTemplate, Template};
 use crate::{Driver, DriverError, ExitInfo, LaunchSpec, Launched, Sandbox};
+
+/// Why a worker could not be launched.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The socket pair of the host connection could not be made.
+    #[error("socketpair: {0}")]
+    SocketPair(#[source] std::io::Error),
+    /// The host end of the connection could not be set up.
+    #[error("socket: {0}")]
+    Socket(#[source] std::io::Error),
+    /// No cgroup slot could be had for the sandbox.
+    #[error("cgroup: {0}")]
+    Cgroup(#[source] std::io::Error),
+    /// The sandbox asks for a network this host cannot give.
+    #[error(transparent)]
+    Outbound(#[from] OutboundUnavailable),
+    /// The sandbox spec could not be encoded for the init.
+    #[error("encoding the sandbox spec: {0}")]
+    EncodeSpec(#[source] serde_json::Error),
+    /// The init (or, without isolation, the worker) could not be started.
+    #[error("spawn {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The init did not take its spec.
+    #[error("sending the sandbox spec: {0}")]
+    SendSpec(#[source] std::io::Error),
+}
 
 /// Starts workers as child processes, isolated or not.
 #[derive(Debug, Default, Clone)]
@@ -74,11 +107,7 @@ impl Driver for ProcessDriver {
     ) -> Result<Box<dyn Template>, DriverError> {
         ProcessTemplate::new(spec, launched, self.isolation.clone(), self.criu.clone())
             .map(|t| Box::new(t) as Box<dyn Template>)
-            .map_err(|(message, refused)| DriverError {
-                instance_id: spec.instance_id.clone(),
-                message,
-                refused,
-            })
+            .map_err(|e| e.for_instance(&spec.instance_id))
     }
 
     fn can_checkpoint(&self, spec: &LaunchSpec) -> bool {
@@ -94,36 +123,33 @@ impl Driver for ProcessDriver {
         spec: &LaunchSpec,
         dir: &Path,
     ) -> Result<Box<dyn Template>, DriverError> {
-        let fail = |message: String| DriverError {
-            instance_id: spec.instance_id.clone(),
-            message,
-            refused: false,
-        };
         let (Some(isolation), Some(criu)) = (&self.isolation, &self.criu) else {
-            return Err(fail("this server does not restore checkpoints".into()));
+            return Err(DriverError::failed(
+                &spec.instance_id,
+                RestoreError::Unsupported,
+            ));
         };
         let launched = checkpoint::restore(isolation, criu, spec, dir)
             .await
-            .map_err(&fail)?;
+            .map_err(|e| DriverError::failed(&spec.instance_id, e))?;
         ProcessTemplate::restored(spec, launched, isolation.clone(), criu.clone())
             .map(|t| Box::new(t) as Box<dyn Template>)
-            .map_err(|(message, refused)| DriverError {
-                instance_id: spec.instance_id.clone(),
-                message,
-                refused,
-            })
+            .map_err(|e| e.for_instance(&spec.instance_id))
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, DriverError> {
-        let fail = |message: String| DriverError {
-            instance_id: spec.instance_id.clone(),
-            message,
-            refused: false,
-        };
+        self.start(spec)
+            .await
+            .map_err(|e| DriverError::failed(&spec.instance_id, e))
+    }
+}
+
+impl ProcessDriver {
+    /// Starts the worker of `spec`: [`Driver::launch`] but for the error's type.
+    async fn start(&self, spec: &LaunchSpec) -> Result<Launched, LaunchError> {
         let (host, worker) =
-            std::os::unix::net::UnixStream::pair().map_err(|e| fail(format!("socketpair: {e}")))?;
-        host.set_nonblocking(true)
-            .map_err(|e| fail(format!("socket: {e}")))?;
+            std::os::unix::net::UnixStream::pair().map_err(LaunchError::SocketPair)?;
+        host.set_nonblocking(true).map_err(LaunchError::Socket)?;
         let worker_fd: OwnedFd = worker.into();
         let raw = worker_fd.as_raw_fd();
 
@@ -133,10 +159,9 @@ impl Driver for ProcessDriver {
                     true => isolation.template_slot(spec.memory_mb),
                     false => isolation.slot(spec.memory_mb),
                 }
-                .map_err(|e| fail(format!("cgroup: {e}")))?;
-                let init_spec = isolation.init_spec(spec, &slot).map_err(fail)?;
-                let init_spec = serde_json::to_vec(&init_spec)
-                    .map_err(|e| fail(format!("encoding the sandbox spec: {e}")))?;
+                .map_err(LaunchError::Cgroup)?;
+                let init_spec = isolation.init_spec(spec, &slot)?;
+                let init_spec = serde_json::to_vec(&init_spec).map_err(LaunchError::EncodeSpec)?;
                 let (program, args) = isolation.init_command();
                 let mut cmd = Command::new(program);
                 // The worker's environment travels in the spec, not in the init's.
@@ -184,17 +209,18 @@ impl Driver for ProcessDriver {
         }
         let residue = slot.as_ref().and_then(CgroupSlot::task_count).unwrap_or(0);
         let program = cmd.as_std().get_program().to_owned();
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| fail(format!("spawn {}: {e}", program.to_string_lossy())))?;
+        let mut child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+            program: program.to_string_lossy().into_owned(),
+            source,
+        })?;
         drop(worker_fd);
         if let (Some(init_spec), Some(mut stdin)) = (init_spec, child.stdin.take()) {
             stdin
                 .write_all(&init_spec)
                 .await
-                .map_err(|e| fail(format!("sending the sandbox spec: {e}")))?;
+                .map_err(LaunchError::SendSpec)?;
         }
-        let stream = UnixStream::from_std(host).map_err(|e| fail(format!("socket: {e}")))?;
+        let stream = UnixStream::from_std(host).map_err(LaunchError::Socket)?;
         let pid = child.id().unwrap_or(0);
         Ok(Launched {
             instance_id: spec.instance_id.clone(),

@@ -42,9 +42,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 
 use crate::cgroup::CgroupSlot;
-use crate::checkpoint::{self, external_mounts, Criu, Manifest, MANIFEST};
-use crate::isolation::Isolation;
-use crate::network::{self, OutboundSpec};
+use crate::checkpoint::{self, external_mounts, CheckpointError, Criu, Manifest, MANIFEST};
+use crate::isolation::{Isolation, OutboundUnavailable};
+use crate::network::{self, NetworkError, OutboundSpec};
 use crate::pidfd::PidfdSandbox;
 use crate::{DriverError, LaunchSpec, Launched, Sandbox};
 
@@ -75,11 +75,7 @@ pub trait Template: Send + Sync + fmt::Debug {
     /// again. Returns the paths (relative to `dir`) of the regular files written.
     async fn checkpoint(&self, dir: &Path) -> Result<Vec<String>, DriverError> {
         let _ = dir;
-        Err(DriverError {
-            instance_id: String::new(),
-            message: "this template cannot be checkpointed".into(),
-            refused: false,
-        })
+        Err(DriverError::failed("", CheckpointError::Unsupported))
     }
     /// Memory the template holds resident, bytes (what keeping it costs).
     fn resident_bytes(&self) -> Option<u64>;
@@ -103,6 +99,213 @@ pub struct Probe {
     /// How many gave the same output in both.
     #[serde(default)]
     pub same_count: usize,
+}
+
+/// Why a launched worker could not be taken over as a template.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TakeOverError {
+    /// The isolated template's init has no child.
+    #[error("the template's sandbox has no PID 1")]
+    NoPid1,
+    /// Its instances would need a network this host cannot give.
+    #[error(transparent)]
+    Outbound(#[from] OutboundUnavailable),
+    /// It is not a single process.
+    #[error(transparent)]
+    NotAlone(#[from] NotAlone),
+}
+
+impl TakeOverError {
+    /// The error as the driver reports it for `instance_id`: a refusal when the function's
+    /// code left the template more than one process (see [`DriverError::refused`]).
+    pub(crate) fn for_instance(self, instance_id: &str) -> DriverError {
+        let refused = matches!(self, TakeOverError::NotAlone(_));
+        DriverError {
+            refused,
+            ..DriverError::failed(instance_id, self)
+        }
+    }
+}
+
+/// Why a template is not a single process.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NotAlone {
+    /// Its threads could not be listed.
+    #[error("the template's threads: {0}")]
+    Threads(#[source] std::io::Error),
+    /// Its children could not be listed.
+    #[error("the template's children: {0}")]
+    Children(#[source] std::io::Error),
+    /// The function's init left threads or processes running.
+    #[error(
+        "the function's init left {threads} thread(s) and {children} process(es) running \
+         besides its own; a template must be a single process (no snapshot: its instances \
+         start cold)"
+    )]
+    Busy {
+        /// Threads besides the template's own.
+        threads: usize,
+        /// Running children.
+        children: usize,
+    },
+}
+
+/// Why an instance could not be forked from a template.
+#[derive(Debug, thiserror::Error)]
+enum ForkError {
+    /// The socket pair of the instance's connection could not be made.
+    #[error("socketpair: {0}")]
+    SocketPair(#[source] std::io::Error),
+    /// The host end could not be told to carry its sender's credentials.
+    #[error("SO_PASSCRED: {0}")]
+    PassCred(#[source] nix::Error),
+    /// The host end of the connection could not be set up.
+    #[error("socket: {0}")]
+    Socket(#[source] std::io::Error),
+    /// No cgroup slot could be had for the instance.
+    #[error("cgroup: {0}")]
+    Cgroup(#[source] std::io::Error),
+    /// The request could not be encoded.
+    #[error("{0}")]
+    Encode(#[source] serde_json::Error),
+    /// An earlier exchange with the template was cut short.
+    #[error("the template's connection is out of step")]
+    OutOfStep,
+    /// The request could not be sent.
+    #[error("sending the fork request to the template: {0}")]
+    Send(#[source] std::io::Error),
+    /// The template did not answer.
+    #[error("the template did not answer the fork: {0}")]
+    NoAnswer(#[source] std::io::Error),
+    /// The template's answer is not one.
+    #[error("the template's answer: {0}")]
+    Answer(#[source] serde_json::Error),
+    /// The template could not fork.
+    #[error("the template could not fork: {0}")]
+    NotForked(String),
+    /// The forked child did not greet.
+    #[error(transparent)]
+    Hello(#[from] HelloError),
+    /// The forked child could not be watched.
+    #[error("pidfd_open({pid}): {source}")]
+    Watch {
+        /// Its host pid.
+        pid: u32,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The forked child is not in a sandbox of its own (a refusal).
+    #[error("the forked instance did not enter its sandbox: {0}")]
+    NotSandboxed(#[source] Unsandboxed),
+    /// The forked child could not be moved into its cgroup slot.
+    #[error("moving the instance into its cgroup: {0}")]
+    Adopt(#[source] std::io::Error),
+    /// No link could be reserved for the instance.
+    #[error(transparent)]
+    Link(NetworkError),
+    /// The instance's link could not be set up.
+    #[error("the instance's network: {0}")]
+    Network(#[source] NetworkError),
+    /// Setting the link up did not finish.
+    #[error("{0}")]
+    Join(#[from] tokio::task::JoinError),
+    /// The child could not be told to go on.
+    #[error("releasing the instance: {0}")]
+    Release(#[source] std::io::Error),
+}
+
+/// Why a request to a template (a spare, a probe) failed.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    /// The request could not be encoded.
+    #[error("{0}")]
+    Encode(#[source] serde_json::Error),
+    /// An earlier exchange with the template was cut short.
+    #[error("the template's connection is out of step")]
+    OutOfStep,
+    /// The request could not be sent.
+    #[error("sending the template a {kind} request: {source}")]
+    Send {
+        /// The request's type.
+        kind: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The template did not answer.
+    #[error("the template's answer: {0}")]
+    NoAnswer(#[source] std::io::Error),
+    /// The template's answer is not one.
+    #[error("the template's answer: {0}")]
+    Answer(#[source] serde_json::Error),
+    /// The template could not fork a spare child.
+    #[error("the template could not fork a spare")]
+    NoSpare,
+    /// The template could not probe its instances.
+    #[error("the template could not probe its instances: {0}")]
+    NoProbe(String),
+}
+
+/// What the forked child said instead of its greeting, or why it said nothing.
+#[derive(Debug, thiserror::Error)]
+enum HelloError {
+    /// Its socket could not be waited on.
+    #[error("waiting for the forked instance: {0}")]
+    Wait(#[source] std::io::Error),
+    /// It closed its socket first.
+    #[error("the forked instance ended before it entered its sandbox")]
+    Ended,
+    /// Its greeting came without credentials.
+    #[error("the forked instance's pid is unknown")]
+    UnknownPid,
+    /// It reported an error.
+    #[error("the forked instance could not enter its sandbox: {0}")]
+    Failed(String),
+    /// It sent something else.
+    #[error("the forked instance sent {0:?} instead of its greeting")]
+    Unexpected(char),
+    /// Its socket could not be read.
+    #[error("reading from the forked instance: {0}")]
+    Read(#[source] std::io::Error),
+}
+
+/// How a forked child is not in a sandbox of its own.
+#[derive(Debug, thiserror::Error)]
+enum Unsandboxed {
+    /// Its status could not be read.
+    #[error("its status: {0}")]
+    Status(#[source] std::io::Error),
+    /// It holds capabilities.
+    #[error("it holds capabilities ({set} {value})")]
+    Capabilities {
+        /// The capability set (`CapEff`, `CapPrm`, `CapBnd`).
+        set: &'static str,
+        /// Its value.
+        value: String,
+    },
+    /// It may gain privileges.
+    #[error("no_new_privs is not set")]
+    NewPrivileges,
+    /// It has no seccomp filter.
+    #[error("it runs without a seccomp filter")]
+    NoSeccomp,
+    /// Its seccomp filters are not the template's and the worker filter.
+    #[error(
+        "it runs under {found} seccomp filters, not the template's {template} and the worker filter"
+    )]
+    Filters {
+        /// Its filters, as the kernel tells.
+        found: String,
+        /// The template's.
+        template: u32,
+    },
+    /// It is not PID 1 of a pid namespace.
+    #[error("it is not PID 1 of a pid namespace of its own")]
+    NotPid1,
+    /// It shares one of the template's namespaces.
+    #[error("it shares the template's {0} namespace")]
+    SharedNamespace(&'static str),
 }
 
 /// A process-driver template: the template's connection and its sandbox.
@@ -129,19 +332,16 @@ pub(crate) struct ProcessTemplate {
 
 impl ProcessTemplate {
     /// The template launched from `spec`, after its handshake.
-    /// An error says why, and whether it is a refusal (see [`DriverError::refused`]).
     pub(crate) fn new(
         spec: &LaunchSpec,
         launched: Launched,
         isolation: Option<Arc<Isolation>>,
         criu: Option<Arc<Criu>>,
-    ) -> Result<Self, (String, bool)> {
+    ) -> Result<Self, TakeOverError> {
         let pid = launched.sandbox.pid();
         // Isolated, the sandbox's pid is its init's, and the template is its PID 1.
         let worker = match &isolation {
-            Some(_) => crate::procfs::first_child(pid)
-                .ok_or(("the template's sandbox has no PID 1".to_owned(), false))?
-                as u32,
+            Some(_) => crate::procfs::first_child(pid).ok_or(TakeOverError::NoPid1)? as u32,
             None => pid,
         };
         Self::assemble(spec, launched, worker, isolation, criu)
@@ -153,7 +353,7 @@ impl ProcessTemplate {
         launched: Launched,
         isolation: Arc<Isolation>,
         criu: Arc<Criu>,
-    ) -> Result<Self, (String, bool)> {
+    ) -> Result<Self, TakeOverError> {
         let worker = launched.sandbox.pid();
         Self::assemble(spec, launched, worker, Some(isolation), Some(criu))
     }
@@ -164,13 +364,13 @@ impl ProcessTemplate {
         worker: u32,
         isolation: Option<Arc<Isolation>>,
         criu: Option<Arc<Criu>>,
-    ) -> Result<Self, (String, bool)> {
+    ) -> Result<Self, TakeOverError> {
         let outbound = match &isolation {
-            Some(isolation) => isolation.outbound(spec.network).map_err(|e| (e, false))?,
+            Some(isolation) => isolation.outbound(spec.network)?,
             None => None,
         };
         let criu = criu.filter(|_| isolation.is_some() && outbound.is_none());
-        alone(worker).map_err(|e| (e, true))?;
+        alone(worker)?;
         let filters = seccomp_filters(worker);
         Ok(ProcessTemplate {
             control: tokio::sync::Mutex::new(launched.stream),
@@ -218,100 +418,17 @@ impl Drop for Exchange<'_> {
 #[async_trait]
 impl Template for ProcessTemplate {
     async fn spawn(&self, instance_id: &str) -> Result<Launched, DriverError> {
-        let fail = |message: String| DriverError {
-            instance_id: instance_id.to_owned(),
-            message,
-            refused: false,
-        };
-        let (host, worker) =
-            std::os::unix::net::UnixStream::pair().map_err(|e| fail(format!("socketpair: {e}")))?;
-        // Every message on the host end carries its sender's pid, as this host sees it.
-        setsockopt(&host, sockopt::PassCred, &true)
-            .map_err(|e| fail(format!("SO_PASSCRED: {e}")))?;
-        host.set_nonblocking(true)
-            .map_err(|e| fail(format!("socket: {e}")))?;
-        let slot = match &self.isolation {
-            Some(isolation) => Some(
-                isolation
-                    .slot(self.memory_mb)
-                    .map_err(|e| fail(format!("cgroup: {e}")))?,
-            ),
-            None => None,
-        };
-        let request = serde_json::to_vec(&serde_json::json!({
-            "type": "fork",
-            "instance_id": instance_id,
-        }))
-        .map_err(|e| fail(e.to_string()))?;
-        {
-            let mut control = self.control.lock().await;
-            if self.broken.load(Ordering::Relaxed) {
-                return Err(fail("the template's connection is out of step".into()));
-            }
-            let exchange = Exchange(&self.broken);
-            send_with_fd(&control, &request, worker.as_raw_fd())
-                .await
-                .map_err(|e| fail(format!("sending the fork request to the template: {e}")))?;
-            drop(worker);
-            let reply = read_frame(&mut control)
-                .await
-                .map_err(|e| fail(format!("the template did not answer the fork: {e}")))?;
-            let reply: Answer = serde_json::from_slice(&reply)
-                .map_err(|e| fail(format!("the template's answer: {e}")))?;
-            exchange.done();
-            if !reply.ok {
-                return Err(fail(format!(
-                    "the template could not fork: {}",
-                    reply.error.unwrap_or_default()
-                )));
-            }
-        }
-        let mut stream = UnixStream::from_std(host).map_err(|e| fail(format!("socket: {e}")))?;
-        let pid = hello(&mut stream).await.map_err(fail)?;
-        let residue = slot.as_ref().and_then(CgroupSlot::task_count).unwrap_or(0);
-        // Watched before it is moved or released, while its pid surely names it.
-        let watched = PidfdSandbox::watch(pid, None, 0, None, false)
-            .map_err(|e| fail(format!("pidfd_open({pid}): {e}")))?;
-        if self.isolation.is_some() {
-            // The child set its sandbox up itself, with code the function's init could have
-            // tampered with (it ran in the same interpreter): nothing runs before the host
-            // has seen the result.
-            if let Err(e) = check_sandboxed(pid, self.worker, self.filters, self.outbound.is_some())
-            {
-                let why = format!("the forked instance did not enter its sandbox: {e}");
+        self.fork(instance_id).await.map_err(|e| match e {
+            ForkError::NotSandboxed(_) => {
+                let why = e.to_string();
                 *self.refusal.lock().expect("template lock") = Some(why.clone());
-                return Err(DriverError {
+                DriverError {
                     instance_id: instance_id.to_owned(),
                     message: why,
                     refused: true,
-                });
+                }
             }
-        }
-        if let Some(slot) = &slot {
-            slot.adopt(pid)
-                .map_err(|e| fail(format!("moving the instance into its cgroup: {e}")))?;
-        }
-        // Held (open) as long as the sandbox: the link stays reserved.
-        let reservation = match &self.outbound {
-            Some(outbound) => {
-                let (link, reservation) = network::reserve(outbound).map_err(&fail)?;
-                let pid = pid as i32;
-                tokio::task::spawn_blocking(move || network::attach_forked(&link, pid))
-                    .await
-                    .map_err(|e| fail(e.to_string()))?
-                    .map_err(|e| fail(format!("the instance's network: {e}")))?;
-                Some(reservation)
-            }
-            None => None,
-        };
-        stream
-            .write_all(b"G")
-            .await
-            .map_err(|e| fail(format!("releasing the instance: {e}")))?;
-        Ok(Launched {
-            instance_id: instance_id.to_owned(),
-            stream,
-            sandbox: Box::new(watched.with(slot, residue, reservation)),
+            e => DriverError::failed(instance_id, e),
         })
     }
 
@@ -331,76 +448,156 @@ impl Template for ProcessTemplate {
     }
 
     async fn fork_ahead(&self) -> Result<(), DriverError> {
-        match self.ask(serde_json::json!({ "type": "spare" })).await?.ok {
+        match self
+            .ask(serde_json::json!({ "type": "spare" }))
+            .await
+            .map_err(template_error)?
+            .ok
+        {
             true => Ok(()),
-            false => Err(template_error("the template could not fork a spare".into())),
+            false => Err(template_error(RequestError::NoSpare)),
         }
     }
 
     async fn probe(&self) -> Result<Probe, DriverError> {
-        let reply = self.ask(serde_json::json!({ "type": "probe" })).await?;
+        let reply = self
+            .ask(serde_json::json!({ "type": "probe" }))
+            .await
+            .map_err(template_error)?;
         match reply.ok {
             true => Ok(reply.probe),
-            false => Err(template_error(format!(
-                "the template could not probe its instances: {}",
-                reply.error.unwrap_or_default()
+            false => Err(template_error(RequestError::NoProbe(
+                reply.error.unwrap_or_default(),
             ))),
         }
     }
 
     async fn checkpoint(&self, dir: &Path) -> Result<Vec<String>, DriverError> {
-        let fail = |message: String| DriverError {
-            instance_id: String::new(),
-            message,
-            refused: false,
+        self.dump(dir).await.map_err(template_error)
+    }
+
+    fn resident_bytes(&self) -> Option<u64> {
+        crate::procfs::rss_bytes(self.worker)
+    }
+}
+
+impl ProcessTemplate {
+    /// Forks an instance (see the fork protocol above): [`Template::spawn`] but for the
+    /// error's type.
+    async fn fork(&self, instance_id: &str) -> Result<Launched, ForkError> {
+        let (host, worker) =
+            std::os::unix::net::UnixStream::pair().map_err(ForkError::SocketPair)?;
+        // Every message on the host end carries its sender's pid, as this host sees it.
+        setsockopt(&host, sockopt::PassCred, &true).map_err(ForkError::PassCred)?;
+        host.set_nonblocking(true).map_err(ForkError::Socket)?;
+        let slot = match &self.isolation {
+            Some(isolation) => Some(isolation.slot(self.memory_mb).map_err(ForkError::Cgroup)?),
+            None => None,
         };
-        let criu = self
-            .criu
-            .as_ref()
-            .ok_or_else(|| fail("this template cannot be checkpointed".into()))?;
+        let request = serde_json::to_vec(&serde_json::json!({
+            "type": "fork",
+            "instance_id": instance_id,
+        }))
+        .map_err(ForkError::Encode)?;
+        {
+            let mut control = self.control.lock().await;
+            if self.broken.load(Ordering::Relaxed) {
+                return Err(ForkError::OutOfStep);
+            }
+            let exchange = Exchange(&self.broken);
+            send_with_fd(&control, &request, worker.as_raw_fd())
+                .await
+                .map_err(ForkError::Send)?;
+            drop(worker);
+            let reply = read_frame(&mut control)
+                .await
+                .map_err(ForkError::NoAnswer)?;
+            let reply: Answer = serde_json::from_slice(&reply).map_err(ForkError::Answer)?;
+            exchange.done();
+            if !reply.ok {
+                return Err(ForkError::NotForked(reply.error.unwrap_or_default()));
+            }
+        }
+        let mut stream = UnixStream::from_std(host).map_err(ForkError::Socket)?;
+        let pid = hello(&mut stream).await?;
+        let residue = slot.as_ref().and_then(CgroupSlot::task_count).unwrap_or(0);
+        // Watched before it is moved or released, while its pid surely names it.
+        let watched = PidfdSandbox::watch(pid, None, 0, None, false)
+            .map_err(|source| ForkError::Watch { pid, source })?;
+        if self.isolation.is_some() {
+            // The child set its sandbox up itself, with code the function's init could have
+            // tampered with (it ran in the same interpreter): nothing runs before the host
+            // has seen the result.
+            check_sandboxed(pid, self.worker, self.filters, self.outbound.is_some())
+                .map_err(ForkError::NotSandboxed)?;
+        }
+        if let Some(slot) = &slot {
+            slot.adopt(pid).map_err(ForkError::Adopt)?;
+        }
+        // Held (open) as long as the sandbox: the link stays reserved.
+        let reservation = match &self.outbound {
+            Some(outbound) => {
+                let (link, reservation) = network::reserve(outbound).map_err(ForkError::Link)?;
+                let pid = pid as i32;
+                tokio::task::spawn_blocking(move || network::attach_forked(&link, pid))
+                    .await?
+                    .map_err(ForkError::Network)?;
+                Some(reservation)
+            }
+            None => None,
+        };
+        stream.write_all(b"G").await.map_err(ForkError::Release)?;
+        Ok(Launched {
+            instance_id: instance_id.to_owned(),
+            stream,
+            sandbox: Box::new(watched.with(slot, residue, reservation)),
+        })
+    }
+
+    /// Checkpoints the template into `dir`: [`Template::checkpoint`] but for the error's
+    /// type.
+    async fn dump(&self, dir: &Path) -> Result<Vec<String>, CheckpointError> {
+        let criu = self.criu.as_ref().ok_or(CheckpointError::Unsupported)?;
         // Forks wait while the template is moved and dumped.
         let mut control = self.control.lock().await;
         if self.broken.load(Ordering::Relaxed) {
-            return Err(fail("the template's connection is out of step".into()));
+            return Err(CheckpointError::OutOfStep);
         }
         let detach = serde_json::to_vec(&serde_json::json!({ "type": "detach" }))
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(CheckpointError::Encode)?;
         let exchange = Exchange(&self.broken);
         control
             .write_all(&frame(&detach))
             .await
-            .map_err(|e| fail(format!("asking the template to detach: {e}")))?;
+            .map_err(CheckpointError::Detach)?;
         let (reply, fd) = read_frame_with_fd(&mut control)
             .await
-            .map_err(|e| fail(format!("the template's answer to detach: {e}")))?;
-        let reply: Answer = serde_json::from_slice(&reply)
-            .map_err(|e| fail(format!("the template's answer: {e}")))?;
+            .map_err(CheckpointError::NoAnswer)?;
+        let reply: Answer = serde_json::from_slice(&reply).map_err(CheckpointError::Answer)?;
         exchange.done();
         let fd = match (reply.ok, fd) {
             (true, Some(fd)) => fd,
             _ => {
-                return Err(fail(format!(
-                    "the template could not detach: {}",
-                    reply.error.unwrap_or_default()
-                )))
+                return Err(CheckpointError::NotDetached(
+                    reply.error.unwrap_or_default(),
+                ))
             }
         };
         let stream = std::os::unix::net::UnixStream::from(fd);
         stream
             .set_nonblocking(true)
-            .map_err(|e| fail(format!("socket: {e}")))?;
-        *control = UnixStream::from_std(stream).map_err(|e| fail(format!("socket: {e}")))?;
+            .map_err(CheckpointError::Socket)?;
+        *control = UnixStream::from_std(stream).map_err(CheckpointError::Socket)?;
 
         let socket = std::fs::read_link(format!("/proc/{}/fd/3", self.worker))
-            .map_err(|e| fail(format!("the template's connection: {e}")))?;
+            .map_err(CheckpointError::Connection)?;
         let socket_inode = socket
             .to_string_lossy()
             .strip_prefix("socket:[")
             .and_then(|s| s.strip_suffix(']'))
             .and_then(|s| s.parse::<u64>().ok())
-            .ok_or_else(|| fail(format!("fd 3 of the template is {}", socket.display())))?;
-        let mounts = external_mounts(self.worker)
-            .map_err(|e| fail(format!("the template's mounts: {e}")))?;
+            .ok_or_else(|| CheckpointError::NotASocket(socket.clone()))?;
+        let mounts = external_mounts(self.worker).map_err(CheckpointError::Mounts)?;
         let mut args: Vec<String> = vec![
             "dump".into(),
             "-t".into(),
@@ -424,22 +621,22 @@ impl Template for ProcessTemplate {
             args.push(format!("mnt[{}]:{key}", path.display()));
         }
         let log = dir.join("dump.log");
-        checkpoint::run(criu, &args, &log, |_| {})
-            .await
-            .map_err(fail)?;
+        checkpoint::run(criu, &args, &log, |_| {}).await?;
         let _ = std::fs::remove_file(&log);
         let root_files = checkpoint::copy_root(self.worker, &dir.join(checkpoint::ROOT))
-            .map_err(|e| fail(format!("copying the template's root: {e}")))?;
+            .map_err(CheckpointError::CopyRoot)?;
         let manifest = Manifest {
             socket_inode,
             mounts,
             criu: criu.describe(),
         };
-        let manifest = serde_json::to_vec_pretty(&manifest).map_err(|e| fail(e.to_string()))?;
-        std::fs::write(dir.join(MANIFEST), manifest)
-            .map_err(|e| fail(format!("writing the manifest: {e}")))?;
+        let manifest = serde_json::to_vec_pretty(&manifest).map_err(CheckpointError::Encode)?;
+        std::fs::write(dir.join(MANIFEST), manifest).map_err(CheckpointError::WriteManifest)?;
         let mut names: Vec<String> = std::fs::read_dir(dir)
-            .map_err(|e| fail(format!("{}: {e}", dir.display())))?
+            .map_err(|source| CheckpointError::List {
+                path: dir.to_path_buf(),
+                source,
+            })?
             .filter_map(|e| e.ok())
             .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
             .filter_map(|e| e.file_name().into_string().ok())
@@ -449,55 +646,42 @@ impl Template for ProcessTemplate {
         Ok(names)
     }
 
-    fn resident_bytes(&self) -> Option<u64> {
-        crate::procfs::rss_bytes(self.worker)
-    }
-}
-
-impl ProcessTemplate {
     /// Sends the template `request` (no descriptor) and reads its answer.
-    async fn ask(&self, request: serde_json::Value) -> Result<Answer, DriverError> {
+    async fn ask(&self, request: serde_json::Value) -> Result<Answer, RequestError> {
         let kind = request["type"].as_str().unwrap_or_default().to_owned();
-        let request = serde_json::to_vec(&request).map_err(|e| template_error(e.to_string()))?;
+        let request = serde_json::to_vec(&request).map_err(RequestError::Encode)?;
         let mut control = self.control.lock().await;
         if self.broken.load(Ordering::Relaxed) {
-            return Err(template_error(
-                "the template's connection is out of step".into(),
-            ));
+            return Err(RequestError::OutOfStep);
         }
         let exchange = Exchange(&self.broken);
         control
             .write_all(&frame(&request))
             .await
-            .map_err(|e| template_error(format!("sending the template a {kind} request: {e}")))?;
+            .map_err(|source| RequestError::Send { kind, source })?;
         let reply = read_frame(&mut control)
             .await
-            .map_err(|e| template_error(format!("the template's answer: {e}")))?;
-        let reply: Answer = serde_json::from_slice(&reply)
-            .map_err(|e| template_error(format!("the template's answer: {e}")))?;
+            .map_err(RequestError::NoAnswer)?;
+        let reply: Answer = serde_json::from_slice(&reply).map_err(RequestError::Answer)?;
         exchange.done();
         Ok(reply)
     }
 }
 
 /// A failure of the template itself (not of one instance, not a refusal).
-fn template_error(message: String) -> DriverError {
-    DriverError {
-        instance_id: String::new(),
-        message,
-        refused: false,
-    }
+fn template_error(error: impl fmt::Display) -> DriverError {
+    DriverError::failed("", error)
 }
 
 /// Checks that the template `pid` is a single thread with no child: threads would not
 /// survive a fork, and a process the function's init left running would live on in the
 /// template, outside any invocation, limit or timeout.
-fn alone(pid: u32) -> Result<(), String> {
+fn alone(pid: u32) -> Result<(), NotAlone> {
     let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|d| d.count())
-        .map_err(|e| format!("the template's threads: {e}"))?;
+        .map_err(NotAlone::Threads)?;
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .map_err(|e| format!("the template's children: {e}"))?;
+        .map_err(NotAlone::Children)?;
     // Ended children not reaped yet (zombies) run nothing.
     let children = children
         .split_whitespace()
@@ -512,11 +696,10 @@ fn alone(pid: u32) -> Result<(), String> {
         })
         .count();
     if threads != 1 || children != 0 {
-        return Err(format!(
-            "the function's init left {} thread(s) and {children} process(es) running besides \
-             its own; a template must be a single process (no snapshot: its instances start cold)",
-            threads - 1
-        ));
+        return Err(NotAlone::Busy {
+            threads: threads - 1,
+            children,
+        });
     }
     Ok(())
 }
@@ -542,9 +725,9 @@ fn check_sandboxed(
     template: u32,
     template_filters: Option<u32>,
     outbound: bool,
-) -> Result<(), String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|e| format!("its status: {e}"))?;
+) -> Result<(), Unsandboxed> {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(Unsandboxed::Status)?;
     let field = |name: &str| {
         status
             .lines()
@@ -554,25 +737,28 @@ fn check_sandboxed(
     };
     for caps in ["CapEff", "CapPrm", "CapBnd"] {
         if !field(caps).trim_start_matches('0').is_empty() {
-            return Err(format!("it holds capabilities ({caps} {})", field(caps)));
+            return Err(Unsandboxed::Capabilities {
+                set: caps,
+                value: field(caps).to_owned(),
+            });
         }
     }
     if field("NoNewPrivs") != "1" {
-        return Err("no_new_privs is not set".into());
+        return Err(Unsandboxed::NewPrivileges);
     }
     if field("Seccomp") != "2" {
-        return Err("it runs without a seccomp filter".into());
+        return Err(Unsandboxed::NoSeccomp);
     }
     if let Some(template_filters) = template_filters {
         if field("Seccomp_filters").parse::<u32>().ok() != Some(template_filters + 1) {
-            return Err(format!(
-                "it runs under {} seccomp filters, not the template's {template_filters} and the worker filter",
-                field("Seccomp_filters")
-            ));
+            return Err(Unsandboxed::Filters {
+                found: field("Seccomp_filters").to_owned(),
+                template: template_filters,
+            });
         }
     }
     if field("NSpid").split_whitespace().last() != Some("1") {
-        return Err("it is not PID 1 of a pid namespace of its own".into());
+        return Err(Unsandboxed::NotPid1);
     }
     let namespaces: &[&str] = if outbound {
         &["user", "mnt", "pid", "net"]
@@ -582,7 +768,7 @@ fn check_sandboxed(
     for ns in namespaces {
         let of = |p: u32| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).ok();
         if of(pid).is_none() || of(pid) == of(template) {
-            return Err(format!("it shares the template's {ns} namespace"));
+            return Err(Unsandboxed::SharedNamespace(ns));
         }
     }
     Ok(())
@@ -689,12 +875,9 @@ async fn read_payload(stream: &mut UnixStream, head: [u8; 4]) -> std::io::Result
 }
 
 /// Waits for the forked child's `H` and returns its host pid, or the error it reports.
-async fn hello(stream: &mut UnixStream) -> Result<u32, String> {
+async fn hello(stream: &mut UnixStream) -> Result<u32, HelloError> {
     loop {
-        stream
-            .readable()
-            .await
-            .map_err(|e| format!("waiting for the forked instance: {e}"))?;
+        stream.readable().await.map_err(HelloError::Wait)?;
         let mut byte = [0u8; 1];
         let mut space = nix::cmsg_space!(libc::ucred);
         let got = stream.try_io(Interest::READABLE, || {
@@ -715,14 +898,12 @@ async fn hello(stream: &mut UnixStream) -> Result<u32, String> {
             Ok((msg.bytes, pid))
         });
         match got {
-            Ok((0, _)) => {
-                return Err("the forked instance ended before it entered its sandbox".into())
-            }
+            Ok((0, _)) => return Err(HelloError::Ended),
             Ok((_, pid)) if byte[0] == b'H' => {
                 return pid
                     .filter(|p| *p > 0)
                     .map(|p| p as u32)
-                    .ok_or_else(|| "the forked instance's pid is unknown".into())
+                    .ok_or(HelloError::UnknownPid)
             }
             Ok(_) if byte[0] == b'E' => {
                 let mut message = Vec::new();
@@ -731,19 +912,13 @@ async fn hello(stream: &mut UnixStream) -> Result<u32, String> {
                     stream.read_to_end(&mut message),
                 )
                 .await;
-                return Err(format!(
-                    "the forked instance could not enter its sandbox: {}",
-                    String::from_utf8_lossy(&message).trim()
+                return Err(HelloError::Failed(
+                    String::from_utf8_lossy(&message).trim().to_owned(),
                 ));
             }
-            Ok(_) => {
-                return Err(format!(
-                    "the forked instance sent {:?} instead of its greeting",
-                    byte[0] as char
-                ))
-            }
+            Ok(_) => return Err(HelloError::Unexpected(byte[0] as char)),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(format!("reading from the forked instance: {e}")),
+            Err(e) => return Err(HelloError::Read(e)),
         }
     }
 }
