@@ -112,6 +112,7 @@ impl PidfdSandbox {
     /// count.
     fn ended(&mut self) -> ExitInfo {
         if self.reap && self.exit.is_none() {
+            // SAFETY: siginfo_t is a plain C struct for which all zero bytes are valid.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
             // SAFETY: waitid on a pidfd this sandbox owns, of an ended child, not blocking.
             unsafe {
@@ -233,6 +234,7 @@ impl Drop for PidfdSandbox {
         let slot = self.slot.take();
         let finish = move || {
             if let Some(pidfd) = reap {
+                // SAFETY: siginfo_t is a plain C struct for which all zero bytes are valid.
                 let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
                 // SAFETY: waitid on an owned pidfd of a child this process started.
                 unsafe {
