@@ -136,6 +136,8 @@ fn run() -> Result<i32> {
         .as_ref()
         .map(network::reserve)
         .transpose()
+        // A network error's message names its cause already: as a plain message, `main`'s
+        // `{e:#}` does not repeat it.
         .map_err(anyhow::Error::msg)?;
     let inside_link = link.as_ref().map(|(link, _)| link.clone());
 
