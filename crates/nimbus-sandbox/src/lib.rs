@@ -11,6 +11,8 @@
 pub mod cgroup;
 pub mod checkpoint;
 mod child;
+mod fork;
+mod frames;
 pub mod init;
 pub mod isolation;
 pub mod network;

@@ -25,9 +25,10 @@ use crate::cgroup::CgroupSlot;
 use crate::checkpoint::RestoreError;
 use crate::checkpoint::{self, Criu};
 use crate::child::socket_and_cgroups;
+use crate::fork::ProcessTemplate;
 use crate::isolation::{Isolation, OutboundUnavailable};
 use crate::procfs::{self, first_child, pid_in_sandbox};
-use crate::template::{ProcessTemplate, Template};
+use crate::template::Template;
 use crate::{Driver, DriverError, ExitInfo, LaunchSpec, Launched, Sandbox};
 
 /// Why a worker could not be launched.
