@@ -162,10 +162,12 @@ pub(crate) fn run_with_timeout(cmd: &mut Command) -> Result<Vec<u8>, CommandErro
     Ok(out)
 }
 
+/// Whether `path` is a file someone may execute.
 pub(crate) fn is_executable_file(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// The executable `name` in an absolute directory of `PATH`.
 pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)

@@ -74,7 +74,9 @@ pub enum DiscoveryError {
 /// The runtimes this host can run, discovered once at start.
 #[derive(Debug, Clone)]
 pub struct Runtimes {
+    /// Python, or why this host has none.
     python: Result<python::PythonRuntime, DiscoveryError>,
+    /// Node.js, or why this host has none.
     node: Result<node::NodeRuntime, DiscoveryError>,
 }
 

@@ -252,7 +252,9 @@ pub(crate) const MANIFEST: &str = "nimbus-checkpoint.json";
 /// A usable CRIU.
 #[derive(Debug, Clone)]
 pub struct Criu {
+    /// The binary.
     program: PathBuf,
+    /// Its version, `4.1.1`.
     version: String,
 }
 
@@ -321,6 +323,7 @@ impl Criu {
         format!("criu {} ({})", self.version, self.program.display())
     }
 
+    /// The binary.
     pub(crate) fn program(&self) -> &Path {
         &self.program
     }
@@ -569,6 +572,7 @@ struct CriuRun {
 }
 
 impl CriuRun {
+    /// How CRIU restores the images in `images`, with the binds of `staging`.
     fn new(staging: &Staging, images: &Path) -> Result<CriuRun, RestoreError> {
         use std::os::unix::ffi::OsStrExt;
         let shown_as_run = (!images.starts_with("/run"))

@@ -252,11 +252,15 @@ enum Unsandboxed {
 /// A process-driver template: the template's connection and its sandbox.
 #[derive(Debug)]
 pub(crate) struct ProcessTemplate {
+    /// The template's connection, one exchange at a time.
     control: tokio::sync::Mutex<UnixStream>,
+    /// The template's own sandbox.
     sandbox: std::sync::Mutex<Box<dyn Sandbox>>,
     /// Host pid of the template process itself.
     worker: u32,
+    /// Isolation of its instances, unless the driver runs without.
     isolation: Option<Arc<Isolation>>,
+    /// Each instance's memory limit, MiB.
     memory_mb: u32,
     /// What each instance's link needs, for an outbound function.
     outbound: Option<OutboundSpec>,
@@ -299,6 +303,7 @@ impl ProcessTemplate {
         Self::assemble(spec, launched, worker, Some(isolation), Some(criu))
     }
 
+    /// The template whose process is `worker`, once checked to be a single process.
     fn assemble(
         spec: &LaunchSpec,
         launched: Launched,
@@ -331,7 +336,9 @@ impl ProcessTemplate {
 /// The template's answer to a request (`forked`, `detached`, `spared`, `probed`).
 #[derive(Deserialize)]
 struct Answer {
+    /// It did what was asked.
     ok: bool,
+    /// Why not.
     #[serde(default)]
     error: Option<String>,
     /// What a `probe` found.

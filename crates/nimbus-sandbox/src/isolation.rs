@@ -103,8 +103,11 @@ pub struct OutboundUnavailable(#[source] Arc<NetworkError>);
 /// Isolation, ready to start sandboxes.
 #[derive(Debug)]
 pub struct Isolation {
+    /// As configured.
     settings: IsolationSettings,
+    /// The cgroups the slots come from.
     cgroups: Arc<Cgroups>,
+    /// The empty mount point of sandbox roots.
     root_dir: PathBuf,
     /// Outbound networking, set up when a function first asks for it (it changes host-wide
     /// settings), or why this host cannot offer it.
@@ -183,6 +186,7 @@ impl Isolation {
         )
     }
 
+    /// A cgroup slot for `memory_mb` and `pids_max`.
     fn slot_with(&self, memory_mb: u32, pids_max: u32) -> std::io::Result<CgroupSlot> {
         let limits = Limits {
             memory_bytes: u64::from(memory_mb) << 20,

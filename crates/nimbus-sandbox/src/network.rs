@@ -102,7 +102,9 @@ pub struct Link {
 /// Outbound networking, set up on first use.
 #[derive(Debug)]
 pub struct Outbound {
+    /// The name servers sandboxes may reach.
     resolvers: Vec<Ipv4Addr>,
+    /// The `ip` program.
     ip: PathBuf,
 }
 

@@ -9,6 +9,7 @@ use tokio::io::Interest;
 use crate::cgroup::CgroupSlot;
 use crate::{ExitInfo, Sandbox};
 
+/// A pidfd of process `pid`.
 fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };

@@ -103,8 +103,11 @@ pub enum CgroupError {
 /// A controller whose limits a slot gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Controller {
+    /// Memory limit (and no swap beyond it).
     Memory,
+    /// CPU share.
     Cpu,
+    /// Process count limit.
     Pids,
 }
 
@@ -176,11 +179,14 @@ struct State {
 /// The cgroups of one server: a parent group per hierarchy and the slots beneath it.
 #[derive(Debug)]
 pub struct Cgroups {
+    /// The parent groups' name.
     name: String,
+    /// v1 or v2.
     interface: Box<dyn Interface>,
     /// In the order a process joins them: the first one then holds every process that joined
     /// any (a failed join aborts the exec), so it is the one read to find and kill them.
     hierarchies: Vec<Hierarchy>,
+    /// The slots.
     state: Mutex<State>,
 }
 
@@ -449,12 +455,17 @@ impl Cgroups {
 /// millisecond usually, 2 s at most).
 #[derive(Debug)]
 pub struct CgroupSlot {
+    /// Where it goes back to.
     cgroups: Arc<Cgroups>,
+    /// Its number: its groups are `slot-<index>`.
     index: u32,
     /// One per hierarchy, in the order of `Cgroups::hierarchies`.
     dirs: Vec<PathBuf>,
+    /// The `cgroup.procs` files of `dirs`, for a pre-exec hook.
     procs: Vec<CString>,
+    /// Where the kernel counts OOM kills.
     oom_file: PathBuf,
+    /// The OOM kill count when the slot was acquired.
     oom_baseline: Option<u64>,
     /// v1 `memory.usage_in_bytes`, v2 `memory.current`.
     usage_file: PathBuf,

@@ -58,7 +58,9 @@ pub(super) struct V1 {
 /// The named hierarchy that tracks every process of an instance.
 #[derive(Debug)]
 struct Tracker {
+    /// Where it is mounted.
     mount_point: PathBuf,
+    /// Whether it is mounted with `favordynmods` (fast attach).
     favordynmods: bool,
 }
 
