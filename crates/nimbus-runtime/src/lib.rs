@@ -14,9 +14,13 @@ pub mod python;
 pub mod worker;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nimbus_core::Runtime;
 
+pub use host::{CommandError, InstallError};
+pub use node::NodeError;
+pub use python::PythonError;
 pub use worker::{
     peek_greeting, InvokeOutcome, StateAnswer, StateCalls, StateRequest, Stateless, WorkerConn,
     WorkerError,
@@ -52,22 +56,38 @@ pub struct RuntimeUnavailable {
     /// The runtime asked for.
     pub runtime: Runtime,
     /// Why it is not available.
-    pub reason: String,
+    #[source]
+    pub reason: DiscoveryError,
+}
+
+/// Why discovery found no usable interpreter for a runtime (kept from the start).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DiscoveryError {
+    /// No usable Python.
+    #[error(transparent)]
+    Python(Arc<PythonError>),
+    /// No usable Node.js.
+    #[error(transparent)]
+    Node(Arc<NodeError>),
 }
 
 /// The runtimes this host can run, discovered once at start.
 #[derive(Debug, Clone)]
 pub struct Runtimes {
-    python: Result<python::PythonRuntime, String>,
-    node: Result<node::NodeRuntime, String>,
+    /// Python, or why this host has none.
+    python: Result<python::PythonRuntime, DiscoveryError>,
+    /// Node.js, or why this host has none.
+    node: Result<node::NodeRuntime, DiscoveryError>,
 }
 
 impl Runtimes {
     /// Resolves interpreters and installs the bootstrap files under `data_dir/runtime/`.
     pub fn discover(settings: &RuntimeSettings, data_dir: &Path) -> Self {
         Runtimes {
-            python: python::PythonRuntime::discover(settings.python.as_deref(), data_dir),
-            node: node::NodeRuntime::discover(settings.node.as_deref(), data_dir),
+            python: python::PythonRuntime::discover(settings.python.as_deref(), data_dir)
+                .map_err(|e| DiscoveryError::Python(Arc::new(e))),
+            node: node::NodeRuntime::discover(settings.node.as_deref(), data_dir)
+                .map_err(|e| DiscoveryError::Node(Arc::new(e))),
         }
     }
 

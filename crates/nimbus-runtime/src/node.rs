@@ -24,10 +24,57 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::host::{creating, resolving, CommandError, InstallError};
 use crate::host::{
     first_usable, is_executable_file, run_with_timeout, visible_paths, write_if_changed,
 };
 use crate::RuntimeCommand;
+
+/// Why there is no usable Node.js.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The worker's files could not be installed.
+    #[error(transparent)]
+    Install(#[from] InstallError),
+    /// The configured binary cannot be used.
+    #[error("configured Node.js binary {}: {source}", path.display())]
+    Configured {
+        /// The configured path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: BinaryError,
+    },
+    /// None of the usual binaries can be used.
+    #[error("no usable Node.js {MIN_MAJOR}+ found ({tried})")]
+    NoneFound {
+        /// What was wrong with each one tried, `; `-separated.
+        tried: String,
+    },
+}
+
+/// Why one `node` binary cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BinaryError {
+    /// It is not an executable file.
+    #[error("not an executable file")]
+    NotAnExecutableFile,
+    /// Running it failed.
+    #[error(transparent)]
+    Run(#[from] CommandError),
+    /// It did not print what the probe prints.
+    #[error("unexpected output from the version probe: {0:?}")]
+    UnexpectedOutput(String),
+    /// Its version is not one.
+    #[error("unexpected version {0:?}")]
+    UnexpectedVersion(String),
+    /// Its version is too old.
+    #[error("Node.js {0} is too old (Nimbus needs Node.js {MIN_MAJOR} or newer)")]
+    TooOld(String),
+    /// The binary it names as its own is not an executable file.
+    #[error("its execPath {} is not an executable file", .0.display())]
+    ExecPath(PathBuf),
+}
 
 /// The worker: loads the handler, then serves invocations over fd 3.
 pub const WORKER_SOURCE: &str = include_str!("node/nimbus_worker.js");
@@ -70,11 +117,13 @@ impl NodeRuntime {
     /// otherwise the first of `/usr/bin/node`, `/usr/local/bin/node` and `node` on `PATH`
     /// that is Node.js ≥ 20. The binary kept is the one `process.execPath` names, never a
     /// shim.
-    pub fn discover(configured: Option<&Path>, data_dir: &Path) -> Result<NodeRuntime, String> {
+    pub fn discover(configured: Option<&Path>, data_dir: &Path) -> Result<NodeRuntime, NodeError> {
         let (runtime_dir, modules_dir) = install(data_dir)?;
         let (binary, version) = match configured {
-            Some(path) => resolve(path)
-                .map_err(|why| format!("configured Node.js binary {}: {why}", path.display()))?,
+            Some(path) => resolve(path).map_err(|source| NodeError::Configured {
+                path: path.to_path_buf(),
+                source,
+            })?,
             None => resolve_default()?,
         };
         Ok(NodeRuntime {
@@ -138,16 +187,13 @@ impl NodeRuntime {
 
 /// Writes the worker and the `nimbus` package (each file only if its content differs) and
 /// returns the absolute runtime and `node_modules` directories.
-fn install(data_dir: &Path) -> Result<(PathBuf, PathBuf), String> {
+fn install(data_dir: &Path) -> Result<(PathBuf, PathBuf), InstallError> {
     let runtime = data_dir.join("runtime").join("node");
     let package = data_dir.join("node_modules").join("nimbus");
     for dir in [&runtime, &package] {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(creating(dir))?;
     }
-    let canonical = |dir: &Path| {
-        std::fs::canonicalize(dir).map_err(|e| format!("cannot resolve {}: {e}", dir.display()))
-    };
+    let canonical = |dir: &Path| std::fs::canonicalize(dir).map_err(resolving(dir));
     let runtime = canonical(&runtime)?;
     let modules = canonical(&data_dir.join("node_modules"))?;
     write_if_changed(&runtime.join("nimbus_worker.js"), WORKER_SOURCE)?;
@@ -160,44 +206,35 @@ fn install(data_dir: &Path) -> Result<(PathBuf, PathBuf), String> {
     Ok((runtime, modules))
 }
 
-fn resolve_default() -> Result<(PathBuf, String), String> {
-    first_usable(DEFAULT_CANDIDATES, "node", resolve).map_err(|tried| {
-        format!(
-            "no usable Node.js {MIN_MAJOR}+ found ({})",
-            tried.join("; ")
-        )
+/// The first usable of the usual binaries (see [`resolve`]).
+fn resolve_default() -> Result<(PathBuf, String), NodeError> {
+    first_usable(DEFAULT_CANDIDATES, "node", resolve).map_err(|tried| NodeError::NoneFound {
+        tried: tried.join("; "),
     })
 }
 
 /// Runs `path` once and returns the real binary (its `process.execPath`) and its version.
-fn resolve(path: &Path) -> Result<(PathBuf, String), String> {
+fn resolve(path: &Path) -> Result<(PathBuf, String), BinaryError> {
     if !is_executable_file(path) {
-        return Err("not an executable file".into());
+        return Err(BinaryError::NotAnExecutableFile);
     }
     let out = run_with_timeout(Command::new(path).args(["-e", PROBE_SCRIPT]))?;
     let text = String::from_utf8_lossy(&out);
     let mut lines = text.lines();
     let (Some(exec), Some(version)) = (lines.next(), lines.next()) else {
-        return Err(format!(
-            "unexpected output from the version probe: {text:?}"
-        ));
+        return Err(BinaryError::UnexpectedOutput(text.into_owned()));
     };
     let major: u32 = version
         .split('.')
         .next()
         .and_then(|m| m.parse().ok())
-        .ok_or_else(|| format!("unexpected version {version:?}"))?;
+        .ok_or_else(|| BinaryError::UnexpectedVersion(version.to_owned()))?;
     if major < MIN_MAJOR {
-        return Err(format!(
-            "Node.js {version} is too old (Nimbus needs Node.js {MIN_MAJOR} or newer)"
-        ));
+        return Err(BinaryError::TooOld(version.to_owned()));
     }
     let exec = PathBuf::from(exec);
     if !exec.is_absolute() || !is_executable_file(&exec) {
-        return Err(format!(
-            "its execPath {} is not an executable file",
-            exec.display()
-        ));
+        return Err(BinaryError::ExecPath(exec));
     }
     Ok((exec, version.to_owned()))
 }
@@ -294,10 +331,13 @@ mod tests {
     #[test]
     fn a_configured_binary_that_is_not_node_is_refused() {
         let data = tempfile::tempdir().unwrap();
-        let err = NodeRuntime::discover(Some(Path::new("/bin/true")), data.path()).unwrap_err();
+        let err = NodeRuntime::discover(Some(Path::new("/bin/true")), data.path())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/bin/true"), "{err}");
-        let err =
-            NodeRuntime::discover(Some(Path::new("/nonexistent/node")), data.path()).unwrap_err();
+        let err = NodeRuntime::discover(Some(Path::new("/nonexistent/node")), data.path())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not an executable file"), "{err}");
     }
 }

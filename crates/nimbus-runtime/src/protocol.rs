@@ -48,6 +48,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// An end of stream as [`FrameError::Closed`], anything else as an I/O error.
 fn closed_or_io(e: std::io::Error) -> FrameError {
     if e.kind() == std::io::ErrorKind::UnexpectedEof {
         FrameError::Closed

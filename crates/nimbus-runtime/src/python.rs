@@ -27,10 +27,82 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::host::{creating, resolving, CommandError, InstallError};
 use crate::host::{
     first_usable, is_executable_file, run_with_timeout, visible_paths, write_if_changed,
 };
 use crate::RuntimeCommand;
+
+/// Why there is no usable Python interpreter.
+#[derive(Debug, thiserror::Error)]
+pub enum PythonError {
+    /// The worker's files could not be installed.
+    #[error(transparent)]
+    Install(#[from] InstallError),
+    /// The configured interpreter cannot be used.
+    #[error("configured Python interpreter {}: {source}", path.display())]
+    Configured {
+        /// The configured path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: InterpreterError,
+    },
+    /// None of the usual interpreters can be used.
+    #[error(
+        "no usable Python {}.{}+ interpreter found ({tried}); set the Python interpreter path \
+         in the runtime settings",
+        MIN_VERSION.0,
+        MIN_VERSION.1
+    )]
+    NoneFound {
+        /// What was wrong with each one tried, `; `-separated.
+        tried: String,
+    },
+    /// The runtime directory cannot be passed as an argument.
+    #[error("the runtime directory {} is not valid UTF-8", .0.display())]
+    NotUtf8(PathBuf),
+}
+
+/// Why one interpreter cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum InterpreterError {
+    /// Its path cannot be examined.
+    #[error("{0}")]
+    Metadata(#[source] std::io::Error),
+    /// Its path is not a file.
+    #[error("is not a file")]
+    NotAFile,
+    /// It is not executable.
+    #[error("is not executable")]
+    NotExecutable,
+    /// It is not an executable file.
+    #[error("not an executable file")]
+    NotAnExecutableFile,
+    /// Running it failed.
+    #[error(transparent)]
+    Run(#[from] CommandError),
+    /// It did not print what the probe prints.
+    #[error("unexpected output from the version probe: {0:?}")]
+    UnexpectedOutput(String),
+    /// Its version is too old.
+    #[error(
+        "Python {version} is too old (Nimbus needs Python {}.{} or newer)",
+        MIN_VERSION.0,
+        MIN_VERSION.1,
+        version = .0
+    )]
+    TooOld(String),
+    /// The interpreter a shim runs does not run on its own.
+    #[error("its sys.executable {} does not run: {source}", path.display())]
+    Shim {
+        /// The interpreter's path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<InterpreterError>,
+    },
+}
 
 /// The worker: loads the handler, then serves invocations over fd 3.
 pub const WORKER_SOURCE: &str = include_str!("python/nimbus_worker.py");
@@ -81,7 +153,10 @@ impl PythonRuntime {
     /// `configured` if given (it must work; there is no fallback), otherwise the first of
     /// `/usr/bin/python3.11`, `/usr/bin/python3` and `python3` on `PATH` that is Python ≥ 3.8.
     /// The interpreter kept is the one `sys.executable` names, never a shim.
-    pub fn discover(configured: Option<&Path>, data_dir: &Path) -> Result<PythonRuntime, String> {
+    pub fn discover(
+        configured: Option<&Path>,
+        data_dir: &Path,
+    ) -> Result<PythonRuntime, PythonError> {
         let runtime_dir = install(data_dir)?;
         let (interpreter, version) = match configured {
             Some(path) => resolve_configured(path)?,
@@ -94,12 +169,7 @@ impl PythonRuntime {
         let boot = runtime_dir.join("nimbus_boot.py");
         let boot = boot
             .to_str()
-            .ok_or_else(|| {
-                format!(
-                    "the runtime directory {} is not valid UTF-8",
-                    runtime_dir.display()
-                )
-            })?
+            .ok_or_else(|| PythonError::NotUtf8(runtime_dir.clone()))?
             .to_owned();
         Ok(PythonRuntime {
             interpreter,
@@ -147,13 +217,11 @@ impl PythonRuntime {
 
 /// Writes the worker files (each only if its content differs, atomically) and returns the
 /// absolute runtime directory.
-fn install(data_dir: &Path) -> Result<PathBuf, String> {
+fn install(data_dir: &Path) -> Result<PathBuf, InstallError> {
     let dir = data_dir.join("runtime").join("python");
     let package = dir.join("nimbus");
-    std::fs::create_dir_all(&package)
-        .map_err(|e| format!("cannot create {}: {e}", package.display()))?;
-    let dir = std::fs::canonicalize(&dir)
-        .map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&package).map_err(creating(&package))?;
+    let dir = std::fs::canonicalize(&dir).map_err(resolving(&dir))?;
     write_if_changed(&dir.join("nimbus_worker.py"), WORKER_SOURCE)?;
     write_if_changed(&dir.join("nimbus_boot.py"), BOOT_SOURCE)?;
     write_if_changed(&dir.join("nimbus_fork.py"), FORK_SOURCE)?;
@@ -165,33 +233,34 @@ fn install(data_dir: &Path) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
-fn resolve_configured(path: &Path) -> Result<(PathBuf, String), String> {
-    let fail = |why: String| format!("configured Python interpreter {}: {why}", path.display());
-    let meta = std::fs::metadata(path).map_err(|e| fail(format!("{e}")))?;
-    if !meta.is_file() {
-        return Err(fail("is not a file".into()));
-    }
-    if meta.permissions().mode() & 0o111 == 0 {
-        return Err(fail("is not executable".into()));
-    }
-    resolve(path).map_err(fail)
+/// The configured interpreter `path`, resolved (see [`resolve`]).
+fn resolve_configured(path: &Path) -> Result<(PathBuf, String), PythonError> {
+    let check = || {
+        let meta = std::fs::metadata(path).map_err(InterpreterError::Metadata)?;
+        if !meta.is_file() {
+            return Err(InterpreterError::NotAFile);
+        }
+        if meta.permissions().mode() & 0o111 == 0 {
+            return Err(InterpreterError::NotExecutable);
+        }
+        resolve(path)
+    };
+    check().map_err(|source| PythonError::Configured {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
-fn resolve_default() -> Result<(PathBuf, String), String> {
-    first_usable(DEFAULT_CANDIDATES, "python3", resolve).map_err(|tried| {
-        format!(
-            "no usable Python {}.{}+ interpreter found ({}); set the Python interpreter path in \
-             the runtime settings",
-            MIN_VERSION.0,
-            MIN_VERSION.1,
-            tried.join("; ")
-        )
+/// The first usable of the usual interpreters (see [`resolve`]).
+fn resolve_default() -> Result<(PathBuf, String), PythonError> {
+    first_usable(DEFAULT_CANDIDATES, "python3", resolve).map_err(|tried| PythonError::NoneFound {
+        tried: tried.join("; "),
     })
 }
 
 /// Runs `path` once and returns the real interpreter (its `sys.executable`, verified by
 /// running it too) and its version.
-fn resolve(path: &Path) -> Result<(PathBuf, String), String> {
+fn resolve(path: &Path) -> Result<(PathBuf, String), InterpreterError> {
     let probe = probe(path)?;
     check_version(&probe.version)?;
     let real = match probe.executable {
@@ -200,15 +269,18 @@ fn resolve(path: &Path) -> Result<(PathBuf, String), String> {
     };
     // A shim (pyenv, asdf) re-executes the real interpreter: keep that one, after checking
     // that it runs on its own.
-    let direct = probe_direct(&real)
-        .map_err(|why| format!("its sys.executable {} does not run: {why}", real.display()))?;
+    let direct = probe_direct(&real).map_err(|why| InterpreterError::Shim {
+        path: real.clone(),
+        source: Box::new(why),
+    })?;
     check_version(&direct.version)?;
     Ok((real, direct.version))
 }
 
-fn probe_direct(path: &Path) -> Result<Probe, String> {
+/// [`probe`] of `path`, once it is known to be an executable file.
+fn probe_direct(path: &Path) -> Result<Probe, InterpreterError> {
     if !is_executable_file(path) {
-        return Err("not an executable file".into());
+        return Err(InterpreterError::NotAnExecutableFile);
     }
     probe(path)
 }
@@ -218,7 +290,8 @@ struct Probe {
     version: String,
 }
 
-fn probe(path: &Path) -> Result<Probe, String> {
+/// Runs `path` with the probe script: its `sys.executable` and version.
+fn probe(path: &Path) -> Result<Probe, InterpreterError> {
     let out = run_with_timeout(Command::new(path).args(["-E", "-s", "-S", "-c", PROBE_SCRIPT]))?;
     let mut lines = out.split(|b| *b == b'\n');
     let executable = lines.next().unwrap_or_default();
@@ -227,9 +300,8 @@ fn probe(path: &Path) -> Result<Probe, String> {
         .and_then(|v| std::str::from_utf8(v).ok())
         .unwrap_or_default();
     if version.split('.').count() != 3 || !version.split('.').all(|p| p.parse::<u32>().is_ok()) {
-        return Err(format!(
-            "unexpected output from the version probe: {:?}",
-            String::from_utf8_lossy(&out)
+        return Err(InterpreterError::UnexpectedOutput(
+            String::from_utf8_lossy(&out).into_owned(),
         ));
     }
     let executable = PathBuf::from(OsString::from_vec(executable.to_vec()));
@@ -239,19 +311,18 @@ fn probe(path: &Path) -> Result<Probe, String> {
     })
 }
 
-fn check_version(version: &str) -> Result<(), String> {
+/// Refuses a Python older than [`MIN_VERSION`].
+fn check_version(version: &str) -> Result<(), InterpreterError> {
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     if (major, minor) < MIN_VERSION {
-        return Err(format!(
-            "Python {version} is too old (Nimbus needs Python {}.{} or newer)",
-            MIN_VERSION.0, MIN_VERSION.1
-        ));
+        return Err(InterpreterError::TooOld(version.to_owned()));
     }
     Ok(())
 }
 
-fn precompile(interpreter: &Path, runtime_dir: &Path) -> Result<(), String> {
+/// Compiles the worker's files to byte code ahead.
+fn precompile(interpreter: &Path, runtime_dir: &Path) -> Result<(), CommandError> {
     run_with_timeout(
         Command::new(interpreter)
             .args(["-I", "-S", "-c", COMPILE_SCRIPT])
@@ -354,23 +425,30 @@ mod tests {
     fn a_bad_configured_path_is_a_clear_error() {
         let data = tempfile::tempdir().unwrap();
         let err = PythonRuntime::discover(Some(Path::new("/nonexistent/python3")), data.path())
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/nonexistent/python3"), "{err}");
         assert!(err.contains("No such file"), "{err}");
 
         let not_exec = data.path().join("python");
         std::fs::write(&not_exec, "").unwrap();
         std::fs::set_permissions(&not_exec, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = PythonRuntime::discover(Some(&not_exec), data.path()).unwrap_err();
+        let err = PythonRuntime::discover(Some(&not_exec), data.path())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("is not executable"), "{err}");
 
-        let err = PythonRuntime::discover(Some(data.path()), data.path()).unwrap_err();
+        let err = PythonRuntime::discover(Some(data.path()), data.path())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("is not a file"), "{err}");
 
         let not_python = data.path().join("false");
         std::fs::write(&not_python, "#!/bin/sh\necho nope >&2\nexit 3\n").unwrap();
         std::fs::set_permissions(&not_python, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let err = PythonRuntime::discover(Some(&not_python), data.path()).unwrap_err();
+        let err = PythonRuntime::discover(Some(&not_python), data.path())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("failed") && err.contains("nope"), "{err}");
     }
 
@@ -380,7 +458,9 @@ mod tests {
         let old = data.path().join("python2");
         std::fs::write(&old, "#!/bin/sh\nprintf '/usr/bin/python2.7\\n2.7.18\\n'\n").unwrap();
         std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let err = PythonRuntime::discover(Some(&old), data.path()).unwrap_err();
+        let err = PythonRuntime::discover(Some(&old), data.path())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("Python 2.7.18 is too old"), "{err}");
         assert!(err.contains("3.8 or newer"), "{err}");
     }

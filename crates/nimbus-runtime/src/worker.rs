@@ -278,6 +278,7 @@ impl WorkerConn {
         }
     }
 
+    /// A fresh message id.
     fn take_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
@@ -303,6 +304,7 @@ fn state_request(msg: &WorkerMessage<'_>) -> Result<(u64, StateRequest), WorkerE
     ))
 }
 
+/// JSON `null`.
 fn json_null() -> Box<RawValue> {
     RawValue::from_string("null".to_owned()).expect("null is JSON")
 }
@@ -413,6 +415,7 @@ async fn take_greeting(stream: &UnixStream, len: usize) -> Result<Ready, WorkerE
     )))
 }
 
+/// One message of the worker.
 fn parse(buf: &[u8]) -> Result<WorkerMessage<'_>, WorkerError> {
     serde_json::from_slice(buf).map_err(|e| WorkerError::Protocol(format!("invalid message: {e}")))
 }

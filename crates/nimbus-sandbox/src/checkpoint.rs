@@ -10,8 +10,9 @@
 //! - its session starts in its namespace and it maps no host file the namespace cannot
 //!   name (it execs itself as PID 1: no init binary stays mapped);
 //! - its connection must belong to its own network namespace: before the dump it is moved
-//!   onto a socket pair made inside ([`ProcessTemplate::checkpoint`] asks it to `detach`),
-//!   which the dump records as external and the restore replaces (`--inherit-fd`);
+//!   onto a socket pair made inside (the process driver's [`Template::checkpoint`] asks it
+//!   to `detach`), which the dump records as external and the restore replaces
+//!   (`--inherit-fd`);
 //! - the host paths bound into it (runtime, libraries, code) are external mounts, bound
 //!   again from the same host paths at restore; everything else of its root is tmpfs,
 //!   whose contents the checkpoint holds.
@@ -19,7 +20,7 @@
 //! CRIU 4 or later is needed (Debian bookworm's 3.17 fails on kernels ≥ 6.13);
 //! `scripts/install-criu.sh` builds it. Without it templates stay in memory only.
 //!
-//! [`ProcessTemplate::checkpoint`]: crate::template::ProcessTemplate
+//! [`Template::checkpoint`]: crate::Template::checkpoint
 
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
@@ -28,10 +29,222 @@ use std::process::Stdio;
 
 use serde::{Deserialize, Serialize};
 
+use crate::child::socket_and_cgroups;
 use crate::isolation::Isolation;
 use crate::pidfd::PidfdSandbox;
-use crate::process::socket_and_cgroups;
 use crate::{LaunchSpec, Launched, WORKER_SOCKET_FD};
+
+/// Why there is no usable CRIU.
+#[derive(Debug, thiserror::Error)]
+pub enum CriuError {
+    /// No CRIU binary was found.
+    #[error("criu is not installed (scripts/install-criu.sh builds CRIU 4)")]
+    NotInstalled,
+    /// CRIU could not be run.
+    #[error("{}: {source}", program.display())]
+    Run {
+        /// The CRIU binary.
+        program: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `criu --version` printed no version.
+    #[error("{} --version: unexpected output {output:?}", program.display())]
+    NoVersion {
+        /// The CRIU binary.
+        program: PathBuf,
+        /// What it printed.
+        output: String,
+    },
+    /// CRIU is older than 4.
+    #[error(
+        "{} is CRIU {version}; checkpoints need CRIU 4 or later (scripts/install-criu.sh)",
+        program.display()
+    )]
+    TooOld {
+        /// The CRIU binary.
+        program: PathBuf,
+        /// Its version.
+        version: String,
+    },
+    /// `criu check` could not be run.
+    #[error("{} check: {source}", program.display())]
+    RunCheck {
+        /// The CRIU binary.
+        program: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `criu check` found this kernel lacking.
+    #[error("{} check failed: {stderr}", program.display())]
+    CheckFailed {
+        /// The CRIU binary.
+        program: PathBuf,
+        /// What it printed on its standard error.
+        stderr: String,
+    },
+}
+
+/// A run of CRIU that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// CRIU could not be started.
+    #[error("{}: {source}", program.display())]
+    Spawn {
+        /// The CRIU binary.
+        program: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// CRIU ran and failed: the first errors of its log (or its standard error).
+    #[error("criu {action} failed ({status}): {log}")]
+    Failed {
+        /// What it was asked to do (`dump`, `restore`).
+        action: String,
+        /// How it exited.
+        status: std::process::ExitStatus,
+        /// What it said went wrong.
+        log: String,
+    },
+}
+
+/// Why a template could not be restored from its checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The driver has no CRIU or no isolation.
+    #[error("this server does not restore checkpoints")]
+    Unsupported,
+    /// A file or directory of the checkpoint could not be used.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The manifest could not be read.
+    #[error("{MANIFEST}: {0}")]
+    Manifest(#[source] serde_json::Error),
+    /// No cgroup slot could be had for the restored sandbox.
+    #[error("cgroup: {0}")]
+    Cgroup(#[source] std::io::Error),
+    /// The socket pair of the host connection could not be made.
+    #[error("socketpair: {0}")]
+    SocketPair(#[source] std::io::Error),
+    /// The host end of the connection could not be set up.
+    #[error("socket: {0}")]
+    Socket(#[source] std::io::Error),
+    /// A host path could not be bound where the restored sandbox can reach it.
+    #[error("exposing {}: {source}", path.display())]
+    Expose {
+        /// The host path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A host path could not be bound where the restored sandbox can reach it.
+    #[error("exposing {}: {source}", path.display())]
+    Bind {
+        /// The host path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+    /// The restore tmpfs's path cannot be handed to CRIU.
+    #[error("{}: {source}", path.display())]
+    TmpfsPath {
+        /// The restore tmpfs.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::ffi::NulError,
+    },
+    /// CRIU failed.
+    #[error(transparent)]
+    Criu(#[from] RunError),
+    /// CRIU reported success but no pid.
+    #[error("criu restore wrote no pid")]
+    NoPid,
+    /// The restored template could not be watched.
+    #[error("pidfd_open({pid}): {source}")]
+    Watch {
+        /// Its host pid.
+        pid: u32,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why a template could not be checkpointed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The template is not one the driver checkpoints.
+    #[error("this template cannot be checkpointed")]
+    Unsupported,
+    /// An earlier exchange with the template was cut short.
+    #[error("the template's connection is out of step")]
+    OutOfStep,
+    /// A request or the manifest could not be encoded.
+    #[error("{0}")]
+    Encode(#[source] serde_json::Error),
+    /// The template could not be asked to detach.
+    #[error("asking the template to detach: {0}")]
+    Detach(#[source] std::io::Error),
+    /// The template did not answer.
+    #[error("the template's answer to detach: {0}")]
+    NoAnswer(#[source] std::io::Error),
+    /// The template's answer is not one.
+    #[error("the template's answer: {0}")]
+    Answer(#[source] serde_json::Error),
+    /// The template could not detach.
+    #[error("the template could not detach: {0}")]
+    NotDetached(String),
+    /// The template's new connection could not be set up.
+    #[error("socket: {0}")]
+    Socket(#[source] std::io::Error),
+    /// The template's connection could not be found.
+    #[error("the template's connection: {0}")]
+    Connection(#[source] std::io::Error),
+    /// The template's fd 3 is not a socket.
+    #[error("fd 3 of the template is {}", .0.display())]
+    NotASocket(PathBuf),
+    /// The template's mounts could not be read.
+    #[error("the template's mounts: {0}")]
+    Mounts(#[source] std::io::Error),
+    /// CRIU failed.
+    #[error(transparent)]
+    Criu(#[from] RunError),
+    /// The template's root could not be copied.
+    #[error("copying the template's root: {0}")]
+    CopyRoot(#[source] std::io::Error),
+    /// The manifest could not be written.
+    #[error("writing the manifest: {0}")]
+    WriteManifest(#[source] std::io::Error),
+    /// The checkpoint directory could not be listed.
+    #[error("{}: {source}", path.display())]
+    List {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `source` as a [`RestoreError::File`] at `path`.
+fn at(path: &Path) -> impl FnOnce(std::io::Error) -> RestoreError + '_ {
+    move |source| RestoreError::File {
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 /// The manifest the driver keeps next to CRIU's images.
 pub(crate) const MANIFEST: &str = "nimbus-checkpoint.json";
@@ -39,7 +252,9 @@ pub(crate) const MANIFEST: &str = "nimbus-checkpoint.json";
 /// A usable CRIU.
 #[derive(Debug, Clone)]
 pub struct Criu {
+    /// The binary.
     program: PathBuf,
+    /// Its version, `4.1.1`.
     version: String,
 }
 
@@ -52,7 +267,7 @@ const CANDIDATES: &[&str] = &[
 
 impl Criu {
     /// Finds CRIU ≥ 4 that passes `criu check` on this kernel, or says why there is none.
-    pub fn detect() -> Result<Criu, String> {
+    pub fn detect() -> Result<Criu, CriuError> {
         let path_dirs = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
             .unwrap_or_default();
@@ -61,21 +276,22 @@ impl Criu {
             .map(PathBuf::from)
             .chain(path_dirs.into_iter().map(|d| d.join("criu")))
             .find(|p| p.is_file())
-            .ok_or("criu is not installed (scripts/install-criu.sh builds CRIU 4)")?;
+            .ok_or(CriuError::NotInstalled)?;
         let out = std::process::Command::new(&program)
             .arg("--version")
             .output()
-            .map_err(|e| format!("{}: {e}", program.display()))?;
+            .map_err(|source| CriuError::Run {
+                program: program.clone(),
+                source,
+            })?;
         let text = String::from_utf8_lossy(&out.stdout);
         let version = text
             .lines()
             .find_map(|l| l.strip_prefix("Version:"))
             .map(|v| v.trim().to_owned())
-            .ok_or_else(|| {
-                format!(
-                    "{} --version: unexpected output {text:?}",
-                    program.display()
-                )
+            .ok_or_else(|| CriuError::NoVersion {
+                program: program.clone(),
+                output: text.clone().into_owned(),
             })?;
         let major: u32 = version
             .split('.')
@@ -83,22 +299,21 @@ impl Criu {
             .and_then(|m| m.parse().ok())
             .unwrap_or(0);
         if major < 4 {
-            return Err(format!(
-                "{} is CRIU {version}; checkpoints need CRIU 4 or later (scripts/install-criu.sh)",
-                program.display()
-            ));
+            return Err(CriuError::TooOld { program, version });
         }
         let check = std::process::Command::new(&program)
             .arg("check")
             .stdin(Stdio::null())
             .output()
-            .map_err(|e| format!("{} check: {e}", program.display()))?;
+            .map_err(|source| CriuError::RunCheck {
+                program: program.clone(),
+                source,
+            })?;
         if !check.status.success() {
-            return Err(format!(
-                "{} check failed: {}",
-                program.display(),
-                String::from_utf8_lossy(&check.stderr).trim()
-            ));
+            return Err(CriuError::CheckFailed {
+                program,
+                stderr: String::from_utf8_lossy(&check.stderr).trim().to_owned(),
+            });
         }
         Ok(Criu { program, version })
     }
@@ -108,6 +323,7 @@ impl Criu {
         format!("criu {} ({})", self.version, self.program.display())
     }
 
+    /// The binary.
     pub(crate) fn program(&self) -> &Path {
         &self.program
     }
@@ -234,14 +450,14 @@ impl Staging {
     /// A fresh directory `name` under `base`, this server's own directory, whose parent
     /// is the restore tmpfs; private, so that these binds never propagate to other mount
     /// namespaces.
-    fn new(base: &Path, name: &str) -> Result<Staging, String> {
+    fn new(base: &Path, name: &str) -> Result<Staging, RestoreError> {
         let tmpfs = base.parent().unwrap_or(base).to_path_buf();
         // Once per server, and again after a failure.
         static READY: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
         let mut ready = READY.lock().expect("staging lock");
         if !*ready {
-            private_tmpfs(&tmpfs).map_err(|e| format!("{}: {e}", tmpfs.display()))?;
-            create_dir_mode(base, 0o711).map_err(|e| format!("{}: {e}", base.display()))?;
+            private_tmpfs(&tmpfs).map_err(at(&tmpfs))?;
+            create_dir_mode(base, 0o711).map_err(at(base))?;
             sweep_staging(base);
             *ready = true;
         }
@@ -249,7 +465,7 @@ impl Staging {
         let dir = base.join(name);
         // Walkable, not listable: the restored sandbox's user must reach its mounts, other
         // host users need not see them.
-        create_dir_mode(&dir, 0o711).map_err(|e| format!("{}: {e}", dir.display()))?;
+        create_dir_mode(&dir, 0o711).map_err(at(&dir))?;
         Ok(Staging {
             dir,
             tmpfs,
@@ -258,13 +474,16 @@ impl Staging {
     }
 
     /// Binds `source` at `key` in the staging directory; returns where.
-    fn expose(&mut self, key: &str, source: &Path) -> Result<PathBuf, String> {
+    fn expose(&mut self, key: &str, source: &Path) -> Result<PathBuf, RestoreError> {
         let target = self.dir.join(key);
-        let fail = |e: &dyn std::fmt::Display| format!("exposing {}: {e}", source.display());
+        let fail = |e: std::io::Error| RestoreError::Expose {
+            path: source.to_path_buf(),
+            source: e,
+        };
         if source.is_dir() {
-            std::fs::create_dir(&target).map_err(|e| fail(&e))?;
+            std::fs::create_dir(&target).map_err(fail)?;
         } else {
-            std::fs::File::create(&target).map_err(|e| fail(&e))?;
+            std::fs::File::create(&target).map_err(fail)?;
         }
         nix::mount::mount(
             Some(source),
@@ -273,7 +492,10 @@ impl Staging {
             nix::mount::MsFlags::MS_BIND,
             None::<&str>,
         )
-        .map_err(|e| fail(&e))?;
+        .map_err(|e| RestoreError::Bind {
+            path: source.to_path_buf(),
+            source: e,
+        })?;
         self.mounts.push(target.clone());
         Ok(target)
     }
@@ -350,12 +572,16 @@ struct CriuRun {
 }
 
 impl CriuRun {
-    fn new(staging: &Staging, images: &Path) -> Result<CriuRun, String> {
+    /// How CRIU restores the images in `images`, with the binds of `staging`.
+    fn new(staging: &Staging, images: &Path) -> Result<CriuRun, RestoreError> {
         use std::os::unix::ffi::OsStrExt;
         let shown_as_run = (!images.starts_with("/run"))
             .then(|| CString::new(staging.tmpfs.as_os_str().as_bytes()))
             .transpose()
-            .map_err(|e| format!("{}: {e}", staging.tmpfs.display()))?;
+            .map_err(|source| RestoreError::TmpfsPath {
+                path: staging.tmpfs.clone(),
+                source,
+            })?;
         Ok(CriuRun {
             tmpfs: staging.tmpfs.clone(),
             shown_as_run,
@@ -419,7 +645,7 @@ pub(crate) async fn run(
     args: &[String],
     log: &Path,
     command: impl FnOnce(&mut tokio::process::Command),
-) -> Result<(), String> {
+) -> Result<(), RunError> {
     let mut cmd = tokio::process::Command::new(criu.program());
     cmd.args(args)
         .arg("-o")
@@ -430,10 +656,10 @@ pub(crate) async fn run(
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     command(&mut cmd);
-    let out = cmd
-        .output()
-        .await
-        .map_err(|e| format!("{}: {e}", criu.program().display()))?;
+    let out = cmd.output().await.map_err(|source| RunError::Spawn {
+        program: criu.program().to_path_buf(),
+        source,
+    })?;
     if out.status.success() {
         return Ok(());
     }
@@ -447,16 +673,15 @@ pub(crate) async fn run(
         .map(str::trim)
         .collect::<Vec<_>>()
         .join("; ");
-    Err(format!(
-        "criu {} failed ({}): {}",
-        args.first().map(String::as_str).unwrap_or_default(),
-        out.status,
-        if tail.is_empty() {
+    Err(RunError::Failed {
+        action: args.first().cloned().unwrap_or_default(),
+        status: out.status,
+        log: if tail.is_empty() {
             String::from_utf8_lossy(&out.stderr).trim().to_owned()
         } else {
             tail
-        }
-    ))
+        },
+    })
 }
 
 /// Restores the template checkpointed in `dir`, launched from `spec`: CRIU, started in a
@@ -468,19 +693,16 @@ pub(crate) async fn restore(
     criu: &Criu,
     spec: &LaunchSpec,
     dir: &Path,
-) -> Result<Launched, String> {
-    let manifest = std::fs::read(dir.join(MANIFEST))
-        .map_err(|e| format!("{}: {e}", dir.join(MANIFEST).display()))?;
-    let manifest: Manifest =
-        serde_json::from_slice(&manifest).map_err(|e| format!("{MANIFEST}: {e}"))?;
+) -> Result<Launched, RestoreError> {
+    let manifest = std::fs::read(dir.join(MANIFEST)).map_err(at(&dir.join(MANIFEST)))?;
+    let manifest: Manifest = serde_json::from_slice(&manifest).map_err(RestoreError::Manifest)?;
     let slot = isolation
         .template_slot(spec.memory_mb)
-        .map_err(|e| format!("cgroup: {e}"))?;
+        .map_err(RestoreError::Cgroup)?;
     let residue = slot.task_count().unwrap_or(0);
     let (host, worker) =
-        std::os::unix::net::UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
-    host.set_nonblocking(true)
-        .map_err(|e| format!("socket: {e}"))?;
+        std::os::unix::net::UnixStream::pair().map_err(RestoreError::SocketPair)?;
+    host.set_nonblocking(true).map_err(RestoreError::Socket)?;
     // CRIU's own files (log, pid file) go next to the images, not among them: the images
     // stay as their checksums describe them.
     let work = dir.with_file_name(format!(
@@ -490,7 +712,7 @@ pub(crate) async fn restore(
             .unwrap_or("snapshot"),
         spec.instance_id
     ));
-    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    std::fs::create_dir_all(&work).map_err(at(&work))?;
     // Removed however the restore ends, a cancelled one included.
     let work = WorkDir(work);
     let work = &work.0;
@@ -550,10 +772,10 @@ pub(crate) async fn restore(
         .ok()
         .and_then(|p| p.trim().parse::<u32>().ok());
     outcome?;
-    let pid = pid.ok_or("criu restore wrote no pid")?;
+    let pid = pid.ok_or(RestoreError::NoPid)?;
     let sandbox = PidfdSandbox::watch(pid, Some(slot), residue, None, true)
-        .map_err(|e| format!("pidfd_open({pid}): {e}"))?;
-    let stream = tokio::net::UnixStream::from_std(host).map_err(|e| format!("socket: {e}"))?;
+        .map_err(|source| RestoreError::Watch { pid, source })?;
+    let stream = tokio::net::UnixStream::from_std(host).map_err(RestoreError::Socket)?;
     Ok(Launched {
         instance_id: spec.instance_id.clone(),
         stream,

@@ -117,6 +117,8 @@ pub fn main() -> ! {
     std::process::exit(code)
 }
 
+/// Builds the sandbox of the spec on stdin and mirrors its worker's exit: the init's exit
+/// code.
 fn run() -> Result<i32> {
     let mut input = String::new();
     std::io::stdin()
@@ -136,6 +138,8 @@ fn run() -> Result<i32> {
         .as_ref()
         .map(network::reserve)
         .transpose()
+        // A network error's message names its cause already: as a plain message, `main`'s
+        // `{e:#}` does not repeat it.
         .map_err(anyhow::Error::msg)?;
     let inside_link = link.as_ref().map(|(link, _)| link.clone());
 
@@ -320,11 +324,15 @@ fn report_status(status: &fs::File, raw: i32) -> ! {
 
 /// The worker's program, arguments and environment, ready for `execve`.
 struct Exec {
+    /// The program.
     program: CString,
+    /// Its arguments, the program first.
     argv: Vec<CString>,
+    /// Its environment, `KEY=VALUE`.
     env: Vec<CString>,
 }
 
+/// The worker's `execve` arguments, prepared before the clone.
 fn prepare_exec(spec: &InitSpec) -> Result<Exec> {
     let program = cstring(spec.program.as_os_str().as_encoded_bytes())?;
     let mut argv = vec![program.clone()];
@@ -436,6 +444,7 @@ fn sandbox(
     Ok(())
 }
 
+/// `bytes` as a C string.
 fn cstring(bytes: &[u8]) -> Result<CString> {
     CString::new(bytes).context("a NUL byte in an argument or variable")
 }

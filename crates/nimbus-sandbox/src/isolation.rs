@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::cgroup::{CgroupError, CgroupSlot, Cgroups, Limits};
 use crate::init::InitSpec;
-use crate::network::{Outbound, OutboundSpec};
+use crate::network::{NetworkError, Outbound, OutboundSpec};
 use crate::LaunchSpec;
 use nimbus_core::Network;
 
@@ -84,20 +84,34 @@ pub enum IsolationError {
     /// No usable cgroup controllers.
     #[error(transparent)]
     Cgroups(#[from] CgroupError),
-    /// A file-system step failed.
-    #[error("{0}")]
-    Io(String),
+    /// The mount point of sandbox roots could not be prepared.
+    #[error("{}: {source}", path.display())]
+    RootDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
+
+/// A sandbox asks for outbound network and this host cannot give it.
+#[derive(Debug, thiserror::Error)]
+#[error("outbound network is unavailable on this server: {0}")]
+pub struct OutboundUnavailable(#[source] Arc<NetworkError>);
 
 /// Isolation, ready to start sandboxes.
 #[derive(Debug)]
 pub struct Isolation {
+    /// As configured.
     settings: IsolationSettings,
+    /// The cgroups the slots come from.
     cgroups: Arc<Cgroups>,
+    /// The empty mount point of sandbox roots.
     root_dir: PathBuf,
     /// Outbound networking, set up when a function first asks for it (it changes host-wide
     /// settings), or why this host cannot offer it.
-    outbound: std::sync::OnceLock<Result<Outbound, String>>,
+    outbound: std::sync::OnceLock<Result<Outbound, Arc<NetworkError>>>,
 }
 
 impl Isolation {
@@ -111,7 +125,10 @@ impl Isolation {
             Err(e) => tracing::warn!("could not clean up earlier sandboxes: {e}"),
         }
         let root_dir = settings.root_dir.clone();
-        let io = |e: std::io::Error| IsolationError::Io(format!("{}: {e}", root_dir.display()));
+        let io = |source| IsolationError::RootDir {
+            path: root_dir.clone(),
+            source,
+        };
         std::fs::create_dir_all(&root_dir).map_err(io)?;
         for dir in [Some(root_dir.as_path()), root_dir.parent()]
             .into_iter()
@@ -169,6 +186,7 @@ impl Isolation {
         )
     }
 
+    /// A cgroup slot for `memory_mb` and `pids_max`.
     fn slot_with(&self, memory_mb: u32, pids_max: u32) -> std::io::Result<CgroupSlot> {
         let limits = Limits {
             memory_bytes: u64::from(memory_mb) << 20,
@@ -184,7 +202,7 @@ impl Isolation {
         &self,
         spec: &LaunchSpec,
         slot: &CgroupSlot,
-    ) -> Result<InitSpec, String> {
+    ) -> Result<InitSpec, OutboundUnavailable> {
         let mut visible: Vec<PathBuf> = SHARED_VISIBLE.iter().map(PathBuf::from).collect();
         visible.extend(spec.visible.iter().cloned());
         let outbound = self.outbound(spec.network)?;
@@ -211,11 +229,14 @@ impl Isolation {
 
     /// What a sandbox with `network` needs to get its link: none for an isolated one; an
     /// error if this host cannot give it outbound network.
-    pub(crate) fn outbound(&self, network: Network) -> Result<Option<OutboundSpec>, String> {
+    pub(crate) fn outbound(
+        &self,
+        network: Network,
+    ) -> Result<Option<OutboundSpec>, OutboundUnavailable> {
         match network {
             Network::Isolated => Ok(None),
             Network::Outbound => match self.outbound.get_or_init(|| {
-                let outbound = Outbound::open();
+                let outbound = Outbound::open().map_err(Arc::new);
                 match &outbound {
                     Ok(_) => tracing::info!("outbound network for sandboxes set up"),
                     Err(e) => {
@@ -225,9 +246,7 @@ impl Isolation {
                 outbound
             }) {
                 Ok(outbound) => Ok(Some(outbound.spec())),
-                Err(e) => Err(format!(
-                    "outbound network is unavailable on this server: {e}"
-                )),
+                Err(e) => Err(OutboundUnavailable(Arc::clone(e))),
             },
         }
     }

@@ -10,11 +10,15 @@
 
 pub mod cgroup;
 pub mod checkpoint;
+mod child;
+mod fork;
+mod frames;
 pub mod init;
 pub mod isolation;
 pub mod network;
 mod pidfd;
 pub mod process;
+mod procfs;
 pub mod seccomp;
 pub mod template;
 
@@ -107,32 +111,6 @@ pub trait Sandbox: Send + Sync + fmt::Debug {
     async fn wait(&mut self) -> ExitInfo;
 }
 
-/// The thread count of the process whose `/proc/<pid>/task` directory is `tasks`: procfs
-/// gives that directory two links plus one per thread, so one `fstat` tells it (no text to
-/// format or parse). `None` once the process has ended.
-pub(crate) fn thread_count(tasks: &std::fs::File) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let links = tasks.metadata().ok()?.nlink();
-    links.checked_sub(2).filter(|&n| n > 0)
-}
-
-/// Resident memory of host process `pid` (`VmRSS`), bytes.
-pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// Memory a sandbox holds: what is charged to its cgroup `slot`, or without one the
-/// resident memory of its process `pid`.
-pub(crate) fn sandbox_memory(slot: Option<&cgroup::CgroupSlot>, pid: u32) -> Option<u64> {
-    match slot {
-        Some(slot) => slot.memory_bytes(),
-        None => rss_bytes(pid),
-    }
-}
-
 /// A started worker: its sandbox and the host end of its socket.
 #[derive(Debug)]
 pub struct Launched {
@@ -157,6 +135,17 @@ pub struct DriverError {
     /// with threads or processes left running, a child that did not enter its sandbox):
     /// the function's failure, not the platform's, and one that retrying will not cure.
     pub refused: bool,
+}
+
+impl DriverError {
+    /// The platform failed to start `instance_id` (not a refusal), for `error`.
+    pub(crate) fn failed(instance_id: &str, error: impl fmt::Display) -> DriverError {
+        DriverError {
+            instance_id: instance_id.to_owned(),
+            message: error.to_string(),
+            refused: false,
+        }
+    }
 }
 
 /// A way of starting isolated workers.

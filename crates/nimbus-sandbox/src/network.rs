@@ -18,6 +18,63 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
+/// Why a sandbox cannot get its outbound network.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// A tool the outbound network is set up with is not installed.
+    #[error("{0} not found (install iproute2 and nftables)")]
+    ToolMissing(&'static str),
+    /// The host refused to forward IPv4.
+    #[error("enabling IPv4 forwarding: {0}")]
+    Forwarding(#[source] std::io::Error),
+    /// A file or directory of the host could not be used.
+    #[error("{path}: {source}")]
+    File {
+        /// The file or directory.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Every link of the subnet is reserved.
+    #[error("all {LINKS} outbound links are in use")]
+    LinksInUse,
+    /// A program could not be run.
+    #[error("{}: {source}", program.display())]
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A program ran and failed.
+    #[error("{} {command}: {stderr}", program.display())]
+    Failed {
+        /// The program.
+        program: PathBuf,
+        /// Its arguments, joined.
+        command: String,
+        /// What it printed on its standard error.
+        stderr: String,
+    },
+    /// `nft` could not be run or fed the ruleset.
+    #[error("nft: {0}")]
+    Nft(#[source] std::io::Error),
+    /// `nft` refused the ruleset.
+    #[error("nft rejected the ruleset: {0}")]
+    NftRejected(String),
+    /// The instance's network namespace could not be opened.
+    #[error("the instance's network namespace: {0}")]
+    Namespace(#[source] std::io::Error),
+    /// The host could not enter the instance's network namespace.
+    #[error("joining the instance's network namespace: {0}")]
+    JoinNamespace(#[source] nix::Error),
+    /// The thread configuring the instance's network panicked.
+    #[error("configuring the instance's network panicked")]
+    Panicked,
+}
+
 /// Addresses of outbound sandboxes: link `n` owns `10.213.0.0 + 4n` /30.
 const SUBNET: [u8; 2] = [10, 213];
 /// Links available in the subnet.
@@ -45,7 +102,9 @@ pub struct Link {
 /// Outbound networking, set up on first use.
 #[derive(Debug)]
 pub struct Outbound {
+    /// The name servers sandboxes may reach.
     resolvers: Vec<Ipv4Addr>,
+    /// The `ip` program.
     ip: PathBuf,
 }
 
@@ -59,19 +118,19 @@ pub struct OutboundSpec {
 }
 
 /// An absolute path of `tool` in the usual system directories.
-fn locate(tool: &str) -> Result<PathBuf, String> {
+fn locate(tool: &'static str) -> Result<PathBuf, NetworkError> {
     ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
         .iter()
         .map(|dir| Path::new(dir).join(tool))
         .find(|path| path.is_file())
-        .ok_or_else(|| format!("{tool} not found (install iproute2 and nftables)"))
+        .ok_or(NetworkError::ToolMissing(tool))
 }
 
 impl Outbound {
     /// (Re)installs the `inet nimbus` nftables table and enables IPv4 forwarding (a
     /// host-wide setting, so only once a function asks for outbound access). Fails when `ip`
     /// or `nft` is missing or refuses; outbound functions then cannot start here.
-    pub fn open() -> Result<Outbound, String> {
+    pub fn open() -> Result<Outbound, NetworkError> {
         let ip = locate("ip")?;
         let nft = locate("nft")?;
         let resolvers = host_resolvers();
@@ -104,8 +163,7 @@ impl Outbound {
             b = SUBNET[1],
         );
         nft_apply(&nft, &ruleset)?;
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-            .map_err(|e| format!("enabling IPv4 forwarding: {e}"))?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(NetworkError::Forwarding)?;
         Ok(Outbound { resolvers, ip })
     }
 
@@ -121,9 +179,12 @@ impl Outbound {
 /// Reserves a free link host-wide. The returned file holds the reservation (an `flock`)
 /// for as long as it stays open: the init keeps it for the sandbox's life, and the kernel
 /// releases it however the init ends.
-pub(crate) fn reserve(spec: &OutboundSpec) -> Result<(Link, std::fs::File), String> {
+pub(crate) fn reserve(spec: &OutboundSpec) -> Result<(Link, std::fs::File), NetworkError> {
     use std::os::fd::AsRawFd;
-    std::fs::create_dir_all(LOCK_DIR).map_err(|e| format!("{LOCK_DIR}: {e}"))?;
+    std::fs::create_dir_all(LOCK_DIR).map_err(|source| NetworkError::File {
+        path: LOCK_DIR.to_owned(),
+        source,
+    })?;
     for n in 0..LINKS {
         let path = format!("{LOCK_DIR}/{n}");
         let file = std::fs::OpenOptions::new()
@@ -131,7 +192,10 @@ pub(crate) fn reserve(spec: &OutboundSpec) -> Result<(Link, std::fs::File), Stri
             .truncate(false)
             .write(true)
             .open(&path)
-            .map_err(|e| format!("{path}: {e}"))?;
+            .map_err(|source| NetworkError::File {
+                path: path.clone(),
+                source,
+            })?;
         // SAFETY: flock on a descriptor this function owns.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
             let base = u32::from(Ipv4Addr::new(SUBNET[0], SUBNET[1], 0, 0)) + 4 * n;
@@ -144,49 +208,51 @@ pub(crate) fn reserve(spec: &OutboundSpec) -> Result<(Link, std::fs::File), Stri
             return Ok((link, file));
         }
     }
-    Err(format!("all {LINKS} outbound links are in use"))
+    Err(NetworkError::LinksInUse)
 }
 
 /// Runs `program` with `args`; the error names the command and what it printed.
-fn run(program: &Path, args: &[&str]) -> Result<(), String> {
+fn run(program: &Path, args: &[&str]) -> Result<(), NetworkError> {
     let out = Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())
         .output()
-        .map_err(|e| format!("{}: {e}", program.display()))?;
+        .map_err(|source| NetworkError::Spawn {
+            program: program.to_path_buf(),
+            source,
+        })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "{} {}: {}",
-            program.display(),
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(NetworkError::Failed {
+            program: program.to_path_buf(),
+            command: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
     }
 }
 
-fn nft_apply(nft: &Path, ruleset: &str) -> Result<(), String> {
+/// Applies `ruleset` with `nft -f -`, in one transaction.
+fn nft_apply(nft: &Path, ruleset: &str) -> Result<(), NetworkError> {
     use std::io::Write;
     let mut child = Command::new(nft)
         .args(["-f", "-"])
         .stdin(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| format!("nft: {e}"))?;
+        .map_err(NetworkError::Nft)?;
     child
         .stdin
         .take()
         .expect("piped stdin")
         .write_all(ruleset.as_bytes())
-        .map_err(|e| format!("nft: {e}"))?;
-    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+        .map_err(NetworkError::Nft)?;
+    let out = child.wait_with_output().map_err(NetworkError::Nft)?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "nft rejected the ruleset: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+        Err(NetworkError::NftRejected(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         ))
     }
 }
@@ -205,7 +271,7 @@ fn host_resolvers() -> Vec<Ipv4Addr> {
 
 /// Host side, for the init: creates the veth pair with its peer in the namespace of
 /// `pid`, addresses and raises the host end (IPv6 off: the filter is IPv4's).
-pub(crate) fn attach(link: &Link, pid: i32) -> Result<(), String> {
+pub(crate) fn attach(link: &Link, pid: i32) -> Result<(), NetworkError> {
     let pid = pid.to_string();
     let add = [
         "link",
@@ -233,24 +299,24 @@ pub(crate) fn attach(link: &Link, pid: i32) -> Result<(), String> {
 /// Host side, for a process forked from a template: it entered an empty network namespace
 /// of its own and has no capabilities left, so the host attaches its link and configures
 /// the inside too, from a thread that joins that namespace (and ends with it).
-pub(crate) fn attach_forked(link: &Link, pid: i32) -> Result<(), String> {
+pub(crate) fn attach_forked(link: &Link, pid: i32) -> Result<(), NetworkError> {
     attach(link, pid)?;
-    let namespace = std::fs::File::open(format!("/proc/{pid}/ns/net"))
-        .map_err(|e| format!("the instance's network namespace: {e}"))?;
+    let namespace =
+        std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(NetworkError::Namespace)?;
     let link = link.clone();
     std::thread::spawn(move || {
         nix::sched::setns(namespace, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("joining the instance's network namespace: {e}"))?;
+            .map_err(NetworkError::JoinNamespace)?;
         configure_inside(&link)
     })
     .join()
-    .map_err(|_| "configuring the instance's network panicked".to_owned())?
+    .map_err(|_| NetworkError::Panicked)?
 }
 
 /// Sandbox side, for its PID 1 before it leaves the host's file system: no IPv6 (no
 /// link-local path to the host), addresses `eth0`, raises it and loopback, routes through
 /// the host.
-pub(crate) fn configure_inside(link: &Link) -> Result<(), String> {
+pub(crate) fn configure_inside(link: &Link) -> Result<(), NetworkError> {
     disable_ipv6("all")?;
     disable_ipv6("default")?;
     let addr = format!("{}/30", link.sandbox_addr);
@@ -270,12 +336,12 @@ pub(crate) fn configure_inside(link: &Link) -> Result<(), String> {
 }
 
 /// Turns IPv6 off for `interface` (or `all`, `default`) of the caller's network namespace.
-fn disable_ipv6(interface: &str) -> Result<(), String> {
+fn disable_ipv6(interface: &str) -> Result<(), NetworkError> {
     let path = format!("/proc/sys/net/ipv6/conf/{interface}/disable_ipv6");
     match std::fs::write(&path, "1") {
         Ok(()) => Ok(()),
         // A kernel without IPv6 has nothing to turn off.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!("{path}: {e}")),
+        Err(source) => Err(NetworkError::File { path, source }),
     }
 }

@@ -9,6 +9,7 @@ use tokio::io::Interest;
 use crate::cgroup::CgroupSlot;
 use crate::{ExitInfo, Sandbox};
 
+/// A pidfd of process `pid`.
 fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
@@ -112,6 +113,7 @@ impl PidfdSandbox {
     /// count.
     fn ended(&mut self) -> ExitInfo {
         if self.reap && self.exit.is_none() {
+            // SAFETY: siginfo_t is a plain C struct for which all zero bytes are valid.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
             // SAFETY: waitid on a pidfd this sandbox owns, of an ended child, not blocking.
             unsafe {
@@ -153,7 +155,7 @@ impl Sandbox for PidfdSandbox {
     }
 
     fn resident_bytes(&self) -> Option<u64> {
-        crate::sandbox_memory(self.slot.as_ref(), self.pid)
+        crate::procfs::sandbox_memory(self.slot.as_ref(), self.pid)
     }
 
     fn kill(&mut self) {
@@ -183,7 +185,7 @@ impl Sandbox for PidfdSandbox {
         // Its own threads (the handler may have started some) and an earlier occupant's
         // leftovers: nothing else to look at. Its thread count first, then the group's, so
         // a thread born in between costs only a listing.
-        let threads = self.tasks.as_ref().and_then(crate::thread_count);
+        let threads = self.tasks.as_ref().and_then(crate::procfs::thread_count);
         if let (Some(threads), Some(tasks)) = (threads, slot.task_count()) {
             let expected = threads + self.residue;
             if tasks <= expected {
@@ -233,6 +235,7 @@ impl Drop for PidfdSandbox {
         let slot = self.slot.take();
         let finish = move || {
             if let Some(pidfd) = reap {
+                // SAFETY: siginfo_t is a plain C struct for which all zero bytes are valid.
                 let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
                 // SAFETY: waitid on an owned pidfd of a child this process started.
                 unsafe {

@@ -9,7 +9,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -22,10 +22,46 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
 use crate::cgroup::CgroupSlot;
+use crate::checkpoint::RestoreError;
 use crate::checkpoint::{self, Criu};
-use crate::isolation::Isolation;
-use crate::template::{ProcessTemplate, Template};
-use crate::{Driver, DriverError, ExitInfo, LaunchSpec, Launched, Sandbox, WORKER_SOCKET_FD};
+use crate::child::socket_and_cgroups;
+use crate::fork::ProcessTemplate;
+use crate::isolation::{Isolation, OutboundUnavailable};
+use crate::procfs::{self, first_child, pid_in_sandbox};
+use crate::template::Template;
+use crate::{Driver, DriverError, ExitInfo, LaunchSpec, Launched, Sandbox};
+
+/// Why a worker could not be launched.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The socket pair of the host connection could not be made.
+    #[error("socketpair: {0}")]
+    SocketPair(#[source] std::io::Error),
+    /// The host end of the connection could not be set up.
+    #[error("socket: {0}")]
+    Socket(#[source] std::io::Error),
+    /// No cgroup slot could be had for the sandbox.
+    #[error("cgroup: {0}")]
+    Cgroup(#[source] std::io::Error),
+    /// The sandbox asks for a network this host cannot give.
+    #[error(transparent)]
+    Outbound(#[from] OutboundUnavailable),
+    /// The sandbox spec could not be encoded for the init.
+    #[error("encoding the sandbox spec: {0}")]
+    EncodeSpec(#[source] serde_json::Error),
+    /// The init (or, without isolation, the worker) could not be started.
+    #[error("spawn {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The init did not take its spec.
+    #[error("sending the sandbox spec: {0}")]
+    SendSpec(#[source] std::io::Error),
+}
 
 /// Starts workers as child processes, isolated or not.
 #[derive(Debug, Default, Clone)]
@@ -72,11 +108,7 @@ impl Driver for ProcessDriver {
     ) -> Result<Box<dyn Template>, DriverError> {
         ProcessTemplate::new(spec, launched, self.isolation.clone(), self.criu.clone())
             .map(|t| Box::new(t) as Box<dyn Template>)
-            .map_err(|(message, refused)| DriverError {
-                instance_id: spec.instance_id.clone(),
-                message,
-                refused,
-            })
+            .map_err(|e| e.for_instance(&spec.instance_id))
     }
 
     fn can_checkpoint(&self, spec: &LaunchSpec) -> bool {
@@ -92,36 +124,33 @@ impl Driver for ProcessDriver {
         spec: &LaunchSpec,
         dir: &Path,
     ) -> Result<Box<dyn Template>, DriverError> {
-        let fail = |message: String| DriverError {
-            instance_id: spec.instance_id.clone(),
-            message,
-            refused: false,
-        };
         let (Some(isolation), Some(criu)) = (&self.isolation, &self.criu) else {
-            return Err(fail("this server does not restore checkpoints".into()));
+            return Err(DriverError::failed(
+                &spec.instance_id,
+                RestoreError::Unsupported,
+            ));
         };
         let launched = checkpoint::restore(isolation, criu, spec, dir)
             .await
-            .map_err(&fail)?;
+            .map_err(|e| DriverError::failed(&spec.instance_id, e))?;
         ProcessTemplate::restored(spec, launched, isolation.clone(), criu.clone())
             .map(|t| Box::new(t) as Box<dyn Template>)
-            .map_err(|(message, refused)| DriverError {
-                instance_id: spec.instance_id.clone(),
-                message,
-                refused,
-            })
+            .map_err(|e| e.for_instance(&spec.instance_id))
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, DriverError> {
-        let fail = |message: String| DriverError {
-            instance_id: spec.instance_id.clone(),
-            message,
-            refused: false,
-        };
+        self.start(spec)
+            .await
+            .map_err(|e| DriverError::failed(&spec.instance_id, e))
+    }
+}
+
+impl ProcessDriver {
+    /// Starts the worker of `spec`: [`Driver::launch`] but for the error's type.
+    async fn start(&self, spec: &LaunchSpec) -> Result<Launched, LaunchError> {
         let (host, worker) =
-            std::os::unix::net::UnixStream::pair().map_err(|e| fail(format!("socketpair: {e}")))?;
-        host.set_nonblocking(true)
-            .map_err(|e| fail(format!("socket: {e}")))?;
+            std::os::unix::net::UnixStream::pair().map_err(LaunchError::SocketPair)?;
+        host.set_nonblocking(true).map_err(LaunchError::Socket)?;
         let worker_fd: OwnedFd = worker.into();
         let raw = worker_fd.as_raw_fd();
 
@@ -131,10 +160,9 @@ impl Driver for ProcessDriver {
                     true => isolation.template_slot(spec.memory_mb),
                     false => isolation.slot(spec.memory_mb),
                 }
-                .map_err(|e| fail(format!("cgroup: {e}")))?;
-                let init_spec = isolation.init_spec(spec, &slot).map_err(fail)?;
-                let init_spec = serde_json::to_vec(&init_spec)
-                    .map_err(|e| fail(format!("encoding the sandbox spec: {e}")))?;
+                .map_err(LaunchError::Cgroup)?;
+                let init_spec = isolation.init_spec(spec, &slot)?;
+                let init_spec = serde_json::to_vec(&init_spec).map_err(LaunchError::EncodeSpec)?;
                 let (program, args) = isolation.init_command();
                 let mut cmd = Command::new(program);
                 // The worker's environment travels in the spec, not in the init's.
@@ -182,17 +210,18 @@ impl Driver for ProcessDriver {
         }
         let residue = slot.as_ref().and_then(CgroupSlot::task_count).unwrap_or(0);
         let program = cmd.as_std().get_program().to_owned();
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| fail(format!("spawn {}: {e}", program.to_string_lossy())))?;
+        let mut child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+            program: program.to_string_lossy().into_owned(),
+            source,
+        })?;
         drop(worker_fd);
         if let (Some(init_spec), Some(mut stdin)) = (init_spec, child.stdin.take()) {
             stdin
                 .write_all(&init_spec)
                 .await
-                .map_err(|e| fail(format!("sending the sandbox spec: {e}")))?;
+                .map_err(LaunchError::SendSpec)?;
         }
-        let stream = UnixStream::from_std(host).map_err(|e| fail(format!("socket: {e}")))?;
+        let stream = UnixStream::from_std(host).map_err(LaunchError::Socket)?;
         let pid = child.id().unwrap_or(0);
         Ok(Launched {
             instance_id: spec.instance_id.clone(),
@@ -207,37 +236,6 @@ impl Driver for ProcessDriver {
             }),
         })
     }
-}
-
-/// In a forked child before exec: puts the socket `raw` on [`WORKER_SOCKET_FD`] and joins
-/// the cgroups whose `cgroup.procs` files are `join` ("0" is the writer itself).
-///
-/// Async-signal-safe: only `fcntl`, `dup2`, `open`, `write` and `close`, on data prepared
-/// before the fork.
-///
-/// # Safety
-///
-/// Only for a pre-exec hook: it replaces whatever descriptor is 3 in the calling process.
-pub(crate) unsafe fn socket_and_cgroups(raw: RawFd, join: &[CString]) -> std::io::Result<()> {
-    // SAFETY: plain system calls on descriptors and NUL-terminated paths this process owns.
-    unsafe {
-        if raw == WORKER_SOCKET_FD {
-            // dup2 onto itself keeps FD_CLOEXEC set; clear it instead.
-            if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        } else if libc::dup2(raw, WORKER_SOCKET_FD) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        for procs in join {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::close(fd);
-        }
-    }
-    Ok(())
 }
 
 /// A worker running as a child process group (and, isolated, in its cgroup slot).
@@ -298,7 +296,7 @@ impl Sandbox for ProcessSandbox {
     }
 
     fn resident_bytes(&self) -> Option<u64> {
-        crate::sandbox_memory(self.slot.as_ref(), self.pid)
+        procfs::sandbox_memory(self.slot.as_ref(), self.pid)
     }
 
     fn kill(&mut self) {
@@ -312,7 +310,7 @@ impl Sandbox for ProcessSandbox {
         // calls on files kept open, since this runs after every invocation: the worker's
         // thread count first, then the group's, so a thread born in between costs only a
         // listing.
-        let threads = self.worker_tasks.as_ref().and_then(crate::thread_count);
+        let threads = self.worker_tasks.as_ref().and_then(procfs::thread_count);
         if let (Some(threads), Some(tasks)) = (threads, slot.task_count()) {
             let expected = 2 + threads + self.residue;
             if tasks <= expected {
@@ -363,20 +361,6 @@ impl Sandbox for ProcessSandbox {
         self.exit = Some(exit);
         exit
     }
-}
-
-/// The first child of host process `pid` (the sandbox's PID 1, for the init).
-pub(crate) fn first_child(pid: u32) -> Option<i32> {
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-    children.split_whitespace().next()?.parse().ok()
-}
-
-/// A host process's pid in the innermost pid namespace it belongs to (the last `NSpid`
-/// field of its status): 1 for the sandbox's init, 2 for the worker.
-fn pid_in_sandbox(pid: i32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
-    line.split_whitespace().last()?.parse().ok()
 }
 
 impl Drop for ProcessSandbox {

@@ -2,7 +2,7 @@
 
 Imported by nimbus_worker only in a template (NIMBUS_TEMPLATE=1), after the function's code
 is loaded. `serve` then answers the driver's fork requests on fd 3 (the fork protocol of
-the nimbus-sandbox crate's `template` module):
+the nimbus-sandbox crate's `fork` module):
 
     driver -> template   {"type": "fork", "instance_id": ...} + a socket (SCM_RIGHTS)
     template -> driver   {"type": "forked", "ok": true} | {"ok": false, "error": ...}
