@@ -256,7 +256,12 @@ impl Client {
 
     /// `DELETE /functions/{function}`, with its versions and aliases.
     pub async fn delete_function(&self, function: &str) -> Result<DeletedFunction> {
-        self.send(Method::DELETE, api_path(&["functions", function])?, &[], None)
-            .await
+        self.send(
+            Method::DELETE,
+            api_path(&["functions", function])?,
+            &[],
+            None,
+        )
+        .await
     }
 }

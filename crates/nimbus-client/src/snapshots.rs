@@ -166,7 +166,9 @@ impl Client {
             .map_err(|e| crate::Error::Request(format!("encoding the request: {e}")))?;
         let (status, body) = self.exchange(Method::POST, &path, &[], Some(body)).await?;
         if !(200..300).contains(&status) {
-            return Err(crate::Error::Api(crate::ApiError::from_answer(status, &body)));
+            return Err(crate::Error::Api(crate::ApiError::from_answer(
+                status, &body,
+            )));
         }
         let outcome = match status {
             202 => BuildOutcome::UnderWay,

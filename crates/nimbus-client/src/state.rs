@@ -66,10 +66,7 @@ pub struct StateKey {
     #[serde(flatten)]
     pub info: KeyInfo,
     /// The value (JSON), when asked for.
-    #[serde(
-        deserialize_with = "present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub value: Option<Value>,
 }
 
@@ -99,7 +96,7 @@ pub struct DeletedKeys {
 
 impl Client {
     /// `GET /functions/{function}/sessions?limit`.
-    pub async fn list_sessions(&self, function: &str, limit: u32) -> Result<SessionList> {
+    pub async fn list_sessions(&self, function: &str, limit: usize) -> Result<SessionList> {
         let path = api_path(&["functions", function, "sessions"])?;
         self.send(Method::GET, path, &[("limit", limit.to_string())], None)
             .await
@@ -121,7 +118,12 @@ impl Client {
 
     /// `GET /functions/{function}/state/{session}[?values=true]` (`_global`: the
     /// function's own state).
-    pub async fn get_state(&self, function: &str, session: &str, values: bool) -> Result<StateView> {
+    pub async fn get_state(
+        &self,
+        function: &str,
+        session: &str,
+        values: bool,
+    ) -> Result<StateView> {
         let path = api_path(&["functions", function, "state", session])?;
         let query = if values {
             vec![("values", "true".to_owned())]

@@ -47,15 +47,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
 use bytes::Bytes;
-use reqwest::Method;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::client::Client;
+use nimbus_client::{Client, NewFunction, Snapshot};
 
 use super::load::{call, connect, LoadTarget, Sender};
 use super::memory::{descendants, function_processes, process_table, pss_kib, ProcessMemory};
-use super::routing::version_number;
 use super::server::{loopback_addr, ServerProcess, Setup};
 use super::starts::{StartSamples, Starts};
 use super::{progress, MAX_PHASE};
@@ -259,9 +257,9 @@ enum Row<'a> {
     /// Not there yet, or `building`.
     Pending,
     /// `ready`.
-    Ready(&'a Value),
+    Ready(&'a Snapshot),
     /// Any other status (the row).
-    Other(&'a Value),
+    Other(&'a Snapshot),
 }
 
 impl Server {
@@ -283,26 +281,27 @@ impl Server {
         &self,
         function: &Deployed,
         judge: impl FnOnce(Row<'_>) -> anyhow::Result<Option<T>>,
-    ) -> anyhow::Result<(Option<T>, Value)> {
+    ) -> anyhow::Result<(Option<T>, String)> {
         let name = function.name;
         let list = self
             .client
-            .get(&format!("/functions/{name}/snapshots"), &[])
+            .list_snapshots(name)
             .await
             .map_err(|e| anyhow!("reading the snapshots of {name}: {e}"))?;
-        let snapshot = list["snapshots"]
-            .as_array()
-            .and_then(|all| all.iter().find(|s| s["version"] == function.version));
+        let snapshot = list
+            .snapshots
+            .iter()
+            .find(|s| s.version == function.version);
         let row = match snapshot {
             None => Row::Pending,
-            Some(s) => match s["status"].as_str().unwrap_or_default() {
+            Some(s) => match s.status.as_str() {
                 "building" => Row::Pending,
                 "ready" => Row::Ready(s),
                 _ => Row::Other(s),
             },
         };
         let verdict = judge(row)?;
-        Ok((verdict, list))
+        Ok((verdict, serde_json::to_string(&list).unwrap_or_default()))
     }
 
     /// Waits (at most [`READY_TIMEOUT`]) until the template of the function's version is
@@ -312,7 +311,7 @@ impl Server {
         loop {
             let (done, list) = self
                 .snapshot_row(function, |row| match row {
-                    Row::Ready(s) if s["resident"] == true => Ok(Some(())),
+                    Row::Ready(s) if s.resident => Ok(Some(())),
                     Row::Ready(_) | Row::Pending => Ok(None),
                     Row::Other(s) => Err(unusable(function, s)),
                 })
@@ -340,19 +339,19 @@ impl Server {
     async fn wait_checkpoint(
         &self,
         function: &Deployed,
-    ) -> anyhow::Result<Result<(Duration, Value), String>> {
+    ) -> anyhow::Result<Result<(Duration, Snapshot), String>> {
         let no_disk_tier = "the server has no disk tier (CRIU 4 missing or not usable here; \
                             `nimbus server` logs why at start)";
         let mut without_checkpoint: Option<Instant> = None;
         loop {
             let (row, list) = self
                 .snapshot_row(function, |row| match row {
-                    Row::Ready(s) if s["path"].is_string() && has_files(s) => {
+                    Row::Ready(s) if s.path.is_some() && !s.files.is_empty() => {
                         Ok(Some(Some(s.clone())))
                     }
-                    Row::Ready(s) if s["resident"] == true => Ok(Some(None)),
+                    Row::Ready(s) if s.resident => Ok(Some(None)),
                     Row::Ready(_) | Row::Pending => Ok(None),
-                    Row::Other(s) if s["status"] == "expired" => Ok(Some(None)),
+                    Row::Other(s) if s.status == "expired" => Ok(Some(None)),
                     Row::Other(s) => Err(unusable(function, s)),
                 })
                 .await?;
@@ -407,21 +406,22 @@ impl Server {
 /// Creates `function` on the server at `url`.
 async fn deploy(client: &Client, url: &str, function: &Function) -> anyhow::Result<Deployed> {
     let (addr, authority) = loopback_addr(url)?;
-    let body = json!({
-        "name": function.name,
-        "runtime": function.runtime,
-        "code": function.code,
-        "memory_mb": function.memory_mb,
-        "max_instances": function.max_instances,
-        "description": "nimbus bench: new-instance starts",
-    });
+    let new = NewFunction {
+        name: function.name.to_owned(),
+        runtime: Some(function.runtime.to_owned()),
+        code: Some(function.code.to_owned()),
+        memory_mb: Some(function.memory_mb),
+        max_instances: Some(function.max_instances),
+        description: Some("nimbus bench: new-instance starts".to_owned()),
+        ..NewFunction::default()
+    };
     let created = client
-        .call(Method::POST, "/functions", &body)
+        .create_function(&new)
         .await
         .map_err(|e| anyhow!("creating {}: {e}", function.name))?;
     Ok(Deployed {
         name: function.name,
-        version: version_number(&created, "latest_version")?,
+        version: created.function.latest_version,
         created: Instant::now(),
         target: Arc::new(LoadTarget {
             addr,
@@ -434,19 +434,14 @@ async fn deploy(client: &Client, url: &str, function: &Function) -> anyhow::Resu
 }
 
 /// The error of a snapshot row that can no longer become usable.
-fn unusable(function: &Deployed, row: &Value) -> anyhow::Error {
+fn unusable(function: &Deployed, row: &Snapshot) -> anyhow::Error {
     anyhow!(
         "the snapshot of {} version {} is {}: {}",
         function.name,
         function.version,
-        row["status"].as_str().unwrap_or("unknown"),
-        row["error_message"]
+        row.status,
+        serde_json::to_string(&row.error_message).unwrap_or_default()
     )
-}
-
-/// Whether a snapshot row lists files on disk.
-fn has_files(row: &Value) -> bool {
-    row["files"].as_array().is_some_and(|f| !f.is_empty())
 }
 
 /// `rounds` starts on each of `servers` (template, cold), interleaved, after one uncounted
@@ -525,10 +520,7 @@ async fn measure_disk_tier(rounds: u32) -> anyhow::Result<Result<SnapshotDisk, S
         }
     }
     let (ready, row) = waited.swap_remove(0);
-    let files = row["files"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
+    let files = &row.files;
 
     progress(format!(
         "{rounds} rounds of {} then {}, each start restoring its template from disk",
@@ -560,7 +552,7 @@ async fn measure_disk_tier(rounds: u32) -> anyhow::Result<Result<SnapshotDisk, S
         functions: names,
         server: server.stop(),
         checkpoint_ready_s: ready.as_secs_f64(),
-        checkpoint_bytes: files.iter().filter_map(|f| f["size"].as_u64()).sum(),
+        checkpoint_bytes: files.iter().map(|f| f.size).sum(),
         checkpoint_files: files.len(),
         rounds,
         starts: samples.summary(),

@@ -40,13 +40,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
 use bytes::Bytes;
-use reqwest::Method;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 
-use crate::client::Client;
-use crate::config::EMBEDDED_STATE;
+use nimbus_client::{Client, NewFunction, StateSettings};
+
+/// The `state_url` of a server's embedded state store.
+const EMBEDDED_STATE: &str = "embedded";
 
 use super::load::{call, connect, LoadTarget, Sender};
 use super::server::{loopback_addr, ServerProcess, Setup};
@@ -194,14 +195,18 @@ impl Server {
             config: None,
         };
         let (process, url, client) = ServerProcess::start_healthy(&setup).await?;
-        let body = json!({
-            "name": FUNCTION,
-            "code": CODE,
-            "state_config": { "enabled": true },
-            "description": "nimbus bench: state phase",
-        });
+        let new = NewFunction {
+            name: FUNCTION.to_owned(),
+            code: Some(CODE.to_owned()),
+            state_config: Some(StateSettings {
+                enabled: Some(true),
+                ..StateSettings::default()
+            }),
+            description: Some("nimbus bench: state phase".to_owned()),
+            ..NewFunction::default()
+        };
         client
-            .call(Method::POST, "/functions", &body)
+            .create_function(&new)
             .await
             .map_err(|e| anyhow!("creating {FUNCTION} on {url}: {e}"))?;
         let (addr, authority) = loopback_addr(&url)?;
@@ -276,7 +281,7 @@ impl Server {
     /// Deletes [`FUNCTION`], which drops its state (on Redis, that leaves the database as
     /// it was found), stops the server, and summarizes its samples.
     async fn finish(mut self) -> StateBackendRun {
-        if let Err(e) = self.client.delete(&format!("/functions/{FUNCTION}")).await {
+        if let Err(e) = self.client.delete_function(FUNCTION).await {
             progress(format!("could not delete {FUNCTION} on {}: {e}", self.url));
         }
         self.process.stop();

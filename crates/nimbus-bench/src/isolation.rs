@@ -23,15 +23,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
-use reqwest::Method;
 use serde::Serialize;
-use serde_json::json;
 
-use crate::client::Client;
+use nimbus_client::Client;
 
 use super::load::{connect, run_rounds, warm_up, LoadTarget};
 use super::report::{LatencyPhase, TARGET_WARM_NOISE_FLOOR_US, TARGET_WARM_NOISE_SHARE};
-use super::routing::version_number;
+use super::routing::{env_patch, published_version};
 use super::server::{loopback_addr, ServerProcess, Setup};
 use super::starts::{StartSamples, Starts};
 use super::{deploy, progress, EVENT, MAX_PHASE};
@@ -99,11 +97,11 @@ impl Side {
         let (addr, authority) = loopback_addr(&url)?;
         deploy(&client, FUNCTION).await?;
         let function = client
-            .get(&format!("/functions/{FUNCTION}"), &[])
+            .get_function(FUNCTION)
             .await
             .map_err(|e| anyhow!("reading {FUNCTION}: {e}"))?;
         Ok(Side {
-            version: version_number(&function, "latest_version")?,
+            version: function.latest_version,
             target: Arc::new(LoadTarget {
                 addr,
                 authority,
@@ -120,16 +118,15 @@ impl Side {
     /// Publishes a version no instance runs yet (its environment names the round) and
     /// deletes the one before, which stops that version's idle instance.
     async fn next_version(&mut self, round: u32) -> anyhow::Result<()> {
-        let path = format!("/functions/{FUNCTION}");
-        let env = json!({ "env_vars": { "BENCH_COLD": round.to_string() } });
+        let env = env_patch("BENCH_COLD", round.to_string());
         let updated = self
             .client
-            .call(Method::PUT, &path, &env)
+            .update_function(FUNCTION, &env)
             .await
             .map_err(|e| anyhow!("publishing a new version of {FUNCTION}: {e}"))?;
-        let published = version_number(&updated, "published_version")?;
+        let published = published_version(&updated)?;
         self.client
-            .delete(&format!("{path}/versions/{}", self.version))
+            .delete_version(FUNCTION, self.version)
             .await
             .map_err(|e| anyhow!("deleting version {} of {FUNCTION}: {e}", self.version))?;
         self.version = published;

@@ -9,15 +9,14 @@
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
-use reqwest::Method;
 use serde::Serialize;
-use serde_json::{json, Value};
 
-use crate::client::Client;
+use nimbus_client::{AliasPatch, Client, FunctionPatch, NewAlias, UpdatedFunction};
+use nimbus_core::{RoutingConfig, WeightedVersion};
 
 use super::load::{run_rounds, warm_up, LoadTarget};
 use super::report::LatencyPhase;
-use super::{create_or_update, FUNCTION_NAME, MAX_PHASE};
+use super::{created, FUNCTION_NAME, MAX_PHASE};
 
 /// The split alias the phase routes through.
 const CANARY_ALIAS: &str = "bench-canary";
@@ -61,43 +60,77 @@ pub struct RoutingPhase {
 /// Publishes a canary of the bench function and points the split alias at it and at the
 /// version before (creating the alias, or updating it on a server benchmarked before).
 pub(super) async fn prepare_canary(client: &Client) -> anyhow::Result<Canary> {
-    let path = format!("/functions/{FUNCTION_NAME}");
     let function = client
-        .get(&path, &[])
+        .get_function(FUNCTION_NAME)
         .await
         .map_err(|e| anyhow!("reading {FUNCTION_NAME}: {e}"))?;
-    let stable = version_number(&function, "latest_version")?;
+    let stable = function.latest_version;
     // A canary published here carries its own number, so `stable + 1` always differs from
     // the newest version's value: the configuration changes and a version is published.
-    let env = json!({ "env_vars": { "BENCH_VERSION": (stable + 1).to_string() } });
+    let env = env_patch("BENCH_VERSION", (stable + 1).to_string());
     let updated = client
-        .call(Method::PUT, &path, &env)
+        .update_function(FUNCTION_NAME, &env)
         .await
         .map_err(|e| anyhow!("publishing a canary of {FUNCTION_NAME}: {e}"))?;
-    let canary = version_number(&updated, "published_version")?;
-    let routing = json!({ "weights": [
-        { "version": stable, "weight": 100 - CANARY_WEIGHT },
-        { "version": canary, "weight": CANARY_WEIGHT },
-    ] });
-    create_or_update(
-        client,
-        &format!("{path}/aliases"),
-        &json!({ "name": CANARY_ALIAS, "routing_config": routing }),
-        "alias_exists",
-        &format!("{path}/aliases/{CANARY_ALIAS}"),
-        &json!({ "routing_config": routing }),
-    )
-    .await
-    .with_context(|| format!("pointing alias {CANARY_ALIAS} at versions {stable} and {canary}"))?;
+    let canary = published_version(&updated)?;
+    let routing = RoutingConfig {
+        weights: vec![
+            WeightedVersion {
+                version: stable,
+                weight: 100 - CANARY_WEIGHT,
+            },
+            WeightedVersion {
+                version: canary,
+                weight: CANARY_WEIGHT,
+            },
+        ],
+    };
+    let new = NewAlias {
+        name: CANARY_ALIAS.to_owned(),
+        description: None,
+        routing_config: routing.clone(),
+    };
+    let pointed = async {
+        if created(
+            client.create_alias(FUNCTION_NAME, &new).await,
+            "alias_exists",
+        )?
+        .is_none()
+        {
+            let patch = AliasPatch {
+                routing_config: Some(routing),
+                ..AliasPatch::default()
+            };
+            client
+                .update_alias(FUNCTION_NAME, CANARY_ALIAS, &patch)
+                .await
+                .map_err(|e| anyhow!("updating alias {CANARY_ALIAS}: {e}"))?;
+        }
+        anyhow::Ok(())
+    };
+    pointed.await.with_context(|| {
+        format!("pointing alias {CANARY_ALIAS} at versions {stable} and {canary}")
+    })?;
     Ok(Canary { stable, canary })
 }
 
-/// A version number the server answered with in `field`.
-pub(super) fn version_number(body: &Value, field: &str) -> anyhow::Result<u32> {
-    body[field]
-        .as_u64()
-        .and_then(|v| u32::try_from(v).ok())
-        .ok_or_else(|| anyhow!("expected a version number in {field:?}, the server sent {body}"))
+/// A patch that sets the function's only environment variable: a new configuration, so
+/// the update publishes a version.
+pub(super) fn env_patch(name: &str, value: String) -> FunctionPatch {
+    FunctionPatch {
+        env_vars: Some([(name.to_owned(), value)].into()),
+        ..FunctionPatch::default()
+    }
+}
+
+/// The version an update published.
+pub(super) fn published_version(updated: &UpdatedFunction) -> anyhow::Result<u32> {
+    updated.published_version.ok_or_else(|| {
+        anyhow!(
+            "expected a version number in \"published_version\", the server sent {}",
+            serde_json::to_string(updated).unwrap_or_default()
+        )
+    })
 }
 
 /// Warms up both versions, then measures the three targets of `base`'s server in

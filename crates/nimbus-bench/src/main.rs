@@ -1,22 +1,11 @@
-//! `nimbus bench`: deploys a no-op Python function and measures, over real HTTP on
-//! 127.0.0.1, warm invocation latency (one client), what routing through an alias adds to
-//! it, throughput (N concurrent clients), the naive design for comparison (a fresh Python
-//! process per invocation), the resident memory of idle workers, what isolation costs cold
-//! starts and warm invocations (against a server without it), and what starting new
-//! instances from a function's template saves in start time and memory (against cold
-//! starts), and how long a call of the State API takes from Python on the embedded store
-//! and on Redis (against the protocol round trip alone), and how the Node.js runtime
-//! compares with Python in warm latency and how fast its spares start new instances
-//! (against cold starts); then reports against the product's targets.
-//!
-//! By default it starts its own server (this binary, `server` on a free port with a
-//! temporary data directory, functions isolated) and stops it at the end, also on error or
-//! Ctrl-C; the isolation phase then starts and stops two fresh ones the same way, one
-//! isolated and one with `--insecure-no-isolation`, and the snapshots phase five more, with
-//! and without snapshots, and one whose templates are evicted to disk, the state phase
-//! two, one per state backend, and the Node.js phase three. The load generator is a bare hyper HTTP/1 client with one
-//! keep-alive connection per virtual client, so the client's own overhead stays small.
-//! Every loop is bounded by a count and a deadline.
+//! `nimbus-bench`: the benchmark harness of Nimbus. It deploys functions on `nimbus server`s
+//! it starts itself (the `nimbus` binary next to this one, or `--nimbus-bin`) and measures,
+//! over real HTTP on 127.0.0.1: warm latency (one client) and what alias routing adds,
+//! throughput (N clients), a process-per-invocation baseline, idle memory, what isolation
+//! costs, template and disk-checkpoint starts against cold ones, State API calls (embedded
+//! store and Redis) and Node.js against Python; then it reports against the product's
+//! targets, as text and optionally Markdown. docs/BENCHMARKS.md holds the figures and how
+//! to read them.
 
 mod baseline;
 mod isolation;
@@ -31,6 +20,7 @@ mod snapshots;
 mod starts;
 mod state;
 mod stats;
+mod table;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,11 +28,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use clap::Args;
-use reqwest::Method;
-use serde_json::{json, Value};
-
-use crate::client::{CliError, Client, Output};
+use clap::{Parser, ValueEnum};
+use nimbus_client::{Client, FunctionPatch, NewFunction};
 
 use self::baseline::{baseline_python, python_version, run_baseline};
 use self::isolation::measure_isolation;
@@ -65,9 +52,15 @@ const EVENT: &[u8] = br#"{"ping":1}"#;
 /// Upper bound on any single measuring loop.
 const MAX_PHASE: Duration = Duration::from_secs(300);
 
-/// Flags of `nimbus bench`.
-#[derive(Debug, Args)]
+/// Measure a Nimbus server: warm latency, throughput, a process-per-invocation baseline,
+/// idle memory, isolation, snapshots, state and Node.js.
+#[derive(Debug, Parser)]
+#[command(name = "nimbus-bench", version, about)]
 pub struct BenchArgs {
+    /// The `nimbus` binary to start servers from [default: the one next to nimbus-bench],
+    /// e.g. an older build for a before/after comparison.
+    #[arg(long, value_name = "PATH")]
+    pub nimbus_bin: Option<PathBuf>,
     /// Benchmark this running server (loopback only) instead of starting one.
     #[arg(long, value_name = "URL")]
     pub server: Option<String>,
@@ -123,14 +116,42 @@ pub struct BenchArgs {
     pub output: Output,
 }
 
-/// Runs `nimbus bench`, stopping its server on Ctrl-C too.
-pub async fn run(args: BenchArgs) -> Result<(), CliError> {
+/// How the report is printed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Human-readable tables.
+    #[default]
+    Table,
+    /// The report as JSON.
+    Json,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = BenchArgs::parse();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(run(args)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the benchmark, stopping its servers on Ctrl-C too.
+async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    server::choose_nimbus_binary(args.nimbus_bin.clone())?;
     let report = tokio::select! {
         r = measure(&args) => r?,
-        _ = tokio::signal::ctrl_c() => return Err(CliError::Usage("interrupted".into())),
+        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
     };
     if args.output == Output::Json {
-        crate::client::print_json(&serde_json::to_value(&report).map_err(anyhow::Error::from)?);
+        let value = serde_json::to_value(&report)?;
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         print!("{}", human_report(&report));
         if args.markdown {
@@ -157,7 +178,7 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
     }
     if cfg!(debug_assertions) {
         progress(
-            "warning: this is a debug build; measure with `cargo run --release -p nimbus -- bench`",
+            "warning: this is a debug build; measure with `cargo run --release -p nimbus-bench`",
         );
     }
     let (mut server, url, client, api_key) = match &args.server {
@@ -226,14 +247,7 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
     };
 
     if created && server.is_none() {
-        let _ = client
-            .send(
-                Method::DELETE,
-                &format!("/functions/{FUNCTION_NAME}"),
-                &[],
-                None,
-            )
-            .await;
+        let _ = client.delete_function(FUNCTION_NAME).await;
     }
     if let Some(mut process) = server.take() {
         process.stop();
@@ -331,39 +345,35 @@ fn own_servers_skipped(args: &BenchArgs, phase: &str, needs_isolation: bool) -> 
 /// Creates (or updates) a benchmark function `name` with the bench's code; true if it was
 /// created.
 async fn deploy(client: &Client, name: &str) -> anyhow::Result<bool> {
-    let body =
-        json!({ "name": name, "code": CODE, "description": "nimbus bench: returns its event" });
-    create_or_update(
-        client,
-        "/functions",
-        &body,
-        "function_exists",
-        &format!("/functions/{name}"),
-        &json!({ "code": CODE }),
-    )
-    .await
-    .with_context(|| format!("deploying {name}"))
+    let new = NewFunction {
+        name: name.to_owned(),
+        code: Some(CODE.to_owned()),
+        description: Some("nimbus bench: returns its event".to_owned()),
+        ..NewFunction::default()
+    };
+    let deployed = async {
+        if created(client.create_function(&new).await, "function_exists")?.is_some() {
+            return anyhow::Ok(true);
+        }
+        let patch = FunctionPatch {
+            code: Some(CODE.to_owned()),
+            ..FunctionPatch::default()
+        };
+        client
+            .update_function(name, &patch)
+            .await
+            .map_err(|e| anyhow::anyhow!("updating /functions/{name}: {e}"))?;
+        Ok(false)
+    };
+    deployed.await.with_context(|| format!("deploying {name}"))
 }
 
-/// POSTs `body` to `collection`; if that answers `exists_code` (left from an earlier run
-/// on this server), PUTs `update` to `item` instead. True if it was created.
-async fn create_or_update(
-    client: &Client,
-    collection: &str,
-    body: &Value,
-    exists_code: &str,
-    item: &str,
-    update: &Value,
-) -> anyhow::Result<bool> {
-    match client.call(Method::POST, collection, body).await {
-        Ok(_) => Ok(true),
-        Err(CliError::Api { code, .. }) if code == exists_code => {
-            client
-                .call(Method::PUT, item, update)
-                .await
-                .map_err(|e| anyhow::anyhow!("updating {item}: {e}"))?;
-            Ok(false)
-        }
+/// What a create call answered, or `None` if it answered `exists_code` (the resource is
+/// left from an earlier run on this server).
+fn created<T>(result: nimbus_client::Result<T>, exists_code: &str) -> anyhow::Result<Option<T>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(e) if e.has_code(exists_code) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }

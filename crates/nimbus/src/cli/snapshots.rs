@@ -5,12 +5,13 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use clap::{Args, Subcommand};
-use reqwest::{Method, StatusCode};
-use serde_json::{json, Value};
+use nimbus_client::{
+    BuildOutcome, BuildSnapshot, Cleanup, Client, Snapshot, SnapshotList, SnapshotStats,
+};
+use serde_json::json;
 
-use super::http::segment;
 use super::table::{details, Table};
-use super::{print_json, text, CliError, Client, Connection, Output};
+use super::{dash, opt, print_json, CliError, Connection};
 
 /// `nimbus snapshot …`.
 #[derive(Debug, Args)]
@@ -60,15 +61,10 @@ pub enum SnapshotCommand {
     Stats,
 }
 
-/// `/functions/{function}/snapshots`.
-fn snapshots_path(function: &str) -> String {
-    format!("/functions/{}/snapshots", segment(function))
-}
-
 /// Runs `nimbus snapshot …`.
 pub async fn run(args: SnapshotArgs) -> Result<(), CliError> {
-    let client = Client::from_connection(&args.conn)?;
-    let json = args.conn.output == Output::Json;
+    let client = args.conn.client()?;
+    let json = args.conn.json();
     match args.command {
         SnapshotCommand::Build {
             function,
@@ -76,7 +72,7 @@ pub async fn run(args: SnapshotArgs) -> Result<(), CliError> {
             no_wait,
         } => build(&client, &function, version, !no_wait, json).await?,
         SnapshotCommand::List { function } => {
-            let list = client.get(&snapshots_path(&function), &[]).await?;
+            let list = client.list_snapshots(&function).await?;
             if json {
                 print_json(&list);
             } else {
@@ -84,13 +80,7 @@ pub async fn run(args: SnapshotArgs) -> Result<(), CliError> {
             }
         }
         SnapshotCommand::Delete { function, snapshot } => {
-            client
-                .delete(&format!(
-                    "{}/{}",
-                    snapshots_path(&function),
-                    segment(&snapshot)
-                ))
-                .await?;
+            client.delete_snapshot(&function, &snapshot).await?;
             if json {
                 print_json(&json!({ "deleted": true, "id": snapshot }));
             } else {
@@ -98,24 +88,16 @@ pub async fn run(args: SnapshotArgs) -> Result<(), CliError> {
             }
         }
         SnapshotCommand::Cleanup { dry_run } => {
-            let cleanup = client
-                .send(
-                    Method::POST,
-                    "/snapshots/cleanup",
-                    &[("dry_run", dry_run.to_string())],
-                    None,
-                )
-                .await?
-                .into_result()?;
+            let cleanup = client.cleanup_snapshots(dry_run).await?;
             if json {
                 print_json(&cleanup);
             } else {
-                let names = function_names(&client, &cleanup["removed"]).await;
+                let names = function_names(&client, &cleanup.removed).await;
                 print!("{}", cleanup_text(&cleanup, &names));
             }
         }
         SnapshotCommand::Stats => {
-            let stats = client.get("/snapshots/stats", &[]).await?;
+            let stats = client.snapshot_stats().await?;
             if json {
                 print_json(&stats);
             } else {
@@ -135,10 +117,6 @@ async fn build(
     wait: bool,
     json: bool,
 ) -> Result<(), CliError> {
-    let mut body = json!({ "wait": wait });
-    if let Some(version) = version {
-        body["version"] = json!(version);
-    }
     if wait && !json {
         let which = match version {
             Some(n) => format!("{function} version {n}"),
@@ -147,26 +125,27 @@ async fn build(
         eprintln!("building snapshot of {which}…");
     }
     let started = Instant::now();
-    let reply = client
-        .send_json(Method::POST, &snapshots_path(function), &body)
+    let build = client
+        .build_snapshot(function, &BuildSnapshot { version, wait })
         .await?;
-    let status = reply.status;
-    let snapshot = reply.into_result()?;
-    let failed = matches!(
-        snapshot["status"].as_str(),
-        Some("failed") | Some("corrupt")
-    );
+    let snapshot = &build.snapshot;
+    let failed = matches!(snapshot.status.as_str(), "failed" | "corrupt");
     if json {
-        print_json(&snapshot);
+        print_json(snapshot);
     } else {
-        let headline = build_headline(function, status, &snapshot, started.elapsed().as_secs_f64());
-        print!("{headline}\n{}", snapshot_details(&snapshot));
+        let headline = build_headline(
+            function,
+            build.outcome,
+            snapshot,
+            started.elapsed().as_secs_f64(),
+        );
+        print!("{headline}\n{}", snapshot_details(snapshot));
     }
     if failed {
         eprintln!(
             "error: the snapshot build of {function} version {} failed: {}",
-            text(&snapshot["version"]),
-            text(&snapshot["error_message"])
+            snapshot.version,
+            opt(&snapshot.error_message)
         );
         return Err(CliError::Reported);
     }
@@ -174,15 +153,20 @@ async fn build(
 }
 
 /// What a build request came to, from the answer's status and the snapshot.
-fn build_headline(function: &str, status: StatusCode, snapshot: &Value, seconds: f64) -> String {
-    let version = text(&snapshot["version"]);
-    let state = snapshot["status"].as_str().unwrap_or_default();
-    match (status, state) {
-        (StatusCode::ACCEPTED, _) => format!(
+fn build_headline(
+    function: &str,
+    outcome: BuildOutcome,
+    snapshot: &Snapshot,
+    seconds: f64,
+) -> String {
+    let version = snapshot.version;
+    let state = snapshot.status.as_str();
+    match (outcome, state) {
+        (BuildOutcome::UnderWay, _) => format!(
             "snapshot build of {function} version {version} under way (not waited for); \
              follow it with: nimbus snapshot list {function}"
         ),
-        (StatusCode::CREATED, _) => {
+        (BuildOutcome::Built, _) => {
             format!("built snapshot of {function} version {version} in {seconds:.1} s")
         }
         (_, "ready") => {
@@ -194,87 +178,68 @@ fn build_headline(function: &str, status: StatusCode, snapshot: &Value, seconds:
 }
 
 /// The details view of one snapshot.
-fn snapshot_details(s: &Value) -> String {
+fn snapshot_details(s: &Snapshot) -> String {
     let mut pairs = vec![
-        ("id", text(&s["id"])),
-        ("version", text(&s["version"])),
-        ("status", text(&s["status"])),
-        ("resident", yes_no(&s["resident"])),
+        ("id", dash(&s.id)),
+        ("version", s.version.to_string()),
+        ("status", dash(&s.status)),
+        ("resident", yes_no(s.resident)),
     ];
-    if !s["error_message"].is_null() {
-        pairs.push(("error", text(&s["error_message"])));
+    if let Some(error) = &s.error_message {
+        pairs.push(("error", dash(error)));
     }
     pairs.extend([
-        ("driver", text(&s["driver"])),
-        ("runtime", text(&s["runtime"])),
-        ("memory", format!("{} MB", text(&s["memory_mb"]))),
-        ("forks", count_text(&s["fork_count"], &s["avg_fork_ms"])),
-        (
-            "restores",
-            count_text(&s["restore_count"], &s["avg_restore_ms"]),
-        ),
+        ("driver", dash(&s.driver)),
+        ("runtime", dash(&s.runtime)),
+        ("memory", format!("{} MB", s.memory_mb)),
+        ("forks", count_text(s.fork_count, s.avg_fork_ms)),
+        ("restores", count_text(s.restore_count, s.avg_restore_ms)),
         ("failures", failures_text(s)),
-        ("created", text(&s["created_at"])),
-        ("last used", text(&s["last_used_at"])),
-        ("expires", text(&s["expires_at"])),
+        ("created", dash(&s.created_at)),
+        ("last used", opt(&s.last_used_at)),
+        ("expires", opt(&s.expires_at)),
     ]);
     details(&pairs)
 }
 
-fn yes_no(value: &Value) -> String {
-    match value.as_bool() {
-        Some(true) => "yes".into(),
-        Some(false) => "no".into(),
-        None => "-".into(),
-    }
+fn yes_no(value: bool) -> String {
+    if value { "yes" } else { "no" }.into()
 }
 
 /// `3 (avg 1.4 ms)`, or `0`.
-fn count_text(count: &Value, avg: &Value) -> String {
-    match count.as_u64().unwrap_or(0) {
+fn count_text(count: u64, avg_ms: f64) -> String {
+    match count {
         0 => "0".into(),
-        count => format!("{count} (avg {})", avg_ms(avg)),
+        count => format!("{count} (avg {avg_ms:.1} ms)"),
     }
 }
 
 /// `2, the last corrupt at <time>: <why>`, or `0`.
-fn failures_text(s: &Value) -> String {
-    let count = s["failure_count"].as_u64().unwrap_or(0);
-    let last = &s["last_failure"];
-    if count == 0 || last.is_null() {
+fn failures_text(s: &Snapshot) -> String {
+    let count = s.failure_count;
+    let Some(last) = s.last_failure.as_ref().filter(|_| count > 0) else {
         return count.to_string();
-    }
+    };
     format!(
         "{count}, the last {} at {}: {}",
-        text(&last["status"]),
-        text(&last["at"]),
-        one_line(last["message"].as_str().unwrap_or("-"))
+        dash(&last.status),
+        dash(&last.at),
+        one_line(last.message.as_deref().unwrap_or("-"))
     )
 }
 
 /// `3 (1.4 ms)` for a table cell, or `0`.
-fn short_count_text(count: &Value, avg: &Value) -> String {
-    match count.as_u64().unwrap_or(0) {
+fn short_count_text(count: u64, avg_ms: f64) -> String {
+    match count {
         0 => "0".into(),
-        count => format!("{count} ({})", avg_ms(avg)),
+        count => format!("{count} ({avg_ms:.1} ms)"),
     }
 }
 
-/// `1.4 ms`.
-fn avg_ms(value: &Value) -> String {
-    match value.as_f64() {
-        Some(ms) => format!("{ms:.1} ms"),
-        None => "-".into(),
-    }
-}
-
-/// The snapshots of `{"snapshots":[…]}` as a table; the error of a failed or corrupt one
-/// on the line below it.
-fn list_table(list: &Value) -> String {
-    let snapshots = list["snapshots"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
+/// A function's snapshots as a table; the error of a failed or corrupt one on the line
+/// below it.
+fn list_table(list: &SnapshotList) -> String {
+    let snapshots = &list.snapshots;
     if snapshots.is_empty() {
         return "no snapshots\n".into();
     }
@@ -291,15 +256,15 @@ fn list_table(list: &Value) -> String {
     ]);
     for s in snapshots {
         table.row([
-            text(&s["id"]),
-            text(&s["version"]),
-            text(&s["status"]),
-            yes_no(&s["resident"]),
-            short_count_text(&s["fork_count"], &s["avg_fork_ms"]),
-            short_count_text(&s["restore_count"], &s["avg_restore_ms"]),
-            text(&s["failure_count"]),
-            text(&s["last_used_at"]),
-            text(&s["expires_at"]),
+            dash(&s.id),
+            s.version.to_string(),
+            dash(&s.status),
+            yes_no(s.resident),
+            short_count_text(s.fork_count, s.avg_fork_ms),
+            short_count_text(s.restore_count, s.avg_restore_ms),
+            s.failure_count.to_string(),
+            opt(&s.last_used_at),
+            opt(&s.expires_at),
         ]);
     }
     let rendered = table.render();
@@ -312,9 +277,9 @@ fn list_table(list: &Value) -> String {
     for (line, s) in lines.zip(snapshots) {
         out.push_str(line);
         out.push('\n');
-        if let Some(error) = s["error_message"].as_str() {
+        if let Some(error) = &s.error_message {
             out.push_str(&format!("  └ error: {}\n", one_line(error)));
-        } else if s["failure_count"].as_u64().unwrap_or(0) > 0 {
+        } else if s.failure_count > 0 {
             out.push_str(&format!("  └ failures: {}\n", failures_text(s)));
         }
     }
@@ -330,34 +295,26 @@ fn one_line(s: &str) -> String {
 
 /// Function id → name for the functions of these snapshots (the id itself when the
 /// function cannot be read).
-async fn function_names(client: &Client, snapshots: &Value) -> BTreeMap<String, String> {
+async fn function_names(client: &Client, snapshots: &[Snapshot]) -> BTreeMap<String, String> {
     let mut names = BTreeMap::new();
-    for s in snapshots.as_array().map(Vec::as_slice).unwrap_or_default() {
-        let Some(id) = s["function_id"].as_str() else {
-            continue;
-        };
+    for s in snapshots {
+        let id = &s.function_id;
         if names.contains_key(id) {
             continue;
         }
-        let name = match client
-            .get(&format!("/functions/{}", segment(id)), &[])
-            .await
-        {
-            Ok(f) => f["name"].as_str().unwrap_or(id).to_owned(),
-            Err(_) => id.to_owned(),
+        let name = match client.get_function(id).await {
+            Ok(f) => f.name,
+            Err(_) => id.clone(),
         };
-        names.insert(id.to_owned(), name);
+        names.insert(id.clone(), name);
     }
     names
 }
 
 /// What a cleanup removed (or would remove), as a headline and a table.
-fn cleanup_text(cleanup: &Value, names: &BTreeMap<String, String>) -> String {
-    let dry = cleanup["dry_run"].as_bool().unwrap_or(false);
-    let removed = cleanup["removed"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
+fn cleanup_text(cleanup: &Cleanup, names: &BTreeMap<String, String>) -> String {
+    let dry = cleanup.dry_run;
+    let removed = &cleanup.removed;
     if removed.is_empty() {
         return if dry {
             "nothing to clean up\n".into()
@@ -369,7 +326,7 @@ fn cleanup_text(cleanup: &Value, names: &BTreeMap<String, String>) -> String {
         1 => "1 snapshot".to_owned(),
         n => format!("{n} snapshots"),
     };
-    let freed = bytes_text(cleanup["freed_bytes"].as_u64().unwrap_or(0));
+    let freed = bytes_text(cleanup.freed_bytes);
     let headline = if dry {
         format!("would remove {count} ({freed} on disk); run without --dry-run to remove them")
     } else {
@@ -377,20 +334,17 @@ fn cleanup_text(cleanup: &Value, names: &BTreeMap<String, String>) -> String {
     };
     let mut table = Table::new(&["id", "function", "version", "status", "reason"]);
     for s in removed {
-        let function = s["function_id"].as_str().unwrap_or_default();
-        let reason = match (s["status"].as_str(), s["error_message"].as_str()) {
-            (_, Some(error)) => error.to_owned(),
-            (Some("ready"), None) => format!("expired at {}", text(&s["expires_at"])),
+        let function = &s.function_id;
+        let reason = match (s.status.as_str(), &s.error_message) {
+            (_, Some(error)) => error.clone(),
+            ("ready", None) => format!("expired at {}", opt(&s.expires_at)),
             _ => "-".into(),
         };
         table.row([
-            text(&s["id"]),
-            names
-                .get(function)
-                .cloned()
-                .unwrap_or_else(|| function.to_owned()),
-            text(&s["version"]),
-            text(&s["status"]),
+            dash(&s.id),
+            names.get(function).unwrap_or(function).clone(),
+            s.version.to_string(),
+            dash(&s.status),
             reason,
         ]);
     }
@@ -398,41 +352,37 @@ fn cleanup_text(cleanup: &Value, names: &BTreeMap<String, String>) -> String {
 }
 
 /// The stats as `key: value` lines.
-fn stats_text(stats: &Value) -> String {
-    let by_status: Vec<String> = stats["by_status"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
-                .map(|(status, n)| format!("{status} {n}"))
-                .collect()
-        })
-        .unwrap_or_default();
-    let total = text(&stats["total"]);
+fn stats_text(stats: &SnapshotStats) -> String {
+    let by_status: Vec<String> = stats
+        .by_status
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(status, n)| format!("{status} {n}"))
+        .collect();
+    let total = stats.total.to_string();
     let snapshots = if by_status.is_empty() {
         total
     } else {
         format!("{total} ({})", by_status.join(", "))
     };
-    let bytes = |key: &str| bytes_text(stats[key].as_u64().unwrap_or(0));
     details(&[
         ("snapshots", snapshots),
         (
             "resident templates",
             format!(
                 "{} ({} of a {} budget)",
-                text(&stats["resident_templates"]),
-                bytes("resident_bytes"),
-                bytes("memory_budget_bytes")
+                stats.resident_templates,
+                bytes_text(stats.resident_bytes),
+                bytes_text(stats.memory_budget_bytes)
             ),
         ),
-        ("storage", format!("{} on disk", bytes("storage_bytes"))),
-        ("forks", count_text(&stats["forks"], &stats["avg_fork_ms"])),
         (
-            "restores",
-            count_text(&stats["restores"], &stats["avg_restore_ms"]),
+            "storage",
+            format!("{} on disk", bytes_text(stats.storage_bytes)),
         ),
-        ("failures", text(&stats["failures"])),
+        ("forks", count_text(stats.forks, stats.avg_fork_ms)),
+        ("restores", count_text(stats.restores, stats.avg_restore_ms)),
+        ("failures", stats.failures.to_string()),
     ])
 }
 
@@ -455,8 +405,8 @@ fn bytes_text(bytes: u64) -> String {
 mod tests {
     use super::*;
 
-    fn snapshot(status: &str, error: Option<&str>) -> Value {
-        json!({
+    fn snapshot(status: &str, error: Option<&str>) -> Snapshot {
+        serde_json::from_value(json!({
             "id": "snap_1", "function_id": "fn_1", "version": 3, "status": status,
             "error_message": error, "resident": status == "ready", "driver": "process",
             "runtime": "python3.11", "memory_mb": 256,
@@ -466,15 +416,18 @@ mod tests {
             "expires_at": "t9",
             "failure_count": if status == "ready" { 1 } else { 2 },
             "last_failure": {"status": "corrupt", "at": "t1", "message": "a file\nis missing"}
-        })
+        }))
+        .unwrap()
     }
 
     #[test]
     fn list_puts_errors_under_their_rows() {
-        let list = json!({"snapshots": [
-            snapshot("ready", None),
-            snapshot("failed", Some("RuntimeError: no\nmore")),
-        ]});
+        let list = SnapshotList {
+            snapshots: vec![
+                snapshot("ready", None),
+                snapshot("failed", Some("RuntimeError: no\nmore")),
+            ],
+        };
         assert_eq!(
             list_table(&list),
             "ID      VERSION  STATUS  RESIDENT  FORKS       RESTORES     FAILURES  LAST USED  EXPIRES\n\
@@ -483,26 +436,33 @@ mod tests {
              snap_1  3        failed  no        0           0            2         -          t9\n  \
              └ error: RuntimeError: no more\n"
         );
-        assert_eq!(list_table(&json!({"snapshots": []})), "no snapshots\n");
+        assert_eq!(list_table(&SnapshotList::default()), "no snapshots\n");
     }
 
     #[test]
     fn build_headlines_follow_the_answer() {
         let ready = snapshot("ready", None);
         assert_eq!(
-            build_headline("shop", StatusCode::CREATED, &ready, 1.234),
+            build_headline("shop", BuildOutcome::Built, &ready, 1.234),
             "built snapshot of shop version 3 in 1.2 s"
         );
-        assert!(build_headline("shop", StatusCode::OK, &ready, 0.0).contains("ready already"));
+        assert!(
+            build_headline("shop", BuildOutcome::Answered, &ready, 0.0).contains("ready already")
+        );
         assert!(build_headline(
             "shop",
-            StatusCode::ACCEPTED,
+            BuildOutcome::UnderWay,
             &snapshot("building", None),
             0.0
         )
         .contains("under way"));
         assert_eq!(
-            build_headline("shop", StatusCode::OK, &snapshot("failed", Some("x")), 0.0),
+            build_headline(
+                "shop",
+                BuildOutcome::Answered,
+                &snapshot("failed", Some("x")),
+                0.0
+            ),
             "snapshot build of shop version 3 failed"
         );
         let text = snapshot_details(&snapshot("failed", Some("RuntimeError: no")));
@@ -521,25 +481,31 @@ mod tests {
     #[test]
     fn cleanup_names_functions_and_reasons() {
         let names = BTreeMap::from([("fn_1".to_owned(), "shop".to_owned())]);
-        let dry = json!({"dry_run": true, "freed_bytes": 2048,
-            "removed": [snapshot("failed", Some("RuntimeError: no"))]});
+        let dry = Cleanup {
+            dry_run: true,
+            freed_bytes: 2048,
+            removed: vec![snapshot("failed", Some("RuntimeError: no"))],
+        };
         assert_eq!(
             cleanup_text(&dry, &names),
             "would remove 1 snapshot (2.0 KiB on disk); run without --dry-run to remove them\n\n\
              ID      FUNCTION  VERSION  STATUS  REASON\n\
              snap_1  shop      3        failed  RuntimeError: no\n"
         );
-        let none = json!({"dry_run": false, "freed_bytes": 0, "removed": []});
+        let none = Cleanup::default();
         assert!(cleanup_text(&none, &names).starts_with("nothing to clean up"));
     }
 
     #[test]
     fn stats_show_nonzero_statuses_and_sizes() {
-        let stats = json!({"total": 3, "by_status": {"building": 0, "failed": 1, "ready": 2},
+        let stats: SnapshotStats = serde_json::from_value(
+            json!({"total": 3, "by_status": {"building": 0, "failed": 1, "ready": 2},
             "resident_templates": 2, "resident_bytes": 3 << 20,
             "memory_budget_bytes": 1u64 << 30, "storage_bytes": 0,
             "forks": 9, "avg_fork_ms": 3.5, "restores": 4, "avg_restore_ms": 81.5,
-            "failures": 1});
+            "failures": 1}),
+        )
+        .unwrap();
         assert_eq!(
             stats_text(&stats),
             "snapshots:          3 (failed 1, ready 2)\n\

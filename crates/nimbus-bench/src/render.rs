@@ -1,7 +1,7 @@
 //! Rendering a report for people: the text summary and the Markdown section for
 //! docs/BENCHMARKS.md.
 
-use crate::client::table::Table;
+use crate::table::Table;
 
 use super::isolation::IsolationPhase;
 use super::memory::ProcessMemory;

@@ -3,7 +3,6 @@
 
 use clap::Args;
 use nimbus_core::{RoutingConfig, WeightedVersion};
-use serde_json::Value;
 
 use super::table::Table;
 
@@ -60,11 +59,6 @@ pub fn parse_weights(s: &str) -> Result<RoutingConfig, String> {
     Ok(RoutingConfig { weights })
 }
 
-/// The `routing_config` field of an alias or history entry, if it holds one.
-pub fn routing_of(value: &Value) -> Option<RoutingConfig> {
-    serde_json::from_value(value.clone()).ok()
-}
-
 /// `v2 90% · v3 10%`.
 pub fn compact(routing: &RoutingConfig) -> String {
     routing
@@ -73,13 +67,6 @@ pub fn compact(routing: &RoutingConfig) -> String {
         .map(|w| format!("v{} {}%", w.version, w.weight))
         .collect::<Vec<_>>()
         .join(" · ")
-}
-
-/// [`compact`] of a JSON routing table; `-` when there is none.
-pub fn compact_json(value: &Value) -> String {
-    routing_of(value)
-        .map(|r| compact(&r))
-        .unwrap_or_else(|| "-".into())
 }
 
 /// The split as a VERSION / WEIGHT / SPLIT table, one bar character per 2 percent (rounded
@@ -99,7 +86,6 @@ pub fn split_table(routing: &RoutingConfig) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn routes(pairs: &[(u32, u32)]) -> RoutingConfig {
         RoutingConfig {
@@ -169,9 +155,7 @@ mod tests {
     #[test]
     fn compact_text_lists_versions_in_order() {
         assert_eq!(compact(&routes(&[(2, 90), (3, 10)])), "v2 90% · v3 10%");
-        let value = json!({"weights": [{"version": 1, "weight": 100}]});
-        assert_eq!(compact_json(&value), "v1 100%");
-        assert_eq!(compact_json(&Value::Null), "-");
+        assert_eq!(compact(&routes(&[(1, 100)])), "v1 100%");
     }
 
     #[test]

@@ -10,11 +10,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use base64::Engine as _;
 use clap::Args;
-use reqwest::Method;
-use serde_json::{json, Map, Value};
+use nimbus_client::{FunctionPatch, NewFunction, StateSettings};
 
-use super::http::segment;
-use super::{print_json, text, CliError, Client, Connection, Output};
+use super::{dash, print_json, CliError, Connection};
 
 /// Flags of `nimbus deploy`.
 #[derive(Debug, Args)]
@@ -92,28 +90,22 @@ pub struct StateFlags {
 }
 
 impl StateFlags {
-    /// The `state_config` object of the request, if any flag was given.
-    pub fn config(&self) -> Option<Value> {
-        let mut config = Map::new();
+    /// The `state_config` of the request, if any flag was given.
+    pub fn config(&self) -> Option<StateSettings> {
         let enabled = match (self.state, self.no_state) {
             (true, _) => Some(true),
             (_, true) => Some(false),
             _ => None,
         };
-        let fields = [
-            ("enabled", enabled.map(Value::from)),
-            ("default_ttl", self.state_ttl.map(Value::from)),
-            ("max_state_size", self.state_max_size.map(Value::from)),
-            ("max_keys", self.state_max_keys.map(Value::from)),
-            ("session_affinity", self.session_affinity.map(Value::from)),
-            ("session_timeout", self.session_timeout.map(Value::from)),
-        ];
-        for (key, value) in fields {
-            if let Some(value) = value {
-                config.insert(key.into(), value);
-            }
-        }
-        (!config.is_empty()).then_some(Value::Object(config))
+        let settings = StateSettings {
+            enabled,
+            default_ttl: self.state_ttl,
+            max_state_size: self.state_max_size,
+            max_keys: self.state_max_keys,
+            session_affinity: self.session_affinity,
+            session_timeout: self.session_timeout,
+        };
+        (!settings.is_empty()).then_some(settings)
     }
 }
 
@@ -151,13 +143,12 @@ pub fn parse_env_pair(s: &str) -> Result<(String, String), String> {
 
 /// Runs `nimbus deploy`.
 pub async fn run(args: DeployArgs) -> Result<(), CliError> {
-    let client = Client::from_connection(&args.conn)?;
+    let client = args.conn.client()?;
     let fields = request_fields(&args)?;
-    let name = segment(&args.name);
-    let existing = match client.get(&format!("/functions/{name}"), &[]).await {
+    let existing = match client.get_function(&args.name).await {
         Ok(f) => Some(f),
-        Err(CliError::Api { status: 404, .. }) => None,
-        Err(e) => return Err(e),
+        Err(e) if e.has_status(404) => None,
+        Err(e) => return Err(e.into()),
     };
     match existing {
         None => {
@@ -167,51 +158,56 @@ pub async fn run(args: DeployArgs) -> Result<(), CliError> {
                     args.name
                 )));
             }
-            let mut body = fields;
-            body.insert("name".into(), json!(args.name));
-            let created = client
-                .call(Method::POST, "/functions", &Value::Object(body))
-                .await?;
-            if args.conn.output == Output::Json {
+            let new = NewFunction {
+                name: args.name.clone(),
+                description: fields.description,
+                runtime: fields.runtime,
+                handler: fields.handler,
+                code: fields.code,
+                code_archive: fields.code_archive,
+                memory_mb: fields.memory_mb,
+                timeout_sec: fields.timeout_sec,
+                env_vars: fields.env_vars,
+                max_instances: fields.max_instances,
+                network: fields.network,
+                state_config: fields.state_config,
+            };
+            let created = client.create_function(&new).await?;
+            if args.conn.json() {
                 print_json(&created);
             } else {
                 println!(
                     "created function {} ({}), version {}",
-                    text(&created["name"]),
-                    text(&created["id"]),
-                    text(&created["version"])
+                    dash(&created.function.name),
+                    dash(&created.function.id),
+                    created.version
                 );
             }
         }
         Some(before) => {
-            let mut body = fields;
-            if args.no_publish {
-                body.insert("publish".into(), json!(false));
-            }
-            let updated = client
-                .call(
-                    Method::PUT,
-                    &format!("/functions/{name}"),
-                    &Value::Object(body),
-                )
-                .await?;
-            if args.conn.output == Output::Json {
+            let patch = FunctionPatch {
+                publish: args.no_publish.then_some(false),
+                ..fields
+            };
+            let updated = client.update_function(&args.name, &patch).await?;
+            let function = &updated.function;
+            if args.conn.json() {
                 print_json(&updated);
-            } else if let Some(v) = updated["published_version"].as_u64() {
+            } else if let Some(v) = updated.published_version {
                 println!(
                     "updated function {}, published version {v}",
-                    text(&updated["name"])
+                    dash(&function.name)
                 );
-            } else if args.no_publish && updated["code_hash"] != before["code_hash"] {
+            } else if args.no_publish && function.code_hash != before.code_hash {
                 println!(
                     "updated function {}: staged, not published",
-                    text(&updated["name"])
+                    dash(&function.name)
                 );
             } else {
                 println!(
                     "function {}: no change (latest version {})",
-                    text(&updated["name"]),
-                    text(&updated["latest_version"])
+                    dash(&function.name),
+                    function.latest_version
                 );
             }
         }
@@ -219,17 +215,14 @@ pub async fn run(args: DeployArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The create/update body without the name: code plus the flags that were given.
-fn request_fields(args: &DeployArgs) -> anyhow::Result<Map<String, Value>> {
-    let mut body = Map::new();
+/// What a create and an update both send: code plus the flags that were given.
+fn request_fields(args: &DeployArgs) -> anyhow::Result<FunctionPatch> {
+    let mut fields = FunctionPatch::default();
     let meta = std::fs::metadata(&args.path)
         .with_context(|| format!("cannot read {}", args.path.display()))?;
     if meta.is_dir() {
         let archive = pack_dir(&args.path)?;
-        body.insert(
-            "code_archive".into(),
-            json!(base64::engine::general_purpose::STANDARD.encode(archive)),
-        );
+        fields.code_archive = Some(base64::engine::general_purpose::STANDARD.encode(archive));
     } else {
         let bytes = std::fs::read(&args.path)
             .with_context(|| format!("reading {}", args.path.display()))?;
@@ -239,28 +232,23 @@ fn request_fields(args: &DeployArgs) -> anyhow::Result<Map<String, Value>> {
                 args.path.display()
             )
         })?;
-        body.insert("code".into(), json!(source));
+        fields.code = Some(source);
     }
-    let mut optional = |key: &str, value: Option<Value>| {
-        if let Some(v) = value {
-            body.insert(key.into(), v);
-        }
-    };
-    optional("runtime", args.runtime.as_ref().map(|v| json!(v)));
-    optional("handler", args.handler.as_ref().map(|v| json!(v)));
-    optional("memory_mb", args.memory.map(|v| json!(v)));
-    optional("timeout_sec", args.timeout.map(|v| json!(v)));
-    optional("network", args.network.as_ref().map(|v| json!(v)));
-    optional("description", args.description.as_ref().map(|v| json!(v)));
-    optional("max_instances", args.max_instances.map(|v| json!(v)));
-    optional("state_config", args.state.config());
+    fields.runtime = args.runtime.clone();
+    fields.handler = args.handler.clone();
+    fields.memory_mb = args.memory;
+    fields.timeout_sec = args.timeout;
+    fields.network = args.network.clone();
+    fields.description = args.description.clone();
+    fields.max_instances = args.max_instances;
+    fields.state_config = args.state.config();
     if !args.env.is_empty() {
         let env: BTreeMap<String, String> = args.env.iter().cloned().collect();
         nimbus_core::function::validate_env_vars(&env)
             .map_err(|e| anyhow::anyhow!("--env: {}", e.message))?;
-        body.insert("env_vars".into(), json!(env));
+        fields.env_vars = Some(env);
     }
-    Ok(body)
+    Ok(fields)
 }
 
 /// Directory and file names never deployed.

@@ -2,11 +2,11 @@
 //! stateful function and what its state holds (SPEC §3 "Sessions and state").
 
 use clap::{Args, Subcommand};
-use serde_json::{json, Value};
+use nimbus_client::{SessionList, SessionState, StateView};
+use serde_json::json;
 
-use super::http::segment;
 use super::table::{details, Table};
-use super::{print_json, text, CliError, Client, Connection, Output};
+use super::{dash, opt, print_json, CliError, Connection};
 
 /// `nimbus session …`.
 #[derive(Debug, Args)]
@@ -82,16 +82,11 @@ pub enum StateCommand {
 
 /// Runs `nimbus session …`.
 pub async fn run_session(args: SessionArgs) -> Result<(), CliError> {
-    let client = Client::from_connection(&args.conn)?;
-    let json = args.conn.output == Output::Json;
+    let client = args.conn.client()?;
+    let json = args.conn.json();
     match args.command {
         SessionCommand::List { function, limit } => {
-            let list = client
-                .get(
-                    &format!("/functions/{}/sessions", segment(&function)),
-                    &[("limit", limit.to_string())],
-                )
-                .await?;
+            let list = client.list_sessions(&function, limit).await?;
             if json {
                 print_json(&list);
             } else {
@@ -99,7 +94,7 @@ pub async fn run_session(args: SessionArgs) -> Result<(), CliError> {
             }
         }
         SessionCommand::Get { function, session } => {
-            let found = client.get(&session_path(&function, &session), &[]).await?;
+            let found = client.get_session(&function, &session).await?;
             if json {
                 print_json(&found);
             } else {
@@ -107,7 +102,7 @@ pub async fn run_session(args: SessionArgs) -> Result<(), CliError> {
             }
         }
         SessionCommand::Delete { function, session } => {
-            client.delete(&session_path(&function, &session)).await?;
+            client.delete_session(&function, &session).await?;
             if json {
                 print_json(&json!({ "deleted": true, "session_key": session }));
             } else {
@@ -120,16 +115,11 @@ pub async fn run_session(args: SessionArgs) -> Result<(), CliError> {
 
 /// Runs `nimbus state …`.
 pub async fn run_state(args: StateArgs) -> Result<(), CliError> {
-    let client = Client::from_connection(&args.conn)?;
-    let json = args.conn.output == Output::Json;
+    let client = args.conn.client()?;
+    let json = args.conn.json();
     match args.command {
         StateCommand::Get { function, session } => {
-            let state = client
-                .get(
-                    &state_path(&function, &session),
-                    &[("values", "true".to_owned())],
-                )
-                .await?;
+            let state = client.get_state(&function, &session, true).await?;
             if json {
                 print_json(&state);
             } else {
@@ -141,26 +131,15 @@ pub async fn run_state(args: StateArgs) -> Result<(), CliError> {
             session,
             key,
         } => {
-            let mut query = Vec::new();
-            if let Some(key) = &key {
-                query.push(("key", key.clone()));
-            }
             let deleted = client
-                .send(
-                    reqwest::Method::DELETE,
-                    &state_path(&function, &session),
-                    &query,
-                    None,
-                )
-                .await?
-                .into_result()?;
+                .delete_state(&function, &session, key.as_deref())
+                .await?;
             if json {
                 print_json(&deleted);
             } else {
-                let n = deleted["deleted"].as_u64().unwrap_or(0);
                 match key {
                     Some(key) => println!("deleted key {key:?} of {session}'s state"),
-                    None => println!("deleted {n} key(s) of {session}'s state"),
+                    None => println!("deleted {} key(s) of {session}'s state", deleted.deleted),
                 }
             }
         }
@@ -168,31 +147,15 @@ pub async fn run_state(args: StateArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn session_path(function: &str, session: &str) -> String {
-    format!(
-        "/functions/{}/sessions/{}",
-        segment(function),
-        segment(session)
-    )
-}
-
-fn state_path(function: &str, session: &str) -> String {
-    format!(
-        "/functions/{}/state/{}",
-        segment(function),
-        segment(session)
-    )
-}
-
-fn sessions_table(list: &Value) -> String {
+fn sessions_table(list: &SessionList) -> String {
     let mut table = Table::new(&["session", "instance", "last access", "expires", "created"]);
-    for s in list["sessions"].as_array().into_iter().flatten() {
+    for s in &list.sessions {
         table.row([
-            text(&s["session_key"]),
-            text(&s["instance_id"]),
-            text(&s["last_access"]),
-            text(&s["expires_at"]),
-            text(&s["created_at"]),
+            dash(&s.session_key),
+            opt(&s.instance_id),
+            dash(&s.last_access),
+            dash(&s.expires_at),
+            dash(&s.created_at),
         ]);
     }
     if table.is_empty() {
@@ -201,20 +164,20 @@ fn sessions_table(list: &Value) -> String {
     table.render()
 }
 
-fn session_text(session: &Value) -> String {
-    let keys: Vec<String> = session["keys"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|k| format!("{} ({} B)", text(&k["key"]), k["size"]))
+fn session_text(state: &SessionState) -> String {
+    let session = &state.session;
+    let keys: Vec<String> = state
+        .keys
+        .iter()
+        .map(|k| format!("{} ({} B)", dash(&k.key), k.size))
         .collect();
     details(&[
-        ("session", text(&session["session_key"])),
-        ("function", text(&session["function_id"])),
-        ("instance", text(&session["instance_id"])),
-        ("created", text(&session["created_at"])),
-        ("last access", text(&session["last_access"])),
-        ("expires", text(&session["expires_at"])),
+        ("session", dash(&session.session_key)),
+        ("function", dash(&session.function_id)),
+        ("instance", opt(&session.instance_id)),
+        ("created", dash(&session.created_at)),
+        ("last access", dash(&session.last_access)),
+        ("expires", dash(&session.expires_at)),
         (
             "keys",
             if keys.is_empty() {
@@ -227,35 +190,35 @@ fn session_text(session: &Value) -> String {
 }
 
 /// `12.5 s`, `-` for none.
-fn ttl_text(ttl_ms: &Value) -> String {
-    match ttl_ms.as_u64() {
+fn ttl_text(ttl_ms: Option<u64>) -> String {
+    match ttl_ms {
         Some(ms) => format!("{:.1} s", ms as f64 / 1000.0),
         None => "-".to_owned(),
     }
 }
 
-fn state_table(state: &Value) -> String {
+fn state_table(state: &StateView) -> String {
     let mut table = Table::new(&["key", "value", "size", "ttl", "version"]);
-    for k in state["keys"].as_array().into_iter().flatten() {
+    for k in &state.keys {
         table.row([
-            text(&k["key"]),
-            k["value"].to_string(),
-            format!("{} B", k["size"]),
-            ttl_text(&k["ttl_ms"]),
-            text(&k["version"]),
+            dash(&k.info.key),
+            k.value.clone().unwrap_or_default().to_string(),
+            format!("{} B", k.info.size),
+            ttl_text(k.info.ttl_ms),
+            k.info.version.to_string(),
         ]);
     }
-    let scope = match state["scope"].as_str() {
-        Some("function") => "the function's state".to_owned(),
-        _ => format!("session {}", text(&state["session_key"])),
+    let scope = match state.scope.as_str() {
+        "function" => "the function's state".to_owned(),
+        _ => format!("session {}", dash(&state.session_key)),
     };
     if table.is_empty() {
         return format!("{scope}: no keys\n");
     }
     format!(
         "{scope}: {} key(s), {} B\n{}",
-        state["keys"].as_array().map_or(0, Vec::len),
-        state["total_size"],
+        state.keys.len(),
+        state.total_size,
         table.render()
     )
 }
@@ -266,32 +229,34 @@ mod tests {
 
     #[test]
     fn state_is_shown_as_a_table_with_sizes_and_ttls() {
-        let state = json!({
+        let view = |v| serde_json::from_value::<StateView>(v).unwrap();
+        let state = view(json!({
             "function_id": "fn_1", "session_key": "u1", "scope": "session", "total_size": 9,
             "keys": [
                 {"key": "cart", "size": 7, "ttl_ms": 3_599_500, "version": 3, "value": [1, 2]},
                 {"key": "n", "size": 2, "ttl_ms": null, "version": 4, "value": 12}
             ]
-        });
+        }));
         let text = state_table(&state);
         assert!(text.starts_with("session u1: 2 key(s), 9 B\n"), "{text}");
         assert!(text.contains("cart  [1,2]  7 B   3599.5 s  3"), "{text}");
         assert!(text.contains("n     12     2 B   -         4"), "{text}");
-        let empty = json!({"scope": "function", "session_key": "_global", "keys": []});
+        let empty = view(json!({"scope": "function", "session_key": "_global", "keys": []}));
         assert_eq!(state_table(&empty), "the function's state: no keys\n");
     }
 
     #[test]
     fn sessions_list_shows_bindings() {
-        let list = json!({"sessions": [{
+        let list: SessionList = serde_json::from_value(json!({"sessions": [{
             "session_key": "u1", "instance_id": "i_1", "last_access": "2026-11-28T08:00:00Z",
             "expires_at": "2026-11-28T09:00:00Z", "created_at": "2026-11-28T07:00:00Z"
-        }]});
+        }]}))
+        .unwrap();
         let text = sessions_table(&list);
         assert!(text.starts_with("SESSION  INSTANCE  LAST ACCESS"), "{text}");
         assert!(text.contains("u1       i_1"), "{text}");
         assert_eq!(
-            sessions_table(&json!({"sessions": []})),
+            sessions_table(&SessionList::default()),
             "no live sessions\n"
         );
     }

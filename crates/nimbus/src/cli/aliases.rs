@@ -2,13 +2,13 @@
 //! weighted routing, and the one-liner `nimbus rollback` for when a release goes wrong.
 
 use clap::{ArgGroup, Args, Subcommand};
-use reqwest::Method;
-use serde_json::{json, Value};
+use nimbus_client::{Alias, AliasPatch, Client, HistoryPage, NewAlias, Rollback, RollbackRequest};
+use nimbus_core::RoutingConfig;
+use serde::Serialize;
 
-use super::http::segment;
-use super::routing::{compact_json, routing_of, split_table, RoutingArgs};
+use super::routing::{compact, split_table, RoutingArgs};
 use super::table::{details, page_note, Table};
-use super::{print_json, text, CliError, Client, Connection, Output};
+use super::{dash, print_json, CliError, Connection};
 
 /// `nimbus alias …`.
 #[derive(Debug, Args)]
@@ -124,20 +124,10 @@ pub struct RollbackArgs {
     pub conn: Connection,
 }
 
-/// `/functions/{function}/aliases`.
-fn aliases_path(function: &str) -> String {
-    format!("/functions/{}/aliases", segment(function))
-}
-
-/// `/functions/{function}/aliases/{name}`.
-fn alias_path(function: &str, name: &str) -> String {
-    format!("{}/{}", aliases_path(function), segment(name))
-}
-
 /// Runs `nimbus alias …`.
 pub async fn run(args: AliasArgs) -> Result<(), CliError> {
-    let client = Client::from_connection(&args.conn)?;
-    let json = args.conn.output == Output::Json;
+    let client = args.conn.client()?;
+    let json = args.conn.json();
     match args.command {
         AliasCommand::Create {
             function,
@@ -145,18 +135,20 @@ pub async fn run(args: AliasArgs) -> Result<(), CliError> {
             routing,
             description,
         } => {
-            let mut body = json!({ "name": name, "routing_config": routing.routing() });
-            if let Some(description) = description {
-                body["description"] = json!(description);
-            }
-            let alias = client
-                .call(Method::POST, &aliases_path(&function), &body)
-                .await?;
+            let routing_config = routing.routing().ok_or_else(|| {
+                CliError::Usage("give the alias's routing: --weights or --version".into())
+            })?;
+            let new = NewAlias {
+                name,
+                description,
+                routing_config,
+            };
+            let alias = client.create_alias(&function, &new).await?;
             show_change(&alias, json, || {
                 format!(
                     "created alias {} of {function} (revision {})",
-                    text(&alias["name"]),
-                    text(&alias["revision"])
+                    dash(&alias.name),
+                    alias.revision
                 )
             });
         }
@@ -165,11 +157,11 @@ pub async fn run(args: AliasArgs) -> Result<(), CliError> {
             if json {
                 print_json(&list);
             } else {
-                print!("{}", list_table(&list));
+                print!("{}", list_table(&list.aliases));
             }
         }
         AliasCommand::Get { function, name } => {
-            let alias = client.get(&alias_path(&function, &name), &[]).await?;
+            let alias = client.get_alias(&function, &name).await?;
             if json {
                 print_json(&alias);
             } else {
@@ -183,33 +175,26 @@ pub async fn run(args: AliasArgs) -> Result<(), CliError> {
             description,
             expected_revision,
         } => {
-            let mut body = json!({});
-            if let Some(revision) = expected_revision {
-                body["expected_revision"] = json!(revision);
-            }
-            if let Some(routing) = routing.routing() {
-                body["routing_config"] = json!(routing);
-            }
-            if let Some(description) = description {
-                body["description"] = json!(description);
-            }
-            let alias = client
-                .call(Method::PUT, &alias_path(&function, &name), &body)
-                .await?;
+            let patch = AliasPatch {
+                expected_revision,
+                routing_config: routing.routing(),
+                description,
+            };
+            let alias = client.update_alias(&function, &name, &patch).await?;
             show_change(&alias, json, || {
                 format!(
                     "updated alias {} (revision {})",
-                    text(&alias["name"]),
-                    text(&alias["revision"])
+                    dash(&alias.name),
+                    alias.revision
                 )
             });
         }
         AliasCommand::Delete { function, name } => {
-            let deleted = client.delete(&alias_path(&function, &name)).await?;
+            let deleted = client.delete_alias(&function, &name).await?;
             if json {
                 print_json(&deleted);
             } else {
-                println!("deleted alias {} of {function}", text(&deleted["name"]));
+                println!("deleted alias {} of {function}", dash(&deleted.name));
             }
         }
         AliasCommand::History {
@@ -219,17 +204,14 @@ pub async fn run(args: AliasArgs) -> Result<(), CliError> {
             offset,
         } => {
             let page = client
-                .get(
-                    &format!("{}/history", alias_path(&function, &name)),
-                    &[("limit", limit.to_string()), ("offset", offset.to_string())],
-                )
+                .alias_history(&function, &name, limit, offset)
                 .await?;
             if json {
                 print_json(&page);
             } else {
                 let (table, shown) = history_table(&page);
                 print!("{table}");
-                if let Some(note) = page_note(&page, shown) {
+                if let Some(note) = page_note(&page.page, shown) {
                     eprintln!("{note}");
                 }
             }
@@ -240,9 +222,12 @@ pub async fn run(args: AliasArgs) -> Result<(), CliError> {
             to_revision,
             expected_revision,
         } => {
-            let body =
-                json!({ "to_revision": to_revision, "expected_revision": expected_revision });
-            roll_back(&client, &function, &name, &body, json).await?;
+            let req = RollbackRequest {
+                to_revision,
+                expected_revision,
+                ..RollbackRequest::default()
+            };
+            roll_back(&client, &function, &name, &req, json).await?;
         }
     }
     Ok(())
@@ -251,10 +236,13 @@ pub async fn run(args: AliasArgs) -> Result<(), CliError> {
 /// Runs `nimbus rollback`: routes the alias entirely to `--to`, or undoes its last routing
 /// change.
 pub async fn run_rollback(args: RollbackArgs) -> Result<(), CliError> {
-    let client = Client::from_connection(&args.conn)?;
-    let json = args.conn.output == Output::Json;
-    let body = json!({ "to_version": args.to, "expected_revision": args.expected_revision });
-    roll_back(&client, &args.function, &args.alias, &body, json).await
+    let client = args.conn.client()?;
+    let req = RollbackRequest {
+        to_version: args.to,
+        expected_revision: args.expected_revision,
+        ..RollbackRequest::default()
+    };
+    roll_back(&client, &args.function, &args.alias, &req, args.conn.json()).await
 }
 
 /// `POST …/rollback` and what the alias routes to afterwards.
@@ -262,36 +250,38 @@ async fn roll_back(
     client: &Client,
     function: &str,
     name: &str,
-    body: &Value,
+    req: &RollbackRequest,
     json: bool,
 ) -> Result<(), CliError> {
-    let alias = client
-        .call(
-            Method::POST,
-            &format!("{}/rollback", alias_path(function, name)),
-            body,
-        )
-        .await?;
-    show_change(&alias, json, || {
-        // A rollback restores a revision's routing, or sends everything to one version.
-        let to = match alias["restored_revision"].as_u64() {
-            Some(revision) => format!("the routing of revision {revision}"),
-            None => format!(
-                "version {}",
-                text(&alias["routing_config"]["weights"][0]["version"])
-            ),
-        };
-        format!(
-            "{} of {function} rolled back to {to} (now revision {})",
-            text(&alias["name"]),
-            text(&alias["revision"])
-        )
-    });
+    let rolled_back: Rollback = client.rollback_alias(function, name, req).await?;
+    if json {
+        print_json(&rolled_back);
+        return Ok(());
+    }
+    let alias = &rolled_back.alias;
+    // A rollback restores a revision's routing, or sends everything to one version.
+    let to = match rolled_back.restored_revision {
+        Some(revision) => format!("the routing of revision {revision}"),
+        None => format!(
+            "version {}",
+            alias
+                .routing_config
+                .weights
+                .first()
+                .map_or("-".to_owned(), |w| w.version.to_string())
+        ),
+    };
+    let headline = format!(
+        "{} of {function} rolled back to {to} (now revision {})",
+        dash(&alias.name),
+        alias.revision
+    );
+    print!("{}", change_text(&headline, alias));
     Ok(())
 }
 
 /// Prints a changed alias: the server's JSON, or `headline` and the new split.
-fn show_change(alias: &Value, json: bool, headline: impl FnOnce() -> String) {
+fn show_change(alias: &Alias, json: bool, headline: impl FnOnce() -> String) {
     if json {
         print_json(alias);
     } else {
@@ -300,58 +290,61 @@ fn show_change(alias: &Value, json: bool, headline: impl FnOnce() -> String) {
 }
 
 /// A one-line summary of a change followed by the alias's split.
-fn change_text(headline: &str, alias: &Value) -> String {
+fn change_text(headline: &str, alias: &Alias) -> String {
     format!("{headline}\n\n{}", split_text(alias))
 }
 
-/// The alias's split table, or `-` if its routing is missing.
-fn split_text(alias: &Value) -> String {
-    routing_of(&alias["routing_config"])
-        .map(|r| split_table(&r))
-        .unwrap_or_else(|| "-\n".into())
+/// The alias's split table, or `-` if its routing is empty.
+fn split_text(alias: &Alias) -> String {
+    if alias.routing_config.weights.is_empty() {
+        return "-\n".into();
+    }
+    split_table(&alias.routing_config)
 }
 
 /// Aliases asked for per page: a function may have this many, so one page usually does.
 const PAGE: usize = nimbus_core::limits::MAX_ALIASES_PER_FUNCTION;
 
-/// Every alias of `function`, page after page: `{"aliases": […], "total": n}`.
-async fn all_aliases(client: &Client, function: &str) -> Result<Value, CliError> {
-    let mut aliases: Vec<Value> = Vec::new();
+/// Every alias of a function (what `alias list --output json` prints).
+#[derive(Debug, Serialize)]
+struct AliasList {
+    aliases: Vec<Alias>,
+    total: usize,
+}
+
+/// Every alias of `function`, page after page.
+async fn all_aliases(client: &Client, function: &str) -> Result<AliasList, CliError> {
+    let mut aliases: Vec<Alias> = Vec::new();
     loop {
         let page = client
-            .get(
-                &aliases_path(function),
-                &[
-                    ("limit", PAGE.to_string()),
-                    ("offset", aliases.len().to_string()),
-                ],
-            )
+            .list_aliases(function, PAGE as u32, aliases.len() as u32)
             .await?;
-        let items = page["aliases"].as_array().cloned().unwrap_or_default();
-        let total = page["total"].as_u64().unwrap_or(0) as usize;
-        let done = items.is_empty();
-        aliases.extend(items);
+        let total = page.page.total as usize;
+        let done = page.aliases.is_empty();
+        aliases.extend(page.aliases);
         // An alias deleted meanwhile shortens the total: stop at what is known, never loop.
         if done || aliases.len() >= total {
-            return Ok(json!({ "aliases": aliases, "total": aliases.len() }));
+            let total = aliases.len();
+            return Ok(AliasList { aliases, total });
         }
     }
 }
 
-/// The aliases of `{"aliases":[…]}` as a table.
-fn list_table(list: &Value) -> String {
+/// `v2 90% · v3 10%`, or `-` for none.
+fn routing_text(routing: Option<&RoutingConfig>) -> String {
+    routing.map_or_else(|| "-".into(), compact)
+}
+
+/// The aliases as a table.
+fn list_table(aliases: &[Alias]) -> String {
     let mut table = Table::new(&["name", "routing", "revision", "updated", "description"]);
-    for a in list["aliases"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
+    for a in aliases {
         table.row([
-            text(&a["name"]),
-            compact_json(&a["routing_config"]),
-            text(&a["revision"]),
-            text(&a["updated_at"]),
-            text(&a["description"]),
+            dash(&a.name),
+            routing_text(Some(&a.routing_config)),
+            a.revision.to_string(),
+            dash(&a.updated_at),
+            dash(&a.description),
         ]);
     }
     if table.is_empty() {
@@ -362,66 +355,64 @@ fn list_table(list: &Value) -> String {
 }
 
 /// The details view of one alias, its split below.
-fn alias_details(a: &Value) -> String {
+fn alias_details(a: &Alias) -> String {
     let fields = details(&[
-        ("name", text(&a["name"])),
-        ("function", text(&a["function_id"])),
-        ("description", text(&a["description"])),
-        ("revision", text(&a["revision"])),
-        ("created", text(&a["created_at"])),
-        ("updated", text(&a["updated_at"])),
+        ("name", dash(&a.name)),
+        ("function", dash(&a.function_id)),
+        ("description", dash(&a.description)),
+        ("revision", a.revision.to_string()),
+        ("created", dash(&a.created_at)),
+        ("updated", dash(&a.updated_at)),
     ]);
     format!("{fields}\n{}", split_text(a))
 }
 
 /// The history page as a table and how many entries it has.
-fn history_table(page: &Value) -> (String, usize) {
+fn history_table(page: &HistoryPage) -> (String, usize) {
     let mut table = Table::new(&["rev", "when", "by", "action", "routing", "previous"]);
-    let entries = page["history"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    for e in entries {
-        let action = match (e["action"].as_str(), e["restored_revision"].as_u64()) {
-            (Some("rollback"), Some(r)) => format!("rollback to r{r}"),
-            _ => text(&e["action"]),
+    for e in &page.history {
+        let action = match (e.action.as_str(), e.restored_revision) {
+            ("rollback", Some(r)) => format!("rollback to r{r}"),
+            _ => dash(&e.action),
         };
         table.row([
-            text(&e["revision"]),
-            text(&e["changed_at"]),
-            text(&e["changed_by"]),
+            e.revision.to_string(),
+            dash(&e.changed_at),
+            dash(&e.changed_by),
             action,
-            compact_json(&e["routing_config"]),
-            compact_json(&e["previous_routing_config"]),
+            routing_text(e.routing_config.as_ref()),
+            routing_text(e.previous_routing_config.as_ref()),
         ]);
     }
     if table.is_empty() {
         ("no history\n".into(), 0)
     } else {
-        (table.render(), entries.len())
+        (table.render(), page.history.len())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
-    fn alias() -> Value {
-        json!({
+    fn alias() -> Alias {
+        serde_json::from_value(json!({
             "function_id": "fn_1", "name": "prod", "description": "",
             "routing_config": {"weights": [{"version": 2, "weight": 90}, {"version": 3, "weight": 10}]},
             "revision": 4, "created_at": "t0", "updated_at": "t1"
-        })
+        }))
+        .unwrap()
     }
 
     #[test]
     fn list_shows_routing_compactly() {
         assert_eq!(
-            list_table(&json!({ "aliases": [alias()] })),
+            list_table(&[alias()]),
             "NAME  ROUTING          REVISION  UPDATED  DESCRIPTION\n\
              prod  v2 90% · v3 10%  4         t1       -\n"
         );
-        assert_eq!(list_table(&json!({"aliases": []})), "no aliases\n");
+        assert_eq!(list_table(&[]), "no aliases\n");
     }
 
     #[test]
@@ -439,7 +430,7 @@ mod tests {
 
     #[test]
     fn history_names_rollbacks_and_first_entries() {
-        let page = json!({"history": [
+        let page: HistoryPage = serde_json::from_value(json!({"history": [
             {"revision": 2, "action": "rollback", "restored_revision": 1,
              "routing_config": {"weights": [{"version": 1, "weight": 100}]},
              "previous_routing_config": {"weights": [{"version": 1, "weight": 90}, {"version": 2, "weight": 10}]},
@@ -448,7 +439,8 @@ mod tests {
              "routing_config": {"weights": [{"version": 1, "weight": 100}]},
              "previous_routing_config": null,
              "changed_by": "admin", "changed_at": "t1", "description": ""}
-        ], "total": 2, "limit": 20, "offset": 0});
+        ], "total": 2, "limit": 20, "offset": 0}))
+        .unwrap();
         let (table, shown) = history_table(&page);
         assert_eq!(shown, 2);
         assert_eq!(
@@ -466,6 +458,6 @@ mod tests {
             text.starts_with("updated alias prod (revision 4)\n\nVERSION  WEIGHT  SPLIT\n"),
             "{text}"
         );
-        assert_eq!(split_text(&json!({})), "-\n");
+        assert_eq!(split_text(&Alias::default()), "-\n");
     }
 }

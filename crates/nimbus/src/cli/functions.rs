@@ -3,11 +3,11 @@
 use std::io::{BufRead, IsTerminal, Write};
 
 use clap::{Args, Subcommand};
-use serde_json::Value;
+use nimbus_client::{Function, FunctionPage};
+use nimbus_core::StateConfig;
 
-use super::http::segment;
 use super::table::{details, files_text, page_note, Table};
-use super::{print_json, text, CliError, Client, Connection, Output};
+use super::{dash, print_json, CliError, Connection};
 
 /// `nimbus fn …`.
 #[derive(Debug, Args)]
@@ -49,16 +49,11 @@ pub enum FnCommand {
 
 /// Runs `nimbus fn …`.
 pub async fn run(args: FnArgs) -> Result<(), CliError> {
-    let client = Client::from_connection(&args.conn)?;
-    let json = args.conn.output == Output::Json;
+    let client = args.conn.client()?;
+    let json = args.conn.json();
     match args.command {
         FnCommand::List { limit, offset } => {
-            let page = client
-                .get(
-                    "/functions",
-                    &[("limit", limit.to_string()), ("offset", offset.to_string())],
-                )
-                .await?;
+            let page = client.list_functions(limit, offset).await?;
             if json {
                 print_json(&page);
             } else {
@@ -66,9 +61,7 @@ pub async fn run(args: FnArgs) -> Result<(), CliError> {
             }
         }
         FnCommand::Get { function } => {
-            let f = client
-                .get(&format!("/functions/{}", segment(&function)), &[])
-                .await?;
+            let f = client.get_function(&function).await?;
             if json {
                 print_json(&f);
             } else {
@@ -85,16 +78,14 @@ pub async fn run(args: FnArgs) -> Result<(), CliError> {
                     "aborted: the function was not deleted".into(),
                 ));
             }
-            let deleted = client
-                .delete(&format!("/functions/{}", segment(&function)))
-                .await?;
+            let deleted = client.delete_function(&function).await?;
             if json {
                 print_json(&deleted);
             } else {
                 println!(
                     "deleted function {} ({})",
-                    text(&deleted["name"]),
-                    text(&deleted["id"])
+                    dash(&deleted.name),
+                    dash(&deleted.id)
                 );
             }
         }
@@ -124,51 +115,40 @@ fn confirm(question: &str) -> Result<bool, CliError> {
 
 /// `on: values ≤ 65536 B, ≤ 100 keys, no default TTL; affinity on (sessions last 3600 s)`,
 /// or `off`.
-pub fn state_text(config: &Value) -> String {
-    if config["enabled"] != true && config["session_affinity"] != true {
+pub fn state_text(config: &StateConfig) -> String {
+    if !config.enabled && !config.session_affinity {
         return "off".to_owned();
     }
-    let ttl = match config["default_ttl"].as_u64() {
-        Some(0) | None => "no default TTL".to_owned(),
-        Some(ttl) => format!("default TTL {ttl} s"),
+    let ttl = match config.default_ttl {
+        0 => "no default TTL".to_owned(),
+        ttl => format!("default TTL {ttl} s"),
     };
-    let affinity = match config["session_affinity"] == true {
-        true => format!(
-            "affinity on (sessions last {} s)",
-            text(&config["session_timeout"])
-        ),
+    let affinity = match config.session_affinity {
+        true => format!("affinity on (sessions last {} s)", config.session_timeout),
         false => "affinity off".to_owned(),
     };
     format!(
         "{}: values ≤ {} B, ≤ {} keys, {ttl}; {affinity}",
-        if config["enabled"] == true {
-            "on"
-        } else {
-            "off"
-        },
-        text(&config["max_state_size"]),
-        text(&config["max_keys"]),
+        if config.enabled { "on" } else { "off" },
+        config.max_state_size,
+        config.max_keys,
     )
 }
 
-fn list_table(page: &Value) {
+fn list_table(page: &FunctionPage) {
     let mut table = Table::new(&[
         "name", "id", "runtime", "version", "memory", "timeout", "status", "updated",
     ]);
-    let functions = page["functions"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    for f in functions {
+    for f in &page.functions {
         table.row([
-            text(&f["name"]),
-            text(&f["id"]),
-            text(&f["runtime"]),
-            text(&f["latest_version"]),
-            format!("{} MB", text(&f["memory_mb"])),
-            format!("{} s", text(&f["timeout_sec"])),
-            text(&f["status"]),
-            text(&f["updated_at"]),
+            dash(&f.name),
+            dash(&f.id),
+            dash(&f.runtime),
+            f.latest_version.to_string(),
+            format!("{} MB", f.memory_mb),
+            format!("{} s", f.timeout_sec),
+            dash(&f.status),
+            dash(&f.updated_at),
         ]);
     }
     if table.is_empty() {
@@ -176,44 +156,41 @@ fn list_table(page: &Value) {
     } else {
         print!("{}", table.render());
     }
-    if let Some(note) = page_note(page, functions.len()) {
+    if let Some(note) = page_note(&page.page, page.functions.len()) {
         eprintln!("{note}");
     }
 }
 
 /// The details view of one function.
-fn function_details(f: &Value) -> String {
-    let files = files_text(&f["files"]);
-    let env = f["env_vars"]
-        .as_object()
-        .map(|vars| {
-            vars.iter()
-                .map(|(k, v)| format!("{k}={}", text(v)))
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default();
+fn function_details(f: &Function) -> String {
+    let files = files_text(&f.files);
+    let env = f
+        .env_vars
+        .iter()
+        .map(|(k, v)| format!("{k}={}", dash(v)))
+        .collect::<Vec<_>>()
+        .join(" ");
     details(&[
-        ("name", text(&f["name"])),
-        ("id", text(&f["id"])),
-        ("description", text(&f["description"])),
-        ("runtime", text(&f["runtime"])),
-        ("handler", text(&f["handler"])),
-        ("status", text(&f["status"])),
-        ("latest version", text(&f["latest_version"])),
-        ("memory", format!("{} MB", text(&f["memory_mb"]))),
-        ("timeout", format!("{} s", text(&f["timeout_sec"]))),
-        ("max instances", text(&f["max_instances"])),
-        ("network", text(&f["network"])),
-        ("state", state_text(&f["state_config"])),
+        ("name", dash(&f.name)),
+        ("id", dash(&f.id)),
+        ("description", dash(&f.description)),
+        ("runtime", dash(&f.runtime)),
+        ("handler", dash(&f.handler)),
+        ("status", dash(&f.status)),
+        ("latest version", f.latest_version.to_string()),
+        ("memory", format!("{} MB", f.memory_mb)),
+        ("timeout", format!("{} s", f.timeout_sec)),
+        ("max instances", f.max_instances.to_string()),
+        ("network", dash(&f.network)),
+        ("state", state_text(&f.state_config)),
         (
             "code",
-            format!("{} ({} B)", text(&f["code_hash"]), text(&f["code_size"])),
+            format!("{} ({} B)", dash(&f.code_hash), f.code_size),
         ),
         ("files", if files.is_empty() { "-".into() } else { files }),
         ("env", if env.is_empty() { "-".into() } else { env }),
-        ("created", text(&f["created_at"])),
-        ("updated", text(&f["updated_at"])),
+        ("created", dash(&f.created_at)),
+        ("updated", dash(&f.updated_at)),
     ])
 }
 
@@ -224,14 +201,15 @@ mod tests {
 
     #[test]
     fn details_show_files_and_env() {
-        let f = json!({
+        let f: Function = serde_json::from_value(json!({
             "name": "hello", "id": "fn_1", "description": "", "runtime": "python3.11",
             "handler": "handler.handle", "status": "active", "latest_version": 2,
             "memory_mb": 256, "timeout_sec": 30, "max_instances": 50,
             "code_hash": "sha256:ab", "code_size": 12,
             "files": [{"path": "handler.py", "size": 12}],
             "env_vars": {"A": "1"}, "created_at": "t0", "updated_at": "t1"
-        });
+        }))
+        .unwrap();
         let text = function_details(&f);
         assert!(text.contains("description:    -\n"), "{text}");
         assert!(
@@ -244,18 +222,23 @@ mod tests {
 
     #[test]
     fn state_config_reads_as_one_line() {
-        let on = json!({"enabled": true, "default_ttl": 60, "max_state_size": 65536,
-            "max_keys": 100, "session_affinity": true, "session_timeout": 3600});
+        let state = |v| serde_json::from_value::<StateConfig>(v).unwrap();
+        let on = state(
+            json!({"enabled": true, "default_ttl": 60, "max_state_size": 65536,
+            "max_keys": 100, "session_affinity": true, "session_timeout": 3600}),
+        );
         assert_eq!(
             state_text(&on),
             "on: values ≤ 65536 B, ≤ 100 keys, default TTL 60 s; affinity on (sessions last 3600 s)"
         );
-        let plain = json!({"enabled": true, "default_ttl": 0, "max_state_size": 10,
-            "max_keys": 5, "session_affinity": false, "session_timeout": 3600});
+        let plain = state(
+            json!({"enabled": true, "default_ttl": 0, "max_state_size": 10,
+            "max_keys": 5, "session_affinity": false, "session_timeout": 3600}),
+        );
         assert_eq!(
             state_text(&plain),
             "on: values ≤ 10 B, ≤ 5 keys, no default TTL; affinity off"
         );
-        assert_eq!(state_text(&json!({"enabled": false})), "off");
+        assert_eq!(state_text(&state(json!({"enabled": false}))), "off");
     }
 }

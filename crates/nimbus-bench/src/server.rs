@@ -4,12 +4,44 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use reqwest::Method;
 
-use crate::client::Client;
+use nimbus_client::Client;
+
+/// The `nimbus` binary the benchmark starts its servers from, set once at start.
+static NIMBUS_BINARY: OnceLock<PathBuf> = OnceLock::new();
+
+/// Chooses the `nimbus` binary of every server the benchmark starts: `chosen`
+/// (`--nimbus-bin`), or the one next to this executable (the same target directory).
+pub(super) fn choose_nimbus_binary(chosen: Option<PathBuf>) -> anyhow::Result<()> {
+    let path = match chosen {
+        Some(path) => path,
+        None => {
+            let exe = std::env::current_exe().context("locating nimbus-bench")?;
+            exe.with_file_name("nimbus")
+        }
+    };
+    if !path.is_file() {
+        bail!(
+            "no nimbus binary at {}: build it (`cargo build --release -p nimbus -p nimbus-bench`) \
+             or choose one with --nimbus-bin",
+            path.display()
+        );
+    }
+    let _ = NIMBUS_BINARY.set(path);
+    Ok(())
+}
+
+/// The binary [`choose_nimbus_binary`] chose (`nimbus` on the `PATH` if none was).
+fn nimbus_binary() -> PathBuf {
+    NIMBUS_BINARY
+        .get()
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from("nimbus"))
+}
 
 /// A `nimbus server` child with its own temporary data directory, stopped on drop.
 pub(super) struct ServerProcess {
@@ -67,10 +99,10 @@ impl Setup<'_> {
 }
 
 impl ServerProcess {
-    /// Starts `<this binary> server` on a free loopback port, set up as `setup` says;
-    /// returns it and its URL.
+    /// Starts `nimbus server` ([`nimbus_binary`]) on a free loopback port, set up as `setup`
+    /// says; returns it and its URL.
     pub(super) fn start(setup: &Setup) -> anyhow::Result<(Self, String)> {
-        let exe = std::env::current_exe().context("locating the nimbus binary")?;
+        let exe = nimbus_binary();
         let dir = tempfile::Builder::new().prefix("nimbus-bench-").tempdir()?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let listen = format!("127.0.0.1:{port}");
@@ -147,10 +179,8 @@ impl ServerProcess {
                     self.log_tail()
                 );
             }
-            if let Ok(reply) = client.send_raw(Method::GET, "/health", &[], None).await {
-                if reply.status.is_success() {
-                    return Ok(());
-                }
+            if client.health().await.is_ok() {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
@@ -191,7 +221,7 @@ impl Drop for ServerProcess {
 
 /// The socket address and `Host` of a loopback `http://` URL; anything else is refused.
 pub(super) fn loopback_addr(url: &str) -> anyhow::Result<(SocketAddr, String)> {
-    let url = crate::client::http::normalize_server(url).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let url = nimbus_client::normalize_server(url)?;
     let Some(rest) = url.strip_prefix("http://") else {
         bail!("bench needs an http:// server URL, got {url}");
     };

@@ -4,12 +4,10 @@
 use std::io::Read;
 
 use clap::Args;
-use reqwest::Method;
-use serde_json::Value;
+use nimbus_client::{Failure, Invocation, InvokeResult, Target};
 
-use super::http::{api_error, segment};
 use super::table::{details, Table};
-use super::{print_json, text, CliError, Client, Connection, Output};
+use super::{dash, opt, print_json, CliError, Connection};
 
 /// Flags of `nimbus invoke`.
 #[derive(Debug, Args)]
@@ -76,62 +74,37 @@ fn event_bytes(data: Option<&str>) -> Result<Vec<u8>, CliError> {
 /// Runs `nimbus invoke`.
 pub async fn run_invoke(args: InvokeArgs) -> Result<(), CliError> {
     let event = event_bytes(args.data.as_deref())?;
-    let client = Client::from_connection(&args.conn)?;
-    let mut query = Vec::new();
-    if let Some(v) = args.version {
-        query.push(("version", v.to_string()));
-    }
-    if let Some(a) = &args.alias {
-        query.push(("alias", a.clone()));
-    }
-    if let Some(s) = &args.session {
-        query.push(("session_key", s.clone()));
-    }
-    let json = args.conn.output == Output::Json;
-    let function = segment(&args.function);
+    let client = args.conn.client()?;
+    let target = Target {
+        version: args.version,
+        alias: args.alias.clone(),
+        session_key: args.session.clone(),
+    };
+    let json = args.conn.json();
     if args.asynchronous {
-        let queued = client
-            .send(
-                Method::POST,
-                &format!("/functions/{function}/async"),
-                &query,
-                Some(event),
-            )
-            .await?
-            .into_result()?;
+        let queued = client.invoke_async(&args.function, &target, event).await?;
         if json {
             print_json(&queued);
         } else {
-            let id = text(&queued["request_id"]);
+            let id = dash(&queued.request_id);
             println!("{id}");
             eprintln!("queued; see the result with: nimbus invocations {id}");
         }
         return Ok(());
     }
-    let reply = client
-        .send(
-            Method::POST,
-            &format!("/functions/{function}/invoke"),
-            &query,
-            Some(event),
-        )
-        .await?;
-    let ran = reply.body.get("request_id").is_some();
-    if !reply.status.is_success() && !ran {
-        // Refused before running (not found, bad request, throttled…).
-        return Err(api_error(reply.status, &reply.body));
-    }
-    let failed = !reply.status.is_success();
+    // Refused before running (not found, bad request, throttled…) is an error of the call;
+    // an invocation that ran and failed is an answer with an `error`.
+    let result = client.invoke(&args.function, &target, event).await?;
     if json {
-        print_json(&reply.body);
-    } else if failed {
-        eprint!("{}", failure_text(&reply.body));
-        eprintln!("{}", summary(&reply.body));
+        print_json(&result);
+    } else if let Some(error) = &result.error {
+        eprint!("{}", failure_text(error));
+        eprintln!("{}", summary(&result));
     } else {
-        print_json(&reply.body["body"]);
-        eprintln!("{}", summary(&reply.body));
+        print_json(&result.body);
+        eprintln!("{}", summary(&result));
     }
-    if failed {
+    if result.error.is_some() {
         Err(CliError::Reported)
     } else {
         Ok(())
@@ -139,38 +112,35 @@ pub async fn run_invoke(args: InvokeArgs) -> Result<(), CliError> {
 }
 
 /// `version 2 · warm start · 0.412 ms · inv_…`.
-fn summary(r: &Value) -> String {
+fn summary(r: &InvokeResult) -> String {
     let mut parts = vec![
-        format!("version {}", text(&r["version"])),
-        format!("{} start", text(&r["start_type"])),
-        match r["duration_ms"].as_f64() {
-            Some(ms) => format!("{ms:.3} ms"),
-            None => "- ms".to_owned(),
-        },
+        format!("version {}", r.version),
+        format!("{} start", dash(&r.start_type)),
+        format!("{:.3} ms", r.duration_ms),
     ];
-    if let Some(alias) = r["alias_used"].as_str() {
+    if let Some(alias) = &r.alias_used {
         parts.insert(1, format!("alias {alias}"));
     }
-    if let Some(session) = r["session_key"].as_str() {
+    if let Some(session) = &r.session_key {
         parts.push(format!("session {session}"));
     }
-    parts.push(text(&r["request_id"]));
+    parts.push(dash(&r.request_id));
     parts.join(" · ")
 }
 
 /// `error: <type>: <message> (<code>)` and the traceback, each line ending in a newline.
-fn failure_text(r: &Value) -> String {
-    let error = &r["error"];
-    let code = text(&error["code"]);
-    let message = error["message"].as_str().unwrap_or("the invocation failed");
-    let mut out = match error["type"].as_str() {
+fn failure_text(error: &Failure) -> String {
+    let code = dash(&error.code);
+    let message = &error.message;
+    let mut out = match error.error_type.as_deref() {
         Some(t) if !t.is_empty() && !message.starts_with(t) => {
             format!("error: {t}: {message} ({code})\n")
         }
         _ => format!("error: {message} ({code})\n"),
     };
-    if let Some(tb) = error["traceback"]
-        .as_str()
+    if let Some(tb) = error
+        .traceback
+        .as_deref()
         .map(str::trim_end)
         .filter(|t| !t.is_empty())
     {
@@ -182,12 +152,10 @@ fn failure_text(r: &Value) -> String {
 
 /// Runs `nimbus invocations`.
 pub async fn run_invocations(args: InvocationsArgs) -> Result<(), CliError> {
-    let client = Client::from_connection(&args.conn)?;
-    let json = args.conn.output == Output::Json;
+    let client = args.conn.client()?;
+    let json = args.conn.json();
     if args.target.starts_with("inv_") {
-        let record = client
-            .get(&format!("/invocations/{}", segment(&args.target)), &[])
-            .await?;
+        let record = client.get_invocation(&args.target).await?;
         if json {
             print_json(&record);
         } else {
@@ -195,15 +163,8 @@ pub async fn run_invocations(args: InvocationsArgs) -> Result<(), CliError> {
         }
         return Ok(());
     }
-    let mut query = vec![("limit", args.limit.to_string())];
-    if let Some(s) = &args.status {
-        query.push(("status", s.clone()));
-    }
     let page = client
-        .get(
-            &format!("/functions/{}/invocations", segment(&args.target)),
-            &query,
-        )
+        .list_invocations(&args.target, args.limit, args.status.as_deref())
         .await?;
     if json {
         print_json(&page);
@@ -217,21 +178,16 @@ pub async fn run_invocations(args: InvocationsArgs) -> Result<(), CliError> {
         "duration_ms",
         "started_at",
     ]);
-    for i in page["invocations"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
+    for i in &page.invocations {
         table.row([
-            text(&i["request_id"]),
-            text(&i["version"]),
-            text(&i["status"]),
-            text(&i["start_type"]),
-            i["duration_ms"]
-                .as_f64()
+            dash(&i.request_id),
+            i.version.to_string(),
+            dash(&i.status),
+            opt(&i.start_type),
+            i.duration_ms
                 .map(|d| format!("{d:.3}"))
                 .unwrap_or_else(|| "-".into()),
-            text(&i["started_at"]),
+            dash(&i.started_at),
         ]);
     }
     if table.is_empty() {
@@ -243,37 +199,31 @@ pub async fn run_invocations(args: InvocationsArgs) -> Result<(), CliError> {
 }
 
 /// One invocation record in full: fields, input, output, error and logs.
-fn record_details(r: &Value) -> String {
+fn record_details(r: &Invocation) -> String {
     let mut out = details(&[
-        ("request_id", text(&r["request_id"])),
+        ("request_id", dash(&r.request_id)),
         (
             "function",
-            format!(
-                "{} ({})",
-                text(&r["function_name"]),
-                text(&r["function_id"])
-            ),
+            format!("{} ({})", dash(&r.function_name), dash(&r.function_id)),
         ),
-        ("version", text(&r["version"])),
-        ("alias", text(&r["alias_used"])),
-        ("session", text(&r["session_key"])),
-        ("trigger", text(&r["trigger"])),
-        ("status", text(&r["status"])),
-        ("start type", text(&r["start_type"])),
-        ("instance", text(&r["instance_id"])),
-        ("started", text(&r["started_at"])),
-        ("completed", text(&r["completed_at"])),
+        ("version", r.version.to_string()),
+        ("alias", opt(&r.alias_used)),
+        ("session", opt(&r.session_key)),
+        ("trigger", dash(&r.trigger)),
+        ("status", dash(&r.status)),
+        ("start type", opt(&r.start_type)),
+        ("instance", opt(&r.instance_id)),
+        ("started", dash(&r.started_at)),
+        ("completed", opt(&r.completed_at)),
         (
             "duration",
-            r["duration_ms"]
-                .as_f64()
+            r.duration_ms
                 .map(|d| format!("{d:.3} ms"))
                 .unwrap_or_else(|| "-".into()),
         ),
         (
             "memory",
-            r["memory_used_mb"]
-                .as_u64()
+            r.memory_used_mb
                 .map(|m| format!("{m} MB"))
                 .unwrap_or_else(|| "-".into()),
         ),
@@ -286,25 +236,25 @@ fn record_details(r: &Value) -> String {
             out.push('\n');
         }
     };
-    for key in ["input", "output"] {
-        if !r[key].is_null() {
+    for (key, value) in [("input", &r.input), ("output", &r.output)] {
+        if !value.is_null() {
             block(
                 &mut out,
                 key,
-                &serde_json::to_string_pretty(&r[key]).unwrap_or_default(),
+                &serde_json::to_string_pretty(value).unwrap_or_default(),
             );
         }
     }
-    if r["error"].is_object() {
-        let text = failure_text(&serde_json::json!({ "error": r["error"] }));
+    if let Some(error) = &r.error {
+        let text = failure_text(error);
         block(
             &mut out,
             "error",
             text.strip_prefix("error: ").unwrap_or(&text),
         );
     }
-    if let Some(logs) = r["logs"].as_str().filter(|l| !l.trim().is_empty()) {
-        block(&mut out, "logs", logs);
+    if !r.logs.trim().is_empty() {
+        block(&mut out, "logs", &r.logs);
     }
     out
 }
@@ -325,13 +275,16 @@ mod tests {
 
     #[test]
     fn failures_show_type_message_and_traceback() {
-        let r = json!({"error": {"code": "function_error", "message": "division by zero",
-            "type": "ZeroDivisionError", "traceback": "Traceback:\n  line 1\n"}});
+        let failure = |v| serde_json::from_value::<Failure>(v).unwrap();
+        let r = failure(
+            json!({"code": "function_error", "message": "division by zero",
+            "type": "ZeroDivisionError", "traceback": "Traceback:\n  line 1\n"}),
+        );
         assert_eq!(
             failure_text(&r),
             "error: ZeroDivisionError: division by zero (function_error)\nTraceback:\n  line 1\n"
         );
-        let r = json!({"error": {"code": "function_timeout", "message": "timed out after 1 s"}});
+        let r = failure(json!({"code": "function_timeout", "message": "timed out after 1 s"}));
         assert_eq!(
             failure_text(&r),
             "error: timed out after 1 s (function_timeout)\n"
@@ -340,8 +293,10 @@ mod tests {
 
     #[test]
     fn summaries_name_version_start_and_request() {
-        let r = json!({"version": 2, "start_type": "warm", "duration_ms": 0.4121,
-            "request_id": "inv_1", "alias_used": "latest", "session_key": null});
+        let r: InvokeResult = serde_json::from_value(json!({"version": 2, "start_type": "warm",
+            "duration_ms": 0.4121, "request_id": "inv_1", "alias_used": "latest",
+            "session_key": null}))
+        .unwrap();
         assert_eq!(
             summary(&r),
             "version 2 · alias latest · warm start · 0.412 ms · inv_1"

@@ -1,12 +1,10 @@
 //! `nimbus version publish|list|get|delete`: a function's immutable versions.
 
 use clap::{Args, Subcommand};
-use reqwest::{Method, StatusCode};
-use serde_json::{json, Value};
+use nimbus_client::{PublishRequest, Version, VersionPage};
 
-use super::http::segment;
 use super::table::{details, files_text, page_note, Table};
-use super::{print_json, text, CliError, Client, Connection, Output};
+use super::{dash, opt, print_json, CliError, Connection};
 
 /// `nimbus version …`.
 #[derive(Debug, Args)]
@@ -64,40 +62,33 @@ pub enum VersionCommand {
     },
 }
 
-/// `/functions/{function}/versions`.
-fn versions_path(function: &str) -> String {
-    format!("/functions/{}/versions", segment(function))
-}
-
 /// Runs `nimbus version …`.
 pub async fn run(args: VersionArgs) -> Result<(), CliError> {
-    let client = Client::from_connection(&args.conn)?;
-    let json = args.conn.output == Output::Json;
+    let client = args.conn.client()?;
+    let json = args.conn.json();
     match args.command {
         VersionCommand::Publish {
             function,
             description,
             alias,
         } => {
-            let mut body = json!({});
-            if let Some(description) = description {
-                body["description"] = json!(description);
-            }
-            if let Some(alias) = &alias {
-                body["publish_alias"] = json!(alias);
-            }
-            let reply = client
-                .send_json(Method::POST, &versions_path(&function), &body)
-                .await?;
-            // 201: a new version; 200: nothing changed, the body is the last version.
-            let created = reply.status == StatusCode::CREATED;
-            let version = reply.into_result()?;
+            let request = PublishRequest {
+                description,
+                publish_alias: alias.clone(),
+            };
+            // `created` false: nothing changed, the answer is the last version.
+            let published = client.publish_version(&function, &request).await?;
             if json {
-                print_json(&version);
+                print_json(&published);
             } else {
                 println!(
                     "{}",
-                    publish_summary(&function, &version, created, alias.as_deref())
+                    publish_summary(
+                        &function,
+                        &published.version,
+                        published.created,
+                        alias.as_deref()
+                    )
                 );
             }
         }
@@ -106,18 +97,13 @@ pub async fn run(args: VersionArgs) -> Result<(), CliError> {
             limit,
             offset,
         } => {
-            let page = client
-                .get(
-                    &versions_path(&function),
-                    &[("limit", limit.to_string()), ("offset", offset.to_string())],
-                )
-                .await?;
+            let page = client.list_versions(&function, limit, offset).await?;
             if json {
                 print_json(&page);
             } else {
                 let (table, shown) = list_table(&page);
                 print!("{table}");
-                if let Some(note) = page_note(&page, shown) {
+                if let Some(note) = page_note(&page.page, shown) {
                     eprintln!("{note}");
                 }
             }
@@ -127,9 +113,7 @@ pub async fn run(args: VersionArgs) -> Result<(), CliError> {
             version,
             code,
         } => {
-            let v = client
-                .get(&format!("{}/{version}", versions_path(&function)), &[])
-                .await?;
+            let v = client.get_version(&function, version).await?;
             if json {
                 print_json(&v);
             } else {
@@ -140,13 +124,11 @@ pub async fn run(args: VersionArgs) -> Result<(), CliError> {
             }
         }
         VersionCommand::Delete { function, version } => {
-            let deleted = client
-                .delete(&format!("{}/{version}", versions_path(&function)))
-                .await?;
+            let deleted = client.delete_version(&function, version).await?;
             if json {
                 print_json(&deleted);
             } else {
-                println!("deleted {function} version {}", text(&deleted["version"]));
+                println!("deleted {function} version {}", deleted.version);
             }
         }
     }
@@ -155,8 +137,13 @@ pub async fn run(args: VersionArgs) -> Result<(), CliError> {
 
 /// `published my-fn version 3 (latest → 3, prod → 3)`, or that nothing changed. Either way
 /// the server has moved `latest` and the `--alias` to the version, so both are named.
-fn publish_summary(function: &str, version: &Value, created: bool, alias: Option<&str>) -> String {
-    let number = text(&version["version"]);
+fn publish_summary(
+    function: &str,
+    version: &Version,
+    created: bool,
+    alias: Option<&str>,
+) -> String {
+    let number = version.version;
     let moved = std::iter::once(nimbus_core::LATEST_ALIAS)
         .chain(alias)
         .map(|a| format!("{a} → {number}"))
@@ -171,23 +158,15 @@ fn publish_summary(function: &str, version: &Value, created: bool, alias: Option
     }
 }
 
-/// The strings of a JSON array (e.g. alias names).
-fn string_list(value: &Value) -> Vec<String> {
-    value
-        .as_array()
-        .map(|items| items.iter().map(text).collect())
-        .unwrap_or_default()
-}
-
 /// `sha256:0123456789abcdef…` → `0123456789ab`: enough to tell versions apart at a glance.
-fn short_hash(hash: &Value) -> String {
-    let full = text(hash);
+fn short_hash(hash: &str) -> String {
+    let full = dash(hash);
     let hex = full.strip_prefix("sha256:").unwrap_or(&full);
     hex.chars().take(12).collect()
 }
 
 /// The versions table and how many rows it has.
-fn list_table(page: &Value) -> (String, usize) {
+fn list_table(page: &VersionPage) -> (String, usize) {
     let mut table = Table::new(&[
         "version",
         "created",
@@ -196,67 +175,69 @@ fn list_table(page: &Value) -> (String, usize) {
         "aliases",
         "description",
     ]);
-    let versions = page["versions"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    for v in versions {
-        let aliases = string_list(&v["aliases"]).join(",");
+    for v in &page.versions {
+        let aliases = aliases_text(v, ",");
         table.row([
-            text(&v["version"]),
-            text(&v["created_at"]),
-            text(&v["created_by"]),
-            short_hash(&v["code_hash"]),
+            v.version.to_string(),
+            dash(&v.created_at),
+            dash(&v.created_by),
+            short_hash(&v.code_hash),
             if aliases.is_empty() {
                 "-".into()
             } else {
                 aliases
             },
-            text(&v["description"]),
+            dash(&v.description),
         ]);
     }
     if table.is_empty() {
         ("no versions\n".into(), 0)
     } else {
-        (table.render(), versions.len())
+        (table.render(), page.versions.len())
     }
 }
 
+/// The aliases routing to a version, joined.
+fn aliases_text(v: &Version, separator: &str) -> String {
+    v.aliases
+        .iter()
+        .map(|a| dash(a))
+        .collect::<Vec<_>>()
+        .join(separator)
+}
+
 /// The details view of one version.
-fn version_details(v: &Value) -> String {
-    let files = files_text(&v["files"]);
+fn version_details(v: &Version) -> String {
+    let files = files_text(v.files.as_deref().unwrap_or_default());
     // Names only: values may be secrets, and `--output json` shows them when wanted.
-    let env = v["env_vars"]
-        .as_object()
-        .map(|vars| vars.keys().cloned().collect::<Vec<_>>().join(" "))
-        .unwrap_or_default();
-    let aliases = string_list(&v["aliases"]).join(", ");
+    let env = v.env_vars.keys().cloned().collect::<Vec<_>>().join(" ");
+    let aliases = aliases_text(v, ", ");
     let or_dash = |s: String| if s.is_empty() { "-".to_owned() } else { s };
     details(&[
-        ("version", text(&v["version"])),
-        ("description", text(&v["description"])),
-        ("runtime", text(&v["runtime"])),
-        ("handler", text(&v["handler"])),
-        ("memory", format!("{} MB", text(&v["memory_mb"]))),
-        ("timeout", format!("{} s", text(&v["timeout_sec"]))),
+        ("version", v.version.to_string()),
+        ("description", dash(&v.description)),
+        ("runtime", dash(&v.runtime)),
+        ("handler", dash(&v.handler)),
+        ("memory", format!("{} MB", v.memory_mb)),
+        ("timeout", format!("{} s", v.timeout_sec)),
         (
             "code",
-            format!("{} ({} B)", text(&v["code_hash"]), text(&v["code_size"])),
+            format!("{} ({} B)", dash(&v.code_hash), opt(&v.code_size)),
         ),
         ("files", or_dash(files)),
         ("env", or_dash(env)),
         ("aliases", or_dash(aliases)),
-        ("created", text(&v["created_at"])),
-        ("created by", text(&v["created_by"])),
+        ("created", dash(&v.created_at)),
+        ("created by", dash(&v.created_by)),
     ])
 }
 
 /// Every text file under a `==> path <==` header; binary files are only named.
-fn file_contents(v: &Value) -> String {
+fn file_contents(v: &Version) -> String {
     let mut out = String::new();
-    for file in v["files"].as_array().map(Vec::as_slice).unwrap_or_default() {
-        let path = text(&file["path"]);
-        match file["content"].as_str() {
+    for file in v.files.as_deref().unwrap_or_default() {
+        let path = dash(&file.path);
+        match &file.content {
             Some(content) => {
                 out.push_str(&format!("\n==> {path} <==\n{content}"));
                 if !content.is_empty() && !content.ends_with('\n') {
@@ -265,7 +246,7 @@ fn file_contents(v: &Value) -> String {
             }
             None => out.push_str(&format!(
                 "\n==> {path} <==\n(binary, {} B, not shown)\n",
-                text(&file["size"])
+                file.size
             )),
         }
     }
@@ -275,9 +256,10 @@ fn file_contents(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
-    fn version() -> Value {
-        json!({
+    fn version() -> Version {
+        serde_json::from_value(json!({
             "function_id": "fn_1", "version": 3, "description": "canary",
             "runtime": "python3.11", "handler": "handler.handle",
             "code_hash": "sha256:0123456789abcdef0123", "code_size": 40,
@@ -288,7 +270,8 @@ mod tests {
                 {"path": "handler.py", "size": 30, "content": "def handle(e):\n    return 1"},
                 {"path": "data.bin", "size": 10, "content_base64": "AAEC"}
             ]
-        })
+        }))
+        .unwrap()
     }
 
     #[test]
@@ -305,7 +288,10 @@ mod tests {
 
     #[test]
     fn list_shortens_hashes_and_joins_aliases() {
-        let page = json!({"versions": [version()], "total": 1, "limit": 20, "offset": 0});
+        let page = VersionPage {
+            versions: vec![version()],
+            ..VersionPage::default()
+        };
         let (table, shown) = list_table(&page);
         assert_eq!(shown, 1);
         assert_eq!(
@@ -313,7 +299,7 @@ mod tests {
             "VERSION  CREATED               BY     CODE HASH     ALIASES      DESCRIPTION\n\
              3        2025-01-02T03:04:05Z  admin  0123456789ab  latest,prod  canary\n"
         );
-        let (empty, shown) = list_table(&json!({"versions": []}));
+        let (empty, shown) = list_table(&VersionPage::default());
         assert_eq!((empty.as_str(), shown), ("no versions\n", 0));
     }
 

@@ -16,9 +16,8 @@ use std::sync::Arc;
 
 use anyhow::anyhow;
 use bytes::Bytes;
-use reqwest::Method;
+use nimbus_client::NewFunction;
 use serde::Serialize;
-use serde_json::json;
 
 use super::load::{run_rounds, warm_up, LoadTarget};
 use super::report::LatencyPhase;
@@ -103,14 +102,15 @@ pub(super) async fn measure_node(
     let (addr, authority) = loopback_addr(&url)?;
     let mut targets = Vec::new();
     for (name, runtime, code) in [PYTHON_NOOP, NODE_NOOP] {
-        let body = json!({
-            "name": name,
-            "runtime": runtime,
-            "code": code,
-            "description": "nimbus bench: returns its event",
-        });
+        let new = NewFunction {
+            name: name.to_owned(),
+            runtime: Some(runtime.to_owned()),
+            code: Some(code.to_owned()),
+            description: Some("nimbus bench: returns its event".to_owned()),
+            ..NewFunction::default()
+        };
         client
-            .call(Method::POST, "/functions", &body)
+            .create_function(&new)
             .await
             .map_err(|e| anyhow!("creating {name}: {e}"))?;
         let target = Arc::new(LoadTarget {

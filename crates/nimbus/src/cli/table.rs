@@ -1,5 +1,9 @@
 //! A small aligned-column table printer for the client's human-readable output.
 
+use nimbus_client::{File, PageInfo};
+
+use super::dash;
+
 /// Rows of text printed in aligned columns under an upper-case header.
 #[derive(Debug, Clone, Default)]
 pub struct Table {
@@ -75,31 +79,20 @@ pub fn details<K: AsRef<str>>(pairs: &[(K, String)]) -> String {
     out
 }
 
-/// `handler.py (39 B), lib/util.py (120 B)`: the `files` array of a function or version.
-pub fn files_text(files: &serde_json::Value) -> String {
+/// `handler.py (39 B), lib/util.py (120 B)`: the files of a function or version.
+pub fn files_text(files: &[File]) -> String {
     files
-        .as_array()
-        .map(|files| {
-            files
-                .iter()
-                .map(|file| {
-                    format!(
-                        "{} ({} B)",
-                        super::text(&file["path"]),
-                        super::text(&file["size"])
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .unwrap_or_default()
+        .iter()
+        .map(|file| format!("{} ({} B)", dash(&file.path), file.size))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-/// `showing 21–40 of 57` when a page (`{"total","offset",…}`) of which `shown` items are
-/// printed leaves some out; `None` when everything is shown.
-pub fn page_note(page: &serde_json::Value, shown: usize) -> Option<String> {
-    let offset = page["offset"].as_u64().unwrap_or(0);
-    let total = page["total"].as_u64().unwrap_or(0);
+/// `showing 21–40 of 57` when a page of which `shown` items are printed leaves some out;
+/// `None` when everything is shown.
+pub fn page_note(page: &PageInfo, shown: usize) -> Option<String> {
+    let offset = u64::from(page.offset);
+    let total = page.total;
     let shown = shown as u64;
     (shown > 0 && shown < total)
         .then(|| format!("showing {}–{} of {total}", offset + 1, offset + shown))
@@ -155,9 +148,17 @@ mod tests {
 
     #[test]
     fn page_notes_appear_only_for_partial_pages() {
-        let page = serde_json::json!({"total": 57, "offset": 20, "limit": 20});
+        let page = PageInfo {
+            total: 57,
+            offset: 20,
+            limit: 20,
+        };
         assert_eq!(page_note(&page, 20).as_deref(), Some("showing 21–40 of 57"));
-        let all = serde_json::json!({"total": 3, "offset": 0, "limit": 20});
+        let all = PageInfo {
+            total: 3,
+            offset: 0,
+            limit: 20,
+        };
         assert_eq!(page_note(&all, 3), None);
         assert_eq!(page_note(&page, 0), None);
     }
