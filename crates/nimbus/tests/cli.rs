@@ -2,8 +2,6 @@
 //! runs as a server on a free loopback port with a temporary data directory, and the CLI
 //! commands run against it as subprocesses, as a user would run them.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::Path;
@@ -99,7 +97,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        common::stop(&mut self.child);
+        nimbus_testkit::server::stop(&mut self.child);
     }
 }
 

@@ -1,36 +1,93 @@
-//! The harness of the HTTP end-to-end tests: the real `nimbus` binary as a server on a free
-//! loopback port, on SQLite (a file in a temporary directory) or on the real PostgreSQL (a
-//! schema of its own, dropped afterwards), driven over HTTP as a user would.
-
-#![allow(dead_code)] // Each test crate uses a different part of the harness.
+//! The harness of the HTTP end-to-end tests: the real `nimbus` binary (the test passes its
+//! path, `env!("CARGO_BIN_EXE_nimbus")`) as a server on a free loopback port, on SQLite (a
+//! file in a temporary directory) or on the real PostgreSQL (a schema of its own, dropped
+//! afterwards), driven over HTTP as a user would: raw requests for tests of the wire, a
+//! [`nimbus_client::Client`] for the rest.
 
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
+/// The PostgreSQL of the tests, unless `NIMBUS_TEST_DATABASE_URL` names another.
 pub const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
+/// The metadata store a test server runs on.
 #[derive(Clone, Copy, Debug)]
 pub enum Backend {
+    /// A SQLite file in the server's temporary directory.
     Sqlite,
+    /// A schema of its own on the tests' PostgreSQL.
     Postgres,
 }
 
+/// The `nimbus` binary under test: what starts [`Server`]s.
+#[derive(Clone, Copy, Debug)]
+pub struct Nimbus {
+    bin: &'static str,
+}
+
+impl Nimbus {
+    /// The binary at `bin` (`env!("CARGO_BIN_EXE_nimbus")`).
+    pub const fn at(bin: &'static str) -> Self {
+        Nimbus { bin }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        Path::new(self.bin)
+    }
+
+    /// A server on `backend` with the defaults.
+    pub async fn start(&self, backend: Backend) -> Server {
+        self.start_with(backend, "", &[]).await
+    }
+
+    /// A server on `backend` with `toml` as its `nimbus.toml` and more arguments.
+    pub async fn start_with(&self, backend: Backend, toml: &str, args: &[&str]) -> Server {
+        Server::start_with(self.path(), backend, toml, args).await
+    }
+
+    /// A server on the metadata store at `database_url` (owning `schema`, dropped with it),
+    /// its data in `dir`.
+    pub async fn start_on(
+        &self,
+        dir: tempfile::TempDir,
+        database_url: String,
+        schema: Option<String>,
+        toml: &str,
+        args: &[&str],
+    ) -> Server {
+        Server::start_on(self.path(), dir, database_url, schema, toml, args).await
+    }
+}
+
+/// A `nimbus server` child, stopped (SIGTERM, then SIGKILL) on drop.
 pub struct Server {
+    /// The binary it runs.
+    pub bin: PathBuf,
+    /// The server process.
     pub child: Child,
+    /// `http://127.0.0.1:<port>`.
     pub base: String,
+    /// A plain HTTP client, for tests of the wire.
     pub http: reqwest::Client,
+    /// Its data directory (and `nimbus.toml`).
     pub dir: tempfile::TempDir,
+    /// Its metadata store.
     pub database_url: String,
+    /// The PostgreSQL schema it owns, dropped with it.
     pub schema: Option<String>,
+    /// The API key clients present, if it has one (`--api-key name:secret`).
     pub key: Option<String>,
     /// The server's arguments, given again at a restart.
     pub args: Vec<String>,
 }
 
+/// Runs `sql` on the tests' PostgreSQL.
 pub fn psql(sql: &str) {
     let url = std::env::var("NIMBUS_TEST_DATABASE_URL").unwrap_or_else(|_| PG_URL.into());
     let out = Command::new("psql")
@@ -45,11 +102,7 @@ pub fn psql(sql: &str) {
 }
 
 impl Server {
-    pub async fn start(backend: Backend) -> Server {
-        Self::start_with(backend, "", &[]).await
-    }
-
-    pub async fn start_with(backend: Backend, toml: &str, args: &[&str]) -> Server {
+    async fn start_with(bin: &Path, backend: Backend, toml: &str, args: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let (database_url, schema) = match backend {
             Backend::Sqlite => (
@@ -70,12 +123,11 @@ impl Server {
                 )
             }
         };
-        Self::start_on(dir, database_url, schema, toml, args).await
+        Self::start_on(bin, dir, database_url, schema, toml, args).await
     }
 
-    /// A server on the metadata store at `database_url` (owning `schema`, dropped with it),
-    /// its data in `dir`.
-    pub async fn start_on(
+    async fn start_on(
+        bin: &Path,
         dir: tempfile::TempDir,
         database_url: String,
         schema: Option<String>,
@@ -84,6 +136,7 @@ impl Server {
     ) -> Server {
         std::fs::write(dir.path().join("nimbus.toml"), toml).unwrap();
         let mut server = Server {
+            bin: bin.to_owned(),
             child: Command::new("true").spawn().unwrap(),
             base: String::new(),
             http: reqwest::Client::new(),
@@ -110,6 +163,7 @@ impl Server {
     /// [`Server::start_peer`] with its own `nimbus.toml` and arguments.
     pub async fn start_peer_with(&self, toml: &str, args: &[&str]) -> Server {
         let mut peer = Server {
+            bin: self.bin.clone(),
             child: Command::new("true").spawn().unwrap(),
             base: String::new(),
             http: reqwest::Client::new(),
@@ -126,7 +180,7 @@ impl Server {
 
     /// Starts the server on a port the kernel picks and waits until it answers.
     pub async fn spawn(&mut self, args: &[&str]) {
-        self.child = Command::new(env!("CARGO_BIN_EXE_nimbus"))
+        self.child = Command::new(&self.bin)
             .arg("server")
             .arg("--listen")
             .arg("127.0.0.1:0")
@@ -202,10 +256,17 @@ impl Server {
         self.spawn(&args).await;
     }
 
+    /// A typed API client of this server, with its key.
+    pub fn client(&self) -> nimbus_client::Client {
+        nimbus_client::Client::new(&self.base, self.key.clone()).expect("a client of the server")
+    }
+
+    /// `{base}/api/v1{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("{}/api/v1{path}", self.base)
     }
 
+    /// `req` with the server's key, if it has one.
     pub fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.key {
             Some(k) => req.bearer_auth(k),
@@ -213,6 +274,8 @@ impl Server {
         }
     }
 
+    /// `method /api/v1{path}` with an optional JSON body: the status and the JSON answer
+    /// (its text as a JSON string if it is not JSON).
     pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
         let req = self.http.request(method.parse().unwrap(), self.url(path));
         let req = match body {
@@ -241,6 +304,7 @@ impl Server {
         instances.len()
     }
 
+    /// `POST /api/v1/functions/{function}/invoke{query}` with `body` as it is.
     pub async fn invoke_raw(&self, function: &str, query: &str, body: &str) -> (StatusCode, Value) {
         let resp = self
             .auth(
@@ -258,7 +322,7 @@ impl Server {
     /// Runs `nimbus <args>` (the CLI) against this server; its stdout, which it must
     /// succeed to give.
     pub async fn cli(&self, args: &[&str]) -> String {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_nimbus"))
+        let out = tokio::process::Command::new(&self.bin)
             .args(args)
             .env("NIMBUS_SERVER", &self.base)
             .env_remove("NIMBUS_API_KEY")
@@ -276,6 +340,8 @@ impl Server {
         text
     }
 
+    /// Creates function `name` from `code` with the `extra` fields of `POST /functions`;
+    /// the answer, which must be 201.
     pub async fn deploy(&self, name: &str, code: &str, extra: Value) -> Value {
         let mut body = json!({ "name": name, "code": code });
         body.as_object_mut()
@@ -326,6 +392,7 @@ pub fn zip_base64(files: &[(&str, &str)]) -> String {
     base64::engine::general_purpose::STANDARD.encode(zip.finish().unwrap().into_inner())
 }
 
+/// The `error.code` of an error answer (empty if none).
 pub fn code_of(v: &Value) -> &str {
     v["error"]["code"].as_str().unwrap_or_default()
 }
@@ -341,67 +408,4 @@ macro_rules! on_both_backends {
             $(#[tokio::test] async fn $name() { super::$name(super::Backend::Postgres).await })+
         }
     };
-}
-
-/// A stand-in for the internet: a network namespace behind a veth pair on
-/// 198.51.100.0/24 (a documentation range, so not among the ranges sandboxes are denied),
-/// with a TCP service on 198.51.100.2:8080 answering `hello`. Removed on drop.
-pub struct FakeInternet {
-    name: String,
-    service: std::process::Child,
-}
-
-impl FakeInternet {
-    pub fn start() -> Self {
-        let id = std::process::id() % 100_000;
-        let name = format!("nimbus-fake-{id}");
-        let (host_if, peer_if) = (format!("fk{id}h"), format!("fk{id}n"));
-        let sh = |script: &str| {
-            let out = std::process::Command::new("sh")
-                .args(["-c", script])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{script}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        sh(&format!(
-            "ip netns del {name} 2>/dev/null; ip link del {host_if} 2>/dev/null; \
-             ip netns add {name} && \
-             ip link add {host_if} type veth peer name {peer_if} netns {name} && \
-             ip addr add 198.51.100.1/24 dev {host_if} && ip link set {host_if} up && \
-             ip -n {name} addr add 198.51.100.2/24 dev {peer_if} && \
-             ip -n {name} link set {peer_if} up && ip -n {name} link set lo up"
-        ));
-        let service = std::process::Command::new("ip")
-            .args(["netns", "exec", &name, "/usr/bin/python3", "-c"])
-            .arg(
-                "import socket\ns = socket.create_server(('198.51.100.2', 8080))\n\
-                 while True:\n    c, _ = s.accept()\n    c.sendall(b'hello')\n    c.close()\n",
-            )
-            .spawn()
-            .unwrap();
-        // Wait until the service answers from the host.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("198.51.100.2", 8080)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the fake internet did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        FakeInternet { name, service }
-    }
-}
-
-impl Drop for FakeInternet {
-    fn drop(&mut self) {
-        let _ = self.service.kill();
-        let _ = self.service.wait();
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
 }
