@@ -12,6 +12,7 @@ mod isolation;
 mod load;
 mod memory;
 mod node;
+mod phase;
 mod render;
 mod report;
 mod routing;
@@ -36,6 +37,7 @@ use self::isolation::measure_isolation;
 use self::load::{run_phase, warm_up, LoadTarget};
 use self::memory::idle_memory;
 use self::node::measure_node;
+use self::phase::Phase;
 use self::render::{clients_text, human_report, markdown_report};
 use self::report::{targets, LatencyPhase, Machine, Report, ThroughputPhase};
 use self::routing::{measure_routing, prepare_canary};
@@ -254,43 +256,35 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
     }
 
     // After the server above is gone: these phases compare fresh servers of their own.
-    let (isolation, isolation_skipped) = match own_servers_skipped(args, "isolation", true) {
-        Some(note) => (None, Some(note)),
+    let isolation = match own_servers_skipped(args, "isolation", true) {
+        Some(note) => Phase::Skipped(note),
         None => {
-            let phase = measure_isolation(args.cold_starts, args.requests, args.warmup).await?;
-            (Some(phase), None)
+            Phase::Measured(measure_isolation(args.cold_starts, args.requests, args.warmup).await?)
         }
     };
-    let (snapshots, snapshots_skipped) = match own_servers_skipped(args, "snapshots", true) {
-        Some(note) => (None, Some(note)),
+    let snapshots = match own_servers_skipped(args, "snapshots", true) {
+        Some(note) => Phase::Skipped(note),
         None if args.snapshot_starts == 0 => {
             progress("skipping the snapshots phase: --snapshot-starts 0");
-            (None, Some("skipped: --snapshot-starts 0".to_owned()))
+            Phase::Skipped("skipped: --snapshot-starts 0".to_owned())
         }
-        None => (Some(measure_snapshots(args.snapshot_starts).await?), None),
+        None => Phase::Measured(measure_snapshots(args.snapshot_starts).await?),
     };
-    let (state, state_skipped) = match own_servers_skipped(args, "state", false) {
-        Some(note) => (None, Some(note)),
+    let state = match own_servers_skipped(args, "state", false) {
+        Some(note) => Phase::Skipped(note),
         None if args.state_gets == 0 => {
             progress("skipping the state phase: --state-gets 0");
-            (None, Some("skipped: --state-gets 0".to_owned()))
+            Phase::Skipped("skipped: --state-gets 0".to_owned())
         }
-        None => (
-            Some(measure_state(args.state_gets, !args.insecure_no_isolation).await?),
-            None,
-        ),
+        None => Phase::Measured(measure_state(args.state_gets, !args.insecure_no_isolation).await?),
     };
-
-    let (node, node_skipped) = match own_servers_skipped(args, "Node.js", true) {
-        Some(note) => (None, Some(note)),
+    let node = match own_servers_skipped(args, "Node.js", true) {
+        Some(note) => Phase::Skipped(note),
         None if args.node_starts == 0 => {
             progress("skipping the Node.js phase: --node-starts 0");
-            (None, Some("skipped: --node-starts 0".to_owned()))
+            Phase::Skipped("skipped: --node-starts 0".to_owned())
         }
-        None => (
-            Some(measure_node(args.requests, args.warmup, args.node_starts).await?),
-            None,
-        ),
+        None => Phase::Measured(measure_node(args.requests, args.warmup, args.node_starts).await?),
     };
 
     let python_version = baseline
@@ -306,13 +300,9 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Report> {
         baseline,
         idle_memory,
         isolation,
-        isolation_skipped,
         snapshots,
-        snapshots_skipped,
         state,
-        state_skipped,
         node,
-        node_skipped,
         targets: Vec::new(),
     };
     report.targets = targets(&report);

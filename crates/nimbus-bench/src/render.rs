@@ -6,6 +6,7 @@ use crate::table::Table;
 use super::isolation::IsolationPhase;
 use super::memory::ProcessMemory;
 use super::node::NodePhase;
+use super::phase::Phase;
 use super::report::{
     LatencyPhase, Machine, Report, TARGET_COLD_OVERHEAD_US, TARGET_DISK_START_US,
     TARGET_NODE_TEMPLATE_START_US, TARGET_NODE_WARM_RATIO, TARGET_P50_US, TARGET_RATIO,
@@ -370,8 +371,8 @@ fn human_snapshots(p: &SnapshotPhase) -> String {
         "  cold p50 ÷ template p50 (server-reported): {:.1}×\n",
         p.speedup
     ));
-    match (&p.disk, &p.disk_skipped) {
-        (Some(d), _) => {
+    match &p.disk {
+        Phase::Measured(d) => {
             out.push_str(&format!(
                 "Starts from disk, {} rounds of {} ({}: each start restores the function's \
                  template from its checkpoint and evicts the other's; {}):\n",
@@ -386,10 +387,7 @@ fn human_snapshots(p: &SnapshotPhase) -> String {
                 checkpoint_text(d)
             ));
         }
-        (None, note) => out.push_str(&format!(
-            "Starts from disk: {}\n",
-            note.as_deref().unwrap_or("skipped")
-        )),
+        Phase::Skipped(note) => out.push_str(&format!("Starts from disk: {}\n", note)),
     }
     let m = &p.memory;
     out.push_str(&format!(
@@ -514,7 +512,7 @@ fn state_backends(p: &StatePhase) -> Vec<(&'static str, f64, &StateBackendRun)> 
     std::iter::once(("embedded", TARGET_STATE_GET_EMBEDDED_US, &p.embedded))
         .chain(
             p.redis
-                .as_ref()
+                .measured()
                 .map(|r| ("Redis", TARGET_STATE_GET_REDIS_US, r)),
         )
         .collect()
@@ -579,7 +577,7 @@ fn human_state(p: &StatePhase) -> String {
             out.push_str(&format!("  first error ({name}): {e}\n"));
         }
     }
-    if let Some(note) = &p.redis_skipped {
+    if let Some(note) = p.redis.skipped() {
         out.push_str(&format!("  Redis: {note}\n"));
     }
     out.push('\n');
@@ -689,33 +687,21 @@ pub(super) fn human_report(r: &Report) -> String {
         )),
         None => out.push_str("Idle workers: none found\n\n"),
     }
-    match (&r.isolation, &r.isolation_skipped) {
-        (Some(i), _) => out.push_str(&human_isolation(i)),
-        (None, note) => out.push_str(&format!(
-            "Isolation: {}\n\n",
-            note.as_deref().unwrap_or("skipped")
-        )),
+    match &r.isolation {
+        Phase::Measured(i) => out.push_str(&human_isolation(i)),
+        Phase::Skipped(note) => out.push_str(&format!("Isolation: {}\n\n", note)),
     }
-    match (&r.snapshots, &r.snapshots_skipped) {
-        (Some(p), _) => out.push_str(&human_snapshots(p)),
-        (None, note) => out.push_str(&format!(
-            "Snapshots: {}\n\n",
-            note.as_deref().unwrap_or("skipped")
-        )),
+    match &r.snapshots {
+        Phase::Measured(p) => out.push_str(&human_snapshots(p)),
+        Phase::Skipped(note) => out.push_str(&format!("Snapshots: {}\n\n", note)),
     }
-    match (&r.state, &r.state_skipped) {
-        (Some(p), _) => out.push_str(&human_state(p)),
-        (None, note) => out.push_str(&format!(
-            "State API: {}\n\n",
-            note.as_deref().unwrap_or("skipped")
-        )),
+    match &r.state {
+        Phase::Measured(p) => out.push_str(&human_state(p)),
+        Phase::Skipped(note) => out.push_str(&format!("State API: {}\n\n", note)),
     }
-    match (&r.node, &r.node_skipped) {
-        (Some(p), _) => out.push_str(&human_node(p)),
-        (None, note) => out.push_str(&format!(
-            "Node.js: {}\n\n",
-            note.as_deref().unwrap_or("skipped")
-        )),
+    match &r.node {
+        Phase::Measured(p) => out.push_str(&human_node(p)),
+        Phase::Skipped(note) => out.push_str(&format!("Node.js: {}\n\n", note)),
     }
     out.push_str("Targets:\n");
     let mut table = Table::new(&["target", "promise", "measured", "result"]);
@@ -835,36 +821,29 @@ pub(super) fn markdown_report(r: &Report, args: &BenchArgs) -> String {
             met("idle")
         ));
     }
-    match (&r.isolation, &r.isolation_skipped) {
-        (Some(i), _) => out.push_str(&markdown_isolation(i, met)),
-        (None, note) => out.push_str(&format!(
-            "| Isolation cost | – | {} | – |\n",
-            note.as_deref().unwrap_or("skipped")
-        )),
+    match &r.isolation {
+        Phase::Measured(i) => out.push_str(&markdown_isolation(i, met)),
+        Phase::Skipped(note) => out.push_str(&format!("| Isolation cost | – | {} | – |\n", note)),
     }
-    match (&r.snapshots, &r.snapshots_skipped) {
-        (Some(p), _) => out.push_str(&markdown_snapshots(p, met)),
-        (None, note) => out.push_str(&format!(
+    match &r.snapshots {
+        Phase::Measured(p) => out.push_str(&markdown_snapshots(p, met)),
+        Phase::Skipped(note) => out.push_str(&format!(
             "| Snapshots (template tier) | – | {} | – |\n",
-            note.as_deref().unwrap_or("skipped")
+            note
         )),
     }
-    match (&r.state, &r.state_skipped) {
-        (Some(p), _) => out.push_str(&markdown_state(p, met)),
-        (None, note) => out.push_str(&format!(
-            "| State API from Python | – | {} | – |\n",
-            note.as_deref().unwrap_or("skipped")
-        )),
+    match &r.state {
+        Phase::Measured(p) => out.push_str(&markdown_state(p, met)),
+        Phase::Skipped(note) => {
+            out.push_str(&format!("| State API from Python | – | {} | – |\n", note))
+        }
     }
-    match (&r.node, &r.node_skipped) {
-        (Some(p), _) => out.push_str(&markdown_node(p, met)),
-        (None, note) => out.push_str(&format!(
-            "| Node.js runtime | – | {} | – |\n",
-            note.as_deref().unwrap_or("skipped")
-        )),
+    match &r.node {
+        Phase::Measured(p) => out.push_str(&markdown_node(p, met)),
+        Phase::Skipped(note) => out.push_str(&format!("| Node.js runtime | – | {} | – |\n", note)),
     }
     // After the table: how the state phase measures.
-    if let Some(p) = &r.state {
+    if let Some(p) = r.state.measured() {
         out.push_str(&markdown_state_method(p));
     }
     out
@@ -945,8 +924,8 @@ fn markdown_snapshots(p: &SnapshotPhase, met: impl Fn(&str) -> &'static str) -> 
         p.speedup,
         met("template vs cold")
     ));
-    match (&p.disk, &p.disk_skipped) {
-        (Some(d), _) => {
+    match &p.disk {
+        Phase::Measured(d) => {
             let s = &d.starts;
             out.push_str(&format!(
                 "| Start, snapshot (disk tier), heavy init ({} new instances, {} alternating; {DISK_TIER_CONFIG}) | – | server {}; round trip {} ({} errors, {} unexpected) | – |\n",
@@ -968,10 +947,9 @@ fn markdown_snapshots(p: &SnapshotPhase, met: impl Fn(&str) -> &'static str) -> 
                 checkpoint_text(d)
             ));
         }
-        (None, note) => out.push_str(&format!(
-            "| Snapshots (disk tier) | – | {} | – |\n",
-            note.as_deref().unwrap_or("skipped")
-        )),
+        Phase::Skipped(note) => {
+            out.push_str(&format!("| Snapshots (disk tier) | – | {} | – |\n", note))
+        }
     }
     let m = &p.memory;
     let pss = |pm: Option<&ProcessMemory>| match pm {
@@ -1045,7 +1023,7 @@ fn markdown_state(p: &StatePhase, met: impl Fn(&str) -> &'static str) -> String 
             state_spread(&b.set)
         ));
     }
-    if let Some(note) = &p.redis_skipped {
+    if let Some(note) = p.redis.skipped() {
         out.push_str(&format!(
             "| State get from Python, Redis | p50 ≤ {} | {note} | – |\n",
             fmt_us(TARGET_STATE_GET_REDIS_US)

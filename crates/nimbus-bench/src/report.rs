@@ -7,6 +7,7 @@ use super::isolation::IsolationPhase;
 use super::load::PhaseRun;
 use super::memory::IdleMemory;
 use super::node::NodePhase;
+use super::phase::{self, Phase};
 use super::render::{fmt_count, fmt_delta_us, fmt_us, fmt_us_tenths};
 use super::routing::RoutingPhase;
 use super::snapshots::SnapshotPhase;
@@ -62,22 +63,18 @@ pub struct Report {
     pub baseline: Option<Baseline>,
     /// Idle worker memory after the load.
     pub idle_memory: Option<IdleMemory>,
-    /// Cold starts and warm latency, isolated vs unisolated (`None` when skipped).
-    pub isolation: Option<IsolationPhase>,
-    /// Why the isolation phase was skipped.
-    pub isolation_skipped: Option<String>,
-    /// Starts and idle memory, from templates vs cold (`None` when skipped).
-    pub snapshots: Option<SnapshotPhase>,
-    /// Why the snapshots phase was skipped.
-    pub snapshots_skipped: Option<String>,
-    /// State API calls from Python, per backend (`None` when skipped).
-    pub state: Option<StatePhase>,
-    /// Why the state phase was skipped.
-    pub state_skipped: Option<String>,
-    /// Node.js beside Python: warm latency and starts (`None` when skipped).
-    pub node: Option<NodePhase>,
-    /// Why the Node.js phase was skipped.
-    pub node_skipped: Option<String>,
+    /// Cold starts and warm latency, isolated vs unisolated.
+    #[serde(flatten, serialize_with = "phase::isolation")]
+    pub isolation: Phase<IsolationPhase>,
+    /// Starts and idle memory, from templates vs cold.
+    #[serde(flatten, serialize_with = "phase::snapshots")]
+    pub snapshots: Phase<SnapshotPhase>,
+    /// State API calls from Python, per backend.
+    #[serde(flatten, serialize_with = "phase::state")]
+    pub state: Phase<StatePhase>,
+    /// Node.js beside Python: warm latency and starts.
+    #[serde(flatten, serialize_with = "phase::node")]
+    pub node: Phase<NodePhase>,
     /// The product's targets and whether they were met.
     pub targets: Vec<TargetCheck>,
 }
@@ -287,7 +284,7 @@ pub(super) fn targets(r: &Report) -> Vec<TargetCheck> {
             "isolation cold-start overhead (p50)",
             format!("≤ {}", fmt_us(TARGET_COLD_OVERHEAD_US)),
             r.isolation
-                .as_ref()
+                .measured()
                 .filter(|i| {
                     i.cold_isolated.server.samples > 0 && i.cold_unisolated.server.samples > 0
                 })
@@ -306,7 +303,7 @@ pub(super) fn targets(r: &Report) -> Vec<TargetCheck> {
                 TARGET_WARM_NOISE_SHARE * 100.0
             ),
             r.isolation
-                .as_ref()
+                .measured()
                 .filter(|i| {
                     i.warm_isolated.latency.samples > 0 && i.warm_unisolated.latency.samples > 0
                 })
@@ -325,7 +322,7 @@ pub(super) fn targets(r: &Report) -> Vec<TargetCheck> {
             "template start p50 (server)",
             format!("≤ {}", fmt_us(TARGET_TEMPLATE_START_US)),
             r.snapshots
-                .as_ref()
+                .measured()
                 .filter(|s| s.template_starts.server.samples > 0)
                 .map(|s| {
                     let p50 = s.template_starts.server.p50_us;
@@ -335,7 +332,7 @@ pub(super) fn targets(r: &Report) -> Vec<TargetCheck> {
         check(
             "template vs cold start (p50, server)",
             format!("≥ {TARGET_TEMPLATE_SPEEDUP:.0}× faster"),
-            r.snapshots.as_ref().filter(|s| s.speedup > 0.0).map(|s| {
+            r.snapshots.measured().filter(|s| s.speedup > 0.0).map(|s| {
                 (
                     format!("{:.1}×", s.speedup),
                     s.speedup >= TARGET_TEMPLATE_SPEEDUP,
@@ -346,8 +343,8 @@ pub(super) fn targets(r: &Report) -> Vec<TargetCheck> {
             "snapshot (disk tier) start p50 (server)",
             format!("≤ {}", fmt_us(TARGET_DISK_START_US)),
             r.snapshots
-                .as_ref()
-                .and_then(|s| s.disk.as_ref())
+                .measured()
+                .and_then(|s| s.disk.measured())
                 .filter(|d| d.starts.server.samples > 0)
                 .map(|d| {
                     let p50 = d.starts.server.p50_us;
@@ -358,7 +355,7 @@ pub(super) fn targets(r: &Report) -> Vec<TargetCheck> {
             "PSS of an idle instance from a template (mean)",
             format!("≤ {TARGET_TEMPLATE_PSS_MIB} MiB"),
             r.snapshots
-                .as_ref()
+                .measured()
                 .and_then(|s| s.memory.instances.as_ref())
                 .map(|m| {
                     (
@@ -371,7 +368,7 @@ pub(super) fn targets(r: &Report) -> Vec<TargetCheck> {
             "state get p50 (embedded, from Python)",
             format!("≤ {}", fmt_us(TARGET_STATE_GET_EMBEDDED_US)),
             state_get(
-                r.state.as_ref().map(|s| &s.embedded),
+                r.state.measured().map(|s| &s.embedded),
                 TARGET_STATE_GET_EMBEDDED_US,
             ),
         ),
@@ -379,14 +376,14 @@ pub(super) fn targets(r: &Report) -> Vec<TargetCheck> {
             "state get p50 (Redis, from Python)",
             format!("≤ {}", fmt_us(TARGET_STATE_GET_REDIS_US)),
             state_get(
-                r.state.as_ref().and_then(|s| s.redis.as_ref()),
+                r.state.measured().and_then(|s| s.redis.measured()),
                 TARGET_STATE_GET_REDIS_US,
             ),
         ),
         check(
             "Node.js warm p50 ÷ Python warm p50",
             format!("≤ {TARGET_NODE_WARM_RATIO}×"),
-            r.node.as_ref().filter(|n| n.ratio > 0.0).map(|n| {
+            r.node.measured().filter(|n| n.ratio > 0.0).map(|n| {
                 (
                     format!("{:.2}×", n.ratio),
                     n.ratio <= TARGET_NODE_WARM_RATIO,
@@ -397,7 +394,7 @@ pub(super) fn targets(r: &Report) -> Vec<TargetCheck> {
             "Node.js start from a spare p50 (server)",
             format!("≤ {}", fmt_us(TARGET_NODE_TEMPLATE_START_US)),
             r.node
-                .as_ref()
+                .measured()
                 .filter(|n| n.template_starts.server.samples > 0)
                 .map(|n| {
                     let p50 = n.template_starts.server.p50_us;

@@ -54,6 +54,7 @@ use nimbus_client::{Client, NewFunction, Snapshot};
 
 use super::load::{call, connect, LoadTarget, Sender};
 use super::memory::{descendants, function_processes, process_table, pss_kib, ProcessMemory};
+use super::phase::{self, Phase};
 use super::server::{loopback_addr, ServerProcess, Setup};
 use super::starts::{StartSamples, Starts};
 use super::{progress, MAX_PHASE};
@@ -165,10 +166,9 @@ pub struct SnapshotPhase {
     pub cold_starts: Starts,
     /// Server-reported p50 cold ÷ p50 template (0 when either has no samples).
     pub speedup: f64,
-    /// Starts from checkpoints on disk (`None` when skipped).
-    pub disk: Option<SnapshotDisk>,
-    /// Why the disk tier was skipped.
-    pub disk_skipped: Option<String>,
+    /// Starts from checkpoints on disk.
+    #[serde(flatten, serialize_with = "phase::disk")]
+    pub disk: Phase<SnapshotDisk>,
     /// Memory of idle instances started from a template, and of cold-started ones.
     pub memory: SnapshotMemory,
 }
@@ -698,9 +698,9 @@ pub(super) async fn measure_snapshots(rounds: u32) -> anyhow::Result<SnapshotPha
     let ([template_starts, cold_starts], structure_mib) = compare_starts(&servers, rounds).await?;
     let [template_url, cold_url] = servers.map(Server::stop);
 
-    let (disk, disk_skipped) = match measure_disk_tier(rounds).await? {
-        Ok(disk) => (Some(disk), None),
-        Err(why) => (None, Some(why)),
+    let disk = match measure_disk_tier(rounds).await? {
+        Ok(disk) => Phase::Measured(disk),
+        Err(why) => Phase::Skipped(why),
     };
     let memory = measure_memory().await?;
     let (template_p50, cold_p50) = (template_starts.server.p50_us, cold_starts.server.p50_us);
@@ -720,7 +720,6 @@ pub(super) async fn measure_snapshots(rounds: u32) -> anyhow::Result<SnapshotPha
         template_starts,
         cold_starts,
         disk,
-        disk_skipped,
         memory,
     })
 }

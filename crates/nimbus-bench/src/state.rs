@@ -50,6 +50,7 @@ use nimbus_client::{Client, NewFunction, StateSettings};
 const EMBEDDED_STATE: &str = "embedded";
 
 use super::load::{call, connect, LoadTarget, Sender};
+use super::phase::{self, Phase};
 use super::server::{loopback_addr, ServerProcess, Setup};
 use super::stats::Latency;
 use super::{progress, MAX_PHASE};
@@ -136,10 +137,9 @@ pub struct StatePhase {
     pub sets_per_invocation: u64,
     /// The embedded store (the default backend).
     pub embedded: StateBackendRun,
-    /// Redis (`None` when skipped).
-    pub redis: Option<StateBackendRun>,
-    /// Why Redis was skipped.
-    pub redis_skipped: Option<String>,
+    /// Redis.
+    #[serde(flatten, serialize_with = "phase::redis")]
+    pub redis: Phase<StateBackendRun>,
 }
 
 /// The calls measured on one server, µs as Python timed them.
@@ -349,11 +349,11 @@ pub(super) async fn measure_state(gets: u64, isolated: bool) -> anyhow::Result<S
 
     let mut embedded = Server::start(isolated, EMBEDDED_STATE, calls).await?;
     embedded.warm_up().await?;
-    let (mut redis, redis_skipped) = match start_redis(isolated, calls).await? {
-        Ok(redis) => (Some(redis), None),
+    let mut redis = match start_redis(isolated, calls).await? {
+        Ok(redis) => Phase::Measured(redis),
         Err(why) => {
             progress(format!("measuring the embedded store only: {why}"));
-            (None, Some(format!("skipped: {why}")))
+            Phase::Skipped(format!("skipped: {why}"))
         }
     };
 
@@ -368,7 +368,7 @@ pub(super) async fn measure_state(gets: u64, isolated: bool) -> anyhow::Result<S
             break;
         }
         let mut order: Vec<&mut Server> = std::iter::once(&mut embedded)
-            .chain(redis.as_mut())
+            .chain(redis.measured_mut())
             .collect();
         if round % 2 == 1 {
             order.reverse();
@@ -384,8 +384,8 @@ pub(super) async fn measure_state(gets: u64, isolated: bool) -> anyhow::Result<S
 
     let embedded = embedded.finish().await;
     let redis = match redis {
-        Some(redis) => Some(redis.finish().await),
-        None => None,
+        Phase::Measured(redis) => Phase::Measured(redis.finish().await),
+        Phase::Skipped(why) => Phase::Skipped(why),
     };
     Ok(StatePhase {
         function: FUNCTION.to_owned(),
@@ -395,7 +395,6 @@ pub(super) async fn measure_state(gets: u64, isolated: bool) -> anyhow::Result<S
         sets_per_invocation,
         embedded,
         redis,
-        redis_skipped,
     })
 }
 
