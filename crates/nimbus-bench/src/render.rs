@@ -736,7 +736,7 @@ pub(super) fn markdown_report(r: &Report, args: &BenchArgs) -> String {
     ));
     let concurrency: Vec<String> = args.concurrency.iter().map(ToString::to_string).collect();
     out.push_str(&format!(
-        "Command: `nimbus bench --requests {} --duration {} --concurrency {} --baseline-runs {} --cold-starts {} --snapshot-starts {} --state-gets {} --node-starts {}`\n\n",
+        "Command: `nimbus-bench --requests {} --duration {} --concurrency {} --baseline-runs {} --cold-starts {} --snapshot-starts {} --state-gets {} --node-starts {}`\n\n",
         args.requests,
         args.duration,
         concurrency.join(","),
