@@ -1,19 +1,15 @@
-//! Rendering a report for people: the text summary and the Markdown section for
-//! docs/BENCHMARKS.md.
+//! Rendering a report: one [`Doc`] of text and tables, printed for people or as the
+//! Markdown section for docs/BENCHMARKS.md.
 
-use crate::table::Table;
+use crate::table::{Doc, Table};
 
 use super::isolation::IsolationPhase;
 use super::memory::ProcessMemory;
 use super::node::NodePhase;
 use super::phase::Phase;
 use super::report::{
-    LatencyPhase, Machine, Report, TARGET_COLD_OVERHEAD_US, TARGET_DISK_START_US,
-    TARGET_NODE_TEMPLATE_START_US, TARGET_NODE_WARM_RATIO, TARGET_P50_US, TARGET_RATIO,
-    TARGET_ROUTING_US, TARGET_RPS, TARGET_RPS_CLIENTS, TARGET_RSS_MIB,
-    TARGET_STATE_GET_EMBEDDED_US, TARGET_STATE_GET_REDIS_US, TARGET_TEMPLATE_PSS_MIB,
-    TARGET_TEMPLATE_SPEEDUP, TARGET_TEMPLATE_START_US, TARGET_WARM_NOISE_FLOOR_US,
-    TARGET_WARM_NOISE_SHARE,
+    LatencyPhase, Machine, Report, TARGET_STATE_GET_EMBEDDED_US, TARGET_STATE_GET_REDIS_US,
+    TARGET_WARM_NOISE_FLOOR_US, TARGET_WARM_NOISE_SHARE,
 };
 use super::routing::RoutingPhase;
 use super::snapshots::{Burst, SnapshotDisk, SnapshotPhase};
@@ -105,10 +101,11 @@ fn routing_targets(p: &RoutingPhase) -> [(String, &LatencyPhase, Option<f64>); 3
 /// One-client latency phases side by side, each with its p50 difference to the first, and
 /// their first errors.
 fn latency_table(
+    out: &mut Doc,
     what: &str,
     difference: &str,
     rows: &[(String, &LatencyPhase, Option<f64>)],
-) -> String {
+) {
     let mut table = Table::new(&[
         what, "requests", "p50", "p90", "p99", "errors", "not warm", difference,
     ]);
@@ -125,13 +122,12 @@ fn latency_table(
             overhead.map(fmt_delta_us).unwrap_or_default(),
         ]);
     }
-    let mut out = table.render();
+    out.table(table);
     for (name, phase, _) in rows {
         if let Some(e) = &phase.first_error {
-            out.push_str(&format!("  first error ({name}): {e}\n"));
+            out.text(format!("  first error ({name}): {e}\n"));
         }
     }
-    out
 }
 
 /// The isolation phase's warm rows: isolated (with its p50 over unisolated), unisolated.
@@ -165,12 +161,12 @@ fn noise_rule(i: &IsolationPhase) -> String {
 }
 
 /// The isolation phase for people.
-fn human_isolation(i: &IsolationPhase) -> String {
-    let mut out = format!(
+fn human_isolation(out: &mut Doc, i: &IsolationPhase) {
+    out.text(format!(
         "Isolation: two fresh servers, isolated ({}) and --insecure-no-isolation ({}), function {}\n",
         i.isolated_server, i.unisolated_server, i.function
-    );
-    out.push_str(&format!(
+    ));
+    out.text(format!(
         "Cold starts, {} rounds (a new version on each server per round, interleaved):\n",
         i.cold_rounds
     ));
@@ -197,35 +193,35 @@ fn human_isolation(i: &IsolationPhase) -> String {
             c.unexpected.to_string(),
         ]);
     }
-    out.push_str(&table.render());
+    out.table(table);
     for (name, c) in &cold {
         if let Some(e) = &c.first_error {
-            out.push_str(&format!("  first error ({name}): {e}\n"));
+            out.text(format!("  first error ({name}): {e}\n"));
         }
     }
-    out.push_str(&format!(
+    out.text(format!(
         "  isolation overhead (p50, isolated − unisolated): {} server-reported, {} round trip\n",
         fmt_delta_us(i.cold_overhead_us),
         fmt_delta_us(i.cold_round_trip_overhead_us)
     ));
-    out.push_str(&format!(
+    out.text(format!(
         "Warm latency, 1 client, {} interleaved rounds (one connection per server):\n",
         i.warm_rounds
     ));
-    out.push_str(&latency_table(
+    latency_table(
+        out,
         "server",
         "p50 over unisolated",
         &warm_isolation_rows(i),
-    ));
+    );
     let (iso, uni) = (&i.warm_isolated.latency, &i.warm_unisolated.latency);
-    out.push_str(&format!(
+    out.text(format!(
         "  isolated − unisolated: p50 {}, p90 {}, p99 {}; {}\n\n",
         fmt_delta_us(iso.p50_us - uni.p50_us),
         fmt_delta_us(iso.p90_us - uni.p90_us),
         fmt_delta_us(iso.p99_us - uni.p99_us),
         noise_rule(i)
     ));
-    out
 }
 
 /// The Node.js phase's warm rows: Python, then Node.js with its p50 over Python's.
@@ -249,75 +245,23 @@ fn node_start_rows(p: &NodePhase) -> [(&'static str, &Starts); 2] {
 }
 
 /// The Node.js phase for people.
-fn human_node(p: &NodePhase) -> String {
-    let mut out = format!(
+fn human_node(out: &mut Doc, p: &NodePhase) {
+    out.text(format!(
         "Node.js: warm latency beside Python on one server ({}), 1 client, {} interleaved rounds:\n",
         p.warm_server, p.warm_rounds
-    );
-    out.push_str(&latency_table(
-        "function",
-        "p50 over Python",
-        &node_warm_rows(p),
     ));
-    out.push_str(&format!("  Node.js p50 ÷ Python p50: {:.2}×\n", p.ratio));
-    out.push_str(&format!(
+    latency_table(out, "function", "p50 over Python", &node_warm_rows(p));
+    out.text(format!("  Node.js p50 ÷ Python p50: {:.2}×\n", p.ratio));
+    out.text(format!(
         "Node.js starts of {}, {} rounds (max_invocations = 1; spares ready {:.2} s after the \
          function was created; from spares {}, cold {}; interleaved):\n",
         p.function, p.start_rounds, p.spares_ready_s, p.template_server, p.cold_server
     ));
-    out.push_str(&starts_table(&node_start_rows(p)));
-    out.push_str(&format!(
+    starts_table(out, &node_start_rows(p));
+    out.text(format!(
         "  cold p50 ÷ spare p50 (server-reported): {:.1}×\n\n",
         p.speedup
     ));
-    out
-}
-
-/// The Node.js phase's Markdown rows; `met` answers for a target by its name's start.
-fn markdown_node(p: &NodePhase, met: impl Fn(&str) -> &'static str) -> String {
-    let mut out = String::new();
-    for (name, phase, overhead) in node_warm_rows(p) {
-        out.push_str(&markdown_latency_row(&name, phase, overhead, "Python"));
-    }
-    out.push_str(&format!(
-        "| Node.js warm p50 ÷ Python warm p50 (same server, interleaved) | ≤ {TARGET_NODE_WARM_RATIO}× | {:.2}× | {} |\n",
-        p.ratio,
-        met("Node.js warm")
-    ));
-    for (name, c) in node_start_rows(p) {
-        out.push_str(&markdown_starts_row(&format!("Node.js start, {name}"), c));
-    }
-    out.push_str(&format!(
-        "| Node.js start from a spare (p50, server) | ≤ {} | {} ({:.1}× faster than cold) | {} |\n",
-        fmt_us(TARGET_NODE_TEMPLATE_START_US),
-        fmt_us(p.template_starts.server.p50_us),
-        p.speedup,
-        met("Node.js start")
-    ));
-    out
-}
-
-/// `p50 …, p95 …, p99 …` of a start series.
-fn spread(l: &Latency) -> String {
-    format!(
-        "p50 {}, p95 {}, p99 {}",
-        fmt_us(l.p50_us),
-        fmt_us(l.p95_us),
-        fmt_us(l.p99_us)
-    )
-}
-
-/// A Markdown row of interleaved starts: `what (N new instances, interleaved)`, the
-/// server's and the round trip's percentiles.
-fn markdown_starts_row(what: &str, c: &Starts) -> String {
-    format!(
-        "| {what} ({} new instances, interleaved) | – | server {}; round trip {} ({} errors, {} unexpected) | – |\n",
-        c.server.samples,
-        spread(&c.server),
-        spread(&c.round_trip),
-        c.errors,
-        c.unexpected
-    )
 }
 
 /// The snapshots phase's start rows.
@@ -352,8 +296,8 @@ fn structure_text(p: &SnapshotPhase) -> String {
 }
 
 /// The snapshots phase for people.
-fn human_snapshots(p: &SnapshotPhase) -> String {
-    let mut out = format!(
+fn human_snapshots(out: &mut Doc, p: &SnapshotPhase) {
+    out.text(format!(
         "Snapshots: {} ({} MB; its init imports a heavy set of standard-library modules and \
          builds a data structure, {}), template ready and resident {:.2} s after the function \
          was created\n",
@@ -361,19 +305,19 @@ fn human_snapshots(p: &SnapshotPhase) -> String {
         p.memory_mb,
         structure_text(p),
         p.template_ready_s
-    );
-    out.push_str(&format!(
+    ));
+    out.text(format!(
         "Starts, {} rounds (max_invocations = 1: a new instance per invocation; template {}, cold {}; interleaved):\n",
         p.rounds, p.template_server, p.cold_server
     ));
-    out.push_str(&starts_table(&snapshot_start_rows(p)));
-    out.push_str(&format!(
+    starts_table(out, &snapshot_start_rows(p));
+    out.text(format!(
         "  cold p50 ÷ template p50 (server-reported): {:.1}×\n",
         p.speedup
     ));
     match &p.disk {
         Phase::Measured(d) => {
-            out.push_str(&format!(
+            out.text(format!(
                 "Starts from disk, {} rounds of {} ({}: each start restores the function's \
                  template from its checkpoint and evicts the other's; {}):\n",
                 d.rounds,
@@ -381,16 +325,16 @@ fn human_snapshots(p: &SnapshotPhase) -> String {
                 DISK_TIER_CONFIG,
                 d.server
             ));
-            out.push_str(&starts_table(&[("snapshot (disk tier)", &d.starts)]));
-            out.push_str(&format!(
+            starts_table(out, &[("snapshot (disk tier)", &d.starts)]);
+            out.text(format!(
                 "  checkpoint of one template: {}\n",
                 checkpoint_text(d)
             ));
         }
-        Phase::Skipped(note) => out.push_str(&format!("Starts from disk: {}\n", note)),
+        Phase::Skipped(note) => out.text(format!("Starts from disk: {}\n", note)),
     }
     let m = &p.memory;
-    out.push_str(&format!(
+    out.text(format!(
         "Idle memory, {} ({} MB): {} ({}); baseline {} ({}):\n",
         m.function,
         m.memory_mb,
@@ -428,19 +372,18 @@ fn human_snapshots(p: &SnapshotPhase) -> String {
             ]),
         }
     }
-    out.push_str(&table.render());
+    out.table(table);
     for b in [&m.burst, &m.cold_burst] {
         if let Some(e) = &b.first_error {
-            out.push_str(&format!("  first error: {e}\n"));
+            out.text(format!("  first error: {e}\n"));
         }
     }
     if let Some(total) = m.cold_instance_pss_mib {
-        out.push_str(&format!(
+        out.text(format!(
             "  a whole cold instance (worker, sandbox init and PID 1): avg PSS {total:.2} MiB\n"
         ));
     }
-    out.push('\n');
-    out
+    out.text("\n");
 }
 
 /// The disk tier's server configuration, as text.
@@ -458,7 +401,7 @@ fn checkpoint_text(d: &SnapshotDisk) -> String {
 }
 
 /// Starts side by side, with their first errors.
-fn starts_table(rows: &[(&str, &Starts)]) -> String {
+fn starts_table(out: &mut Doc, rows: &[(&str, &Starts)]) {
     let mut table = Table::new(&[
         "start",
         "starts",
@@ -485,13 +428,12 @@ fn starts_table(rows: &[(&str, &Starts)]) -> String {
             c.unexpected.to_string(),
         ]);
     }
-    let mut out = table.render();
+    out.table(table);
     for (name, c) in rows {
         if let Some(e) = &c.first_error {
-            out.push_str(&format!("  first error ({name}): {e}\n"));
+            out.text(format!("  first error ({name}): {e}\n"));
         }
     }
-    out
 }
 
 /// The snapshots phase's memory rows.
@@ -540,12 +482,12 @@ fn state_round_text(p: &StatePhase) -> String {
 }
 
 /// The state phase for people.
-fn human_state(p: &StatePhase) -> String {
-    let mut out = format!(
+fn human_state(out: &mut Doc, p: &StatePhase) {
+    out.text(format!(
         "State API from Python ({}, each call timed with time.perf_counter_ns; {}):\n",
         p.function,
         state_round_text(p)
-    );
+    ));
     let mut table = Table::new(&[
         "backend", "call", "calls", "p50", "p90", "p99", "mean", "max",
     ]);
@@ -564,9 +506,9 @@ fn human_state(p: &StatePhase) -> String {
             ]);
         }
     }
-    out.push_str(&table.render());
+    out.table(table);
     for (name, _, b) in &backends {
-        out.push_str(&format!(
+        out.text(format!(
             "  {name} ({}, {}): the backend adds {} to the get p50 (get − baseline); {} failed invocations\n",
             b.state_url,
             b.server,
@@ -574,14 +516,13 @@ fn human_state(p: &StatePhase) -> String {
             b.errors
         ));
         if let Some(e) = &b.first_error {
-            out.push_str(&format!("  first error ({name}): {e}\n"));
+            out.text(format!("  first error ({name}): {e}\n"));
         }
     }
     if let Some(note) = p.redis.skipped() {
-        out.push_str(&format!("  Redis: {note}\n"));
+        out.text(format!("  Redis: {note}\n"));
     }
-    out.push('\n');
-    out
+    out.text("\n");
 }
 
 fn machine_line(m: &Machine) -> String {
@@ -596,13 +537,17 @@ fn machine_line(m: &Machine) -> String {
     )
 }
 
-pub(super) fn human_report(r: &Report) -> String {
-    let mut out = format!(
+/// The report: the same text and tables for people and, with the machine and the command
+/// first, as Markdown for docs/BENCHMARKS.md.
+fn report_doc(r: &Report) -> Doc {
+    let mut doc = Doc::new();
+    let out = &mut doc;
+    out.text(format!(
         "Nimbus benchmark, {}\nMachine: {}\n",
         r.machine.date,
         machine_line(&r.machine)
-    );
-    out.push_str(&format!(
+    ));
+    out.text(format!(
         "Server:  {} ({})\n\n",
         r.server,
         if r.spawned_server {
@@ -612,7 +557,7 @@ pub(super) fn human_report(r: &Report) -> String {
         }
     ));
     let w = &r.warm_latency;
-    out.push_str(&format!(
+    out.text(format!(
         "Warm latency, 1 client, {} requests: p50 {}  p90 {}  p99 {}  mean {}  ({} errors, {} not warm)\n\n",
         w.latency.samples,
         fmt_us(w.latency.p50_us),
@@ -622,16 +567,17 @@ pub(super) fn human_report(r: &Report) -> String {
         w.errors,
         w.non_warm
     ));
-    out.push_str(&format!(
+    out.text(format!(
         "Routing, 1 client, {} interleaved rounds on one connection:\n",
         r.routing.rounds
     ));
-    out.push_str(&latency_table(
+    latency_table(
+        out,
         "invoked",
         "p50 over version",
         &routing_targets(&r.routing),
-    ));
-    out.push('\n');
+    );
+    out.text("\n");
     let mut table = Table::new(&[
         "clients",
         "seconds",
@@ -654,17 +600,17 @@ pub(super) fn human_report(r: &Report) -> String {
             t.non_warm.to_string(),
         ]);
     }
-    out.push_str("Throughput:\n");
-    out.push_str(&table.render());
+    out.text("Throughput:\n");
+    out.table(table);
     for t in r.throughput.iter().filter_map(|t| t.first_error.as_ref()) {
-        out.push_str(&format!("  first error: {t}\n"));
+        out.text(format!("  first error: {t}\n"));
     }
     if let Some(e) = &w.first_error {
-        out.push_str(&format!("  first error (latency phase): {e}\n"));
+        out.text(format!("  first error (latency phase): {e}\n"));
     }
-    out.push('\n');
+    out.text("\n");
     match &r.baseline {
-        Some(b) => out.push_str(&format!(
+        Some(b) => out.text(format!(
             "Spawn-per-invocation baseline ({}, {} runs): p50 {}  p99 {}  → warm is {:.0}× faster\n",
             b.python,
             b.runs,
@@ -672,10 +618,10 @@ pub(super) fn human_report(r: &Report) -> String {
             fmt_us(b.latency.p99_us),
             b.ratio_to_warm_p50
         )),
-        None => out.push_str("Spawn-per-invocation baseline: skipped\n"),
+        None => out.text("Spawn-per-invocation baseline: skipped\n"),
     }
     match &r.idle_memory {
-        Some(m) => out.push_str(&format!(
+        Some(m) => out.text(format!(
             "Idle workers ({} processes, {}): max RSS {:.1} MiB, avg RSS {:.1} MiB{}\n\n",
             m.processes,
             m.basis,
@@ -685,25 +631,25 @@ pub(super) fn human_report(r: &Report) -> String {
                 .map(|p| format!(", avg PSS {p:.1} MiB"))
                 .unwrap_or_default()
         )),
-        None => out.push_str("Idle workers: none found\n\n"),
+        None => out.text("Idle workers: none found\n\n"),
     }
     match &r.isolation {
-        Phase::Measured(i) => out.push_str(&human_isolation(i)),
-        Phase::Skipped(note) => out.push_str(&format!("Isolation: {}\n\n", note)),
+        Phase::Measured(i) => human_isolation(out, i),
+        Phase::Skipped(note) => out.text(format!("Isolation: {}\n\n", note)),
     }
     match &r.snapshots {
-        Phase::Measured(p) => out.push_str(&human_snapshots(p)),
-        Phase::Skipped(note) => out.push_str(&format!("Snapshots: {}\n\n", note)),
+        Phase::Measured(p) => human_snapshots(out, p),
+        Phase::Skipped(note) => out.text(format!("Snapshots: {}\n\n", note)),
     }
     match &r.state {
-        Phase::Measured(p) => out.push_str(&human_state(p)),
-        Phase::Skipped(note) => out.push_str(&format!("State API: {}\n\n", note)),
+        Phase::Measured(p) => human_state(out, p),
+        Phase::Skipped(note) => out.text(format!("State API: {}\n\n", note)),
     }
     match &r.node {
-        Phase::Measured(p) => out.push_str(&human_node(p)),
-        Phase::Skipped(note) => out.push_str(&format!("Node.js: {}\n\n", note)),
+        Phase::Measured(p) => human_node(out, p),
+        Phase::Skipped(note) => out.text(format!("Node.js: {}\n\n", note)),
     }
-    out.push_str("Targets:\n");
+    out.text("Targets:\n");
     let mut table = Table::new(&["target", "promise", "measured", "result"]);
     for t in &r.targets {
         let result = match t.met {
@@ -718,25 +664,34 @@ pub(super) fn human_report(r: &Report) -> String {
             result.to_owned(),
         ]);
     }
-    out.push_str(&table.render());
-    out
+    out.table(table);
+    doc
 }
 
+/// The report for people.
+pub(super) fn human_report(r: &Report) -> String {
+    report_doc(r).to_text()
+}
+
+/// The report as a Markdown section for docs/BENCHMARKS.md: a heading, the machine and the
+/// command, then what [`human_report`] prints, its tables in Markdown.
 pub(super) fn markdown_report(r: &Report, args: &BenchArgs) -> String {
     let m = &r.machine;
-    let mut out = format!("## {} — {} CPUs, {}\n\n", m.date, m.cpus, m.cpu_model);
-    out.push_str(&format!(
-        "Machine: `nproc` {}, {}, {}, {}; nimbus {} ({} build), process driver.\n\n",
+    let concurrency: Vec<String> = args.concurrency.iter().map(ToString::to_string).collect();
+    format!(
+        "## {} — {} CPUs, {}\n\nMachine: `nproc` {}, {}, {}, {}; nimbus {} ({} build), process \
+         driver.\n\nCommand: `nimbus-bench --requests {} --duration {} --concurrency {} \
+         --baseline-runs {} --cold-starts {} --snapshot-starts {} --state-gets {} \
+         --node-starts {}`\n\n{}",
+        m.date,
+        m.cpus,
+        m.cpu_model,
         m.cpus,
         m.cpu_model,
         m.kernel,
         m.python.as_deref().unwrap_or("Python unknown"),
         m.nimbus_version,
-        m.build
-    ));
-    let concurrency: Vec<String> = args.concurrency.iter().map(ToString::to_string).collect();
-    out.push_str(&format!(
-        "Command: `nimbus-bench --requests {} --duration {} --concurrency {} --baseline-runs {} --cold-starts {} --snapshot-starts {} --state-gets {} --node-starts {}`\n\n",
+        m.build,
         args.requests,
         args.duration,
         concurrency.join(","),
@@ -744,313 +699,8 @@ pub(super) fn markdown_report(r: &Report, args: &BenchArgs) -> String {
         args.cold_starts,
         args.snapshot_starts,
         args.state_gets,
-        args.node_starts
-    ));
-    out.push_str("| Measurement | Target | Result | Met |\n|---|---|---|---|\n");
-    let w = &r.warm_latency.latency;
-    let met = |name: &str| match r
-        .targets
-        .iter()
-        .find(|t| t.name.starts_with(name))
-        .and_then(|t| t.met)
-    {
-        Some(true) => "yes",
-        Some(false) => "**no**",
-        None => "–",
-    };
-    out.push_str(&format!(
-        "| Warm latency, 1 client ({} requests) | p50 ≤ {} | p50 {}, p90 {}, p99 {} | {} |\n",
-        w.samples,
-        fmt_us(TARGET_P50_US),
-        fmt_us(w.p50_us),
-        fmt_us(w.p90_us),
-        fmt_us(w.p99_us),
-        met("warm p50")
-    ));
-    for (name, phase, overhead) in routing_targets(&r.routing) {
-        out.push_str(&markdown_latency_row(&name, phase, overhead, "version"));
-    }
-    out.push_str(&format!(
-        "| Alias routing overhead (p50, alias {} − version {}) | ≤ {} | {} (latest: {}) | {} |\n",
-        r.routing.alias,
-        r.routing.stable_version,
-        fmt_us(TARGET_ROUTING_US),
-        fmt_delta_us(r.routing.weighted_overhead_us),
-        fmt_delta_us(r.routing.latest_overhead_us),
-        met("alias routing")
-    ));
-    for t in &r.throughput {
-        let (target, ok) = if t.clients == TARGET_RPS_CLIENTS {
-            (
-                format!("≥ {} inv/s", fmt_count(TARGET_RPS)),
-                met("throughput"),
-            )
-        } else {
-            ("–".to_owned(), "–")
-        };
-        out.push_str(&format!(
-            "| Throughput, {} ({:.0} s) | {target} | {} inv/s (p50 {}, p99 {}, {} errors) | {ok} |\n",
-            clients_text(t.clients),
-            t.duration_s,
-            fmt_count(t.invocations_per_sec),
-            fmt_us(t.latency.p50_us),
-            fmt_us(t.latency.p99_us),
-            t.errors
-        ));
-    }
-    if let Some(b) = &r.baseline {
-        out.push_str(&format!(
-            "| Fresh Python process per invocation ({} runs) | – | p50 {}, p99 {} | – |\n",
-            b.runs,
-            fmt_us(b.latency.p50_us),
-            fmt_us(b.latency.p99_us)
-        ));
-        out.push_str(&format!(
-            "| Warm vs process per invocation (p50) | ≥ {TARGET_RATIO:.0}× | {:.0}× | {} |\n",
-            b.ratio_to_warm_p50,
-            met("warm vs")
-        ));
-    }
-    if let Some(i) = &r.idle_memory {
-        out.push_str(&format!(
-            "| Idle warm instance RSS (max of {}) | ≤ {TARGET_RSS_MIB} MiB | {:.1} MiB (avg {:.1}{}) | {} |\n",
-            i.processes,
-            i.max_rss_mib,
-            i.avg_rss_mib,
-            i.avg_pss_mib.map(|p| format!(", PSS {p:.1}")).unwrap_or_default(),
-            met("idle")
-        ));
-    }
-    match &r.isolation {
-        Phase::Measured(i) => out.push_str(&markdown_isolation(i, met)),
-        Phase::Skipped(note) => out.push_str(&format!("| Isolation cost | – | {} | – |\n", note)),
-    }
-    match &r.snapshots {
-        Phase::Measured(p) => out.push_str(&markdown_snapshots(p, met)),
-        Phase::Skipped(note) => out.push_str(&format!(
-            "| Snapshots (template tier) | – | {} | – |\n",
-            note
-        )),
-    }
-    match &r.state {
-        Phase::Measured(p) => out.push_str(&markdown_state(p, met)),
-        Phase::Skipped(note) => {
-            out.push_str(&format!("| State API from Python | – | {} | – |\n", note))
-        }
-    }
-    match &r.node {
-        Phase::Measured(p) => out.push_str(&markdown_node(p, met)),
-        Phase::Skipped(note) => out.push_str(&format!("| Node.js runtime | – | {} | – |\n", note)),
-    }
-    // After the table: how the state phase measures.
-    if let Some(p) = r.state.measured() {
-        out.push_str(&markdown_state_method(p));
-    }
-    out
-}
-
-/// A Markdown row of a one-client latency phase of interleaved rounds.
-fn markdown_latency_row(
-    name: &str,
-    phase: &LatencyPhase,
-    overhead: Option<f64>,
-    over: &str,
-) -> String {
-    let l = &phase.latency;
-    format!(
-        "| Warm latency, {name}, 1 client ({} requests, interleaved) | – | p50 {}, p90 {}, p99 {}{} | – |\n",
-        l.samples,
-        fmt_us(l.p50_us),
-        fmt_us(l.p90_us),
-        fmt_us(l.p99_us),
-        overhead
-            .map(|o| format!(" ({} over {over})", fmt_delta_us(o)))
-            .unwrap_or_default()
-    )
-}
-
-/// The isolation phase's Markdown rows; `met` answers for a target by its name's start.
-fn markdown_isolation(i: &IsolationPhase, met: impl Fn(&str) -> &'static str) -> String {
-    let mut out = String::new();
-    for (name, c) in cold_isolation_rows(i) {
-        let p50_p90 = |l: &Latency| format!("p50 {}, p90 {}", fmt_us(l.p50_us), fmt_us(l.p90_us));
-        out.push_str(&format!(
-            "| Cold start, {name} ({} new instances, interleaved) | – | server {}; round trip {} ({} errors, {} not cold) | – |\n",
-            c.server.samples,
-            p50_p90(&c.server),
-            p50_p90(&c.round_trip),
-            c.errors,
-            c.unexpected
-        ));
-    }
-    out.push_str(&format!(
-        "| Isolation cold-start overhead (p50, isolated − unisolated) | ≤ {} | {} (round trip {}) | {} |\n",
-        fmt_us(TARGET_COLD_OVERHEAD_US),
-        fmt_delta_us(i.cold_overhead_us),
-        fmt_delta_us(i.cold_round_trip_overhead_us),
-        met("isolation cold-start")
-    ));
-    for (name, phase, overhead) in warm_isolation_rows(i) {
-        out.push_str(&markdown_latency_row(&name, phase, overhead, "unisolated"));
-    }
-    out.push_str(&format!(
-        "| Warm invocation with isolation (p50, isolated − unisolated) | within noise: \\|Δ\\| ≤ max({}, {:.0}% of unisolated p50) = {} | {} | {} |\n",
-        fmt_us(TARGET_WARM_NOISE_FLOOR_US),
-        TARGET_WARM_NOISE_SHARE * 100.0,
-        fmt_us(i.warm_noise_us),
-        fmt_delta_us(i.warm_difference_us),
-        met("warm invocation with isolation")
-    ));
-    out
-}
-
-/// The snapshots phase's Markdown rows; `met` answers for a target by its name's start.
-fn markdown_snapshots(p: &SnapshotPhase, met: impl Fn(&str) -> &'static str) -> String {
-    let mut out = String::new();
-    for (name, c) in snapshot_start_rows(p) {
-        out.push_str(&markdown_starts_row(
-            &format!("Start, {name}, heavy init"),
-            c,
-        ));
-    }
-    out.push_str(&format!(
-        "| Template start (p50, server) | ≤ {} | {} | {} |\n",
-        fmt_us(TARGET_TEMPLATE_START_US),
-        fmt_us(p.template_starts.server.p50_us),
-        met("template start")
-    ));
-    out.push_str(&format!(
-        "| Template vs cold start (p50, server) | ≥ {TARGET_TEMPLATE_SPEEDUP:.0}× faster | {:.1}× | {} |\n",
-        p.speedup,
-        met("template vs cold")
-    ));
-    match &p.disk {
-        Phase::Measured(d) => {
-            let s = &d.starts;
-            out.push_str(&format!(
-                "| Start, snapshot (disk tier), heavy init ({} new instances, {} alternating; {DISK_TIER_CONFIG}) | – | server {}; round trip {} ({} errors, {} unexpected) | – |\n",
-                s.server.samples,
-                d.functions.join(" and "),
-                spread(&s.server),
-                spread(&s.round_trip),
-                s.errors,
-                s.unexpected
-            ));
-            out.push_str(&format!(
-                "| Snapshot (disk tier) start (p50, server) | ≤ {} | {} | {} |\n",
-                fmt_us(TARGET_DISK_START_US),
-                fmt_us(s.server.p50_us),
-                met("snapshot (disk tier)")
-            ));
-            out.push_str(&format!(
-                "| Checkpoint of one template on disk (sum of its files) | – | {} | – |\n",
-                checkpoint_text(d)
-            ));
-        }
-        Phase::Skipped(note) => {
-            out.push_str(&format!("| Snapshots (disk tier) | – | {} | – |\n", note))
-        }
-    }
-    let m = &p.memory;
-    let pss = |pm: Option<&ProcessMemory>| match pm {
-        Some(pm) => format!(
-            "PSS avg {:.2} MiB, max {:.2}; RSS avg {:.1} MiB ({} processes)",
-            pm.avg_pss_mib, pm.max_pss_mib, pm.avg_rss_mib, pm.processes
-        ),
-        None => "none found".to_owned(),
-    };
-    out.push_str(&format!(
-        "| Idle instance forked from a template ({}) | PSS ≤ {TARGET_TEMPLATE_PSS_MIB} MiB (avg) | {} | {} |\n",
-        burst_text(&m.burst),
-        pss(m.instances.as_ref()),
-        met("PSS of an idle instance")
-    ));
-    out.push_str(&format!(
-        "| The template's worker (idle function) | – | {} | – |\n",
-        m.template
-            .as_ref()
-            .map(|t| format!("RSS {:.1} MiB, PSS {:.2} MiB", t.max_rss_mib, t.max_pss_mib))
-            .unwrap_or_else(|| "not found".to_owned())
-    ));
-    out.push_str(&format!(
-        "| Idle cold instance, --no-snapshots ({}) | – | worker {}{} | – |\n",
-        burst_text(&m.cold_burst),
-        pss(m.cold_workers.as_ref()),
-        m.cold_instance_pss_mib
-            .map(|t| format!("; with its sandbox's init and PID 1: PSS avg {t:.2} MiB"))
-            .unwrap_or_default()
-    ));
-    out
-}
-
-/// The state phase's Markdown rows; `met` answers for a target by its name's start.
-fn markdown_state(p: &StatePhase, met: impl Fn(&str) -> &'static str) -> String {
-    let mut out = String::new();
-    let state_spread = |l: &Latency| {
-        format!(
-            "p50 {}, p90 {}, p99 {}, mean {}",
-            fmt_us_tenths(l.p50_us),
-            fmt_us_tenths(l.p90_us),
-            fmt_us_tenths(l.p99_us),
-            fmt_us_tenths(l.mean_us)
-        )
-    };
-    for (name, target, b) in state_backends(p) {
-        let errors = if b.errors > 0 {
-            format!(" ({} failed invocations)", b.errors)
-        } else {
-            String::new()
-        };
-        out.push_str(&format!(
-            "| State get from Python, {name} (`state.get`, session scope, {} calls) | p50 ≤ {} | {}{errors} | {} |\n",
-            b.get.samples,
-            fmt_us(target),
-            state_spread(&b.get),
-            met(&format!("state get p50 ({name}"))
-        ));
-        out.push_str(&format!(
-            "| Baseline on the same server: `state.invocation().get` (host memory, protocol only; {} calls) | – | {} | – |\n",
-            b.baseline_get.samples,
-            state_spread(&b.baseline_get)
-        ));
-        out.push_str(&format!(
-            "| What the {name} backend adds to a get (p50 get − p50 baseline) | – | {} | – |\n",
-            fmt_delta_us(b.backend_get_us)
-        ));
-        out.push_str(&format!(
-            "| State set from Python, {name} (`state.set`, session scope, {} calls) | – | {} | – |\n",
-            b.set.samples,
-            state_spread(&b.set)
-        ));
-    }
-    if let Some(note) = p.redis.skipped() {
-        out.push_str(&format!(
-            "| State get from Python, Redis | p50 ≤ {} | {note} | – |\n",
-            fmt_us(TARGET_STATE_GET_REDIS_US)
-        ));
-    }
-    out
-}
-
-/// How the state phase measures, for the Markdown section.
-fn markdown_state_method(p: &StatePhase) -> String {
-    format!(
-        "\nState API: a fresh {}server per backend (the embedded store; Redis with \
-         `--state-url redis://127.0.0.1:6379`), both `--no-snapshots`, run `{}` (state \
-         enabled). Each invocation makes its calls in a loop in the handler and times each one \
-         with `time.perf_counter_ns()`: the Python API, one `state` frame to the host over the \
-         worker connection, the host's work, one `state_result` frame back. The get reads a \
-         small dict set once before (session scope, the `_default` session). Baseline, in the \
-         same run on the same server: `state.invocation().get`, whose scope lives in the \
-         host's memory and touches no backend, so it is the protocol round trip alone. One \
-         uncounted invocation of each kind first, then {}.\n",
-        if p.isolated {
-            "isolated "
-        } else {
-            "unisolated "
-        },
-        p.function,
-        state_round_text(p)
+        args.node_starts,
+        report_doc(r).to_markdown()
     )
 }
 
