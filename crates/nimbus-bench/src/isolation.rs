@@ -1,23 +1,6 @@
-//! The isolation phase: what running every instance in a sandbox costs, in the same run.
-//!
-//! It starts two fresh servers that differ only in `--insecure-no-isolation` (each on its
-//! own temporary data directory and port, after the other phases' server is stopped), both
-//! with `--no-snapshots` (every new instance starts cold, and no template is built in the
-//! background while they are measured), and deploys the same function ([`FUNCTION`], the
-//! bench's code) on both. Fresh servers rather than the one the other phases loaded: that
-//! one holds dozens of idle instances and a bigger heap, and forking a bigger server makes
-//! every start slower (0.4–0.8 ms with 33 idle instances here), which would be charged to
-//! isolation.
-//!
-//! - Cold starts: each round changes the function's configuration on both servers, which
-//!   publishes a version no instance runs yet (the server proves the code loads with a
-//!   throwaway worker before it answers), and deletes the version before (stopping its idle
-//!   instance, so its cgroup slot goes back to the pool as it would when an instance ends);
-//!   after a short pause it invokes `latest` once on each server, alternating which goes
-//!   first. Kept per start: the server's own `duration_ms` (getting the new instance —
-//!   sandbox, interpreter, handler import — and the invocation) and the client's round trip.
-//! - Warm latency: one client, interleaved rounds between the two servers, as the routing
-//!   phase does between its targets.
+//! The isolation phase: what running every instance in a sandbox costs (cold starts and
+//! warm latency on two fresh servers that differ only in `--insecure-no-isolation`,
+//! interleaved). How: docs/BENCHMARKS.md, "How the harness measures".
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,16 +1,6 @@
-//! The Node.js phase: the `nodejs20` runtime beside Python 3.11, in the same run.
-//!
-//! - Warm latency: one isolated server with the default configuration runs a no-op
-//!   function in each runtime ([`PYTHON_NOOP`], [`NODE_NOOP`]: both return their event).
-//!   After warming both up, one client sends the requests to each in [`WARM_ROUNDS`]
-//!   interleaved rounds over one keep-alive connection, as the routing phase does between
-//!   its targets, so that drifting machine noise falls on both alike.
-//! - Starts: as the snapshots phase compares Python's, a server with snapshots and one with
-//!   `--no-snapshots`, both retiring instances after one invocation, run [`NODE_START`]
-//!   (a few built-in modules and a table built at load). Once the first holds the version's
-//!   spares (the template tier of a runtime that cannot fork), each round starts one
-//!   instance on each server, alternating which goes first: from a spare (`template`) and
-//!   `cold`.
+//! The Node.js phase: the `nodejs20` runtime beside Python 3.11 in the same run (warm
+//! latency on one server, starts from spares against cold ones). How: docs/BENCHMARKS.md,
+//! "How the harness measures".
 
 use std::sync::Arc;
 

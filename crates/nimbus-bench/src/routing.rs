@@ -1,10 +1,6 @@
-//! The routing phase: what choosing a version through an alias adds to a warm invocation.
-//!
-//! The bench function gets a canary (a version with the same code and another
-//! configuration) and an alias splitting traffic between it and the version before. One
-//! client then invokes the old version directly (no routing), through `latest` (an alias
-//! with one version) and through the split alias, in interleaved rounds on one connection,
-//! so that all three see the same machine.
+//! The routing phase: what choosing a version through an alias adds to a warm invocation
+//! (a version invoked directly, through `latest`, through a split alias; interleaved
+//! rounds on one connection). How: docs/BENCHMARKS.md, "How the harness measures".
 
 use std::sync::Arc;
 

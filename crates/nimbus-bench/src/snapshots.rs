@@ -1,45 +1,6 @@
-//! The snapshots phase: what starting new instances from a function's template (the
-//! template tier of function-level snapshots) saves in start time and memory, against cold
-//! starts in the same run.
-//!
-//! Like the isolation phase it starts fresh isolated servers of its own (temporary data
-//! directory and free port each), and stops each once it has been measured:
-//!
-//! - Start types: a server with snapshots (A) and one with `--no-snapshots` (B), both with
-//!   `max_invocations = 1` in their `nimbus.toml`, so that every invocation starts a new
-//!   instance. Both run [`HEAVY`]: its init imports a heavy set of standard-library modules
-//!   and builds a ~50 MB data structure (the worker measures its own RSS growth while it
-//!   builds it and the handler returns that, so the run shows the size). Once A's template
-//!   of the version is ready and resident, one uncounted invocation on each server opens
-//!   the connections and reads that size; then each round invokes each server once,
-//!   alternating which goes first, each after a short pause (the instance of the start
-//!   before, on either server, is retired by then). A's answers must be `template` starts and B's `cold`
-//!   ones; any other is counted as unexpected and left out of the latencies. Kept per
-//!   start: the server's `duration_ms` (getting the new instance, and the invocation) and
-//!   the client's round trip.
-//! - Disk tier: a server (D) with `max_invocations = 1` and a memory budget of 1 MB for
-//!   templates runs the same code as two functions, [`DISK_A`] and [`DISK_B`]. Once both
-//!   snapshot rows are `ready` with a checkpoint on disk (a `path` and its `files`), each
-//!   round invokes A, then B, each after the same short pause: every start restores the
-//!   function's template from its checkpoint (`snapshot` starts), and that template,
-//!   resident again, evicts the other function's template to its checkpoint. One uncounted
-//!   round first, like the uncounted invocations above. Kept as above. A server without
-//!   the disk tier (no CRIU 4 here) checkpoints nothing; the disk tier is then reported as
-//!   skipped, with why.
-//! - Memory: a server with the default configuration (C) runs [`IDLE`], a sleep. Once its
-//!   template is resident, [`INSTANCES`] invocations sleeping 1 s at once (one connection
-//!   each) start as many instances; when they are idle, each instance forked from the
-//!   template is measured (PSS and RSS from /proc), and so is the template itself. The
-//!   answers are counted by start type: a start from the template that fails falls back to
-//!   a cold one. Baseline: a few cold-started idle instances of the same function on a
-//!   `--no-snapshots` server.
-//!
-//! The instances are found among the server's descendants by the function's name in their
-//! environment, which a template's forks inherit from it, and told apart by their pid
-//! namespaces (see `FunctionProcess`): a fork is the PID 1 of its own pid namespace inside
-//! the template's, the template the PID 1 of its own; the template's spare child (forked
-//! ahead, waiting) holds no connection and is left out. Reading other users' process
-//! environments takes root; without it no instance is found and the report says so.
+//! The snapshots phase: what starting new instances from a function's template, or from
+//! its checkpoint on disk, saves in start time and memory against cold starts, on fresh
+//! servers of its own, interleaved. How: docs/BENCHMARKS.md, "How the harness measures".
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -1,39 +1,6 @@
-//! The state phase: how long a call of the State API (SPEC §7) takes from Python, on the
-//! embedded store and on Redis, against the protocol round trip alone in the same run.
-//!
-//! Like the isolation phase it starts fresh servers of its own (temporary data directory
-//! and free port each; isolated unless `--insecure-no-isolation`), both with
-//! `--no-snapshots` (no template is built in the background while they are measured):
-//!
-//! - E: `--state-url=embedded`, the default backend: the embedded store (a redb file in
-//!   the data directory; every write is fsync'd before it returns).
-//! - R: `--state-url=`[`REDIS_URL`]. It is measured only if a TCP connection to Redis
-//!   opens and the first invocation using it succeeds; otherwise R is reported as skipped,
-//!   with why.
-//!
-//! At the end it deletes the function on each server, which drops its state (so Redis is
-//! left as it was found), and stops both; on error they stop as they are dropped.
-//!
-//! Both run [`CODE`] as `bench-state`, state enabled. Each invocation, given
-//! `{"what": …, "n": N}`, makes N calls in a loop, times each one in Python with
-//! `time.perf_counter_ns()` (so the time is the call as a handler sees it: the Python
-//! API, one `state` frame to the host over the worker connection, the host's work, one
-//! `state_result` frame back) and returns the samples, which are summarized here:
-//!
-//! - `get`: `state.get("k")` on the session scope (the `_default` session: no
-//!   `session_key`), after one `state.set("k", …)` of a small dict ([`CODE`]'s `VALUE`):
-//!   the backend's round trip.
-//! - `baseline`: `state.invocation().get("k")` after the same set. The invocation scope
-//!   lives in the host's memory for one invocation and touches no backend, so this is the
-//!   protocol round trip alone; `get` − `baseline` is what the backend adds.
-//! - `set`: `state.set("k", VALUE)` on the session scope: a write (fsync'd on the embedded
-//!   store), with fewer samples (a tenth of the gets, at least [`MIN_SETS`]).
-//!
-//! One uncounted invocation of each kind on each server first (it also starts the
-//! instance), then the gets are split into rounds (at least [`MIN_ROUNDS`], at most
-//! [`MAX_CALLS`] calls per invocation); each round invokes every kind once on each server,
-//! alternating which server goes first and starting one kind later each round, so that
-//! drifting machine noise falls on all of them alike. One keep-alive connection per server.
+//! The state phase: how long a State API call (SPEC §7) takes from Python on the embedded
+//! store and on Redis, against the protocol round trip alone, on fresh servers of its own,
+//! interleaved. How: docs/BENCHMARKS.md, "How the harness measures".
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
