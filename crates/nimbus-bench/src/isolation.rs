@@ -10,11 +10,12 @@ use serde::Serialize;
 
 use nimbus_client::Client;
 
+use super::load::LatencyPhase;
 use super::load::{connect, run_rounds, warm_up, LoadTarget};
-use super::report::{LatencyPhase, TARGET_WARM_NOISE_FLOOR_US, TARGET_WARM_NOISE_SHARE};
 use super::routing::{env_patch, published_version};
 use super::server::{loopback_addr, ServerProcess, Setup};
 use super::starts::{StartSamples, Starts};
+use super::targets::{TARGET_WARM_NOISE_FLOOR_US, TARGET_WARM_NOISE_SHARE};
 use super::{deploy, progress, EVENT, MAX_PHASE};
 
 /// The function both servers run.

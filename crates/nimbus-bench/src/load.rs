@@ -11,6 +11,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
+use serde::Serialize;
+
+use super::stats::Latency;
 use super::MAX_PHASE;
 
 /// Marker of a warm start in an invoke response.
@@ -238,4 +241,68 @@ pub(super) async fn warm_up(t: &Arc<LoadTarget>, clients: usize, total: u64) -> 
         }
     }
     Ok(())
+}
+
+/// The single-client latency phase.
+#[derive(Debug, Serialize)]
+pub struct LatencyPhase {
+    /// Concurrent clients (1).
+    pub clients: usize,
+    /// Failed invocations.
+    pub errors: u64,
+    /// Successful invocations not served by a warm instance.
+    pub non_warm: u64,
+    /// Latency of the successful invocations.
+    #[serde(flatten)]
+    pub latency: Latency,
+    /// The first failure seen, if any.
+    pub first_error: Option<String>,
+}
+
+impl LatencyPhase {
+    pub fn from_run(clients: usize, mut phase: PhaseRun) -> Self {
+        LatencyPhase {
+            clients,
+            errors: phase.run.errors,
+            non_warm: phase.run.non_warm,
+            latency: Latency::from_ns(&mut phase.run.latencies_ns),
+            first_error: phase.run.first_error,
+        }
+    }
+}
+
+/// One throughput phase.
+#[derive(Debug, Serialize)]
+pub struct ThroughputPhase {
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Seconds measured.
+    pub duration_s: f64,
+    /// Successful invocations per second.
+    pub invocations_per_sec: f64,
+    /// Failed invocations.
+    pub errors: u64,
+    /// Successful invocations not served by a warm instance.
+    pub non_warm: u64,
+    /// Latency of the successful invocations.
+    #[serde(flatten)]
+    pub latency: Latency,
+    /// The first failure seen, if any.
+    pub first_error: Option<String>,
+}
+
+impl ThroughputPhase {
+    pub fn from_run(clients: usize, mut phase: PhaseRun) -> Self {
+        let seconds = phase.elapsed.as_secs_f64();
+        let ok = phase.run.latencies_ns.len() as f64;
+        ThroughputPhase {
+            clients,
+            duration_s: seconds,
+            invocations_per_sec: if seconds > 0.0 { ok / seconds } else { 0.0 },
+            errors: phase.run.errors,
+            non_warm: phase.run.non_warm,
+            latency: Latency::from_ns(&mut phase.run.latencies_ns),
+            first_error: phase.run.first_error,
+        }
+    }
 }

@@ -8,6 +8,7 @@
 //! to read them.
 
 mod baseline;
+mod fmt;
 mod isolation;
 mod load;
 mod memory;
@@ -22,6 +23,7 @@ mod starts;
 mod state;
 mod stats;
 mod table;
+mod targets;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,13 +35,14 @@ use clap::{Parser, ValueEnum};
 use nimbus_client::{Client, FunctionPatch, NewFunction};
 
 use self::baseline::{baseline_python, python_version, run_baseline};
+use self::fmt::clients_text;
 use self::isolation::measure_isolation;
-use self::load::{run_phase, warm_up, LoadTarget};
+use self::load::{run_phase, warm_up, LatencyPhase, LoadTarget, ThroughputPhase};
 use self::memory::idle_memory;
 use self::node::measure_node;
 use self::phase::Phase;
-use self::render::{clients_text, human_report, markdown_report};
-use self::report::{targets, LatencyPhase, Machine, Report, ThroughputPhase};
+use self::render::{human_report, markdown_report};
+use self::report::{targets, Machine, Report};
 use self::routing::{measure_routing, prepare_canary};
 use self::server::{loopback_addr, ServerProcess, Setup};
 use self::snapshots::measure_snapshots;

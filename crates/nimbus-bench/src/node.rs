@@ -9,8 +9,7 @@ use bytes::Bytes;
 use nimbus_client::NewFunction;
 use serde::Serialize;
 
-use super::load::{run_rounds, warm_up, LoadTarget};
-use super::report::LatencyPhase;
+use super::load::{run_rounds, warm_up, LatencyPhase, LoadTarget};
 use super::server::{loopback_addr, ServerProcess, Setup};
 use super::snapshots::{compare_starts, Function, Server, ONE_INVOCATION};
 use super::starts::Starts;

@@ -3,46 +3,16 @@
 use serde::Serialize;
 
 use super::baseline::Baseline;
+use super::fmt::{fmt_count, fmt_delta_us, fmt_us, fmt_us_tenths};
 use super::isolation::IsolationPhase;
-use super::load::PhaseRun;
+use super::load::{LatencyPhase, ThroughputPhase};
 use super::memory::IdleMemory;
 use super::node::NodePhase;
 use super::phase::{self, Phase};
-use super::render::{fmt_count, fmt_delta_us, fmt_us, fmt_us_tenths};
 use super::routing::RoutingPhase;
 use super::snapshots::SnapshotPhase;
 use super::state::{StateBackendRun, StatePhase};
-use super::stats::Latency;
-
-/// The product's targets.
-pub(super) const TARGET_P50_US: f64 = 300.0;
-pub(super) const TARGET_RPS: f64 = 6000.0;
-pub(super) const TARGET_RPS_CLIENTS: usize = 32;
-pub(super) const TARGET_RATIO: f64 = 100.0;
-pub(super) const TARGET_RSS_MIB: f64 = 15.0;
-pub(super) const TARGET_ROUTING_US: f64 = 20.0;
-pub(super) const TARGET_COLD_OVERHEAD_US: f64 = 5000.0;
-/// "Within noise" for a warm p50 difference: at most the larger of this floor and
-/// [`TARGET_WARM_NOISE_SHARE`] of the unisolated p50.
-pub(super) const TARGET_WARM_NOISE_FLOOR_US: f64 = 10.0;
-pub(super) const TARGET_WARM_NOISE_SHARE: f64 = 0.05;
-/// Server-reported p50 of a start from a template.
-pub(super) const TARGET_TEMPLATE_START_US: f64 = 8000.0;
-/// Cold start p50 ÷ template start p50.
-pub(super) const TARGET_TEMPLATE_SPEEDUP: f64 = 15.0;
-/// Mean PSS of an idle instance forked from a template.
-pub(super) const TARGET_TEMPLATE_PSS_MIB: f64 = 5.0;
-/// Server-reported p50 of a start from a checkpoint on disk (the disk tier).
-pub(super) const TARGET_DISK_START_US: f64 = 60_000.0;
-/// p50 of a `state.get` from Python on the embedded store.
-pub(super) const TARGET_STATE_GET_EMBEDDED_US: f64 = 60.0;
-/// p50 of a `state.get` from Python on Redis.
-pub(super) const TARGET_STATE_GET_REDIS_US: f64 = 250.0;
-
-/// Node.js warm p50 ÷ Python warm p50, same server, same run.
-pub(super) const TARGET_NODE_WARM_RATIO: f64 = 1.5;
-/// Server-reported p50 of a Node.js start from a spare (its template tier).
-pub(super) const TARGET_NODE_TEMPLATE_START_US: f64 = 10_000.0;
+use super::targets::*;
 
 /// Everything one run measured.
 #[derive(Debug, Serialize)]
@@ -138,70 +108,6 @@ impl Machine {
                 "release"
             }
             .to_owned(),
-        }
-    }
-}
-
-/// The single-client latency phase.
-#[derive(Debug, Serialize)]
-pub struct LatencyPhase {
-    /// Concurrent clients (1).
-    pub clients: usize,
-    /// Failed invocations.
-    pub errors: u64,
-    /// Successful invocations not served by a warm instance.
-    pub non_warm: u64,
-    /// Latency of the successful invocations.
-    #[serde(flatten)]
-    pub latency: Latency,
-    /// The first failure seen, if any.
-    pub first_error: Option<String>,
-}
-
-impl LatencyPhase {
-    pub(super) fn from_run(clients: usize, mut phase: PhaseRun) -> Self {
-        LatencyPhase {
-            clients,
-            errors: phase.run.errors,
-            non_warm: phase.run.non_warm,
-            latency: Latency::from_ns(&mut phase.run.latencies_ns),
-            first_error: phase.run.first_error,
-        }
-    }
-}
-
-/// One throughput phase.
-#[derive(Debug, Serialize)]
-pub struct ThroughputPhase {
-    /// Concurrent clients.
-    pub clients: usize,
-    /// Seconds measured.
-    pub duration_s: f64,
-    /// Successful invocations per second.
-    pub invocations_per_sec: f64,
-    /// Failed invocations.
-    pub errors: u64,
-    /// Successful invocations not served by a warm instance.
-    pub non_warm: u64,
-    /// Latency of the successful invocations.
-    #[serde(flatten)]
-    pub latency: Latency,
-    /// The first failure seen, if any.
-    pub first_error: Option<String>,
-}
-
-impl ThroughputPhase {
-    pub(super) fn from_run(clients: usize, mut phase: PhaseRun) -> Self {
-        let seconds = phase.elapsed.as_secs_f64();
-        let ok = phase.run.latencies_ns.len() as f64;
-        ThroughputPhase {
-            clients,
-            duration_s: seconds,
-            invocations_per_sec: if seconds > 0.0 { ok / seconds } else { 0.0 },
-            errors: phase.run.errors,
-            non_warm: phase.run.non_warm,
-            latency: Latency::from_ns(&mut phase.run.latencies_ns),
-            first_error: phase.run.first_error,
         }
     }
 }

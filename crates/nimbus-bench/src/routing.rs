@@ -10,8 +10,7 @@ use serde::Serialize;
 use nimbus_client::{AliasPatch, Client, FunctionPatch, NewAlias, UpdatedFunction};
 use nimbus_core::{RoutingConfig, WeightedVersion};
 
-use super::load::{run_rounds, warm_up, LoadTarget};
-use super::report::LatencyPhase;
+use super::load::{run_rounds, warm_up, LatencyPhase, LoadTarget};
 use super::{created, FUNCTION_NAME, MAX_PHASE};
 
 /// The split alias the phase routes through.
