@@ -145,6 +145,7 @@ impl StateSettings {
 
 /// Body of `POST /functions`; fields left out take the server's defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NewFunction {
     /// Unique name.
     pub name: String,

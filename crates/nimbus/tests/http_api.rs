@@ -31,9 +31,9 @@ async fn deploy_invoke_update_and_records(backend: Backend) {
             json!({}),
         )
         .await;
-    assert_eq!(created["version"], 1);
-    assert_eq!(created["latest_version"], 1);
-    assert!(created["id"].as_str().unwrap().starts_with("fn_"));
+    assert_eq!(created.version, 1);
+    assert_eq!(created.function.latest_version, 1);
+    assert!(created.function.id.starts_with("fn_"));
 
     let (status, r) = s.invoke_raw("greet", "", r#"{"x": 42}"#).await;
     assert_eq!(status, StatusCode::OK, "{r}");
@@ -43,9 +43,7 @@ async fn deploy_invoke_update_and_records(backend: Backend) {
     assert_eq!(r["alias_used"], "latest");
     assert_eq!(r["start_type"], "cold");
     assert_eq!(r["cold_start"], true);
-    let (_, warm) = s
-        .invoke_raw(created["id"].as_str().unwrap(), "", "{}")
-        .await;
+    let (_, warm) = s.invoke_raw(&created.function.id, "", "{}").await;
     assert_eq!(warm["start_type"], "warm");
     assert_eq!(warm["instance_id"], r["instance_id"]);
 

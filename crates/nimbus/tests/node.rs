@@ -47,7 +47,7 @@ async fn a_node_function_deploys_and_runs_in_its_sandbox() {
             json!({"runtime": "nodejs20", "handler": "index.handle"}),
         )
         .await;
-    assert_eq!(created["runtime"], "nodejs20");
+    assert_eq!(created.function.runtime, "nodejs20");
     let r = invoke(&s, "hello-node", "", json!({"name": "Nimbus"})).await;
     assert_eq!(r["body"]["message"], "Hello, Nimbus!", "{r}");
     assert!(

@@ -118,7 +118,7 @@ async fn deploy_fixtures(s: &Server) -> Fixtures {
     let text = |v: &Value| v.as_str().unwrap().to_owned();
     Fixtures(vec![
         ("FUNCTION", "fuzz-echo".into()),
-        ("FUNCTION_ID", text(&echo["id"])),
+        ("FUNCTION_ID", echo.function.id.clone()),
         ("FAILING", "fuzz-fail".into()),
         ("DOOMED", "fuzz-doomed".into()),
         ("SESSION", "s1".into()),

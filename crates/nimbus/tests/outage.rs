@@ -652,7 +652,7 @@ async fn a_function_deleted_on_one_server_leaves_nothing_on_another() {
             json!({"state_config": {"enabled": true}}),
         )
         .await;
-    let id = created["id"].as_str().unwrap().to_owned();
+    let id = created.function.id;
     let (status, body) = b
         .invoke_raw("doomed", "", &json!({"key": "early"}).to_string())
         .await;
