@@ -489,16 +489,11 @@ fn machine_line(m: &Machine) -> String {
     )
 }
 
-/// The report: the same text and tables for people and, with the machine and the command
-/// first, as Markdown for docs/BENCHMARKS.md.
+/// The report after its heading: the same text and tables for people and, as Markdown,
+/// for docs/BENCHMARKS.md.
 fn report_doc(r: &Report) -> Doc {
     let mut doc = Doc::new();
     let out = &mut doc;
-    out.text(format!(
-        "Nimbus benchmark, {}\nMachine: {}\n",
-        r.machine.date,
-        machine_line(&r.machine)
-    ));
     out.text(format!(
         "Server:  {} ({})\n\n",
         r.server,
@@ -622,7 +617,12 @@ fn report_doc(r: &Report) -> Doc {
 
 /// The report for people.
 pub(super) fn human_report(r: &Report) -> String {
-    report_doc(r).to_text()
+    format!(
+        "Nimbus benchmark, {}\nMachine: {}\n{}",
+        r.machine.date,
+        machine_line(&r.machine),
+        report_doc(r).to_text()
+    )
 }
 
 /// The report as a Markdown section for docs/BENCHMARKS.md: a heading, the machine and the
