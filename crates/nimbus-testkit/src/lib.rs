@@ -1,1 +1,4 @@
 //! What Nimbus's own tests share: never a dependency of the server, only of tests.
+
+pub mod internet;
+pub mod server;

@@ -1,7 +1,7 @@
-//! `nimbus`: the server, the command-line client and the benchmark harness in one binary.
+//! `nimbus`: the server and the command-line client in one binary. (The benchmark harness
+//! is its own binary, `nimbus-bench`.)
 
-mod bench;
-mod client;
+mod cli;
 mod config;
 mod serve;
 mod server;
@@ -24,29 +24,27 @@ enum Command {
     /// Run the server (embedded defaults: SQLite in the data directory, 127.0.0.1:8080).
     Server(config::ServerArgs),
     /// Deploy a function from a file or a directory: create it, or publish a new version.
-    Deploy(client::deploy::DeployArgs),
+    Deploy(cli::deploy::DeployArgs),
     /// List, show and delete functions.
     #[command(name = "fn")]
-    Fn(client::functions::FnArgs),
+    Fn(cli::functions::FnArgs),
     /// Publish, list, show and delete a function's immutable versions.
-    Version(client::versions::VersionArgs),
+    Version(cli::versions::VersionArgs),
     /// Manage aliases: named routes to one version or a weighted split (canary releases).
-    Alias(client::aliases::AliasArgs),
+    Alias(cli::aliases::AliasArgs),
     /// Undo an alias's last routing change, or route it entirely to one version with --to.
-    Rollback(client::aliases::RollbackArgs),
+    Rollback(cli::aliases::RollbackArgs),
     /// Build, list and delete function-level snapshots (the initialized templates new
     /// instances start from), clean up stale ones and show totals.
-    Snapshot(client::snapshots::SnapshotArgs),
+    Snapshot(cli::snapshots::SnapshotArgs),
     /// List, show and delete the sessions of a stateful function.
-    Session(client::state::SessionArgs),
+    Session(cli::state::SessionArgs),
     /// Show and delete what a stateful function's state holds (a session's, or `_global`).
-    State(client::state::StateArgs),
+    State(cli::state::StateArgs),
     /// Invoke a function and print what it returned.
-    Invoke(client::invoke::InvokeArgs),
+    Invoke(cli::invoke::InvokeArgs),
     /// List a function's recent invocations, or show one (`inv_…`) with its logs.
-    Invocations(client::invoke::InvocationsArgs),
-    /// Measure warm latency, throughput, a process-per-invocation baseline and idle memory.
-    Bench(bench::BenchArgs),
+    Invocations(cli::invoke::InvocationsArgs),
 }
 
 fn init_logging(default: &str) {
@@ -79,19 +77,18 @@ async fn run() -> anyhow::Result<ExitCode> {
     init_logging(if server { "info" } else { "warn" });
     let result = match cli.command {
         Command::Server(args) => return server::run(args).await.map(|()| ExitCode::SUCCESS),
-        Command::Deploy(args) => client::deploy::run(args).await,
-        Command::Fn(args) => client::functions::run(args).await,
-        Command::Version(args) => client::versions::run(args).await,
-        Command::Alias(args) => client::aliases::run(args).await,
-        Command::Rollback(args) => client::aliases::run_rollback(args).await,
-        Command::Snapshot(args) => client::snapshots::run(args).await,
-        Command::Session(args) => client::state::run_session(args).await,
-        Command::State(args) => client::state::run_state(args).await,
-        Command::Invoke(args) => client::invoke::run_invoke(args).await,
-        Command::Invocations(args) => client::invoke::run_invocations(args).await,
-        Command::Bench(args) => bench::run(args).await,
+        Command::Deploy(args) => cli::deploy::run(args).await,
+        Command::Fn(args) => cli::functions::run(args).await,
+        Command::Version(args) => cli::versions::run(args).await,
+        Command::Alias(args) => cli::aliases::run(args).await,
+        Command::Rollback(args) => cli::aliases::run_rollback(args).await,
+        Command::Snapshot(args) => cli::snapshots::run(args).await,
+        Command::Session(args) => cli::state::run_session(args).await,
+        Command::State(args) => cli::state::run_state(args).await,
+        Command::Invoke(args) => cli::invoke::run_invoke(args).await,
+        Command::Invocations(args) => cli::invoke::run_invocations(args).await,
     };
-    Ok(client::finish(result))
+    Ok(cli::finish(result))
 }
 
 #[cfg(test)]

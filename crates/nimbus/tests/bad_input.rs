@@ -2,8 +2,6 @@
 //! with a 4xx in the API's error shape, before it reaches an instance, a 5xx or a huge
 //! answer. The real `nimbus` binary as a server, driven over HTTP.
 
-mod common;
-
 use std::io::Write;
 
 use base64::Engine as _;
@@ -11,7 +9,10 @@ use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use common::{code_of, Backend, Server};
+use nimbus_testkit::server::{code_of, Backend, Nimbus, Server};
+
+/// The binary under test.
+const NIMBUS: Nimbus = Nimbus::at(env!("CARGO_BIN_EXE_nimbus"));
 
 /// One request as given (the path is taken as is, percent escapes included): status,
 /// headers and body.
@@ -68,7 +69,7 @@ const ECHO_JS: &str = "exports.handle = async (event) => event;\n";
 
 #[tokio::test]
 async fn deeply_nested_json_is_refused_before_it_reaches_an_instance() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     s.deploy("echo-py", ECHO_PY, json!({})).await;
     s.deploy("echo-js", ECHO_JS, json!({"runtime": "nodejs20"}))
         .await;
@@ -151,7 +152,7 @@ type Case<'a> = (
 
 #[tokio::test]
 async fn every_error_of_the_http_layer_is_json_with_a_stable_code() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     s.deploy("f", ECHO_PY, json!({})).await;
     let json = [("content-type", "application/json")];
     let over_event_limit = format!("\"{}\"", "a".repeat(6 * 1024 * 1024 + 1)).into_bytes();
@@ -217,7 +218,7 @@ async fn every_error_of_the_http_layer_is_json_with_a_stable_code() {
 
 #[tokio::test]
 async fn arrays_are_refused_wherever_an_object_is_expected() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     s.deploy("f", ECHO_PY, json!({})).await;
     let (status, alias) = s
         .call(
@@ -293,7 +294,7 @@ async fn arrays_are_refused_wherever_an_object_is_expected() {
 
 #[tokio::test]
 async fn errors_repeat_long_inputs_only_as_a_short_prefix() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     s.deploy("f", ECHO_PY, json!({"state_config": {"enabled": true}}))
         .await;
     // 10 KB in bodies; 4 KB in paths, queries and headers (well within what a server takes
@@ -311,7 +312,8 @@ async fn errors_repeat_long_inputs_only_as_a_short_prefix() {
     long_key.insert(body_input.clone(), json!(1));
     let mut long_env = serde_json::Map::new();
     long_env.insert(body_input.clone(), json!("v"));
-    let long_name_zip = common::zip_base64(&[(&format!("{}.py", "n".repeat(4000)), "x = 1\n")]);
+    let long_name_zip =
+        nimbus_testkit::server::zip_base64(&[(&format!("{}.py", "n".repeat(4000)), "x = 1\n")]);
     let bodies: Vec<(&str, String, Value)> = vec![
         (
             "POST",
@@ -425,7 +427,9 @@ async fn errors_repeat_long_inputs_only_as_a_short_prefix() {
 
 #[tokio::test]
 async fn keys_are_checked_before_routing_and_the_scheme_in_any_case() {
-    let s = Server::start_with(Backend::Sqlite, "", &["--api-key", "ci:s3cret"]).await;
+    let s = NIMBUS
+        .start_with(Backend::Sqlite, "", &["--api-key", "ci:s3cret"])
+        .await;
     let plain = reqwest::Client::new();
     // Without a valid key nothing tells which routes or methods exist.
     for key in [
@@ -498,7 +502,7 @@ fn tar_gz_base64(files: &[(&str, &str)]) -> String {
 
 #[tokio::test]
 async fn archives_the_server_cannot_unpack_are_refused_naming_the_entry() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     let handler = "def handle(event):\n    return 'ok'\n";
     let long_name = format!("{}.py", "n".repeat(300));
     let long_path = format!("{}/x.py", vec!["d".repeat(250); 6].join("/"));
@@ -522,7 +526,7 @@ async fn archives_the_server_cannot_unpack_are_refused_naming_the_entry() {
     ];
     for (files, needle) in &cases {
         for (format, archive) in [
-            ("zip", common::zip_base64(files)),
+            ("zip", nimbus_testkit::server::zip_base64(files)),
             ("tar.gz", tar_gz_base64(files)),
         ] {
             let (status, answer) = s
@@ -565,7 +569,7 @@ async fn archives_the_server_cannot_unpack_are_refused_naming_the_entry() {
         .call(
             "POST",
             "/functions",
-            Some(json!({"name": "cases", "code_archive": common::zip_base64(&files)})),
+            Some(json!({"name": "cases", "code_archive": nimbus_testkit::server::zip_base64(&files)})),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{answer}");
@@ -579,7 +583,7 @@ async fn archives_the_server_cannot_unpack_are_refused_naming_the_entry() {
 
 #[tokio::test]
 async fn aliases_are_bounded_per_function_and_listed_in_pages() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     s.deploy("f", ECHO_PY, json!({})).await;
     let routing = json!({"weights": [{"version": 1, "weight": 100}]});
     // `latest` and 99 more: the limit.
@@ -647,7 +651,7 @@ async fn aliases_are_bounded_per_function_and_listed_in_pages() {
 
 #[tokio::test]
 async fn errors_show_paths_in_the_sandbox_not_the_data_directory() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     let data_dir = s.dir.path().canonicalize().unwrap();
     let data_dir = data_dir.to_str().unwrap();
     let python = "def handle(event):\n    raise ValueError('bad ' + __file__)\n";
@@ -688,7 +692,7 @@ async fn errors_show_paths_in_the_sandbox_not_the_data_directory() {
 
 #[tokio::test]
 async fn a_handler_module_shadowing_the_standard_library_is_refused_at_deploy() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     let cases = [
         (
             "os.system",
@@ -714,7 +718,7 @@ async fn a_handler_module_shadowing_the_standard_library_is_refused_at_deploy() 
             .call(
                 "POST",
                 "/functions",
-                Some(json!({"name": "shadow", "handler": handler, "code_archive": common::zip_base64(&files)})),
+                Some(json!({"name": "shadow", "handler": handler, "code_archive": nimbus_testkit::server::zip_base64(&files)})),
             )
             .await;
         assert_eq!(

@@ -3,8 +3,6 @@
 //! PostgreSQL), split accuracy and session stickiness counted over real invocations, alias
 //! changes racing invocations, propagation to another server, and warm rollbacks.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +10,11 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use common::{code_of, Backend, Server};
+use nimbus_testkit::on_both_backends;
+use nimbus_testkit::server::{code_of, Backend, Nimbus, Server};
+
+/// The binary under test.
+const NIMBUS: Nimbus = Nimbus::at(env!("CARGO_BIN_EXE_nimbus"));
 
 on_both_backends!(versions_and_aliases_lifecycle);
 
@@ -29,7 +31,20 @@ fn weights(pairs: &[(u32, u32)]) -> Value {
     json!({ "weights": weights })
 }
 
-impl Server {
+/// The steps of these tests, on the kit's server.
+trait CanarySteps {
+    /// Stages new code without publishing it.
+    async fn stage(&self, function: &str, tag: u32);
+    /// Publishes version `tag` of `function` whose handler returns `tag`.
+    async fn publish_tagged(&self, function: &str, tag: u32);
+    async fn set_alias(&self, function: &str, alias: &str, pairs: &[(u32, u32)]) -> Value;
+    async fn create_alias(&self, function: &str, alias: &str, pairs: &[(u32, u32)]);
+    /// Invokes and checks the answer is a success whose body matches its version; returns
+    /// the whole response.
+    async fn invoke_ok(&self, function: &str, query: &str) -> Value;
+}
+
+impl CanarySteps for Server {
     /// Stages new code without publishing it.
     async fn stage(&self, function: &str, tag: u32) {
         let (status, body) = self
@@ -94,7 +109,7 @@ async fn function_with_versions(s: &Server, name: &str, count: u32) {
 }
 
 async fn versions_and_aliases_lifecycle(backend: Backend) {
-    let s = Server::start(backend).await;
+    let s = NIMBUS.start(backend).await;
     let f = "shop";
     s.deploy(f, &tagged(1), json!({})).await;
 
@@ -575,7 +590,7 @@ fn shares(versions: &[u32]) -> BTreeMap<u32, f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_split_is_accurate_over_20000_invocations() {
-    let s = Arc::new(Server::start(Backend::Sqlite).await);
+    let s = Arc::new(NIMBUS.start(Backend::Sqlite).await);
     function_with_versions(&s, "split", 3).await;
     for table in [vec![(1, 90), (2, 10)], vec![(1, 34), (2, 33), (3, 33)]] {
         s.set_alias("split", "latest", &table).await;
@@ -594,7 +609,7 @@ async fn weighted_split_is_accurate_over_20000_invocations() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_keys_stick_and_move_only_to_the_new_version() {
-    let s = Arc::new(Server::start(Backend::Sqlite).await);
+    let s = Arc::new(NIMBUS.start(Backend::Sqlite).await);
     function_with_versions(&s, "sticky", 2).await;
     s.create_alias("sticky", "prod", &[(1, 90), (2, 10)]).await;
     const KEYS: usize = 1000;
@@ -662,7 +677,7 @@ async fn session_keys_stick_and_move_only_to_the_new_version() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alias_updates_racing_invocations_never_misroute() {
-    let s = Arc::new(Server::start(Backend::Sqlite).await);
+    let s = Arc::new(NIMBUS.start(Backend::Sqlite).await);
     // Version 4 exists (and is `latest`) but prod never routes to it.
     function_with_versions(&s, "racy", 4).await;
     let tables: [&[(u32, u32)]; 2] = [&[(1, 100)], &[(2, 50), (3, 50)]];
@@ -723,7 +738,7 @@ async fn alias_updates_racing_invocations_never_misroute() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alias_changes_reach_another_server_within_a_second() {
-    let a = Server::start(Backend::Postgres).await;
+    let a = NIMBUS.start(Backend::Postgres).await;
     function_with_versions(&a, "fleet", 2).await;
     a.create_alias("fleet", "prod", &[(1, 100)]).await;
     let b = a.start_peer().await;
@@ -743,7 +758,7 @@ async fn alias_changes_reach_another_server_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_back_finds_the_old_version_warm() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     function_with_versions(&s, "warm", 2).await;
     s.create_alias("warm", "prod", &[(1, 100)]).await;
     let first = s.invoke_ok("warm", "?alias=prod").await;

@@ -2,8 +2,6 @@
 //! stalled connections, the connection limit, a flood past the open-files limit, the
 //! memory it leaves behind, and a drain on SIGTERM. See docs/LIMITS.md (`[http]`).
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -14,9 +12,12 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use common::{code_of, Backend, Server};
+use nimbus_testkit::server::{code_of, Backend, Nimbus};
 
-const FLOOD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common/flood.py");
+/// The binary under test.
+const NIMBUS: Nimbus = Nimbus::at(env!("CARGO_BIN_EXE_nimbus"));
+
+const FLOOD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/flood.py");
 
 /// The server binary with its log kept in a file, for the tests that read it.
 struct Logged {
@@ -109,7 +110,7 @@ impl Logged {
 
 impl Drop for Logged {
     fn drop(&mut self) {
-        common::stop(&mut self.child);
+        nimbus_testkit::server::stop(&mut self.child);
     }
 }
 
@@ -490,7 +491,9 @@ async fn answers_given_before_the_body_reach_a_client_that_sends_it_all_first() 
 
 #[tokio::test]
 async fn throttled_answers_say_when_to_retry() {
-    let s = Server::start_with(Backend::Sqlite, "queue_depth = 0\n", &[]).await;
+    let s = NIMBUS
+        .start_with(Backend::Sqlite, "queue_depth = 0\n", &[])
+        .await;
     s.deploy(
         "one",
         "import time\ndef handle(e):\n    time.sleep(e.get('sleep', 0))\n    return 'ok'\n",
@@ -516,7 +519,7 @@ async fn throttled_answers_say_when_to_retry() {
 
 #[tokio::test]
 async fn sigterm_drains_running_invocations_while_ready_says_503() {
-    let mut s = Server::start(Backend::Sqlite).await;
+    let mut s = NIMBUS.start(Backend::Sqlite).await;
     s.deploy(
         "slow",
         "import time\ndef handle(e):\n    time.sleep(3)\n    return 'done'\n",

@@ -5,17 +5,20 @@
 //! These servers retire an instance after every invocation (`max_invocations = 1`), so
 //! every invocation starts a new instance.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{Backend, Server};
+use nimbus_testkit::server::{Backend, Nimbus, Server};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
+/// The binary under test.
+const NIMBUS: Nimbus = Nimbus::at(env!("CARGO_BIN_EXE_nimbus"));
+
 async fn server() -> Server {
-    Server::start_with(Backend::Sqlite, "max_invocations = 1\n", &["--snapshots"]).await
+    NIMBUS
+        .start_with(Backend::Sqlite, "max_invocations = 1\n", &["--snapshots"])
+        .await
 }
 
 /// Waits until `function`'s snapshot of `version` has `status`; returns its row.
@@ -203,7 +206,7 @@ async fn files_of_the_function_named_like_the_runtime_s_template_modules_do_not_
     let s = server().await;
     // Were these imported in their place, reseeding and the probes would be the
     // function's to replace (here: to break).
-    let archive = common::zip_base64(&[
+    let archive = nimbus_testkit::server::zip_base64(&[
         (
             "handler.py",
             "import random

@@ -2,15 +2,17 @@
 //! HTTP as a user would, once on SQLite and once on the real PostgreSQL (each run in a
 //! schema of its own).
 
-mod common;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use common::{code_of, Backend, Server};
+use nimbus_testkit::on_both_backends;
+use nimbus_testkit::server::{code_of, Backend, Nimbus};
+
+/// The binary under test.
+const NIMBUS: Nimbus = Nimbus::at(env!("CARGO_BIN_EXE_nimbus"));
 
 on_both_backends!(
     deploy_invoke_update_and_records,
@@ -21,7 +23,7 @@ on_both_backends!(
 );
 
 async fn deploy_invoke_update_and_records(backend: Backend) {
-    let s = Server::start(backend).await;
+    let s = NIMBUS.start(backend).await;
     let created = s
         .deploy(
             "greet",
@@ -29,9 +31,9 @@ async fn deploy_invoke_update_and_records(backend: Backend) {
             json!({}),
         )
         .await;
-    assert_eq!(created["version"], 1);
-    assert_eq!(created["latest_version"], 1);
-    assert!(created["id"].as_str().unwrap().starts_with("fn_"));
+    assert_eq!(created.version, 1);
+    assert_eq!(created.function.latest_version, 1);
+    assert!(created.function.id.starts_with("fn_"));
 
     let (status, r) = s.invoke_raw("greet", "", r#"{"x": 42}"#).await;
     assert_eq!(status, StatusCode::OK, "{r}");
@@ -41,9 +43,7 @@ async fn deploy_invoke_update_and_records(backend: Backend) {
     assert_eq!(r["alias_used"], "latest");
     assert_eq!(r["start_type"], "cold");
     assert_eq!(r["cold_start"], true);
-    let (_, warm) = s
-        .invoke_raw(created["id"].as_str().unwrap(), "", "{}")
-        .await;
+    let (_, warm) = s.invoke_raw(&created.function.id, "", "{}").await;
     assert_eq!(warm["start_type"], "warm");
     assert_eq!(warm["instance_id"], r["instance_id"]);
 
@@ -119,7 +119,7 @@ async fn deploy_invoke_update_and_records(backend: Backend) {
 }
 
 async fn error_cases_answer_with_status_and_code(backend: Backend) {
-    let s = Server::start_with(backend, "queue_depth = 0\n", &[]).await;
+    let s = NIMBUS.start_with(backend, "queue_depth = 0\n", &[]).await;
     let faulty = r#"
 import os, time
 def handle(event):
@@ -293,8 +293,8 @@ def handle(event):
 }
 
 async fn code_archives_with_packages(backend: Backend) {
-    let s = Server::start(backend).await;
-    let archive = common::zip_base64(&[
+    let s = NIMBUS.start(backend).await;
+    let archive = nimbus_testkit::server::zip_base64(&[
         ("app/__init__.py", ""),
         (
             "app/main.py",
@@ -327,7 +327,7 @@ async fn code_archives_with_packages(backend: Backend) {
 }
 
 async fn records_survive_a_clean_restart(backend: Backend) {
-    let mut s = Server::start(backend).await;
+    let mut s = NIMBUS.start(backend).await;
     s.deploy("count", "def handle(e):\n    return e['i']\n", json!({}))
         .await;
     let events: Vec<String> = (0..40).map(|i| format!(r#"{{"i":{i}}}"#)).collect();
@@ -348,7 +348,7 @@ async fn records_survive_a_clean_restart(backend: Backend) {
 }
 
 async fn async_invocations_complete(backend: Backend) {
-    let s = Server::start(backend).await;
+    let s = NIMBUS.start(backend).await;
     s.deploy("bg", "def handle(e):\n    return e['n'] * 2\n", json!({}))
         .await;
     let resp = s
@@ -381,7 +381,9 @@ async fn async_invocations_complete(backend: Backend) {
 
 #[tokio::test]
 async fn api_keys_guard_everything_but_health() {
-    let s = Server::start_with(Backend::Sqlite, "", &["--api-key", "ci:s3cret"]).await;
+    let s = NIMBUS
+        .start_with(Backend::Sqlite, "", &["--api-key", "ci:s3cret"])
+        .await;
     let plain = reqwest::Client::new();
     let health = plain
         .get(format!("{}/health", s.base))
@@ -423,7 +425,7 @@ fn a_public_listener_without_a_key_refuses_to_start() {
 
 #[tokio::test]
 async fn metrics_and_ops_endpoints() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     s.deploy("m", "def handle(e):\n    return 1\n", json!({}))
         .await;
     s.invoke_raw("m", "", "{}").await;
@@ -483,7 +485,7 @@ async fn metrics_and_ops_endpoints() {
 
 #[tokio::test]
 async fn shutdown_waits_for_running_invocations() {
-    let mut s = Server::start(Backend::Sqlite).await;
+    let mut s = NIMBUS.start(Backend::Sqlite).await;
     s.deploy(
         "slow",
         "import time\ndef handle(e):\n    time.sleep(1)\n    return 'done'\n",

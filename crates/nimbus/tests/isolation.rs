@@ -3,14 +3,16 @@
 //! (isolation on, as by default), asserts that the attack fails, and that the platform
 //! keeps serving. Runs on the real kernel as root, as CI does.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use common::{code_of, Backend, FakeInternet, Server};
+use nimbus_testkit::internet::FakeInternet;
+use nimbus_testkit::server::{code_of, Backend, Nimbus, Server};
+
+/// The binary under test.
+const NIMBUS: Nimbus = Nimbus::at(env!("CARGO_BIN_EXE_nimbus"));
 
 /// Deploys `code` as `name` (with extra fields) and invokes it with `event`.
 async fn run(
@@ -112,7 +114,7 @@ def handle(event):
 
 #[tokio::test]
 async fn host_files_and_the_data_directory_are_invisible() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     let data = s.dir.path().display().to_string();
     let paths = [
         "/etc/shadow".to_owned(),
@@ -143,7 +145,7 @@ async fn host_files_and_the_data_directory_are_invisible() {
 
 #[tokio::test]
 async fn writes_outside_tmp_fail_and_tmp_is_bounded() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     let code = r#"
 import os
 def handle(event):
@@ -181,7 +183,7 @@ def handle(event):
 
 #[tokio::test]
 async fn host_processes_are_invisible_and_unsignalable() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     let code = r#"
 import os, signal
 def handle(event):
@@ -222,7 +224,7 @@ def handle(event):
 
 #[tokio::test]
 async fn the_network_is_unreachable_without_the_network_option() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     // A listener of our own on the host's loopback: reachable from any host process.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -253,7 +255,7 @@ def handle(event):
 
 #[tokio::test]
 async fn dangerous_system_calls_are_refused() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     // Calls an unprivileged process may make on this kernel: only the seccomp filter stops
     // them (`Seccomp: 2` is checked elsewhere; this proves what the filter denies).
     let code = r#"
@@ -310,7 +312,7 @@ def handle(event):
 
 #[tokio::test]
 async fn exceeding_memory_is_out_of_memory_and_the_host_is_fine() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     // Bytes that are written, so the pages are really used (a zeroed allocation is not).
     let code =
         "def handle(event):\n    hog = b'\\x01' * (2 * 1024 * 1024 * 1024)\n    return len(hog)\n";
@@ -331,7 +333,7 @@ async fn exceeding_memory_is_out_of_memory_and_the_host_is_fine() {
 
 #[tokio::test]
 async fn a_fork_bomb_is_contained() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     let code = r#"
 import os, time
 def handle(event):
@@ -365,7 +367,7 @@ def handle(event):
 
 #[tokio::test]
 async fn a_timeout_kills_the_whole_instance_tree() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     let code = r#"
 import os
 def handle(event):
@@ -400,7 +402,7 @@ def handle(event):
 
 #[tokio::test]
 async fn background_processes_end_with_their_invocation() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     let code = r#"
 import os, time
 def handle(event):
@@ -449,7 +451,7 @@ def handle(event):
 
 #[tokio::test]
 async fn orphans_are_reaped_and_do_not_use_up_the_process_limit() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     // Each call double-forks a short-lived helper: its orphan must be reaped, or the
     // zombies would reach the 64-process limit within a few calls.
     let code = r#"
@@ -473,7 +475,7 @@ def handle(event):
 
 #[tokio::test]
 async fn two_functions_cannot_see_each_other() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     let writer = r#"
 import os
 def handle(event):
@@ -507,7 +509,7 @@ def handle(event):
 
 #[tokio::test]
 async fn nothing_is_left_after_the_server_is_killed_and_restarted() {
-    let mut s = Server::start(Backend::Sqlite).await;
+    let mut s = NIMBUS.start(Backend::Sqlite).await;
     assert_eq!(
         result(&s, "alive", "def handle(e):\n    return 'ok'\n", json!({})).await,
         "ok"
@@ -529,7 +531,7 @@ async fn nothing_is_left_after_the_server_is_killed_and_restarted() {
 
 #[tokio::test]
 async fn ordinary_python_works_in_the_sandbox() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     let code = r#"
 import getpass, hashlib, json, multiprocessing, os, socket, ssl, tempfile, threading, time
 def square(x):
@@ -563,7 +565,7 @@ def handle(event):
 
 #[tokio::test]
 async fn a_second_server_on_the_same_data_directory_is_refused() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     assert_eq!(
         result(&s, "first", "def handle(e):\n    return 'ok'\n", json!({})).await,
         "ok"
@@ -588,7 +590,7 @@ async fn a_second_server_on_the_same_data_directory_is_refused() {
 #[tokio::test]
 async fn outbound_functions_reach_public_addresses_and_nothing_else() {
     let internet = FakeInternet::start();
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     let host_listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let port = host_listener.local_addr().unwrap().port();
     let code = r#"
@@ -666,7 +668,7 @@ def handle(event):
 
 #[tokio::test]
 async fn strays_of_back_to_back_invocations_are_ended_too() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     // Each call leaves a sleeping grandchild; calls come faster than any cache of the
     // kernel's process lists expires.
     let code = r#"
@@ -706,7 +708,7 @@ async fn strays_ended(s: &Server, function: &str, event: &str) -> bool {
 
 #[tokio::test]
 async fn a_node_workers_threads_are_left_alone_and_its_strays_are_ended() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     // Node.js runs several threads of its own, and a handler may start and end more: the
     // check after each invocation must tell them from processes the handler left behind,
     // also when threads end in the invocation that leaves a process (the task count then
@@ -744,7 +746,7 @@ exports.handle = async (event) => {
 
 #[tokio::test]
 async fn a_python_stray_born_as_threads_end_is_ended() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     let code = r#"
 import os, threading, time
 done = threading.Event()
@@ -772,7 +774,7 @@ def handle(event):
 
 #[tokio::test]
 async fn a_node_function_is_held_to_its_timeout_and_memory_limit() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     // A synchronous spin never yields to the event loop: only the host's timeout ends it.
     s.deploy(
         "spin-node",

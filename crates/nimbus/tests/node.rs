@@ -1,11 +1,12 @@
 //! The nodejs20 runtime end to end: the real server (isolated), Node.js functions deployed
 //! and invoked over HTTP, with state and session keys.
 
-mod common;
-
-use common::{Backend, Server};
+use nimbus_testkit::server::{Backend, Nimbus, Server};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+
+/// The binary under test.
+const NIMBUS: Nimbus = Nimbus::at(env!("CARGO_BIN_EXE_nimbus"));
 
 const HELLO: &str = r#"
 exports.handle = async (event) => ({ message: `Hello, ${event.name ?? 'world'}!`, node: process.version, uid: process.getuid(), pid: process.pid });
@@ -38,7 +39,7 @@ async fn invoke(s: &Server, function: &str, query: &str, event: Value) -> Value 
 
 #[tokio::test]
 async fn a_node_function_deploys_and_runs_in_its_sandbox() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     let created = s
         .deploy(
             "hello-node",
@@ -46,7 +47,7 @@ async fn a_node_function_deploys_and_runs_in_its_sandbox() {
             json!({"runtime": "nodejs20", "handler": "index.handle"}),
         )
         .await;
-    assert_eq!(created["runtime"], "nodejs20");
+    assert_eq!(created.function.runtime, "nodejs20");
     let r = invoke(&s, "hello-node", "", json!({"name": "Nimbus"})).await;
     assert_eq!(r["body"]["message"], "Hello, Nimbus!", "{r}");
     assert!(
@@ -63,7 +64,7 @@ async fn a_node_function_deploys_and_runs_in_its_sandbox() {
 
 #[tokio::test]
 async fn the_cart_in_javascript_keeps_state_per_session() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     s.deploy(
         "cart-node",
         CART,
@@ -103,7 +104,7 @@ async fn the_cart_in_javascript_keeps_state_per_session() {
 
 #[tokio::test]
 async fn a_node_function_that_throws_reports_name_message_and_stack() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     s.deploy(
         "throws-node",
         "exports.handle = () => { throw new RangeError('out of range'); };\n",
@@ -134,7 +135,9 @@ exports.handle = async (event) => {
 
 /// A server whose every invocation starts a new instance, snapshots on.
 async fn fresh_instance_server() -> Server {
-    Server::start_with(Backend::Sqlite, "max_invocations = 1\n", &["--snapshots"]).await
+    NIMBUS
+        .start_with(Backend::Sqlite, "max_invocations = 1\n", &["--snapshots"])
+        .await
 }
 
 /// Waits until `function`'s version 1 has a resident template (its spares) and returns
@@ -199,7 +202,9 @@ async fn new_node_instances_start_from_spares_loaded_ahead_each_in_its_own_sandb
 
 #[tokio::test]
 async fn a_burst_beyond_the_spares_waits_for_the_next_ones_instead_of_failing() {
-    let s = Server::start_with(Backend::Sqlite, "", &["--snapshots"]).await;
+    let s = NIMBUS
+        .start_with(Backend::Sqlite, "", &["--snapshots"])
+        .await;
     s.deploy(
         "burst-node",
         LOADED,
@@ -269,7 +274,7 @@ async fn when_the_spares_are_killed_the_next_start_still_succeeds() {
 
 #[tokio::test]
 async fn the_node_examples_deploy_and_run_from_the_cli_as_documented() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     let example = |name: &str| format!("{}/../../examples/node/{name}", env!("CARGO_MANIFEST_DIR"));
     let node = ["--runtime", "nodejs20", "--handler", "index.handle"];
 
@@ -382,9 +387,9 @@ exports.handle = async (event, state) => {
 
 #[tokio::test]
 async fn es_modules_and_commonjs_get_the_nimbus_package_in_the_sandbox() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     let config = json!({"runtime": "nodejs20", "handler": "index.handle", "state_config": {"enabled": true}});
-    let mut esm = json!({"name": "esm-nimbus", "code_archive": common::zip_base64(&[("index.mjs", ESM_NIMBUS)])});
+    let mut esm = json!({"name": "esm-nimbus", "code_archive": nimbus_testkit::server::zip_base64(&[("index.mjs", ESM_NIMBUS)])});
     esm.as_object_mut()
         .unwrap()
         .extend(config.as_object().unwrap().clone());
@@ -470,10 +475,10 @@ export const handle = (event) => ({
 
 #[tokio::test]
 async fn archives_carry_their_node_modules_for_commonjs_and_es_modules() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     let mut files = PACKAGES.to_vec();
     files.extend([("cjs.js", CJS_USER), ("app/esm.mjs", ESM_USER)]);
-    let archive = common::zip_base64(&files);
+    let archive = nimbus_testkit::server::zip_base64(&files);
     for (name, handler) in [("uses-cjs", "cjs.handle"), ("uses-esm", "app.esm.handle")] {
         let (status, created) = s
             .call(
@@ -517,12 +522,13 @@ async fn archives_carry_their_node_modules_for_commonjs_and_es_modules() {
 #[tokio::test]
 async fn an_evicted_set_of_spares_stops_its_spares_but_not_the_instances_taken_from_it() {
     // A 1 MB budget for templates: each new set of spares evicts the one before.
-    let s = Server::start_with(
-        Backend::Sqlite,
-        "[snapshots]\nmemory_budget_mb = 1\n",
-        &["--snapshots"],
-    )
-    .await;
+    let s = NIMBUS
+        .start_with(
+            Backend::Sqlite,
+            "[snapshots]\nmemory_budget_mb = 1\n",
+            &["--snapshots"],
+        )
+        .await;
     let node = json!({"runtime": "nodejs20", "handler": "index.handle"});
     s.deploy("evicted-first", LOADED, node.clone()).await;
     wait_spares(&s, "evicted-first").await;
@@ -547,7 +553,9 @@ async fn an_evicted_set_of_spares_stops_its_spares_but_not_the_instances_taken_f
 
 #[tokio::test]
 async fn a_node_versions_spares_are_built_listed_and_deleted_like_a_snapshot() {
-    let s = Server::start_with(Backend::Sqlite, "", &["--snapshots"]).await;
+    let s = NIMBUS
+        .start_with(Backend::Sqlite, "", &["--snapshots"])
+        .await;
     s.deploy(
         "listed",
         LOADED,

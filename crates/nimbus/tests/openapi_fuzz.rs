@@ -14,8 +14,6 @@
 //! each one). The tests at the end pin down defects the
 //! fuzzer found.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Instant;
@@ -23,7 +21,10 @@ use std::time::Instant;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use common::{code_of, Backend, Server};
+use nimbus_testkit::server::{code_of, Backend, Nimbus, Server};
+
+/// The binary under test.
+const NIMBUS: Nimbus = Nimbus::at(env!("CARGO_BIN_EXE_nimbus"));
 
 /// The secret of the server's one API key (`--api-key fuzz:<secret>`).
 const SECRET: &str = "fuzz-3c1d9a7e";
@@ -59,12 +60,13 @@ fn tool(name: &str) -> PathBuf {
 /// The server under test: API keys on (so authentication is part of what is checked) and
 /// snapshots on (so snapshot answers have rows to show).
 async fn server() -> Server {
-    Server::start_with(
-        Backend::Sqlite,
-        "",
-        &["--snapshots", "--api-key", &format!("fuzz:{SECRET}")],
-    )
-    .await
+    NIMBUS
+        .start_with(
+            Backend::Sqlite,
+            "",
+            &["--snapshots", "--api-key", &format!("fuzz:{SECRET}")],
+        )
+        .await
 }
 
 /// What the fuzzer is pointed at: the placeholders of `tests/fuzz/schemathesis.toml`.
@@ -116,7 +118,7 @@ async fn deploy_fixtures(s: &Server) -> Fixtures {
     let text = |v: &Value| v.as_str().unwrap().to_owned();
     Fixtures(vec![
         ("FUNCTION", "fuzz-echo".into()),
-        ("FUNCTION_ID", text(&echo["id"])),
+        ("FUNCTION_ID", echo.function.id.clone()),
         ("FAILING", "fuzz-fail".into()),
         ("DOOMED", "fuzz-doomed".into()),
         ("SESSION", "s1".into()),

@@ -5,7 +5,6 @@
 //! PostgreSQL and one Redis where one deletes a function the other runs, and `/metrics`
 //! after deletions.
 
-mod common;
 #[path = "../../nimbus-state/tests/common/mod.rs"]
 mod private_redis;
 #[path = "../../nimbus-store/tests/common/tmpfs.rs"]
@@ -16,10 +15,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{code_of, Backend, Server};
+use nimbus_testkit::server::{code_of, Backend, Nimbus, Server};
 use private_redis::RedisServer;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+
+/// The binary under test.
+const NIMBUS: Nimbus = Nimbus::at(env!("CARGO_BIN_EXE_nimbus"));
 
 const ECHO: &str = "def handle(event):\n    return event\n";
 
@@ -268,14 +270,15 @@ async fn all_recorded(s: &Server, ids: &[String]) {
 #[tokio::test]
 async fn through_a_postgres_outage_warm_functions_run_the_rest_fails_fast_and_nothing_is_lost() {
     let pg = PrivatePg::start();
-    let s = Server::start_on(
-        tempfile::tempdir().unwrap(),
-        pg.url(),
-        None,
-        "stale_ttl_ms = 6000\n",
-        &[],
-    )
-    .await;
+    let s = NIMBUS
+        .start_on(
+            tempfile::tempdir().unwrap(),
+            pg.url(),
+            None,
+            "stale_ttl_ms = 6000\n",
+            &[],
+        )
+        .await;
     s.deploy("warm", ECHO, json!({})).await;
     let mut during = Vec::new();
     invoke_ok(&s, "warm", 0).await;
@@ -371,15 +374,16 @@ async fn ready_throughout(s: &Server, period: Duration, during: &str) {
 #[tokio::test]
 async fn a_postgres_slow_for_one_health_check_is_not_down() {
     let pg = PrivatePg::start();
-    let s = Server::start_on(
-        tempfile::tempdir().unwrap(),
-        pg.url(),
-        None,
-        // Checks every 750 ms, each failing after 2250 ms.
-        "store_timeout_ms = 3000\n",
-        &[],
-    )
-    .await;
+    let s = NIMBUS
+        .start_on(
+            tempfile::tempdir().unwrap(),
+            pg.url(),
+            None,
+            // Checks every 750 ms, each failing after 2250 ms.
+            "store_timeout_ms = 3000\n",
+            &[],
+        )
+        .await;
     s.deploy("f", ECHO, json!({})).await;
     wait_ready(&s, StatusCode::OK).await;
 
@@ -414,7 +418,9 @@ async fn a_postgres_refusing_new_connections_is_checked_through_the_pool() {
     pg_sql(&pg, "CREATE ROLE nimbus LOGIN");
     pg_sql(&pg, "CREATE DATABASE nimbus OWNER nimbus");
     let url = format!("postgres://nimbus@127.0.0.1:{}/nimbus", pg.port);
-    let s = Server::start_on(tempfile::tempdir().unwrap(), url, None, "", &[]).await;
+    let s = NIMBUS
+        .start_on(tempfile::tempdir().unwrap(), url, None, "", &[])
+        .await;
     s.deploy("f", ECHO, json!({})).await;
     invoke_ok(&s, "f", 0).await;
     wait_ready(&s, StatusCode::OK).await;
@@ -459,7 +465,7 @@ async fn a_postgres_refusing_new_connections_is_checked_through_the_pool() {
 /// `store_unavailable` at once, and it is ready again when the file is back.
 #[tokio::test]
 async fn ready_checks_the_sqlite_database() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     wait_ready(&s, StatusCode::OK).await;
     let path = s.dir.path().join("nimbus.db");
     let moved = s.dir.path().join("nimbus.db.moved");
@@ -481,7 +487,7 @@ async fn ready_checks_the_sqlite_database() {
 
 #[tokio::test]
 async fn a_server_killed_right_after_answering_loses_no_record() {
-    let mut s = Server::start(Backend::Sqlite).await;
+    let mut s = NIMBUS.start(Backend::Sqlite).await;
     s.deploy("echo", ECHO, json!({})).await;
     let mut answered = Vec::new();
     for round in 0..3 {
@@ -524,7 +530,9 @@ async fn busy_instances(s: &Server) -> f64 {
 
 #[tokio::test]
 async fn invocations_cut_short_by_a_shutdown_are_recorded() {
-    let mut s = Server::start_with(Backend::Sqlite, "shutdown_grace_sec = 1\n", &[]).await;
+    let mut s = NIMBUS
+        .start_with(Backend::Sqlite, "shutdown_grace_sec = 1\n", &[])
+        .await;
     s.deploy("slow", SLEEPER, json!({})).await;
     let event = json!({"sleep": 120});
     let sync = {
@@ -577,7 +585,9 @@ async fn a_full_disk_under_sqlite_loses_no_record_and_reads_stay_consistent() {
         return;
     };
     let database = format!("sqlite:{}", disk.path().join("nimbus.db").display());
-    let mut s = Server::start_on(tempfile::tempdir().unwrap(), database, None, "", &[]).await;
+    let mut s = NIMBUS
+        .start_on(tempfile::tempdir().unwrap(), database, None, "", &[])
+        .await;
     s.deploy("echo", ECHO, json!({})).await;
     let mut ids = vec![invoke_ok(&s, "echo", 0).await];
 
@@ -633,7 +643,7 @@ async fn a_function_deleted_on_one_server_leaves_nothing_on_another() {
     let state_url = format!("redis://127.0.0.1:{port}");
     let toml = "purge_interval_sec = 1\n";
     let args = ["--state-url", state_url.as_str(), "--snapshots"];
-    let a = Server::start_with(Backend::Postgres, toml, &args).await;
+    let a = NIMBUS.start_with(Backend::Postgres, toml, &args).await;
     let b = a.start_peer_with(toml, &args).await;
     let created = a
         .deploy(
@@ -642,7 +652,7 @@ async fn a_function_deleted_on_one_server_leaves_nothing_on_another() {
             json!({"state_config": {"enabled": true}}),
         )
         .await;
-    let id = created["id"].as_str().unwrap().to_owned();
+    let id = created.function.id;
     let (status, body) = b
         .invoke_raw("doomed", "", &json!({"key": "early"}).to_string())
         .await;
@@ -692,7 +702,7 @@ async fn a_function_deleted_on_one_server_leaves_nothing_on_another() {
 
 #[tokio::test]
 async fn series_of_deleted_functions_aliases_and_versions_leave_metrics() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     s.deploy("kept", ECHO, json!({})).await;
     s.deploy("churn", ECHO, json!({})).await;
     let (status, body) = s

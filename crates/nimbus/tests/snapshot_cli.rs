@@ -3,14 +3,15 @@
 //! the real binary as a server (isolation on, snapshots on unless a test says otherwise),
 //! the CLI as a subprocess against it, and the HTTP answers checked with reqwest.
 
-mod common;
-
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{code_of, Backend, Server};
+use nimbus_testkit::server::{code_of, Backend, Nimbus, Server};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+
+/// The binary under test.
+const NIMBUS: Nimbus = Nimbus::at(env!("CARGO_BIN_EXE_nimbus"));
 
 const BIN: &str = env!("CARGO_BIN_EXE_nimbus");
 
@@ -101,7 +102,9 @@ fn is_timestamp(v: &Value) -> bool {
 #[tokio::test]
 async fn cli_builds_lists_uses_stats_and_deletes_a_snapshot() {
     // Every invocation retires its instance, so each one starts a fresh instance.
-    let s = Server::start_with(Backend::Sqlite, "max_invocations = 1\n", &["--snapshots"]).await;
+    let s = NIMBUS
+        .start_with(Backend::Sqlite, "max_invocations = 1\n", &["--snapshots"])
+        .await;
     s.deploy("shop", SHOP, json!({})).await;
 
     // Waits (joining the build publishing started, if it is still under way).
@@ -206,7 +209,9 @@ async fn cli_builds_lists_uses_stats_and_deletes_a_snapshot() {
 
 #[tokio::test]
 async fn cli_reports_a_failed_build_and_cleans_it_up() {
-    let s = Server::start_with(Backend::Sqlite, "", &["--snapshots"]).await;
+    let s = NIMBUS
+        .start_with(Backend::Sqlite, "", &["--snapshots"])
+        .await;
     s.deploy("broken", BROKEN, json!({})).await;
     s.deploy("fine", SHOP, json!({})).await;
     ok(&s, &["snapshot", "build", "fine"]).await;
@@ -295,7 +300,9 @@ async fn cli_reports_a_failed_build_and_cleans_it_up() {
 
 #[tokio::test]
 async fn http_answers_of_the_snapshot_endpoints() {
-    let s = Server::start_with(Backend::Sqlite, "", &["--snapshots"]).await;
+    let s = NIMBUS
+        .start_with(Backend::Sqlite, "", &["--snapshots"])
+        .await;
     s.deploy("slow", SLOW, json!({})).await;
 
     // Publishing queued the build; an empty body joins it without waiting.
@@ -495,7 +502,7 @@ async fn http_answers_of_the_snapshot_endpoints() {
 
 #[tokio::test]
 async fn a_server_without_snapshots_refuses_builds_with_409() {
-    let s = Server::start(Backend::Sqlite).await;
+    let s = NIMBUS.start(Backend::Sqlite).await;
     s.deploy("shop", SHOP, json!({})).await;
     let (status, r) = s.call("POST", "/functions/shop/snapshots", None).await;
     assert_eq!(

@@ -4,17 +4,20 @@
 //! These servers retire an instance after every invocation (`max_invocations = 1`), so
 //! every invocation starts a new instance: from the template once it is resident.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{code_of, Backend, Server};
+use nimbus_testkit::server::{code_of, Backend, Nimbus, Server};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
+/// The binary under test.
+const NIMBUS: Nimbus = Nimbus::at(env!("CARGO_BIN_EXE_nimbus"));
+
 /// A server whose every invocation starts a new instance, snapshots on.
 async fn server() -> Server {
-    Server::start_with(Backend::Sqlite, "max_invocations = 1\n", &["--snapshots"]).await
+    NIMBUS
+        .start_with(Backend::Sqlite, "max_invocations = 1\n", &["--snapshots"])
+        .await
 }
 
 /// Waits until `function` has a resident template of `version` (its row `ready`).
@@ -277,12 +280,13 @@ fn template_pids(function: &str) -> Vec<i32> {
 #[tokio::test]
 async fn when_its_template_dies_the_invocation_still_succeeds_and_the_snapshot_is_rebuilt() {
     // In memory only: with a checkpoint on disk, the template would come back from it.
-    let s = Server::start_with(
-        Backend::Sqlite,
-        "max_invocations = 1\n[snapshots]\ndisk = false\n",
-        &["--snapshots"],
-    )
-    .await;
+    let s = NIMBUS
+        .start_with(
+            Backend::Sqlite,
+            "max_invocations = 1\n[snapshots]\ndisk = false\n",
+            &["--snapshots"],
+        )
+        .await;
     s.deploy(
         "fragile",
         "def handle(event):\n    return 'fine'\n",
@@ -312,7 +316,7 @@ async fn when_its_template_dies_the_invocation_still_succeeds_and_the_snapshot_i
 
 #[tokio::test]
 async fn an_outbound_function_forks_instances_with_links_of_their_own() {
-    let _internet = common::FakeInternet::start();
+    let _internet = nimbus_testkit::internet::FakeInternet::start();
     let s = server().await;
     let code = r#"
 import socket
@@ -337,7 +341,9 @@ def handle(event):
 
 #[tokio::test]
 async fn a_burst_of_new_instances_all_fork_from_the_template() {
-    let s = Server::start_with(Backend::Sqlite, "", &["--snapshots"]).await;
+    let s = NIMBUS
+        .start_with(Backend::Sqlite, "", &["--snapshots"])
+        .await;
     let code = "import time\ndef handle(event):\n    time.sleep(0.5)\n    return 'done'\n";
     s.deploy("burst", code, json!({ "max_instances": 80 }))
         .await;
@@ -605,7 +611,9 @@ def handle(event):
 
 #[tokio::test]
 async fn a_forked_instance_s_strays_are_ended_also_when_its_threads_end() {
-    let s = Server::start_with(Backend::Sqlite, "", &["--snapshots"]).await;
+    let s = NIMBUS
+        .start_with(Backend::Sqlite, "", &["--snapshots"])
+        .await;
     // The instance is PID 1 of its own pid namespace: what else runs there (zombies aside)
     // was left by an invocation.
     let code = r#"

@@ -2,16 +2,18 @@
 //! API over the worker connection, on the embedded store and on the real Redis
 //! (127.0.0.1:6379), and the admin API of sessions and state.
 
-mod common;
 #[path = "../../nimbus-state/tests/common/mod.rs"]
 mod private_redis;
 
 use std::time::Duration;
 
-use common::{code_of, Backend, Server};
+use nimbus_testkit::server::{code_of, Backend, Nimbus, Server};
 use private_redis::RedisServer;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+
+/// The binary under test.
+const NIMBUS: Nimbus = Nimbus::at(env!("CARGO_BIN_EXE_nimbus"));
 
 /// Where the function's state lives.
 #[derive(Clone, Copy, Debug)]
@@ -25,14 +27,15 @@ enum StateBackend {
 async fn server(backend: StateBackend) -> Server {
     let toml = "queue_depth = 500\n";
     match backend {
-        StateBackend::Embedded => Server::start_with(Backend::Sqlite, toml, &[]).await,
+        StateBackend::Embedded => NIMBUS.start_with(Backend::Sqlite, toml, &[]).await,
         StateBackend::Redis => {
-            Server::start_with(
-                Backend::Sqlite,
-                toml,
-                &["--state-url", "redis://127.0.0.1:6379"],
-            )
-            .await
+            NIMBUS
+                .start_with(
+                    Backend::Sqlite,
+                    toml,
+                    &["--state-url", "redis://127.0.0.1:6379"],
+                )
+                .await
         }
     }
 }
@@ -721,7 +724,9 @@ def handle(event, state):
 
 #[tokio::test]
 async fn a_session_whose_instance_stays_busy_moves_after_the_queue_timeout() {
-    let s = Server::start_with(Backend::Sqlite, "queue_timeout_ms = 300\n", &[]).await;
+    let s = NIMBUS
+        .start_with(Backend::Sqlite, "queue_timeout_ms = 300\n", &[])
+        .await;
     let code = r#"
 import time
 
@@ -1057,7 +1062,9 @@ async fn when_redis_goes_away_state_calls_fail_fast_and_recover_by_themselves() 
     let no_disk = ["--save", "", "--appendonly", "no"];
     let redis = RedisServer::start(port, &no_disk);
     let url = format!("redis://127.0.0.1:{port}");
-    let s = Server::start_with(Backend::Sqlite, "", &["--state-url", &url]).await;
+    let s = NIMBUS
+        .start_with(Backend::Sqlite, "", &["--state-url", &url])
+        .await;
     s.deploy("ops", OPS, json!({"state_config": {"enabled": true}}))
         .await;
     let incr = json!({"op": "incr", "scope": "function", "args": ["n"]});

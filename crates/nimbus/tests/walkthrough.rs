@@ -9,12 +9,14 @@
 //! `NIMBUS_UPDATE_DOCS=1 cargo test -p nimbus --test walkthrough sqlite` rewrites the
 //! document's outputs from a real run.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Backend, Server};
+use nimbus_testkit::on_both_backends;
+use nimbus_testkit::server::{Backend, Nimbus};
+
+/// The binary under test.
+const NIMBUS: Nimbus = Nimbus::at(env!("CARGO_BIN_EXE_nimbus"));
 
 const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/CANARY.md");
 const VARIES: &str = "# output varies";
@@ -100,7 +102,7 @@ async fn canary_walkthrough_runs_as_written(backend: Backend) {
     let doc = std::fs::read_to_string(DOC).unwrap();
     let steps = steps(&doc);
     assert!(steps.len() >= 10, "docs/CANARY.md has too few steps");
-    let server = Server::start(backend).await;
+    let server = NIMBUS.start(backend).await;
     let dir = tempfile::tempdir().unwrap();
     let update =
         matches!(backend, Backend::Sqlite) && std::env::var_os("NIMBUS_UPDATE_DOCS").is_some();
