@@ -15,19 +15,21 @@ pub mod code_cache;
 pub mod config;
 pub mod error;
 pub mod functions;
+mod instance;
 pub mod invoke;
 mod journal;
 mod launcher;
 pub mod metrics;
-pub mod pool;
+mod pool;
 mod purge;
 pub mod recorder;
 pub mod router;
 pub mod snapshot_admin;
 mod snapshot_files;
-pub(crate) mod snapshots;
+mod snapshots;
 mod spares;
 mod start_estimates;
+mod starter;
 mod state;
 pub mod state_admin;
 pub mod versions;
@@ -60,6 +62,7 @@ use launcher::Launcher;
 use pool::Pools;
 use recorder::Recorder;
 use snapshots::Snapshots;
+use starter::Starter;
 
 /// The engine: metadata, pools and recording behind one handle.
 pub struct Engine {
@@ -67,6 +70,8 @@ pub struct Engine {
     store: Arc<dyn MetadataStore>,
     catalog: Catalog,
     pools: Pools,
+    /// Starts instances (the pools' new ones, and the deploy's check that code loads).
+    starter: Arc<Starter>,
     snapshots: Arc<Snapshots>,
     recorder: Recorder,
     /// The recorder's writing task, stopped at shutdown.
@@ -120,6 +125,7 @@ impl Engine {
             launcher.clone(),
             config.data_dir.join("snapshots"),
         );
+        let starter = Arc::new(Starter::new(launcher, snapshots.clone()));
         let freshness = Freshness {
             ttl: config.cache_ttl,
             stale_ttl: config.stale_ttl,
@@ -128,7 +134,8 @@ impl Engine {
         let engine = Arc::new(Engine {
             catalog,
             driver_name,
-            pools: Pools::new(config.clone(), launcher, snapshots.clone()),
+            pools: Pools::new(config.clone(), starter.clone()),
+            starter,
             snapshots,
             recorder,
             recorder_task: Mutex::new(Some(recorder_task)),
