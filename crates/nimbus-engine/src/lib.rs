@@ -1,9 +1,11 @@
 //! Nimbus engine: the one place where API requests turn into work.
 //!
-//! Request path: [`Engine::invoke`] → [`catalog`] (function, alias, version; cached) →
-//! [`router`] (alias → version) → [`pool`] (warm instance or a new one) → the worker
-//! protocol (`nimbus_runtime::WorkerConn`) → outcome → [`recorder`] (journaled, then
-//! written behind). Function management ([`functions`]) validates, loads new code once, and
+//! Request path: [`Engine::invoke`] ([`invoke`]) → [`catalog`] (function, alias, version;
+//! cached) → [`router`] (alias → version) → `pool` (a warm instance, placed by
+//! `affinity::placement`, or a new one from `starter`: forked from a template, restored
+//! from a checkpoint, or cold through `launcher`) → the worker protocol
+//! (`nimbus_runtime::WorkerConn`) → outcome → the lease released → [`recorder`]
+//! (journaled, then written behind). Function management ([`functions`]) validates, loads new code once, and
 //! writes the store; [`versions`] publishes and deletes versions, [`aliases`] manages the
 //! routing tables. Deletions converge across servers: what a server finds deleted elsewhere
 //! it drops ([`catalog::Gone`]), and a periodic pass purges what was written late.
