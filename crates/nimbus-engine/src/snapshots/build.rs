@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use nimbus_core::{now, Snapshot, SnapshotStatus};
 use nimbus_runtime::protocol::ErrorPayload;
 use nimbus_sandbox::Template;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 
 use crate::catalog::VersionEntry;
 use crate::error::{EngineError, EngineResult};
@@ -25,6 +25,32 @@ const BUILD_RETRY: Duration = Duration::from_secs(60);
 pub(super) struct Job {
     pub(super) version: Arc<VersionEntry>,
     pub(super) done: Arc<Notify>,
+}
+
+/// Runs `workers` build workers taking jobs off `jobs`, until the queue or the manager
+/// is gone.
+pub(super) fn serve(
+    snapshots: &Arc<Snapshots>,
+    jobs: mpsc::UnboundedReceiver<Job>,
+    workers: usize,
+) {
+    let jobs = Arc::new(tokio::sync::Mutex::new(jobs));
+    for _ in 0..workers {
+        let weak = Arc::downgrade(snapshots);
+        let jobs = jobs.clone();
+        tokio::spawn(async move {
+            loop {
+                let Some(job) = jobs.lock().await.recv().await else {
+                    break;
+                };
+                let Some(snapshots) = weak.upgrade() else {
+                    break;
+                };
+                snapshots.build(&job.version, &job.done).await;
+                job.done.notify_waiters();
+            }
+        });
+    }
 }
 
 impl Snapshots {

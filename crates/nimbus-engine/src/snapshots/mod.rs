@@ -5,9 +5,10 @@
 //! - Builds: on publish, on request (`POST …/snapshots`) and when a version without one
 //!   starts cold; a queue served by `build_workers` tasks, de-duplicated per version (here
 //!   by the in-memory entry, across servers by the store's one row per key).
-//! - Use: [`Snapshots::resident`] gives the pool the template to fork from; a failed start
-//!   marks the snapshot `corrupt`, drops the template and schedules a rebuild, and the pool
-//!   falls back to a cold start, so the invocation still succeeds.
+//! - Use: [`Snapshots::resident`] gives the starter the template to fork from
+//!   ([`Snapshots::take_on_disk`] and [`Snapshots::restore`] the checkpoint to restore it
+//!   from); a failed start marks the snapshot `corrupt`, drops the template and schedules a
+//!   rebuild, and the starter falls back to a cold start, so the invocation still succeeds.
 //! - Lifecycle: unused for `ttl` → `expired`; at most `max_per_function` resident per
 //!   function (versions routed by an alias kept first, so a rollback stays warm); the
 //!   resident templates' memory within `memory_budget`, least recently used evicted first.
@@ -56,9 +57,11 @@ fn key_of(version: &VersionEntry) -> Key {
     )
 }
 
+/// What this server has of one version's template.
 enum Entry {
     /// Queued or being built.
     Building(Pending),
+    /// Resident in memory (and maybe checkpointed on disk too).
     Ready(Arc<Resident>),
     /// Not in memory, but checkpointed on disk: the next start restores it.
     OnDisk(Arc<DiskCopy>),
@@ -69,9 +72,7 @@ enum Entry {
     /// not retried by themselves, since the same code fails the same way, only on request;
     /// the platform's (a timeout under load, a cgroup error) are, on a start after
     /// `retry_at`.
-    Failed {
-        retry_at: Option<Instant>,
-    },
+    Failed { retry_at: Option<Instant> },
 }
 
 /// A build or restore under way: since when, and what wakes those waiting for its end.
@@ -122,23 +123,7 @@ impl Snapshots {
             queue,
             estimates: Mutex::default(),
         });
-        let jobs = Arc::new(tokio::sync::Mutex::new(jobs));
-        for _ in 0..workers {
-            let weak = Arc::downgrade(&snapshots);
-            let jobs = jobs.clone();
-            tokio::spawn(async move {
-                loop {
-                    let Some(job) = jobs.lock().await.recv().await else {
-                        break;
-                    };
-                    let Some(snapshots) = weak.upgrade() else {
-                        break;
-                    };
-                    snapshots.build(&job.version, &job.done).await;
-                    job.done.notify_waiters();
-                }
-            });
-        }
+        build::serve(&snapshots, jobs, workers);
         snapshots
     }
 
