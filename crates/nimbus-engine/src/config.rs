@@ -1,10 +1,8 @@
-//! Engine settings, with the platform's documented defaults.
+//! Engine settings, with the platform's documented defaults. This module is the bottom of
+//! the crate: everything reads its settings from here, and it imports nothing of the crate.
 
 use std::path::PathBuf;
 use std::time::Duration;
-
-pub use crate::recorder::RetryPolicy;
-pub use crate::snapshots::SnapshotSettings;
 
 /// How the engine runs instances and records invocations.
 #[derive(Debug, Clone)]
@@ -58,6 +56,68 @@ impl EngineConfig {
             record_retry: RetryPolicy::default(),
             record_payload_limit: 64 * 1024,
             snapshots: SnapshotSettings::default(),
+        }
+    }
+}
+
+/// Snapshot settings (the `[snapshots]` section of the server configuration).
+#[derive(Debug, Clone)]
+pub struct SnapshotSettings {
+    /// Build and use templates at all.
+    pub enabled: bool,
+    /// Builds running at once.
+    pub build_workers: usize,
+    /// Run one invocation with `{"warmup": true}` in the template before it is kept.
+    pub warmup_on_build: bool,
+    /// A snapshot unused this long expires.
+    pub ttl: Duration,
+    /// Most resident templates per function.
+    pub max_per_function: usize,
+    /// Most memory all resident templates may hold, bytes.
+    pub memory_budget: u64,
+    /// Time all `before_snapshot` (or all `after_restore`) hooks of a function may take.
+    pub hook_budget: Duration,
+    /// Checkpoint templates to disk where the driver can (CRIU for the process driver).
+    pub disk: bool,
+    /// Most bytes all checkpoints on disk may take; least recently used deleted first.
+    pub disk_quota: u64,
+    /// Instances kept started ahead per version for runtimes whose workers cannot fork
+    /// (Node.js): their template tier.
+    pub spares: usize,
+}
+
+impl Default for SnapshotSettings {
+    fn default() -> Self {
+        SnapshotSettings {
+            enabled: true,
+            build_workers: 1,
+            warmup_on_build: false,
+            ttl: Duration::from_secs(7 * 24 * 3600),
+            max_per_function: 3,
+            memory_budget: 1 << 30,
+            hook_budget: Duration::from_secs(1),
+            disk: true,
+            disk_quota: 10 << 30,
+            spares: 2,
+        }
+    }
+}
+
+/// How a failed write is retried: after `first`, then twice as long each time, at most
+/// `max` apart, until it succeeds.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// The first wait.
+    pub first: Duration,
+    /// The longest wait.
+    pub max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            first: Duration::from_millis(100),
+            max: Duration::from_secs(2),
         }
     }
 }

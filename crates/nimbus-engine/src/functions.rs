@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::catalog::VersionEntry;
 use crate::error::{EngineError, EngineResult};
-use crate::pool::StartError;
+use crate::instance::StartError;
 use crate::{metrics, Engine};
 
 /// Body of `POST /functions`.
@@ -346,7 +346,7 @@ impl Engine {
             },
             logs: String::new(),
         };
-        match self.pools.start_deploy_check(&probe, new_code).await {
+        match self.starter.deploy_check(&probe, new_code).await {
             Ok(instance) => {
                 instance.kill().await;
                 Ok(())

@@ -10,13 +10,14 @@ use nimbus_core::{
     ids, limits, now, Invocation, InvocationStatus, StartType, Trigger, LATEST_ALIAS,
 };
 use nimbus_runtime::protocol::ErrorPayload;
-use nimbus_runtime::WorkerError;
+use nimbus_runtime::{InvokeOutcome, WorkerError};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
 use crate::catalog::{FunctionEntry, VersionEntry};
 use crate::error::{EngineError, EngineResult};
-use crate::pool::{Lease, SessionRequest, StartError};
+use crate::instance::{Instance, StartError, StartFailure};
+use crate::pool::{AcquireError, Lease, SessionAsk};
 use crate::state::InvocationState;
 use crate::{metrics, router, Engine};
 
@@ -170,31 +171,29 @@ impl Engine {
         let started_at = now();
         let clock = Instant::now();
         let runtime = target.version.config.runtime;
-        let lease = match self.checkout(target, req).await {
-            Ok(lease) => lease,
-            Err(e) => {
+        let execution = match self.checkout(target, req).await {
+            Ok(mut lease) => {
+                let session_key = req.session_key.as_deref();
+                let instance = lease.instance();
+                let ran = self
+                    .run_on(instance, target, &request_id, &req.event, session_key)
+                    .await;
+                self.give_back(lease, ran).await
+            }
+            Err(AcquireError::Refused(e)) => {
                 if matches!(e, EngineError::Throttled(_)) {
                     target.count("throttled");
                 }
                 return Err(e);
             }
-        };
-        let execution = match lease {
-            Ok(lease) => {
-                self.run_on(
-                    lease,
-                    target,
-                    &request_id,
-                    &req.event,
-                    req.session_key.as_deref(),
-                )
-                .await
-            }
-            Err((StartError::Platform(e), _)) => return Err(e),
-            Err((failure, start_type)) => Execution {
+            Err(AcquireError::Start(StartFailure {
+                error: StartError::Platform(e),
+                ..
+            })) => return Err(e),
+            Err(AcquireError::Start(StartFailure { error, start_type })) => Execution {
                 start_type,
                 instance_id: None,
-                outcome: Err(start_failure(failure, start_type)),
+                outcome: Err(start_failure(error, start_type)),
                 logs: String::new(),
                 max_rss_kb: None,
             },
@@ -245,19 +244,41 @@ impl Engine {
         })
     }
 
-    /// Runs the event on a checked-out instance and gives the instance back (or disposes of it).
+    /// Runs the event on a checked-out instance, under the function's timeout, until the
+    /// server stops.
     async fn run_on(
         &self,
-        mut lease: Lease,
+        instance: &mut Instance,
         target: &Target,
         request_id: &str,
         event: &RawValue,
         session_key: Option<&str>,
-    ) -> Execution {
-        let start_type = lease.start_type;
+    ) -> Ran {
         let timeout = Duration::from_secs(u64::from(target.version.config.timeout_sec));
-        let instance = lease.instance();
-        let instance_id = Some(instance.id.clone());
+        let mut state = InvocationState::new(
+            &self.state,
+            &target.function.id,
+            target.version.config.state,
+            session_key,
+        );
+        let invocation = instance
+            .conn
+            .invoke_with_state(request_id, event, &mut state);
+        tokio::select! {
+            ran = tokio::time::timeout(timeout, invocation) => match ran {
+                Ok(Ok(done)) => Ran::Done(done),
+                Ok(Err(e)) => Ran::Failed(e),
+                Err(_) => Ran::TimedOut(timeout),
+            },
+            () = self.stopping.cancelled() => Ran::Stopped,
+        }
+    }
+
+    /// Gives the instance back to its pool after a run that left it healthy, or disposes of
+    /// it, and says what the invocation produced.
+    async fn give_back(&self, mut lease: Lease, ran: Ran) -> Execution {
+        let start_type = lease.start_type;
+        let instance_id = Some(lease.instance().id.clone());
         let failed = |code: &str, message: String| Execution {
             start_type,
             instance_id: instance_id.clone(),
@@ -270,29 +291,8 @@ impl Engine {
             logs: String::new(),
             max_rss_kb: None,
         };
-        let mut state = InvocationState::new(
-            &self.state,
-            &target.function.id,
-            target.version.config.state,
-            session_key,
-        );
-        let invocation = instance
-            .conn
-            .invoke_with_state(request_id, event, &mut state);
-        let ran = tokio::select! {
-            ran = tokio::time::timeout(timeout, invocation) => ran,
-            () = self.stopping.cancelled() => {
-                tokio::spawn(lease.retire().kill());
-                return failed(
-                    "instance_crashed",
-                    "the server stopped during the invocation (it ran past the shutdown \
-                     grace period) and stopped its instance"
-                        .into(),
-                );
-            }
-        };
         match ran {
-            Ok(Ok(done)) => {
+            Ran::Done(done) => {
                 self.pools.release(lease);
                 let outcome = match done.result {
                     Ok(body) if body.get().len() > limits::MAX_EVENT_BYTES => {
@@ -318,7 +318,16 @@ impl Engine {
                     max_rss_kb: done.max_rss_kb,
                 }
             }
-            Ok(Err(WorkerError::Closed)) => {
+            Ran::Stopped => {
+                tokio::spawn(lease.retire().kill());
+                failed(
+                    "instance_crashed",
+                    "the server stopped during the invocation (it ran past the shutdown \
+                     grace period) and stopped its instance"
+                        .into(),
+                )
+            }
+            Ran::Failed(WorkerError::Closed) => {
                 let mut instance = lease.retire();
                 let exit = instance.exit_info().await;
                 tokio::spawn(instance.kill());
@@ -330,11 +339,11 @@ impl Engine {
                 };
                 failed(code, format!("the instance {how} during the invocation"))
             }
-            Ok(Err(e)) => {
+            Ran::Failed(e) => {
                 tokio::spawn(lease.retire().kill());
                 failed("instance_crashed", format!("the instance failed: {e}"))
             }
-            Err(_) => {
+            Ran::TimedOut(timeout) => {
                 tokio::spawn(lease.retire().kill());
                 failed(
                     "function_timeout",
@@ -348,21 +357,10 @@ impl Engine {
     }
 
     /// Takes an instance for the invocation: with session affinity, in the session's turn.
-    async fn checkout(
-        &self,
-        target: &Target,
-        req: &InvokeRequest,
-    ) -> EngineResult<Result<Lease, (StartError, StartType)>> {
-        let max_instances = target.function.max_instances;
-        let session = match affinity_key(target, req) {
-            Some(key) => {
-                let turn = self.pools.turn(&target.version, max_instances, key).await?;
-                Some((self.session_request(target, key).await, turn))
-            }
-            None => None,
-        };
+    async fn checkout(&self, target: &Target, req: &InvokeRequest) -> Result<Lease, AcquireError> {
+        let session = affinity_key(target, req).map(|key| self.session_ask(target, key));
         self.pools
-            .acquire(&target.version, max_instances, session)
+            .acquire(&target.version, target.function.max_instances, session)
             .await
     }
 
@@ -370,28 +368,27 @@ impl Engine {
     /// session this server has no binding for is looked up in the session registry: if it
     /// was bound somewhere (to an instance since gone, on this server or one that
     /// restarted), it is rebound rather than new.
-    async fn session_request(&self, target: &Target, key: &str) -> SessionRequest {
+    fn session_ask<'a>(&'a self, target: &'a Target, key: &'a str) -> SessionAsk<'a> {
         let config = target.version.config.state;
         let function_id = &target.function.id;
-        // Bounded: the answer only tells a rebound session from a new one, and a slow or
-        // unreachable backend must not hold the invocation up.
-        let lookup = tokio::time::timeout(
-            REGISTRY_LOOKUP,
-            self.state.store().session(function_id, key),
-        );
-        let was_bound = !self.pools.is_bound(function_id, key)
-            && match lookup.await {
+        // Bounded (from when it is asked, in the session's turn): the answer only tells a
+        // rebound session from a new one, and a slow or unreachable backend must not hold
+        // the invocation up.
+        let was_bound = async move {
+            let lookup = self.state.store().session(function_id, key);
+            match tokio::time::timeout(REGISTRY_LOOKUP, lookup).await {
                 Ok(Ok(session)) => session.is_some_and(|s| s.instance_id.is_some()),
                 Ok(Err(e)) => {
                     tracing::debug!(function = %function_id, session = %key, "session registry unavailable: {e}");
                     false
                 }
                 Err(_) => false,
-            };
-        SessionRequest {
-            key: key.to_owned(),
+            }
+        };
+        SessionAsk {
+            key,
             timeout: Duration::from_secs(config.session_timeout.into()),
-            was_bound,
+            was_bound: Box::pin(was_bound),
         }
     }
 
@@ -449,6 +446,18 @@ impl Engine {
             logs: String::new(),
         }
     }
+}
+
+/// What running the event on an instance came to.
+enum Ran {
+    /// The worker answered (the handler returned or raised).
+    Done(InvokeOutcome),
+    /// The worker broke (closed its connection, or broke the protocol).
+    Failed(WorkerError),
+    /// The function's timeout passed first.
+    TimedOut(Duration),
+    /// The server stopped first (past its shutdown grace period).
+    Stopped,
 }
 
 /// The longest an invocation waits for the session registry to say whether a session it

@@ -1,5 +1,5 @@
 //! The invocation journal: every record is appended to a local file before its invocation
-//! answers, and read back from there into the metadata store (see [`crate::recorder`]).
+//! answers, and read back from there into the metadata store (the recorder does).
 //!
 //! Layout: `<data_dir>/records/<n>.journal`, numbered segments appended in order; a segment
 //! is closed once past [`SEGMENT_BYTES`] and a new one begins (so does every start of the

@@ -1,6 +1,7 @@
-//! Starting workers of a function version: cold (a new runtime loads the code), as a
-//! template (an initialized worker kept to fork instances from, or, for runtimes that
-//! cannot fork, a set of [`Spares`]), or from a template.
+//! Starting workers of a function version through the sandbox driver: cold (a new runtime
+//! loads the code), as a template (an initialized worker kept to fork instances from), as a
+//! spare (a cold start whose greeting is left unread), or from a template. Which of these
+//! an invocation gets is the starter's choice, not the launcher's.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,40 +14,7 @@ use nimbus_sandbox::{Driver, LaunchSpec, Launched, Sandbox, Template};
 use crate::catalog::VersionEntry;
 use crate::config::EngineConfig;
 use crate::error::EngineError;
-use crate::pool::Instance;
-use crate::snapshots::Resident;
-use crate::spares::Spares;
-
-/// Why a new instance (or template) did not come up.
-#[derive(Debug)]
-pub enum StartError {
-    /// The handler failed to load, or a snapshot hook failed (the user's code raised).
-    Init {
-        /// The exception.
-        error: ErrorPayload,
-        /// What the code printed while loading.
-        logs: String,
-    },
-    /// The worker died or broke the protocol while starting.
-    Crashed(String),
-    /// The worker did not become ready within the start timeout.
-    Timeout(Duration),
-    /// The platform could not start it at all (runtime missing, driver failure).
-    Platform(EngineError),
-}
-
-impl std::fmt::Display for StartError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StartError::Init { error, .. } => write!(f, "{}: {}", error.error_type, error.message),
-            StartError::Crashed(message) => f.write_str(message),
-            StartError::Timeout(limit) => {
-                write!(f, "not ready within {} s", limit.as_secs())
-            }
-            StartError::Platform(e) => write!(f, "{e}"),
-        }
-    }
-}
+use crate::instance::{Instance, StartError};
 
 /// Starts workers through the sandbox driver.
 pub(crate) struct Launcher {
@@ -161,19 +129,13 @@ impl Launcher {
         Ok(Instance::new(id, version.clone(), conn, sandbox, None))
     }
 
-    /// Starts a template of `version`: a worker with the code loaded (and its
-    /// before-snapshot hooks and warm-up run), handed over to the driver; for a runtime
-    /// whose workers cannot fork, [`Spares`] of the version instead.
+    /// Starts a template of `version` (whose runtime forks templates): a worker with the
+    /// code loaded (and its before-snapshot hooks and warm-up run), handed over to the
+    /// driver.
     pub(crate) async fn template(
-        self: &Arc<Self>,
+        &self,
         version: &Arc<VersionEntry>,
     ) -> Result<Box<dyn Template>, StartError> {
-        if !version.config.runtime.forks_templates() {
-            let count = self.config.snapshots.spares;
-            return Ok(Box::new(
-                Spares::start(self.clone(), version.clone(), count).await?,
-            ));
-        }
         let id = ids::instance_id();
         let spec = self.spec(version, &id, true)?;
         let launched = self.launch(&spec).await?;
@@ -252,11 +214,11 @@ impl Launcher {
     pub(crate) async fn fork(
         &self,
         version: &Arc<VersionEntry>,
-        template: &Arc<Resident>,
+        template: &Arc<dyn Template>,
     ) -> Result<Instance, StartError> {
         // A template that does not answer is broken (the driver then reports it ended).
         let timeout = self.config.start_timeout;
-        let launched = tokio::time::timeout(timeout, template.template.spawn(&ids::instance_id()))
+        let launched = tokio::time::timeout(timeout, template.spawn(&ids::instance_id()))
             .await
             .map_err(|_| {
                 StartError::Crashed(format!(

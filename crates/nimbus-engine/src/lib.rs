@@ -1,9 +1,11 @@
 //! Nimbus engine: the one place where API requests turn into work.
 //!
-//! Request path: [`Engine::invoke`] → [`catalog`] (function, alias, version; cached) →
-//! [`router`] (alias → version) → [`pool`] (warm instance or a new one) → the worker
-//! protocol (`nimbus_runtime::WorkerConn`) → outcome → [`recorder`] (journaled, then
-//! written behind). Function management ([`functions`]) validates, loads new code once, and
+//! Request path: [`Engine::invoke`] ([`invoke`]) → [`catalog`] (function, alias, version;
+//! cached) → [`router`] (alias → version) → `pool` (a warm instance, placed by
+//! `affinity::placement`, or a new one from `starter`: forked from a template, restored
+//! from a checkpoint, or cold through `launcher`) → the worker protocol
+//! (`nimbus_runtime::WorkerConn`) → outcome → the lease released → [`recorder`]
+//! (journaled, then written behind). Function management ([`functions`]) validates, loads new code once, and
 //! writes the store; [`versions`] publishes and deletes versions, [`aliases`] manages the
 //! routing tables. Deletions converge across servers: what a server finds deleted elsewhere
 //! it drops ([`catalog::Gone`]), and a periodic pass purges what was written late.
@@ -15,19 +17,21 @@ pub mod code_cache;
 pub mod config;
 pub mod error;
 pub mod functions;
+mod instance;
 pub mod invoke;
 mod journal;
 mod launcher;
 pub mod metrics;
-pub mod pool;
+mod pool;
 mod purge;
 pub mod recorder;
 pub mod router;
 pub mod snapshot_admin;
 mod snapshot_files;
-pub(crate) mod snapshots;
+mod snapshots;
 mod spares;
 mod start_estimates;
+mod starter;
 mod state;
 pub mod state_admin;
 pub mod versions;
@@ -60,6 +64,7 @@ use launcher::Launcher;
 use pool::Pools;
 use recorder::Recorder;
 use snapshots::Snapshots;
+use starter::Starter;
 
 /// The engine: metadata, pools and recording behind one handle.
 pub struct Engine {
@@ -67,6 +72,8 @@ pub struct Engine {
     store: Arc<dyn MetadataStore>,
     catalog: Catalog,
     pools: Pools,
+    /// Starts instances (the pools' new ones, and the deploy's check that code loads).
+    starter: Arc<Starter>,
     snapshots: Arc<Snapshots>,
     recorder: Recorder,
     /// The recorder's writing task, stopped at shutdown.
@@ -120,6 +127,7 @@ impl Engine {
             launcher.clone(),
             config.data_dir.join("snapshots"),
         );
+        let starter = Arc::new(Starter::new(launcher, snapshots.clone()));
         let freshness = Freshness {
             ttl: config.cache_ttl,
             stale_ttl: config.stale_ttl,
@@ -128,7 +136,8 @@ impl Engine {
         let engine = Arc::new(Engine {
             catalog,
             driver_name,
-            pools: Pools::new(config.clone(), launcher, snapshots.clone()),
+            pools: Pools::new(config.clone(), starter.clone()),
+            starter,
             snapshots,
             recorder,
             recorder_task: Mutex::new(Some(recorder_task)),

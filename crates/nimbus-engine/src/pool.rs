@@ -3,9 +3,10 @@
 //!
 //! Capacity is a semaphore of `max_instances` permits per function: an invocation holds one
 //! permit while it runs, so at most `max_instances` run at once. With a permit in hand, an
-//! invocation takes the most recently used idle instance of its version (`warm`) or starts a
-//! new one (`cold`), first stopping the least recently used idle instance of another version
-//! if the function is at its instance limit.
+//! invocation takes the most recently used idle instance of its version (`warm`) or has the
+//! [starter](crate::starter) start a new one, first stopping the least recently used idle
+//! instance of another version if the function is at its instance limit. Which of these
+//! it gets is decided by [`crate::affinity::placement`] on the pool's state.
 //!
 //! With session affinity (see [`crate::affinity`]), an invocation with a session key first
 //! takes its session's turn (invocations of one session run one at a time, in arrival
@@ -15,76 +16,25 @@
 //! under its limit.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nimbus_core::{SnapshotUse, StartType};
-use nimbus_runtime::WorkerConn;
-use nimbus_sandbox::{ExitInfo, Sandbox};
+use nimbus_core::StartType;
 use tokio::sync::{Notify, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
-use crate::affinity::{self, Bindings, SessionRoute};
+use crate::affinity::placement::{
+    any_step, bind, session_step, Member, PoolState, SessionRequest, Step,
+};
+use crate::affinity::SessionRoute;
 use crate::catalog::VersionEntry;
 use crate::config::EngineConfig;
 use crate::error::{EngineError, EngineResult};
-pub use crate::launcher::StartError;
-use crate::launcher::{ms_since, Launcher};
+use crate::instance::{Instance, StartFailure};
 use crate::metrics::{self, InstanceState};
-use crate::snapshots::{Resident, Snapshots};
-
-/// A running worker of one function version.
-#[derive(Debug)]
-pub struct Instance {
-    /// `i_<ulid>`.
-    pub id: String,
-    /// The version it runs.
-    pub version: Arc<VersionEntry>,
-    /// Its connection.
-    pub conn: WorkerConn,
-    sandbox: Box<dyn Sandbox>,
-    started: Instant,
-    last_used: Instant,
-    served: u64,
-    /// The template it was forked from, kept alive while the instance lives (the process
-    /// driver's forks live in the template's pid namespace).
-    _template: Option<Arc<Resident>>,
-}
-
-impl Instance {
-    pub(crate) fn new(
-        id: String,
-        version: Arc<VersionEntry>,
-        conn: WorkerConn,
-        sandbox: Box<dyn Sandbox>,
-        template: Option<Arc<Resident>>,
-    ) -> Self {
-        let now = Instant::now();
-        Instance {
-            id,
-            version,
-            conn,
-            sandbox,
-            started: now,
-            last_used: now,
-            served: 0,
-            _template: template,
-        }
-    }
-
-    /// Kills the worker and waits for it to end, reporting how it ended.
-    pub async fn kill(mut self) -> ExitInfo {
-        self.sandbox.kill();
-        self.sandbox.wait().await
-    }
-
-    /// Waits (briefly) for a worker that closed its connection to end, reporting how.
-    pub async fn exit_info(&mut self) -> Option<ExitInfo> {
-        tokio::time::timeout(Duration::from_millis(500), self.sandbox.wait())
-            .await
-            .ok()
-    }
-}
+use crate::starter::Starter;
 
 /// An instance checked out for one invocation, with the capacity permit it runs under.
 /// Dropping a lease without [`Pools::release`] kills the instance: its state is unknown.
@@ -98,22 +48,36 @@ pub struct Lease {
     _turn: Option<SessionTurn>,
 }
 
-/// What an invocation with a session key asks of a function with session affinity.
-#[derive(Debug, Clone)]
-pub struct SessionRequest {
+/// An invocation's session, for a function with session affinity.
+pub(crate) struct SessionAsk<'a> {
     /// The session key.
-    pub key: String,
+    pub(crate) key: &'a str,
     /// How long its binding lasts after this invocation.
-    pub timeout: Duration,
-    /// Whether the session registry had it bound to an instance: without a binding on this
-    /// server, it is then rebound rather than new.
-    pub was_bound: bool,
+    pub(crate) timeout: Duration,
+    /// Whether the session registry has the session bound to an instance (somewhere):
+    /// awaited in the session's turn, and only if this server has no binding for it.
+    pub(crate) was_bound: Pin<Box<dyn Future<Output = bool> + Send + 'a>>,
 }
 
-/// One session's turn ([`Pools::turn`]): held from before its invocation takes an
-/// instance until the instance is back, so the session's invocations run one at a time, in
-/// arrival order.
-pub struct SessionTurn {
+/// Why [`Pools::acquire`] gave no instance.
+#[derive(Debug)]
+pub(crate) enum AcquireError {
+    /// None was looked for: the function is throttled, or it (or the server) is going
+    /// away.
+    Refused(EngineError),
+    /// A new instance was started for the invocation and did not come up.
+    Start(StartFailure),
+}
+
+impl From<EngineError> for AcquireError {
+    fn from(e: EngineError) -> Self {
+        AcquireError::Refused(e)
+    }
+}
+
+/// One session's turn: held from before its invocation takes an instance until the
+/// instance is back, so the session's invocations run one at a time, in arrival order.
+struct SessionTurn {
     pool: Arc<FunctionPool>,
     key: String,
     guard: Option<OwnedMutexGuard<()>>,
@@ -158,31 +122,17 @@ impl Drop for Lease {
     }
 }
 
-struct PoolState {
-    idle: HashMap<u32, Vec<Instance>>,
-    /// The version of every started instance still alive (idle or busy), by id: where
-    /// sessions are placed.
-    members: HashMap<String, u32>,
-    live: u32,
-    max_instances: u32,
-    /// Sessions bound to instances (functions with session affinity).
-    bindings: Bindings,
-}
-
-impl PoolState {
-    /// Takes the idle instance `id` of `version` out of the idle list.
-    fn take_idle(&mut self, version: u32, id: &str) -> Option<Instance> {
-        let list = self.idle.get_mut(&version)?;
-        let at = list.iter().position(|i| i.id == id)?;
-        Some(list.remove(at))
+impl Member for Instance {
+    fn id(&self) -> &str {
+        &self.id
     }
 
-    /// Accounts for idle instances taken out to be stopped.
-    fn drop_idle(&mut self, stopped: &[Instance]) {
-        self.live -= stopped.len() as u32;
-        for instance in stopped {
-            self.members.remove(&instance.id);
-        }
+    fn last_used(&self) -> Instant {
+        self.last_used
+    }
+
+    fn has_ended(&mut self) -> bool {
+        self.sandbox.try_exit().is_some()
     }
 }
 
@@ -190,7 +140,7 @@ struct FunctionPool {
     permits: Arc<Semaphore>,
     waiting: AtomicUsize,
     closed: AtomicBool,
-    state: Mutex<PoolState>,
+    state: Mutex<PoolState<Instance>>,
     /// Woken whenever an instance comes back or leaves: invocations waiting for their
     /// session's instance look again.
     released: Notify,
@@ -204,13 +154,7 @@ impl FunctionPool {
             permits: Arc::new(Semaphore::new(max_instances as usize)),
             waiting: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
-            state: Mutex::new(PoolState {
-                idle: HashMap::new(),
-                members: HashMap::new(),
-                live: 0,
-                max_instances,
-                bindings: Bindings::default(),
-            }),
+            state: Mutex::new(PoolState::new(max_instances)),
             released: Notify::new(),
             turns: Mutex::default(),
         }
@@ -274,26 +218,19 @@ impl FunctionPool {
 }
 
 /// All pools of this server.
-pub struct Pools {
+pub(crate) struct Pools {
     config: Arc<EngineConfig>,
-    launcher: Arc<Launcher>,
-    snapshots: Arc<Snapshots>,
+    starter: Arc<Starter>,
     functions: Mutex<HashMap<String, Arc<FunctionPool>>>,
     shutting_down: AtomicBool,
 }
 
 impl Pools {
-    /// Pools starting instances through `launcher`, from templates of `snapshots` when
-    /// there are some.
-    pub(crate) fn new(
-        config: Arc<EngineConfig>,
-        launcher: Arc<Launcher>,
-        snapshots: Arc<Snapshots>,
-    ) -> Self {
+    /// Pools whose new instances `starter` starts.
+    pub(crate) fn new(config: Arc<EngineConfig>, starter: Arc<Starter>) -> Self {
         Pools {
             config,
-            launcher,
-            snapshots,
+            starter,
             functions: Mutex::default(),
             shutting_down: AtomicBool::new(false),
         }
@@ -319,37 +256,38 @@ impl Pools {
             .cloned()
     }
 
-    /// Waits for the turn of `session` of a function with session affinity: take it as
-    /// soon as the invocation arrives, before anything else it waits for.
-    pub async fn turn(
-        &self,
-        version: &VersionEntry,
-        max_instances: u32,
-        session: &str,
-    ) -> EngineResult<SessionTurn> {
-        self.pool(&version.function_id, max_instances)
-            .turn(session, &self.config, &version.function_name)
-            .await
-    }
-
     /// Checks out an instance of `version` for one invocation, waiting in the function's
-    /// queue for capacity if needed; with `session` (a function with session affinity,
-    /// whose `turn` the invocation holds), the session's instance (see the module's
-    /// documentation).
-    pub async fn acquire(
+    /// queue for capacity if needed; with `session` (a function with session affinity),
+    /// first the session's turn, then the session's instance (see the module's
+    /// documentation). The caller gives the lease back with [`Pools::release`].
+    pub(crate) async fn acquire(
         &self,
         version: &Arc<VersionEntry>,
         max_instances: u32,
-        session: Option<(SessionRequest, SessionTurn)>,
-    ) -> EngineResult<Result<Lease, (StartError, StartType)>> {
-        if self.shutting_down.load(Ordering::Relaxed) {
-            return Err(EngineError::ShuttingDown);
-        }
-        let pool = self.pool(&version.function_id, max_instances);
+        session: Option<SessionAsk<'_>>,
+    ) -> Result<Lease, AcquireError> {
         let (session, turn) = match session {
-            Some((session, turn)) => (Some(session), Some(turn)),
+            Some(ask) => {
+                // Taken as soon as the invocation arrives, before anything else it waits for.
+                let turn = self
+                    .pool(&version.function_id, max_instances)
+                    .turn(ask.key, &self.config, &version.function_name)
+                    .await?;
+                let was_bound =
+                    !self.is_bound(&version.function_id, ask.key) && ask.was_bound.await;
+                let session = SessionRequest {
+                    key: ask.key.to_owned(),
+                    timeout: ask.timeout,
+                    was_bound,
+                };
+                (Some(session), Some(turn))
+            }
             None => (None, None),
         };
+        if self.shutting_down.load(Ordering::Relaxed) {
+            return Err(EngineError::ShuttingDown.into());
+        }
+        let pool = self.pool(&version.function_id, max_instances);
         let session = session.as_ref();
         let permit = match pool.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
@@ -367,7 +305,7 @@ impl Pools {
         let evicted = loop {
             // The function was deleted (or the server is stopping) while this waited.
             if pool.closed.load(Ordering::Relaxed) {
-                return Err(EngineError::ShuttingDown);
+                return Err(EngineError::ShuttingDown.into());
             }
             // Made before looking, so that a release right after the look is not missed.
             let released = pool.released.notified();
@@ -389,13 +327,13 @@ impl Pools {
                         Some(InstanceState::Busy),
                     );
                     count_route(route);
-                    return Ok(Ok(Lease {
+                    return Ok(Lease {
                         instance: Some(instance),
                         start_type: StartType::Warm,
                         pool,
                         _permit: permit,
                         _turn: turn,
-                    }));
+                    });
                 }
                 // Died while idle (e.g. a background thread exited the process): replace it.
                 Step::Dead(dead) => {
@@ -428,7 +366,7 @@ impl Pools {
         }
         metrics::instance_transition(runtime, None, Some(InstanceState::Starting));
         count_route(route);
-        match self.start(version).await {
+        match self.starter.start(version).await {
             Ok((instance, start_type)) => {
                 {
                     let mut state = pool.state.lock().expect("pool lock");
@@ -442,24 +380,24 @@ impl Pools {
                     Some(InstanceState::Starting),
                     Some(InstanceState::Busy),
                 );
-                Ok(Ok(Lease {
+                Ok(Lease {
                     instance: Some(instance),
                     start_type,
                     pool,
                     _permit: permit,
                     _turn: turn,
-                }))
+                })
             }
             Err(e) => {
                 pool.state.lock().expect("pool lock").live -= 1;
                 metrics::instance_transition(runtime, Some(InstanceState::Starting), None);
-                Ok(Err(e))
+                Err(AcquireError::Start(e))
             }
         }
     }
 
     /// Whether this server has `session` of the function bound to a live instance.
-    pub fn is_bound(&self, function_id: &str, session: &str) -> bool {
+    pub(crate) fn is_bound(&self, function_id: &str, session: &str) -> bool {
         let pool = self.existing(function_id);
         pool.is_some_and(|pool| {
             let state = pool.state.lock().expect("pool lock");
@@ -541,78 +479,6 @@ impl Pools {
             Some(InstanceState::Idle),
         );
         // The permit is released when `lease` drops, after the instance is back in the pool.
-    }
-
-    /// Starts a new instance of `version` from scratch, outside any pool, as the deploy-time
-    /// check that its code loads (see [`Launcher::deploy_check`] for `new_code`).
-    pub(crate) async fn start_deploy_check(
-        &self,
-        version: &Arc<VersionEntry>,
-        new_code: bool,
-    ) -> Result<Instance, StartError> {
-        let started = Instant::now();
-        let instance = self.launcher.deploy_check(version, new_code).await?;
-        self.snapshots.started_cold(version, started.elapsed());
-        Ok(instance)
-    }
-
-    /// Starts a new instance of `version`: forked from its template when there is one
-    /// (falling back to a cold start if the template fails), restored from its checkpoint,
-    /// forked from the template being built or restored when waiting for it is faster, cold
-    /// otherwise. A failure says how the instance was being started.
-    async fn start(
-        &self,
-        version: &Arc<VersionEntry>,
-    ) -> Result<(Instance, StartType), (StartError, StartType)> {
-        let mut waited = false;
-        loop {
-            if let Some(template) = self.snapshots.resident(version).await {
-                let started = Instant::now();
-                match self.launcher.fork(version, &template).await {
-                    Ok(instance) => {
-                        let ms = ms_since(started);
-                        self.snapshots.restored(&template, SnapshotUse::Fork, ms);
-                        return Ok((instance, StartType::Template));
-                    }
-                    // The user's after-restore hook failed: the instance's failure, not the
-                    // template's.
-                    Err(e @ StartError::Init { .. }) => return Err((e, StartType::Template)),
-                    Err(e) => self.snapshots.restore_failed(version, &template, &e).await,
-                }
-            } else if let Some(copy) = self.snapshots.take_on_disk(version) {
-                // From disk: the template comes back, then this instance forks from it.
-                let started = Instant::now();
-                if let Some(template) = self.snapshots.restore(version, copy).await {
-                    match self.launcher.fork(version, &template).await {
-                        Ok(instance) => {
-                            let ms = ms_since(started);
-                            self.snapshots.restored(&template, SnapshotUse::Restore, ms);
-                            return Ok((instance, StartType::Snapshot));
-                        }
-                        Err(e @ StartError::Init { .. }) => return Err((e, StartType::Snapshot)),
-                        Err(e) => {
-                            self.snapshots
-                                .restored_template_failed(version, &template, &e)
-                                .await
-                        }
-                    }
-                }
-            } else if !waited && self.snapshots.wait_pending(version).await {
-                waited = true;
-                continue;
-            } else {
-                self.snapshots.wanted(version);
-            }
-            break;
-        }
-        let started = Instant::now();
-        match self.launcher.cold(version).await {
-            Ok(instance) => {
-                self.snapshots.started_cold(version, started.elapsed());
-                Ok((instance, StartType::Cold))
-            }
-            Err(e) => Err((e, StartType::Cold)),
-        }
     }
 
     /// Stops instances idle longer than `idle_timeout` or older than `max_age`; returns how many.
@@ -747,165 +613,6 @@ fn resize(pool: &FunctionPool, max_instances: u32) {
                 p.forget();
             }
         });
-    }
-}
-
-/// The least recently used idle instance of a version other than `keep`.
-fn take_least_recently_used(idle: &mut HashMap<u32, Vec<Instance>>, keep: u32) -> Option<Instance> {
-    let (&version, _) = idle
-        .iter()
-        .filter(|(v, _)| **v != keep)
-        .filter_map(|(v, list)| list.first().map(|i| (v, i.last_used)))
-        .min_by_key(|(_, used)| *used)?;
-    let list = idle.get_mut(&version)?;
-    Some(list.remove(0))
-}
-
-/// What `acquire` found in the pool.
-enum Step {
-    Warm(Instance),
-    Dead(Instance),
-    Start(Option<Instance>),
-    /// Wait for an instance to come back (the session's instance is busy).
-    WaitFor,
-    Wait,
-}
-
-/// Takes an idle instance out as a warm (or dead) one.
-fn checked_out(state: &mut PoolState, mut instance: Instance) -> Step {
-    if instance.sandbox.try_exit().is_some() {
-        state.live -= 1;
-        state.members.remove(&instance.id);
-        Step::Dead(instance)
-    } else {
-        Step::Warm(instance)
-    }
-}
-
-/// Without a session: the most recently used idle instance of the version, or room for a
-/// new one (stopping another version's least recently used idle instance at the limit).
-fn any_step(state: &mut PoolState, version: u32) -> Step {
-    match state.idle.get_mut(&version).and_then(Vec::pop) {
-        Some(instance) => checked_out(state, instance),
-        None => make_room(state, version),
-    }
-}
-
-/// Room for a new instance of `version`: under the limit, or by stopping another
-/// version's least recently used idle instance at it (never one of `version`'s own, which
-/// sessions may be bound to).
-fn make_room(state: &mut PoolState, version: u32) -> Step {
-    if state.live < state.max_instances {
-        state.live += 1;
-        return Step::Start(None);
-    }
-    match take_least_recently_used(&mut state.idle, version) {
-        Some(old) => {
-            state.members.remove(&old.id);
-            Step::Start(Some(old))
-        }
-        None => Step::Wait,
-    }
-}
-
-/// With a session: its instance if it is alive (waiting for it while busy, unless the
-/// invocation ran out of `patient`ce), else a place for it. `route` records how the
-/// session was found, the first time.
-fn session_step(
-    state: &mut PoolState,
-    version: u32,
-    session: &SessionRequest,
-    patient: bool,
-    route: &mut Option<SessionRoute>,
-) -> Step {
-    let bound = state
-        .bindings
-        .bound(&session.key, Instant::now())
-        .map(str::to_owned);
-    if let Some(id) = bound {
-        if patient && state.members.get(&id) == Some(&version) {
-            route.get_or_insert(SessionRoute::Hit);
-            return match state.take_idle(version, &id) {
-                Some(instance) => {
-                    bind(&mut state.bindings, session, &id);
-                    checked_out(state, instance)
-                }
-                None => Step::WaitFor,
-            };
-        }
-        // Gone (stopped, crashed, recycled), of another version, or busy for too long.
-        if state.bindings.unbind(&session.key) {
-            metrics::sessions_bound(-1);
-        }
-        *route = Some(SessionRoute::Rebound);
-    } else if route.is_none() {
-        *route = Some(if session.was_bound {
-            SessionRoute::Rebound
-        } else {
-            SessionRoute::Miss
-        });
-    }
-    // Where it goes, in order of preference along its walk of the ring (consistent
-    // hashing; the cap bounds loads over the version's instances, those still starting
-    // included, so the first instance up does not take every new session): an idle
-    // instance under the cap; a new instance while under the limit (bound once started);
-    // once impatient, any idle instance; a new one in place of another version's idle
-    // instance; else it waits, for the instance under the cap while patient, for any
-    // after that.
-    let ids: Vec<String> = state
-        .members
-        .iter()
-        .filter(|(_, v)| **v == version)
-        .map(|(id, _)| id.clone())
-        .collect();
-    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let loads: Vec<usize> = refs.iter().map(|id| state.bindings.load(id)).collect();
-    let starting = state.live as usize - state.members.len();
-    let cap = affinity::cap(loads.iter().sum(), ids.len() + starting);
-    let order = affinity::ring_order(&session.key, &refs);
-    let is_idle = |id: &str| {
-        state
-            .idle
-            .get(&version)
-            .is_some_and(|list| list.iter().any(|i| i.id == id))
-    };
-    let under_cap = order.iter().copied().filter(|&i| loads[i] < cap);
-    let pick = |state: &mut PoolState, i: usize| {
-        let instance = state
-            .take_idle(version, &ids[i])
-            .expect("picked among the idle instances");
-        bind(&mut state.bindings, session, &ids[i]);
-        checked_out(state, instance)
-    };
-    if let Some(i) = under_cap.clone().find(|&i| is_idle(&ids[i])) {
-        return pick(state, i);
-    }
-    if state.live < state.max_instances {
-        state.live += 1;
-        return Step::Start(None);
-    }
-    if !patient {
-        if let Some(i) = order.iter().copied().find(|&i| is_idle(&ids[i])) {
-            return pick(state, i);
-        }
-    }
-    match make_room(state, version) {
-        Step::Wait if patient => match under_cap.clone().next() {
-            Some(i) => {
-                bind(&mut state.bindings, session, &ids[i]);
-                Step::WaitFor
-            }
-            None => Step::Wait,
-        },
-        Step::Wait => Step::WaitFor,
-        step => step,
-    }
-}
-
-/// Binds (or rebinds) `session` to `instance`, counting new bindings.
-fn bind(bindings: &mut Bindings, session: &SessionRequest, instance: &str) {
-    if bindings.bind(&session.key, instance, session.timeout) {
-        metrics::sessions_bound(1);
     }
 }
 

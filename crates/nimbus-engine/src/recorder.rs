@@ -21,6 +21,7 @@ use nimbus_store::{MetadataStore, StoreError, StoreResult};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
+use crate::config::RetryPolicy;
 use crate::journal::{self, Cursor, Journal, Position};
 use crate::metrics;
 
@@ -50,25 +51,6 @@ pub trait RecordSink: Send + Sync + 'static {
 impl RecordSink for Arc<dyn MetadataStore> {
     async fn write(&self, records: &[Invocation]) -> StoreResult<()> {
         self.record_invocations(records).await
-    }
-}
-
-/// How a failed write is retried: after `first`, then twice as long each time, at most
-/// `max` apart, until it succeeds.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// The first wait.
-    pub first: Duration,
-    /// The longest wait.
-    pub max: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            first: Duration::from_millis(100),
-            max: Duration::from_secs(2),
-        }
     }
 }
 

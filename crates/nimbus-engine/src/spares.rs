@@ -17,7 +17,8 @@ use nimbus_sandbox::{DriverError, Launched, Template};
 use tokio::sync::oneshot;
 
 use crate::catalog::VersionEntry;
-use crate::launcher::{Launcher, StartError};
+use crate::instance::StartError;
+use crate::launcher::Launcher;
 
 /// Instances of one version started ahead of their use (see the module docs).
 pub(crate) struct Spares {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use nimbus_engine::{Engine, EngineConfig};
 use nimbus_runtime::{RuntimeSettings, Runtimes};
-use nimbus_sandbox::ProcessDriver;
+use nimbus_sandbox::{Driver, ProcessDriver};
 use nimbus_state::embedded::EmbeddedStore;
 use nimbus_state::State;
 
@@ -18,7 +18,13 @@ pub struct Harness {
 }
 
 /// An engine with the default configuration as `tune` changes it.
+#[allow(dead_code)] // Each test crate uses a different part of it.
 pub async fn harness(tune: impl FnOnce(&mut EngineConfig)) -> Harness {
+    harness_on(Arc::new(ProcessDriver::new()), tune).await
+}
+
+/// [`harness`] with workers started by `driver`.
+pub async fn harness_on(driver: Arc<dyn Driver>, tune: impl FnOnce(&mut EngineConfig)) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store = nimbus_store::open(&format!(
         "sqlite:{}",
@@ -31,14 +37,7 @@ pub async fn harness(tune: impl FnOnce(&mut EngineConfig)) -> Harness {
     tune(&mut config);
     let state = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
     let state = State::new(Arc::new(state));
-    let engine = Engine::start(
-        config,
-        store.clone(),
-        state,
-        Arc::new(ProcessDriver::new()),
-        runtimes,
-    )
-    .unwrap();
+    let engine = Engine::start(config, store.clone(), state, driver, runtimes).unwrap();
     Harness {
         engine,
         store,

@@ -6,12 +6,15 @@
 //! the session walks the ring clockwise to the first instance whose number of bound
 //! sessions is under its fair share plus [`MARGIN`] ([`cap`]). The same key meets the
 //! instances in the same order while the set of instances is the same, and no instance
-//! takes a session past `ceil((sessions + 1) / instances × (1 + MARGIN))`. The pool adds
-//! what hashing does not know: whether an instance is idle (see `pool::session_step`).
+//! takes a session past `ceil((sessions + 1) / instances × (1 + MARGIN))`. [`placement`]
+//! adds what hashing does not know: whether an instance is idle, busy or still starting,
+//! and the function's instance limit (and places invocations without a session too).
 //!
 //! Bindings live in memory, for routing without a round trip; the state backend keeps the
 //! session registry (created, last access, instance), which tells a session that lost its
 //! instance (rebound) from a new one.
+
+pub(crate) mod placement;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
