@@ -10,6 +10,7 @@ pub mod alias;
 pub mod code;
 pub mod echo;
 pub mod error;
+pub mod error_code;
 pub mod function;
 pub mod ids;
 pub mod invocation;
@@ -23,6 +24,7 @@ pub use alias::{
 pub use code::CodeBundle;
 pub use echo::echo;
 pub use error::ValidationError;
+pub use error_code::ErrorCode;
 pub use function::{
     Function, FunctionConfig, FunctionStatus, FunctionVersion, Handler, Network, Runtime,
     StateConfig, StateConfigPatch,
