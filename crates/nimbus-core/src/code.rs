@@ -16,8 +16,8 @@ use sha2::{Digest, Sha256};
 
 use crate::echo::echo;
 use crate::error::ValidationError;
-use crate::function::{Handler, Runtime};
 use crate::limits::{MAX_CODE_BYTES, MAX_CODE_FILES, MAX_CODE_NAME_BYTES, MAX_CODE_PATH_BYTES};
+use crate::runtime::{Handler, Runtime};
 
 const MAGIC: &[u8; 8] = b"NIMBUS1\0";
 
