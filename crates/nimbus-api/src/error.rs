@@ -327,6 +327,26 @@ mod tests {
         }
     }
 
+    /// docs/LIMITS.md's table of codes states the status each code is answered with.
+    #[test]
+    fn statuses_are_the_documented_ones() {
+        let limits = include_str!("../../../docs/LIMITS.md");
+        let table = &limits[limits.find("## Error codes").expect("an error code table")..];
+        let mut checked = 0;
+        for row in table.lines().filter(|l| l.starts_with("| ")) {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let Ok(status) = cells[1].parse::<u16>() else {
+                continue;
+            };
+            for code in cells[2].split(", ") {
+                let code: ErrorCode = code.trim_matches('`').parse().expect("a known code");
+                assert_eq!(status_of(code).as_u16(), status, "{code}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 30, "{checked} codes checked");
+    }
+
     #[test]
     fn every_status_has_a_stable_code() {
         assert_eq!(
