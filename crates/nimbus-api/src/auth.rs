@@ -9,10 +9,11 @@
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use nimbus_core::ErrorCode;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -107,8 +108,7 @@ pub async fn require_key(State(keys): State<ApiKeys>, mut req: Request, next: Ne
                 } else {
                     "an API key is required: send Authorization: Bearer <key>"
                 };
-                return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
-                    .into_response();
+                return ApiError::new(ErrorCode::Unauthorized, message).into_response();
             }
         }
     };

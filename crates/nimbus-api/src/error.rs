@@ -3,6 +3,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use nimbus_core::ErrorCode;
 use nimbus_engine::EngineError;
 use serde_json::json;
 
@@ -17,7 +18,7 @@ pub struct ApiError {
     /// HTTP status.
     pub status: StatusCode,
     /// Stable machine-readable code.
-    pub code: &'static str,
+    pub code: ErrorCode,
     /// Human-readable message naming the problem.
     pub message: String,
     /// Extra fields merged into the error object (exception type, traceback, logs).
@@ -25,8 +26,14 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    /// An error with no extra details.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// An error with the status of its code ([`status_of`]) and no extra details.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::with_status(status_of(code), code, message)
+    }
+
+    /// An error answered with a status of its own rather than its code's: a rejection of
+    /// the HTTP layer keeps the status it was given.
+    pub fn with_status(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -37,33 +44,73 @@ impl ApiError {
 
     /// 400 `invalid_request`.
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+        Self::new(ErrorCode::InvalidRequest, message)
+    }
+}
+
+/// The HTTP status of each code, of API errors and of failed invocations alike.
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    use ErrorCode as C;
+    match code {
+        C::InvalidRequest
+        | C::InvalidJson
+        | C::ValidationError
+        | C::FunctionInitFailed
+        | C::RuntimeUnavailable
+        | C::KeyTooLong
+        | C::InvalidKey
+        | C::ValueTooLarge
+        | C::TooManyKeys
+        | C::StateConflict
+        | C::NotAnInteger
+        | C::InvalidArgument => StatusCode::BAD_REQUEST,
+        C::Unauthorized => StatusCode::UNAUTHORIZED,
+        C::FunctionNotFound
+        | C::VersionNotFound
+        | C::AliasNotFound
+        | C::RevisionNotFound
+        | C::InvocationNotFound
+        | C::SnapshotNotFound
+        | C::SessionNotFound
+        | C::StateKeyNotFound
+        | C::NotFound
+        | C::RouteNotFound => StatusCode::NOT_FOUND,
+        C::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        C::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+        C::FunctionExists
+        | C::AliasExists
+        | C::AliasProtected
+        | C::VersionInUse
+        | C::NothingToRollBack
+        | C::VersionDeleted
+        | C::RevisionMismatch
+        | C::TooManyAliases
+        | C::SnapshotBuilding
+        | C::SnapshotsDisabled
+        | C::Conflict => StatusCode::CONFLICT,
+        C::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        C::UriTooLong => StatusCode::URI_TOO_LONG,
+        C::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        C::Throttled => StatusCode::TOO_MANY_REQUESTS,
+        C::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        C::Internal | C::FunctionError | C::FunctionInitError => StatusCode::INTERNAL_SERVER_ERROR,
+        C::InstanceCrashed | C::OutOfMemory | C::ResponseTooLarge => StatusCode::BAD_GATEWAY,
+        C::ServiceUnavailable
+        | C::StoreUnavailable
+        | C::ShuttingDown
+        | C::TooManyConnections
+        | C::StateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        C::FunctionTimeout => StatusCode::GATEWAY_TIMEOUT,
     }
 }
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
-        let status = match &e {
-            EngineError::Validation(_)
-            | EngineError::BadRequest(_)
-            | EngineError::InvalidCode { .. } => StatusCode::BAD_REQUEST,
-            EngineError::RuntimeUnavailable(_) => StatusCode::BAD_REQUEST,
-            EngineError::NotFound { .. } => StatusCode::NOT_FOUND,
-            EngineError::Conflict { .. } | EngineError::VersionInUse { .. } => StatusCode::CONFLICT,
-            EngineError::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
-            EngineError::Unavailable(_) | EngineError::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            EngineError::State(nimbus_state::StateError::Unavailable(_)) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            EngineError::State(_) => StatusCode::BAD_REQUEST,
-        };
-        if status == StatusCode::INTERNAL_SERVER_ERROR {
+        let code = e.code();
+        if code == ErrorCode::Internal {
             tracing::error!(error = %e, "internal error");
         }
-        let mut err = ApiError::new(status, e.code(), e.to_string());
+        let mut err = ApiError::new(code, e.to_string());
         if let EngineError::Validation(v) = &e {
             err.details.insert("field".into(), json!(v.field));
         }
@@ -116,7 +163,7 @@ pub async fn json_errors(response: Response) -> Response {
         "" => status.canonical_reason().unwrap_or("error").to_owned(),
         text => nimbus_core::echo::cut(text, 160).into_owned(),
     };
-    let mut answer = ApiError::new(status, code_of_status(status), message).into_response();
+    let mut answer = ApiError::with_status(status, code_of_status(status), message).into_response();
     // Headers the answer needs beyond its body (`Allow`, `Retry-After`) are kept.
     for (name, value) in &parts.headers {
         if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
@@ -128,21 +175,21 @@ pub async fn json_errors(response: Response) -> Response {
 
 /// The stable code of an error answered by the HTTP layer: one per status it can answer,
 /// `invalid_request` for other client errors and `internal` for other server errors.
-pub fn code_of_status(status: StatusCode) -> &'static str {
+pub fn code_of_status(status: StatusCode) -> ErrorCode {
     match status {
-        StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => "invalid_request",
-        StatusCode::UNAUTHORIZED => "unauthorized",
-        StatusCode::NOT_FOUND => "route_not_found",
-        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-        StatusCode::TOO_MANY_REQUESTS => "throttled",
-        StatusCode::SERVICE_UNAVAILABLE => "service_unavailable",
-        StatusCode::REQUEST_TIMEOUT => "request_timeout",
-        StatusCode::URI_TOO_LONG => "uri_too_long",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "headers_too_large",
-        s if s.is_client_error() => "invalid_request",
-        _ => "internal",
+        StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => ErrorCode::InvalidRequest,
+        StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
+        StatusCode::NOT_FOUND => ErrorCode::RouteNotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        StatusCode::TOO_MANY_REQUESTS => ErrorCode::Throttled,
+        StatusCode::SERVICE_UNAVAILABLE => ErrorCode::ServiceUnavailable,
+        StatusCode::REQUEST_TIMEOUT => ErrorCode::RequestTimeout,
+        StatusCode::URI_TOO_LONG => ErrorCode::UriTooLong,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => ErrorCode::HeadersTooLarge,
+        s if s.is_client_error() => ErrorCode::InvalidRequest,
+        _ => ErrorCode::Internal,
     }
 }
 
@@ -184,9 +231,7 @@ mod tests {
             )
             .route(
                 "/json-409",
-                get(|| async {
-                    ApiError::new(StatusCode::CONFLICT, "alias_exists", "taken").into_response()
-                }),
+                get(|| async { ApiError::new(ErrorCode::AliasExists, "taken").into_response() }),
             )
             .route("/ok", get(|| async { "fine" }))
             .layer(middleware::map_response(json_errors))
@@ -246,9 +291,72 @@ mod tests {
     }
 
     #[test]
+    fn codes_choose_their_statuses() {
+        for (code, status) in [
+            (ErrorCode::FunctionError, StatusCode::INTERNAL_SERVER_ERROR),
+            (
+                ErrorCode::FunctionInitError,
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            (ErrorCode::FunctionTimeout, StatusCode::GATEWAY_TIMEOUT),
+            (ErrorCode::InstanceCrashed, StatusCode::BAD_GATEWAY),
+            (ErrorCode::OutOfMemory, StatusCode::BAD_GATEWAY),
+            (ErrorCode::ResponseTooLarge, StatusCode::BAD_GATEWAY),
+            (ErrorCode::VersionInUse, StatusCode::CONFLICT),
+            (ErrorCode::StateUnavailable, StatusCode::SERVICE_UNAVAILABLE),
+            (ErrorCode::StateConflict, StatusCode::BAD_REQUEST),
+        ] {
+            assert_eq!(status_of(code), status, "{code}");
+        }
+        // The code the HTTP layer gives a status is that status's own.
+        for status in [
+            StatusCode::BAD_REQUEST,
+            StatusCode::UNAUTHORIZED,
+            StatusCode::NOT_FOUND,
+            StatusCode::METHOD_NOT_ALLOWED,
+            StatusCode::REQUEST_TIMEOUT,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            StatusCode::URI_TOO_LONG,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ] {
+            assert_eq!(status_of(code_of_status(status)), status);
+        }
+    }
+
+    /// docs/LIMITS.md's table of codes states the status each code is answered with.
+    #[test]
+    fn statuses_are_the_documented_ones() {
+        let limits = include_str!("../../../docs/LIMITS.md");
+        let table = &limits[limits.find("## Error codes").expect("an error code table")..];
+        let mut checked = 0;
+        for row in table.lines().filter(|l| l.starts_with("| ")) {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let Ok(status) = cells[1].parse::<u16>() else {
+                continue;
+            };
+            for code in cells[2].split(", ") {
+                let code: ErrorCode = code.trim_matches('`').parse().expect("a known code");
+                assert_eq!(status_of(code).as_u16(), status, "{code}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 30, "{checked} codes checked");
+    }
+
+    #[test]
     fn every_status_has_a_stable_code() {
-        assert_eq!(code_of_status(StatusCode::NOT_FOUND), "route_not_found");
-        assert_eq!(code_of_status(StatusCode::IM_A_TEAPOT), "invalid_request");
-        assert_eq!(code_of_status(StatusCode::BAD_GATEWAY), "internal");
+        assert_eq!(
+            code_of_status(StatusCode::NOT_FOUND),
+            ErrorCode::RouteNotFound
+        );
+        assert_eq!(
+            code_of_status(StatusCode::IM_A_TEAPOT),
+            ErrorCode::InvalidRequest
+        );
+        assert_eq!(code_of_status(StatusCode::BAD_GATEWAY), ErrorCode::Internal);
     }
 }

@@ -4,9 +4,9 @@
 use axum::body::{to_bytes, Body};
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
 use nimbus_core::echo::cut;
 use nimbus_core::limits::{MAX_API_BODY_BYTES, MAX_JSON_DEPTH};
+use nimbus_core::ErrorCode;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -54,7 +54,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for ApiJsonOr
 /// A management body: 400 `invalid_request` if it nests too deeply, is not a JSON object
 /// or does not fit `T`.
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    check_depth(bytes, "invalid_request")?;
+    check_depth(bytes, ErrorCode::InvalidRequest)?;
     match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{') => {}
         Some(b'[') => {
@@ -73,11 +73,10 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 }
 
 /// 400 `code` if `text` nests arrays and objects deeper than [`MAX_JSON_DEPTH`].
-pub fn check_depth(text: &[u8], code: &'static str) -> Result<(), ApiError> {
+pub fn check_depth(text: &[u8], code: ErrorCode) -> Result<(), ApiError> {
     match nimbus_core::json_depth::too_deep_at(text, MAX_JSON_DEPTH) {
         None => Ok(()),
         Some(at) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
             code,
             format!(
                 "the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels \
@@ -114,12 +113,12 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath
             Err(rejection) => {
                 let status = rejection.status();
                 let code = if status.is_client_error() {
-                    "invalid_request"
+                    ErrorCode::InvalidRequest
                 } else {
-                    "internal"
+                    ErrorCode::Internal
                 };
                 let message = cut(&rejection.body_text(), MAX_PARSER_MESSAGE_CHARS).into_owned();
-                Err(ApiError::new(status, code, message))
+                Err(ApiError::with_status(status, code, message))
             }
         }
     }
@@ -135,14 +134,12 @@ pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiErro
             .any(|e| e.is::<tower_http::timeout::TimeoutError>());
         if too_large {
             ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
+                ErrorCode::PayloadTooLarge,
                 format!("the request body is larger than the {limit}-byte limit"),
             )
         } else if stalled {
             ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
+                ErrorCode::RequestTimeout,
                 "the request body stopped arriving: nothing came within the stall timeout",
             )
         } else {

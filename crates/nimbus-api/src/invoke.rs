@@ -6,14 +6,14 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nimbus_core::invocation::InvocationError;
-use nimbus_core::{limits, InvocationStatus, Trigger};
+use nimbus_core::{limits, ErrorCode, InvocationStatus, Trigger};
 use nimbus_engine::{InvokeRequest, InvokeResponse};
 use nimbus_store::InvocationFilter;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{status_of, ApiError, ApiResult};
 use crate::extract::{check_depth, json_error, read_body, ApiPath, ApiQuery};
 use crate::{views, AppState};
 
@@ -92,11 +92,10 @@ async fn invoke_request(
     let event = if bytes.iter().all(u8::is_ascii_whitespace) {
         RawValue::from_string("{}".into()).expect("valid JSON")
     } else {
-        check_depth(&bytes, "invalid_json")?;
+        check_depth(&bytes, ErrorCode::InvalidJson)?;
         serde_json::from_slice::<Box<RawValue>>(&bytes).map_err(|e| {
             ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
+                ErrorCode::InvalidJson,
                 format!("the request body is not valid JSON: {}", json_error(&e)),
             )
         })?
@@ -131,7 +130,7 @@ struct InvokeBody<'a> {
 fn invoke_response(r: InvokeResponse) -> Response {
     let status = match &r.outcome {
         Ok(_) => StatusCode::OK,
-        Err(e) => status_of(&e.code),
+        Err(e) => status_of(e.code),
     };
     let body = InvokeBody {
         request_id: &r.request_id,
@@ -147,15 +146,6 @@ fn invoke_response(r: InvokeResponse) -> Response {
         instance_id: r.instance_id.as_deref(),
     };
     (status, Json(body)).into_response()
-}
-
-/// HTTP status of a failed invocation, by its error code.
-fn status_of(code: &str) -> StatusCode {
-    match code {
-        "function_error" | "function_init_error" => StatusCode::INTERNAL_SERVER_ERROR,
-        "function_timeout" => StatusCode::GATEWAY_TIMEOUT,
-        _ => StatusCode::BAD_GATEWAY,
-    }
 }
 
 /// `GET /invocations/{request_id}`.

@@ -16,10 +16,10 @@ pub mod views;
 
 use std::sync::Arc;
 
-use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::{middleware, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
+use nimbus_core::ErrorCode;
 use nimbus_engine::Engine;
 
 pub use auth::ApiKeys;
@@ -111,13 +111,12 @@ pub fn router(state: AppState, keys: ApiKeys) -> Router {
 }
 
 async fn route_not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such endpoint")
+    ApiError::new(ErrorCode::RouteNotFound, "no such endpoint")
 }
 
 async fn method_not_allowed() -> ApiError {
     ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        ErrorCode::MethodNotAllowed,
         "this endpoint does not take that method",
     )
 }

@@ -547,3 +547,34 @@ fn the_source_reader_sees_methods_prefixes_and_chains() {
     .collect();
     assert_eq!(routes, expected);
 }
+
+#[test]
+fn the_documented_error_codes_are_the_enums() {
+    let doc = document();
+    let documented: BTreeSet<&str> = doc["components"]["schemas"]["ErrorCode"]["enum"]
+        .as_array()
+        .expect("ErrorCode lists the codes")
+        .iter()
+        .map(|c| c.as_str().expect("a code is a string"))
+        .collect();
+    // Outcomes of a failed invocation are answered in its result, not in the `Error` shape.
+    let answered: BTreeSet<&str> = nimbus_core::ErrorCode::ALL
+        .iter()
+        .filter(|c| !c.is_invocation_outcome())
+        .map(|c| c.as_str())
+        .collect();
+    assert_eq!(documented, answered);
+    let invocation = doc["components"]["schemas"]["InvocationError"]["properties"]["code"]
+        ["description"]
+        .as_str()
+        .expect("InvocationError.code is described");
+    for code in nimbus_core::ErrorCode::ALL
+        .iter()
+        .filter(|c| c.is_invocation_outcome())
+    {
+        assert!(
+            invocation.contains(code.as_str()),
+            "{code} is not described"
+        );
+    }
+}

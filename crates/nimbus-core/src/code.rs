@@ -16,10 +16,20 @@ use sha2::{Digest, Sha256};
 
 use crate::echo::echo;
 use crate::error::ValidationError;
-use crate::function::{Handler, Runtime};
 use crate::limits::{MAX_CODE_BYTES, MAX_CODE_FILES, MAX_CODE_NAME_BYTES, MAX_CODE_PATH_BYTES};
+use crate::runtime::{Handler, Runtime};
 
 const MAGIC: &[u8; 8] = b"NIMBUS1\0";
+
+/// One entry of an archive, as a bundle takes it.
+enum Entry<R> {
+    /// A directory (or metadata of the archive format): nothing to add.
+    Directory,
+    /// A regular file, and a reader of its content.
+    File(R),
+    /// Any other kind of entry, refused for the reason given.
+    Refused(&'static str),
+}
 
 /// The source files of a function, by relative path.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -79,27 +89,17 @@ impl CodeBundle {
             let mut entry = archive
                 .by_index(i)
                 .map_err(|e| format!("invalid zip entry: {e}"))?;
-            if entry.is_dir() {
-                continue;
-            }
-            if entry.is_symlink() {
-                return Err(format!(
-                    "{}: symbolic links are not allowed",
-                    echo(entry.name())
-                ));
-            }
             let name = entry.name().to_string();
-            let mut data = Vec::new();
-            (&mut entry)
-                .take(MAX_CODE_BYTES as u64 + 1)
-                .read_to_end(&mut data)
-                .map_err(|e| format!("{}: {e}", echo(&name)))?;
-            bundle
-                .insert(&name, data, "code_archive")
-                .map_err(|e| e.message)?;
+            let kind = if entry.is_dir() {
+                Entry::Directory
+            } else if entry.is_symlink() {
+                Entry::Refused("symbolic links are not allowed")
+            } else {
+                Entry::File(&mut entry)
+            };
+            bundle.add_entry(&name, kind)?;
         }
-        bundle.check_not_empty().map_err(|e| e.message)?;
-        Ok(bundle)
+        bundle.finish_archive()
     }
 
     fn from_tar(reader: impl Read) -> Result<Self, String> {
@@ -109,36 +109,44 @@ impl CodeBundle {
             let mut entry = entry.map_err(|e| format!("invalid tar entry: {e}"))?;
             let kind = entry.header().entry_type();
             let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-            if kind.is_dir() || kind.is_pax_global_extensions() || kind.is_pax_local_extensions() {
-                continue;
-            }
-            if !kind.is_file() {
-                return Err(format!(
-                    "{}: only regular files and directories are allowed",
-                    echo(&name)
-                ));
-            }
-            let mut data = Vec::new();
-            (&mut entry)
-                .take(MAX_CODE_BYTES as u64 + 1)
-                .read_to_end(&mut data)
-                .map_err(|e| format!("{}: {e}", echo(&name)))?;
-            bundle
-                .insert(&name, data, "code_archive")
-                .map_err(|e| e.message)?;
+            let kind = if kind.is_dir()
+                || kind.is_pax_global_extensions()
+                || kind.is_pax_local_extensions()
+            {
+                Entry::Directory
+            } else if kind.is_file() {
+                Entry::File(&mut entry)
+            } else {
+                Entry::Refused("only regular files and directories are allowed")
+            };
+            bundle.add_entry(&name, kind)?;
         }
-        bundle.check_not_empty().map_err(|e| e.message)?;
-        Ok(bundle)
+        bundle.finish_archive()
     }
 
-    fn check_not_empty(&self) -> Result<(), ValidationError> {
+    /// Adds one entry of an archive: the per-entry checks of every archive format.
+    fn add_entry(&mut self, name: &str, entry: Entry<impl Read>) -> Result<(), String> {
+        let content = match entry {
+            Entry::Directory => return Ok(()),
+            Entry::Refused(why) => return Err(format!("{}: {why}", echo(name))),
+            Entry::File(content) => content,
+        };
+        let mut data = Vec::new();
+        // One byte past the limit is enough for `insert` to refuse the file.
+        content
+            .take(MAX_CODE_BYTES as u64 + 1)
+            .read_to_end(&mut data)
+            .map_err(|e| format!("{}: {e}", echo(name)))?;
+        self.insert(name, data, "code_archive")
+            .map_err(|e| e.message)
+    }
+
+    /// The bundle of a whole archive: refused if it holds no files.
+    fn finish_archive(self) -> Result<Self, String> {
         if self.files.is_empty() {
-            return Err(ValidationError::new(
-                "code_archive",
-                "the archive contains no files",
-            ));
+            return Err("the archive contains no files".into());
         }
-        Ok(())
+        Ok(self)
     }
 
     fn insert(

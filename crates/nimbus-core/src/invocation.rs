@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::ErrorCode;
+
 string_enum!(
     /// How an invocation was triggered.
     Trigger {
@@ -49,7 +51,7 @@ string_enum!(
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InvocationError {
     /// Stable error code (`function_error`, `function_timeout`, `instance_crashed`, …).
-    pub code: String,
+    pub code: ErrorCode,
     /// Human-readable message.
     pub message: String,
     /// Exception type raised by the handler, for `function_error`.

@@ -10,11 +10,13 @@ pub mod alias;
 pub mod code;
 pub mod echo;
 pub mod error;
+pub mod error_code;
 pub mod function;
 pub mod ids;
 pub mod invocation;
 pub mod json_depth;
 pub mod limits;
+pub mod runtime;
 pub mod snapshot;
 
 pub use alias::{
@@ -23,11 +25,13 @@ pub use alias::{
 pub use code::CodeBundle;
 pub use echo::echo;
 pub use error::ValidationError;
+pub use error_code::ErrorCode;
 pub use function::{
-    Function, FunctionConfig, FunctionStatus, FunctionVersion, Handler, Network, Runtime,
-    StateConfig, StateConfigPatch,
+    Function, FunctionConfig, FunctionStatus, FunctionVersion, Network, StateConfig,
+    StateConfigPatch,
 };
 pub use invocation::{Invocation, InvocationError, InvocationStatus, StartType, Trigger};
+pub use runtime::{Handler, Runtime};
 pub use snapshot::{
     env_vars_hash, NewSnapshot, Snapshot, SnapshotFailure, SnapshotFile, SnapshotKey,
     SnapshotStatus, SnapshotUse,

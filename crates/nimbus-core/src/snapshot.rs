@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use crate::function::{FunctionVersion, Runtime};
+use crate::function::FunctionVersion;
+use crate::runtime::Runtime;
 
 string_enum!(
     /// Where a snapshot is in its life.

@@ -91,7 +91,7 @@ impl Engine {
         let created = match self.store.create_alias(&alias, actor).await {
             Err(StoreError::Conflict(_)) => {
                 return Err(EngineError::Conflict {
-                    code: "alias_exists",
+                    code: nimbus_core::ErrorCode::AliasExists,
                     message: format!(
                         "function {} already has an alias {}",
                         echo(&function.name),
@@ -197,7 +197,7 @@ impl Engine {
                     RollbackTarget::Revision(r) => format!("revision {r}"),
                 };
                 return Err(EngineError::Conflict {
-                    code: "version_deleted",
+                    code: nimbus_core::ErrorCode::VersionDeleted,
                     message: format!(
                         "cannot roll back alias {} to {what}: {}",
                         echo(name),
@@ -220,7 +220,7 @@ impl Engine {
         let function = self.get_function(reference).await?;
         if name == LATEST_ALIAS {
             return Err(EngineError::Conflict {
-                code: "alias_protected",
+                code: nimbus_core::ErrorCode::AliasProtected,
                 message: format!(
                     "alias {LATEST_ALIAS:?} cannot be deleted: every publish moves it, and \
                      invocations without an alias or version use it"

@@ -3,7 +3,7 @@
 //! Failures of user code (exceptions, timeouts, crashes) are not errors of the engine:
 //! they are outcomes of an invocation, carried in [`crate::InvokeResponse`].
 
-use nimbus_core::{echo, ValidationError};
+use nimbus_core::{echo, ErrorCode, ValidationError};
 use nimbus_runtime::protocol::ErrorPayload;
 use nimbus_store::StoreError;
 
@@ -20,7 +20,7 @@ pub enum EngineError {
     #[error("{message}")]
     NotFound {
         /// Stable error code (`function_not_found`, `version_not_found`, …).
-        code: &'static str,
+        code: ErrorCode,
         /// Names what was not found.
         message: String,
     },
@@ -28,7 +28,7 @@ pub enum EngineError {
     #[error("{message}")]
     Conflict {
         /// Stable error code (`function_exists`, …).
-        code: &'static str,
+        code: ErrorCode,
         /// Names the conflict.
         message: String,
     },
@@ -73,7 +73,7 @@ impl EngineError {
     /// A `version_not_found` error naming the function and version.
     pub fn version_not_found(function: &str, version: u32) -> Self {
         EngineError::NotFound {
-            code: "version_not_found",
+            code: ErrorCode::VersionNotFound,
             message: format!("function {} has no version {version}", echo(function)),
         }
     }
@@ -81,7 +81,7 @@ impl EngineError {
     /// An `alias_not_found` error naming the function and alias.
     pub fn alias_not_found(function: &str, alias: &str) -> Self {
         EngineError::NotFound {
-            code: "alias_not_found",
+            code: ErrorCode::AliasNotFound,
             message: format!("function {} has no alias {}", echo(function), echo(alias)),
         }
     }
@@ -89,7 +89,7 @@ impl EngineError {
     /// A `function_not_found` error naming the reference.
     pub fn function_not_found(reference: &str) -> Self {
         EngineError::NotFound {
-            code: "function_not_found",
+            code: ErrorCode::FunctionNotFound,
             message: format!("function {} not found", echo(reference)),
         }
     }
@@ -108,11 +108,11 @@ impl From<StoreError> for EngineError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict(message) => EngineError::Conflict {
-                code: "conflict",
+                code: ErrorCode::Conflict,
                 message,
             },
             StoreError::NotFound(message) => EngineError::NotFound {
-                code: "not_found",
+                code: ErrorCode::NotFound,
                 message,
             },
             StoreError::Backend(message)
@@ -124,11 +124,11 @@ impl From<StoreError> for EngineError {
                 EngineError::Internal(format!("corrupt metadata: {message}"))
             }
             StoreError::AliasNotFound { .. } => EngineError::NotFound {
-                code: "alias_not_found",
+                code: ErrorCode::AliasNotFound,
                 message: e.to_string(),
             },
             StoreError::RevisionNotFound { .. } => EngineError::NotFound {
-                code: "revision_not_found",
+                code: ErrorCode::RevisionNotFound,
                 message: e.to_string(),
             },
             StoreError::MissingVersions(_) => EngineError::Validation(ValidationError::new(
@@ -139,18 +139,18 @@ impl From<StoreError> for EngineError {
                 EngineError::VersionInUse { version, aliases }
             }
             StoreError::NothingToRollBack(message) => EngineError::Conflict {
-                code: "nothing_to_roll_back",
+                code: ErrorCode::NothingToRollBack,
                 message,
             },
             StoreError::TooManyAliases { limit } => EngineError::Conflict {
-                code: "too_many_aliases",
+                code: ErrorCode::TooManyAliases,
                 message: format!(
                     "the function has {limit} aliases, as many as a function may have; delete \
                      one it no longer needs first"
                 ),
             },
             StoreError::RevisionMismatch { .. } => EngineError::Conflict {
-                code: "revision_mismatch",
+                code: ErrorCode::RevisionMismatch,
                 message: e.to_string(),
             },
         }
@@ -162,19 +162,19 @@ pub type EngineResult<T> = Result<T, EngineError>;
 
 impl EngineError {
     /// The stable error code of the API (`{"error":{"code":…}}`).
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            EngineError::Validation(_) => "validation_error",
-            EngineError::BadRequest(_) => "invalid_request",
-            EngineError::NotFound { code, .. } | EngineError::Conflict { code, .. } => code,
-            EngineError::VersionInUse { .. } => "version_in_use",
-            EngineError::InvalidCode { .. } => "function_init_failed",
-            EngineError::RuntimeUnavailable(_) => "runtime_unavailable",
-            EngineError::Throttled(_) => "throttled",
-            EngineError::Unavailable(_) => "store_unavailable",
+            EngineError::Validation(_) => ErrorCode::ValidationError,
+            EngineError::BadRequest(_) => ErrorCode::InvalidRequest,
+            EngineError::NotFound { code, .. } | EngineError::Conflict { code, .. } => *code,
+            EngineError::VersionInUse { .. } => ErrorCode::VersionInUse,
+            EngineError::InvalidCode { .. } => ErrorCode::FunctionInitFailed,
+            EngineError::RuntimeUnavailable(_) => ErrorCode::RuntimeUnavailable,
+            EngineError::Throttled(_) => ErrorCode::Throttled,
+            EngineError::Unavailable(_) => ErrorCode::StoreUnavailable,
             EngineError::State(e) => e.code(),
-            EngineError::ShuttingDown => "shutting_down",
-            EngineError::Internal(_) => "internal",
+            EngineError::ShuttingDown => ErrorCode::ShuttingDown,
+            EngineError::Internal(_) => ErrorCode::Internal,
         }
     }
 }

@@ -381,7 +381,7 @@ fn decode_archive(archive: &str) -> EngineResult<Vec<u8>> {
 
 fn function_exists(name: &str) -> EngineError {
     EngineError::Conflict {
-        code: "function_exists",
+        code: nimbus_core::ErrorCode::FunctionExists,
         message: format!("a function named {name:?} already exists"),
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nimbus_core::invocation::{log_tail, InvocationError};
+use nimbus_core::ErrorCode;
 use nimbus_core::{
     ids, limits, now, Invocation, InvocationStatus, StartType, Trigger, LATEST_ALIAS,
 };
@@ -125,7 +126,7 @@ impl Engine {
                 this.recorder.record(Invocation {
                     status: InvocationStatus::Error,
                     error: Some(InvocationError {
-                        code: e.code().into(),
+                        code: e.code(),
                         message: e.to_string(),
                         error_type: None,
                         traceback: None,
@@ -203,7 +204,7 @@ impl Engine {
 
         let status = match &execution.outcome {
             Ok(_) => InvocationStatus::Success,
-            Err(e) if e.code == "function_timeout" => InvocationStatus::Timeout,
+            Err(e) if e.code == ErrorCode::FunctionTimeout => InvocationStatus::Timeout,
             Err(_) => InvocationStatus::Error,
         };
         target.count(status.as_str());
@@ -279,11 +280,11 @@ impl Engine {
     async fn give_back(&self, mut lease: Lease, ran: Ran) -> Execution {
         let start_type = lease.start_type;
         let instance_id = Some(lease.instance().id.clone());
-        let failed = |code: &str, message: String| Execution {
+        let failed = |code: ErrorCode, message: String| Execution {
             start_type,
             instance_id: instance_id.clone(),
             outcome: Err(InvocationError {
-                code: code.into(),
+                code,
                 message,
                 error_type: None,
                 traceback: None,
@@ -297,7 +298,7 @@ impl Engine {
                 let outcome = match done.result {
                     Ok(body) if body.get().len() > limits::MAX_EVENT_BYTES => {
                         Err(InvocationError {
-                            code: "response_too_large".into(),
+                            code: ErrorCode::ResponseTooLarge,
                             message: format!(
                                 "the handler returned {} bytes; the limit is {} bytes",
                                 body.get().len(),
@@ -321,7 +322,7 @@ impl Engine {
             Ran::Stopped => {
                 tokio::spawn(lease.retire().kill());
                 failed(
-                    "instance_crashed",
+                    ErrorCode::InstanceCrashed,
                     "the server stopped during the invocation (it ran past the shutdown \
                      grace period) and stopped its instance"
                         .into(),
@@ -333,20 +334,23 @@ impl Engine {
                 tokio::spawn(instance.kill());
                 let how = exit.map_or("closed its connection".into(), |e| e.to_string());
                 let code = if exit.is_some_and(|e| e.out_of_memory) {
-                    "out_of_memory"
+                    ErrorCode::OutOfMemory
                 } else {
-                    "instance_crashed"
+                    ErrorCode::InstanceCrashed
                 };
                 failed(code, format!("the instance {how} during the invocation"))
             }
             Ran::Failed(e) => {
                 tokio::spawn(lease.retire().kill());
-                failed("instance_crashed", format!("the instance failed: {e}"))
+                failed(
+                    ErrorCode::InstanceCrashed,
+                    format!("the instance failed: {e}"),
+                )
             }
             Ran::TimedOut(timeout) => {
                 tokio::spawn(lease.retire().kill());
                 failed(
-                    "function_timeout",
+                    ErrorCode::FunctionTimeout,
                     format!(
                         "the invocation did not finish within the function's timeout of {} s",
                         timeout.as_secs()
@@ -473,7 +477,7 @@ fn affinity_key<'a>(target: &Target, req: &'a InvokeRequest) -> Option<&'a str> 
 
 fn function_error(raised: ErrorPayload) -> InvocationError {
     InvocationError {
-        code: "function_error".into(),
+        code: ErrorCode::FunctionError,
         message: format!("{}: {}", raised.error_type, raised.message),
         error_type: Some(raised.error_type),
         traceback: Some(raised.traceback),
@@ -481,8 +485,8 @@ fn function_error(raised: ErrorPayload) -> InvocationError {
 }
 
 fn start_failure(failure: StartError, start_type: StartType) -> InvocationError {
-    let plain = |code: &str, message: String| InvocationError {
-        code: code.into(),
+    let plain = |code: ErrorCode, message: String| InvocationError {
+        code,
         message,
         error_type: None,
         traceback: None,
@@ -490,13 +494,13 @@ fn start_failure(failure: StartError, start_type: StartType) -> InvocationError 
     match failure {
         // From a snapshot the code is loaded already: what failed is an after-restore hook.
         StartError::Init { error, .. } if start_type != StartType::Cold => InvocationError {
-            code: "function_init_error".into(),
+            code: ErrorCode::FunctionInitError,
             message: format!("the instance failed to start: {}", error.message),
             error_type: Some(error.error_type),
             traceback: Some(error.traceback),
         },
         StartError::Init { error, .. } => InvocationError {
-            code: "function_init_error".into(),
+            code: ErrorCode::FunctionInitError,
             message: format!(
                 "the handler failed to load: {}: {}",
                 error.error_type, error.message
@@ -504,14 +508,14 @@ fn start_failure(failure: StartError, start_type: StartType) -> InvocationError 
             error_type: Some(error.error_type),
             traceback: Some(error.traceback),
         },
-        StartError::Crashed(message) => plain("instance_crashed", message),
+        StartError::Crashed(message) => plain(ErrorCode::InstanceCrashed, message),
         StartError::Timeout(limit) => plain(
-            "function_timeout",
+            ErrorCode::FunctionTimeout,
             format!(
                 "the instance did not finish loading the handler within {} s",
                 limit.as_secs()
             ),
         ),
-        StartError::Platform(e) => plain("internal", e.to_string()),
+        StartError::Platform(e) => plain(ErrorCode::Internal, e.to_string()),
     }
 }

@@ -225,7 +225,7 @@ impl Engine {
             .get_invocation(request_id)
             .await?
             .ok_or_else(|| EngineError::NotFound {
-                code: "invocation_not_found",
+                code: nimbus_core::ErrorCode::InvocationNotFound,
                 message: format!("invocation {} not found", nimbus_core::echo(request_id)),
             })
     }

@@ -94,7 +94,7 @@ impl Engine {
                 .first()
                 .map(|v| v.version)
                 .ok_or_else(|| EngineError::NotFound {
-                    code: "version_not_found",
+                    code: nimbus_core::ErrorCode::VersionNotFound,
                     message: format!("function {:?} has no version", function.name),
                 })?,
         };
@@ -108,7 +108,7 @@ impl Engine {
     pub async fn delete_snapshot(&self, reference: &str, snapshot_id: &str) -> EngineResult<()> {
         let function = self.catalog.function(reference).await?;
         let not_found = || EngineError::NotFound {
-            code: "snapshot_not_found",
+            code: nimbus_core::ErrorCode::SnapshotNotFound,
             message: format!(
                 "function {:?} has no snapshot {}",
                 function.name,
@@ -123,7 +123,7 @@ impl Engine {
             .ok_or_else(not_found)?;
         if snapshot.status == SnapshotStatus::Building {
             return Err(EngineError::Conflict {
-                code: "snapshot_building",
+                code: nimbus_core::ErrorCode::SnapshotBuilding,
                 message: format!(
                     "snapshot {} is being built; delete it once the build has ended",
                     nimbus_core::echo(snapshot_id)

@@ -320,7 +320,7 @@ impl Failure {
                     StateError::Conflict { current, .. } => Some(current),
                     _ => None,
                 };
-                (e.code(), e.to_string(), current)
+                (e.code().as_str(), e.to_string(), current)
             }
             Failure::Missing(field) => (
                 "invalid_argument",

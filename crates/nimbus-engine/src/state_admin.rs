@@ -181,7 +181,7 @@ impl Engine {
             Some(key) => match self.state.delete(&bucket, key).await? {
                 true => Ok(1),
                 false => Err(EngineError::NotFound {
-                    code: "state_key_not_found",
+                    code: nimbus_core::ErrorCode::StateKeyNotFound,
                     message: format!(
                         "function {} has no key {} in the state of {}",
                         echo(&function.name),
@@ -196,7 +196,7 @@ impl Engine {
 
 fn session_not_found(function: &str, session_key: &str) -> EngineError {
     EngineError::NotFound {
-        code: "session_not_found",
+        code: nimbus_core::ErrorCode::SessionNotFound,
         message: format!(
             "function {} has no live session {}",
             echo(function),

@@ -169,17 +169,17 @@ def handle(event):
 
     let raised = invoke(&h, "faulty", r#"{"action":"raise"}"#).await;
     let err = raised.outcome.unwrap_err();
-    assert_eq!(err.code, "function_error");
+    assert_eq!(err.code, nimbus_core::ErrorCode::FunctionError);
     assert_eq!(err.error_type.as_deref(), Some("ValueError"));
     assert!(err.traceback.unwrap().contains("bad input"));
 
     let slow = invoke(&h, "faulty", r#"{"action":"sleep"}"#).await;
     let err = slow.outcome.unwrap_err();
-    assert_eq!(err.code, "function_timeout");
+    assert_eq!(err.code, nimbus_core::ErrorCode::FunctionTimeout);
 
     let crashed = invoke(&h, "faulty", r#"{"action":"exit"}"#).await;
     let err = crashed.outcome.unwrap_err();
-    assert_eq!(err.code, "instance_crashed");
+    assert_eq!(err.code, nimbus_core::ErrorCode::InstanceCrashed);
     assert!(
         err.message.contains("exited with code 3"),
         "{}",
@@ -321,7 +321,7 @@ async fn deleting_a_function_stops_its_instances() {
         matches!(
             err,
             EngineError::NotFound {
-                code: "function_not_found",
+                code: nimbus_core::ErrorCode::FunctionNotFound,
                 ..
             }
         ),
@@ -378,7 +378,9 @@ async fn alias_changes_keep_instances_and_deleting_a_version_stops_its_own() {
         ..request("multi", "{}")
     };
     match e.invoke(explicit).await {
-        Err(EngineError::NotFound { code, .. }) => assert_eq!(code, "version_not_found"),
+        Err(EngineError::NotFound { code, .. }) => {
+            assert_eq!(code, nimbus_core::ErrorCode::VersionNotFound)
+        }
         other => panic!("expected version_not_found, got {other:?}"),
     }
     assert_eq!(

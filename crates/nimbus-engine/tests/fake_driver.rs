@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nimbus_core::{StartType, Trigger};
+use nimbus_core::{ErrorCode, StartType, Trigger};
 use nimbus_engine::{EngineConfig, EngineError, InvokeRequest, InvokeResponse, NewFunction};
 use nimbus_testkit::fake_driver::FakeDriver;
 use serde_json::value::RawValue;
@@ -172,7 +172,7 @@ async fn a_crashed_instance_fails_its_invocation_and_is_replaced() {
     let crashed = invoke(&h, "echo", json!({"crash": true})).await;
     assert_eq!(crashed.instance_id, first.instance_id);
     let error = crashed.outcome.unwrap_err();
-    assert_eq!(error.code, "instance_crashed");
+    assert_eq!(error.code, ErrorCode::InstanceCrashed);
     assert!(error.message.contains("exited with code 1"), "{error:?}");
     assert_eq!(h.engine.live_instances(&first.function_id), 0);
     let next = invoke(&h, "echo", json!({})).await;

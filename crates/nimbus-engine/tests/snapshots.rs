@@ -211,7 +211,7 @@ async fn deleting_a_snapshot_stops_new_forks_from_it() {
     assert_eq!(r.start_type, StartType::Cold);
     match e.delete_snapshot("d", &id).await {
         Err(nimbus_engine::EngineError::NotFound { code, .. }) => {
-            assert_eq!(code, "snapshot_not_found")
+            assert_eq!(code, nimbus_core::ErrorCode::SnapshotNotFound)
         }
         other => panic!("expected snapshot_not_found, got {other:?}"),
     }

@@ -20,6 +20,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use nimbus_core::ErrorCode;
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -186,16 +187,16 @@ impl StateError {
     /// The stable error code: `key_too_long`, `invalid_key`, `value_too_large`,
     /// `too_many_keys`, `state_conflict`, `not_an_integer`, `invalid_argument`,
     /// `state_unavailable`.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            StateError::KeyTooLong { .. } => "key_too_long",
-            StateError::InvalidKey(_) => "invalid_key",
-            StateError::ValueTooLarge { .. } => "value_too_large",
-            StateError::TooManyKeys { .. } => "too_many_keys",
-            StateError::Conflict { .. } => "state_conflict",
-            StateError::NotAnInteger(_) => "not_an_integer",
-            StateError::InvalidArgument(_) => "invalid_argument",
-            StateError::Unavailable(_) => "state_unavailable",
+            StateError::KeyTooLong { .. } => ErrorCode::KeyTooLong,
+            StateError::InvalidKey(_) => ErrorCode::InvalidKey,
+            StateError::ValueTooLarge { .. } => ErrorCode::ValueTooLarge,
+            StateError::TooManyKeys { .. } => ErrorCode::TooManyKeys,
+            StateError::Conflict { .. } => ErrorCode::StateConflict,
+            StateError::NotAnInteger(_) => ErrorCode::NotAnInteger,
+            StateError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            StateError::Unavailable(_) => ErrorCode::StateUnavailable,
         }
     }
 }
@@ -575,8 +576,8 @@ mod tests {
             check_key(&"k".repeat(257)),
             Err(StateError::KeyTooLong { len: 257 })
         );
-        assert_eq!(check_key("").unwrap_err().code(), "invalid_key");
-        assert_eq!(check_key("a\nb").unwrap_err().code(), "invalid_key");
+        assert_eq!(check_key("").unwrap_err().code(), ErrorCode::InvalidKey);
+        assert_eq!(check_key("a\nb").unwrap_err().code(), ErrorCode::InvalidKey);
         assert_eq!(check_key("cart:1 ü").unwrap(), ());
     }
 }

@@ -1022,7 +1022,7 @@ mod tests {
             "not a url",
         ] {
             let e = parse(url).unwrap_err();
-            assert_eq!(e.code(), "invalid_argument", "{url}: {e}");
+            assert_eq!(e.code().as_str(), "invalid_argument", "{url}: {e}");
             assert!(!e.to_string().contains("secret"), "{e}");
         }
     }

@@ -37,7 +37,10 @@ where
     loop {
         match op().await {
             Ok(value) => return value,
-            Err(e) if e.code() == "state_unavailable" && started.elapsed() < within => {
+            Err(e)
+                if e.code() == nimbus_core::ErrorCode::StateUnavailable
+                    && started.elapsed() < within =>
+            {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => panic!("{e}"),

@@ -1,7 +1,7 @@
 //! Backends: which database a URL names, how to connect to it, and its migrations.
 //!
-//! Both backends run through sqlx's `Any` driver, so the queries in [`crate::sql`] are
-//! written once. What differs per backend lives here: the URL schemes, the connection setup
+//! Both backends run through sqlx's `Any` driver, so the store's queries are written
+//! once. What differs per backend lives here: the URL schemes, the connection setup
 //! (SQLite file creation and pragmas), the numbered migration directory and how many bind
 //! parameters one statement may carry.
 

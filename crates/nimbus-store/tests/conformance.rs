@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nimbus_core::{
-    ids, AliasAction, AliasRevision, CodeBundle, Function, FunctionAlias, FunctionConfig,
-    FunctionStatus, FunctionVersion, Handler, Invocation, InvocationError, InvocationStatus,
-    Network, NewSnapshot, RoutingConfig, Runtime, Snapshot, SnapshotFailure, SnapshotFile,
-    SnapshotStatus, SnapshotUse, StartType, StateConfig, Trigger, WeightedVersion,
+    ids, AliasAction, AliasRevision, CodeBundle, ErrorCode, Function, FunctionAlias,
+    FunctionConfig, FunctionStatus, FunctionVersion, Handler, Invocation, InvocationError,
+    InvocationStatus, Network, NewSnapshot, RoutingConfig, Runtime, Snapshot, SnapshotFailure,
+    SnapshotFile, SnapshotStatus, SnapshotUse, StartType, StateConfig, Trigger, WeightedVersion,
 };
 use nimbus_store::{
     AliasChange, AliasWrite, InvocationFilter, MetadataStore, Page, Published, RollbackTarget,
@@ -483,7 +483,7 @@ fn invocation(function: &Function, i: u32, base: OffsetDateTime) -> Invocation {
         input: Some(format!("{{\"n\":{i},\"text\":\"ünïcode ✓\"}}")),
         output: (status == InvocationStatus::Success).then(|| format!("{{\"result\":{}}}", i * 2)),
         error: (status == InvocationStatus::Error).then(|| InvocationError {
-            code: "function_error".to_string(),
+            code: ErrorCode::FunctionError,
             message: format!("boom {i}"),
             error_type: Some("ValueError".to_string()),
             traceback: Some("Traceback (most recent call last):\n  ...".to_string()),
@@ -1532,7 +1532,7 @@ async fn upsert_replaces_a_pending_record(store: &dyn MetadataStore) {
     let failed = Invocation {
         status: InvocationStatus::Timeout,
         error: Some(InvocationError {
-            code: "function_timeout".into(),
+            code: ErrorCode::FunctionTimeout,
             message: "ran past 30 s".into(),
             error_type: None,
             traceback: None,

@@ -103,7 +103,7 @@ impl Snapshots {
     ) -> EngineResult<Snapshot> {
         if !self.settings.enabled {
             return Err(EngineError::Conflict {
-                code: "snapshots_disabled",
+                code: nimbus_core::ErrorCode::SnapshotsDisabled,
                 message: "snapshots are disabled on this server ([snapshots] enabled = false)"
                     .into(),
             });

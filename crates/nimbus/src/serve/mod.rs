@@ -154,7 +154,7 @@ async fn accept_loop(
 fn refusal(max_connections: usize) -> Bytes {
     let body = serde_json::json!({
         "error": {
-            "code": "too_many_connections",
+            "code": nimbus_core::ErrorCode::TooManyConnections,
             "message": format!(
                 "the server has {max_connections} connections open, its limit; retry later"
             ),

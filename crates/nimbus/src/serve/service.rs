@@ -12,12 +12,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{header, HeaderValue, Request, Response, StatusCode, Uri};
+use axum::http::{header, HeaderValue, Request, Response, Uri};
 use axum::response::IntoResponse;
 use axum::Router;
 use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
 use nimbus_api::error::ApiError;
+use nimbus_core::ErrorCode;
 use tower::ServiceExt;
 use tower_http::timeout::TimeoutBody;
 
@@ -44,8 +45,7 @@ impl RequestLimits {
         let target = target_len(req.uri());
         if target > self.max_uri_bytes {
             return Err(ApiError::new(
-                StatusCode::URI_TOO_LONG,
-                "uri_too_long",
+                ErrorCode::UriTooLong,
                 format!(
                     "the request target is {target} bytes; the limit is {} bytes",
                     self.max_uri_bytes
@@ -59,8 +59,7 @@ impl RequestLimits {
             .sum();
         if headers.len() > self.max_headers || bytes > self.max_header_bytes {
             return Err(ApiError::new(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "headers_too_large",
+                ErrorCode::HeadersTooLarge,
                 format!(
                     "the request has {} header fields of {bytes} bytes; the limits are {} \
                      fields and {} bytes",
@@ -185,7 +184,7 @@ mod tests {
     }
 
     fn code(result: Result<(), ApiError>) -> Option<(u16, &'static str)> {
-        result.err().map(|e| (e.status.as_u16(), e.code))
+        result.err().map(|e| (e.status.as_u16(), e.code.as_str()))
     }
 
     #[test]
