@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::CgroupVersion;
+use super::interface::CgroupVersion;
 
 /// How long killing a group's processes may take before the group is given up on.
 pub(super) const KILL_TIMEOUT: Duration = Duration::from_secs(2);

@@ -5,21 +5,23 @@
 //! one, so a slot goes back to an idle list when its instance ends and the next instance
 //! gets it with new limits.
 //!
+//! - `limits`: what an instance may use, checked before any group is touched;
+//! - `interface`: the `Interface` trait, the controllers it tunes and the hierarchies found;
 //! - `mounts`: where the hierarchies are, from the mount table;
-//! - `v2` and `v1`: the two interfaces behind one `Interface` trait (how each finds and
-//!   prepares its hierarchies, writes limits and reports memory), detected at start: v2
-//!   first, else v1;
 //! - `group`: one group directory, whichever the interface (create, kill, remove, files);
-//! - here: the slots, handed out and taken back.
+//! - `v2` and `v1`: the two interfaces (how each finds and prepares its hierarchies, writes
+//!   limits and reports memory), detected at start: v2 first, else v1;
+//! - here, above them all: the slots, handed out and taken back.
 
 mod group;
+mod interface;
+mod limits;
 mod mounts;
 mod v1;
 mod v2;
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
-use std::fmt;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -28,54 +30,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use group::{at, create_groups, kill_procs, read_key, read_pids, remove_tree, subdirs};
+pub use interface::CgroupVersion;
+use interface::{Controller, Hierarchy, Interface, MemoryFiles};
+pub use limits::Limits;
 use mounts::{parse_mountinfo, MOUNTINFO};
 pub use v1::V1Unavailable;
 pub use v2::V2Unavailable;
-
-/// The cgroup interface in use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CgroupVersion {
-    /// One hierarchy per controller (legacy).
-    V1,
-    /// The unified hierarchy.
-    V2,
-}
-
-impl fmt::Display for CgroupVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            CgroupVersion::V1 => "v1",
-            CgroupVersion::V2 => "v2",
-        })
-    }
-}
-
-/// Resource limits of one instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Memory limit in bytes, swap not allowed beyond it.
-    pub memory_bytes: u64,
-    /// CPU weight on the cgroup v2 scale: 1–10000, 100 is the default share.
-    pub cpu_weight: u32,
-    /// Most processes and threads the instance may have at once.
-    pub pids_max: u32,
-}
-
-impl Limits {
-    /// Refuses limits no kernel would take.
-    fn validate(&self) -> io::Result<()> {
-        let problem = if self.memory_bytes == 0 {
-            "memory limit must be positive"
-        } else if !(1..=10_000).contains(&self.cpu_weight) {
-            "cpu weight must be between 1 and 10000"
-        } else if self.pids_max == 0 {
-            "pids limit must be positive"
-        } else {
-            return Ok(());
-        };
-        Err(io::Error::new(io::ErrorKind::InvalidInput, problem))
-    }
-}
 
 /// Why cgroups cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -98,69 +58,6 @@ pub enum CgroupError {
         #[source]
         v1: V1Unavailable,
     },
-}
-
-/// A controller whose limits a slot gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Controller {
-    /// Memory limit (and no swap beyond it).
-    Memory,
-    /// CPU share.
-    Cpu,
-    /// Process count limit.
-    Pids,
-}
-
-/// Every controller a slot is limited by, in the order their hierarchies are looked for.
-const CONTROLLERS: [Controller; 3] = [Controller::Memory, Controller::Cpu, Controller::Pids];
-
-impl Controller {
-    /// Its name in the kernel's files and mount options.
-    fn name(self) -> &'static str {
-        match self {
-            Controller::Memory => "memory",
-            Controller::Cpu => "cpu",
-            Controller::Pids => "pids",
-        }
-    }
-}
-
-/// One hierarchy in use, with our parent group in it.
-#[derive(Debug)]
-struct Hierarchy {
-    /// `<mount point>/<name>`.
-    parent: PathBuf,
-    /// The controllers we tune here; none for the v1 tracking hierarchy.
-    controllers: Vec<Controller>,
-}
-
-/// The memory controller's files of one slot's group.
-#[derive(Debug)]
-struct MemoryFiles {
-    /// Where the kernel counts OOM kills (`oom_kill`).
-    oom: PathBuf,
-    /// The peak use since the slot was acquired, if the kernel tells it.
-    peak: Option<File>,
-    /// The use now.
-    usage: PathBuf,
-}
-
-/// What differs between cgroup v1 and v2 once the hierarchies are found: how limits are
-/// written and where memory is reported (as Firecracker's jailer puts its two cgroup
-/// builders behind one trait).
-trait Interface: fmt::Debug + Send + Sync {
-    /// Which interface it is.
-    fn version(&self) -> CgroupVersion;
-    /// Writes what `limits` says for `controller` into the group `dir`.
-    fn limit(&self, controller: Controller, dir: &Path, limits: &Limits) -> io::Result<()>;
-    /// The memory files of the group `dir` (a new group if `fresh`), with the peak reset
-    /// to now where the kernel allows.
-    fn memory_files(&self, dir: &Path, fresh: bool) -> io::Result<MemoryFiles>;
-    /// How the hierarchy without controllers (v1's tracking one) attaches, for the start-up
-    /// log.
-    fn tracking(&self) -> &'static str {
-        ""
-    }
 }
 
 /// Which slots exist and which are free.
@@ -621,36 +518,6 @@ mod tests {
             assert!(
                 err.to_string().contains("invalid cgroup name"),
                 "{bad}: {err}"
-            );
-        }
-    }
-
-    #[test]
-    fn limits_are_validated() {
-        let ok = Limits {
-            memory_bytes: 1 << 20,
-            cpu_weight: 100,
-            pids_max: 1,
-        };
-        assert!(ok.validate().is_ok());
-        for bad in [
-            Limits {
-                memory_bytes: 0,
-                ..ok
-            },
-            Limits {
-                cpu_weight: 0,
-                ..ok
-            },
-            Limits {
-                cpu_weight: 10_001,
-                ..ok
-            },
-            Limits { pids_max: 0, ..ok },
-        ] {
-            assert_eq!(
-                bad.validate().unwrap_err().kind(),
-                io::ErrorKind::InvalidInput
             );
         }
     }

@@ -20,8 +20,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use super::group::{create_group, read_file, write_file};
+use super::interface::{CgroupVersion, Controller, Hierarchy, Interface, MemoryFiles, CONTROLLERS};
+use super::limits::Limits;
 use super::mounts::Mount;
-use super::{CgroupVersion, Controller, Hierarchy, Interface, Limits, MemoryFiles, CONTROLLERS};
 
 /// Name of the tracking hierarchy.
 const TRACKER_NAME: &str = "nimbus";

@@ -10,8 +10,9 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use super::group::{create_group, write_file};
+use super::interface::{CgroupVersion, Controller, Hierarchy, Interface, MemoryFiles, CONTROLLERS};
+use super::limits::Limits;
 use super::mounts::Mount;
-use super::{CgroupVersion, Controller, Hierarchy, Interface, Limits, MemoryFiles, CONTROLLERS};
 
 /// The controllers a parent group enables for its children.
 const ENABLE: &str = "+memory +cpu +pids";
