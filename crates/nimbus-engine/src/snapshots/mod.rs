@@ -55,7 +55,9 @@ use shared::{remove_dir, Shared};
 
 /// The snapshot manager.
 pub(crate) struct Snapshots {
+    /// What every part works on (the build workers hold it too).
     shared: Arc<Shared>,
+    /// The build queue, which the workers serve until it is dropped.
     builds: Builds,
 }
 
