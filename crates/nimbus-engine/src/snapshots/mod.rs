@@ -15,93 +15,50 @@
 //!   An evicted template whose instances still run stays alive until they end (they live
 //!   in its pid namespace), but starts nothing more.
 //!
-//! The manager ([`Snapshots`]) is split by concern: [`build`] (the build queue and its
-//! workers), [`resident`] (templates in memory, within their count and memory budget),
-//! [`disk`] (checkpoints: writing, restoring, the disk quota) and [`index`] (the snapshot
-//! rows of the metadata store); this module ties them together and answers the starter.
+//! The manager ([`Snapshots`], this module: what the rest of the engine asks of it) is
+//! split by concern, each part below the ones that use it: [`build`] (the build queue and
+//! its workers), [`disk`] (checkpoints: writing, restoring, the disk quota), [`resident`]
+//! (templates in memory, within their count and memory budget), [`randomness`] (the check
+//! for shared random state, after a build or a restore) and [`index`] (the snapshot rows of
+//! the metadata store), all working on the [`shared`] state: the table of [`entry`]s, one
+//! per version's template.
 
 mod build;
 mod disk;
+mod entry;
 mod index;
+mod randomness;
 mod resident;
+mod shared;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nimbus_core::{SnapshotStatus, StartType};
+use nimbus_core::{Snapshot, SnapshotStatus, SnapshotUse, StartType};
 use nimbus_store::MetadataStore;
-use tokio::sync::{mpsc, Notify};
 
 use crate::catalog::VersionEntry;
 use crate::config::SnapshotSettings;
+use crate::error::{EngineError, EngineResult};
 use crate::instance::StartError;
 use crate::launcher::Launcher;
 use crate::metrics;
-use crate::start_estimates::{StartEstimates, Underway};
+use crate::start_estimates::Underway;
 
-use build::Job;
-pub(crate) use disk::DiskCopy;
-pub(crate) use resident::Resident;
-
-/// What identifies a template here: a version's code can only change with its number,
-/// but the hash keeps even a reused number from ever meeting old code.
-type Key = (String, u32, String);
-
-fn key_of(version: &VersionEntry) -> Key {
-    (
-        version.function_id.clone(),
-        version.version,
-        version.config.code_hash.clone(),
-    )
-}
-
-/// What this server has of one version's template.
-enum Entry {
-    /// Queued or being built.
-    Building(Pending),
-    /// Resident in memory (and maybe checkpointed on disk too).
-    Ready(Arc<Resident>),
-    /// Not in memory, but checkpointed on disk: the next start restores it.
-    OnDisk(Arc<DiskCopy>),
-    /// A restore from this checkpoint is under way (other starts meanwhile wait for it, or
-    /// go cold when that is faster: see [`Snapshots::wait_pending`]).
-    Restoring(Arc<DiskCopy>, Pending),
-    /// The last build failed. The function's own failures (its init or hooks raised) are
-    /// not retried by themselves, since the same code fails the same way, only on request;
-    /// the platform's (a timeout under load, a cgroup error) are, on a start after
-    /// `retry_at`.
-    Failed { retry_at: Option<Instant> },
-}
-
-/// A build or restore under way: since when, and what wakes those waiting for its end.
-#[derive(Clone)]
-struct Pending {
-    done: Arc<Notify>,
-    since: Instant,
-}
-
-impl Pending {
-    fn new() -> Self {
-        Pending {
-            done: Arc::new(Notify::new()),
-            since: Instant::now(),
-        }
-    }
-}
+use build::Builds;
+use disk::Restored;
+use entry::{key_of, Entry};
+pub(crate) use entry::{DiskCopy, Resident};
+use shared::{remove_dir, Shared};
 
 /// The snapshot manager.
 pub(crate) struct Snapshots {
-    settings: SnapshotSettings,
-    store: Arc<dyn MetadataStore>,
-    launcher: Arc<Launcher>,
-    /// Where checkpoints go: `<data_dir>/snapshots/<snapshot id>/`.
-    dir: PathBuf,
-    entries: Mutex<HashMap<Key, Entry>>,
-    queue: mpsc::UnboundedSender<Job>,
-    /// How long restores, builds and cold starts take here.
-    estimates: Mutex<StartEstimates<Key>>,
+    /// What every part works on (the build workers hold it too).
+    shared: Arc<Shared>,
+    /// The build queue, which the workers serve until it is dropped.
+    builds: Builds,
 }
 
 impl Snapshots {
@@ -112,19 +69,84 @@ impl Snapshots {
         launcher: Arc<Launcher>,
         dir: PathBuf,
     ) -> Arc<Snapshots> {
-        let (queue, jobs) = mpsc::unbounded_channel::<Job>();
         let workers = settings.build_workers.max(1);
-        let snapshots = Arc::new(Snapshots {
+        let shared = Arc::new(Shared {
             settings,
             store,
             launcher,
             dir,
-            entries: Mutex::default(),
-            queue,
+            entries: Mutex::new(HashMap::new()),
             estimates: Mutex::default(),
         });
-        build::serve(&snapshots, jobs, workers);
-        snapshots
+        let builds = Builds::start(shared.clone(), workers);
+        Arc::new(Snapshots { shared, builds })
+    }
+
+    /// The template to start a new instance of `version` from, if one is resident.
+    pub(crate) async fn resident(&self, version: &VersionEntry) -> Option<Arc<Resident>> {
+        if !self.shared.settings.enabled {
+            return None;
+        }
+        resident::find(&self.shared, version).await
+    }
+
+    /// The checkpoint to restore `version`'s template from, if it is on disk and not in
+    /// memory; the entry is `Restoring` until [`Snapshots::restore`] ends.
+    pub(crate) fn take_on_disk(&self, version: &VersionEntry) -> Option<Arc<DiskCopy>> {
+        if !self.shared.settings.enabled {
+            return None;
+        }
+        disk::take(&self.shared, version)
+    }
+
+    /// Restores `version`'s template from `copy` (taken with [`Snapshots::take_on_disk`]);
+    /// it is resident again on success. A checkpoint that fails (its files do not verify,
+    /// the restore or the check for shared random state fails) is marked `corrupt`,
+    /// deleted and rebuilt. Deleted or forgotten meanwhile, the snapshot stays so; dropped
+    /// unfinished, the checkpoint is on disk again.
+    pub(crate) async fn restore(
+        &self,
+        version: &Arc<VersionEntry>,
+        copy: Arc<DiskCopy>,
+    ) -> Option<Arc<Resident>> {
+        match disk::restore(&self.shared, version, copy).await {
+            Restored::Resident(resident) => Some(resident),
+            Restored::Corrupt => {
+                self.builds.enqueue(version, true);
+                None
+            }
+            Restored::Gone => None,
+        }
+    }
+
+    /// A start from `resident` (`how`: forked, or restored from disk first) succeeded in
+    /// `ms`.
+    pub(crate) fn restored(&self, resident: &Arc<Resident>, how: SnapshotUse, ms: f64) {
+        index::restored(&self.shared, resident, how, ms);
+    }
+
+    /// A version just started cold: build its snapshot unless one exists or failed.
+    pub(crate) fn wanted(&self, version: &Arc<VersionEntry>) {
+        if self.shared.settings.enabled {
+            self.builds.enqueue(version, false);
+        }
+    }
+
+    /// Builds `version`'s snapshot now (or joins the build under way) and, with `wait`,
+    /// returns its row once the build has ended.
+    pub(crate) async fn request(
+        &self,
+        version: &Arc<VersionEntry>,
+        wait: bool,
+    ) -> EngineResult<Snapshot> {
+        if !self.shared.settings.enabled {
+            return Err(EngineError::Conflict {
+                code: nimbus_core::ErrorCode::SnapshotsDisabled,
+                message: "snapshots are disabled on this server ([snapshots] enabled = false)"
+                    .into(),
+            });
+        }
+        self.builds.request(version, wait).await
     }
 
     /// A start of `version` that found no template resident: if the template is being built
@@ -132,20 +154,27 @@ impl Snapshots {
     /// that ends (for as long as the estimates allow, at most the start timeout). True if
     /// it waited: the caller looks for the template again.
     pub(crate) async fn wait_pending(&self, version: &VersionEntry) -> bool {
-        if !self.settings.enabled {
+        if !self.shared.settings.enabled {
             return false;
         }
         let key = key_of(version);
-        let (pending, underway) = match self.entries.lock().expect("snapshots lock").get(&key) {
+        let (pending, underway) = match self
+            .shared
+            .entries
+            .lock()
+            .expect("snapshots lock")
+            .get(&key)
+        {
             Some(Entry::Building(pending)) => (pending.clone(), Underway::Build),
             Some(Entry::Restoring(_, pending)) => (pending.clone(), Underway::Restore),
             _ => return false,
         };
-        let patience = self.estimates.lock().expect("estimates lock").wait_for(
-            &key,
-            underway,
-            pending.since.elapsed(),
-        );
+        let patience = self
+            .shared
+            .estimates
+            .lock()
+            .expect("estimates lock")
+            .wait_for(&key, underway, pending.since.elapsed());
         let Some(patience) = patience else {
             return false;
         };
@@ -153,11 +182,11 @@ impl Snapshots {
         tokio::pin!(notified);
         notified.as_mut().enable();
         let still = matches!(
-            self.entries.lock().expect("snapshots lock").get(&key),
+            self.shared.entries.lock().expect("snapshots lock").get(&key),
             Some(Entry::Building(p) | Entry::Restoring(_, p)) if Arc::ptr_eq(&p.done, &pending.done)
         );
         if still {
-            let patience = patience.min(self.launcher.start_timeout());
+            let patience = patience.min(self.shared.launcher.start_timeout());
             let _ = tokio::time::timeout(patience, notified).await;
         }
         true
@@ -166,7 +195,8 @@ impl Snapshots {
     /// A cold start of `version` took `took` (what waiting for its template is weighed
     /// against).
     pub(crate) fn started_cold(&self, version: &VersionEntry, took: Duration) {
-        self.estimates
+        self.shared
+            .estimates
             .lock()
             .expect("estimates lock")
             .started_cold(&key_of(version), took);
@@ -204,10 +234,14 @@ impl Snapshots {
             snapshot = %resident.snapshot_id,
             "starting cold; the template {next}: {error}"
         );
-        self.ended(resident, &format!("the template ended: {error}"))
-            .await;
+        resident::ended(
+            &self.shared,
+            resident,
+            &format!("the template ended: {error}"),
+        )
+        .await;
         if resident.disk_copy().is_none() && resident.template.refused().is_none() {
-            self.enqueue(version, true);
+            self.builds.enqueue(version, true);
         }
     }
 
@@ -225,7 +259,7 @@ impl Snapshots {
             return self.restore_failed(version, resident, error).await;
         }
         metrics::snapshot_restored("failed", StartType::Snapshot, 0.0);
-        if !self.replace_resident(resident, None) {
+        if !resident::replace(&self.shared, resident, None) {
             return;
         }
         if let Some(copy) = resident.disk_copy() {
@@ -233,6 +267,7 @@ impl Snapshots {
         }
         tracing::warn!(snapshot = %resident.snapshot_id, "the template restored from disk failed at once, rebuilding the snapshot: {error}");
         let _ = self
+            .shared
             .store
             .finish_snapshot(
                 &resident.snapshot_id,
@@ -244,29 +279,28 @@ impl Snapshots {
                 None,
             )
             .await;
-        self.enqueue(version, true);
+        self.builds.enqueue(version, true);
     }
 
     /// Expires templates and checkpoints unused for the TTL (called periodically).
     pub(crate) async fn sweep(&self) {
-        for copy in self.disk_copies() {
-            if copy.last_used.lock().expect("copy lock").elapsed() >= self.settings.ttl {
-                self.delete_copy(&copy, "deleted: unused for the snapshot TTL")
-                    .await;
+        for copy in self.shared.disk_copies() {
+            if copy.last_used.lock().expect("copy lock").elapsed() >= self.shared.settings.ttl {
+                disk::delete(&self.shared, &copy, "deleted: unused for the snapshot TTL").await;
             }
         }
-        for resident in self.residents() {
+        for resident in self.shared.residents() {
             let idle = resident.last_used.lock().expect("resident lock").elapsed();
-            if idle >= self.settings.ttl {
-                self.expire(&resident, "unused for the snapshot TTL").await;
+            if idle >= self.shared.settings.ttl {
+                resident::expire(&self.shared, &resident, "unused for the snapshot TTL").await;
             }
         }
-        self.refresh_gauges().await;
+        index::refresh_gauges(&self.shared).await;
     }
 
     /// Drops the template and the files of a snapshot (it is being deleted).
     pub(crate) fn drop_snapshot(&self, snapshot_id: &str) {
-        self.entries.lock().expect("snapshots lock").retain(|_, e| {
+        self.shared.entries.lock().expect("snapshots lock").retain(|_, e| {
             let gone = matches!(e, Entry::Ready(r) if r.snapshot_id == snapshot_id)
                 || matches!(e, Entry::OnDisk(c) | Entry::Restoring(c, _) if c.snapshot_id == snapshot_id);
             if let (true, Entry::Restoring(_, pending)) = (gone, &e) {
@@ -274,14 +308,15 @@ impl Snapshots {
             }
             !gone
         });
-        remove_dir(&self.dir.join(snapshot_id));
+        remove_dir(&self.shared.dir.join(snapshot_id));
     }
 
     /// Drops the templates and checkpoints of a function (deleted), or of one of its
     /// versions.
     pub(crate) fn forget(&self, function_id: &str, version: Option<u32>) {
         let mut gone = Vec::new();
-        self.entries
+        self.shared
+            .entries
             .lock()
             .expect("snapshots lock")
             .retain(|(f, v, _), e| {
@@ -299,7 +334,8 @@ impl Snapshots {
                 }
                 keep
             });
-        self.estimates
+        self.shared
+            .estimates
             .lock()
             .expect("estimates lock")
             .forget_where(|(f, v, _)| f == function_id && version.is_none_or(|n| n == *v));
@@ -310,20 +346,38 @@ impl Snapshots {
 
     /// Drops every template (server shutdown).
     pub(crate) fn shutdown(&self) {
-        self.entries.lock().expect("snapshots lock").clear();
+        self.shared.entries.lock().expect("snapshots lock").clear();
     }
 
     /// The settings in force.
     pub(crate) fn settings(&self) -> &SnapshotSettings {
-        &self.settings
+        &self.shared.settings
     }
-}
 
-/// Removes a snapshot directory, if there is one.
-fn remove_dir(dir: &Path) {
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!("removing {}: {e}", dir.display());
-        }
+    /// Marks as failed the builds an earlier server left `building` (it stopped during
+    /// them) once they are older than any build can take, and takes back the checkpoints
+    /// it left on disk.
+    pub(crate) async fn recover(&self, older_than: Duration) {
+        index::recover(&self.shared, older_than).await;
+    }
+
+    /// Recomputes the count and size gauges from the index.
+    pub(crate) async fn refresh_gauges(&self) {
+        index::refresh_gauges(&self.shared).await;
+    }
+
+    /// Whether `version`'s template is resident on this server (nothing else checked).
+    pub(crate) fn is_resident_version(&self, version: &VersionEntry) -> bool {
+        resident::is_version_resident(&self.shared, version)
+    }
+
+    /// Whether a snapshot's template is resident on this server.
+    pub(crate) fn is_resident(&self, snapshot_id: &str) -> bool {
+        resident::is_resident(&self.shared, snapshot_id)
+    }
+
+    /// Resident templates and the memory they hold.
+    pub(crate) fn resident_totals(&self) -> (usize, u64) {
+        self.shared.resident_totals()
     }
 }
