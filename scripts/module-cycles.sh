@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Lists module cycles inside each library crate of the workspace (or the crates named):
+# Lists module cycles inside each crate of the workspace (or the crates named): its library,
+# or its binary when it has no library.
 # cargo-modules draws the crate's `use` graph between modules, and a strongly connected
 # component of two or more modules is a cycle. Edges into the crate root are left out (every
 # module reaches the root's re-exports). Exits 1 when a cycle is found.
@@ -13,12 +14,14 @@ command -v cargo-modules >/dev/null || {
 crates=("$@")
 if [ ${#crates[@]} -eq 0 ]; then
     for dir in crates/*/; do
-        [ -f "$dir/src/lib.rs" ] && crates+=("$(basename "$dir")")
+        crates+=("$(basename "$dir")")
     done
 fi
 found=0
 for crate in "${crates[@]}"; do
-    cargo modules dependencies --package "$crate" --lib --no-externs --no-sysroot \
+    target=(--lib)
+    [ -f "crates/$crate/src/lib.rs" ] || target=(--bin "$crate")
+    cargo modules dependencies --package "$crate" "${target[@]}" --no-externs --no-sysroot \
         --no-fns --no-types --no-traits --no-owns 2>/dev/null \
         | /usr/bin/python3 -c '
 import re, sys
