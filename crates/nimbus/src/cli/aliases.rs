@@ -350,7 +350,7 @@ fn list_table(aliases: &[Alias]) -> String {
     if table.is_empty() {
         "no aliases\n".into()
     } else {
-        table.render()
+        table.text()
     }
 }
 
@@ -387,7 +387,7 @@ fn history_table(page: &HistoryPage) -> (String, usize) {
     if table.is_empty() {
         ("no history\n".into(), 0)
     } else {
-        (table.render(), page.history.len())
+        (table.text(), page.history.len())
     }
 }
 

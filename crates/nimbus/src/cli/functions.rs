@@ -154,7 +154,7 @@ fn list_table(page: &FunctionPage) {
     if table.is_empty() {
         println!("no functions");
     } else {
-        print!("{}", table.render());
+        print!("{}", table.text());
     }
     if let Some(note) = page_note(&page.page, page.functions.len()) {
         eprintln!("{note}");

@@ -193,7 +193,7 @@ pub async fn run_invocations(args: InvocationsArgs) -> Result<(), CliError> {
     if table.is_empty() {
         println!("no invocations");
     } else {
-        print!("{}", table.render());
+        print!("{}", table.text());
     }
     Ok(())
 }

@@ -80,7 +80,7 @@ pub fn split_table(routing: &RoutingConfig) -> String {
             "█".repeat(w.weight.div_ceil(2) as usize),
         ]);
     }
-    table.render()
+    table.text()
 }
 
 #[cfg(test)]

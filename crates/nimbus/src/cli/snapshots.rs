@@ -267,7 +267,7 @@ fn list_table(list: &SnapshotList) -> String {
             opt(&s.expires_at),
         ]);
     }
-    let rendered = table.render();
+    let rendered = table.text();
     let mut lines = rendered.lines();
     let mut out = String::new();
     if let Some(header) = lines.next() {
@@ -348,7 +348,7 @@ fn cleanup_text(cleanup: &Cleanup, names: &BTreeMap<String, String>) -> String {
             reason,
         ]);
     }
-    format!("{headline}\n\n{}", table.render())
+    format!("{headline}\n\n{}", table.text())
 }
 
 /// The stats as `key: value` lines.

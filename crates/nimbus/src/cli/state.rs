@@ -161,7 +161,7 @@ fn sessions_table(list: &SessionList) -> String {
     if table.is_empty() {
         return "no live sessions\n".to_owned();
     }
-    table.render()
+    table.text()
 }
 
 fn session_text(state: &SessionState) -> String {
@@ -219,7 +219,7 @@ fn state_table(state: &StateView) -> String {
         "{scope}: {} key(s), {} B\n{}",
         state.keys.len(),
         state.total_size,
-        table.render()
+        table.text()
     )
 }
 

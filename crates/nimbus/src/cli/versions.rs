@@ -193,7 +193,7 @@ fn list_table(page: &VersionPage) -> (String, usize) {
     if table.is_empty() {
         ("no versions\n".into(), 0)
     } else {
-        (table.render(), page.versions.len())
+        (table.text(), page.versions.len())
     }
 }
 
