@@ -5,7 +5,7 @@ use nimbus_core::{AliasAction, AliasRevision, FunctionAlias, RoutingConfig};
 use sqlx::{AnyConnection, AnyPool, Row};
 use time::OffsetDateTime;
 
-use super::{lock_function, page_size};
+use super::{lock_function, page};
 use crate::codec::{self, millis, to_json};
 use crate::{AliasChange, AliasWrite, Page, RollbackTarget, StoreError, StoreResult};
 
@@ -461,29 +461,15 @@ pub(super) async fn alias_history(
     limit: u32,
     offset: u32,
 ) -> StoreResult<Page<AliasRevision>> {
-    let mut tx = pool.begin().await?;
-    let total = sqlx::query(
+    page(
+        pool,
         "SELECT COUNT(*) AS total FROM alias_history WHERE function_id = $1 AND alias = $2",
+        LIST_REVISIONS,
+        &[function_id, name],
+        (limit, offset),
+        codec::alias_revision,
     )
-    .bind(function_id)
-    .bind(name)
-    .fetch_one(&mut *tx)
-    .await?;
-    let rows = sqlx::query(LIST_REVISIONS)
-        .bind(function_id)
-        .bind(name)
-        .bind(page_size(limit))
-        .bind(i64::from(offset))
-        .fetch_all(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(Page {
-        items: rows
-            .iter()
-            .map(codec::alias_revision)
-            .collect::<StoreResult<_>>()?,
-        total: codec::count(&total, "total")?,
-    })
+    .await
 }
 
 pub(super) async fn get_alias(
@@ -512,20 +498,13 @@ pub(super) async fn list_aliases_page(
     limit: u32,
     offset: u32,
 ) -> StoreResult<Page<FunctionAlias>> {
-    let mut tx = pool.begin().await?;
-    let total = sqlx::query(COUNT_ALIASES)
-        .bind(function_id)
-        .fetch_one(&mut *tx)
-        .await?;
-    let rows = sqlx::query(LIST_ALIASES_PAGE)
-        .bind(function_id)
-        .bind(page_size(limit))
-        .bind(i64::from(offset))
-        .fetch_all(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(Page {
-        items: rows.iter().map(codec::alias).collect::<StoreResult<_>>()?,
-        total: codec::count(&total, "total")?,
-    })
+    page(
+        pool,
+        COUNT_ALIASES,
+        LIST_ALIASES_PAGE,
+        &[function_id],
+        (limit, offset),
+        codec::alias,
+    )
+    .await
 }

@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 
 use super::aliases::insert_alias;
 use super::versions::{insert_version, publish_locked};
-use super::{bind_config, function_not_found, ids_in, lock_function, page_size, AnyQuery};
+use super::{bind_config, function_not_found, ids_in, lock_function, page, AnyQuery};
 use crate::backend::Dialect;
 use crate::codec::{self, millis};
 use crate::{DeletedFunction, Page, Published, StoreError, StoreResult};
@@ -136,23 +136,15 @@ pub(super) async fn list_functions(
     limit: u32,
     offset: u32,
 ) -> StoreResult<Page<Function>> {
-    let mut tx = pool.begin().await?;
-    let total = sqlx::query("SELECT COUNT(*) AS total FROM functions")
-        .fetch_one(&mut *tx)
-        .await?;
-    let rows = sqlx::query(LIST_FUNCTIONS)
-        .bind(page_size(limit))
-        .bind(i64::from(offset))
-        .fetch_all(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(Page {
-        items: rows
-            .iter()
-            .map(codec::function)
-            .collect::<StoreResult<_>>()?,
-        total: codec::count(&total, "total")?,
-    })
+    page(
+        pool,
+        "SELECT COUNT(*) AS total FROM functions",
+        LIST_FUNCTIONS,
+        &[],
+        (limit, offset),
+        codec::function,
+    )
+    .await
 }
 
 pub(super) async fn update_function(pool: &AnyPool, function: &Function) -> StoreResult<()> {

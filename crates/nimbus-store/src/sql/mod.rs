@@ -22,12 +22,13 @@ use nimbus_core::{
     Invocation, NewSnapshot, Snapshot, SnapshotFile, SnapshotKey, SnapshotStatus, SnapshotUse,
 };
 use sqlx::any::AnyArguments;
+use sqlx::any::AnyRow;
 use sqlx::query::Query;
 use sqlx::{Any, AnyConnection, AnyPool, Row};
 use time::OffsetDateTime;
 
 use crate::backend::{self, Dialect};
-use crate::codec::to_json;
+use crate::codec::{self, to_json};
 use crate::{
     AliasChange, AliasWrite, DeletedFunction, InvocationFilter, MetadataStore, Page, Published,
     RollbackTarget, StoreError, StoreResult, DEFAULT_LIST_LIMIT,
@@ -131,6 +132,37 @@ fn page_size(requested: u32) -> i64 {
         DEFAULT_LIST_LIMIT
     } else {
         requested
+    })
+}
+
+/// One page of a listing and the number of all it lists, read in one transaction so the
+/// two agree. `scope` (a function id, an alias name) is bound first in both queries;
+/// `list` takes the page's limit and offset after it.
+async fn page<T>(
+    pool: &AnyPool,
+    count: &str,
+    list: &str,
+    scope: &[&str],
+    (limit, offset): (u32, u32),
+    decode: impl Fn(&AnyRow) -> StoreResult<T>,
+) -> StoreResult<Page<T>> {
+    let mut count = sqlx::query(count);
+    let mut list = sqlx::query(list);
+    for value in scope {
+        count = count.bind(*value);
+        list = list.bind(*value);
+    }
+    let mut tx = pool.begin().await?;
+    let total = count.fetch_one(&mut *tx).await?;
+    let rows = list
+        .bind(page_size(limit))
+        .bind(i64::from(offset))
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Page {
+        items: rows.iter().map(decode).collect::<StoreResult<_>>()?,
+        total: codec::count(&total, "total")?,
     })
 }
 

@@ -4,7 +4,7 @@ use nimbus_core::{AliasAction, Function, FunctionVersion, RoutingConfig};
 use sqlx::{AnyConnection, AnyPool, Row};
 
 use super::aliases::{select_alias, write_revision, NextRevision, LIST_ALIASES};
-use super::{bind_config, lock_function, page_size};
+use super::{bind_config, lock_function, page};
 use crate::codec::{self, millis};
 use crate::{Page, Published, StoreError, StoreResult};
 
@@ -162,26 +162,15 @@ pub(super) async fn list_versions(
     limit: u32,
     offset: u32,
 ) -> StoreResult<Page<FunctionVersion>> {
-    let mut tx = pool.begin().await?;
-    let total =
-        sqlx::query("SELECT COUNT(*) AS total FROM function_versions WHERE function_id = $1")
-            .bind(function_id)
-            .fetch_one(&mut *tx)
-            .await?;
-    let rows = sqlx::query(LIST_VERSIONS)
-        .bind(function_id)
-        .bind(page_size(limit))
-        .bind(i64::from(offset))
-        .fetch_all(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(Page {
-        items: rows
-            .iter()
-            .map(|row| codec::version(row, false))
-            .collect::<StoreResult<_>>()?,
-        total: codec::count(&total, "total")?,
-    })
+    page(
+        pool,
+        "SELECT COUNT(*) AS total FROM function_versions WHERE function_id = $1",
+        LIST_VERSIONS,
+        &[function_id],
+        (limit, offset),
+        |row| codec::version(row, false),
+    )
+    .await
 }
 
 pub(super) async fn has_version(
