@@ -88,9 +88,14 @@ pub struct Server {
     pub args: Vec<String>,
 }
 
+/// The tests' PostgreSQL: `NIMBUS_TEST_DATABASE_URL`, else [`PG_URL`].
+fn pg_url() -> String {
+    std::env::var("NIMBUS_TEST_DATABASE_URL").unwrap_or_else(|_| PG_URL.into())
+}
+
 /// Runs `sql` on the tests' PostgreSQL.
 pub fn psql(sql: &str) {
-    let url = std::env::var("NIMBUS_TEST_DATABASE_URL").unwrap_or_else(|_| PG_URL.into());
+    let url = pg_url();
     let out = Command::new("psql")
         .args([url.as_str(), "-qAtc", sql])
         .output()
@@ -116,10 +121,8 @@ impl Server {
                     ulid::Ulid::new().to_string().to_lowercase()
                 );
                 psql(&format!("create schema {schema}"));
-                let base =
-                    std::env::var("NIMBUS_TEST_DATABASE_URL").unwrap_or_else(|_| PG_URL.into());
                 (
-                    format!("{base}?options=-c%20search_path%3D{schema}"),
+                    format!("{}?options=-c%20search_path%3D{schema}", pg_url()),
                     Some(schema),
                 )
             }
